@@ -1,0 +1,4 @@
+//! ringmail's engine: the thread-per-core runtime, SMTP ingest, the queue, and the
+//! `ringmail` command line. See ARCHITECTURE.md for the code map.
+
+pub mod smtp;

@@ -1,0 +1,11 @@
+//! SMTP protocol cores, sans-IO: no sockets, files, clocks or executors in here (the
+//! glommio driver is `crate::ingest`). See DESIGN.md, "Protocol cores are sans-IO".
+
+pub mod address;
+pub mod received;
+pub mod server;
+
+pub use server::{Config, Limits, Session, Step, Transaction};
+
+#[cfg(test)]
+mod tests;

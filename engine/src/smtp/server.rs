@@ -1,0 +1,789 @@
+//! The SMTP server session as a sans-IO state machine (RFC 5321, with PIPELINING,
+//! SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING and DSN).
+//!
+//! The driver puts received bytes in with [`Session::read_buf`]/[`Session::filled`] (or
+//! [`Session::push`]), calls [`Session::process`], writes what [`Session::output`] holds,
+//! and repeats. When `process` returns [`Step::Message`], the driver makes the message
+//! durable and answers with [`Session::message_stored`] or [`Session::message_failed`];
+//! input after the message stays buffered until then, so pipelined replies keep their
+//! order. Replies to pipelined commands accumulate and are written together when the
+//! session needs more input (RFC 2920 §3.2).
+//!
+//! Architecture invariant: no sockets, files, clocks or executors in here. Every limit is
+//! enforced inside, with the reply DESIGN.md names; a bad client gets a reply, never a
+//! panic.
+
+use super::address::{parse_path, valid_xtext, Mailbox, PathError};
+use ringmail_store::message::{notify, BodyType, Recipient, Ret};
+
+/// Limits of one session. Names end in their unit.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A command line, CRLF included (RFC 5321 §4.5.3.1.4).
+    pub line_bytes_max: usize,
+    /// A text line in DATA, CRLF included (RFC 5321 §4.5.3.1.6).
+    pub data_line_bytes_max: usize,
+    /// The message as sent, after dot-unstuffing.
+    pub message_bytes_max: usize,
+    pub rcpt_count_max: usize,
+    /// Errors after which the session is closed (Postfix's hard_error_limit).
+    pub error_count_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            line_bytes_max: 512,
+            data_line_bytes_max: 1000,
+            message_bytes_max: 50 << 20,
+            rcpt_count_max: 1000,
+            error_count_max: 20,
+        }
+    }
+}
+
+/// What the session needs to decide, fixed for the life of the server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub hostname: String,
+    /// Domains whose recipients are accepted from anyone (lower case).
+    pub local_domains: Vec<String>,
+    pub limits: Limits,
+}
+
+/// A message the client finished sending, to be made durable by the driver.
+#[derive(Debug, Default)]
+pub struct Transaction {
+    pub from: String,
+    pub recipients: Vec<Recipient>,
+    pub body: Vec<u8>,
+    pub body_type: BodyType,
+    pub smtputf8: bool,
+    pub ret: Ret,
+    pub envid: Option<String>,
+    pub helo: String,
+    /// `with` protocol for the Received header (RFC 3848, RFC 6531).
+    pub protocol: &'static str,
+}
+
+#[derive(Debug)]
+pub enum Step {
+    /// All buffered input is consumed: write the output, then read more.
+    NeedInput,
+    /// A message is complete: make it durable, then call `message_stored`/`message_failed`.
+    Message(Box<Transaction>),
+    /// Write the output, then close the connection.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Command,
+    /// After a command line longer than the limit: skip to its end.
+    SkipLine,
+    Data,
+    /// Reading a BDAT chunk: `remaining` bytes, then the reply (or the commit if `last`).
+    /// `valid`: false when there is no transaction to add it to (503 after reading it).
+    Bdat { remaining: usize, last: bool, valid: bool },
+    /// A message was handed out; waiting for the driver's verdict.
+    Storing,
+    Closed,
+}
+
+/// Why a message that was read to its end is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    BareNewline,
+    LineTooLong,
+    TooBig,
+}
+
+impl Refusal {
+    fn reply(self) -> &'static str {
+        match self {
+            Refusal::BareNewline => "550 5.6.0 Message refused: bare CR or LF in DATA\r\n",
+            Refusal::LineTooLong => "550 5.6.0 Message refused: text line longer than 1000 octets\r\n",
+            Refusal::TooBig => "552 5.3.4 Message size exceeds fixed maximum message size\r\n",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Mail {
+    from: Mailbox,
+    smtputf8: bool,
+    body_type: BodyType,
+    ret: Ret,
+    envid: Option<String>,
+    recipients: Vec<Recipient>,
+    body: Vec<u8>,
+    /// Bytes of the message seen, stored or not (the size limit counts these).
+    size: usize,
+    refusal: Option<Refusal>,
+    /// BDAT was used in this transaction: DATA is out of sequence now.
+    chunking: bool,
+}
+
+/// Where the DATA decoder stands inside the current line.
+#[derive(Debug, Default, Clone, Copy)]
+struct DataLine {
+    /// Octets of the current line seen so far; 0 at the start of a line.
+    len: usize,
+    /// The last octet seen was a CR whose LF has not arrived yet.
+    cr: bool,
+}
+
+pub struct Session {
+    cfg: std::rc::Rc<Config>,
+    relay_allowed: bool,
+    /// Received bytes live in `input[start..end]`; `input` never shrinks below its length.
+    input: Vec<u8>,
+    start: usize,
+    end: usize,
+    out: Vec<u8>,
+    state: State,
+    helo: Option<String>,
+    esmtp: bool,
+    mail: Option<Mail>,
+    line: DataLine,
+    errors: u32,
+}
+
+const READ_CHUNK_BYTES: usize = 16 << 10;
+
+impl Session {
+    /// Starts a session and queues the greeting. `relay_allowed`: the client's address
+    /// is in a relay network, so it may send to any domain.
+    pub fn new(cfg: std::rc::Rc<Config>, relay_allowed: bool) -> Session {
+        let mut s = Session {
+            cfg,
+            relay_allowed,
+            input: vec![0; READ_CHUNK_BYTES],
+            start: 0,
+            end: 0,
+            out: Vec::with_capacity(512),
+            state: State::Command,
+            helo: None,
+            esmtp: false,
+            mail: None,
+            line: DataLine::default(),
+            errors: 0,
+        };
+        let greeting = format!("220 {} ESMTP ringmail\r\n", s.cfg.hostname);
+        s.reply(&greeting);
+        s
+    }
+
+    /// Free space to receive into; report how much was received with `filled`.
+    pub fn read_buf(&mut self) -> &mut [u8] {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 && self.input.len() - self.end < READ_CHUNK_BYTES / 2 {
+            self.input.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.input.len() - self.end < READ_CHUNK_BYTES / 2 {
+            // Only a partial line or chunk can be pending here, and those are bounded by
+            // the limits (the decoders consume content as it arrives).
+            let len = self.input.len() + READ_CHUNK_BYTES;
+            self.input.resize(len, 0);
+        }
+        &mut self.input[self.end..]
+    }
+
+    /// `n` bytes were received into the last `read_buf`.
+    pub fn filled(&mut self, n: usize) {
+        assert!(self.end + n <= self.input.len(), "filled past read_buf");
+        self.end += n;
+    }
+
+    /// Copies received bytes in (tests and simple drivers).
+    pub fn push(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let buf = self.read_buf();
+            let n = buf.len().min(data.len());
+            buf[..n].copy_from_slice(&data[..n]);
+            self.filled(n);
+            data = &data[n..];
+        }
+    }
+
+    /// Replies queued for the client.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// The driver wrote the whole output.
+    pub fn clear_output(&mut self) {
+        self.out.clear();
+    }
+
+    /// Whether the session has ended (after QUIT, a fatal error, a timeout or shutdown).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Whether a message is being received (the server lets it finish on shutdown).
+    pub fn in_message(&self) -> bool {
+        matches!(self.state, State::Data | State::Bdat { .. } | State::Storing)
+    }
+
+    /// The client stayed silent past the idle timeout.
+    pub fn idle_timeout(&mut self) {
+        self.close_with("421 4.4.2 Error: timeout exceeded, closing connection\r\n");
+    }
+
+    /// The server is shutting down.
+    pub fn shutdown(&mut self) {
+        self.close_with("421 4.3.2 Service shutting down, closing connection\r\n");
+    }
+
+    fn close_with(&mut self, reply: &str) {
+        if self.state != State::Closed {
+            self.reply(reply);
+            self.state = State::Closed;
+        }
+    }
+
+    /// The message handed out by the last `Step::Message` is durable under `id`.
+    pub fn message_stored(&mut self, id: &str) {
+        assert_eq!(self.state, State::Storing, "no message was being stored");
+        let reply = format!("250 2.0.0 Ok: queued as {id}\r\n");
+        self.reply(&reply);
+        self.state = State::Command;
+    }
+
+    /// The message could not be made durable; `reply` is the full reply line.
+    pub fn message_failed(&mut self, reply: &str) {
+        assert_eq!(self.state, State::Storing, "no message was being stored");
+        self.reply(reply);
+        self.state = State::Command;
+    }
+
+    /// Runs the state machine over the buffered input.
+    pub fn process(&mut self) -> Step {
+        loop {
+            let step = match self.state {
+                State::Closed => return Step::Close,
+                State::Storing => return Step::NeedInput,
+                State::Command => self.command(),
+                State::SkipLine => self.skip_line(),
+                State::Data => self.data(),
+                State::Bdat { remaining, last, valid } => self.bdat(remaining, last, valid),
+            };
+            if let Some(step) = step {
+                return step;
+            }
+        }
+    }
+
+    fn reply(&mut self, text: &str) {
+        self.out.extend_from_slice(text.as_bytes());
+    }
+
+    /// Counts an error reply; too many close the session.
+    fn error(&mut self, text: &str) {
+        self.reply(text);
+        self.errors += 1;
+        if self.errors >= self.cfg.limits.error_count_max {
+            self.close_with("421 4.7.0 Error: too many errors, closing connection\r\n");
+        }
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.input[self.start..self.end]
+    }
+
+    fn command(&mut self) -> Option<Step> {
+        let pending = self.pending();
+        let max = self.cfg.limits.line_bytes_max;
+        let Some(nl) = memchr::memchr(b'\n', pending) else {
+            if pending.len() >= max {
+                self.start = self.end;
+                self.state = State::SkipLine;
+                self.error("500 5.5.2 Error: line too long\r\n");
+                return None;
+            }
+            return Some(Step::NeedInput);
+        };
+        let line_start = self.start;
+        self.start += nl + 1;
+        if nl + 1 > max {
+            self.error("500 5.5.2 Error: line too long\r\n");
+            return None;
+        }
+        let mut line = &self.input[line_start..line_start + nl];
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        let Ok(line) = std::str::from_utf8(line) else {
+            self.error("500 5.5.2 Error: command is not valid UTF-8\r\n");
+            return None;
+        };
+        let line = line.to_owned();
+        self.dispatch(&line)
+    }
+
+    fn skip_line(&mut self) -> Option<Step> {
+        match memchr::memchr(b'\n', self.pending()) {
+            Some(nl) => {
+                self.start += nl + 1;
+                self.state = State::Command;
+                None
+            }
+            None => {
+                self.start = self.end;
+                Some(Step::NeedInput)
+            }
+        }
+    }
+
+    fn dispatch(&mut self, line: &str) -> Option<Step> {
+        let (verb, arg) = match line.find(' ') {
+            Some(i) => (&line[..i], line[i + 1..].trim_end_matches(' ')),
+            None => (line, ""),
+        };
+        let verb = verb.to_ascii_uppercase();
+        match verb.as_str() {
+            "EHLO" => self.helo_cmd(arg, true),
+            "HELO" => self.helo_cmd(arg, false),
+            "MAIL" => self.mail_cmd(arg),
+            "RCPT" => self.rcpt_cmd(arg),
+            "DATA" => self.data_cmd(arg),
+            "BDAT" => return self.bdat_cmd(arg),
+            "RSET" => {
+                if arg.is_empty() {
+                    self.mail = None;
+                    self.reply("250 2.0.0 Ok\r\n");
+                } else {
+                    self.error("501 5.5.4 Syntax: RSET\r\n");
+                }
+            }
+            "NOOP" => self.reply("250 2.0.0 Ok\r\n"),
+            "QUIT" => {
+                self.reply("221 2.0.0 Bye\r\n");
+                self.state = State::Closed;
+            }
+            "VRFY" => {
+                if arg.is_empty() {
+                    self.error("501 5.5.4 Syntax: VRFY address\r\n");
+                } else {
+                    self.reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery\r\n");
+                }
+            }
+            "HELP" => self.reply(
+                "214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\r\n214 2.0.0 See RFC 5321\r\n",
+            ),
+            "EXPN" | "ETRN" | "TURN" | "STARTTLS" | "AUTH" => self.error("502 5.5.1 Error: command not implemented\r\n"),
+            "" => self.error("500 5.5.2 Error: bad syntax\r\n"),
+            _ => self.error("500 5.5.2 Error: command not recognized\r\n"),
+        }
+        None
+    }
+
+    fn helo_cmd(&mut self, arg: &str, extended: bool) {
+        if arg.is_empty() || arg.contains(' ') || arg.bytes().any(|c| c.is_ascii_control()) {
+            let r = if extended { "501 5.5.4 Syntax: EHLO hostname\r\n" } else { "501 5.5.4 Syntax: HELO hostname\r\n" };
+            self.error(r);
+            return;
+        }
+        // EHLO/HELO resets the transaction (RFC 5321 §4.1.4).
+        self.mail = None;
+        self.helo = Some(arg.to_string());
+        self.esmtp = extended;
+        if !extended {
+            let r = format!("250 {}\r\n", self.cfg.hostname);
+            self.reply(&r);
+            return;
+        }
+        let r = format!(
+            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250-DSN\r\n250 HELP\r\n",
+            self.cfg.hostname, self.cfg.limits.message_bytes_max
+        );
+        self.reply(&r);
+    }
+
+    fn mail_cmd(&mut self, arg: &str) {
+        if self.helo.is_none() {
+            return self.error("503 5.5.1 Error: send HELO/EHLO first\r\n");
+        }
+        if self.mail.is_some() {
+            return self.error("503 5.5.1 Error: nested MAIL command\r\n");
+        }
+        let Some(path) = strip_prefix_ci(arg, "FROM:") else {
+            return self.error("501 5.5.4 Syntax: MAIL FROM:<address>\r\n");
+        };
+        let (from, params) = match parse_path(path.trim_start_matches(' '), true, false) {
+            Ok(x) => x,
+            Err(PathError::TooLong) => return self.error("501 5.1.7 Bad sender address syntax: too long\r\n"),
+            Err(PathError::Syntax) => return self.error("501 5.1.7 Bad sender address syntax\r\n"),
+        };
+        let mut mail = Mail {
+            from,
+            ..Mail::default()
+        };
+        let mut seen: Vec<String> = Vec::new();
+        for param in params.split(' ').filter(|p| !p.is_empty()) {
+            if !self.esmtp {
+                return self.error("555 5.5.4 Error: MAIL parameters need EHLO\r\n");
+            }
+            let (key, value) = match param.find('=') {
+                Some(i) => (param[..i].to_ascii_uppercase(), Some(&param[i + 1..])),
+                None => (param.to_ascii_uppercase(), None),
+            };
+            if seen.contains(&key) {
+                return self.error("501 5.5.4 Error: duplicate MAIL parameter\r\n");
+            }
+            seen.push(key.clone());
+            match (key.as_str(), value) {
+                ("SIZE", Some(v)) => {
+                    let Some(size) = parse_decimal(v) else {
+                        return self.error("501 5.5.4 Syntax: SIZE=<number>\r\n");
+                    };
+                    if size > self.cfg.limits.message_bytes_max as u64 {
+                        return self.error("552 5.3.4 Message size exceeds fixed maximum message size\r\n");
+                    }
+                }
+                ("BODY", Some(v)) => {
+                    mail.body_type = match v.to_ascii_uppercase().as_str() {
+                        "7BIT" => BodyType::SevenBit,
+                        "8BITMIME" => BodyType::EightBitMime,
+                        _ => return self.error("501 5.5.4 Error: BODY must be 7BIT or 8BITMIME\r\n"),
+                    }
+                }
+                ("SMTPUTF8", None) => mail.smtputf8 = true,
+                ("RET", Some(v)) => {
+                    mail.ret = match v.to_ascii_uppercase().as_str() {
+                        "FULL" => Ret::Full,
+                        "HDRS" => Ret::Hdrs,
+                        _ => return self.error("501 5.5.4 Error: RET must be FULL or HDRS\r\n"),
+                    }
+                }
+                ("ENVID", Some(v)) => {
+                    if v.is_empty() || v.len() > 100 || !valid_xtext(v) {
+                        return self.error("501 5.5.4 Error: bad ENVID syntax\r\n");
+                    }
+                    mail.envid = Some(v.to_string());
+                }
+                _ => {
+                    let r = format!("555 5.5.4 Error: unsupported MAIL parameter {}\r\n", sanitize(param));
+                    return self.error(&r);
+                }
+            }
+        }
+        if !mail.from.is_ascii() && !mail.smtputf8 {
+            return self.error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8\r\n");
+        }
+        self.mail = Some(mail);
+        self.reply("250 2.1.0 Ok\r\n");
+    }
+
+    fn rcpt_cmd(&mut self, arg: &str) {
+        let Some(mail) = self.mail.as_ref() else {
+            return self.error("503 5.5.1 Error: need MAIL command\r\n");
+        };
+        let smtputf8 = mail.smtputf8;
+        let count = mail.recipients.len();
+        let Some(path) = strip_prefix_ci(arg, "TO:") else {
+            return self.error("501 5.5.4 Syntax: RCPT TO:<address>\r\n");
+        };
+        let (to, params) = match parse_path(path.trim_start_matches(' '), false, true) {
+            Ok(x) => x,
+            Err(PathError::TooLong) => return self.error("501 5.1.3 Bad recipient address syntax: too long\r\n"),
+            Err(PathError::Syntax) => return self.error("501 5.1.3 Bad recipient address syntax\r\n"),
+        };
+        let mut rcpt = Recipient {
+            address: to.address.clone(),
+            notify: 0,
+            orcpt: None,
+        };
+        for param in params.split(' ').filter(|p| !p.is_empty()) {
+            if !self.esmtp {
+                return self.error("555 5.5.4 Error: RCPT parameters need EHLO\r\n");
+            }
+            let (key, value) = match param.find('=') {
+                Some(i) => (param[..i].to_ascii_uppercase(), Some(&param[i + 1..])),
+                None => (param.to_ascii_uppercase(), None),
+            };
+            match (key.as_str(), value) {
+                ("NOTIFY", Some(v)) if rcpt.notify == 0 => match parse_notify(v) {
+                    Some(bits) => rcpt.notify = bits,
+                    None => return self.error("501 5.5.4 Error: bad NOTIFY syntax\r\n"),
+                },
+                ("ORCPT", Some(v)) if rcpt.orcpt.is_none() => {
+                    let ok = v.split_once(';').is_some_and(|(t, a)| {
+                        !t.is_empty() && t.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') && !a.is_empty() && a.len() <= 500 && (valid_xtext(a) || smtputf8)
+                    });
+                    if !ok {
+                        return self.error("501 5.5.4 Error: bad ORCPT syntax\r\n");
+                    }
+                    rcpt.orcpt = Some(v.to_string());
+                }
+                _ => {
+                    let r = format!("555 5.5.4 Error: unsupported RCPT parameter {}\r\n", sanitize(param));
+                    return self.error(&r);
+                }
+            }
+        }
+        if !to.is_ascii() && !smtputf8 {
+            return self.error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8\r\n");
+        }
+        if count >= self.cfg.limits.rcpt_count_max {
+            // Not an error of the client's: it sends the rest in another transaction.
+            return self.reply("452 4.5.3 Error: too many recipients\r\n");
+        }
+        let local = match to.domain() {
+            None => true, // <Postmaster>
+            Some(d) => self.cfg.local_domains.iter().any(|l| l.eq_ignore_ascii_case(d)),
+        };
+        if !local && !self.relay_allowed {
+            let r = format!("554 5.7.1 <{}>: Relay access denied\r\n", sanitize(&to.address));
+            return self.error(&r);
+        }
+        self.mail.as_mut().unwrap().recipients.push(rcpt);
+        self.reply("250 2.1.5 Ok\r\n");
+    }
+
+    fn data_cmd(&mut self, arg: &str) {
+        if !arg.is_empty() {
+            return self.error("501 5.5.4 Syntax: DATA\r\n");
+        }
+        match &self.mail {
+            None => return self.error("503 5.5.1 Error: need MAIL command\r\n"),
+            Some(m) if m.recipients.is_empty() => return self.error("503 5.5.1 Error: need RCPT command\r\n"),
+            Some(m) if m.chunking => return self.error("503 5.5.1 Error: DATA after BDAT\r\n"),
+            Some(_) => {}
+        }
+        self.line = DataLine::default();
+        self.state = State::Data;
+        self.reply("354 End data with <CR><LF>.<CR><LF>\r\n");
+    }
+
+    fn bdat_cmd(&mut self, arg: &str) -> Option<Step> {
+        let mut parts = arg.split(' ');
+        let size = parts.next().and_then(parse_decimal);
+        let last = match parts.next() {
+            None => false,
+            Some(l) if l.eq_ignore_ascii_case("LAST") => true,
+            Some(_) => {
+                self.error("501 5.5.4 Syntax: BDAT size [LAST]\r\n");
+                return None;
+            }
+        };
+        let Some(size) = size.filter(|_| parts.next().is_none()) else {
+            // Without a size the chunk cannot be skipped: what follows is read as commands.
+            self.error("501 5.5.4 Syntax: BDAT size [LAST]\r\n");
+            return None;
+        };
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        let valid = self.mail.as_ref().is_some_and(|m| !m.recipients.is_empty());
+        if let Some(m) = self.mail.as_mut().filter(|_| valid) {
+            m.chunking = true;
+        }
+        // The chunk is read even when it is refused (RFC 3030 §2): that keeps the
+        // session in step. Refused bytes are dropped as they arrive.
+        self.state = State::Bdat { remaining: size, last, valid };
+        None
+    }
+
+    fn bdat(&mut self, remaining: usize, last: bool, valid: bool) -> Option<Step> {
+        let take = remaining.min(self.end - self.start);
+        if take > 0 {
+            let (from, to) = (self.start, self.start + take);
+            self.start = to;
+            if valid {
+                let max = self.cfg.limits.message_bytes_max;
+                let mail = self.mail.as_mut().unwrap();
+                mail.size = mail.size.saturating_add(take);
+                if mail.size > max {
+                    mail.refusal.get_or_insert(Refusal::TooBig);
+                    mail.body = Vec::new();
+                } else if mail.refusal.is_none() {
+                    mail.body.extend_from_slice(&self.input[from..to]);
+                }
+            }
+        }
+        let remaining = remaining - take;
+        if remaining > 0 {
+            self.state = State::Bdat { remaining, last, valid };
+            return Some(Step::NeedInput);
+        }
+        self.state = State::Command;
+        if !valid {
+            self.error("503 5.5.1 Error: BDAT needs MAIL and RCPT first\r\n");
+            return None;
+        }
+        let refusal = self.mail.as_ref().unwrap().refusal;
+        match (refusal, last) {
+            (Some(r), true) => {
+                self.mail = None;
+                self.error(r.reply());
+                None
+            }
+            (Some(r), false) => {
+                self.error(r.reply());
+                None
+            }
+            (None, true) => Some(self.hand_out()),
+            (None, false) => {
+                let n = self.mail.as_ref().unwrap().size;
+                let r = format!("250 2.0.0 Ok: {n} octets received\r\n");
+                self.reply(&r);
+                None
+            }
+        }
+    }
+
+    /// Reads message text after DATA: dot-unstuffs it, watches line lengths and bare
+    /// CR/LF, and ends at CRLF.CRLF only (so `\n.\n`, `\r.\r` and `\n.\r\n` never end
+    /// it: the SMTP smuggling defence). Input split anywhere gives the same result:
+    /// content is consumed as it arrives; only an undecidable line start waits.
+    fn data(&mut self) -> Option<Step> {
+        loop {
+            let pending = &self.input[self.start..self.end];
+            let Some(&first) = pending.first() else {
+                return Some(Step::NeedInput);
+            };
+            if self.line.cr {
+                self.line.cr = false;
+                if first == b'\n' {
+                    self.line.len += 1;
+                    self.append_data(self.start, 1);
+                    self.start += 1;
+                    self.line.len = 0;
+                    continue;
+                }
+                self.refuse(Refusal::BareNewline);
+            }
+            let pending = &self.input[self.start..self.end];
+            if self.line.len == 0 && first == b'.' {
+                match (pending.get(1), pending.get(2)) {
+                    (None, _) | (Some(b'\r'), None) => return Some(Step::NeedInput),
+                    (Some(b'\r'), Some(b'\n')) => {
+                        self.start += 3;
+                        return self.end_of_data();
+                    }
+                    _ => {
+                        // Dot-stuffing: the dot is not part of the message but is part
+                        // of the line's length.
+                        self.start += 1;
+                        self.line.len = 1;
+                        continue;
+                    }
+                }
+            }
+            let (n, stop) = match memchr::memchr2(b'\r', b'\n', pending) {
+                None => (pending.len(), None),
+                Some(i) => (i + 1, Some(pending[i])),
+            };
+            let from = self.start;
+            self.start += n;
+            self.line.len += n;
+            self.append_data(from, n);
+            match stop {
+                Some(b'\r') => self.line.cr = true,
+                Some(_) => self.refuse(Refusal::BareNewline),
+                None => {}
+            }
+        }
+    }
+
+    /// Adds `input[from..from + n]` to the message, within the size and line limits.
+    fn append_data(&mut self, from: usize, n: usize) {
+        if self.line.len > self.cfg.limits.data_line_bytes_max {
+            self.refuse(Refusal::LineTooLong);
+        }
+        let mail = self.mail.as_mut().unwrap();
+        mail.size = mail.size.saturating_add(n);
+        if mail.size > self.cfg.limits.message_bytes_max {
+            self.refuse(Refusal::TooBig);
+        } else if mail.refusal.is_none() {
+            mail.body.extend_from_slice(&self.input[from..from + n]);
+        }
+    }
+
+    /// Marks the message refused; it is still read to its end, then answered.
+    fn refuse(&mut self, why: Refusal) {
+        let mail = self.mail.as_mut().unwrap();
+        if mail.refusal.is_none() {
+            mail.refusal = Some(why);
+            mail.body = Vec::new();
+        }
+    }
+
+    fn end_of_data(&mut self) -> Option<Step> {
+        self.state = State::Command;
+        match self.mail.as_ref().unwrap().refusal {
+            Some(r) => {
+                self.mail = None;
+                self.error(r.reply());
+                None
+            }
+            None => Some(self.hand_out()),
+        }
+    }
+
+    fn hand_out(&mut self) -> Step {
+        let mail = self.mail.take().unwrap();
+        self.state = State::Storing;
+        let protocol = match (mail.smtputf8, self.esmtp) {
+            (true, _) => "UTF8SMTP",
+            (false, true) => "ESMTP",
+            (false, false) => "SMTP",
+        };
+        Step::Message(Box::new(Transaction {
+            from: mail.from.address,
+            recipients: mail.recipients,
+            body: mail.body,
+            body_type: mail.body_type,
+            smtputf8: mail.smtputf8,
+            ret: mail.ret,
+            envid: mail.envid,
+            helo: self.helo.clone().unwrap_or_default(),
+            protocol,
+        }))
+    }
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+}
+
+/// A decimal number of at most 20 digits.
+fn parse_decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn parse_notify(v: &str) -> Option<u8> {
+    if v.eq_ignore_ascii_case("NEVER") {
+        return Some(notify::NEVER);
+    }
+    let mut bits = 0;
+    for word in v.split(',') {
+        let bit = match word.to_ascii_uppercase().as_str() {
+            "SUCCESS" => notify::SUCCESS,
+            "FAILURE" => notify::FAILURE,
+            "DELAY" => notify::DELAY,
+            _ => return None,
+        };
+        if bits & bit != 0 {
+            return None;
+        }
+        bits |= bit;
+    }
+    Some(bits)
+}
+
+/// Client text echoed in a reply: printable ASCII only, bounded.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .take(100)
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .collect()
+}

@@ -1,0 +1,22 @@
+//! ringmail's log-structured store.
+//!
+//! Each shard owns an append-only log of segment files made of CRC-checked records.
+//! Message bodies are written once, together with their envelope; everything that refers
+//! to a body later holds a [`Location`]. The writer ([`log::ShardLog`]) runs on the
+//! shard's glommio executor and makes batches durable with one `fdatasync` each (group
+//! commit). Recovery ([`segment::recover_shard`]) is plain synchronous code shared by the
+//! server at start and by the offline commands.
+//!
+//! Architecture invariant: a record is reported durable only after the `fdatasync` that
+//! covers it returned; bytes of a batch that failed are cut off (or fenced off by the
+//! next segment's header) so they are never replayed.
+
+pub mod log;
+pub mod manifest;
+pub mod message;
+pub mod record;
+pub mod segment;
+
+pub use log::{LogConfig, LogError, ShardLog, Ticket};
+pub use record::Kind;
+pub use segment::{Location, Mode, RecoveryReport, Tail};

@@ -1,0 +1,350 @@
+//! The shard log writer: appends records to the newest segment with group commit.
+//!
+//! Sessions call [`ShardLog::append`], which copies the record into the open batch and
+//! returns at once, then await [`ShardLog::durable`]. One flusher task per shard takes
+//! the whole batch, writes it with one `write` and makes it durable with one
+//! `fdatasync`, while the next batch fills. Every message of a batch is covered by that
+//! one sync, so the sync rate, not the message rate, is what the disk must sustain.
+//!
+//! Runs on a glommio executor: the file I/O goes through io_uring and never blocks the
+//! shard's other sessions.
+
+use crate::segment::{self, Location, SegmentHeader, Tail, SEGMENT_HEADER_BYTES};
+use crate::record::{self, Kind};
+use event_listener::Event;
+use glommio::io::{BufferedFile, OpenOptions};
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// Why a batch was not made durable. Every record of the batch gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogError {
+    /// The file system is full (ENOSPC, EDQUOT): SMTP answers 452 4.3.1.
+    NoSpace,
+    /// Any other write or sync failure: SMTP answers 451 4.3.0.
+    Io(String),
+    /// The log was closed before the record could be written.
+    Closed,
+}
+
+impl std::fmt::Display for LogError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogError::NoSpace => write!(f, "no space left on the spool's file system"),
+            LogError::Io(e) => write!(f, "spool I/O error: {e}"),
+            LogError::Closed => write!(f, "spool closed"),
+        }
+    }
+}
+
+impl std::error::Error for LogError {}
+
+impl From<io::Error> for LogError {
+    fn from(e: io::Error) -> LogError {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => LogError::NoSpace,
+            _ => LogError::Io(e.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LogConfig {
+    /// A segment is sealed once a batch would take it past this size.
+    pub segment_bytes_max: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes_max: 64 << 20,
+        }
+    }
+}
+
+/// Injected failures, for tests of the error path: the next `writes` writes and the
+/// next `syncs` syncs fail with `errno`.
+#[derive(Debug, Default)]
+pub struct Faults {
+    pub writes: Cell<u32>,
+    pub syncs: Cell<u32>,
+    pub errno: Cell<i32>,
+}
+
+impl Faults {
+    fn take(counter: &Cell<u32>, errno: i32) -> io::Result<()> {
+        match counter.get() {
+            0 => Ok(()),
+            n => {
+                counter.set(n - 1);
+                Err(io::Error::from_raw_os_error(errno))
+            }
+        }
+    }
+}
+
+/// The outcome of one batch, shared by every record in it.
+struct Slot {
+    /// Segment and start offset the batch was written at, once durable.
+    done: RefCell<Option<Result<(u64, u64), LogError>>>,
+    event: Event,
+}
+
+impl Slot {
+    fn new() -> Rc<Slot> {
+        Rc::new(Slot {
+            done: RefCell::new(None),
+            event: Event::new(),
+        })
+    }
+}
+
+/// A record appended but not yet known to be durable.
+pub struct Ticket {
+    slot: Rc<Slot>,
+    offset_in_batch: u64,
+    len: u32,
+}
+
+struct Segment {
+    file: BufferedFile,
+    seq: u64,
+    /// Bytes durable in this segment: the next batch is written here.
+    len: u64,
+}
+
+struct Inner {
+    batch: Vec<u8>,
+    slot: Rc<Slot>,
+    closing: bool,
+}
+
+/// One shard's log writer. Cheap to clone (shared within the executor).
+#[derive(Clone)]
+pub struct ShardLog {
+    inner: Rc<RefCell<Inner>>,
+    /// Wakes the flusher when a batch has something in it, or on close.
+    wake: Rc<Event>,
+    faults: Rc<Faults>,
+    stopped: Rc<Event>,
+    running: Rc<Cell<bool>>,
+}
+
+impl ShardLog {
+    /// Opens the shard's newest segment after recovery (or creates the first one) and
+    /// starts the flusher task on the current executor.
+    pub async fn open(dir: &Path, shard: u32, tail: Tail, cfg: LogConfig) -> io::Result<ShardLog> {
+        std::fs::create_dir_all(dir)?;
+        let seg = match tail.seq {
+            Some(seq) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .buffered_open(segment::segment_path(dir, seq))
+                    .await?;
+                Segment {
+                    file,
+                    seq,
+                    len: tail.valid_len,
+                }
+            }
+            None => create_segment(dir, shard, 1, None).await?,
+        };
+        let log = ShardLog {
+            inner: Rc::new(RefCell::new(Inner {
+                batch: Vec::with_capacity(1 << 20),
+                slot: Slot::new(),
+                closing: false,
+            })),
+            wake: Rc::new(Event::new()),
+            faults: Rc::new(Faults::default()),
+            stopped: Rc::new(Event::new()),
+            running: Rc::new(Cell::new(true)),
+        };
+        let flusher = Flusher {
+            dir: dir.to_path_buf(),
+            shard,
+            cfg,
+            seg,
+            broken: false,
+            log: log.clone(),
+        };
+        glommio::spawn_local(flusher.run()).detach();
+        Ok(log)
+    }
+
+    /// Appends a record whose payload `write` produces; returns a ticket to await
+    /// durability with. The record is in memory only until then.
+    pub fn append(&self, kind: Kind, write: impl FnOnce(&mut Vec<u8>)) -> Result<Ticket, LogError> {
+        let mut inner = self.inner.borrow_mut();
+        if inner.closing {
+            return Err(LogError::Closed);
+        }
+        let start = inner.batch.len();
+        record::encode_with(&mut inner.batch, kind, write);
+        let len = (inner.batch.len() - start) as u32;
+        let ticket = Ticket {
+            slot: inner.slot.clone(),
+            offset_in_batch: start as u64,
+            len,
+        };
+        drop(inner);
+        self.wake.notify(1);
+        Ok(ticket)
+    }
+
+    /// Waits until the ticket's record is on stable storage; returns where it is.
+    pub async fn durable(&self, t: Ticket) -> Result<Location, LogError> {
+        loop {
+            let listener = t.slot.event.listen();
+            if let Some(done) = t.slot.done.borrow().as_ref() {
+                return done.clone().map(|(seq, start)| Location {
+                    seq,
+                    offset: start + t.offset_in_batch,
+                    len: t.len,
+                });
+            }
+            listener.await;
+        }
+    }
+
+    /// Failure injection for tests of the error paths.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// Flushes what was appended, then stops the flusher. Appends after this fail.
+    pub async fn close(&self) {
+        self.inner.borrow_mut().closing = true;
+        loop {
+            let listener = self.stopped.listen();
+            if !self.running.get() {
+                return;
+            }
+            self.wake.notify(1);
+            listener.await;
+        }
+    }
+}
+
+struct Flusher {
+    dir: PathBuf,
+    shard: u32,
+    cfg: LogConfig,
+    seg: Segment,
+    /// A failed batch could not be cut off the segment: the next batch starts a new one.
+    broken: bool,
+    log: ShardLog,
+}
+
+impl Flusher {
+    async fn run(mut self) {
+        loop {
+            let listener = self.log.wake.listen();
+            let (batch, slot, closing) = {
+                let mut inner = self.log.inner.borrow_mut();
+                if inner.batch.is_empty() {
+                    (Vec::new(), None, inner.closing)
+                } else {
+                    let cap = inner.batch.capacity();
+                    let batch = std::mem::replace(&mut inner.batch, Vec::with_capacity(cap));
+                    let slot = std::mem::replace(&mut inner.slot, Slot::new());
+                    (batch, Some(slot), inner.closing)
+                }
+            };
+            match slot {
+                Some(slot) => {
+                    let result = self.write_batch(batch).await;
+                    *slot.done.borrow_mut() = Some(result);
+                    slot.event.notify(usize::MAX);
+                }
+                None if closing => break,
+                None => listener.await,
+            }
+        }
+        let _ = self.seg.file.fdatasync().await;
+        self.log.running.set(false);
+        self.log.stopped.notify(usize::MAX);
+    }
+
+    async fn write_batch(&mut self, batch: Vec<u8>) -> Result<(u64, u64), LogError> {
+        let full = self.seg.len > SEGMENT_HEADER_BYTES
+            && self.seg.len + batch.len() as u64 > self.cfg.segment_bytes_max;
+        if full || self.broken {
+            self.roll().await?;
+        }
+        let start = self.seg.len;
+        let len = batch.len() as u64;
+        let faults = self.log.faults.clone();
+        let result = async {
+            Faults::take(&faults.writes, faults.errno.get())?;
+            write_all(&self.seg.file, batch, start).await?;
+            Faults::take(&faults.syncs, faults.errno.get())?;
+            self.seg.file.fdatasync().await?;
+            Ok::<(), io::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.seg.len = start + len;
+                Ok((self.seg.seq, start))
+            }
+            Err(e) => {
+                // Cut the failed batch off, so nothing answered with an error is ever
+                // read back as a record. If even that fails, seal the segment here:
+                // the next one's header caps it at `start`.
+                if self.seg.file.truncate(start).await.is_err() {
+                    self.broken = true;
+                }
+                tracing::error!(shard = self.shard, seq = self.seg.seq, error = %e, "spool write failed");
+                Err(LogError::from(e))
+            }
+        }
+    }
+
+    async fn roll(&mut self) -> Result<(), LogError> {
+        let next = create_segment(&self.dir, self.shard, self.seg.seq + 1, Some(self.seg.len)).await?;
+        let old = std::mem::replace(&mut self.seg, next);
+        self.broken = false;
+        let _ = old.file.close().await;
+        Ok(())
+    }
+}
+
+/// Writes the whole buffer at `pos`. A regular file only writes short when the file
+/// system ran out of space (io_uring writes are not interrupted by signals), so a short
+/// write is reported as ENOSPC; the caller cuts the partial bytes off again.
+async fn write_all(file: &BufferedFile, buf: Vec<u8>, pos: u64) -> io::Result<()> {
+    let total = buf.len();
+    let written = file.write_at(buf, pos).await?;
+    if written < total {
+        return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+    Ok(())
+}
+
+async fn create_segment(dir: &Path, shard: u32, seq: u64, prev_valid_len: Option<u64>) -> io::Result<Segment> {
+    let path = segment::segment_path(dir, seq);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .buffered_open(&path)
+        .await?;
+    let header = SegmentHeader {
+        shard,
+        seq,
+        prev_valid_len,
+    };
+    write_all(&file, header.encode().to_vec(), 0).await?;
+    file.fdatasync().await?;
+    // The new name must be durable too, or a crash could lose the whole segment.
+    segment::sync_dir(dir)?;
+    Ok(Segment {
+        file,
+        seq,
+        len: SEGMENT_HEADER_BYTES,
+    })
+}

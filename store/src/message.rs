@@ -1,0 +1,277 @@
+//! The payload of a `Message` record: the envelope, the trace prefix ringmail adds
+//! (the `Received:` header), and the body exactly as the client sent it (after
+//! dot-unstuffing). The body is stored once, whatever the number of recipients; every
+//! later reader refers to it by `Location` rather than copying it.
+//!
+//! Encoding: a version byte, then fields in order; strings and byte strings carry a u32
+//! length. All integers are little endian.
+
+const VERSION: u8 = 1;
+
+/// DSN `RET=` (RFC 3461 §4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ret {
+    #[default]
+    Unspecified = 0,
+    Full = 1,
+    Hdrs = 2,
+}
+
+/// The `BODY=` a message was announced with (RFC 6152, RFC 3030).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BodyType {
+    #[default]
+    Unspecified = 0,
+    SevenBit = 1,
+    EightBitMime = 2,
+    BinaryMime = 3,
+}
+
+/// DSN `NOTIFY=` bits (RFC 3461 §4.1).
+pub mod notify {
+    pub const NEVER: u8 = 1;
+    pub const SUCCESS: u8 = 2;
+    pub const FAILURE: u8 = 4;
+    pub const DELAY: u8 = 8;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Recipient {
+    /// The forward path without angle brackets, as given.
+    pub address: String,
+    /// `NOTIFY=` bits; 0 when the parameter was absent.
+    pub notify: u8,
+    /// `ORCPT=` as given (`addr-type;xtext`), if any.
+    pub orcpt: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Envelope {
+    /// Queue id, unique per data directory: shard in the top byte.
+    pub id: u64,
+    /// When the message was accepted, milliseconds since the Unix epoch.
+    pub received_at_ms: u64,
+    /// The reverse path without angle brackets; empty for the null sender.
+    pub from: String,
+    pub recipients: Vec<Recipient>,
+    pub body_type: BodyType,
+    pub smtputf8: bool,
+    pub ret: Ret,
+    pub envid: Option<String>,
+    /// The name the client gave in EHLO/HELO and its address, for logs and bounces.
+    pub helo: String,
+    pub peer: String,
+}
+
+/// Formats a queue id the way replies, logs and `queue list` show it.
+pub fn format_id(id: u64) -> String {
+    format!("{id:016X}")
+}
+
+/// Parses an id as `format_id` prints it.
+pub fn parse_id(s: &str) -> Option<u64> {
+    if s.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(s, 16).ok()
+}
+
+/// Appends the payload of a `Message` record.
+pub fn encode(out: &mut Vec<u8>, env: &Envelope, prefix: &[u8], body: &[u8]) {
+    out.push(VERSION);
+    out.extend_from_slice(&env.id.to_le_bytes());
+    out.extend_from_slice(&env.received_at_ms.to_le_bytes());
+    put_bytes(out, env.from.as_bytes());
+    out.extend_from_slice(&(env.recipients.len() as u32).to_le_bytes());
+    for r in &env.recipients {
+        put_bytes(out, r.address.as_bytes());
+        out.push(r.notify);
+        put_opt(out, r.orcpt.as_deref());
+    }
+    out.push(env.body_type as u8);
+    out.push(env.smtputf8 as u8);
+    out.push(env.ret as u8);
+    put_opt(out, env.envid.as_deref());
+    put_bytes(out, env.helo.as_bytes());
+    put_bytes(out, env.peer.as_bytes());
+    put_bytes(out, prefix);
+    // The body goes last so a reader can find it without parsing it.
+    put_bytes(out, body);
+}
+
+/// A decoded `Message` payload; prefix and body borrow from the record.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decoded<'a> {
+    pub envelope: Envelope,
+    pub prefix: &'a [u8],
+    pub body: &'a [u8],
+    /// Where the body starts inside the payload.
+    pub body_offset: usize,
+}
+
+pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
+    let mut r = Reader { buf: payload, pos: 0 };
+    if r.u8()? != VERSION {
+        return Err("unknown message record version");
+    }
+    let id = r.u64()?;
+    let received_at_ms = r.u64()?;
+    let from = r.string()?;
+    let count = r.u32()? as usize;
+    if count > payload.len() {
+        return Err("recipient count out of range");
+    }
+    let mut recipients = Vec::with_capacity(count);
+    for _ in 0..count {
+        let address = r.string()?;
+        let notify = r.u8()?;
+        let orcpt = r.opt()?;
+        recipients.push(Recipient {
+            address,
+            notify,
+            orcpt,
+        });
+    }
+    let body_type = match r.u8()? {
+        0 => BodyType::Unspecified,
+        1 => BodyType::SevenBit,
+        2 => BodyType::EightBitMime,
+        3 => BodyType::BinaryMime,
+        _ => return Err("bad body type"),
+    };
+    let smtputf8 = r.u8()? != 0;
+    let ret = match r.u8()? {
+        0 => Ret::Unspecified,
+        1 => Ret::Full,
+        2 => Ret::Hdrs,
+        _ => return Err("bad RET"),
+    };
+    let envid = r.opt()?;
+    let helo = r.string()?;
+    let peer = r.string()?;
+    let prefix = r.bytes()?;
+    let body = r.bytes()?;
+    let body_offset = r.pos - body.len();
+    if r.pos != payload.len() {
+        return Err("trailing bytes in message record");
+    }
+    Ok(Decoded {
+        envelope: Envelope {
+            id,
+            received_at_ms,
+            from,
+            recipients,
+            body_type,
+            smtputf8,
+            ret,
+            envid,
+            helo,
+            peer,
+        },
+        prefix,
+        body,
+        body_offset,
+    })
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_opt(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            put_bytes(out, s.as_bytes());
+        }
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+        let end = self.pos.checked_add(n).ok_or("length overflow")?;
+        let s = self.buf.get(self.pos..end).ok_or("message record truncated")?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, &'static str> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, &'static str> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, &'static str> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], &'static str> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, &'static str> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| "string is not UTF-8")
+    }
+    fn opt(&mut self) -> Result<Option<String>, &'static str> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.string()?)),
+            _ => Err("bad option tag"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trip() {
+        let env = Envelope {
+            id: 0x0100_0000_0000_002A,
+            received_at_ms: 1_700_000_000_000,
+            from: "a@b.example".into(),
+            recipients: vec![
+                Recipient {
+                    address: "x@y".into(),
+                    notify: notify::SUCCESS | notify::FAILURE,
+                    orcpt: Some("rfc822;x@y".into()),
+                },
+                Recipient {
+                    address: "ü@ÿ".into(),
+                    notify: 0,
+                    orcpt: None,
+                },
+            ],
+            body_type: BodyType::EightBitMime,
+            smtputf8: true,
+            ret: Ret::Hdrs,
+            envid: Some("QQ314159".into()),
+            helo: "client.example".into(),
+            peer: "127.0.0.1".into(),
+        };
+        let mut out = Vec::new();
+        encode(&mut out, &env, b"Received: x\r\n", b"body\r\n");
+        let d = decode(&out).unwrap();
+        assert_eq!(d.envelope, env);
+        assert_eq!(d.prefix, b"Received: x\r\n");
+        assert_eq!(d.body, b"body\r\n");
+        assert_eq!(&out[d.body_offset..], b"body\r\n");
+        for cut in 0..out.len() {
+            assert!(decode(&out[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn id_format_round_trip() {
+        assert_eq!(format_id(0x01000000000000FF), "01000000000000FF");
+        assert_eq!(parse_id("01000000000000FF"), Some(0x01000000000000FF));
+        assert_eq!(parse_id("FF"), None);
+    }
+}
