@@ -1,4 +1,8 @@
 //! ringmail's engine: the thread-per-core runtime, SMTP ingest, the queue, and the
 //! `ringmail` command line. See ARCHITECTURE.md for the code map.
 
+pub mod config;
+pub mod ingest;
+pub mod queue;
+pub mod runtime;
 pub mod smtp;

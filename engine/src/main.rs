@@ -1,1 +1,181 @@
-fn main(){}
+//! The `ringmail` command line (DESIGN.md, "Command-line contract").
+
+use clap::{Args, Parser, Subcommand};
+use ringmail::config::{parse_addr, parse_cidr, Config};
+use ringmail::{queue, runtime};
+use ringmail_store::message::format_id;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "ringmail",
+    version,
+    about = "A thread-per-core io_uring mail relay engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Inspect the queue (works offline, also after the server was killed).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML file with the same settings; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (created on first start) [default: ./ringmail-data]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Executors (one pinned thread per core) [default: all cores]
+    #[arg(long)]
+    cores: Option<usize>,
+    /// Name in the greeting and in Received headers [default: the system's host name]
+    #[arg(long)]
+    hostname: Option<String>,
+    /// SMTP listener [default: 127.0.0.1:2525]
+    #[arg(long, value_parser = parse_addr)]
+    smtp: Option<std::net::SocketAddr>,
+    /// A domain whose mail is accepted from anyone (repeatable) [default: localhost]
+    #[arg(long = "local-domain")]
+    local_domains: Vec<String>,
+    /// A network that may relay to any domain (repeatable) [default: 127.0.0.0/8, ::1/128]
+    #[arg(long = "relay-network", value_parser = parse_cidr)]
+    relay_networks: Vec<ipnet::IpNet>,
+    /// Largest message in bytes [default: 52428800]
+    #[arg(long)]
+    max_message_size: Option<usize>,
+    /// Seconds an SMTP client may stay silent [default: 300]
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// Concurrent connections per shard [default: 10000]
+    #[arg(long)]
+    max_connections: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// List queued messages.
+    List {
+        #[arg(long, default_value = "./ringmail-data")]
+        data: PathBuf,
+        /// JSON Lines, one message a line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RINGMAIL_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Queue {
+            command: QueueCommand::List { data, json },
+        } => queue_list(data, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringmail: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<(), String> {
+    let mut cfg = Config::default();
+    if let Some(path) = &a.config {
+        cfg.apply_file(path)?;
+    }
+    if let Some(v) = a.data {
+        cfg.data = v;
+    }
+    if let Some(v) = a.cores {
+        cfg.cores = Some(v);
+    }
+    if let Some(v) = a.hostname {
+        cfg.hostname = v;
+    }
+    if let Some(v) = a.smtp {
+        cfg.smtp = v;
+    }
+    if !a.local_domains.is_empty() {
+        cfg.local_domains = a.local_domains;
+    }
+    if !a.relay_networks.is_empty() {
+        cfg.relay_networks = a.relay_networks;
+    }
+    if let Some(v) = a.max_message_size {
+        cfg.limits.message_bytes_max = v;
+    }
+    if let Some(v) = a.idle_timeout {
+        cfg.idle_timeout = Duration::from_secs(v);
+    }
+    if let Some(v) = a.max_connections {
+        cfg.connections_per_shard_max = v;
+    }
+    runtime::serve(cfg)
+}
+
+fn queue_list(data: PathBuf, json: bool) -> Result<(), String> {
+    let messages = queue::list(&data).map_err(|e| e.to_string())?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = (|| -> std::io::Result<()> {
+        if json {
+            for m in &messages {
+                writeln!(out, "{}", m.to_json())?;
+            }
+        } else {
+            writeln!(
+                out,
+                "{:<16} {:>10}  {:<24}  Sender/Recipient",
+                "Queue ID", "Size", "Arrival"
+            )?;
+            for m in &messages {
+                let arrival = chrono::DateTime::from_timestamp_millis(m.received_at_ms as i64)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                    .unwrap_or_default();
+                let from = if m.from.is_empty() { "<>" } else { &m.from };
+                writeln!(
+                    out,
+                    "{:<16} {:>10}  {:<24}  {}",
+                    format_id(m.id),
+                    m.size,
+                    arrival,
+                    from
+                )?;
+                for r in &m.rcpt {
+                    writeln!(out, "{:>55}  {} ({})", "", r.to, r.status.as_str())?;
+                }
+            }
+            writeln!(out, "-- {} message(s) in queue", messages.len())?;
+        }
+        out.flush()
+    })();
+    match result {
+        // A closed pipe (`| head`) is not an error of ours.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|e| e.to_string()),
+    }
+}

@@ -9,8 +9,8 @@
 //! Runs on a glommio executor: the file I/O goes through io_uring and never blocks the
 //! shard's other sessions.
 
-use crate::segment::{self, Location, SegmentHeader, Tail, SEGMENT_HEADER_BYTES};
 use crate::record::{self, Kind};
+use crate::segment::{self, Location, SegmentHeader, Tail, SEGMENT_HEADER_BYTES};
 use event_listener::Event;
 use glommio::io::{BufferedFile, OpenOptions};
 use std::cell::{Cell, RefCell};
@@ -305,7 +305,8 @@ impl Flusher {
     }
 
     async fn roll(&mut self) -> Result<(), LogError> {
-        let next = create_segment(&self.dir, self.shard, self.seg.seq + 1, Some(self.seg.len)).await?;
+        let next =
+            create_segment(&self.dir, self.shard, self.seg.seq + 1, Some(self.seg.len)).await?;
         let old = std::mem::replace(&mut self.seg, next);
         self.broken = false;
         let _ = old.file.close().await;
@@ -325,7 +326,12 @@ async fn write_all(file: &BufferedFile, buf: Vec<u8>, pos: u64) -> io::Result<()
     Ok(())
 }
 
-async fn create_segment(dir: &Path, shard: u32, seq: u64, prev_valid_len: Option<u64>) -> io::Result<Segment> {
+async fn create_segment(
+    dir: &Path,
+    shard: u32,
+    seq: u64,
+    prev_valid_len: Option<u64>,
+) -> io::Result<Segment> {
     let path = segment::segment_path(dir, seq);
     let file = OpenOptions::new()
         .read(true)

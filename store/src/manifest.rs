@@ -22,7 +22,10 @@ pub fn read(data: &Path) -> io::Result<Manifest> {
     let text = fs::read_to_string(&path).map_err(|e| {
         io::Error::new(
             e.kind(),
-            format!("cannot read {}: {e} (is this a ringmail data directory?)", path.display()),
+            format!(
+                "cannot read {}: {e} (is this a ringmail data directory?)",
+                path.display()
+            ),
         )
     })?;
     parse(&text).ok_or_else(|| {
@@ -39,7 +42,9 @@ fn parse(text: &str) -> Option<Manifest> {
         return None;
     }
     let shards: u32 = lines.next()?.strip_prefix("shards ")?.parse().ok()?;
-    (1..=SHARDS_MAX).contains(&shards).then_some(Manifest { shards })
+    (1..=SHARDS_MAX)
+        .contains(&shards)
+        .then_some(Manifest { shards })
 }
 
 /// Opens the data directory, creating it with `shards` shards if it has no manifest.
@@ -49,7 +54,10 @@ pub fn open_or_create(data: &Path, shards: u32) -> io::Result<Manifest> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    assert!((1..=SHARDS_MAX).contains(&shards), "shard count out of range");
+    assert!(
+        (1..=SHARDS_MAX).contains(&shards),
+        "shard count out of range"
+    );
     fs::create_dir_all(data)?;
     let tmp = data.join("MANIFEST.tmp");
     {
@@ -78,6 +86,9 @@ mod tests {
     fn rejects_foreign_files() {
         assert_eq!(parse("hello\nshards 2\n"), None);
         assert_eq!(parse("ringmail-data 1\nshards 0\n"), None);
-        assert_eq!(parse("ringmail-data 1\nshards 2\n"), Some(Manifest { shards: 2 }));
+        assert_eq!(
+            parse("ringmail-data 1\nshards 2\n"),
+            Some(Manifest { shards: 2 })
+        );
     }
 }

@@ -110,7 +110,10 @@ pub struct Decoded<'a> {
 }
 
 pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
-    let mut r = Reader { buf: payload, pos: 0 };
+    let mut r = Reader {
+        buf: payload,
+        pos: 0,
+    };
     if r.u8()? != VERSION {
         return Err("unknown message record version");
     }
@@ -197,7 +200,10 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
         let end = self.pos.checked_add(n).ok_or("length overflow")?;
-        let s = self.buf.get(self.pos..end).ok_or("message record truncated")?;
+        let s = self
+            .buf
+            .get(self.pos..end)
+            .ok_or("message record truncated")?;
         self.pos = end;
         Ok(s)
     }

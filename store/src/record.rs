@@ -32,7 +32,10 @@ impl Kind {
 
 /// Appends one framed record to `out`.
 pub fn encode_into(out: &mut Vec<u8>, kind: Kind, payload: &[u8]) {
-    assert!(payload.len() <= RECORD_PAYLOAD_BYTES_MAX, "record too large");
+    assert!(
+        payload.len() <= RECORD_PAYLOAD_BYTES_MAX,
+        "record too large"
+    );
     let crc = crc32c::crc32c_append(crc32c::crc32c(&[kind as u8]), payload);
     out.reserve(RECORD_HEADER_BYTES + payload.len());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());

@@ -64,7 +64,9 @@ impl SegmentHeader {
 
     pub fn decode(b: &[u8]) -> Option<SegmentHeader> {
         let h = b.get(..SEGMENT_HEADER_BYTES as usize)?;
-        if &h[0..8] != MAGIC || crc32c::crc32c(&h[..60]) != u32::from_le_bytes(h[60..64].try_into().unwrap()) {
+        if &h[0..8] != MAGIC
+            || crc32c::crc32c(&h[..60]) != u32::from_le_bytes(h[60..64].try_into().unwrap())
+        {
             return None;
         }
         let prev = u64::from_le_bytes(h[20..28].try_into().unwrap());
@@ -146,7 +148,9 @@ pub fn recover_shard(
             fs::remove_file(segment_path(dir, seq))?;
             sync_dir(dir)?;
         }
-        report.damaged.push(format!("segment {seq}: header torn, segment dropped"));
+        report
+            .damaged
+            .push(format!("segment {seq}: header torn, segment dropped"));
         files.pop();
     }
 
@@ -159,7 +163,9 @@ pub fn recover_shard(
         let (seq, ref bytes, header) = files[i];
         let newest = i + 1 == count;
         let Some(_) = header else {
-            report.damaged.push(format!("segment {seq}: bad header, skipped"));
+            report
+                .damaged
+                .push(format!("segment {seq}: bad header, skipped"));
             continue;
         };
         let cap = files
@@ -191,9 +197,9 @@ pub fn recover_shard(
                             DecodeError::Incomplete => "torn record",
                             DecodeError::Corrupt(w) => w,
                         };
-                        report
-                            .damaged
-                            .push(format!("segment {seq}: {what} at offset {pos}, rest skipped"));
+                        report.damaged.push(format!(
+                            "segment {seq}: {what} at offset {pos}, rest skipped"
+                        ));
                     }
                     break;
                 }
@@ -203,7 +209,9 @@ pub fn recover_shard(
             if pos < bytes.len() {
                 report.truncated_bytes = (bytes.len() - pos) as u64;
                 if mode == Mode::Repair {
-                    let f = fs::OpenOptions::new().write(true).open(segment_path(dir, seq))?;
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(segment_path(dir, seq))?;
                     f.set_len(pos as u64)?;
                     f.sync_all()?;
                 }

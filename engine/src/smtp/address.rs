@@ -44,7 +44,11 @@ const PATH_BYTES_MAX: usize = 256;
 /// `<>` is accepted only where `allow_null` (MAIL). `<Postmaster>` without a domain is
 /// accepted only where `allow_postmaster` (RCPT, RFC 5321 §4.1.1.3). Non-ASCII is
 /// accepted here; whether SMTPUTF8 was declared is the caller's check.
-pub fn parse_path(s: &str, allow_null: bool, allow_postmaster: bool) -> Result<(Mailbox, &str), PathError> {
+pub fn parse_path(
+    s: &str,
+    allow_null: bool,
+    allow_postmaster: bool,
+) -> Result<(Mailbox, &str), PathError> {
     let b = s.as_bytes();
     if b.first() != Some(&b'<') {
         return Err(PathError::Syntax);
@@ -152,7 +156,10 @@ fn local_part_end(s: &str) -> Option<usize> {
     if local.is_empty() || local.starts_with('.') || local.ends_with('.') || local.contains("..") {
         return None;
     }
-    local.bytes().all(|c| c == b'.' || is_atext(c)).then_some(end)
+    local
+        .bytes()
+        .all(|c| c == b'.' || is_atext(c))
+        .then_some(end)
 }
 
 fn is_atext(c: u8) -> bool {
@@ -173,7 +180,9 @@ pub fn valid_domain(d: &str) -> bool {
             && lb.len() <= 63
             && lb[0] != b'-'
             && lb[lb.len() - 1] != b'-'
-            && lb.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c >= 0x80)
+            && lb
+                .iter()
+                .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c >= 0x80)
     })
 }
 
@@ -192,7 +201,9 @@ pub fn valid_xtext(s: &str) -> bool {
     while i < b.len() {
         match b[i] {
             b'+' => {
-                if !(b.get(i + 1).is_some_and(|c| c.is_ascii_hexdigit()) && b.get(i + 2).is_some_and(|c| c.is_ascii_hexdigit())) {
+                if !(b.get(i + 1).is_some_and(|c| c.is_ascii_hexdigit())
+                    && b.get(i + 2).is_some_and(|c| c.is_ascii_hexdigit()))
+                {
                     return false;
                 }
                 i += 3;
@@ -216,8 +227,14 @@ mod tests {
     fn accepts_rfc5321_paths() {
         assert_eq!(ok("<a@b.example>"), "a@b.example");
         assert_eq!(ok("<>"), "");
-        assert_eq!(ok("<@relay.example,@r2.example:a@b.example>"), "a@b.example");
-        assert_eq!(ok("<\"quoted > local\"@b.example>"), "\"quoted > local\"@b.example");
+        assert_eq!(
+            ok("<@relay.example,@r2.example:a@b.example>"),
+            "a@b.example"
+        );
+        assert_eq!(
+            ok("<\"quoted > local\"@b.example>"),
+            "\"quoted > local\"@b.example"
+        );
         assert_eq!(ok("<a@[127.0.0.1]>"), "a@[127.0.0.1]");
         assert_eq!(ok("<a@[IPv6:::1]>"), "a@[IPv6:::1]");
         assert_eq!(ok("<Postmaster>"), "Postmaster");
@@ -230,13 +247,28 @@ mod tests {
     #[test]
     fn rejects_bad_paths() {
         for bad in [
-            "a@b", "<a@b", "<a>", "<@b>", "<a@>", "<a..b@c>", "<.a@c>", "<a@-c>", "<a@c..d>",
-            "<a b@c>", "<a@[1.2.3]>", "<a@b>x", "<>", "<Postmaster>",
+            "a@b",
+            "<a@b",
+            "<a>",
+            "<@b>",
+            "<a@>",
+            "<a..b@c>",
+            "<.a@c>",
+            "<a@-c>",
+            "<a@c..d>",
+            "<a b@c>",
+            "<a@[1.2.3]>",
+            "<a@b>x",
+            "<>",
+            "<Postmaster>",
         ] {
             assert!(parse_path(bad, false, false).is_err(), "{bad}");
         }
         let long = format!("<{}@b.example>", "a".repeat(65));
-        assert_eq!(parse_path(&long, false, false).unwrap_err(), PathError::TooLong);
+        assert_eq!(
+            parse_path(&long, false, false).unwrap_err(),
+            PathError::TooLong
+        );
     }
 
     #[test]

@@ -84,7 +84,11 @@ enum State {
     Data,
     /// Reading a BDAT chunk: `remaining` bytes, then the reply (or the commit if `last`).
     /// `valid`: false when there is no transaction to add it to (503 after reading it).
-    Bdat { remaining: usize, last: bool, valid: bool },
+    Bdat {
+        remaining: usize,
+        last: bool,
+        valid: bool,
+    },
     /// A message was handed out; waiting for the driver's verdict.
     Storing,
     Closed,
@@ -102,7 +106,9 @@ impl Refusal {
     fn reply(self) -> &'static str {
         match self {
             Refusal::BareNewline => "550 5.6.0 Message refused: bare CR or LF in DATA\r\n",
-            Refusal::LineTooLong => "550 5.6.0 Message refused: text line longer than 1000 octets\r\n",
+            Refusal::LineTooLong => {
+                "550 5.6.0 Message refused: text line longer than 1000 octets\r\n"
+            }
             Refusal::TooBig => "552 5.3.4 Message size exceeds fixed maximum message size\r\n",
         }
     }
@@ -227,7 +233,10 @@ impl Session {
 
     /// Whether a message is being received (the server lets it finish on shutdown).
     pub fn in_message(&self) -> bool {
-        matches!(self.state, State::Data | State::Bdat { .. } | State::Storing)
+        matches!(
+            self.state,
+            State::Data | State::Bdat { .. } | State::Storing
+        )
     }
 
     /// The client stayed silent past the idle timeout.
@@ -271,7 +280,11 @@ impl Session {
                 State::Command => self.command(),
                 State::SkipLine => self.skip_line(),
                 State::Data => self.data(),
-                State::Bdat { remaining, last, valid } => self.bdat(remaining, last, valid),
+                State::Bdat {
+                    remaining,
+                    last,
+                    valid,
+                } => self.bdat(remaining, last, valid),
             };
             if let Some(step) = step {
                 return step;
@@ -385,7 +398,11 @@ impl Session {
 
     fn helo_cmd(&mut self, arg: &str, extended: bool) {
         if arg.is_empty() || arg.contains(' ') || arg.bytes().any(|c| c.is_ascii_control()) {
-            let r = if extended { "501 5.5.4 Syntax: EHLO hostname\r\n" } else { "501 5.5.4 Syntax: HELO hostname\r\n" };
+            let r = if extended {
+                "501 5.5.4 Syntax: EHLO hostname\r\n"
+            } else {
+                "501 5.5.4 Syntax: HELO hostname\r\n"
+            };
             self.error(r);
             return;
         }
@@ -417,7 +434,9 @@ impl Session {
         };
         let (from, params) = match parse_path(path.trim_start_matches(' '), true, false) {
             Ok(x) => x,
-            Err(PathError::TooLong) => return self.error("501 5.1.7 Bad sender address syntax: too long\r\n"),
+            Err(PathError::TooLong) => {
+                return self.error("501 5.1.7 Bad sender address syntax: too long\r\n")
+            }
             Err(PathError::Syntax) => return self.error("501 5.1.7 Bad sender address syntax\r\n"),
         };
         let mut mail = Mail {
@@ -443,14 +462,18 @@ impl Session {
                         return self.error("501 5.5.4 Syntax: SIZE=<number>\r\n");
                     };
                     if size > self.cfg.limits.message_bytes_max as u64 {
-                        return self.error("552 5.3.4 Message size exceeds fixed maximum message size\r\n");
+                        return self.error(
+                            "552 5.3.4 Message size exceeds fixed maximum message size\r\n",
+                        );
                     }
                 }
                 ("BODY", Some(v)) => {
                     mail.body_type = match v.to_ascii_uppercase().as_str() {
                         "7BIT" => BodyType::SevenBit,
                         "8BITMIME" => BodyType::EightBitMime,
-                        _ => return self.error("501 5.5.4 Error: BODY must be 7BIT or 8BITMIME\r\n"),
+                        _ => {
+                            return self.error("501 5.5.4 Error: BODY must be 7BIT or 8BITMIME\r\n")
+                        }
                     }
                 }
                 ("SMTPUTF8", None) => mail.smtputf8 = true,
@@ -468,7 +491,10 @@ impl Session {
                     mail.envid = Some(v.to_string());
                 }
                 _ => {
-                    let r = format!("555 5.5.4 Error: unsupported MAIL parameter {}\r\n", sanitize(param));
+                    let r = format!(
+                        "555 5.5.4 Error: unsupported MAIL parameter {}\r\n",
+                        sanitize(param)
+                    );
                     return self.error(&r);
                 }
             }
@@ -491,8 +517,12 @@ impl Session {
         };
         let (to, params) = match parse_path(path.trim_start_matches(' '), false, true) {
             Ok(x) => x,
-            Err(PathError::TooLong) => return self.error("501 5.1.3 Bad recipient address syntax: too long\r\n"),
-            Err(PathError::Syntax) => return self.error("501 5.1.3 Bad recipient address syntax\r\n"),
+            Err(PathError::TooLong) => {
+                return self.error("501 5.1.3 Bad recipient address syntax: too long\r\n")
+            }
+            Err(PathError::Syntax) => {
+                return self.error("501 5.1.3 Bad recipient address syntax\r\n")
+            }
         };
         let mut rcpt = Recipient {
             address: to.address.clone(),
@@ -514,7 +544,11 @@ impl Session {
                 },
                 ("ORCPT", Some(v)) if rcpt.orcpt.is_none() => {
                     let ok = v.split_once(';').is_some_and(|(t, a)| {
-                        !t.is_empty() && t.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') && !a.is_empty() && a.len() <= 500 && (valid_xtext(a) || smtputf8)
+                        !t.is_empty()
+                            && t.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                            && !a.is_empty()
+                            && a.len() <= 500
+                            && (valid_xtext(a) || smtputf8)
                     });
                     if !ok {
                         return self.error("501 5.5.4 Error: bad ORCPT syntax\r\n");
@@ -522,7 +556,10 @@ impl Session {
                     rcpt.orcpt = Some(v.to_string());
                 }
                 _ => {
-                    let r = format!("555 5.5.4 Error: unsupported RCPT parameter {}\r\n", sanitize(param));
+                    let r = format!(
+                        "555 5.5.4 Error: unsupported RCPT parameter {}\r\n",
+                        sanitize(param)
+                    );
                     return self.error(&r);
                 }
             }
@@ -536,10 +573,17 @@ impl Session {
         }
         let local = match to.domain() {
             None => true, // <Postmaster>
-            Some(d) => self.cfg.local_domains.iter().any(|l| l.eq_ignore_ascii_case(d)),
+            Some(d) => self
+                .cfg
+                .local_domains
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(d)),
         };
         if !local && !self.relay_allowed {
-            let r = format!("554 5.7.1 <{}>: Relay access denied\r\n", sanitize(&to.address));
+            let r = format!(
+                "554 5.7.1 <{}>: Relay access denied\r\n",
+                sanitize(&to.address)
+            );
             return self.error(&r);
         }
         self.mail.as_mut().unwrap().recipients.push(rcpt);
@@ -552,7 +596,9 @@ impl Session {
         }
         match &self.mail {
             None => return self.error("503 5.5.1 Error: need MAIL command\r\n"),
-            Some(m) if m.recipients.is_empty() => return self.error("503 5.5.1 Error: need RCPT command\r\n"),
+            Some(m) if m.recipients.is_empty() => {
+                return self.error("503 5.5.1 Error: need RCPT command\r\n")
+            }
             Some(m) if m.chunking => return self.error("503 5.5.1 Error: DATA after BDAT\r\n"),
             Some(_) => {}
         }
@@ -584,7 +630,11 @@ impl Session {
         }
         // The chunk is read even when it is refused (RFC 3030 §2): that keeps the
         // session in step. Refused bytes are dropped as they arrive.
-        self.state = State::Bdat { remaining: size, last, valid };
+        self.state = State::Bdat {
+            remaining: size,
+            last,
+            valid,
+        };
         None
     }
 
@@ -607,7 +657,11 @@ impl Session {
         }
         let remaining = remaining - take;
         if remaining > 0 {
-            self.state = State::Bdat { remaining, last, valid };
+            self.state = State::Bdat {
+                remaining,
+                last,
+                valid,
+            };
             return Some(Step::NeedInput);
         }
         self.state = State::Command;
@@ -749,7 +803,8 @@ impl Session {
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
 }
 
 /// A decimal number of at most 20 digits.
@@ -784,6 +839,12 @@ fn parse_notify(v: &str) -> Option<u8> {
 fn sanitize(s: &str) -> String {
     s.chars()
         .take(100)
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect()
 }

@@ -45,7 +45,11 @@ fn run(cfg: Rc<Config>, relay: bool, chunks: &[&[u8]]) -> Outcome {
         }
     }
     drain(&mut s, &mut replies);
-    Outcome { replies, bodies, closed }
+    Outcome {
+        replies,
+        bodies,
+        closed,
+    }
 }
 
 struct Rng(u64);
@@ -82,7 +86,12 @@ fn check_with(limits: Limits, relay: bool, input: &[u8], expected: &str, bodies:
             .filter(|l| !l.is_empty() && l.as_bytes().get(3) == Some(&b' '))
             .map(|l| &l[..3])
             .collect();
-        assert_eq!(codes.join("|"), expected, "split #{i}; replies:\n{}", out.replies);
+        assert_eq!(
+            codes.join("|"),
+            expected,
+            "split #{i}; replies:\n{}",
+            out.replies
+        );
         let got: Vec<&[u8]> = out.bodies.iter().map(|b| b.as_slice()).collect();
         assert_eq!(got, bodies, "split #{i}");
         let _ = out.closed;
@@ -97,13 +106,29 @@ const TX: &str = "EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\
 
 #[test]
 fn a_whole_transaction() {
-    check(&format!("{TX}Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n"), "220|250|250|250|354|250|221", &[b"Subject: hi\r\n\r\nbody\r\n"]);
+    check(
+        &format!("{TX}Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n"),
+        "220|250|250|250|354|250|221",
+        &[b"Subject: hi\r\n\r\nbody\r\n"],
+    );
 }
 
 #[test]
 fn empty_message_and_ehlo_keywords() {
-    let out = run(config(Limits::default()), true, &[format!("{TX}.\r\n").as_bytes()]);
-    for kw in ["PIPELINING", "SIZE 52428800", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN"] {
+    let out = run(
+        config(Limits::default()),
+        true,
+        &[format!("{TX}.\r\n").as_bytes()],
+    );
+    for kw in [
+        "PIPELINING",
+        "SIZE 52428800",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "DSN",
+    ] {
         assert!(out.replies.contains(&format!("250-{kw}\r\n")), "{kw}");
     }
     assert_eq!(out.bodies, vec![Vec::<u8>::new()]);
@@ -111,7 +136,11 @@ fn empty_message_and_ehlo_keywords() {
 
 #[test]
 fn dot_stuffing_round_trip() {
-    check(&format!("{TX}..\r\n...x\r\n.y\r\nz.\r\n.\r\n"), "220|250|250|250|354|250", &[b".\r\n..x\r\ny\r\nz.\r\n"]);
+    check(
+        &format!("{TX}..\r\n...x\r\n.y\r\nz.\r\n.\r\n"),
+        "220|250|250|250|354|250",
+        &[b".\r\n..x\r\ny\r\nz.\r\n"],
+    );
 }
 
 #[test]
@@ -126,18 +155,38 @@ fn smuggling_inputs_never_end_data() {
 
 #[test]
 fn bare_cr_or_lf_anywhere_is_refused_and_the_session_goes_on() {
-    check(&format!("{TX}a\nb\r\n.\r\n{TX}ok\r\n.\r\n"), "220|250|250|250|354|550|250|250|250|354|250", &[b"ok\r\n"]);
-    check(&format!("{TX}a\rb\r\n.\r\n"), "220|250|250|250|354|550", &[]);
+    check(
+        &format!("{TX}a\nb\r\n.\r\n{TX}ok\r\n.\r\n"),
+        "220|250|250|250|354|550|250|250|250|354|250",
+        &[b"ok\r\n"],
+    );
+    check(
+        &format!("{TX}a\rb\r\n.\r\n"),
+        "220|250|250|250|354|550",
+        &[],
+    );
 }
 
 #[test]
 fn data_line_limit() {
     let ok_line = "x".repeat(998);
-    check(&format!("{TX}{ok_line}\r\n.\r\n"), "220|250|250|250|354|250", &[format!("{ok_line}\r\n").as_bytes()]);
+    check(
+        &format!("{TX}{ok_line}\r\n.\r\n"),
+        "220|250|250|250|354|250",
+        &[format!("{ok_line}\r\n").as_bytes()],
+    );
     let long = "x".repeat(999);
-    check(&format!("{TX}{long}\r\n.\r\nNOOP\r\n"), "220|250|250|250|354|550|250", &[]);
+    check(
+        &format!("{TX}{long}\r\n.\r\nNOOP\r\n"),
+        "220|250|250|250|354|550|250",
+        &[],
+    );
     // A stuffed dot counts toward the line length.
-    check(&format!("{TX}.{ok_line}\r\n.\r\n"), "220|250|250|250|354|550", &[]);
+    check(
+        &format!("{TX}.{ok_line}\r\n.\r\n"),
+        "220|250|250|250|354|550",
+        &[],
+    );
 }
 
 #[test]
@@ -147,10 +196,28 @@ fn size_limits() {
         ..Limits::default()
     };
     let over = format!("{TX}0123456789ab\r\n.\r\nNOOP\r\n");
-    check_with(limits.clone(), true, over.as_bytes(), "220|250|250|250|354|552|250", &[]);
+    check_with(
+        limits.clone(),
+        true,
+        over.as_bytes(),
+        "220|250|250|250|354|552|250",
+        &[],
+    );
     let exact = format!("{TX}01234567\r\n.\r\n");
-    check_with(limits.clone(), true, exact.as_bytes(), "220|250|250|250|354|250", &[b"01234567\r\n"]);
-    check_with(limits, true, b"EHLO c\r\nMAIL FROM:<a@c.test> SIZE=11\r\nMAIL FROM:<a@c.test> SIZE=10\r\n", "220|250|552|250", &[]);
+    check_with(
+        limits.clone(),
+        true,
+        exact.as_bytes(),
+        "220|250|250|250|354|250",
+        &[b"01234567\r\n"],
+    );
+    check_with(
+        limits,
+        true,
+        b"EHLO c\r\nMAIL FROM:<a@c.test> SIZE=11\r\nMAIL FROM:<a@c.test> SIZE=10\r\n",
+        "220|250|552|250",
+        &[],
+    );
 }
 
 #[test]
@@ -160,12 +227,28 @@ fn bdat_chunks_and_last() {
         "220|250|250|250|250|250|221",
         &[b"hel\nlo\r\n"],
     );
-    check("EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 0 LAST\r\n", "220|250|250|250|250", &[b""]);
+    check(
+        "EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 0 LAST\r\n",
+        "220|250|250|250|250",
+        &[b""],
+    );
     // DATA after BDAT in one transaction is out of sequence.
-    check("EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 2\r\nabDATA\r\n", "220|250|250|250|250|503", &[]);
+    check(
+        "EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 2\r\nabDATA\r\n",
+        "220|250|250|250|250|503",
+        &[],
+    );
     // A chunk without a transaction is read (not taken as commands), then refused.
-    check("EHLO c\r\nBDAT 6\r\nNOOP\r\nNOOP\r\n", "220|250|503|250", &[]);
-    check("EHLO c\r\nBDAT x\r\nBDAT 1 FIRST\r\n", "220|250|501|501", &[]);
+    check(
+        "EHLO c\r\nBDAT 6\r\nNOOP\r\nNOOP\r\n",
+        "220|250|503|250",
+        &[],
+    );
+    check(
+        "EHLO c\r\nBDAT x\r\nBDAT 1 FIRST\r\n",
+        "220|250|501|501",
+        &[],
+    );
 }
 
 #[test]
@@ -183,9 +266,21 @@ fn bad_sequences_get_503() {
     check("MAIL FROM:<a@c.test>\r\n", "220|503", &[]);
     check("EHLO c\r\nRCPT TO:<b@local.test>\r\n", "220|250|503", &[]);
     check("EHLO c\r\nDATA\r\n", "220|250|503", &[]);
-    check("EHLO c\r\nMAIL FROM:<a@c.test>\r\nDATA\r\n", "220|250|250|503", &[]);
-    check("EHLO c\r\nMAIL FROM:<a@c.test>\r\nMAIL FROM:<a@c.test>\r\n", "220|250|250|503", &[]);
-    check("EHLO c\r\nMAIL FROM:<a@c.test>\r\nRSET\r\nRCPT TO:<b@local.test>\r\n", "220|250|250|250|503", &[]);
+    check(
+        "EHLO c\r\nMAIL FROM:<a@c.test>\r\nDATA\r\n",
+        "220|250|250|503",
+        &[],
+    );
+    check(
+        "EHLO c\r\nMAIL FROM:<a@c.test>\r\nMAIL FROM:<a@c.test>\r\n",
+        "220|250|250|503",
+        &[],
+    );
+    check(
+        "EHLO c\r\nMAIL FROM:<a@c.test>\r\nRSET\r\nRCPT TO:<b@local.test>\r\n",
+        "220|250|250|250|503",
+        &[],
+    );
 }
 
 #[test]
@@ -193,9 +288,17 @@ fn syntax_errors_and_unknown_commands() {
     check("EHLO\r\nHELO\r\nFOO\r\n\r\nEHLO c\r\nMAIL TO:<a@b>\r\nMAIL FROM:a@b\r\nMAIL FROM:<a@b> FOO=1\r\n", "220|501|501|500|500|250|501|501|555", &[]);
     check("EHLO c\r\nMAIL FROM:<a@b> BODY=BINARYMIME\r\nMAIL FROM:<a@b> RET=X\r\nMAIL FROM:<a@b> SIZE=x\r\n", "220|250|501|501|501", &[]);
     check("EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<>\r\nRCPT TO:<b@local.test> NOTIFY=NEVER,SUCCESS\r\nRCPT TO:<b@local.test> ORCPT=bad\r\n", "220|250|250|501|501|501", &[]);
-    check("RSET x\r\nVRFY\r\nVRFY a\r\nNOOP x\r\nHELP\r\nSTARTTLS\r\n", "220|501|501|252|250|214|502", &[]);
+    check(
+        "RSET x\r\nVRFY\r\nVRFY a\r\nNOOP x\r\nHELP\r\nSTARTTLS\r\n",
+        "220|501|501|252|250|214|502",
+        &[],
+    );
     // MAIL parameters need EHLO.
-    check("HELO c\r\nMAIL FROM:<a@b> SIZE=1\r\nMAIL FROM:<a@b>\r\n", "220|250|555|250", &[]);
+    check(
+        "HELO c\r\nMAIL FROM:<a@b> SIZE=1\r\nMAIL FROM:<a@b>\r\n",
+        "220|250|555|250",
+        &[],
+    );
 }
 
 #[test]
@@ -203,28 +306,57 @@ fn dsn_and_esmtp_parameters_are_kept() {
     let cfg = config(Limits::default());
     let mut s = Session::new(cfg, true);
     s.push(b"EHLO c\r\nMAIL FROM:<a@c.test> RET=HDRS ENVID=QQ+2B1 BODY=8BITMIME SIZE=100\r\nRCPT TO:<b@local.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@local.test\r\nDATA\r\nx\r\n.\r\n");
-    let Step::Message(tx) = s.process() else { panic!("no message") };
+    let Step::Message(tx) = s.process() else {
+        panic!("no message")
+    };
     assert_eq!(tx.ret, ringmail_store::message::Ret::Hdrs);
     assert_eq!(tx.envid.as_deref(), Some("QQ+2B1"));
-    assert_eq!(tx.body_type, ringmail_store::message::BodyType::EightBitMime);
-    assert_eq!(tx.recipients[0].notify, ringmail_store::message::notify::SUCCESS | ringmail_store::message::notify::FAILURE);
-    assert_eq!(tx.recipients[0].orcpt.as_deref(), Some("rfc822;b@local.test"));
+    assert_eq!(
+        tx.body_type,
+        ringmail_store::message::BodyType::EightBitMime
+    );
+    assert_eq!(
+        tx.recipients[0].notify,
+        ringmail_store::message::notify::SUCCESS | ringmail_store::message::notify::FAILURE
+    );
+    assert_eq!(
+        tx.recipients[0].orcpt.as_deref(),
+        Some("rfc822;b@local.test")
+    );
     assert_eq!(tx.protocol, "ESMTP");
 }
 
 #[test]
 fn smtputf8_addresses_need_the_parameter() {
     check("EHLO c\r\nMAIL FROM:<ü@c.test>\r\nMAIL FROM:<ü@c.test> SMTPUTF8\r\nRCPT TO:<ö@local.test>\r\n", "220|250|553|250|250", &[]);
-    check("EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<ö@local.test>\r\n", "220|250|250|553", &[]);
+    check(
+        "EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<ö@local.test>\r\n",
+        "220|250|250|553",
+        &[],
+    );
 }
 
 #[test]
 fn relay_policy() {
     let input = b"EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@remote.test>\r\nRCPT TO:<x@LOCAL.test>\r\nRCPT TO:<Postmaster>\r\n";
-    check_with(Limits::default(), false, input, "220|250|250|554|250|250", &[]);
-    check_with(Limits::default(), true, input, "220|250|250|250|250|250", &[]);
+    check_with(
+        Limits::default(),
+        false,
+        input,
+        "220|250|250|554|250|250",
+        &[],
+    );
+    check_with(
+        Limits::default(),
+        true,
+        input,
+        "220|250|250|250|250|250",
+        &[],
+    );
     let out = run(config(Limits::default()), false, &[input]);
-    assert!(out.replies.contains("554 5.7.1 <x@remote.test>: Relay access denied\r\n"));
+    assert!(out
+        .replies
+        .contains("554 5.7.1 <x@remote.test>: Relay access denied\r\n"));
 }
 
 #[test]
@@ -234,7 +366,11 @@ fn command_line_limit() {
     let exact = format!("NOOP {}\r\n", "x".repeat(505));
     check(&exact, "220|250", &[]);
     // A line far over the limit is skipped to its end, once.
-    check(&format!("NOOP {}\r\nNOOP\r\n", "x".repeat(5000)), "220|500|250", &[]);
+    check(
+        &format!("NOOP {}\r\nNOOP\r\n", "x".repeat(5000)),
+        "220|500|250",
+        &[],
+    );
 }
 
 #[test]
@@ -268,7 +404,9 @@ fn too_many_errors_close_the_session() {
     let input = "FOO\r\n".repeat(25);
     let out = run(config(Limits::default()), true, &[input.as_bytes()]);
     assert!(out.closed);
-    assert!(out.replies.ends_with("421 4.7.0 Error: too many errors, closing connection\r\n"));
+    assert!(out
+        .replies
+        .ends_with("421 4.7.0 Error: too many errors, closing connection\r\n"));
     assert_eq!(out.replies.matches("500 ").count(), 20);
 }
 

@@ -1,0 +1,187 @@
+//! The thread-per-core runtime: one pinned glommio executor per core, each listening on
+//! the SMTP address and owning its shards outright; signals and orderly shutdown.
+
+use crate::config::Config;
+use crate::ingest::Ingest;
+use crate::queue::Spool;
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+use ringmail_store::{manifest, LogConfig};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often an executor looks at the process-wide shutdown flag.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
+
+/// Runs the server until SIGINT/SIGTERM, then shuts down in order: stop accepting, let
+/// sessions finish the message they are in (bounded), sync every log, return.
+pub fn serve(cfg: Config) -> Result<(), String> {
+    cfg.validate()?;
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = cfg.cores.unwrap_or(available);
+    let m = manifest::open_or_create(
+        &cfg.data,
+        cores.clamp(1, manifest::SHARDS_MAX as usize) as u32,
+    )
+    .map_err(|e| format!("data directory {}: {e}", cfg.data.display()))?;
+    let executors = cores.min(m.shards as usize);
+    if executors < cores {
+        tracing::warn!(
+            cores,
+            shards = m.shards,
+            "the data directory has fewer shards than cores; running one executor per shard"
+        );
+    }
+    // Fail clearly when someone else holds the port. (glommio binds with SO_REUSEPORT,
+    // which would otherwise share the port with another server silently.)
+    crate::ingest::check_port_free(cfg.smtp)
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.smtp))?;
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    block_signals();
+    spawn_signal_thread(shutdown.clone());
+
+    let next_index = Arc::new(AtomicUsize::new(0));
+    let ready = Arc::new(AtomicUsize::new(0));
+    let placement = if cores <= available {
+        PoolPlacement::MaxSpread(executors, None)
+    } else {
+        PoolPlacement::Unbound(executors)
+    };
+    let shards = m.shards;
+    let handles = LocalExecutorPoolBuilder::new(placement)
+        .name("ringmail")
+        .on_all_shards(move || {
+            let cfg = cfg.clone();
+            let shutdown = shutdown.clone();
+            let index = next_index.fetch_add(1, Ordering::SeqCst);
+            let ready = ready.clone();
+            async move {
+                let result = executor_main(
+                    index,
+                    executors,
+                    shards,
+                    Rc::new(cfg),
+                    shutdown.clone(),
+                    ready,
+                )
+                .await;
+                if let Err(e) = &result {
+                    tracing::error!(executor = index, "{e}");
+                    // One executor failing takes the server down, not half of it.
+                    shutdown.store(true, Ordering::SeqCst);
+                }
+                result
+            }
+        })
+        .map_err(|e| format!("cannot start executors: {e}"))?;
+    let mut first_error = None;
+    for r in handles.join_all() {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(format!("executor failed: {e}"));
+            }
+        }
+    }
+    match first_error {
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Some(e) => Err(e),
+    }
+}
+
+async fn executor_main(
+    index: usize,
+    executors: usize,
+    shards: u32,
+    cfg: Rc<Config>,
+    shutdown: Arc<AtomicBool>,
+    ready: Arc<AtomicUsize>,
+) -> Result<(), String> {
+    let mut spools = Vec::new();
+    for shard in (0..shards).filter(|k| *k as usize % executors == index) {
+        let spool = Spool::open(&cfg.data, shard, LogConfig::default())
+            .await
+            .map_err(|e| {
+                format!(
+                    "shard {shard}: cannot open its log in {}: {e}",
+                    cfg.data.display()
+                )
+            })?;
+        spools.push(Rc::new(spool));
+    }
+    let listener = crate::ingest::listen(cfg.smtp)
+        .map_err(|e| format!("executor {index} cannot listen on {}: {e}", cfg.smtp))?;
+    let ingest = Ingest::new(cfg.clone(), spools.clone());
+    if ready.fetch_add(1, Ordering::SeqCst) + 1 == executors {
+        tracing::info!(smtp = %cfg.smtp, executors, shards, data = %cfg.data.display(), "ringmail ready");
+    }
+
+    let watcher = {
+        let ingest = ingest.clone();
+        glommio::spawn_local(async move {
+            while !shutdown.load(Ordering::SeqCst) {
+                glommio::timer::sleep(SHUTDOWN_POLL).await;
+            }
+            ingest.begin_shutdown();
+        })
+    };
+    ingest.clone().accept_loop(listener).await;
+    watcher.await;
+    ingest.drained(cfg.shutdown_grace).await;
+    for spool in &spools {
+        spool.close().await;
+    }
+    Ok(())
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise the set they are given.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
+}
+
+/// Blocks SIGINT/SIGTERM in this thread and so in every thread started after it: only
+/// the signal thread receives them, synchronously.
+fn block_signals() {
+    let set = signal_set();
+    // SAFETY: the set is initialised; a null old-set pointer is allowed.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn spawn_signal_thread(shutdown: Arc<AtomicBool>) {
+    std::thread::Builder::new()
+        .name("ringmail-signals".into())
+        .spawn(move || {
+            let set = signal_set();
+            loop {
+                let mut sig = 0;
+                // SAFETY: the set is initialised and `sig` is a valid out pointer.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                if shutdown.swap(true, Ordering::SeqCst) {
+                    // A second signal: the operator wants out now. Everything that was
+                    // acknowledged is already durable, so exiting loses nothing.
+                    tracing::warn!(signal = sig, "second signal, exiting at once");
+                    std::process::exit(1);
+                }
+                tracing::info!(signal = sig, "shutting down");
+            }
+        })
+        .expect("spawn the signal thread");
+}
