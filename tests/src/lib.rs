@@ -1,1 +1,252 @@
+//! Helpers for the end-to-end tests: start the real `ringmail` binary on a free
+//! loopback port with a fresh data directory, talk to it, stop or kill it, and read its
+//! queue with the offline command.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The server binary under test. Cargo builds the package's binaries before it runs
+/// its integration tests, into the directory above the tests' own `deps/`.
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary in target/*/deps");
+    let bin = dir.join("ringmail-under-test");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with cargo test",
+        bin.display()
+    );
+    bin
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts a server with a fresh data directory; `args` are extra `serve` flags.
+    pub fn start(args: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        Self::start_in(Some(tmp), data, args)
+    }
+
+    /// Starts a server on an existing data directory.
+    pub fn start_in(tmp: Option<tempfile::TempDir>, data: PathBuf, args: &[&str]) -> Server {
+        let log = data.with_extension(format!("log-{}", free_port()));
+        let mut s = Server {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            data,
+            _tmp: tmp,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            log,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let child = Command::new(binary())
+            .arg("serve")
+            .arg("--data")
+            .arg(&self.data)
+            .arg("--smtp")
+            .arg(self.addr.to_string())
+            .arg("--hostname")
+            .arg("mx.ringmail.test")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ringmail");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until the server greets on its port (every executor has recovered).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("ringmail exited early with {status}: {}", self.log_text());
+            }
+            if std::fs::read_to_string(&self.log)
+                .unwrap_or_default()
+                .contains("ringmail ready")
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringmail did not become ready: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Restarts on the same data directory and port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill first");
+        self.spawn();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then waits; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                c.kill().unwrap();
+                panic!("ringmail did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `ringmail queue list --json`, parsed.
+    pub fn queue(&self) -> Vec<serde_json::Value> {
+        queue_list(&self.data)
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn queue_list(data: &Path) -> Vec<serde_json::Value> {
+    let out = run_ok(
+        Command::new(binary())
+            .args(["queue", "list", "--json", "--data"])
+            .arg(data),
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("queue list prints JSON lines"))
+        .collect()
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a python3 script with the server's port as its first argument.
+pub fn python(script: &str, port: u16) -> String {
+    let out = run_ok(
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(port.to_string()),
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A raw SMTP client on a blocking socket: writes bytes, reads whole replies.
+pub struct Client {
+    pub reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).expect("connect to ringmail");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Client {
+            reader: BufReader::new(s),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.reader.get_mut().write_all(bytes).unwrap();
+    }
+
+    /// Reads one (possibly multi-line) reply; returns its text.
+    pub fn reply(&mut self) -> String {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).unwrap();
+            assert!(
+                n > 0,
+                "connection closed while waiting for a reply; got so far: {text:?}"
+            );
+            text.push_str(&line);
+            if line.as_bytes().get(3) == Some(&b' ') {
+                return text;
+            }
+        }
+    }
+
+    /// Reads `n` replies and returns their codes.
+    pub fn codes(&mut self, n: usize) -> Vec<u16> {
+        (0..n).map(|_| self.reply()[..3].parse().unwrap()).collect()
+    }
+
+    /// Whether the server closed the connection (reads to EOF).
+    pub fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        matches!(self.reader.read_to_end(&mut rest), Ok(_)) && rest.is_empty()
+    }
+}
+
+/// Extracts the id from `250 2.0.0 Ok: queued as ID`.
+pub fn queued_id(reply: &str) -> Option<String> {
+    reply
+        .trim_end()
+        .strip_prefix("250 2.0.0 Ok: queued as ")
+        .map(|s| s.to_string())
+}
