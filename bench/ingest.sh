@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Ingest benchmark: Postfix's smtp-source (4 KiB messages, 32 sessions) into
+#   (a) ringmail, durable (every 250 after the fdatasync covering the message), and
+#   (b) Postfix's smtp-sink, which stores nothing: the limit,
+# in both modes (one message per connection, and -d: many per connection), repeated
+# and interleaved (sink, ringmail, sink, ringmail, ...) so that drift on a shared
+# machine hits both alike. Prints a Markdown table of medians and the ratio.
+#
+#   bench/ingest.sh                # 3 repetitions
+#   REPS=5 bench/ingest.sh
+#   bench/ingest.sh --quick        # 1 repetition, fewer messages
+#
+# Installs the postfix package when smtp-source is missing (never starts the postfix
+# daemon). Everything listens on 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPS=${REPS:-3}
+N_CONN=${N_CONN:-10000}     # messages, one per connection
+N_MANY=${N_MANY:-40000}     # messages, many per connection (-d)
+SESSIONS=${SESSIONS:-32}
+SIZE=${SIZE:-4096}
+if [ "${1:-}" = "--quick" ]; then REPS=1; N_CONN=3000; N_MANY=10000; fi
+
+if ! command -v smtp-source >/dev/null && [ ! -x /usr/sbin/smtp-source ]; then
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix
+fi
+export PATH="$PATH:/usr/sbin"
+cargo build --release -q -p ringmail
+RINGMAIL=target/release/ringmail
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
+
+# rate NAME MODE PORT COUNT [smtp-source flags]: prints messages/s
+rate() {
+  local port=$1 count=$2; shift 2
+  local t0 t1
+  t0=$(date +%s.%N)
+  smtp-source "$@" -s "$SESSIONS" -l "$SIZE" -m "$count" -f bench@source.test -t rcpt@localhost "127.0.0.1:$port"
+  t1=$(date +%s.%N)
+  python3 -c "print(round($count / ($t1 - $t0)))"
+}
+
+results="$work/results.txt"
+: > "$results"
+for rep in $(seq 1 "$REPS"); do
+  # The limit: smtp-sink.
+  port=$(free_port)
+  smtp-sink -u nobody "127.0.0.1:$port" 1000 & pids+=($!)
+  wait_port "$port"
+  echo "sink conn $(rate "$port" "$N_CONN")" >> "$results"
+  echo "sink many $(rate "$port" "$N_MANY" -d)" >> "$results"
+  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+
+  # ringmail, fresh data directory, durable.
+  port=$(free_port)
+  rm -rf "$work/data"
+  RINGMAIL_LOG=warn $RINGMAIL serve --data "$work/data" --smtp "127.0.0.1:$port" --hostname bench.test 2>"$work/ringmail.log" & pids+=($!)
+  wait_port "$port"
+  echo "ringmail conn $(rate "$port" "$N_CONN")" >> "$results"
+  echo "ringmail many $(rate "$port" "$N_MANY" -d)" >> "$results"
+  kill -TERM "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+  queued=$($RINGMAIL queue list --json --data "$work/data" | wc -l)
+  if [ "$queued" -ne $((N_CONN + N_MANY)) ]; then
+    echo "ringmail queued $queued messages, expected $((N_CONN + N_MANY))" >&2; cat "$work/ringmail.log" >&2; exit 1
+  fi
+done
+
+python3 - "$results" "$SESSIONS" "$SIZE" "$REPS" <<'PY'
+import sys, statistics
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+med = {}
+for name, mode, r in rows:
+    med.setdefault((name, mode), []).append(int(r))
+print(f"smtp-source -s {sys.argv[2]} -l {sys.argv[3]}, medians of {sys.argv[4]} interleaved runs (msg/s)\n")
+print("| mode | smtp-sink (limit) | ringmail (durable) | ringmail / limit |")
+print("|---|---|---|---|")
+for mode, label in (("conn", "one message per connection"), ("many", "many per connection (-d)")):
+    s = statistics.median(med[("sink", mode)]); r = statistics.median(med[("ringmail", mode)])
+    print(f"| {label} | {s:.0f} | {r:.0f} | {r/s:.2f} |")
+PY
