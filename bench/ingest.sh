@@ -9,6 +9,7 @@
 #   bench/ingest.sh                # 3 repetitions
 #   REPS=5 bench/ingest.sh
 #   bench/ingest.sh --quick        # 1 repetition, fewer messages
+#   RINGMAIL_ARGS="--cores 1" bench/ingest.sh   # extra flags for ringmail serve
 #
 # Installs the postfix package when smtp-source is missing (never starts the postfix
 # daemon). Everything listens on 127.0.0.1 only.
