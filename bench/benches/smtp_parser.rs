@@ -8,8 +8,11 @@ use std::rc::Rc;
 
 fn transaction(body_bytes: usize) -> Vec<u8> {
     let mut t = b"EHLO client.example\r\nMAIL FROM:<sender@client.example> SIZE=70000 BODY=8BITMIME\r\nRCPT TO:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nRCPT TO:<c@remote.example>\r\nDATA\r\n".to_vec();
-    t.extend_from_slice(b"From: sender@client.example\r\nTo: a@localhost\r\nSubject: benchmark\r\n\r\n");
-    let line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n";
+    t.extend_from_slice(
+        b"From: sender@client.example\r\nTo: a@localhost\r\nSubject: benchmark\r\n\r\n",
+    );
+    let line =
+        b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n";
     let mut n = 0;
     while n < body_bytes {
         if n % (line.len() * 10) == 0 {
@@ -54,7 +57,9 @@ fn bench(c: &mut Criterion) {
     for size in [4 << 10, 64 << 10] {
         let input = transaction(size);
         g.throughput(Throughput::Bytes(input.len() as u64));
-        g.bench_function(format!("transaction_{}k", size >> 10), |b| b.iter(|| run(&cfg, &input)));
+        g.bench_function(format!("transaction_{}k", size >> 10), |b| {
+            b.iter(|| run(&cfg, &input))
+        });
     }
     g.finish();
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod ingest;
+pub mod net;
 pub mod queue;
 pub mod runtime;
 pub mod smtp;

@@ -119,7 +119,9 @@ async fn executor_main(
     }
     let listener = crate::ingest::listen(cfg.smtp)
         .map_err(|e| format!("executor {index} cannot listen on {}: {e}", cfg.smtp))?;
-    let ingest = Ingest::new(cfg.clone(), spools.clone());
+    let ring = crate::net::Ring::start()
+        .map_err(|e| format!("executor {index}: cannot set up its io_uring: {e}"))?;
+    let ingest = Ingest::new(cfg.clone(), spools.clone(), ring);
     if ready.fetch_add(1, Ordering::SeqCst) + 1 == executors {
         tracing::info!(smtp = %cfg.smtp, executors, shards, data = %cfg.data.display(), "ringmail ready");
     }

@@ -6,23 +6,27 @@
 //! durable in one of this executor's spools before the core may answer 250.
 
 use crate::config::Config;
+use crate::net::Ring;
 use crate::queue::Spool;
 use crate::smtp::{self, received::received_header, Session, Step, Transaction};
 use event_listener::Event;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
 use ringmail_store::message::{format_id, Envelope};
 use ringmail_store::LogError;
 use std::cell::Cell;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Bytes asked of the kernel per receive.
+const READ_BYTES: usize = 16 << 10;
 
 /// What the sessions of one executor share.
 pub struct Ingest {
     pub cfg: Rc<Config>,
     pub smtp: Rc<smtp::Config>,
     pub spools: Vec<Rc<Spool>>,
+    ring: Rc<Ring>,
     next_spool: Cell<usize>,
     active: Cell<usize>,
     /// Set once shutdown began; `stop` wakes everything that waits.
@@ -32,9 +36,10 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    pub fn new(cfg: Rc<Config>, spools: Vec<Rc<Spool>>) -> Rc<Ingest> {
+    pub fn new(cfg: Rc<Config>, spools: Vec<Rc<Spool>>, ring: Rc<Ring>) -> Rc<Ingest> {
         assert!(!spools.is_empty(), "an executor serves at least one shard");
         Rc::new(Ingest {
+            ring,
             smtp: Rc::new(cfg.smtp_config()),
             cfg,
             spools,
@@ -76,21 +81,23 @@ impl Ingest {
     }
 
     /// Accepts connections until shutdown.
-    pub async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+    pub async fn accept_loop(self: Rc<Self>, listener: OwnedFd) {
         loop {
             let stop = self.stop.listen();
             if self.stopping.get() {
                 return;
             }
-            let accepted =
-                futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            let accepted = futures_lite::future::or(
+                async { Some(self.ring.accept(listener.as_raw_fd()).await) },
+                async {
                     stop.await;
                     None
-                })
-                .await;
-            let stream = match accepted {
+                },
+            )
+            .await;
+            let (fd, peer) = match accepted {
                 None => return,
-                Some(Ok(s)) => s,
+                Some(Ok(c)) => c,
                 Some(Err(e)) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -102,14 +109,17 @@ impl Ingest {
             glommio::spawn_local(async move {
                 me.active.set(me.active.get() + 1);
                 if me.active.get() > me.cfg.connections_per_shard_max {
-                    let mut stream = stream;
-                    let _ = stream
-                        .write_all(b"421 4.7.0 Error: too many connections, try again later\r\n")
+                    let _ = me
+                        .ring
+                        .send_all(
+                            fd.as_raw_fd(),
+                            b"421 4.7.0 Error: too many connections, try again later\r\n",
+                        )
                         .await;
-                    let _ = stream.close().await;
                 } else {
-                    me.session(stream).await;
+                    me.session(&fd, peer).await;
                 }
+                drop(fd);
                 me.active.set(me.active.get() - 1);
                 if me.active.get() == 0 {
                     me.idle.notify(usize::MAX);
@@ -119,18 +129,17 @@ impl Ingest {
         }
     }
 
-    async fn session(self: &Rc<Self>, mut stream: TcpStream) {
-        let Ok(peer) = stream.peer_addr() else { return };
-        let _ = stream.set_nodelay(true);
+    async fn session(self: &Rc<Self>, fd: &OwnedFd, peer: SocketAddr) {
+        let fd = fd.as_raw_fd();
         let mut s = Session::new(self.smtp.clone(), self.cfg.relay_allowed(peer.ip()));
+        let mut buf = Vec::with_capacity(READ_BYTES);
         loop {
             // Run the core over what was received; store finished messages in order.
             loop {
                 match s.process() {
                     Step::NeedInput => break,
                     Step::Close => {
-                        let _ = stream.write_all(s.output()).await;
-                        let _ = stream.close().await;
+                        let _ = self.ring.send_all(fd, s.output()).await;
                         return;
                     }
                     Step::Message(tx) => match self.store(*tx, peer).await {
@@ -145,55 +154,50 @@ impl Ingest {
                 }
             }
             if !s.output().is_empty() {
-                if stream.write_all(s.output()).await.is_err() {
+                if self.ring.send_all(fd, s.output()).await.is_err() {
                     return;
                 }
                 s.clear_output();
             }
-            match self.read(&mut stream, &mut s).await {
-                Read::Data => {}
-                Read::Closed => return,
-                Read::Timeout => s.idle_timeout(),
-                Read::Shutdown => s.shutdown(),
+            // A session in the middle of a message may finish it during shutdown
+            // (bounded by the grace period); one between commands leaves at once.
+            let stoppable = !s.in_message();
+            if stoppable && self.stopping.get() {
+                s.shutdown();
+                continue;
             }
-        }
-    }
-
-    async fn read(&self, stream: &mut TcpStream, s: &mut Session) -> Read {
-        // A session in the middle of a message may finish it during shutdown (bounded
-        // by the grace period); one between commands is asked to leave at once.
-        let stoppable = !s.in_message();
-        if stoppable && self.stopping.get() {
-            return Read::Shutdown;
-        }
-        let stop = self.stop.listen();
-        let idle = self.cfg.idle_timeout;
-        let buf = s.read_buf();
-        let woke = futures_lite::future::or(
-            async { Wake::Read(stream.read(buf).await) },
-            futures_lite::future::or(
+            let stop = self.stop.listen();
+            let woke = futures_lite::future::or(
                 async {
-                    glommio::timer::sleep(idle).await;
-                    Wake::Timeout
+                    Some(
+                        self.ring
+                            .recv(fd, std::mem::take(&mut buf), self.cfg.idle_timeout)
+                            .await,
+                    )
                 },
                 async {
                     if !stoppable {
                         std::future::pending::<()>().await;
                     }
                     stop.await;
-                    Wake::Stop
+                    None
                 },
-            ),
-        )
-        .await;
-        match woke {
-            Wake::Read(Ok(0)) | Wake::Read(Err(_)) => Read::Closed,
-            Wake::Read(Ok(n)) => {
-                s.filled(n);
-                Read::Data
+            )
+            .await;
+            match woke {
+                Some((Ok(0), _)) => return,
+                Some((Ok(n), b)) => {
+                    s.push(&b[..n]);
+                    buf = b;
+                }
+                Some((Err(e), _)) if e.kind() == std::io::ErrorKind::TimedOut => s.idle_timeout(),
+                Some((Err(_), _)) => return,
+                None => s.shutdown(),
             }
-            Wake::Timeout => Read::Timeout,
-            Wake::Stop => Read::Shutdown,
+            if buf.capacity() == 0 {
+                // The buffer went with a cancelled receive.
+                buf = Vec::with_capacity(READ_BYTES);
+            }
         }
     }
 
@@ -252,17 +256,17 @@ impl Ingest {
 /// Binds the SMTP listener of one executor. Every executor binds the same address with
 /// SO_REUSEPORT so the kernel spreads connections across cores; SO_REUSEADDR lets a
 /// restarted server bind while old connections linger in TIME_WAIT.
-pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub fn listen(addr: SocketAddr) -> std::io::Result<OwnedFd> {
     use socket2::{Domain, Protocol, Socket, Type};
-    use std::os::fd::{FromRawFd, IntoRawFd};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Accepted sockets inherit it: replies go out at once, without a syscall each.
+    socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     // A deep backlog absorbs connection bursts of one-message-per-connection senders.
     socket.listen(4096)?;
-    // SAFETY: the descriptor is a bound, listening TCP socket that we own.
-    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+    Ok(socket.into())
 }
 
 /// Fails when another socket listens on `addr`. Our own listeners use SO_REUSEPORT, which
@@ -273,17 +277,4 @@ pub fn check_port_free(addr: SocketAddr) -> std::io::Result<()> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())
-}
-
-enum Wake {
-    Read(std::io::Result<usize>),
-    Timeout,
-    Stop,
-}
-
-enum Read {
-    Data,
-    Closed,
-    Timeout,
-    Shutdown,
 }
