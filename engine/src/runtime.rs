@@ -35,8 +35,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     }
     // Fail clearly when someone else holds the port. (glommio binds with SO_REUSEPORT,
     // which would otherwise share the port with another server silently.)
-    crate::ingest::check_port_free(cfg.smtp)
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.smtp))?;
+    wait_port_free(cfg.smtp)?;
 
     let shutdown = Arc::new(AtomicBool::new(false));
     block_signals();
@@ -142,6 +141,25 @@ async fn executor_main(
         spool.close().await;
     }
     Ok(())
+}
+
+/// Waits (briefly) for the SMTP port to be free. After a crash the kernel tears the dead
+/// process's io_uring down asynchronously, and until then an accept it had in flight
+/// keeps the old listening socket alive.
+fn wait_port_free(addr: std::net::SocketAddr) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match crate::ingest::check_port_free(addr) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
+        }
+    }
 }
 
 fn signal_set() -> libc::sigset_t {

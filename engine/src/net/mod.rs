@@ -56,7 +56,10 @@ impl Ring {
     /// Creates the ring and starts its submitter and reaper tasks on the current
     /// glommio executor.
     pub fn start() -> io::Result<Rc<Ring>> {
-        let ring = IoUring::builder().build(RING_ENTRIES)?;
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .build(RING_ENTRIES)?;
         // SAFETY: eventfd returns a new descriptor or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
