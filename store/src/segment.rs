@@ -174,7 +174,19 @@ pub fn recover_shard(
             .unwrap_or(bytes.len() as u64)
             .min(bytes.len() as u64) as usize;
         let mut pos = SEGMENT_HEADER_BYTES as usize;
+        let mut clean_end = false;
         while pos < cap {
+            // The writer fills segments with zeros ahead of itself: an all-zero record
+            // header is where the log ends, not damage.
+            if bytes[pos..cap.min(pos + record::RECORD_HEADER_BYTES)]
+                .iter()
+                .all(|&b| b == 0)
+            {
+                clean_end = bytes[pos..].iter().all(|&b| b == 0);
+                if clean_end {
+                    break;
+                }
+            }
             match record::decode(&bytes[pos..cap]) {
                 Ok(r) => {
                     let len = r.total_len;
@@ -207,7 +219,9 @@ pub fn recover_shard(
         }
         if newest {
             if pos < bytes.len() {
-                report.truncated_bytes = (bytes.len() - pos) as u64;
+                if !clean_end {
+                    report.truncated_bytes = (bytes.len() - pos) as u64;
+                }
                 if mode == Mode::Repair {
                     let f = fs::OpenOptions::new()
                         .write(true)

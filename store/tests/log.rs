@@ -81,26 +81,39 @@ fn last_segment(dir: &Path) -> std::path::PathBuf {
     names.pop().unwrap()
 }
 
+/// Where the last record of the shard ends (the writer zero-fills ahead of it).
+fn log_end(dir: &Path) -> usize {
+    let mut end = 0;
+    recover_shard(dir, 0, Mode::ReadOnly, |loc, _| {
+        end = (loc.offset + loc.len as u64) as usize
+    })
+    .unwrap();
+    end
+}
+
 #[test]
 fn a_torn_tail_is_cut_at_every_possible_point() {
     let d = tempfile::tempdir().unwrap();
     let groups = vec![vec![payload(1, 100), payload(2, 200), payload(3, 300)]];
     write(d.path(), LogConfig::default(), &groups);
     let seg = last_segment(d.path());
+    let end = log_end(d.path());
     let whole = std::fs::read(&seg).unwrap();
+    assert!(
+        whole[end..].iter().all(|&b| b == 0),
+        "only zeros follow the log"
+    );
     let last_record_len = record::RECORD_HEADER_BYTES + 300;
     for cut in 1..last_record_len {
-        std::fs::write(&seg, &whole[..whole.len() - cut]).unwrap();
+        // A torn write: part of the last record, and no zeros after it.
+        std::fs::write(&seg, &whole[..end - cut]).unwrap();
         // Read-only recovery reports but does not touch the file.
         assert_eq!(replay(d.path(), Mode::ReadOnly).len(), 2, "cut {cut}");
-        assert_eq!(
-            std::fs::metadata(&seg).unwrap().len() as usize,
-            whole.len() - cut
-        );
+        assert_eq!(std::fs::metadata(&seg).unwrap().len() as usize, end - cut);
         assert_eq!(replay(d.path(), Mode::Repair).len(), 2, "cut {cut}");
         assert_eq!(
             std::fs::metadata(&seg).unwrap().len() as usize,
-            whole.len() - last_record_len
+            end - last_record_len
         );
     }
     // The writer continues after the last good record.
@@ -120,18 +133,46 @@ fn a_corrupt_tail_is_detected_by_crc_and_cut() {
         &[vec![payload(1, 100), payload(2, 50)]],
     );
     let seg = last_segment(d.path());
+    let end = log_end(d.path());
     let mut bytes = std::fs::read(&seg).unwrap();
-    let n = bytes.len();
-    bytes[n - 10] ^= 0x40;
+    bytes[end - 10] ^= 0x40;
     std::fs::write(&seg, &bytes).unwrap();
-    let mut report = None;
-    let (_, r) = recover_shard(d.path(), 0, Mode::Repair, |_, _| {}).unwrap();
-    report.get_or_insert(r);
+    let (_, report) = recover_shard(d.path(), 0, Mode::Repair, |_, _| {}).unwrap();
     assert_eq!(
-        report.unwrap().truncated_bytes as usize,
-        record::RECORD_HEADER_BYTES + 50
+        report.truncated_bytes as usize,
+        bytes.len() - (end - record::RECORD_HEADER_BYTES - 50)
     );
     assert_eq!(replay(d.path(), Mode::ReadOnly), vec![payload(1, 100)]);
+}
+
+#[test]
+fn zeros_after_the_log_are_its_clean_end() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), LogConfig::default(), &[vec![payload(1, 100)]]);
+    let seg = last_segment(d.path());
+    let end = log_end(d.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes.truncate(end);
+    bytes.resize(end + 100_000, 0);
+    std::fs::write(&seg, &bytes).unwrap();
+    let (tail, report) = recover_shard(d.path(), 0, Mode::Repair, |_, _| {}).unwrap();
+    assert_eq!(report.truncated_bytes, 0, "zeros are not damage");
+    assert!(report.damaged.is_empty());
+    assert_eq!(tail.valid_len as usize, end);
+    // But a zero header with data after it is a torn write, reported as such.
+    write(d.path(), LogConfig::default(), &[vec![payload(2, 10)]]);
+    let end = log_end(d.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes.truncate(end);
+    bytes.extend_from_slice(&[0u8; 20]);
+    bytes.extend_from_slice(b"garbage");
+    std::fs::write(&seg, &bytes).unwrap();
+    let (_, report) = recover_shard(d.path(), 0, Mode::ReadOnly, |_, _| {}).unwrap();
+    assert_eq!(report.truncated_bytes, 27);
+    assert_eq!(
+        replay(d.path(), Mode::ReadOnly),
+        vec![payload(1, 100), payload(2, 10)]
+    );
 }
 
 #[test]
