@@ -15,6 +15,7 @@ use event_listener::Event;
 use glommio::io::{BufferedFile, OpenOptions};
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -357,6 +358,10 @@ impl Flusher {
         if to <= from {
             return;
         }
+        // Never compete with messages for the last of the space.
+        if free_bytes(seg.file.as_raw_fd()).is_some_and(|free| free < 4 * ZERO_AHEAD_BYTES) {
+            return;
+        }
         seg.zeroing_from.set(Some(from));
         let (file, zeroed, zeroing_from, done) = (
             seg.file.clone(),
@@ -371,6 +376,12 @@ impl Flusher {
                 && file.fdatasync().await.is_ok();
             if ok {
                 zeroed.set(to);
+            } else {
+                // Most likely a full disk: give the space back to the messages (no batch
+                // is written at or past `from` while this runs) and stop zeroing this
+                // segment; appends still work, only their syncs cost more.
+                let _ = file.truncate(from).await;
+                zeroed.set(u64::MAX);
             }
             zeroing_from.set(None);
             done.notify(usize::MAX);
@@ -387,6 +398,13 @@ impl Flusher {
         drop(old);
         Ok(())
     }
+}
+
+/// Space left for unprivileged writers on the file system holding `fd`.
+fn free_bytes(fd: std::os::fd::RawFd) -> Option<u64> {
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is open and st is a valid out pointer.
+    (unsafe { libc::fstatvfs(fd, &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// Writes the whole buffer at `pos`. A regular file only writes short when the file
