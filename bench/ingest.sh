@@ -10,6 +10,7 @@
 #   REPS=5 bench/ingest.sh
 #   bench/ingest.sh --quick        # 1 repetition, fewer messages
 #   RINGMAIL_ARGS="--cores 1" bench/ingest.sh   # extra flags for ringmail serve
+#   CLIENTS=2 bench/ingest.sh      # two smtp-source processes, 16 sessions each
 #
 # Installs the postfix package when smtp-source is missing (never starts the postfix
 # daemon). Everything listens on 127.0.0.1 only.
@@ -21,6 +22,7 @@ N_CONN=${N_CONN:-10000}     # messages, one per connection
 N_MANY=${N_MANY:-40000}     # messages, many per connection (-d)
 SESSIONS=${SESSIONS:-32}
 SIZE=${SIZE:-4096}
+CLIENTS=${CLIENTS:-1}       # smtp-source processes sharing the sessions and messages
 if [ "${1:-}" = "--quick" ]; then REPS=1; N_CONN=3000; N_MANY=10000; fi
 
 if ! command -v smtp-source >/dev/null && [ ! -x /usr/sbin/smtp-source ]; then
@@ -38,14 +40,18 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 200); do python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
 
-# rate NAME MODE PORT COUNT [smtp-source flags]: prints messages/s
+# rate PORT COUNT [smtp-source flags]: prints messages/s over CLIENTS processes
 rate() {
   local port=$1 count=$2; shift 2
-  local t0 t1
+  local t0 t1 i pids=()
   t0=$(date +%s.%N)
-  smtp-source "$@" -s "$SESSIONS" -l "$SIZE" -m "$count" -f bench@source.test -t rcpt@localhost "127.0.0.1:$port"
+  for i in $(seq 1 "$CLIENTS"); do
+    smtp-source "$@" -s $((SESSIONS / CLIENTS)) -l "$SIZE" -m $((count / CLIENTS)) -f bench@source.test -t rcpt@localhost "127.0.0.1:$port" &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
   t1=$(date +%s.%N)
-  python3 -c "print(round($count / ($t1 - $t0)))"
+  python3 -c "print(round($((count / CLIENTS * CLIENTS)) / ($t1 - $t0)))"
 }
 
 results="$work/results.txt"
@@ -68,18 +74,19 @@ for rep in $(seq 1 "$REPS"); do
   echo "ringmail many $(rate "$port" "$N_MANY" -d)" >> "$results"
   kill -TERM "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
   queued=$($RINGMAIL queue list --json --data "$work/data" | wc -l)
-  if [ "$queued" -ne $((N_CONN + N_MANY)) ]; then
-    echo "ringmail queued $queued messages, expected $((N_CONN + N_MANY))" >&2; cat "$work/ringmail.log" >&2; exit 1
+  expected=$(( N_CONN / CLIENTS * CLIENTS + N_MANY / CLIENTS * CLIENTS ))
+  if [ "$queued" -ne "$expected" ]; then
+    echo "ringmail queued $queued messages, expected $expected" >&2; cat "$work/ringmail.log" >&2; exit 1
   fi
 done
 
-python3 - "$results" "$SESSIONS" "$SIZE" "$REPS" <<'PY'
+python3 - "$results" "$SESSIONS" "$SIZE" "$REPS" "$CLIENTS" <<'PY'
 import sys, statistics
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 med = {}
 for name, mode, r in rows:
     med.setdefault((name, mode), []).append(int(r))
-print(f"smtp-source -s {sys.argv[2]} -l {sys.argv[3]}, medians of {sys.argv[4]} interleaved runs (msg/s)\n")
+print(f"smtp-source -s {sys.argv[2]} -l {sys.argv[3]} in {sys.argv[5]} process(es), medians of {sys.argv[4]} interleaved runs (msg/s)\n")
 print("| mode | smtp-sink (limit) | ringmail (durable) | ringmail / limit |")
 print("|---|---|---|---|")
 for mode, label in (("conn", "one message per connection"), ("many", "many per connection (-d)")):
