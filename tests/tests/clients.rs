@@ -246,3 +246,31 @@ fn sigterm_closes_sessions_keeps_messages_and_exits_zero() {
     server.restart();
     assert_eq!(server.queue().len(), 1);
 }
+
+#[test]
+fn dsn_parameters_are_stored_with_the_envelope() {
+    let server = Server::start(&[]);
+    python(
+        r#"
+import smtplib, sys
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]))
+s.ehlo('client.test')
+s.sendmail('alice@client.test', ['bob@localhost', 'carol@localhost'], b'Subject: dsn\r\n\r\nx\r\n',
+           mail_options=['RET=HDRS', 'ENVID=QQ314159', 'BODY=7BIT'],
+           rcpt_options=['NOTIFY=SUCCESS,DELAY', 'ORCPT=rfc822;bob@localhost'])
+s.quit()
+"#,
+        server.addr.port(),
+    );
+    let q = server.queue();
+    assert_eq!(q.len(), 1);
+    let m = &q[0];
+    assert_eq!(m["ret"], "HDRS");
+    assert_eq!(m["envid"], "QQ314159");
+    assert_eq!(m["body"], "7BIT");
+    assert_eq!(m["smtputf8"], false);
+    for r in m["rcpt"].as_array().unwrap() {
+        assert_eq!(r["notify"], serde_json::json!(["SUCCESS", "DELAY"]));
+        assert_eq!(r["orcpt"], "rfc822;bob@localhost");
+    }
+}

@@ -32,6 +32,21 @@ pub struct QueuedRcpt {
     pub to: String,
     pub status: RcptStatus,
     pub attempts: u32,
+    /// DSN `NOTIFY=` bits and `ORCPT=`, as the client gave them.
+    pub notify: u8,
+    pub orcpt: Option<String>,
+}
+
+impl QueuedRcpt {
+    fn new(r: message::Recipient) -> QueuedRcpt {
+        QueuedRcpt {
+            to: r.address,
+            status: RcptStatus::Queued,
+            attempts: 0,
+            notify: r.notify,
+            orcpt: r.orcpt,
+        }
+    }
 }
 
 /// What the queue keeps in memory per message.
@@ -46,29 +61,32 @@ pub struct QueuedMessage {
     /// CRC32C of the body, so tools can check content without reading it.
     pub body_crc32c: u32,
     pub location: Location,
+    pub body_type: message::BodyType,
+    pub smtputf8: bool,
+    pub ret: message::Ret,
+    pub envid: Option<String>,
 }
 
 impl QueuedMessage {
     fn from_record(loc: Location, payload: &[u8]) -> Result<QueuedMessage, &'static str> {
         let d = message::decode(payload)?;
-        Ok(QueuedMessage {
-            id: d.envelope.id,
-            from: d.envelope.from,
-            rcpt: d
-                .envelope
-                .recipients
-                .into_iter()
-                .map(|r| QueuedRcpt {
-                    to: r.address,
-                    status: RcptStatus::Queued,
-                    attempts: 0,
-                })
-                .collect(),
-            received_at_ms: d.envelope.received_at_ms,
-            size: d.body.len() as u64,
-            body_crc32c: crc32c::crc32c(d.body),
-            location: loc,
-        })
+        Ok(QueuedMessage::new(d.envelope, d.body, loc))
+    }
+
+    fn new(env: Envelope, body: &[u8], location: Location) -> QueuedMessage {
+        QueuedMessage {
+            id: env.id,
+            from: env.from,
+            rcpt: env.recipients.into_iter().map(QueuedRcpt::new).collect(),
+            received_at_ms: env.received_at_ms,
+            size: body.len() as u64,
+            body_crc32c: crc32c::crc32c(body),
+            location,
+            body_type: env.body_type,
+            smtputf8: env.smtputf8,
+            ret: env.ret,
+            envid: env.envid,
+        }
     }
 
     /// One line of `queue list --json` (JSON Lines, DESIGN.md's contract).
@@ -80,12 +98,42 @@ impl QueuedMessage {
                 "to": r.to,
                 "status": r.status.as_str(),
                 "attempts": r.attempts,
+                "notify": notify_words(r.notify),
+                "orcpt": r.orcpt,
             })).collect::<Vec<_>>(),
             "size": self.size,
             "received_at_ms": self.received_at_ms,
             "crc32c": format!("{:08x}", self.body_crc32c),
+            "body": match self.body_type {
+                message::BodyType::Unspecified => None,
+                message::BodyType::SevenBit => Some("7BIT"),
+                message::BodyType::EightBitMime => Some("8BITMIME"),
+                message::BodyType::BinaryMime => Some("BINARYMIME"),
+            },
+            "smtputf8": self.smtputf8,
+            "ret": match self.ret {
+                message::Ret::Unspecified => None,
+                message::Ret::Full => Some("FULL"),
+                message::Ret::Hdrs => Some("HDRS"),
+            },
+            "envid": self.envid,
         })
     }
+}
+
+/// DSN `NOTIFY=` bits as the keywords of RFC 3461 (empty: not given).
+fn notify_words(bits: u8) -> Vec<&'static str> {
+    use message::notify::*;
+    [
+        (NEVER, "NEVER"),
+        (SUCCESS, "SUCCESS"),
+        (FAILURE, "FAILURE"),
+        (DELAY, "DELAY"),
+    ]
+    .into_iter()
+    .filter(|(b, _)| bits & b != 0)
+    .map(|(_, w)| w)
+    .collect()
 }
 
 /// The id counter lives in the low 56 bits; the shard in the top 8 (shards ≤ 256).
@@ -174,23 +222,7 @@ impl Spool {
             message::encode(out, &env, prefix, body)
         })?;
         let location = self.log.durable(ticket).await?;
-        let m = QueuedMessage {
-            id: env.id,
-            from: env.from,
-            rcpt: env
-                .recipients
-                .into_iter()
-                .map(|r| QueuedRcpt {
-                    to: r.address,
-                    status: RcptStatus::Queued,
-                    attempts: 0,
-                })
-                .collect(),
-            received_at_ms: env.received_at_ms,
-            size: body.len() as u64,
-            body_crc32c: crc32c::crc32c(body),
-            location,
-        };
+        let m = QueuedMessage::new(env, body, location);
         self.index.borrow_mut().insert(m.id, m);
         Ok(())
     }
