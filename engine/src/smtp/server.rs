@@ -448,10 +448,7 @@ impl Session {
             if !self.esmtp {
                 return self.error("555 5.5.4 Error: MAIL parameters need EHLO\r\n");
             }
-            let (key, value) = match param.find('=') {
-                Some(i) => (param[..i].to_ascii_uppercase(), Some(&param[i + 1..])),
-                None => (param.to_ascii_uppercase(), None),
-            };
+            let (key, value) = split_param(param);
             if seen.contains(&key) {
                 return self.error("501 5.5.4 Error: duplicate MAIL parameter\r\n");
             }
@@ -533,10 +530,7 @@ impl Session {
             if !self.esmtp {
                 return self.error("555 5.5.4 Error: RCPT parameters need EHLO\r\n");
             }
-            let (key, value) = match param.find('=') {
-                Some(i) => (param[..i].to_ascii_uppercase(), Some(&param[i + 1..])),
-                None => (param.to_ascii_uppercase(), None),
-            };
+            let (key, value) = split_param(param);
             match (key.as_str(), value) {
                 ("NOTIFY", Some(v)) if rcpt.notify == 0 => match parse_notify(v) {
                     Some(bits) => rcpt.notify = bits,
@@ -798,6 +792,14 @@ impl Session {
             helo: self.helo.clone().unwrap_or_default(),
             protocol,
         }))
+    }
+}
+
+/// `KEYWORD[=value]` of an ESMTP parameter, the keyword upper-cased.
+fn split_param(param: &str) -> (String, Option<&str>) {
+    match param.split_once('=') {
+        Some((k, v)) => (k.to_ascii_uppercase(), Some(v)),
+        None => (param.to_ascii_uppercase(), None),
     }
 }
 
