@@ -1,1 +1,5 @@
+//! ringmail's benchmark tools: the `ringmail-load` generator (and its library, used by
+//! the tests), plus the criterion suites under `benches/`.
 
+pub mod load;
+pub mod sink;

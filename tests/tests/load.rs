@@ -1,0 +1,158 @@
+//! The load generator (`ringmail-load`) and the sink (`ringmail-sink`), small counts:
+//! what arrives must be exactly what was sent, by count and by content checksum.
+
+use ringmail_bench::load::{session::message, Plan, SharedBudget, SmtpRun};
+use ringmail_bench::sink::{self, Counters, Faults};
+use ringmail_tests::Server;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn plan(per_connection: usize, pipelining: bool, bdat: bool) -> Plan {
+    Plan {
+        from: "load@client.test".into(),
+        to: vec!["a@localhost".into(), "b@localhost".into()],
+        size_min: 100,
+        size_max: 9000,
+        per_connection,
+        pipelining,
+        bdat,
+        helo: "client.test".into(),
+    }
+}
+
+fn run(target: SocketAddr, messages: u64, plan: Plan) -> ringmail_bench::load::Report {
+    SmtpRun {
+        target,
+        sessions: 6,
+        threads: 2,
+        messages,
+        plan,
+        max_duration: Duration::from_secs(60),
+    }
+    .run()
+    .unwrap()
+}
+
+/// CRC32C of every message the run sends, by sequence number.
+fn expected(messages: u64, plan: &Plan) -> Vec<u32> {
+    let budget = SharedBudget::new(messages, plan.size_min, plan.size_max);
+    (0..messages)
+        .map(|seq| crc32c::crc32c(&message(seq, budget.size_of(seq), &plan.from, &plan.to[0])))
+        .collect()
+}
+
+#[test]
+fn load_into_ringmail_arrives_whole() {
+    let server = Server::start(&[]);
+    for (per_connection, pipelining, bdat) in [(1, false, false), (7, true, false), (0, true, true)]
+    {
+        let before = server.queue().len();
+        let p = plan(per_connection, pipelining, bdat);
+        let report = run(server.addr, 120, p.clone());
+        assert_eq!(
+            (report.stats.ok, report.stats.errors),
+            (120, 0),
+            "mode {per_connection}/{pipelining}/{bdat}"
+        );
+        assert_eq!(report.stats.latency_us.len(), 120);
+        let q = server.queue();
+        assert_eq!(q.len(), before + 120);
+        let mut got: HashMap<String, usize> = HashMap::new();
+        for m in &q[before..] {
+            assert_eq!(m["rcpt"].as_array().unwrap().len(), 2);
+            *got.entry(m["crc32c"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        let mut want: HashMap<String, usize> = HashMap::new();
+        for crc in expected(120, &p) {
+            *want.entry(format!("{crc:08x}")).or_default() += 1;
+        }
+        assert_eq!(got, want, "mode {per_connection}/{pipelining}/{bdat}");
+    }
+}
+
+fn start_sink(
+    faults: Faults,
+) -> (
+    SocketAddr,
+    Arc<Counters>,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let listener = sink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counters = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (c, s) = (counters.clone(), stop.clone());
+    let h = std::thread::spawn(move || sink::serve(listener, faults, c, s).unwrap());
+    (addr, counters, stop, h)
+}
+
+#[test]
+fn load_into_the_sink_counts_and_checksums_match() {
+    let (addr, counters, stop, h) = start_sink(Faults::default());
+    let p = plan(5, true, true);
+    let report = run(addr, 500, p.clone());
+    assert_eq!((report.stats.ok, report.stats.errors), (500, 0));
+    assert_eq!(counters.accepted.load(Ordering::SeqCst), 500);
+    let want = expected(500, &p)
+        .into_iter()
+        .fold(0u64, |x, c| x ^ c as u64);
+    assert_eq!(counters.crc_xor.load(Ordering::SeqCst), want);
+    let json: serde_json::Value = serde_json::from_str(&report.json()).unwrap();
+    for key in [
+        "messages",
+        "errors",
+        "seconds",
+        "messages_per_sec",
+        "p50_ms",
+        "p99_ms",
+    ] {
+        assert!(json.get(key).is_some(), "{key} missing from {json}");
+    }
+    // Four 250s per message (MAIL, 2 RCPT, BDAT), one per connection (EHLO).
+    assert_eq!(
+        json["codes"]["250"].as_u64().unwrap(),
+        500 * 4 + json["codes"]["220"].as_u64().unwrap()
+    );
+    stop.store(true, Ordering::SeqCst);
+    h.join().unwrap();
+}
+
+#[test]
+fn the_sink_injects_faults_and_the_load_tool_counts_them() {
+    let faults = Faults {
+        tempfail_permille: 200,
+        permfail_permille: 100,
+        disconnect_permille: 50,
+    };
+    let (addr, counters, stop, h) = start_sink(faults);
+    let report = run(addr, 1000, plan(0, true, false));
+    let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::SeqCst);
+    let (ok, temp, perm, disc) = (
+        c(&counters.accepted),
+        c(&counters.tempfailed),
+        c(&counters.permfailed),
+        c(&counters.disconnected),
+    );
+    assert_eq!(
+        ok + temp + perm + disc,
+        1000,
+        "every message got exactly one outcome"
+    );
+    assert_eq!(report.stats.ok, ok);
+    // Each refusal is an error; each dropped connection too (possibly counted once per
+    // broken session rather than per message).
+    assert!(report.stats.errors >= temp + perm);
+    assert!(
+        temp > 100 && perm > 40 && disc > 10,
+        "shares roughly as asked: {temp} {perm} {disc}"
+    );
+    assert_eq!(report.stats.codes.get(&451).copied().unwrap_or(0), temp);
+    assert_eq!(report.stats.codes.get(&554).copied().unwrap_or(0), perm);
+    stop.store(true, Ordering::SeqCst);
+    h.join().unwrap();
+}
