@@ -1,5 +1,6 @@
 //! ringmail's benchmark tools: the `ringmail-load` generator (and its library, used by
 //! the tests), plus the criterion suites under `benches/`.
 
+pub mod compare;
 pub mod load;
 pub mod sink;

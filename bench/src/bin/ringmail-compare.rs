@@ -1,0 +1,381 @@
+//! `ringmail-compare`: runs each workload against ringmail, the peers and the limit in
+//! the same run, interleaved, and reports medians and ratios. Started by `bench/compare`,
+//! which installs the peers and builds the release binaries first.
+//!
+//! Targets, all on 127.0.0.1 ports chosen here:
+//! - `sink`: ringmail-load straight into ringmail-sink: the limit;
+//! - `ringmail`: ringmail serve (fresh data directory per run), durable;
+//! - `postfix`: a private Postfix instance (bench/lib/postfix.sh) relaying to another
+//!   ringmail-sink.
+//!
+//! Then the load tool is validated against Postfix's own smtp-source, both into
+//! Postfix's smtp-sink.
+
+use clap::Parser;
+use ringmail_bench::compare::{self, Run};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "ringmail-compare")]
+struct Args {
+    /// About a minute in all: one repetition, fewer messages.
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of each workload (interleaved across targets).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Where the raw JSON, the table and the chart go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Directory holding ringmail, ringmail-load and ringmail-sink.
+    #[arg(long, default_value = "target/release")]
+    bin: PathBuf,
+    /// Skip the Postfix peer (for machines without the package).
+    #[arg(long)]
+    no_postfix: bool,
+}
+
+struct Workload {
+    name: &'static str,
+    size: usize,
+    per_connection: usize,
+    /// Messages for ringmail and the sink; Postfix gets a tenth (it is far slower and
+    /// the run must stay bounded).
+    messages: u64,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("nothing listens on port {port}"))
+}
+
+struct Proc(Child);
+
+impl Proc {
+    fn stop(mut self) -> String {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let out = std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        out.unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command) -> Result<Proc, String> {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Proc)
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))
+}
+
+fn sink(bin: &Path) -> Result<(Proc, u16), String> {
+    let port = free_port();
+    let p = spawn(
+        Command::new(bin.join("ringmail-sink")).args(["--listen", &format!("127.0.0.1:{port}")]),
+    )?;
+    wait_port(port)?;
+    Ok((p, port))
+}
+
+fn load(bin: &Path, port: u16, w: &Workload, messages: u64) -> Result<compare::LoadOutput, String> {
+    let out = Command::new(bin.join("ringmail-load"))
+        .args([
+            "smtp",
+            "--target",
+            &format!("127.0.0.1:{port}"),
+            "--sessions",
+            "32",
+            "--json",
+            "--max-seconds",
+            "120",
+        ])
+        .args([
+            "--messages",
+            &messages.to_string(),
+            "--size",
+            &w.size.to_string(),
+            "--per-connection",
+            &w.per_connection.to_string(),
+        ])
+        .args(["--to", "rcpt@remote.test"])
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("ringmail-load: {e}"))?;
+    compare::parse_load_output(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn postfix(op: &str, dir: &Path, ports: &[u16]) -> Result<(), String> {
+    let script = format!(
+        "source bench/lib/postfix.sh && postfix_{op} {} {}",
+        dir.display(),
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let st = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .status()
+        .map_err(|e| e.to_string())?;
+    st.success()
+        .then_some(())
+        .ok_or_else(|| format!("postfix_{op} failed"))
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringmail-compare: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(a: Args) -> Result<(), String> {
+    let reps = a.reps.unwrap_or(if a.quick { 1 } else { 3 });
+    let scale = if a.quick { 5 } else { 1 };
+    let workloads = [
+        Workload {
+            name: "ingest 4 KiB, 1/conn",
+            size: 4096,
+            per_connection: 1,
+            messages: 20_000 / scale,
+        },
+        Workload {
+            name: "ingest 4 KiB, many/conn",
+            size: 4096,
+            per_connection: 0,
+            messages: 60_000 / scale,
+        },
+        Workload {
+            name: "ingest 100 KiB, 1/conn",
+            size: 100 << 10,
+            per_connection: 1,
+            messages: 5_000 / scale,
+        },
+        Workload {
+            name: "ingest 100 KiB, many/conn",
+            size: 100 << 10,
+            per_connection: 0,
+            messages: 10_000 / scale,
+        },
+    ];
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (limit_sink, limit_port) = sink(&a.bin)?;
+    let mut pf = None;
+    if !a.no_postfix {
+        let (relay_sink, relay_port) = sink(&a.bin)?;
+        let smtp_port = free_port();
+        let dir = work.path().join("postfix");
+        postfix("start", &dir, &[smtp_port, relay_port])?;
+        wait_port(smtp_port)?;
+        pf = Some((relay_sink, smtp_port, dir));
+    }
+    let mut runs = Vec::new();
+    let started = Instant::now();
+    for w in &workloads {
+        for rep in 0..reps {
+            let mut record = |target: &str, o: compare::LoadOutput| {
+                eprintln!(
+                    "{:>26} {:>9} rep {rep}: {:>8.0} msg/s ({} messages, {} errors)",
+                    w.name, target, o.rate, o.messages, o.errors
+                );
+                runs.push(Run {
+                    workload: w.name.into(),
+                    target: target.into(),
+                    rep,
+                    messages: o.messages,
+                    errors: o.errors,
+                    seconds: o.seconds,
+                    rate: o.rate,
+                    p50_ms: Some(o.p50_ms),
+                    p99_ms: Some(o.p99_ms),
+                });
+            };
+            record("sink", load(&a.bin, limit_port, w, w.messages)?);
+            let port = free_port();
+            let data = work.path().join("ringmail-data");
+            let _ = std::fs::remove_dir_all(&data);
+            let server = spawn(
+                Command::new(a.bin.join("ringmail"))
+                    .args([
+                        "serve",
+                        "--smtp",
+                        &format!("127.0.0.1:{port}"),
+                        "--hostname",
+                        "ringmail.test",
+                        "--data",
+                    ])
+                    .arg(&data)
+                    .env("RINGMAIL_LOG", "warn"),
+            )?;
+            wait_port(port)?;
+            let o = load(&a.bin, port, w, w.messages)?;
+            server.stop();
+            let _ = std::fs::remove_dir_all(&data);
+            record("ringmail", o);
+            if let Some((_, smtp_port, _)) = &pf {
+                record(
+                    "postfix",
+                    load(&a.bin, *smtp_port, w, (w.messages / 10).max(100))?,
+                );
+            }
+        }
+    }
+    let validation = validate(&a.bin, reps, scale)?;
+    if let Some((relay_sink, _, dir)) = pf {
+        postfix("stop", &dir, &[])?;
+        relay_sink.stop();
+    }
+    let limit_out = limit_sink.stop();
+    let sink_counts = compare::parse_sink_output(&limit_out)?;
+    let sent_to_sink: u64 = runs
+        .iter()
+        .filter(|r| r.target == "sink")
+        .map(|r| r.messages)
+        .sum();
+    if sink_counts.accepted != sent_to_sink {
+        return Err(format!(
+            "the sink accepted {} messages, the load tool reported {sent_to_sink}",
+            sink_counts.accepted
+        ));
+    }
+
+    let peers: Vec<&str> = if a.no_postfix {
+        vec![]
+    } else {
+        vec!["postfix"]
+    };
+    let table = compare::markdown(&runs, "ringmail", "sink", &peers);
+    let vtable = compare::markdown(&validation, "ringmail-load", "smtp-source", &[]);
+    let report = format!(
+        "ringmail-load, 32 sessions, medians of {reps} interleaved run(s), messages/s; {:.0} s in all\n\n{table}\nValidation: smtp-source vs ringmail-load, both into Postfix's smtp-sink (4 KiB, 32 sessions)\n\n{vtable}",
+        started.elapsed().as_secs_f64()
+    );
+    println!("{report}");
+    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let raw: Vec<_> = runs.iter().chain(&validation).map(Run::to_json).collect();
+    let base = a.out.join(format!("compare-{stamp}"));
+    std::fs::write(
+        base.with_extension("json"),
+        serde_json::to_string_pretty(&raw).unwrap(),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(base.with_extension("md"), &report).map_err(|e| e.to_string())?;
+    let mut targets = vec!["sink", "ringmail"];
+    targets.extend(&peers);
+    let svg = compare::svg_chart(&runs, &targets, "ringmail vs peers: ingest, messages/s")?;
+    std::fs::write(base.with_extension("svg"), svg).map_err(|e| e.to_string())?;
+    eprintln!("wrote {}.{{json,md,svg}}", base.display());
+    Ok(())
+}
+
+/// smtp-source vs ringmail-load into Postfix's smtp-sink, both modes, interleaved.
+fn validate(bin: &Path, reps: usize, scale: u64) -> Result<Vec<Run>, String> {
+    let port = free_port();
+    let sink = spawn(Command::new("smtp-sink").args([
+        "-u",
+        "nobody",
+        &format!("127.0.0.1:{port}"),
+        "1000",
+    ]))?;
+    wait_port(port)?;
+    let mut runs = Vec::new();
+    for (name, many, messages) in [
+        ("4 KiB, 1/conn", false, 20_000 / scale),
+        ("4 KiB, many/conn", true, 60_000 / scale),
+    ] {
+        for rep in 0..reps {
+            let mut cmd = Command::new("smtp-source");
+            if many {
+                cmd.arg("-d");
+            }
+            cmd.args([
+                "-s",
+                "32",
+                "-l",
+                "4096",
+                "-m",
+                &messages.to_string(),
+                "-f",
+                "s@source.test",
+                "-t",
+                "r@remote.test",
+                &format!("127.0.0.1:{port}"),
+            ]);
+            let t = Instant::now();
+            let out = cmd
+                .stderr(Stdio::null())
+                .output()
+                .map_err(|e| format!("smtp-source: {e}"))?;
+            let secs = t.elapsed().as_secs_f64();
+            if !out.status.success() {
+                return Err("smtp-source failed".into());
+            }
+            let rate =
+                compare::smtp_source_rate(&String::from_utf8_lossy(&out.stdout), messages, secs)?;
+            runs.push(Run {
+                workload: name.into(),
+                target: "smtp-source".into(),
+                rep,
+                messages,
+                errors: 0,
+                seconds: secs,
+                rate,
+                p50_ms: None,
+                p99_ms: None,
+            });
+            let w = Workload {
+                name: "",
+                size: 4096,
+                per_connection: if many { 0 } else { 1 },
+                messages,
+            };
+            let o = load(bin, port, &w, messages)?;
+            runs.push(Run {
+                workload: name.into(),
+                target: "ringmail-load".into(),
+                rep,
+                messages: o.messages,
+                errors: o.errors,
+                seconds: o.seconds,
+                rate: o.rate,
+                p50_ms: Some(o.p50_ms),
+                p99_ms: Some(o.p99_ms),
+            });
+        }
+    }
+    drop(sink);
+    let _ = SocketAddr::from(([127, 0, 0, 1], port));
+    Ok(runs)
+}
