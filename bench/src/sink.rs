@@ -22,6 +22,8 @@ pub struct Faults {
     pub tempfail_permille: u32,
     pub permfail_permille: u32,
     pub disconnect_permille: u32,
+    /// Check each message against its `X-Load-Checksum` header (see `load::session`).
+    pub verify: bool,
 }
 
 /// What the sink saw; shared with whoever reports it.
@@ -36,6 +38,10 @@ pub struct Counters {
     /// can be checked against what they sent).
     pub crc_xor: AtomicU64,
     pub connections: AtomicU64,
+    /// With verification on: messages whose checksum header matched / did not / was missing.
+    pub verified: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub unverifiable: AtomicU64,
 }
 
 impl Counters {
@@ -49,6 +55,9 @@ impl Counters {
             "bytes": g(&self.bytes),
             "crc32c_xor": format!("{:08x}", g(&self.crc_xor)),
             "connections": g(&self.connections),
+            "verified": g(&self.verified),
+            "corrupt": g(&self.corrupt),
+            "unverifiable": g(&self.unverifiable),
         })
         .to_string()
     }
@@ -211,6 +220,14 @@ pub fn serve(
                                         crc32c::crc32c(&tx.body) as u64,
                                         Ordering::Relaxed,
                                     );
+                                    if faults.verify {
+                                        let counter = match crate::load::session::verify(&tx.body) {
+                                            Some(true) => &counters.verified,
+                                            Some(false) => &counters.corrupt,
+                                            None => &counters.unverifiable,
+                                        };
+                                        counter.fetch_add(1, Ordering::Relaxed);
+                                    }
                                     c.session.message_stored(&format!("{seq:016X}"));
                                 }
                             }

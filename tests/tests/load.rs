@@ -14,6 +14,8 @@ fn plan(per_connection: usize, pipelining: bool, bdat: bool) -> Plan {
     Plan {
         from: "load@client.test".into(),
         to: vec!["a@localhost".into(), "b@localhost".into()],
+        domains: vec![],
+        rcpts_per_message: 0,
         size_min: 100,
         size_max: 9000,
         per_connection,
@@ -93,11 +95,20 @@ fn start_sink(
 
 #[test]
 fn load_into_the_sink_counts_and_checksums_match() {
-    let (addr, counters, stop, h) = start_sink(Faults::default());
+    let (addr, counters, stop, h) = start_sink(Faults {
+        verify: true,
+        ..Faults::default()
+    });
     let p = plan(5, true, true);
     let report = run(addr, 500, p.clone());
     assert_eq!((report.stats.ok, report.stats.errors), (500, 0));
     assert_eq!(counters.accepted.load(Ordering::SeqCst), 500);
+    assert_eq!(
+        counters.verified.load(Ordering::SeqCst),
+        500,
+        "every message matched its checksum header"
+    );
+    assert_eq!(counters.corrupt.load(Ordering::SeqCst), 0);
     let want = expected(500, &p)
         .into_iter()
         .fold(0u64, |x, c| x ^ c as u64);
@@ -128,6 +139,7 @@ fn the_sink_injects_faults_and_the_load_tool_counts_them() {
         tempfail_permille: 200,
         permfail_permille: 100,
         disconnect_permille: 50,
+        verify: true,
     };
     let (addr, counters, stop, h) = start_sink(faults);
     let report = run(addr, 1000, plan(0, true, false));

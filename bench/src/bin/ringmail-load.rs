@@ -43,9 +43,16 @@ struct SmtpArgs {
     per_connection: usize,
     #[arg(long, default_value = "load@ringmail-load.test")]
     from: String,
-    /// Recipient (repeatable: every message goes to each).
+    /// Recipient (repeatable: every message goes to each) [default: rcpt@localhost]
     #[arg(long = "to")]
     to: Vec<String>,
+    /// Recipient domain with a weight, NAME[:WEIGHT] (repeatable): each message gets
+    /// --rcpts recipients in domains drawn by weight. Overrides --to.
+    #[arg(long = "domain", value_parser = parse_domain)]
+    domains: Vec<(String, u32)>,
+    /// Recipients per message with --domain.
+    #[arg(long, default_value_t = 1)]
+    rcpts: usize,
     /// Send the envelope and DATA in one write (RFC 2920).
     #[arg(long)]
     pipelining: bool,
@@ -63,6 +70,17 @@ struct SmtpArgs {
     json: bool,
 }
 
+fn parse_domain(s: &str) -> Result<(String, u32), String> {
+    match s.split_once(':') {
+        None => Ok((s.to_string(), 1)),
+        Some((d, w)) => Ok((
+            d.to_string(),
+            w.parse()
+                .map_err(|_| format!("weight {w:?} is not a whole number"))?,
+        )),
+    }
+}
+
 fn main() -> ExitCode {
     let Mode::Smtp(a) = Cli::parse().mode;
     let size_max = a.size_max.unwrap_or(a.size);
@@ -78,6 +96,8 @@ fn main() -> ExitCode {
         max_duration: Duration::from_secs(a.max_seconds),
         plan: Plan {
             from: a.from,
+            domains: a.domains,
+            rcpts_per_message: a.rcpts,
             to: if a.to.is_empty() {
                 vec!["rcpt@localhost".into()]
             } else {

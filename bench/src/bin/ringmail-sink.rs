@@ -24,6 +24,9 @@ struct Args {
     /// Per mille of messages whose connection is dropped instead of answered.
     #[arg(long, default_value_t = 0)]
     disconnect: u32,
+    /// Verify every message against its X-Load-Checksum header (ringmail-load adds it).
+    #[arg(long)]
+    verify: bool,
     /// Stop after this many seconds (0: only on a signal).
     #[arg(long, default_value_t = 0)]
     seconds: u64,
@@ -74,6 +77,7 @@ fn main() -> std::process::ExitCode {
         tempfail_permille: a.tempfail,
         permfail_permille: a.permfail,
         disconnect_permille: a.disconnect,
+        verify: a.verify,
     };
     if let Err(e) = sink::serve(listener, faults, counters.clone(), stop) {
         eprintln!("ringmail-sink: {e}");

@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub from: String,
+    /// Fixed recipients of every message (used when `domains` is empty).
     pub to: Vec<String>,
+    /// Recipient domains with weights: each message gets `rcpts_per_message`
+    /// recipients, each in a domain drawn by weight.
+    pub domains: Vec<(String, u32)>,
+    pub rcpts_per_message: usize,
     /// Message size in bytes: each message draws uniformly from this range.
     pub size_min: usize,
     pub size_max: usize,
@@ -22,20 +27,73 @@ pub struct Plan {
     pub helo: String,
 }
 
+/// The header that carries the checksum of the message text (after the blank line),
+/// so a sink can verify every message on its own.
+pub const CHECKSUM_HEADER: &str = "X-Load-Checksum";
+
 /// The message with sequence number `seq`: headers naming it, then lines of text up to
-/// `size` bytes (CRLF line ends, no line starting with a dot). Deterministic, so a test
-/// can rebuild what was sent and compare checksums.
+/// about `size` bytes (CRLF line ends, no line starting with a dot). Deterministic, so a
+/// test can rebuild what was sent and compare checksums.
 pub fn message(seq: u64, size: usize, from: &str, to: &str) -> Vec<u8> {
-    let mut m = format!("From: <{from}>\r\nTo: <{to}>\r\nSubject: ringmail-load {seq}\r\nMessage-ID: <{seq}@ringmail-load>\r\n\r\n").into_bytes();
+    let mut text = Vec::with_capacity(size);
     let line = b"The quick brown fox jumps over the lazy dog; ringmail load text 0123456789.\r\n";
-    while m.len() + line.len() <= size {
-        m.extend_from_slice(line);
+    let header_guess = 200;
+    while header_guess + text.len() + line.len() <= size {
+        text.extend_from_slice(line);
     }
-    if m.len() + 2 < size {
-        m.extend(std::iter::repeat_n(b'x', size - m.len() - 2));
-        m.extend_from_slice(b"\r\n");
-    }
+    let mut m = format!(
+        "From: <{from}>\r\nTo: <{to}>\r\nSubject: ringmail-load {seq}\r\nMessage-ID: <{seq}@ringmail-load>\r\n{CHECKSUM_HEADER}: {:08x}\r\n\r\n",
+        crc32c::crc32c(&text)
+    )
+    .into_bytes();
+    m.extend_from_slice(&text);
     m
+}
+
+/// Checks a received message against its checksum header: `Some(true)` when it
+/// matches, `Some(false)` when it does not, `None` when it has none.
+pub fn verify(message: &[u8]) -> Option<bool> {
+    let split = memchr::memmem::find(message, b"\r\n\r\n")?;
+    let headers = std::str::from_utf8(&message[..split]).ok()?;
+    let value = headers
+        .split("\r\n")
+        .find_map(|h| h.strip_prefix(CHECKSUM_HEADER)?.strip_prefix(": "))?;
+    let want = u32::from_str_radix(value.trim(), 16).ok()?;
+    Some(crc32c::crc32c(&message[split + 4..]) == want)
+}
+
+/// The recipients of message `seq`.
+pub fn recipients(plan: &Plan, seq: u64) -> Vec<String> {
+    if plan.domains.is_empty() {
+        return plan.to.clone();
+    }
+    let total: u64 = plan
+        .domains
+        .iter()
+        .map(|(_, w)| *w as u64)
+        .sum::<u64>()
+        .max(1);
+    (0..plan.rcpts_per_message.max(1) as u64)
+        .map(|k| {
+            let h = (seq.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ k.wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
+            .rotate_left(31);
+            let mut pick = h % total;
+            let domain = plan
+                .domains
+                .iter()
+                .find(|(_, w)| {
+                    if pick < *w as u64 {
+                        true
+                    } else {
+                        pick -= *w as u64;
+                        false
+                    }
+                })
+                .map_or("localhost", |(d, _)| d.as_str());
+            format!("user{}@{domain}", (h >> 32) % 1000)
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +132,7 @@ pub struct Session {
     tx_start: Instant,
     tx_ok: bool,
     body: Vec<u8>,
+    rcpts: Vec<String>,
 }
 
 /// Asks the run for the next message: its sequence number and size, or None when done.
@@ -90,6 +149,7 @@ impl Session {
             tx_start: Instant::now(),
             tx_ok: true,
             body: Vec::new(),
+            rcpts: Vec::new(),
         }
     }
 
@@ -149,10 +209,10 @@ impl Session {
                 }
                 let replied = replied + 1;
                 let lockstep = !plan.pipelining && !plan.bdat;
-                if replied < 1 + plan.to.len() {
+                if replied < 1 + self.rcpts.len() {
                     if lockstep {
                         out.send.extend_from_slice(
-                            format!("RCPT TO:<{}>\r\n", plan.to[replied - 1]).as_bytes(),
+                            format!("RCPT TO:<{}>\r\n", self.rcpts[replied - 1]).as_bytes(),
                         );
                     }
                     self.st = St::Envelope { replied };
@@ -225,8 +285,13 @@ impl Session {
         };
         self.tx_start = now;
         self.tx_ok = true;
-        let first_to = plan.to.first().map(String::as_str).unwrap_or("");
-        let body = message(seq, size, &plan.from, first_to);
+        self.rcpts = recipients(plan, seq);
+        let body = message(
+            seq,
+            size,
+            &plan.from,
+            self.rcpts.first().map_or("", String::as_str),
+        );
         out.send.extend_from_slice(
             format!("MAIL FROM:<{}> SIZE={}\r\n", plan.from, body.len()).as_bytes(),
         );
@@ -247,6 +312,10 @@ impl Session {
             self.body = body;
         }
         // Lockstep (no pipelining): MAIL now, each RCPT after the previous reply.
+        if self.rcpts.is_empty() {
+            // Nothing to send to: the run was configured without recipients.
+            return self.fail(out);
+        }
         self.st = St::Envelope { replied: 0 };
     }
 }
@@ -272,5 +341,54 @@ fn next_reply(buf: &[u8]) -> Option<(u16, usize)> {
         if last {
             return Some((code.unwrap_or(0), pos));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_a_checksum_the_sink_can_verify() {
+        for size in [0, 100, 4096, 100 << 10] {
+            let m = message(7, size, "a@b", "c@d");
+            assert_eq!(verify(&m), Some(true));
+            assert!(m.len() <= size.max(300));
+            assert!(!m.windows(3).any(|w| w == b"\n.\r" || w == b"\n.."));
+            if size >= 4096 {
+                let mut bad = m.clone();
+                let n = bad.len();
+                bad[n - 5] ^= 1;
+                assert_eq!(verify(&bad), Some(false));
+            }
+        }
+        assert_eq!(verify(b"Subject: x\r\n\r\nbody"), None);
+    }
+
+    #[test]
+    fn weighted_domains() {
+        let plan = Plan {
+            from: "a@b".into(),
+            to: vec![],
+            domains: vec![("heavy.test".into(), 9), ("light.test".into(), 1)],
+            rcpts_per_message: 3,
+            size_min: 10,
+            size_max: 10,
+            per_connection: 0,
+            pipelining: false,
+            bdat: false,
+            helo: "h".into(),
+        };
+        let mut heavy = 0;
+        for seq in 0..1000 {
+            let r = recipients(&plan, seq);
+            assert_eq!(r.len(), 3);
+            heavy += r.iter().filter(|a| a.ends_with("@heavy.test")).count();
+            assert_eq!(r, recipients(&plan, seq), "deterministic");
+        }
+        assert!(
+            (2500..2900).contains(&heavy),
+            "about 90% heavy: {heavy} of 3000"
+        );
     }
 }
