@@ -330,7 +330,10 @@ impl Flusher {
                 // Cut the failed batch off, so nothing answered with an error is ever
                 // read back as a record. If even that fails, seal the segment here:
                 // the next one's header caps it at `start`.
-                if self.seg.file.truncate(start).await.is_err() {
+                // The cut must be durable too, or a crash could bring the old size back.
+                if self.seg.file.truncate(start).await.is_err()
+                    || self.seg.file.fdatasync().await.is_err()
+                {
                     self.broken = true;
                 }
                 tracing::error!(shard = self.shard, seq = self.seg.seq, error = %e, "spool write failed");
@@ -363,25 +366,43 @@ impl Flusher {
             return;
         }
         seg.zeroing_from.set(Some(from));
-        let (file, zeroed, zeroing_from, done) = (
-            seg.file.clone(),
+        let (path, zeroed, zeroing_from, done) = (
+            segment::segment_path(&self.dir, seg.seq),
             seg.zeroed.clone(),
             seg.zeroing_from.clone(),
             seg.zeroing_done.clone(),
         );
         glommio::spawn_local(async move {
-            let ok = write_all(&file, vec![0u8; (to - from) as usize], from)
+            // A file handle of its own: the kernel reports a write-back error once per
+            // open file, and this sync must not be the one that swallows an error the
+            // batch writer's sync has to see.
+            let file = OpenOptions::new()
+                .write(true)
+                .buffered_open(&path)
                 .await
-                .is_ok()
-                && file.fdatasync().await.is_ok();
+                .ok();
+            let ok = match &file {
+                Some(f) => {
+                    write_all(f, vec![0u8; (to - from) as usize], from)
+                        .await
+                        .is_ok()
+                        && f.fdatasync().await.is_ok()
+                }
+                None => false,
+            };
             if ok {
                 zeroed.set(to);
             } else {
                 // Most likely a full disk: give the space back to the messages (no batch
                 // is written at or past `from` while this runs) and stop zeroing this
                 // segment; appends still work, only their syncs cost more.
-                let _ = file.truncate(from).await;
+                if let Some(f) = &file {
+                    let _ = f.truncate(from).await;
+                }
                 zeroed.set(u64::MAX);
+            }
+            if let Some(f) = file {
+                let _ = f.close().await;
             }
             zeroing_from.set(None);
             done.notify(usize::MAX);
@@ -420,6 +441,21 @@ async fn write_all(file: &BufferedFile, buf: Vec<u8>, pos: u64) -> io::Result<()
 }
 
 async fn create_segment(
+    dir: &Path,
+    shard: u32,
+    seq: u64,
+    prev_valid_len: Option<u64>,
+) -> io::Result<Segment> {
+    let result = try_create_segment(dir, shard, seq, prev_valid_len).await;
+    if result.is_err() {
+        // Leave no half-made segment behind: the next roll creates it anew (it could
+        // not, with create_new, and the shard would refuse mail until a restart).
+        let _ = std::fs::remove_file(segment::segment_path(dir, seq));
+    }
+    result
+}
+
+async fn try_create_segment(
     dir: &Path,
     shard: u32,
     seq: u64,

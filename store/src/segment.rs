@@ -141,16 +141,30 @@ pub fn recover_shard(
         let header = SegmentHeader::decode(&bytes).filter(|h| h.seq == seq && h.shard == shard);
         files.push((seq, bytes, header));
     }
-    // A newest segment whose header never made it to disk holds nothing acknowledged.
-    while let Some((seq, _, None)) = files.last() {
+    // A newest segment whose header never made it to disk (short, or zeros where the
+    // header goes) holds nothing acknowledged: its first batch was synced only after
+    // the header was. One whose header is there but wrong is damage, not a torn
+    // creation: it is set aside, never deleted.
+    while let Some((seq, bytes, None)) = files.last() {
         let seq = *seq;
+        let torn = bytes.len() < SEGMENT_HEADER_BYTES as usize
+            || bytes[..SEGMENT_HEADER_BYTES as usize]
+                .iter()
+                .all(|&b| b == 0);
         if mode == Mode::Repair {
-            fs::remove_file(segment_path(dir, seq))?;
+            let path = segment_path(dir, seq);
+            if torn {
+                fs::remove_file(&path)?;
+            } else {
+                fs::rename(&path, path.with_extension("log.damaged"))?;
+            }
             sync_dir(dir)?;
         }
-        report
-            .damaged
-            .push(format!("segment {seq}: header torn, segment dropped"));
+        report.damaged.push(if torn {
+            format!("segment {seq}: header torn, empty segment dropped")
+        } else {
+            format!("segment {seq}: bad header, segment set aside as .damaged")
+        });
         files.pop();
     }
 

@@ -269,3 +269,32 @@ fn a_new_segment_with_a_torn_header_is_dropped() {
         vec![payload(1, 10), payload(2, 10)]
     );
 }
+
+#[test]
+fn a_newest_segment_with_a_damaged_header_is_set_aside_not_deleted() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), LogConfig::default(), &[vec![payload(1, 10)]]);
+    let mut seg2 = SegmentHeader {
+        shard: 0,
+        seq: 2,
+        prev_valid_len: Some(log_end(d.path()) as u64),
+    }
+    .encode()
+    .to_vec();
+    record::encode_into(&mut seg2, Kind::Message, &payload(2, 10));
+    seg2[13] ^= 0x10; // a flipped bit in the header
+    let path = segment::segment_path(d.path(), 2);
+    std::fs::write(&path, &seg2).unwrap();
+    let (_, report) = recover_shard(d.path(), 0, Mode::Repair, |_, _| {}).unwrap();
+    assert!(
+        report.damaged.iter().any(|m| m.contains("set aside")),
+        "{report:?}"
+    );
+    assert!(!path.exists());
+    assert_eq!(
+        std::fs::read(path.with_extension("log.damaged")).unwrap(),
+        seg2,
+        "kept byte for byte"
+    );
+    assert_eq!(replay(d.path(), Mode::ReadOnly), vec![payload(1, 10)]);
+}

@@ -114,6 +114,7 @@ impl Ingest {
                         .send_all(
                             fd.as_raw_fd(),
                             b"421 4.7.0 Error: too many connections, try again later\r\n",
+                            me.cfg.idle_timeout,
                         )
                         .await;
                 } else {
@@ -139,7 +140,10 @@ impl Ingest {
                 match s.process() {
                     Step::NeedInput => break,
                     Step::Close => {
-                        let _ = self.ring.send_all(fd, s.output()).await;
+                        let _ = self
+                            .ring
+                            .send_all(fd, s.output(), self.cfg.idle_timeout)
+                            .await;
                         return;
                     }
                     Step::Message(tx) => match self.store(*tx, peer).await {
@@ -154,7 +158,12 @@ impl Ingest {
                 }
             }
             if !s.output().is_empty() {
-                if self.ring.send_all(fd, s.output()).await.is_err() {
+                if self
+                    .ring
+                    .send_all(fd, s.output(), self.cfg.idle_timeout)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 s.clear_output();

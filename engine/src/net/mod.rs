@@ -40,6 +40,8 @@ struct Op {
     timeout: Option<Box<types::Timespec>>,
     /// The future is gone: free the slot when the completion comes.
     orphaned: bool,
+    /// A successful result is a new descriptor (accept): close it if orphaned.
+    yields_fd: bool,
 }
 
 /// One executor's network ring.
@@ -113,17 +115,18 @@ impl Ring {
 
     fn submit_now(&self) {
         loop {
-            match self.ring.borrow().submit() {
+            let submitted = self.ring.borrow().submit();
+            match submitted {
                 Ok(_) => return,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // EBUSY/EAGAIN: the completion queue is backed up; drain it and retry.
+                // EBUSY/EAGAIN: the completion queue is backed up, or the kernel is
+                // short of memory for a moment: drain completions, then retry.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {
                     self.reap()
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "io_uring submit failed");
-                    return;
-                }
+                // Anything else (EFAULT, EINVAL, EBADF) means the ring itself is broken:
+                // a programming error, and nothing on this executor could do I/O.
+                Err(e) => panic!("io_uring submit failed: {e}"),
             }
         }
     }
@@ -142,6 +145,11 @@ impl Ring {
                 continue;
             };
             if op.orphaned {
+                if op.yields_fd && cqe.result() >= 0 {
+                    // SAFETY: an accept completed for a future that is gone; nobody
+                    // else knows this descriptor.
+                    unsafe { libc::close(cqe.result()) };
+                }
                 ops[idx] = None;
                 self.free.borrow_mut().push(idx);
                 continue;
@@ -209,6 +217,7 @@ impl Ring {
                 unsafe { std::mem::zeroed() },
                 std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
             ))),
+            yields_fd: true,
             ..Op::default()
         };
         let (res, op) = self
@@ -279,29 +288,46 @@ impl Ring {
         (res, buf)
     }
 
-    /// Sends all of `data`.
-    pub async fn send_all(self: &Rc<Self>, fd: RawFd, data: &[u8]) -> io::Result<()> {
+    /// Sends all of `data`; a peer that takes none of it for `stall` (it stopped
+    /// reading) gets `TimedOut`.
+    pub async fn send_all(
+        self: &Rc<Self>,
+        fd: RawFd,
+        data: &[u8],
+        stall: Duration,
+    ) -> io::Result<()> {
         let mut buf = data.to_vec();
         let mut off = 0;
         while off < buf.len() {
             let op = Op {
                 buf: Some(buf),
+                timeout: Some(Box::new(
+                    types::Timespec::new()
+                        .sec(stall.as_secs())
+                        .nsec(stall.subsec_nanos()),
+                )),
                 ..Op::default()
             };
             let (res, mut op) = self
                 .start_op(op, |op, ud| {
                     let b = op.buf.as_ref().unwrap();
                     let len = (b.len() - off).min(u32::MAX as usize) as u32;
+                    let ts: *const types::Timespec = &**op.timeout.as_ref().unwrap();
                     // SAFETY: off < b.len(); the buffer lives in the op until completion.
                     vec![
                         opcode::Send::new(types::Fd(fd), unsafe { b.as_ptr().add(off) }, len)
                             .flags(libc::MSG_NOSIGNAL)
                             .build()
+                            .flags(squeue::Flags::IO_LINK)
                             .user_data(ud),
+                        opcode::LinkTimeout::new(ts).build().user_data(UNWATCHED),
                     ]
                 })
                 .await;
             buf = op.buf.take().unwrap();
+            if res == -libc::ECANCELED {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
             let n = check(res)? as usize;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
@@ -418,6 +444,25 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_that_stops_reading_times_the_send_out() {
+        glommio::LocalExecutor::default().run(async {
+            let ring = Ring::start().unwrap();
+            let (l, lfd) = listener();
+            let addr = l.local_addr().unwrap();
+            let client = std::net::TcpStream::connect(addr).unwrap();
+            let (fd, _) = ring.accept(lfd).await.unwrap();
+            // Far more than the socket buffers hold; the client never reads.
+            let big = vec![b'x'; 64 << 20];
+            let err = ring
+                .send_all(fd.as_raw_fd(), &big, Duration::from_millis(200))
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+            drop(client);
+        });
+    }
+
+    #[test]
     fn accept_recv_send_timeout_and_cancel() {
         glommio::LocalExecutor::default().run(async {
             let ring = Ring::start().unwrap();
@@ -436,7 +481,9 @@ mod tests {
                 local
             });
             let (fd, peer) = ring.accept(lfd).await.unwrap();
-            ring.send_all(fd.as_raw_fd(), b"hello").await.unwrap();
+            ring.send_all(fd.as_raw_fd(), b"hello", Duration::from_secs(10))
+                .await
+                .unwrap();
             // A receive that times out reports TimedOut.
             let (res, buf) = ring
                 .recv(

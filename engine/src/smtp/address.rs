@@ -37,7 +37,8 @@ pub enum PathError {
 
 const LOCAL_PART_BYTES_MAX: usize = 64;
 const DOMAIN_BYTES_MAX: usize = 255;
-const PATH_BYTES_MAX: usize = 256;
+/// RFC 5321 §4.5.3.1.3: 256 octets including the angle brackets.
+const PATH_BYTES_MAX: usize = 254;
 
 /// Parses `<path>` at the start of `s` and returns it with the rest (the parameters).
 ///
