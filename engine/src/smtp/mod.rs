@@ -2,6 +2,7 @@
 //! glommio driver is `crate::ingest`). See DESIGN.md, "Protocol cores are sans-IO".
 
 pub mod address;
+pub mod client;
 pub mod received;
 pub mod server;
 
@@ -9,3 +10,6 @@ pub use server::{Config, Limits, Session, Step, Transaction};
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod client_tests;

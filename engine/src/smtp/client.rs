@@ -1,0 +1,671 @@
+//! The SMTP client as a sans-IO state machine, for delivery to remote MX hosts
+//! (RFC 5321, with PIPELINING, SIZE, 8BITMIME, SMTPUTF8, CHUNKING, DSN and enhanced
+//! status codes).
+//!
+//! The driver feeds received bytes to [`Client::feed`] and writes [`Client::output`].
+//! [`Event::Ready`] says a transaction may start ([`Client::start`]);
+//! [`Event::SendBody`] says the message text goes out now: with `bdat` the stored bytes
+//! as they are (the `BDAT n LAST` command is already in the output), otherwise
+//! dot-stuffed through a [`DotStuffer`], after which the driver calls
+//! [`Client::body_sent`]. [`Event::Done`] carries one result per recipient.
+//!
+//! Architecture invariant: no sockets, clocks or executors in here; a broken server
+//! gives results, never a panic. A connection lost after the end of the message was
+//! sent but before the reply is the one window SMTP cannot close (RFC 1047): such
+//! recipients are reported deferred, and a retry may deliver the message twice.
+
+/// A server reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// The text of all lines, joined with a space (codes and enhanced codes stripped).
+    pub text: String,
+    /// `class.subject.detail` when the server sent enhanced status codes.
+    pub enhanced: Option<(u8, u16, u16)>,
+}
+
+impl Reply {
+    fn local(code: u16, enhanced: (u8, u16, u16), text: &str) -> Reply {
+        Reply {
+            code,
+            text: text.into(),
+            enhanced: Some(enhanced),
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    /// As logged and put in bounces: `250 2.0.0 Ok`.
+    pub fn to_line(&self) -> String {
+        match self.enhanced {
+            Some((c, s, d)) => format!("{} {c}.{s}.{d} {}", self.code, self.text),
+            None => format!("{} {}", self.code, self.text),
+        }
+    }
+}
+
+/// What happened to one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    Delivered(Reply),
+    /// Try again later (4xx, or the connection broke).
+    Deferred(Reply),
+    /// Give up and bounce (5xx, or a requirement the server cannot meet).
+    Failed(Reply),
+}
+
+impl RcptResult {
+    fn from_reply(r: Reply) -> RcptResult {
+        if r.is_positive() {
+            RcptResult::Delivered(r)
+        } else if r.is_transient() {
+            RcptResult::Deferred(r)
+        } else {
+            RcptResult::Failed(r)
+        }
+    }
+}
+
+/// Extensions the server offered in its EHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    pub esmtp: bool,
+    pub pipelining: bool,
+    /// `SIZE n`: the server's limit (0: announced without a limit).
+    pub size: Option<u64>,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub chunking: bool,
+    pub dsn: bool,
+    pub enhanced_status_codes: bool,
+}
+
+impl Extensions {
+    fn parse(lines: &[String]) -> Extensions {
+        let mut e = Extensions {
+            esmtp: true,
+            ..Extensions::default()
+        };
+        // The first line is the greeting name; keywords follow.
+        for line in lines.iter().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let Some(kw) = words.next() else { continue };
+            match kw.to_ascii_uppercase().as_str() {
+                "PIPELINING" => e.pipelining = true,
+                "SIZE" => e.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "8BITMIME" => e.eight_bit_mime = true,
+                "SMTPUTF8" => e.smtputf8 = true,
+                "CHUNKING" => e.chunking = true,
+                "DSN" => e.dsn = true,
+                "ENHANCEDSTATUSCODES" => e.enhanced_status_codes = true,
+                _ => {}
+            }
+        }
+        e
+    }
+}
+
+/// One message for one destination.
+#[derive(Debug, Clone, Default)]
+pub struct Transaction {
+    pub from: String,
+    pub rcpts: Vec<TxRcpt>,
+    /// Octets of the message as it will be sent (prefix + stored body), for SIZE=.
+    pub size: u64,
+    /// The message has 8-bit text (announce BODY=8BITMIME; needs the extension).
+    pub eight_bit: bool,
+    /// Addresses or headers need SMTPUTF8.
+    pub smtputf8: bool,
+    /// DSN parameters, sent only to a server that offers DSN.
+    pub ret: Option<&'static str>,
+    pub envid: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TxRcpt {
+    pub to: String,
+    pub notify: Option<String>,
+    pub orcpt: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Greeted and introduced: a transaction may start.
+    Ready,
+    /// Send the message text now (see the module docs).
+    SendBody { bdat: bool },
+    /// The transaction ended; results in recipient order.
+    Done(Vec<RcptResult>),
+    /// The session cannot go on (greeting or EHLO/HELO refused, protocol error);
+    /// the connection should be closed. Carries the reply that ended it.
+    Failed(Reply),
+    /// QUIT was answered.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Greeting,
+    Ehlo,
+    Helo,
+    Ready,
+    /// Waiting for MAIL and RCPT replies: `got` received so far.
+    Envelope {
+        got: usize,
+    },
+    /// DATA sent (pipelined or not), waiting for 354.
+    Data,
+    /// The body is going out (driver's turn), then the final reply.
+    Body,
+    Final,
+    /// Waiting for the reply to a RSET after every recipient was refused.
+    Rset,
+    Quit,
+    Done,
+}
+
+pub struct Client {
+    helo_name: String,
+    st: St,
+    ext: Extensions,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    /// Current transaction: recipients' results so far (None: not answered yet).
+    results: Vec<Option<RcptResult>>,
+    mail_reply: Option<Reply>,
+    pipelined_data: bool,
+    bdat: bool,
+    /// Lockstep: recipients still to send.
+    pending_rcpts: Vec<String>,
+    /// Octets of the current message (for BDAT).
+    size: u64,
+}
+
+/// Longest reply line accepted (RFC 5321 says 512; some servers send more).
+const REPLY_LINE_BYTES_MAX: usize = 4096;
+
+impl Client {
+    pub fn new(helo_name: &str) -> Client {
+        Client {
+            helo_name: helo_name.into(),
+            st: St::Greeting,
+            ext: Extensions::default(),
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            results: Vec::new(),
+            mail_reply: None,
+            pipelined_data: false,
+            bdat: false,
+            pending_rcpts: Vec::new(),
+            size: 0,
+        }
+    }
+
+    pub fn extensions(&self) -> &Extensions {
+        &self.ext
+    }
+
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    pub fn clear_output(&mut self) {
+        self.out.clear();
+    }
+
+    /// Feeds received bytes; returns what happened, in order.
+    pub fn feed(&mut self, data: &[u8]) -> Vec<Event> {
+        self.inbuf.extend_from_slice(data);
+        let mut events = Vec::new();
+        loop {
+            match take_reply(&mut self.inbuf) {
+                Ok(Some((reply, lines))) => self.on_reply(reply, lines, &mut events),
+                Ok(None) => break,
+                Err(reply) => {
+                    self.fail(reply, &mut events);
+                    break;
+                }
+            }
+            if self.st == St::Done {
+                break;
+            }
+        }
+        events
+    }
+
+    /// Starts a transaction. Requirements the server cannot meet fail the recipients
+    /// at once, without a command sent (then `Done` is returned and the client stays
+    /// ready).
+    pub fn start(&mut self, tx: &Transaction) -> Option<Event> {
+        assert_eq!(self.st, St::Ready, "start() needs Event::Ready first");
+        assert!(!tx.rcpts.is_empty(), "a transaction has recipients");
+        let refuse = |r: Reply| {
+            Some(Event::Done(
+                tx.rcpts
+                    .iter()
+                    .map(|_| RcptResult::Failed(r.clone()))
+                    .collect(),
+            ))
+        };
+        if let Some(limit) = self.ext.size.filter(|l| *l > 0) {
+            if tx.size > limit {
+                return refuse(Reply::local(
+                    552,
+                    (5, 3, 4),
+                    &format!(
+                        "message size {} exceeds the server's limit {limit}",
+                        tx.size
+                    ),
+                ));
+            }
+        }
+        if tx.eight_bit && !self.ext.eight_bit_mime {
+            // RFC 6152 §3: 8-bit data to a server without 8BITMIME is never sent raw;
+            // ringmail does not down-convert, so the message fails.
+            return refuse(Reply::local(
+                554,
+                (5, 6, 3),
+                "8-bit message, and the server does not offer 8BITMIME",
+            ));
+        }
+        if tx.smtputf8 && !self.ext.smtputf8 {
+            return refuse(Reply::local(
+                553,
+                (5, 6, 7),
+                "the message needs SMTPUTF8, and the server does not offer it",
+            ));
+        }
+        let mut mail = format!("MAIL FROM:<{}>", tx.from);
+        if self.ext.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", tx.size));
+        }
+        if tx.eight_bit {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if tx.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        if self.ext.dsn {
+            if let Some(ret) = tx.ret {
+                mail.push_str(&format!(" RET={ret}"));
+            }
+            if let Some(envid) = &tx.envid {
+                mail.push_str(&format!(" ENVID={envid}"));
+            }
+        }
+        mail.push_str("\r\n");
+        self.out.extend_from_slice(mail.as_bytes());
+        let rcpt_lines: Vec<String> = tx
+            .rcpts
+            .iter()
+            .map(|r| {
+                let mut l = format!("RCPT TO:<{}>", r.to);
+                if self.ext.dsn {
+                    if let Some(n) = &r.notify {
+                        l.push_str(&format!(" NOTIFY={n}"));
+                    }
+                    if let Some(o) = &r.orcpt {
+                        l.push_str(&format!(" ORCPT={o}"));
+                    }
+                }
+                l.push_str("\r\n");
+                l
+            })
+            .collect();
+        self.results = vec![None; tx.rcpts.len()];
+        self.size = tx.size;
+        self.mail_reply = None;
+        self.bdat = self.ext.chunking;
+        self.pipelined_data = false;
+        if self.ext.pipelining {
+            for l in &rcpt_lines {
+                self.out.extend_from_slice(l.as_bytes());
+            }
+            // DATA may ride along (RFC 2920); BDAT waits for the recipients' replies so
+            // no body is sent when all of them are refused.
+            if !self.bdat {
+                self.out.extend_from_slice(b"DATA\r\n");
+                self.pipelined_data = true;
+            }
+            self.pending_rcpts.clear();
+        } else {
+            self.pending_rcpts = rcpt_lines.into_iter().rev().collect();
+        }
+        self.st = St::Envelope { got: 0 };
+        None
+    }
+
+    /// The driver finished sending the message text after `SendBody { bdat: false }`
+    /// (dot-stuffed, ending with the terminator from `DotStuffer::finish`).
+    pub fn body_sent(&mut self) {
+        assert_eq!(self.st, St::Body, "body_sent() without SendBody");
+        self.st = St::Final;
+    }
+
+    /// Ends the session politely.
+    pub fn quit(&mut self) {
+        if matches!(self.st, St::Ready | St::Greeting | St::Ehlo | St::Helo) {
+            self.out.extend_from_slice(b"QUIT\r\n");
+            self.st = St::Quit;
+        }
+    }
+
+    /// The connection broke (or timed out): every unanswered recipient is deferred.
+    pub fn connection_lost(&mut self) -> Option<Event> {
+        let in_tx = matches!(
+            self.st,
+            St::Envelope { .. } | St::Data | St::Body | St::Final | St::Rset
+        );
+        self.st = St::Done;
+        if !in_tx {
+            return None;
+        }
+        let lost = Reply::local(451, (4, 4, 2), "connection lost during the transaction");
+        let results = self
+            .results
+            .drain(..)
+            .map(|r| match r {
+                // Accepted at RCPT but the message never confirmed: try again.
+                Some(RcptResult::Delivered(_)) | None => RcptResult::Deferred(lost.clone()),
+                Some(done) => done,
+            })
+            .collect();
+        Some(Event::Done(results))
+    }
+
+    fn fail(&mut self, reply: Reply, events: &mut Vec<Event>) {
+        if let Some(Event::Done(r)) = self.connection_lost() {
+            events.push(Event::Done(r));
+        }
+        self.st = St::Done;
+        events.push(Event::Failed(reply));
+    }
+
+    fn on_reply(&mut self, reply: Reply, lines: Vec<String>, events: &mut Vec<Event>) {
+        match self.st {
+            St::Greeting => {
+                if reply.code != 220 {
+                    return self.fail(reply, events);
+                }
+                self.out
+                    .extend_from_slice(format!("EHLO {}\r\n", self.helo_name).as_bytes());
+                self.st = St::Ehlo;
+            }
+            St::Ehlo => {
+                if reply.code == 250 {
+                    self.ext = Extensions::parse(&lines);
+                    self.st = St::Ready;
+                    events.push(Event::Ready);
+                } else if reply.code >= 500 {
+                    // An old server: fall back to HELO (RFC 5321 §3.2).
+                    self.out
+                        .extend_from_slice(format!("HELO {}\r\n", self.helo_name).as_bytes());
+                    self.st = St::Helo;
+                } else {
+                    self.fail(reply, events);
+                }
+            }
+            St::Helo => {
+                if reply.code != 250 {
+                    return self.fail(reply, events);
+                }
+                self.ext = Extensions::default();
+                self.st = St::Ready;
+                events.push(Event::Ready);
+            }
+            St::Envelope { got } => {
+                if got == 0 {
+                    self.mail_reply = Some(reply.clone());
+                } else {
+                    let i = got - 1;
+                    // A refused MAIL refuses every recipient the same way.
+                    let mail = self.mail_reply.clone().unwrap();
+                    self.results[i] = Some(if mail.is_positive() {
+                        if reply.is_positive() {
+                            RcptResult::Delivered(reply.clone())
+                        } else {
+                            RcptResult::from_reply(reply.clone())
+                        }
+                    } else {
+                        RcptResult::from_reply(mail)
+                    });
+                }
+                let got = got + 1;
+                if !self.ext.pipelining {
+                    if got == 1 && !reply.is_positive() {
+                        // MAIL refused in lockstep: no RCPT goes out.
+                        for r in self.results.iter_mut() {
+                            *r = Some(RcptResult::from_reply(reply.clone()));
+                        }
+                        return self.end_tx(events);
+                    }
+                    if let Some(next) = self.pending_rcpts.pop() {
+                        self.out.extend_from_slice(next.as_bytes());
+                        self.st = St::Envelope { got };
+                        return;
+                    }
+                }
+                if got <= self.results.len() {
+                    self.st = St::Envelope { got };
+                    return;
+                }
+                let accepted = self
+                    .results
+                    .iter()
+                    .any(|r| matches!(r, Some(RcptResult::Delivered(_))));
+                if !accepted {
+                    if self.pipelined_data {
+                        // The server answers the pipelined DATA with 503/554.
+                        self.st = St::Data;
+                    } else {
+                        self.out.extend_from_slice(b"RSET\r\n");
+                        self.st = St::Rset;
+                    }
+                    return;
+                }
+                if self.bdat {
+                    // The command is in the output; the stored bytes follow as they are.
+                    self.out
+                        .extend_from_slice(format!("BDAT {} LAST\r\n", self.size).as_bytes());
+                    self.st = St::Final;
+                    events.push(Event::SendBody { bdat: true });
+                } else if self.pipelined_data {
+                    self.st = St::Data;
+                } else {
+                    self.out.extend_from_slice(b"DATA\r\n");
+                    self.st = St::Data;
+                }
+            }
+            St::Data => {
+                let accepted = self
+                    .results
+                    .iter()
+                    .any(|r| matches!(r, Some(RcptResult::Delivered(_))));
+                if !accepted {
+                    // The reply to a pipelined DATA after every RCPT failed; the
+                    // transaction is over (RSET leaves the session clean).
+                    self.out.extend_from_slice(b"RSET\r\n");
+                    self.st = St::Rset;
+                    return;
+                }
+                if reply.code == 354 {
+                    self.st = St::Body;
+                    events.push(Event::SendBody { bdat: false });
+                } else {
+                    self.finish(reply, events);
+                }
+            }
+            St::Body | St::Final => self.finish(reply, events),
+            St::Rset => self.end_tx(events),
+            St::Ready => {
+                // An unsolicited reply: most likely 421 before closing.
+                self.fail(reply, events);
+            }
+            St::Quit => {
+                self.st = St::Done;
+                events.push(Event::Closed);
+            }
+            St::Done => {}
+        }
+    }
+
+    /// Applies the reply to the end of the message to every accepted recipient.
+    fn finish(&mut self, reply: Reply, events: &mut Vec<Event>) {
+        for r in self.results.iter_mut() {
+            if matches!(r, Some(RcptResult::Delivered(_))) {
+                *r = Some(RcptResult::from_reply(reply.clone()));
+            }
+        }
+        self.end_tx(events);
+    }
+
+    fn end_tx(&mut self, events: &mut Vec<Event>) {
+        let results = self
+            .results
+            .drain(..)
+            .map(|r| r.expect("every recipient answered"))
+            .collect();
+        events.push(Event::Done(results));
+        self.st = St::Ready;
+        events.push(Event::Ready);
+    }
+}
+
+/// Takes one complete reply off the front of `buf`: Ok(None) when incomplete, Err when
+/// the server sent something that is not a reply.
+fn take_reply(buf: &mut Vec<u8>) -> Result<Option<(Reply, Vec<String>)>, Reply> {
+    let mut pos = 0;
+    let mut lines = Vec::new();
+    let mut code = None;
+    loop {
+        let Some(nl) = memchr::memchr(b'\n', &buf[pos..]) else {
+            if buf.len() - pos > REPLY_LINE_BYTES_MAX {
+                return Err(Reply::local(500, (5, 5, 0), "reply line too long"));
+            }
+            return Ok(None);
+        };
+        let raw = &buf[pos..pos + nl];
+        let line = String::from_utf8_lossy(raw.strip_suffix(b"\r").unwrap_or(raw)).into_owned();
+        pos += nl + 1;
+        let c: Option<u16> = line
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .filter(|c| (200..600).contains(c));
+        let Some(c) = c else {
+            return Err(Reply::local(
+                500,
+                (5, 5, 0),
+                &format!(
+                    "not an SMTP reply: {}",
+                    line.chars().take(80).collect::<String>()
+                ),
+            ));
+        };
+        if *code.get_or_insert(c) != c {
+            return Err(Reply::local(
+                500,
+                (5, 5, 0),
+                "multi-line reply with mixed codes",
+            ));
+        }
+        let sep = line.as_bytes().get(3).copied();
+        lines.push(line.get(4..).unwrap_or("").to_string());
+        match sep {
+            Some(b'-') => continue,
+            None | Some(b' ') => break,
+            Some(_) => return Err(Reply::local(500, (5, 5, 0), "malformed reply line")),
+        }
+    }
+    buf.drain(..pos);
+    let code = code.unwrap();
+    let mut enhanced = None;
+    let texts: Vec<String> = lines
+        .iter()
+        .map(|l| match parse_enhanced(l, code) {
+            Some((e, rest)) => {
+                enhanced.get_or_insert(e);
+                rest.to_string()
+            }
+            None => l.clone(),
+        })
+        .collect();
+    Ok(Some((
+        Reply {
+            code,
+            text: texts.join(" "),
+            enhanced,
+        },
+        lines,
+    )))
+}
+
+/// `2.1.0 rest` → ((2,1,0), "rest"), when the class matches the reply code's.
+fn parse_enhanced(line: &str, code: u16) -> Option<((u8, u16, u16), &str)> {
+    let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let mut parts = word.split('.');
+    let class: u8 = parts.next()?.parse().ok()?;
+    let subject: u16 = parts.next()?.parse().ok()?;
+    let detail: u16 = parts.next()?.parse().ok()?;
+    if parts.next().is_some() || class as u16 != code / 100 {
+        return None;
+    }
+    Some(((class, subject, detail), rest))
+}
+
+/// Dot-stuffs message text for DATA as it streams out (RFC 5321 §4.5.2), without
+/// holding the whole message: call `stuff` on each chunk, then `finish`.
+#[derive(Debug)]
+pub struct DotStuffer {
+    at_line_start: bool,
+    last_cr: bool,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer {
+            at_line_start: true,
+            last_cr: false,
+        }
+    }
+}
+
+impl DotStuffer {
+    /// Appends `chunk` to `out`, doubling each dot that starts a line.
+    pub fn stuff(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let mut start = 0;
+        for i in memchr::memchr_iter(b'.', chunk) {
+            let line_start = if i == 0 {
+                self.at_line_start
+            } else {
+                chunk[i - 1] == b'\n'
+            };
+            if line_start {
+                out.extend_from_slice(&chunk[start..=i]);
+                out.push(b'.');
+                start = i + 1;
+            }
+        }
+        out.extend_from_slice(&chunk[start..]);
+        if let Some(&last) = chunk.last() {
+            self.at_line_start = last == b'\n';
+            self.last_cr = last == b'\r';
+        }
+    }
+
+    /// The end-of-data marker, with the CRLF the text may lack before it.
+    pub fn finish(&self) -> &'static [u8] {
+        if self.at_line_start {
+            b".\r\n"
+        } else if self.last_cr {
+            b"\n.\r\n"
+        } else {
+            b"\r\n.\r\n"
+        }
+    }
+}

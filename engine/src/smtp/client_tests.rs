@@ -1,0 +1,336 @@
+//! Byte-level tests of the SMTP client core: every reply path, fed whole and byte by
+//! byte.
+
+use super::client::{Client, DotStuffer, Event, RcptResult, Transaction, TxRcpt};
+
+const FULL_EHLO: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n";
+const PIPELINING_EHLO: &str = "250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n";
+const PLAIN_EHLO: &str = "250 mx.test\r\n";
+
+/// Feeds `server` whole or byte by byte; returns the client's output and the events.
+fn feed(c: &mut Client, server: &str, bytewise: bool) -> (String, Vec<Event>) {
+    let mut events = Vec::new();
+    if bytewise {
+        for b in server.as_bytes() {
+            events.extend(c.feed(std::slice::from_ref(b)));
+        }
+    } else {
+        events.extend(c.feed(server.as_bytes()));
+    }
+    let out = String::from_utf8(c.output().to_vec()).unwrap();
+    c.clear_output();
+    (out, events)
+}
+
+fn ready(ehlo: &str, bytewise: bool) -> Client {
+    let mut c = Client::new("me.test");
+    let (out, ev) = feed(&mut c, "220 mx.test ESMTP\r\n", bytewise);
+    assert_eq!(out, "EHLO me.test\r\n");
+    assert!(ev.is_empty());
+    let (out, ev) = feed(&mut c, ehlo, bytewise);
+    assert_eq!(out, "");
+    assert_eq!(ev, vec![Event::Ready]);
+    c
+}
+
+fn tx(rcpts: &[&str]) -> Transaction {
+    Transaction {
+        from: "a@src.test".into(),
+        rcpts: rcpts
+            .iter()
+            .map(|r| TxRcpt {
+                to: r.to_string(),
+                ..TxRcpt::default()
+            })
+            .collect(),
+        size: 123,
+        ..Transaction::default()
+    }
+}
+
+fn codes(ev: &[Event]) -> Vec<(char, u16)> {
+    let Some(Event::Done(r)) = ev.iter().find(|e| matches!(e, Event::Done(_))) else {
+        panic!("no Done in {ev:?}")
+    };
+    r.iter()
+        .map(|r| match r {
+            RcptResult::Delivered(x) => ('D', x.code),
+            RcptResult::Deferred(x) => ('T', x.code),
+            RcptResult::Failed(x) => ('F', x.code),
+        })
+        .collect()
+}
+
+fn both(f: impl Fn(bool)) {
+    f(false);
+    f(true);
+}
+
+#[test]
+fn ehlo_extensions_are_read() {
+    both(|bw| {
+        let c = ready(FULL_EHLO, bw);
+        let e = c.extensions();
+        assert!(
+            e.pipelining
+                && e.eight_bit_mime
+                && e.smtputf8
+                && e.chunking
+                && e.dsn
+                && e.enhanced_status_codes
+        );
+        assert_eq!(e.size, Some(100000));
+    });
+}
+
+#[test]
+fn helo_fallback_when_ehlo_is_refused() {
+    both(|bw| {
+        let mut c = Client::new("me.test");
+        feed(&mut c, "220 old.test\r\n", bw);
+        let (out, ev) = feed(&mut c, "502 5.5.1 what\r\n", bw);
+        assert_eq!(out, "HELO me.test\r\n");
+        assert!(ev.is_empty());
+        let (_, ev) = feed(&mut c, "250 old.test\r\n", bw);
+        assert_eq!(ev, vec![Event::Ready]);
+        assert!(!c.extensions().esmtp);
+    });
+}
+
+#[test]
+fn pipelined_data_with_a_refused_recipient() {
+    both(|bw| {
+        let mut c = ready(PIPELINING_EHLO, bw);
+        assert_eq!(c.start(&tx(&["x@d.test", "y@d.test"])), None);
+        let (out, _) = feed(&mut c, "", bw);
+        assert_eq!(
+            out,
+            "MAIL FROM:<a@src.test>\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\nDATA\r\n"
+        );
+        let (_, ev) = feed(
+            &mut c,
+            "250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n354 go ahead\r\n",
+            bw,
+        );
+        assert_eq!(ev, vec![Event::SendBody { bdat: false }]);
+        c.body_sent();
+        let (_, ev) = feed(&mut c, "250-2.0.0 queued\r\n250 2.0.0 as ABC\r\n", bw);
+        assert_eq!(codes(&ev), [('D', 250), ('F', 550)]);
+        let Event::Done(r) = &ev[0] else { panic!() };
+        let RcptResult::Delivered(reply) = &r[0] else {
+            panic!()
+        };
+        assert_eq!(reply.to_line(), "250 2.0.0 queued as ABC");
+        let RcptResult::Failed(reply) = &r[1] else {
+            panic!()
+        };
+        assert_eq!(reply.enhanced, Some((5, 1, 1)));
+        assert_eq!(ev.last(), Some(&Event::Ready), "the connection is reusable");
+    });
+}
+
+#[test]
+fn temporary_and_permanent_results_per_recipient_and_for_the_message() {
+    both(|bw| {
+        let mut c = ready(PIPELINING_EHLO, bw);
+        c.start(&tx(&["x@d", "y@d", "z@d"]));
+        feed(&mut c, "", bw);
+        let (_, ev) = feed(
+            &mut c,
+            "250 ok\r\n451 4.2.1 mailbox busy\r\n250 ok\r\n250 ok\r\n354 go\r\n",
+            bw,
+        );
+        assert_eq!(ev, vec![Event::SendBody { bdat: false }]);
+        c.body_sent();
+        let (_, ev) = feed(&mut c, "452 4.3.1 out of space\r\n", bw);
+        assert_eq!(codes(&ev), [('T', 451), ('T', 452), ('T', 452)]);
+        c.start(&tx(&["x@d"]));
+        feed(&mut c, "", bw);
+        feed(&mut c, "250 ok\r\n250 ok\r\n354 go\r\n", bw);
+        c.body_sent();
+        let (_, ev) = feed(&mut c, "554 5.7.1 spam\r\n", bw);
+        assert_eq!(codes(&ev), [('F', 554)]);
+    });
+}
+
+#[test]
+fn every_recipient_refused_ends_without_a_body() {
+    both(|bw| {
+        // Pipelined DATA gets its own refusal; then RSET.
+        let mut c = ready(PIPELINING_EHLO, bw);
+        c.start(&tx(&["x@d"]));
+        feed(&mut c, "", bw);
+        let (out, ev) = feed(
+            &mut c,
+            "250 ok\r\n550 5.1.1 no\r\n554 5.5.1 no valid recipients\r\n",
+            bw,
+        );
+        assert_eq!(out, "RSET\r\n");
+        assert!(ev.is_empty());
+        let (_, ev) = feed(&mut c, "250 ok\r\n", bw);
+        assert_eq!(codes(&ev), [('F', 550)]);
+        // A refused MAIL refuses everyone the same way.
+        c.start(&tx(&["x@d", "y@d"]));
+        feed(&mut c, "", bw);
+        let (out, _) = feed(&mut c, "451 4.3.0 try later\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n", bw);
+        assert_eq!(out, "RSET\r\n");
+        let (_, ev) = feed(&mut c, "250 ok\r\n", bw);
+        assert_eq!(codes(&ev), [('T', 451), ('T', 451)]);
+    });
+}
+
+#[test]
+fn lockstep_without_pipelining() {
+    both(|bw| {
+        let mut c = ready(PLAIN_EHLO, bw);
+        c.start(&tx(&["x@d", "y@d"]));
+        let steps = [
+            ("", "MAIL FROM:<a@src.test>\r\n"),
+            ("250 ok\r\n", "RCPT TO:<x@d>\r\n"),
+            ("250 ok\r\n", "RCPT TO:<y@d>\r\n"),
+            ("250 ok\r\n", "DATA\r\n"),
+        ];
+        for (server, client) in steps {
+            assert_eq!(feed(&mut c, server, bw).0, client, "after {server:?}");
+        }
+        let (_, ev) = feed(&mut c, "354 go\r\n", bw);
+        assert_eq!(ev, vec![Event::SendBody { bdat: false }]);
+        c.body_sent();
+        let (_, ev) = feed(&mut c, "250 ok\r\n", bw);
+        assert_eq!(codes(&ev), [('D', 250), ('D', 250)]);
+        // MAIL refused: no RCPT is sent.
+        c.start(&tx(&["x@d"]));
+        feed(&mut c, "", bw);
+        let (out, ev) = feed(&mut c, "550 5.7.1 sender refused\r\n", bw);
+        assert_eq!(out, "");
+        assert_eq!(codes(&ev), [('F', 550)]);
+    });
+}
+
+#[test]
+fn bdat_when_chunking_is_offered() {
+    both(|bw| {
+        let mut c = ready(FULL_EHLO, bw);
+        c.start(&tx(&["x@d"]));
+        let (out, _) = feed(&mut c, "", bw);
+        assert_eq!(out, "MAIL FROM:<a@src.test> SIZE=123\r\nRCPT TO:<x@d>\r\n");
+        let (out, ev) = feed(&mut c, "250 ok\r\n250 ok\r\n", bw);
+        assert_eq!(out, "BDAT 123 LAST\r\n");
+        assert_eq!(ev, vec![Event::SendBody { bdat: true }]);
+        let (_, ev) = feed(&mut c, "250 2.0.0 ok\r\n", bw);
+        assert_eq!(codes(&ev), [('D', 250)]);
+    });
+}
+
+#[test]
+fn requirements_the_server_cannot_meet_fail_without_a_command() {
+    let mut c = ready(FULL_EHLO, false);
+    let mut big = tx(&["x@d"]);
+    big.size = 100_001;
+    let Some(Event::Done(r)) = c.start(&big) else {
+        panic!()
+    };
+    assert!(
+        matches!(&r[0], RcptResult::Failed(x) if x.code == 552 && x.enhanced == Some((5, 3, 4)))
+    );
+    assert_eq!(c.output(), b"");
+    let mut c = ready(PLAIN_EHLO, false);
+    let mut eight = tx(&["x@d"]);
+    eight.eight_bit = true;
+    let Some(Event::Done(r)) = c.start(&eight) else {
+        panic!()
+    };
+    assert!(matches!(&r[0], RcptResult::Failed(x) if x.enhanced == Some((5, 6, 3))));
+    let mut utf8 = tx(&["ü@d"]);
+    utf8.smtputf8 = true;
+    let Some(Event::Done(r)) = c.start(&utf8) else {
+        panic!()
+    };
+    assert!(matches!(&r[0], RcptResult::Failed(x) if x.enhanced == Some((5, 6, 7))));
+    assert_eq!(c.output(), b"");
+}
+
+#[test]
+fn esmtp_parameters_only_where_offered() {
+    let mut t = tx(&["x@d"]);
+    t.eight_bit = true;
+    t.smtputf8 = true;
+    t.ret = Some("HDRS");
+    t.envid = Some("ID1".into());
+    t.rcpts[0].notify = Some("FAILURE".into());
+    t.rcpts[0].orcpt = Some("rfc822;x@d".into());
+    let mut c = ready(FULL_EHLO, false);
+    c.start(&t);
+    let (out, _) = feed(&mut c, "", false);
+    assert_eq!(out, "MAIL FROM:<a@src.test> SIZE=123 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=ID1\r\nRCPT TO:<x@d> NOTIFY=FAILURE ORCPT=rfc822;x@d\r\n");
+    let mut c = ready("250-mx\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n", false);
+    c.start(&t);
+    let (out, _) = feed(&mut c, "", false);
+    assert_eq!(out, "MAIL FROM:<a@src.test> BODY=8BITMIME SMTPUTF8\r\n");
+}
+
+#[test]
+fn a_connection_lost_mid_data_defers_the_accepted_recipients() {
+    let mut c = ready(PIPELINING_EHLO, false);
+    c.start(&tx(&["x@d", "y@d"]));
+    feed(&mut c, "250 ok\r\n250 ok\r\n550 no\r\n354 go\r\n", false);
+    let Some(Event::Done(r)) = c.connection_lost() else {
+        panic!()
+    };
+    assert!(matches!(&r[0], RcptResult::Deferred(x) if x.enhanced == Some((4, 4, 2))));
+    assert!(matches!(&r[1], RcptResult::Failed(x) if x.code == 550));
+    // Outside a transaction there is nothing to report.
+    let mut idle = ready(PLAIN_EHLO, false);
+    assert_eq!(idle.connection_lost(), None);
+}
+
+#[test]
+fn a_broken_or_closing_server_fails_the_session() {
+    let mut c = Client::new("me");
+    let ev = c.feed(b"554 5.7.1 go away\r\n");
+    assert!(matches!(&ev[..], [Event::Failed(r)] if r.code == 554));
+    let mut c = ready(PIPELINING_EHLO, false);
+    c.start(&tx(&["x@d"]));
+    let ev = c.feed(b"HTTP/1.1 400 Bad Request\r\n");
+    assert!(matches!(ev.last(), Some(Event::Failed(_))), "{ev:?}");
+    assert!(matches!(&ev[0], Event::Done(r) if matches!(r[0], RcptResult::Deferred(_))));
+    let mut c = ready(PIPELINING_EHLO, false);
+    let ev = c.feed(b"421 4.3.2 shutting down\r\n");
+    assert!(matches!(&ev[..], [Event::Failed(r)] if r.code == 421));
+    let mut c = ready(PIPELINING_EHLO, false);
+    let ev = c.feed(&b"250-x".repeat(2000));
+    assert!(
+        matches!(&ev[..], [Event::Failed(_)]),
+        "an endless line is refused"
+    );
+}
+
+#[test]
+fn quit() {
+    let mut c = ready(PLAIN_EHLO, true);
+    c.quit();
+    assert_eq!(c.output(), b"QUIT\r\n");
+    c.clear_output();
+    assert_eq!(c.feed(b"221 2.0.0 bye\r\n"), vec![Event::Closed]);
+}
+
+#[test]
+fn dot_stuffing_across_chunks() {
+    for split in 0..=12 {
+        let text = b".a\r\n..b\r\nc.\r\n.";
+        let (x, y) = text.split_at(split.min(text.len()));
+        let mut d = DotStuffer::default();
+        let mut out = Vec::new();
+        d.stuff(x, &mut out);
+        d.stuff(y, &mut out);
+        out.extend_from_slice(d.finish());
+        assert_eq!(out, b"..a\r\n...b\r\nc.\r\n..\r\n.\r\n", "split {split}");
+    }
+    let mut d = DotStuffer::default();
+    let mut out = Vec::new();
+    d.stuff(b"ends with CRLF\r\n", &mut out);
+    assert_eq!(d.finish(), b".\r\n");
+    d.stuff(b"half\r", &mut out);
+    assert_eq!(d.finish(), b"\n.\r\n");
+    assert_eq!(DotStuffer::default().finish(), b".\r\n", "empty message");
+}
