@@ -2,6 +2,8 @@
 //! loopback port with a fresh data directory, talk to it, stop or kill it, and read its
 //! queue with the offline command.
 
+pub mod dns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,159 @@
+//! The DNS resolver of a shard: UDP through glommio (no tokio on shard threads, as
+//! DESIGN.md asks), one query in flight per lookup, name servers tried in order,
+//! answers cached by TTL.
+//!
+//! Not done yet: TCP fallback for truncated answers (an MX or A answer for mail
+//! rarely exceeds 512 octets; a truncated one is reported as a temporary failure).
+
+use super::{parse, query, route, Answer, Cache, DnsError, Route};
+use glommio::net::UdpSocket;
+use hickory_proto::rr::RecordType;
+use std::cell::RefCell;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub struct Resolver {
+    servers: Vec<SocketAddr>,
+    /// Per attempt and server.
+    timeout: Duration,
+    attempts: u32,
+    cache: RefCell<Cache>,
+}
+
+/// The name servers of `/etc/resolv.conf` (port 53), in order.
+pub fn servers_from_resolv_conf(path: &Path) -> Vec<SocketAddr> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// A fresh random 16-bit value (query ids must not be guessable).
+fn random_u16() -> u16 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish() as u16
+}
+
+impl Resolver {
+    pub fn new(servers: Vec<SocketAddr>, timeout: Duration, attempts: u32) -> Resolver {
+        Resolver {
+            servers,
+            timeout,
+            attempts: attempts.max(1),
+            cache: RefCell::new(Cache::new(100_000)),
+        }
+    }
+
+    /// Looks `name` up, from the cache when it can.
+    pub async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Answer, DnsError> {
+        if let Some(a) = self.cache.borrow().get(name, rtype, Instant::now()) {
+            return Ok(a.clone());
+        }
+        if self.servers.is_empty() {
+            return Err(DnsError::Config("no name server configured".into()));
+        }
+        let mut last = DnsError::Timeout;
+        for _ in 0..self.attempts {
+            for server in &self.servers {
+                match self.ask(*server, name, rtype).await {
+                    Ok((answer, ttl)) => {
+                        self.cache.borrow_mut().put(
+                            name,
+                            rtype,
+                            answer.clone(),
+                            ttl,
+                            Instant::now(),
+                        );
+                        return Ok(answer);
+                    }
+                    Err(e @ DnsError::Config(_)) => return Err(e),
+                    Err(e) => last = e,
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn ask(
+        &self,
+        server: SocketAddr,
+        name: &str,
+        rtype: RecordType,
+    ) -> Result<(Answer, u32), DnsError> {
+        let id = random_u16();
+        let q = query(id, name, rtype)?;
+        let local: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        // A fresh socket (and so a fresh random port) per query, connected to the
+        // server so that datagrams from anyone else are not even delivered.
+        let sock = UdpSocket::bind(local)
+            .map_err(|e| DnsError::Config(format!("cannot open a UDP socket: {e}")))?;
+        sock.connect(server)
+            .await
+            .map_err(|e| DnsError::ServerFailure(format!("{server}: {e}")))?;
+        sock.send(&q)
+            .await
+            .map_err(|e| DnsError::ServerFailure(format!("{server}: {e}")))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(DnsError::Timeout);
+            }
+            let n = match glommio::timer::timeout(left, async {
+                sock.recv(&mut buf).await.map_err(Into::into)
+            })
+            .await
+            {
+                Ok(n) => n,
+                Err(glommio::GlommioError::TimedOut(_)) => return Err(DnsError::Timeout),
+                Err(e) => return Err(DnsError::ServerFailure(format!("{server}: {e}"))),
+            };
+            if n >= 3 && buf[2] & 0x02 != 0 {
+                return Err(DnsError::ServerFailure(format!(
+                    "{server}: truncated answer (TCP fallback not implemented)"
+                )));
+            }
+            match parse(id, name, rtype, &buf[..n]) {
+                // Not ours (a late answer to an earlier query): keep waiting.
+                Err(DnsError::Malformed(_)) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Where `domain`'s mail goes (MX rules applied; equal preferences in answer order).
+    pub async fn mx_route(&self, domain: &str) -> Result<Route, DnsError> {
+        Ok(route(&self.lookup(domain, RecordType::MX).await?))
+    }
+
+    /// The addresses of a host: IPv4 first, then IPv6. NXDOMAIN or no address at all
+    /// is an empty list.
+    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for rtype in [RecordType::A, RecordType::AAAA] {
+            match self.lookup(host, rtype).await {
+                Ok(Answer::Addrs(a)) => out.extend(a),
+                Ok(_) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match (out.is_empty(), first_err) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(out),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! A DNS server for tests, in the test process, on 127.0.0.1: serves MX and A records
+//! from a table, and can answer SERVFAIL or stay silent for chosen names.
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, MX};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Default, Clone)]
+pub struct Zone {
+    pub mx: HashMap<String, Vec<(u16, String)>>,
+    pub a: HashMap<String, Vec<Ipv4Addr>>,
+    pub servfail: HashSet<String>,
+    /// Names whose queries get no answer at all.
+    pub silent: HashSet<String>,
+    pub ttl: u32,
+}
+
+impl Zone {
+    pub fn mx(mut self, domain: &str, pref: u16, host: &str) -> Zone {
+        self.mx
+            .entry(domain.into())
+            .or_default()
+            .push((pref, host.into()));
+        self
+    }
+    pub fn a(mut self, host: &str, ip: &str) -> Zone {
+        self.a
+            .entry(host.into())
+            .or_default()
+            .push(ip.parse().unwrap());
+        self
+    }
+}
+
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    /// Queries received, for cache tests.
+    pub queries: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DnsServer {
+    pub fn start(zone: Zone) -> DnsServer {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let queries = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (q, s) = (queries.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !s.load(Ordering::SeqCst) {
+                let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                q.fetch_add(1, Ordering::SeqCst);
+                if let Some(reply) = answer(&zone, &buf[..n]) {
+                    let _ = sock.send_to(&reply, peer);
+                }
+            }
+        });
+        DnsServer {
+            addr,
+            queries,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn answer(zone: &Zone, query: &[u8]) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let question = q.queries.first()?.clone();
+    let name = question
+        .name()
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if zone.silent.contains(&name) {
+        return None;
+    }
+    let mut r = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+    r.metadata.recursion_available = true;
+    r.add_query(question.clone());
+    let ttl = if zone.ttl == 0 { 300 } else { zone.ttl };
+    let known = zone.mx.contains_key(&name) || zone.a.contains_key(&name);
+    r.metadata.response_code = if zone.servfail.contains(&name) {
+        ResponseCode::ServFail
+    } else if !known {
+        ResponseCode::NXDomain
+    } else {
+        ResponseCode::NoError
+    };
+    if r.metadata.response_code == ResponseCode::NoError {
+        let owner = question.name().clone();
+        match question.query_type() {
+            RecordType::MX => {
+                for (pref, host) in zone.mx.get(&name).into_iter().flatten() {
+                    let exchange = if host == "." {
+                        Name::root()
+                    } else {
+                        Name::from_ascii(host).ok()?
+                    };
+                    r.add_answer(Record::from_rdata(
+                        owner.clone(),
+                        ttl,
+                        RData::MX(MX::new(*pref, exchange)),
+                    ));
+                }
+            }
+            RecordType::A => {
+                for ip in zone.a.get(&name).into_iter().flatten() {
+                    r.add_answer(Record::from_rdata(owner.clone(), ttl, RData::A(A(*ip))));
+                }
+            }
+            _ => {}
+        }
+    }
+    r.to_vec().ok()
+}

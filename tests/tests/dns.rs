@@ -1,0 +1,96 @@
+//! The shard resolver against a DNS server in the test process: MX by preference,
+//! implicit MX, null MX, NXDOMAIN, SERVFAIL, failover to the second server, the cache.
+
+use hickory_proto::rr::RecordType;
+use ringmail::dns::resolver::Resolver;
+use ringmail::dns::{Answer, DnsError, Route};
+use ringmail_tests::dns::{DnsServer, Zone};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn zone() -> Zone {
+    let mut z = Zone::default()
+        .mx("example.test", 20, "mx2.example.test")
+        .mx("example.test", 10, "mx1.example.test")
+        .a("mx1.example.test", "127.0.0.2")
+        .a("mx2.example.test", "127.0.0.3")
+        .a("implicit.test", "127.0.0.4")
+        .mx("nullmx.test", 0, ".");
+    z.servfail.insert("broken.test".into());
+    z.silent.insert("silent.test".into());
+    z
+}
+
+fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+    glommio::LocalExecutor::default().run(f)
+}
+
+#[test]
+fn mx_rules_against_a_real_server() {
+    let server = DnsServer::start(zone());
+    let r = Resolver::new(vec![server.addr], Duration::from_millis(300), 2);
+    run(async {
+        assert_eq!(
+            r.mx_route("example.test").await.unwrap(),
+            Route::Hosts(vec!["mx1.example.test".into(), "mx2.example.test".into()])
+        );
+        assert_eq!(
+            r.addresses("mx1.example.test").await.unwrap(),
+            vec!["127.0.0.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(r.mx_route("implicit.test").await.unwrap(), Route::Implicit);
+        assert_eq!(r.mx_route("nullmx.test").await.unwrap(), Route::NullMx);
+        assert_eq!(
+            r.mx_route("nowhere.test").await.unwrap(),
+            Route::NoSuchDomain
+        );
+        assert!(matches!(
+            r.mx_route("broken.test").await,
+            Err(DnsError::ServerFailure(_))
+        ));
+        assert!(r.addresses("nowhere.test").await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn answers_are_cached_by_ttl() {
+    let server = DnsServer::start(zone());
+    let r = Resolver::new(vec![server.addr], Duration::from_millis(300), 1);
+    run(async {
+        for _ in 0..5 {
+            assert!(matches!(
+                r.lookup("example.test", RecordType::MX).await.unwrap(),
+                Answer::Mx(_)
+            ));
+        }
+    });
+    assert_eq!(server.queries.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_silent_server_times_out_and_the_next_one_answers() {
+    let dead = DnsServer::start(Zone {
+        silent: ["example.test".to_string()].into(),
+        ..zone()
+    });
+    let live = DnsServer::start(zone());
+    let r = Resolver::new(vec![dead.addr, live.addr], Duration::from_millis(200), 1);
+    run(async {
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            r.mx_route("example.test").await.unwrap(),
+            Route::Hosts(_)
+        ));
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "the first server was tried first"
+        );
+    });
+    let only_dead = Resolver::new(vec![dead.addr], Duration::from_millis(100), 2);
+    run(async {
+        assert_eq!(
+            only_dead.mx_route("example.test").await,
+            Err(DnsError::Timeout)
+        );
+    });
+}
