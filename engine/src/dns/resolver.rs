@@ -110,11 +110,7 @@ impl Resolver {
             if left.is_zero() {
                 return Err(DnsError::Timeout);
             }
-            let n = match glommio::timer::timeout(left, async {
-                sock.recv(&mut buf).await.map_err(Into::into)
-            })
-            .await
-            {
+            let n = match glommio::timer::timeout(left, async { sock.recv(&mut buf).await }).await {
                 Ok(n) => n,
                 Err(glommio::GlommioError::TimedOut(_)) => return Err(DnsError::Timeout),
                 Err(e) => return Err(DnsError::ServerFailure(format!("{server}: {e}"))),
