@@ -72,9 +72,9 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("replay_into_queue_index", |b| {
         b.iter(|| {
-            let (index, _, _) = queue::recover(&data, 0, Mode::ReadOnly).unwrap();
-            assert_eq!(index.len() as u64, MESSAGES);
-            index.len()
+            let r = queue::recover(&data, 0, Mode::ReadOnly).unwrap();
+            assert_eq!(r.index.len() as u64, MESSAGES);
+            r.index.len()
         })
     });
     g.finish();

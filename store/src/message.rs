@@ -177,6 +177,86 @@ pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
     })
 }
 
+/// Where a recipient stands after a delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RcptStatus {
+    Queued = 0,
+    Deferred = 1,
+    Delivered = 2,
+    Failed = 3,
+}
+
+impl RcptStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RcptStatus::Queued => "queued",
+            RcptStatus::Deferred => "deferred",
+            RcptStatus::Delivered => "delivered",
+            RcptStatus::Failed => "failed",
+        }
+    }
+
+    /// Delivered or failed: nothing more will be tried.
+    pub fn is_final(self) -> bool {
+        matches!(self, RcptStatus::Delivered | RcptStatus::Failed)
+    }
+}
+
+/// The payload of a `RcptUpdate` record: one recipient's state after an attempt. The
+/// queue replays these over the messages, so a restart resumes the retry schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RcptUpdate {
+    pub id: u64,
+    /// Index of the recipient in the message's envelope.
+    pub rcpt: u32,
+    pub status: RcptStatus,
+    pub attempts: u32,
+    /// When to try again (deferred), milliseconds since the Unix epoch; 0 otherwise.
+    pub next_attempt_ms: u64,
+    /// The remote reply or local reason, for logs and bounces.
+    pub reply: String,
+}
+
+impl RcptUpdate {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(VERSION);
+        out.extend_from_slice(&self.id.to_le_bytes());
+        out.extend_from_slice(&self.rcpt.to_le_bytes());
+        out.push(self.status as u8);
+        out.extend_from_slice(&self.attempts.to_le_bytes());
+        out.extend_from_slice(&self.next_attempt_ms.to_le_bytes());
+        put_bytes(out, self.reply.as_bytes());
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<RcptUpdate, &'static str> {
+        let mut r = Reader {
+            buf: payload,
+            pos: 0,
+        };
+        if r.u8()? != VERSION {
+            return Err("unknown recipient update version");
+        }
+        let u = RcptUpdate {
+            id: r.u64()?,
+            rcpt: r.u32()?,
+            status: match r.u8()? {
+                0 => RcptStatus::Queued,
+                1 => RcptStatus::Deferred,
+                2 => RcptStatus::Delivered,
+                3 => RcptStatus::Failed,
+                _ => return Err("bad recipient status"),
+            },
+            attempts: r.u32()?,
+            next_attempt_ms: r.u64()?,
+            reply: r.string()?,
+        };
+        if r.pos != payload.len() {
+            return Err("trailing bytes in recipient update");
+        }
+        Ok(u)
+    }
+}
+
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
     out.extend_from_slice(b);
@@ -271,6 +351,24 @@ mod tests {
         assert_eq!(&out[d.body_offset..], b"body\r\n");
         for cut in 0..out.len() {
             assert!(decode(&out[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn rcpt_update_round_trip() {
+        let u = RcptUpdate {
+            id: 42,
+            rcpt: 3,
+            status: RcptStatus::Deferred,
+            attempts: 2,
+            next_attempt_ms: 1_800_000_000_000,
+            reply: "451 4.3.0 try later".into(),
+        };
+        let mut out = Vec::new();
+        u.encode(&mut out);
+        assert_eq!(RcptUpdate::decode(&out).unwrap(), u);
+        for cut in 0..out.len() {
+            assert!(RcptUpdate::decode(&out[..cut]).is_err());
         }
     }
 

@@ -19,12 +19,15 @@ pub const RECORD_PAYLOAD_BYTES_MAX: usize = 256 << 20;
 pub enum Kind {
     /// A whole message: envelope, trace prefix and body (see `message`).
     Message = 1,
+    /// A delivery attempt's outcome for one recipient (see `message::RcptUpdate`).
+    RcptUpdate = 2,
 }
 
 impl Kind {
     pub fn from_u8(v: u8) -> Option<Kind> {
         match v {
             1 => Some(Kind::Message),
+            2 => Some(Kind::RcptUpdate),
             _ => None,
         }
     }

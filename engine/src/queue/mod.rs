@@ -5,7 +5,7 @@
 //! [`list`] reads the same logs offline with the same recovery code, for
 //! `ringmail queue list`.
 
-use ringmail_store::message::{self, Envelope};
+use ringmail_store::message::{self, Envelope, RcptUpdate};
 use ringmail_store::segment::{self, recover_shard, Mode};
 use ringmail_store::{Kind, Location, LogConfig, LogError, RecoveryReport, ShardLog};
 use std::cell::{Cell, RefCell};
@@ -13,19 +13,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 
-/// Per-recipient delivery state. Delivery does not exist yet, so all are `queued`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RcptStatus {
-    Queued,
-}
-
-impl RcptStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RcptStatus::Queued => "queued",
-        }
-    }
-}
+pub use ringmail_store::message::RcptStatus;
 
 #[derive(Debug, Clone)]
 pub struct QueuedRcpt {
@@ -35,6 +23,10 @@ pub struct QueuedRcpt {
     /// DSN `NOTIFY=` bits and `ORCPT=`, as the client gave them.
     pub notify: u8,
     pub orcpt: Option<String>,
+    /// When a deferred recipient is tried again (ms since the epoch; 0: now).
+    pub next_attempt_ms: u64,
+    /// The last attempt's reply or reason.
+    pub last_reply: Option<String>,
 }
 
 impl QueuedRcpt {
@@ -45,6 +37,8 @@ impl QueuedRcpt {
             attempts: 0,
             notify: r.notify,
             orcpt: r.orcpt,
+            next_attempt_ms: 0,
+            last_reply: None,
         }
     }
 }
@@ -68,6 +62,23 @@ pub struct QueuedMessage {
 }
 
 impl QueuedMessage {
+    /// Every recipient delivered or failed: the message leaves the queue.
+    pub fn is_done(&self) -> bool {
+        self.rcpt.iter().all(|r| r.status.is_final())
+    }
+
+    /// Applies a recipient update; false when it names no recipient of this message.
+    pub fn apply(&mut self, u: &RcptUpdate) -> bool {
+        let Some(r) = self.rcpt.get_mut(u.rcpt as usize) else {
+            return false;
+        };
+        r.status = u.status;
+        r.attempts = u.attempts;
+        r.next_attempt_ms = u.next_attempt_ms;
+        r.last_reply = Some(u.reply.clone());
+        true
+    }
+
     fn from_record(loc: Location, payload: &[u8]) -> Result<QueuedMessage, &'static str> {
         let d = message::decode(payload)?;
         Ok(QueuedMessage::new(d.envelope, d.body, loc))
@@ -100,6 +111,8 @@ impl QueuedMessage {
                 "attempts": r.attempts,
                 "notify": notify_words(r.notify),
                 "orcpt": r.orcpt,
+                "next_attempt_ms": (r.status == RcptStatus::Deferred).then_some(r.next_attempt_ms),
+                "reply": r.last_reply,
             })).collect::<Vec<_>>(),
             "size": self.size,
             "received_at_ms": self.received_at_ms,
@@ -144,33 +157,55 @@ pub fn make_id(shard: u32, counter: u64) -> u64 {
     ((shard as u64) << COUNTER_BITS) | counter
 }
 
+/// What replaying a shard's log gives.
+pub struct Recovered {
+    /// Messages still queued (some recipient not delivered or failed yet).
+    pub index: BTreeMap<u64, QueuedMessage>,
+    pub tail: ringmail_store::Tail,
+    pub report: RecoveryReport,
+    /// The highest id ever used in the shard, queued or not: ids are never reused.
+    pub max_id: Option<u64>,
+}
+
 /// Replays a shard's log into a message index.
-pub fn recover(
-    data: &Path,
-    shard: u32,
-    mode: Mode,
-) -> io::Result<(
-    BTreeMap<u64, QueuedMessage>,
-    ringmail_store::Tail,
-    RecoveryReport,
-)> {
+pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
     let dir = segment::shard_dir(data, shard);
     let mut index = BTreeMap::new();
+    let mut max_id: Option<u64> = None;
     let mut bad = 0u64;
     let (tail, mut report) = recover_shard(&dir, shard, mode, |loc, rec| match rec.kind {
         Kind::Message => match QueuedMessage::from_record(loc, rec.payload) {
             Ok(m) => {
+                max_id = max_id.max(Some(m.id));
                 index.insert(m.id, m);
+            }
+            Err(_) => bad += 1,
+        },
+        // An update always follows its message in the same shard's log.
+        Kind::RcptUpdate => match RcptUpdate::decode(rec.payload) {
+            Ok(u) => {
+                let applied = index.get_mut(&u.id).is_some_and(|m| m.apply(&u));
+                if !applied {
+                    bad += 1;
+                }
+                if index.get(&u.id).is_some_and(QueuedMessage::is_done) {
+                    index.remove(&u.id);
+                }
             }
             Err(_) => bad += 1,
         },
     })?;
     if bad > 0 {
-        report
-            .damaged
-            .push(format!("{bad} message records did not decode"));
+        report.damaged.push(format!(
+            "{bad} records did not decode or named no queued message"
+        ));
     }
-    Ok((index, tail, report))
+    Ok(Recovered {
+        index,
+        tail,
+        report,
+        max_id,
+    })
 }
 
 /// One shard's queue, owned by the executor that serves the shard.
@@ -184,7 +219,12 @@ pub struct Spool {
 impl Spool {
     /// Recovers the shard (repairing a torn tail) and opens its log for appending.
     pub async fn open(data: &Path, shard: u32, cfg: LogConfig) -> io::Result<Spool> {
-        let (index, tail, report) = recover(data, shard, Mode::Repair)?;
+        let Recovered {
+            index,
+            tail,
+            report,
+            max_id,
+        } = recover(data, shard, Mode::Repair)?;
         if report.truncated_bytes > 0 || !report.damaged.is_empty() {
             tracing::warn!(shard, truncated_bytes = report.truncated_bytes, damaged = ?report.damaged, "recovery repaired the log");
         }
@@ -195,10 +235,7 @@ impl Spool {
             queued = index.len(),
             "shard recovered"
         );
-        let counter = index
-            .keys()
-            .next_back()
-            .map_or(1, |id| (id & ((1 << COUNTER_BITS) - 1)) + 1);
+        let counter = max_id.map_or(1, |id| (id & ((1 << COUNTER_BITS) - 1)) + 1);
         let log = ShardLog::open(&segment::shard_dir(data, shard), shard, tail, cfg).await?;
         Ok(Spool {
             shard,
@@ -227,6 +264,26 @@ impl Spool {
         Ok(())
     }
 
+    /// Makes a delivery attempt's outcome durable, then applies it; a message whose
+    /// recipients are all done leaves the queue.
+    pub async fn record(&self, u: RcptUpdate) -> Result<(), LogError> {
+        let ticket = self.log.append(Kind::RcptUpdate, |out| u.encode(out))?;
+        self.log.durable(ticket).await?;
+        let mut index = self.index.borrow_mut();
+        if let Some(m) = index.get_mut(&u.id) {
+            m.apply(&u);
+            if m.is_done() {
+                index.remove(&u.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy of one queued message's state.
+    pub fn get(&self, id: u64) -> Option<QueuedMessage> {
+        self.index.borrow().get(&id).cloned()
+    }
+
     pub fn len(&self) -> usize {
         self.index.borrow().len()
     }
@@ -250,7 +307,7 @@ pub fn list(data: &Path) -> io::Result<Vec<QueuedMessage>> {
     let manifest = ringmail_store::manifest::read(data)?;
     let mut all = Vec::new();
     for shard in 0..manifest.shards {
-        let (index, _, report) = recover(data, shard, Mode::ReadOnly)?;
+        let Recovered { index, report, .. } = recover(data, shard, Mode::ReadOnly)?;
         for d in &report.damaged {
             eprintln!("ringmail: shard {shard}: {d}");
         }
@@ -258,4 +315,130 @@ pub fn list(data: &Path) -> io::Result<Vec<QueuedMessage>> {
     }
     all.sort_by_key(|m| (m.received_at_ms, m.id));
     Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringmail_store::message::Recipient;
+
+    fn env(id: u64, rcpts: usize) -> Envelope {
+        Envelope {
+            id,
+            from: "a@src.test".into(),
+            recipients: (0..rcpts)
+                .map(|i| Recipient {
+                    address: format!("r{i}@dst.test"),
+                    ..Recipient::default()
+                })
+                .collect(),
+            ..Envelope::default()
+        }
+    }
+
+    fn update(id: u64, rcpt: u32, status: RcptStatus, attempts: u32) -> RcptUpdate {
+        RcptUpdate {
+            id,
+            rcpt,
+            status,
+            attempts,
+            next_attempt_ms: if status == RcptStatus::Deferred {
+                1_900_000_000_000
+            } else {
+                0
+            },
+            reply: format!("{} reply", status.as_str()),
+        }
+    }
+
+    #[test]
+    fn recipient_updates_survive_a_restart_and_finished_messages_leave_the_queue() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().to_path_buf();
+        ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+        let (a, b, c) = (make_id(0, 1), make_id(0, 2), make_id(0, 3));
+        let data2 = data.clone();
+        glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            for id in [a, b, c] {
+                spool.enqueue(env(id, 2), b"", b"body\r\n").await.unwrap();
+            }
+            spool
+                .record(update(a, 0, RcptStatus::Delivered, 1))
+                .await
+                .unwrap();
+            spool
+                .record(update(a, 1, RcptStatus::Deferred, 1))
+                .await
+                .unwrap();
+            spool
+                .record(update(b, 0, RcptStatus::Delivered, 1))
+                .await
+                .unwrap();
+            spool
+                .record(update(b, 1, RcptStatus::Delivered, 2))
+                .await
+                .unwrap();
+            spool
+                .record(update(c, 0, RcptStatus::Failed, 1))
+                .await
+                .unwrap();
+            assert_eq!(spool.len(), 2, "b is done");
+            spool.close().await;
+        });
+        let listed = list(&data).unwrap();
+        let ids: Vec<u64> = listed.iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![a, c]);
+        let st = |m: &QueuedMessage| {
+            m.rcpt
+                .iter()
+                .map(|r| (r.status, r.attempts))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            st(&listed[0]),
+            [(RcptStatus::Delivered, 1), (RcptStatus::Deferred, 1)]
+        );
+        assert_eq!(
+            st(&listed[1]),
+            [(RcptStatus::Failed, 1), (RcptStatus::Queued, 0)]
+        );
+        let json = listed[0].to_json();
+        assert_eq!(json["rcpt"][1]["status"], "deferred");
+        assert_eq!(json["rcpt"][1]["next_attempt_ms"], 1_900_000_000_000u64);
+        assert_eq!(json["rcpt"][1]["reply"], "deferred reply");
+        // The server's own recovery sees the same.
+        let data3 = data.clone();
+        glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data, 0, LogConfig::default()).await.unwrap();
+            assert_eq!(spool.len(), 2);
+            assert_eq!(
+                st(&spool.get(a).unwrap()),
+                [(RcptStatus::Delivered, 1), (RcptStatus::Deferred, 1)]
+            );
+            assert!(spool.get(b).is_none());
+            // New ids continue after every id ever used, queued or not.
+            assert_eq!(spool.next_id(), make_id(0, 4));
+            spool
+                .record(update(c, 1, RcptStatus::Delivered, 1))
+                .await
+                .unwrap();
+            spool
+                .record(update(a, 1, RcptStatus::Delivered, 2))
+                .await
+                .unwrap();
+            assert_eq!(spool.len(), 0);
+            spool.close().await;
+        });
+        glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data3, 0, LogConfig::default()).await.unwrap();
+            assert_eq!(spool.len(), 0);
+            assert_eq!(
+                spool.next_id(),
+                make_id(0, 4),
+                "an empty queue does not reuse ids"
+            );
+            spool.close().await;
+        });
+    }
 }
