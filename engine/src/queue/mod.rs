@@ -5,6 +5,8 @@
 //! [`list`] reads the same logs offline with the same recovery code, for
 //! `ringmail queue list`.
 
+pub mod retry;
+
 use ringmail_store::message::{self, Envelope, RcptUpdate};
 use ringmail_store::segment::{self, recover_shard, Mode};
 use ringmail_store::{Kind, Location, LogConfig, LogError, RecoveryReport, ShardLog};
