@@ -210,6 +210,63 @@ impl Ring {
         }
     }
 
+    /// Connects a new TCP socket to `addr`, giving up after `timeout`.
+    pub async fn connect(
+        self: &Rc<Self>,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<OwnedFd> {
+        let domain = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket(2).
+        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sa = socket2::SockAddr::from(addr);
+        let raw = fd.as_raw_fd();
+        let op = Op {
+            addr: Some(Box::new((
+                // SAFETY: sockaddr_storage is plain data; copied from a valid SockAddr.
+                unsafe { std::ptr::read(sa.as_ptr().cast::<libc::sockaddr_storage>()) },
+                sa.len(),
+            ))),
+            timeout: Some(Box::new(
+                types::Timespec::new()
+                    .sec(timeout.as_secs())
+                    .nsec(timeout.subsec_nanos()),
+            )),
+            ..Op::default()
+        };
+        let (res, _) = self
+            .start_op(op, |op, ud| {
+                let a = op.addr.as_ref().unwrap();
+                let ts: *const types::Timespec = &**op.timeout.as_ref().unwrap();
+                vec![
+                    opcode::Connect::new(
+                        types::Fd(raw),
+                        (&a.0 as *const libc::sockaddr_storage).cast(),
+                        a.1,
+                    )
+                    .build()
+                    .flags(squeue::Flags::IO_LINK)
+                    .user_data(ud),
+                    opcode::LinkTimeout::new(ts).build().user_data(UNWATCHED),
+                ]
+            })
+            .await;
+        match res {
+            r if r >= 0 => Ok(fd),
+            r if r == -libc::ECANCELED => Err(io::ErrorKind::TimedOut.into()),
+            r => Err(io::Error::from_raw_os_error(-r)),
+        }
+    }
+
     /// Accepts one connection on a listening socket.
     pub async fn accept(self: &Rc<Self>, listener: RawFd) -> io::Result<(OwnedFd, SocketAddr)> {
         let op = Op {

@@ -213,6 +213,7 @@ pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
 /// One shard's queue, owned by the executor that serves the shard.
 pub struct Spool {
     pub shard: u32,
+    dir: std::path::PathBuf,
     log: ShardLog,
     next_counter: Cell<u64>,
     index: RefCell<BTreeMap<u64, QueuedMessage>>,
@@ -241,6 +242,7 @@ impl Spool {
         let log = ShardLog::open(&segment::shard_dir(data, shard), shard, tail, cfg).await?;
         Ok(Spool {
             shard,
+            dir: segment::shard_dir(data, shard),
             log,
             next_counter: Cell::new(counter),
             index: RefCell::new(index),
@@ -279,6 +281,31 @@ impl Spool {
             }
         }
         Ok(())
+    }
+
+    /// Reads a queued message back from its segment: the envelope, and the message
+    /// as it is sent on (trace prefix, then the body).
+    pub async fn read_message(&self, id: u64) -> io::Result<(Envelope, Vec<u8>)> {
+        let loc = self
+            .get(id)
+            .map(|m| m.location)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such queued message"))?;
+        let file =
+            glommio::io::BufferedFile::open(segment::segment_path(&self.dir, loc.seq)).await?;
+        let bytes = file.read_at(loc.offset, loc.len as usize).await?;
+        let _ = file.close().await;
+        let rec = ringmail_store::record::decode(&bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("record of {id:016X}: {e:?}"),
+            )
+        })?;
+        let d = message::decode(rec.payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut out = Vec::with_capacity(d.prefix.len() + d.body.len());
+        out.extend_from_slice(d.prefix);
+        out.extend_from_slice(d.body);
+        Ok((d.envelope, out))
     }
 
     /// A copy of one queued message's state.
