@@ -20,6 +20,21 @@ pub struct Run {
 }
 
 impl Run {
+    /// A run measured by ringmail-load.
+    pub fn from_load(workload: &str, target: &str, rep: usize, o: &LoadOutput) -> Run {
+        Run {
+            workload: workload.into(),
+            target: target.into(),
+            rep,
+            messages: o.messages,
+            errors: o.errors,
+            seconds: o.seconds,
+            rate: o.rate,
+            p50_ms: Some(o.p50_ms),
+            p99_ms: Some(o.p99_ms),
+        }
+    }
+
     pub fn to_json(&self) -> Value {
         serde_json::json!({
             "workload": self.workload, "target": self.target, "rep": self.rep,

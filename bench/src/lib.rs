@@ -3,4 +3,5 @@
 
 pub mod compare;
 pub mod load;
+pub mod ring;
 pub mod sink;

@@ -113,21 +113,7 @@ pub fn serve(
             .user_data(ACCEPT),
     );
     while !stop.load(Ordering::Relaxed) {
-        let ts = types::Timespec::new().nsec(100_000_000);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                ) => {}
-            Err(e) => return Err(e),
-        }
-        let cqes: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let cqes = crate::ring::wait(&mut ring, std::time::Duration::from_millis(100))?;
         for (ud, res) in cqes {
             if ud == ACCEPT {
                 push(
@@ -317,12 +303,8 @@ fn drop_conn(conns: &mut HashMap<u64, Conn>, id: u64) {
 }
 
 fn push(ring: &mut IoUring, e: io_uring::squeue::Entry) {
-    // SAFETY: the entry's buffers belong to a connection kept in the map until its
-    // requests have completed (see `drop_conn`).
-    while unsafe { ring.submission().push(&e) }.is_err() {
-        ring.submit()
-            .expect("submit to make room in the submission queue");
-    }
+    // SAFETY: the entry's buffers belong to a connection kept in the map until its requests have completed (see `drop_conn`).
+    unsafe { crate::ring::push(ring, &e) }
 }
 
 /// Binds the sink's listener. Accepted sockets inherit TCP_NODELAY: a reply written

@@ -209,17 +209,7 @@ fn run(a: Args) -> Result<(), String> {
                     "{:>26} {:>9} rep {rep}: {:>8.0} msg/s ({} messages, {} errors)",
                     w.name, target, o.rate, o.messages, o.errors
                 );
-                runs.push(Run {
-                    workload: w.name.into(),
-                    target: target.into(),
-                    rep,
-                    messages: o.messages,
-                    errors: o.errors,
-                    seconds: o.seconds,
-                    rate: o.rate,
-                    p50_ms: Some(o.p50_ms),
-                    p99_ms: Some(o.p99_ms),
-                });
+                runs.push(Run::from_load(w.name, target, rep, &o));
             };
             record("sink", load(&a.bin, limit_port, w, w.messages)?);
             let port = free_port();
@@ -362,17 +352,7 @@ fn validate(bin: &Path, reps: usize, scale: u64) -> Result<Vec<Run>, String> {
                 messages,
             };
             let o = load(bin, port, &w, messages)?;
-            runs.push(Run {
-                workload: name.into(),
-                target: "ringmail-load".into(),
-                rep,
-                messages: o.messages,
-                errors: o.errors,
-                seconds: o.seconds,
-                rate: o.rate,
-                p50_ms: Some(o.p50_ms),
-                p99_ms: Some(o.p99_ms),
-            });
+            runs.push(Run::from_load(name, "ringmail-load", rep, &o));
         }
     }
     drop(sink);

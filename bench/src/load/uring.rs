@@ -173,21 +173,7 @@ pub fn run_thread(
         if now >= deadline {
             break;
         }
-        let wait = types::Timespec::from(deadline - now);
-        let args = types::SubmitArgs::new().timespec(&wait);
-        match ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                ) => {}
-            Err(e) => return Err(e),
-        }
-        let cqes: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let cqes = crate::ring::wait(&mut ring, deadline - now)?;
         let now = Instant::now();
         for (ud, res) in cqes {
             if ud == IGNORED {
@@ -335,12 +321,8 @@ fn close_async(ring: &mut IoUring, c: &mut Conn) {
 }
 
 fn push(ring: &mut IoUring, e: io_uring::squeue::Entry) {
-    // SAFETY: every pointer in the entry points into a `Conn` buffer that stays put until
-    // its completion is processed (the Vecs are not resized while a request is in flight).
-    while unsafe { ring.submission().push(&e) }.is_err() {
-        ring.submit()
-            .expect("submit to make room in the submission queue");
-    }
+    // SAFETY: every pointer in the entry points into a `Conn` buffer that stays put until its completion is processed.
+    unsafe { crate::ring::push(ring, &e) }
 }
 
 fn connect(ring: &mut IoUring, c: &mut Conn, i: usize) -> io::Result<()> {
