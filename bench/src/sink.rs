@@ -24,6 +24,8 @@ pub struct Faults {
     pub disconnect_permille: u32,
     /// Check each message against its `X-Load-Checksum` header (see `load::session`).
     pub verify: bool,
+    /// Answer the first this many messages 451 whatever the shares (a retry test).
+    pub tempfail_first: u64,
 }
 
 /// What the sink saw; shared with whoever reports it.
@@ -177,7 +179,12 @@ pub fn serve(
                                 seq += 1;
                                 let roll = (seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 1000;
                                 let roll = roll as u32;
-                                if roll < faults.disconnect_permille {
+                                if seq <= faults.tempfail_first {
+                                    counters.tempfailed.fetch_add(1, Ordering::Relaxed);
+                                    c.session.message_failed(
+                                        "451 4.3.0 ringmail-sink: injected temporary failure\r\n",
+                                    );
+                                } else if roll < faults.disconnect_permille {
                                     counters.disconnected.fetch_add(1, Ordering::Relaxed);
                                     dropped = true;
                                     break;

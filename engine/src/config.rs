@@ -23,6 +23,15 @@ pub struct Config {
     pub connections_per_shard_max: usize,
     /// How long open sessions may go on finishing their message after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Name servers for MX lookups (default: /etc/resolv.conf).
+    pub dns: Vec<SocketAddr>,
+    /// Port of remote MX hosts.
+    pub mx_port: u16,
+    /// Fixed next hops: (domain or `*`, host, port).
+    pub routes: Vec<(String, String, u16)>,
+    pub retry: crate::queue::retry::RetryPolicy,
+    /// Concurrent delivery attempts per destination domain and shard.
+    pub connections_per_destination_max: usize,
 }
 
 impl Default for Config {
@@ -38,6 +47,13 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(300),
             connections_per_shard_max: 10_000,
             shutdown_grace: Duration::from_secs(10),
+            dns: crate::dns::resolver::servers_from_resolv_conf(std::path::Path::new(
+                "/etc/resolv.conf",
+            )),
+            mx_port: 25,
+            routes: Vec::new(),
+            retry: crate::queue::retry::RetryPolicy::default(),
+            connections_per_destination_max: 16,
         }
     }
 }
@@ -145,6 +161,28 @@ struct FileLimits {
     rcpt_count_max: Option<usize>,
     idle_timeout_s: Option<u64>,
     connections_per_shard_max: Option<usize>,
+}
+
+/// `DOMAIN=HOST:PORT` (DOMAIN may be `*`: every non-local domain).
+pub fn parse_route(s: &str) -> Result<(String, String, u16), String> {
+    let bad = || {
+        format!(
+            "{s:?} is not DOMAIN=HOST:PORT (e.g. example.com=127.0.0.2:2525 or *=relay.example:25)"
+        )
+    };
+    let (domain, hop) = s.split_once('=').ok_or_else(bad)?;
+    let (host, port) = hop.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if domain.is_empty() || host.is_empty() {
+        return Err(bad());
+    }
+    Ok((
+        domain.to_ascii_lowercase(),
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port,
+    ))
 }
 
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {

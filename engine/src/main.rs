@@ -1,7 +1,7 @@
 //! The `ringmail` command line (DESIGN.md, "Command-line contract").
 
 use clap::{Args, Parser, Subcommand};
-use ringmail::config::{parse_addr, parse_cidr, Config};
+use ringmail::config::{parse_addr, parse_cidr, parse_route, Config};
 use ringmail::{queue, runtime};
 use ringmail_store::message::format_id;
 use std::io::Write;
@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Inspect the queue (works offline, also after the server was killed).
     Queue {
         #[command(subcommand)]
@@ -63,6 +63,25 @@ struct ServeArgs {
     /// Concurrent connections per shard [default: 10000]
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Name server for MX lookups, ADDR:PORT (repeatable) [default: /etc/resolv.conf]
+    #[arg(long = "dns", value_parser = parse_addr)]
+    dns: Vec<std::net::SocketAddr>,
+    /// Port of remote MX hosts [default: 25]
+    #[arg(long)]
+    mx_port: Option<u16>,
+    /// A fixed next hop for a domain, DOMAIN=HOST:PORT; `*` for every non-local domain
+    /// (a smarthost) (repeatable)
+    #[arg(long = "route", value_parser = parse_route)]
+    routes: Vec<(String, String, u16)>,
+    /// Seconds before the first retry of a deferred recipient [default: 60]
+    #[arg(long)]
+    retry_first: Option<u64>,
+    /// Longest wait between retries, seconds [default: 3600]
+    #[arg(long)]
+    retry_max: Option<u64>,
+    /// Seconds after which an undeliverable message bounces [default: 432000]
+    #[arg(long)]
+    max_queue_age: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -88,7 +107,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Queue {
             command: QueueCommand::List { data, json },
         } => queue_list(data, json),
@@ -133,6 +152,24 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     }
     if let Some(v) = a.max_connections {
         cfg.connections_per_shard_max = v;
+    }
+    if !a.dns.is_empty() {
+        cfg.dns = a.dns;
+    }
+    if let Some(v) = a.mx_port {
+        cfg.mx_port = v;
+    }
+    if !a.routes.is_empty() {
+        cfg.routes = a.routes;
+    }
+    if let Some(v) = a.retry_first {
+        cfg.retry.first = Duration::from_secs(v);
+    }
+    if let Some(v) = a.retry_max {
+        cfg.retry.cap = Duration::from_secs(v);
+    }
+    if let Some(v) = a.max_queue_age {
+        cfg.retry.max_age = Duration::from_secs(v);
     }
     runtime::serve(cfg)
 }

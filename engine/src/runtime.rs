@@ -120,7 +120,9 @@ async fn executor_main(
         .map_err(|e| format!("executor {index} cannot listen on {}: {e}", cfg.smtp))?;
     let ring = crate::net::Ring::start()
         .map_err(|e| format!("executor {index}: cannot set up its io_uring: {e}"))?;
-    let ingest = Ingest::new(cfg.clone(), spools.clone(), ring);
+    let ingest = Ingest::new(cfg.clone(), spools.clone(), ring.clone());
+    let delivery = crate::delivery::scheduler::Delivery::new(cfg.clone(), ring, spools.clone());
+    let delivery_task = glommio::spawn_local(delivery.clone().run());
     if ready.fetch_add(1, Ordering::SeqCst) + 1 == executors {
         tracing::info!(smtp = %cfg.smtp, executors, shards, data = %cfg.data.display(), "ringmail ready");
     }
@@ -137,6 +139,8 @@ async fn executor_main(
     ingest.clone().accept_loop(listener).await;
     watcher.await;
     ingest.drained(cfg.shutdown_grace).await;
+    delivery.stop();
+    delivery_task.await;
     for spool in &spools {
         spool.close().await;
     }

@@ -78,6 +78,13 @@ impl Server {
             .arg(self.addr.to_string())
             .arg("--hostname")
             .arg("mx.ringmail.test")
+            // Tests never ask the machine's resolver: unless a test brings its own
+            // name server, lookups go to a port where nothing answers.
+            .args(if self.args.iter().any(|a| a == "--dns") {
+                &[][..]
+            } else {
+                &["--dns", "127.0.0.1:9"][..]
+            })
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)

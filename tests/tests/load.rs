@@ -140,6 +140,7 @@ fn the_sink_injects_faults_and_the_load_tool_counts_them() {
         permfail_permille: 100,
         disconnect_permille: 50,
         verify: true,
+        ..Faults::default()
     };
     let (addr, counters, stop, h) = start_sink(faults);
     let report = run(addr, 1000, plan(0, true, false));

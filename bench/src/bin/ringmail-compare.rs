@@ -123,7 +123,7 @@ fn load(bin: &Path, port: u16, w: &Workload, messages: u64) -> Result<compare::L
             "--per-connection",
             &w.per_connection.to_string(),
         ])
-        .args(["--to", "rcpt@remote.test"])
+        .args(["--to", "rcpt@localhost"])
         .stderr(Stdio::null())
         .output()
         .map_err(|e| format!("ringmail-load: {e}"))?;

@@ -27,6 +27,9 @@ struct Args {
     /// Verify every message against its X-Load-Checksum header (ringmail-load adds it).
     #[arg(long)]
     verify: bool,
+    /// Answer the first N messages 451 (to test retries).
+    #[arg(long, default_value_t = 0)]
+    tempfail_first: u64,
     /// Stop after this many seconds (0: only on a signal).
     #[arg(long, default_value_t = 0)]
     seconds: u64,
@@ -78,6 +81,7 @@ fn main() -> std::process::ExitCode {
         permfail_permille: a.permfail,
         disconnect_permille: a.disconnect,
         verify: a.verify,
+        tempfail_first: a.tempfail_first,
     };
     if let Err(e) = sink::serve(listener, faults, counters.clone(), stop) {
         eprintln!("ringmail-sink: {e}");

@@ -1,6 +1,6 @@
-//! Delivery to remote MX hosts. Built so far: the bounce (DSN) builder. The driver that
-//! takes queued recipients to their MX (with `crate::dns`, `crate::smtp::client` and
-//! `crate::queue::retry`) is the open part of the delivery issue.
+//! Delivery to remote MX hosts: the scheduler finds due recipients, an attempt takes
+//! one message to one domain's MX, outcomes are logged durably, failures bounce.
 
 pub mod attempt;
 pub mod dsn;
+pub mod scheduler;

@@ -308,6 +308,40 @@ impl Spool {
         Ok((d.envelope, out))
     }
 
+    /// Recipients due for an attempt at `now_ms` (queued, or deferred until then), by
+    /// message: (id, [(recipient index, address)]).
+    pub fn due(&self, now_ms: u64) -> Vec<(u64, Vec<(u32, String)>)> {
+        self.index
+            .borrow()
+            .values()
+            .filter_map(|m| {
+                let due: Vec<(u32, String)> = m
+                    .rcpt
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| match r.status {
+                        RcptStatus::Queued => true,
+                        RcptStatus::Deferred => r.next_attempt_ms <= now_ms,
+                        _ => false,
+                    })
+                    .map(|(i, r)| (i as u32, r.to.clone()))
+                    .collect();
+                (!due.is_empty()).then_some((m.id, due))
+            })
+            .collect()
+    }
+
+    /// Makes every deferred recipient due now (`queue flush`).
+    pub fn flush(&self) {
+        for m in self.index.borrow_mut().values_mut() {
+            for r in &mut m.rcpt {
+                if r.status == RcptStatus::Deferred {
+                    r.next_attempt_ms = 0;
+                }
+            }
+        }
+    }
+
     /// A copy of one queued message's state.
     pub fn get(&self, id: u64) -> Option<QueuedMessage> {
         self.index.borrow().get(&id).cloned()

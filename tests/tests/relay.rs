@@ -1,0 +1,224 @@
+//! The server as a relay, end to end: the built binary, a DNS server in the test
+//! process, and ringmail-sink as the remote MX hosts on 127.0.0.2/127.0.0.3.
+
+use ringmail_bench::load::{Plan, SmtpRun};
+use ringmail_bench::sink::{self, Counters, Faults};
+use ringmail_tests::dns::{DnsServer, Zone};
+use ringmail_tests::{queued_id, Server};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Sink {
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start(addr: SocketAddr, faults: Faults) -> Sink {
+        let listener = sink::bind(addr).unwrap();
+        let counters = Arc::new(Counters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (counters.clone(), stop.clone());
+        let thread = Some(std::thread::spawn(move || {
+            sink::serve(listener, faults, c, s).unwrap()
+        }));
+        Sink {
+            counters,
+            stop,
+            thread,
+        }
+    }
+    fn accepted(&self) -> u64 {
+        self.counters.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap();
+    }
+}
+
+/// A port free on both 127.0.0.2 and 127.0.0.3 (MX hosts share the MX port).
+fn mx_port() -> u16 {
+    loop {
+        let p = std::net::TcpListener::bind("127.0.0.2:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if std::net::TcpListener::bind(("127.0.0.3", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+fn zone() -> Zone {
+    Zone::default()
+        .mx("dst.test", 10, "down.dst.test")
+        .mx("dst.test", 20, "up.dst.test")
+        .a("down.dst.test", "127.0.0.4")
+        .a("up.dst.test", "127.0.0.2")
+        .a("src.test", "127.0.0.3")
+        .a("implicit.test", "127.0.0.2")
+        .mx("nullmx.test", 0, ".")
+}
+
+fn relay(dns: &DnsServer, port: u16, extra: &[&str]) -> Server {
+    let dns = dns.addr.to_string();
+    let port = port.to_string();
+    let mut args = vec!["--dns", &dns, "--mx-port", &port, "--cores", "1"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn send(server: &Server, from: &str, to: &str, body: &str) -> String {
+    let mut c = server.connect();
+    c.reply();
+    c.send(
+        format!("EHLO client.test\r\nMAIL FROM:<{from}>\r\nRCPT TO:<{to}>\r\nDATA\r\n").as_bytes(),
+    );
+    assert_eq!(c.codes(4)[3], 354);
+    c.send(format!("{body}.\r\nQUIT\r\n").as_bytes());
+    let id = queued_id(&c.reply()).expect("queued");
+    c.reply();
+    id
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
+    let dns = DnsServer::start(zone());
+    let port = mx_port();
+    let up = Sink::start(
+        SocketAddr::from(([127, 0, 0, 2], port)),
+        Faults {
+            verify: true,
+            ..Faults::default()
+        },
+    );
+    let server = relay(&dns, port, &[]);
+    // 200 messages through the relay, each with a checksum the sink verifies.
+    let plan = Plan {
+        from: "load@src.test".into(),
+        to: vec!["a@dst.test".into(), "b@implicit.test".into()],
+        domains: vec![],
+        rcpts_per_message: 0,
+        size_min: 100,
+        size_max: 20_000,
+        per_connection: 0,
+        pipelining: true,
+        bdat: false,
+        helo: "client.test".into(),
+    };
+    let report = SmtpRun {
+        target: server.addr,
+        sessions: 4,
+        threads: 1,
+        messages: 200,
+        plan,
+        max_duration: Duration::from_secs(60),
+    }
+    .run()
+    .unwrap();
+    assert_eq!(report.stats.ok, 200);
+    // Each message goes out twice: once to dst.test's MX, once to implicit.test.
+    wait_until("400 deliveries", 60, || up.accepted() >= 400);
+    wait_until("an empty queue", 30, || server.queue().is_empty());
+    assert_eq!(up.accepted(), 400);
+    assert_eq!(
+        up.counters.verified.load(Ordering::SeqCst),
+        400,
+        "every body arrived intact"
+    );
+    assert_eq!(up.counters.corrupt.load(Ordering::SeqCst), 0);
+    assert!(
+        server.log_text().contains("relay=up.dst.test[127.0.0.2]"),
+        "MX 10 is down, MX 20 took it"
+    );
+}
+
+#[test]
+fn permanent_failures_bounce_to_the_sender_and_null_mx_bounces_at_once() {
+    let dns = DnsServer::start(zone());
+    let port = mx_port();
+    let refusing = Sink::start(
+        SocketAddr::from(([127, 0, 0, 2], port)),
+        Faults {
+            permfail_permille: 1000,
+            ..Faults::default()
+        },
+    );
+    let sender_mx = Sink::start(SocketAddr::from(([127, 0, 0, 3], port)), Faults::default());
+    let server = relay(&dns, port, &[]);
+    send(
+        &server,
+        "alice@src.test",
+        "x@dst.test",
+        "Subject: refused\r\n\r\nhello\r\n",
+    );
+    send(
+        &server,
+        "alice@src.test",
+        "y@nullmx.test",
+        "Subject: null mx\r\n\r\nhello\r\n",
+    );
+    // Two bounces reach the sender's domain (implicit MX 127.0.0.3).
+    wait_until("two bounces", 30, || sender_mx.accepted() >= 2);
+    wait_until("an empty queue", 30, || server.queue().is_empty());
+    assert_eq!(refusing.counters.permfailed.load(Ordering::SeqCst), 1);
+    let log = server.log_text();
+    assert!(log.contains("status=bounced (554 5.3.0"), "{log}");
+    assert!(log.contains("status=bounced (556 5.1.10"), "{log}");
+    assert_eq!(log.matches("bounce queued").count(), 2);
+}
+
+#[test]
+fn a_temporary_failure_is_retried_and_the_schedule_survives_a_restart() {
+    let dns = DnsServer::start(zone());
+    let port = mx_port();
+    let sink = Sink::start(
+        SocketAddr::from(([127, 0, 0, 2], port)),
+        Faults {
+            tempfail_first: 1,
+            ..Faults::default()
+        },
+    );
+    let mut server = relay(&dns, port, &["--retry-first", "2"]);
+    let id = send(
+        &server,
+        "alice@src.test",
+        "x@dst.test",
+        "Subject: retry\r\n\r\nhello\r\n",
+    );
+    wait_until("a deferral", 30, || {
+        server
+            .queue()
+            .first()
+            .is_some_and(|m| m["rcpt"][0]["status"] == "deferred")
+    });
+    let q = server.queue();
+    assert_eq!(q[0]["id"], id.as_str());
+    assert_eq!(q[0]["rcpt"][0]["attempts"], 1);
+    assert!(q[0]["rcpt"][0]["reply"]
+        .as_str()
+        .unwrap()
+        .starts_with("451 4.3.0"));
+    // Killed while deferred: the restarted server keeps the schedule and delivers.
+    server.kill9();
+    server.restart();
+    wait_until("the retry", 30, || sink.accepted() == 1);
+    wait_until("an empty queue", 30, || server.queue().is_empty());
+    assert_eq!(sink.counters.tempfailed.load(Ordering::SeqCst), 1);
+}
