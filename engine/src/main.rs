@@ -86,6 +86,11 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum QueueCommand {
+    /// Ask the running server to retry deferred mail now (SIGUSR1).
+    Flush {
+        #[arg(long, default_value = "./ringmail-data")]
+        data: PathBuf,
+    },
     /// List queued messages.
     List {
         #[arg(long, default_value = "./ringmail-data")]
@@ -111,6 +116,9 @@ fn main() -> ExitCode {
         Command::Queue {
             command: QueueCommand::List { data, json },
         } => queue_list(data, json),
+        Command::Queue {
+            command: QueueCommand::Flush { data },
+        } => queue_flush(data),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,6 +180,29 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         cfg.retry.max_age = Duration::from_secs(v);
     }
     runtime::serve(cfg)
+}
+
+fn queue_flush(data: PathBuf) -> Result<(), String> {
+    let path = runtime::pid_file(&data);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "cannot read {}: {e} (is the server running on this data directory?)",
+            path.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{} does not hold a process id", path.display()))?;
+    // SAFETY: kill(2) with a plain signal number.
+    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+        return Err(format!(
+            "cannot signal process {pid}: {} (is the server running?)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    println!("asked ringmail (pid {pid}) to retry deferred mail now");
+    Ok(())
 }
 
 fn queue_list(data: PathBuf, json: bool) -> Result<(), String> {

@@ -11,6 +11,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Bumped by SIGUSR1 (`ringmail queue flush`): executors make deferred mail due now.
+static FLUSH_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The file `queue flush` finds the server by.
+pub fn pid_file(data: &std::path::Path) -> std::path::PathBuf {
+    data.join("ringmail.pid")
+}
+
 /// How often an executor looks at the process-wide shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 
@@ -37,6 +45,9 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     // which would otherwise share the port with another server silently.)
     wait_port_free(cfg.smtp)?;
 
+    let pid = pid_file(&cfg.data);
+    std::fs::write(&pid, format!("{}\n", std::process::id()))
+        .map_err(|e| format!("cannot write {}: {e}", pid.display()))?;
     let shutdown = Arc::new(AtomicBool::new(false));
     block_signals();
     spawn_signal_thread(shutdown.clone());
@@ -87,6 +98,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             }
         }
     }
+    let _ = std::fs::remove_file(&pid);
     match first_error {
         None => {
             tracing::info!("stopped");
@@ -129,9 +141,16 @@ async fn executor_main(
 
     let watcher = {
         let ingest = ingest.clone();
+        let spools = spools.clone();
         glommio::spawn_local(async move {
+            let mut flushes = FLUSH_REQUESTS.load(Ordering::SeqCst);
             while !shutdown.load(Ordering::SeqCst) {
                 glommio::timer::sleep(SHUTDOWN_POLL).await;
+                let now = FLUSH_REQUESTS.load(Ordering::SeqCst);
+                if now != flushes {
+                    flushes = now;
+                    spools.iter().for_each(|s| s.flush());
+                }
             }
             ingest.begin_shutdown();
         })
@@ -173,6 +192,7 @@ fn signal_set() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         set
     }
 }
@@ -196,6 +216,11 @@ fn spawn_signal_thread(shutdown: Arc<AtomicBool>) {
                 let mut sig = 0;
                 // SAFETY: the set is initialised and `sig` is a valid out pointer.
                 if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                if sig == libc::SIGUSR1 {
+                    FLUSH_REQUESTS.fetch_add(1, Ordering::SeqCst);
+                    tracing::info!("flush: retrying deferred mail now");
                     continue;
                 }
                 if shutdown.swap(true, Ordering::SeqCst) {

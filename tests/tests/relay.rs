@@ -109,7 +109,7 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
         },
     );
     let server = relay(&dns, port, &[]);
-    // 200 messages through the relay, each with a checksum the sink verifies.
+    // 1000 messages through the relay, each with a checksum the sink verifies.
     let plan = Plan {
         from: "load@src.test".into(),
         to: vec!["a@dst.test".into(), "b@implicit.test".into()],
@@ -221,4 +221,74 @@ fn a_temporary_failure_is_retried_and_the_schedule_survives_a_restart() {
     wait_until("the retry", 30, || sink.accepted() == 1);
     wait_until("an empty queue", 30, || server.queue().is_empty());
     assert_eq!(sink.counters.tempfailed.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn queue_flush_retries_deferred_mail_now() {
+    let dns = DnsServer::start(zone());
+    let port = mx_port();
+    let sink = Sink::start(
+        SocketAddr::from(([127, 0, 0, 2], port)),
+        Faults {
+            tempfail_first: 1,
+            ..Faults::default()
+        },
+    );
+    let server = relay(&dns, port, &["--retry-first", "3600"]);
+    send(
+        &server,
+        "alice@src.test",
+        "x@dst.test",
+        "Subject: flush\r\n\r\nhello\r\n",
+    );
+    wait_until("a deferral", 30, || {
+        server
+            .queue()
+            .first()
+            .is_some_and(|m| m["rcpt"][0]["status"] == "deferred")
+    });
+    let next = server.queue()[0]["rcpt"][0]["next_attempt_ms"]
+        .as_u64()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(next > now + 2_000_000, "deferred for most of an hour");
+    let out = ringmail_tests::run_ok(
+        std::process::Command::new(ringmail_tests::binary())
+            .args(["queue", "flush", "--data"])
+            .arg(&server.data),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("retry deferred mail now"));
+    wait_until("the flushed delivery", 30, || sink.accepted() == 1);
+    wait_until("an empty queue", 30, || server.queue().is_empty());
+}
+
+#[test]
+fn mail_that_stays_undeliverable_expires_and_bounces() {
+    let dns = DnsServer::start(zone());
+    let port = mx_port();
+    let _busy = Sink::start(
+        SocketAddr::from(([127, 0, 0, 2], port)),
+        Faults {
+            tempfail_permille: 1000,
+            ..Faults::default()
+        },
+    );
+    let sender_mx = Sink::start(SocketAddr::from(([127, 0, 0, 3], port)), Faults::default());
+    let server = relay(&dns, port, &["--retry-first", "1", "--max-queue-age", "3"]);
+    send(
+        &server,
+        "alice@src.test",
+        "x@dst.test",
+        "Subject: expires\r\n\r\nhello\r\n",
+    );
+    wait_until("the bounce", 40, || sender_mx.accepted() == 1);
+    wait_until("an empty queue", 30, || server.queue().is_empty());
+    let log = server.log_text();
+    assert!(
+        log.contains("status=expired (550 5.4.7 message expired after"),
+        "{log}"
+    );
 }
