@@ -40,6 +40,9 @@ struct Args {
 
 struct Workload {
     name: &'static str,
+    /// Relay: the recipient is remote and the rate is end to end, from the first
+    /// message sent to the last one delivered into the sink.
+    relay: bool,
     size: usize,
     per_connection: usize,
     /// Messages for ringmail and the sink; Postfix gets a tenth (it is far slower and
@@ -123,11 +126,49 @@ fn load(bin: &Path, port: u16, w: &Workload, messages: u64) -> Result<compare::L
             "--per-connection",
             &w.per_connection.to_string(),
         ])
-        .args(["--to", "rcpt@localhost"])
+        .args([
+            "--to",
+            if w.relay {
+                "rcpt@relay.test"
+            } else {
+                "rcpt@localhost"
+            },
+        ])
         .stderr(Stdio::null())
         .output()
         .map_err(|e| format!("ringmail-load: {e}"))?;
     compare::parse_load_output(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Polls until `empty` says the queue drained (bounded: 300 s).
+fn wait_drained(what: &str, mut empty: impl FnMut() -> Result<bool, String>) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !empty()? {
+        if Instant::now() > deadline {
+            return Err(format!("{what} did not deliver everything within 300 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn ringmail_queue_empty(bin: &Path, data: &Path) -> Result<bool, String> {
+    let out = Command::new(bin.join("ringmail"))
+        .args(["queue", "list", "--json", "--data"])
+        .arg(data)
+        .output()
+        .map_err(|e| e.to_string())?;
+    Ok(out.status.success() && out.stdout.is_empty())
+}
+
+fn postfix_queue_empty(dir: &Path) -> Result<bool, String> {
+    let out = Command::new("postqueue")
+        .arg("-c")
+        .arg(dir.join("etc"))
+        .arg("-p")
+        .output()
+        .map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("Mail queue is empty"))
 }
 
 fn postfix(op: &str, dir: &Path, ports: &[u16]) -> Result<(), String> {
@@ -165,40 +206,59 @@ fn run(a: Args) -> Result<(), String> {
     let scale = if a.quick { 5 } else { 1 };
     let workloads = [
         Workload {
+            relay: false,
             name: "ingest 4 KiB, 1/conn",
             size: 4096,
             per_connection: 1,
             messages: 20_000 / scale,
         },
         Workload {
+            relay: false,
             name: "ingest 4 KiB, many/conn",
             size: 4096,
             per_connection: 0,
             messages: 60_000 / scale,
         },
         Workload {
+            relay: false,
             name: "ingest 100 KiB, 1/conn",
             size: 100 << 10,
             per_connection: 1,
             messages: 5_000 / scale,
         },
         Workload {
+            relay: false,
             name: "ingest 100 KiB, many/conn",
             size: 100 << 10,
             per_connection: 0,
             messages: 10_000 / scale,
         },
+        Workload {
+            relay: true,
+            name: "relay 4 KiB, many/conn",
+            size: 4096,
+            per_connection: 0,
+            messages: 30_000 / scale,
+        },
+        Workload {
+            relay: true,
+            name: "relay 100 KiB, many/conn",
+            size: 100 << 10,
+            per_connection: 0,
+            messages: 5_000 / scale,
+        },
     ];
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
     let (limit_sink, limit_port) = sink(&a.bin)?;
+    // The far end of every relay: ringmail routes to it, Postfix relays to it.
+    let (relay_sink, relay_port) = sink(&a.bin)?;
     let mut pf = None;
     if !a.no_postfix {
-        let (relay_sink, relay_port) = sink(&a.bin)?;
         let smtp_port = free_port();
         let dir = work.path().join("postfix");
         postfix("start", &dir, &[smtp_port, relay_port])?;
         wait_port(smtp_port)?;
-        pf = Some((relay_sink, smtp_port, dir));
+        pf = Some((smtp_port, dir));
     }
     let mut runs = Vec::new();
     let started = Instant::now();
@@ -223,29 +283,39 @@ fn run(a: Args) -> Result<(), String> {
                         &format!("127.0.0.1:{port}"),
                         "--hostname",
                         "ringmail.test",
+                        "--route",
+                        &format!("*=127.0.0.1:{relay_port}"),
                         "--data",
                     ])
                     .arg(&data)
                     .env("RINGMAIL_LOG", "warn"),
             )?;
             wait_port(port)?;
-            let o = load(&a.bin, port, w, w.messages)?;
+            let t = Instant::now();
+            let mut o = load(&a.bin, port, w, w.messages)?;
+            if w.relay {
+                wait_drained("ringmail", || ringmail_queue_empty(&a.bin, &data))?;
+                o.rate = o.messages as f64 / t.elapsed().as_secs_f64();
+            }
             server.stop();
             let _ = std::fs::remove_dir_all(&data);
             record("ringmail", o);
-            if let Some((_, smtp_port, _)) = &pf {
-                record(
-                    "postfix",
-                    load(&a.bin, *smtp_port, w, (w.messages / 10).max(100))?,
-                );
+            if let Some((smtp_port, dir)) = &pf {
+                let t = Instant::now();
+                let mut o = load(&a.bin, *smtp_port, w, (w.messages / 10).max(100))?;
+                if w.relay {
+                    wait_drained("postfix", || postfix_queue_empty(dir))?;
+                    o.rate = o.messages as f64 / t.elapsed().as_secs_f64();
+                }
+                record("postfix", o);
             }
         }
     }
     let validation = validate(&a.bin, reps, scale)?;
-    if let Some((relay_sink, _, dir)) = pf {
+    if let Some((_, dir)) = pf {
         postfix("stop", &dir, &[])?;
-        relay_sink.stop();
     }
+    relay_sink.stop();
     let limit_out = limit_sink.stop();
     let sink_counts = compare::parse_sink_output(&limit_out)?;
     let sent_to_sink: u64 = runs
@@ -346,6 +416,7 @@ fn validate(bin: &Path, reps: usize, scale: u64) -> Result<Vec<Run>, String> {
                 p99_ms: None,
             });
             let w = Workload {
+                relay: false,
                 name: "",
                 size: 4096,
                 per_connection: if many { 0 } else { 1 },

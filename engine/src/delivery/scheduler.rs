@@ -21,8 +21,10 @@ use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How often the queue is looked at for due recipients.
+/// Longest sleep between looks at the queue (deferred mail also wakes it on time).
 const SCAN_INTERVAL: Duration = Duration::from_millis(100);
+/// Messages taken off a spool's ready queue per pass.
+const TAKE_PER_PASS: usize = 64;
 
 pub struct Delivery {
     cfg: Rc<Config>,
@@ -33,6 +35,8 @@ pub struct Delivery {
     retry: RetryPolicy,
     /// (message id, recipient index) being attempted now.
     in_flight: RefCell<HashSet<(u64, u32)>>,
+    /// An attempt finished: its destination has room again.
+    finished: event_listener::Event,
     /// Attempts running per destination domain.
     per_destination: RefCell<HashMap<String, usize>>,
     stopping: Cell<bool>,
@@ -92,6 +96,7 @@ impl Delivery {
             resolver,
             spools,
             in_flight: RefCell::new(HashSet::new()),
+            finished: event_listener::Event::new(),
             per_destination: RefCell::new(HashMap::new()),
             stopping: Cell::new(false),
         })
@@ -101,11 +106,43 @@ impl Delivery {
         self.stopping.set(true);
     }
 
-    /// Looks for due work until stopped.
+    /// Hands out due work until stopped: woken by new mail, a finished attempt, a
+    /// flush, or the next deferred time.
     pub async fn run(self: Rc<Self>) {
         while !self.stopping.get() {
+            let listeners: Vec<_> = self.spools.iter().map(|s| s.wake.listen()).collect();
+            let finished = self.finished.listen();
             self.scan();
-            glommio::timer::sleep(SCAN_INTERVAL).await;
+            let now = now_ms();
+            let next = self.spools.iter().filter_map(|s| s.next_wakeup_ms()).min();
+            let wait = next.map_or(SCAN_INTERVAL, |t| {
+                Duration::from_millis(t.saturating_sub(now)).min(SCAN_INTERVAL)
+            });
+            futures_lite::future::or(
+                async {
+                    glommio::timer::sleep(wait).await;
+                },
+                async {
+                    futures_lite::future::or(finished, async {
+                        // Any spool's wake will do.
+                        let mut ls = listeners;
+                        match ls.pop() {
+                            Some(l) if ls.is_empty() => l.await,
+                            Some(l) => {
+                                futures_lite::future::or(l, async move {
+                                    for l in ls {
+                                        l.await;
+                                    }
+                                })
+                                .await
+                            }
+                            None => std::future::pending::<()>().await,
+                        }
+                    })
+                    .await
+                },
+            )
+            .await;
         }
     }
 
@@ -132,7 +169,9 @@ impl Delivery {
     fn scan(self: &Rc<Self>) {
         let now = now_ms();
         for spool in &self.spools {
-            for (id, due) in spool.due(now) {
+            // Bounded per pass: a backlog for one busy destination is cycled through
+            // a few at a time, not all of it on every finished attempt.
+            for (id, due) in spool.take_due(now, TAKE_PER_PASS) {
                 let mut by_domain: HashMap<String, Vec<u32>> = HashMap::new();
                 for (i, to) in due {
                     let Some(domain) = domain_of(&to) else {
@@ -144,6 +183,7 @@ impl Delivery {
                     }
                     by_domain.entry(domain).or_default().push(i);
                 }
+                let mut busy = false;
                 for (domain, rcpts) in by_domain {
                     let running = self
                         .per_destination
@@ -152,6 +192,7 @@ impl Delivery {
                         .copied()
                         .unwrap_or(0);
                     if running >= self.cfg.connections_per_destination_max {
+                        busy = true;
                         continue;
                     }
                     *self
@@ -171,8 +212,14 @@ impl Delivery {
                         if let Some(n) = me.per_destination.borrow_mut().get_mut(&domain) {
                             *n -= 1;
                         }
+                        me.finished.notify(usize::MAX);
                     })
                     .detach();
+                }
+                if busy {
+                    // Its destination is at its limit: back of the line, tried again
+                    // when an attempt finishes.
+                    spool.requeue(id);
                 }
             }
         }

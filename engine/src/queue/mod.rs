@@ -217,6 +217,13 @@ pub struct Spool {
     log: ShardLog,
     next_counter: Cell<u64>,
     index: RefCell<BTreeMap<u64, QueuedMessage>>,
+    /// Messages that may have a recipient due now, in arrival order (an id may be
+    /// stale or repeated: `take_due` checks). The scheduler never scans the index.
+    ready: RefCell<std::collections::VecDeque<u64>>,
+    /// Messages with deferred recipients, by the time they come due.
+    waiting: RefCell<BTreeMap<u64, Vec<u64>>>,
+    /// Wakes the scheduler: new mail, or a flush.
+    pub wake: event_listener::Event,
 }
 
 impl Spool {
@@ -240,12 +247,29 @@ impl Spool {
         );
         let counter = max_id.map_or(1, |id| (id & ((1 << COUNTER_BITS) - 1)) + 1);
         let log = ShardLog::open(&segment::shard_dir(data, shard), shard, tail, cfg).await?;
+        let mut ready = std::collections::VecDeque::new();
+        let mut waiting: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for m in index.values() {
+            for r in &m.rcpt {
+                match r.status {
+                    RcptStatus::Queued => ready.push_back(m.id),
+                    RcptStatus::Deferred => {
+                        waiting.entry(r.next_attempt_ms).or_default().push(m.id)
+                    }
+                    _ => continue,
+                }
+                break;
+            }
+        }
         Ok(Spool {
             shard,
             dir: segment::shard_dir(data, shard),
             log,
             next_counter: Cell::new(counter),
             index: RefCell::new(index),
+            ready: RefCell::new(ready),
+            waiting: RefCell::new(waiting),
+            wake: event_listener::Event::new(),
         })
     }
 
@@ -264,7 +288,10 @@ impl Spool {
         })?;
         let location = self.log.durable(ticket).await?;
         let m = QueuedMessage::new(env, body, location);
-        self.index.borrow_mut().insert(m.id, m);
+        let id = m.id;
+        self.index.borrow_mut().insert(id, m);
+        self.ready.borrow_mut().push_back(id);
+        self.wake.notify(usize::MAX);
         Ok(())
     }
 
@@ -280,7 +307,60 @@ impl Spool {
                 index.remove(&u.id);
             }
         }
+        if u.status == RcptStatus::Deferred {
+            self.waiting
+                .borrow_mut()
+                .entry(u.next_attempt_ms)
+                .or_default()
+                .push(u.id);
+        }
         Ok(())
+    }
+
+    /// Up to `max` messages with recipients due at `now_ms`: (id, [(recipient index,
+    /// address)]). Deferred messages whose time came are moved to the ready queue first.
+    pub fn take_due(&self, now_ms: u64, max: usize) -> Vec<(u64, Vec<(u32, String)>)> {
+        {
+            let mut waiting = self.waiting.borrow_mut();
+            let later = waiting.split_off(&(now_ms + 1));
+            let due = std::mem::replace(&mut *waiting, later);
+            let mut ready = self.ready.borrow_mut();
+            for ids in due.into_values() {
+                ready.extend(ids);
+            }
+        }
+        let index = self.index.borrow();
+        let mut ready = self.ready.borrow_mut();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(id) = ready.pop_front() else { break };
+            let Some(m) = index.get(&id) else { continue };
+            let due: Vec<(u32, String)> = m
+                .rcpt
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| match r.status {
+                    RcptStatus::Queued => true,
+                    RcptStatus::Deferred => r.next_attempt_ms <= now_ms,
+                    _ => false,
+                })
+                .map(|(i, r)| (i as u32, r.to.clone()))
+                .collect();
+            if !due.is_empty() {
+                out.push((id, due));
+            }
+        }
+        out
+    }
+
+    /// Puts a message back at the end of the ready queue (its destination was busy).
+    pub fn requeue(&self, id: u64) {
+        self.ready.borrow_mut().push_back(id);
+    }
+
+    /// When the next deferred message comes due, if any.
+    pub fn next_wakeup_ms(&self) -> Option<u64> {
+        self.waiting.borrow().keys().next().copied()
     }
 
     /// Reads a queued message back from its segment: the envelope, and the message
@@ -308,29 +388,6 @@ impl Spool {
         Ok((d.envelope, out))
     }
 
-    /// Recipients due for an attempt at `now_ms` (queued, or deferred until then), by
-    /// message: (id, [(recipient index, address)]).
-    pub fn due(&self, now_ms: u64) -> Vec<(u64, Vec<(u32, String)>)> {
-        self.index
-            .borrow()
-            .values()
-            .filter_map(|m| {
-                let due: Vec<(u32, String)> = m
-                    .rcpt
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| match r.status {
-                        RcptStatus::Queued => true,
-                        RcptStatus::Deferred => r.next_attempt_ms <= now_ms,
-                        _ => false,
-                    })
-                    .map(|(i, r)| (i as u32, r.to.clone()))
-                    .collect();
-                (!due.is_empty()).then_some((m.id, due))
-            })
-            .collect()
-    }
-
     /// Makes every deferred recipient due now (`queue flush`).
     pub fn flush(&self) {
         for m in self.index.borrow_mut().values_mut() {
@@ -340,6 +397,11 @@ impl Spool {
                 }
             }
         }
+        let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
+        self.ready
+            .borrow_mut()
+            .extend(waiting.into_values().flatten());
+        self.wake.notify(usize::MAX);
     }
 
     /// A copy of one queued message's state.
