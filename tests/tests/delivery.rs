@@ -1,7 +1,7 @@
 //! One delivery attempt end to end: DNS from a server in the test process, fake MX
 //! hosts on 127.0.0.2/127.0.0.3 (ringmail-sink, or nothing listening), real SMTP.
 
-use ringmail::delivery::attempt::{attempt, AttemptConfig, Destination, Outcome};
+use ringmail::delivery::attempt::{attempt, AttemptConfig, Destination, Outcome, Pool};
 use ringmail::dns::resolver::Resolver;
 use ringmail::net::Ring;
 use ringmail::smtp::client::{RcptResult, Transaction, TxRcpt};
@@ -83,7 +83,8 @@ fn run(dns: SocketAddr, port: u16, dest: Destination, tx: Transaction) -> Outcom
             connect_timeout: Duration::from_secs(2),
             reply_timeout: Duration::from_secs(5),
         };
-        attempt(&ring, &resolver, &cfg, &dest, &tx, MESSAGE).await
+        let pool = Pool::new(100, Duration::from_secs(5));
+        attempt(&ring, &pool, &resolver, &cfg, &dest, &tx, MESSAGE).await
     })
 }
 

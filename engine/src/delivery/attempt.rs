@@ -34,6 +34,61 @@ pub enum Destination {
     Route(String, u16),
 }
 
+/// Idle SMTP connections kept for the next message to the same host.
+pub struct Pool {
+    idle: std::cell::RefCell<std::collections::HashMap<SocketAddr, Vec<Idle>>>,
+    /// Messages one connection carries before it is closed.
+    pub messages_per_connection_max: usize,
+    /// An idle connection older than this is closed.
+    pub idle_timeout: Duration,
+}
+
+struct Idle {
+    fd: std::os::fd::OwnedFd,
+    client: Client,
+    used: usize,
+    since: std::time::Instant,
+}
+
+impl Pool {
+    pub fn new(messages_per_connection_max: usize, idle_timeout: Duration) -> Pool {
+        Pool {
+            idle: Default::default(),
+            messages_per_connection_max,
+            idle_timeout,
+        }
+    }
+
+    fn take(&self, addr: SocketAddr) -> Option<Idle> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some(i) = list.pop() {
+            if i.since.elapsed() < self.idle_timeout {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, i: Idle) {
+        self.idle.borrow_mut().entry(addr).or_default().push(i);
+    }
+
+    /// Closes connections idle past the timeout (their servers see the connection
+    /// close; a QUIT would cost a round trip for nothing).
+    pub fn expire(&self) {
+        let timeout = self.idle_timeout;
+        self.idle.borrow_mut().retain(|_, list| {
+            list.retain(|i| i.since.elapsed() < timeout);
+            !list.is_empty()
+        });
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
+    }
+}
+
 #[derive(Debug)]
 pub struct Outcome {
     /// One per recipient of the transaction, in order.
@@ -57,6 +112,7 @@ fn local(code: u16, e: (u8, u16, u16), text: String) -> Reply {
 /// Delivers `message` (trace prefix and body, as stored) to `tx`'s recipients.
 pub async fn attempt(
     ring: &Rc<Ring>,
+    pool: &Pool,
     resolver: &Resolver,
     cfg: &AttemptConfig,
     dest: &Destination,
@@ -113,7 +169,13 @@ pub async fn attempt(
         };
         for ip in addrs {
             let addr = SocketAddr::new(ip, port);
-            match session(ring, cfg, addr, tx, message).await {
+            // A pooled connection the server has meanwhile closed fails before any
+            // result: then a fresh one is tried before the next address.
+            let mut res = session(ring, pool, cfg, addr, tx, message, true).await;
+            if let Err((_, true)) = res {
+                res = session(ring, pool, cfg, addr, tx, message, false).await;
+            }
+            match res.map_err(|(why, _)| why) {
                 Ok(results) => {
                     return Outcome {
                         results,
@@ -137,22 +199,54 @@ pub async fn attempt(
 
 /// One SMTP session with one host. Err: the host could not be used (no connection,
 /// refused greeting), so the next one may be tried; Ok: the transaction's results.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     ring: &Rc<Ring>,
+    pool: &Pool,
     cfg: &AttemptConfig,
     addr: SocketAddr,
     tx: &Transaction,
     message: &[u8],
-) -> Result<Vec<RcptResult>, String> {
-    let fd = ring
-        .connect(addr, cfg.connect_timeout)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    may_reuse: bool,
+) -> Result<Vec<RcptResult>, (String, bool)> {
+    let pooled = if may_reuse { pool.take(addr) } else { None };
+    let reused = pooled.is_some();
+    let (fd, mut c, used) = match pooled {
+        Some(i) => (i.fd, i.client, i.used),
+        None => {
+            let fd = ring
+                .connect(addr, cfg.connect_timeout)
+                .await
+                .map_err(|e| (format!("connect: {e}"), false))?;
+            (fd, Client::new(&cfg.helo), 0)
+        }
+    };
+    let fail = |why: String| (why, reused);
     let raw = fd.as_raw_fd();
-    let mut c = Client::new(&cfg.helo);
-    let mut buf = Vec::with_capacity(16 << 10);
     let mut results: Option<Vec<RcptResult>> = None;
     let mut started = false;
+    if reused {
+        started = true;
+        if let Some(Event::Done(r)) = c.start(tx) {
+            // Refused before any command: the connection is as good as before.
+            pool.put(
+                addr,
+                Idle {
+                    fd,
+                    client: c,
+                    used,
+                    since: std::time::Instant::now(),
+                },
+            );
+            return Ok(r);
+        }
+        let out = c.output().to_vec();
+        c.clear_output();
+        ring.send_all(raw, &out, cfg.reply_timeout)
+            .await
+            .map_err(|e| fail(format!("send: {e}")))?;
+    }
+    let mut buf = Vec::with_capacity(16 << 10);
     loop {
         let (res, b) = ring
             .recv(raw, std::mem::take(&mut buf), cfg.reply_timeout)
@@ -164,8 +258,13 @@ async fn session(
             _ => {
                 return match (results, c.connection_lost()) {
                     (Some(r), _) => Ok(r),
+                    // A reused connection that died before answering anything: the
+                    // server closed it while idle; say so, so a fresh one is tried.
+                    (None, Some(Event::Done(_))) if reused => {
+                        Err(fail("pooled connection closed".into()))
+                    }
                     (None, Some(Event::Done(r))) => Ok(r),
-                    _ => Err("connection closed before the transaction".into()),
+                    _ => Err(fail("connection closed before the transaction".into())),
                 };
             }
         };
@@ -181,7 +280,25 @@ async fn session(
                         c.quit();
                     }
                 }
-                Event::Ready => c.quit(),
+                Event::Ready => {
+                    if used + 1 < pool.messages_per_connection_max
+                        && results.is_some()
+                        && c.output().is_empty()
+                    {
+                        let r = results.take().unwrap();
+                        pool.put(
+                            addr,
+                            Idle {
+                                fd,
+                                client: c,
+                                used: used + 1,
+                                since: std::time::Instant::now(),
+                            },
+                        );
+                        return Ok(r);
+                    }
+                    c.quit();
+                }
                 Event::SendBody { bdat } => {
                     let mut out = c.output().to_vec();
                     c.clear_output();
@@ -195,23 +312,23 @@ async fn session(
                     }
                     ring.send_all(raw, &out, cfg.reply_timeout)
                         .await
-                        .map_err(|e| format!("send: {e}"))?;
+                        .map_err(|e| fail(format!("send: {e}")))?;
                 }
                 Event::Done(r) => results = Some(r),
                 Event::Failed(reply) => {
                     return match results {
                         Some(r) => Ok(r),
-                        None => Err(reply.to_line()),
+                        None => Err(fail(reply.to_line())),
                     };
                 }
-                Event::Closed => return results.ok_or_else(|| "closed".to_string()),
+                Event::Closed => return results.ok_or_else(|| fail("closed".to_string())),
             }
         }
         if !c.output().is_empty() {
             let out = c.output().to_vec();
             c.clear_output();
             if let Err(e) = ring.send_all(raw, &out, cfg.reply_timeout).await {
-                return results.ok_or_else(|| format!("send: {e}"));
+                return results.ok_or_else(|| fail(format!("send: {e}")));
             }
         }
     }

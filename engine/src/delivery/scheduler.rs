@@ -37,6 +37,8 @@ pub struct Delivery {
     in_flight: RefCell<HashSet<(u64, u32)>>,
     /// An attempt finished: its destination has room again.
     finished: event_listener::Event,
+    /// Idle connections for the next message to the same host.
+    pool: super::attempt::Pool,
     /// Attempts running per destination domain.
     per_destination: RefCell<HashMap<String, usize>>,
     stopping: Cell<bool>,
@@ -97,6 +99,7 @@ impl Delivery {
             spools,
             in_flight: RefCell::new(HashSet::new()),
             finished: event_listener::Event::new(),
+            pool: super::attempt::Pool::new(100, Duration::from_secs(5)),
             per_destination: RefCell::new(HashMap::new()),
             stopping: Cell::new(false),
         })
@@ -112,6 +115,7 @@ impl Delivery {
         while !self.stopping.get() {
             let listeners: Vec<_> = self.spools.iter().map(|s| s.wake.listen()).collect();
             let finished = self.finished.listen();
+            self.pool.expire();
             self.scan();
             let now = now_ms();
             let next = self.spools.iter().filter_map(|s| s.next_wakeup_ms()).min();
@@ -260,6 +264,7 @@ impl Delivery {
         };
         let outcome = attempt(
             &self.ring,
+            &self.pool,
             &self.resolver,
             &self.attempt,
             &self.destination(domain),
