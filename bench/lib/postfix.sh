@@ -1,11 +1,14 @@
 # Private Postfix instance for benchmarks, in a directory of its own, on loopback.
-#   postfix_start DIR SMTP_PORT RELAY_PORT   # smtpd on 127.0.0.1:SMTP_PORT, relays to 127.0.0.1:RELAY_PORT
+#   postfix_start DIR SMTP_PORT RELAY_PORT [IP]  # smtpd on IP:SMTP_PORT (127.0.0.1),
+#                                               # relays to 127.0.0.1:RELAY_PORT
+#   POSTFIX_MAIN_CF_EXTRA="relay_domains = x.test" postfix_start ...   # more main.cf
 #   postfix_stop DIR
 # Never touches the system's Postfix configuration, queue or port 25.
 
 postfix_start() {
-  local dir=$1 port=$2 relay=$3
+  local dir=$1 port=$2 relay=$3 ip=${4:-127.0.0.1}
   mkdir -p "$dir/etc" "$dir/spool" "$dir/data" "$dir/log"
+  chmod 755 "$dir"
   chown postfix:postfix "$dir/data"
   cp /etc/postfix/master.cf "$dir/etc/master.cf"
   cp /etc/postfix/dynamicmaps.cf "$dir/etc/" 2>/dev/null || true
@@ -28,9 +31,10 @@ default_process_limit = 200
 smtp_destination_concurrency_limit = 64
 default_destination_concurrency_limit = 64
 smtputf8_enable = no
+${POSTFIX_MAIN_CF_EXTRA:-}
 CF
   # smtpd on a loopback port instead of 25; postlogd for maillog_file.
-  sed -i "s/^smtp      inet/127.0.0.1:$port inet/" "$dir/etc/master.cf"
+  sed -i "s/^smtp      inet/$ip:$port inet/" "$dir/etc/master.cf"
   grep -q '^postlog' "$dir/etc/master.cf" || echo "postlog   unix-dgram n  -       n       -       1       postlogd" >> "$dir/etc/master.cf"
   postconf -c "$dir/etc" -F '*/*/chroot = n'
   postfix -c "$dir/etc" set-permissions >/dev/null 2>&1 || true
