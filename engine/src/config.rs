@@ -32,6 +32,8 @@ pub struct Config {
     pub retry: crate::queue::retry::RetryPolicy,
     /// Concurrent delivery attempts per destination domain and shard.
     pub connections_per_destination_max: usize,
+    /// A log segment is sealed at this size (compaction deletes whole segments).
+    pub segment_bytes_max: u64,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             routes: Vec::new(),
             retry: crate::queue::retry::RetryPolicy::default(),
             connections_per_destination_max: 16,
+            segment_bytes_max: 64 << 20,
         }
     }
 }

@@ -82,6 +82,9 @@ struct ServeArgs {
     /// Seconds after which an undeliverable message bounces [default: 432000]
     #[arg(long)]
     max_queue_age: Option<u64>,
+    /// Size at which a log segment is sealed, in bytes [default: 67108864]
+    #[arg(long)]
+    segment_size: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -178,6 +181,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     }
     if let Some(v) = a.max_queue_age {
         cfg.retry.max_age = Duration::from_secs(v);
+    }
+    if let Some(v) = a.segment_size {
+        cfg.segment_bytes_max = v.max(64 << 10);
     }
     runtime::serve(cfg)
 }

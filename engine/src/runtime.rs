@@ -118,14 +118,20 @@ async fn executor_main(
 ) -> Result<(), String> {
     let mut spools = Vec::new();
     for shard in (0..shards).filter(|k| *k as usize % executors == index) {
-        let spool = Spool::open(&cfg.data, shard, LogConfig::default())
-            .await
-            .map_err(|e| {
-                format!(
-                    "shard {shard}: cannot open its log in {}: {e}",
-                    cfg.data.display()
-                )
-            })?;
+        let spool = Spool::open(
+            &cfg.data,
+            shard,
+            LogConfig {
+                segment_bytes_max: cfg.segment_bytes_max,
+            },
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "shard {shard}: cannot open its log in {}: {e}",
+                cfg.data.display()
+            )
+        })?;
         spools.push(Rc::new(spool));
     }
     let listener = crate::ingest::listen(cfg.smtp)

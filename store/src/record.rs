@@ -21,6 +21,9 @@ pub enum Kind {
     Message = 1,
     /// A delivery attempt's outcome for one recipient (see `message::RcptUpdate`).
     RcptUpdate = 2,
+    /// The shard's id counter, written before compaction deletes old segments, so
+    /// that ids stay unique when the messages that carried them are gone.
+    Checkpoint = 3,
 }
 
 impl Kind {
@@ -28,6 +31,7 @@ impl Kind {
         match v {
             1 => Some(Kind::Message),
             2 => Some(Kind::RcptUpdate),
+            3 => Some(Kind::Checkpoint),
             _ => None,
         }
     }

@@ -35,7 +35,7 @@ pub fn segment_path(shard_dir: &Path, seq: u64) -> PathBuf {
     shard_dir.join(format!("seg-{seq:012}.log"))
 }
 
-fn parse_segment_name(name: &str) -> Option<u64> {
+pub fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("seg-")?.strip_suffix(".log")?;
     if digits.len() != 12 {
         return None;

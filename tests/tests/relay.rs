@@ -108,7 +108,8 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
             ..Faults::default()
         },
     );
-    let server = relay(&dns, port, &[]);
+    // Small segments, so that compaction has finished ones to delete.
+    let server = relay(&dns, port, &["--segment-size", "262144"]);
     // 1000 messages through the relay, each with a checksum the sink verifies.
     let plan = Plan {
         from: "load@src.test".into(),
@@ -126,20 +127,20 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
         target: server.addr,
         sessions: 4,
         threads: 1,
-        messages: 200,
+        messages: 1000,
         plan,
         max_duration: Duration::from_secs(60),
     }
     .run()
     .unwrap();
-    assert_eq!(report.stats.ok, 200);
+    assert_eq!(report.stats.ok, 1000);
     // Each message goes out twice: once to dst.test's MX, once to implicit.test.
-    wait_until("400 deliveries", 60, || up.accepted() >= 400);
+    wait_until("2000 deliveries", 120, || up.accepted() >= 2000);
     wait_until("an empty queue", 30, || server.queue().is_empty());
-    assert_eq!(up.accepted(), 400);
+    assert_eq!(up.accepted(), 2000);
     assert_eq!(
         up.counters.verified.load(Ordering::SeqCst),
-        400,
+        2000,
         "every body arrived intact"
     );
     assert_eq!(up.counters.corrupt.load(Ordering::SeqCst), 0);
@@ -147,6 +148,22 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
         server.log_text().contains("relay=up.dst.test[127.0.0.2]"),
         "MX 10 is down, MX 20 took it"
     );
+    // Connections are reused: far fewer than one per message.
+    let connections = up.counters.connections.load(Ordering::SeqCst);
+    assert!(
+        connections < 200,
+        "{connections} connections for 2000 deliveries"
+    );
+    // Space comes back: ~10 MiB went through; the finished segments are deleted.
+    let bytes = || -> u64 {
+        std::fs::read_dir(server.data.join("shard-0"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    assert!(bytes() > 0);
+    wait_until("compaction", 30, || bytes() <= 2 * 262_144);
+    assert!(server.log_text().contains("compacted"));
 }
 
 #[test]

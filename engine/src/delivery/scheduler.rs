@@ -3,8 +3,8 @@
 //! records every outcome in the log before acting on it: delivered, failed (with a
 //! bounce to the sender) or deferred until the retry policy's next time.
 //!
-//! Not built yet: connection reuse across messages, a per-destination rate limit, and
-//! compaction of delivered messages' bytes.
+//! It also runs compaction every few seconds (`Spool::compact`). Not built yet: a
+//! per-destination rate limit.
 
 use super::attempt::{attempt, AttemptConfig, Destination};
 use super::dsn;
@@ -23,6 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Longest sleep between looks at the queue (deferred mail also wakes it on time).
 const SCAN_INTERVAL: Duration = Duration::from_millis(100);
+/// How often finished segments are looked for and deleted.
+const COMPACTION_INTERVAL: Duration = Duration::from_secs(2);
 /// Messages taken off a spool's ready queue per pass.
 const TAKE_PER_PASS: usize = 64;
 
@@ -39,6 +41,7 @@ pub struct Delivery {
     finished: event_listener::Event,
     /// Idle connections for the next message to the same host.
     pool: super::attempt::Pool,
+    last_compaction: Cell<std::time::Instant>,
     /// Attempts running per destination domain.
     per_destination: RefCell<HashMap<String, usize>>,
     stopping: Cell<bool>,
@@ -100,6 +103,7 @@ impl Delivery {
             in_flight: RefCell::new(HashSet::new()),
             finished: event_listener::Event::new(),
             pool: super::attempt::Pool::new(100, Duration::from_secs(5)),
+            last_compaction: Cell::new(std::time::Instant::now()),
             per_destination: RefCell::new(HashMap::new()),
             stopping: Cell::new(false),
         })
@@ -117,6 +121,14 @@ impl Delivery {
             let finished = self.finished.listen();
             self.pool.expire();
             self.scan();
+            if self.last_compaction.get().elapsed() >= COMPACTION_INTERVAL {
+                self.last_compaction.set(std::time::Instant::now());
+                for spool in &self.spools {
+                    if let Err(e) = spool.compact().await {
+                        tracing::warn!(shard = spool.shard, error = %e, "compaction failed");
+                    }
+                }
+            }
             let now = now_ms();
             let next = self.spools.iter().filter_map(|s| s.next_wakeup_ms()).min();
             let wait = next.map_or(SCAN_INTERVAL, |t| {

@@ -186,15 +186,23 @@ pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
         // An update always follows its message in the same shard's log.
         Kind::RcptUpdate => match RcptUpdate::decode(rec.payload) {
             Ok(u) => {
-                let applied = index.get_mut(&u.id).is_some_and(|m| m.apply(&u));
-                if !applied {
-                    bad += 1;
-                }
-                if index.get(&u.id).is_some_and(QueuedMessage::is_done) {
-                    index.remove(&u.id);
+                // An update for a message not in the index belongs to one that is
+                // done, or whose segment compaction removed: nothing to apply.
+                if let Some(m) = index.get_mut(&u.id) {
+                    m.apply(&u);
+                    if m.is_done() {
+                        index.remove(&u.id);
+                    }
                 }
             }
             Err(_) => bad += 1,
+        },
+        Kind::Checkpoint => match rec.payload {
+            [1, rest @ ..] if rest.len() == 8 => {
+                let next = u64::from_le_bytes(rest.try_into().unwrap());
+                max_id = max_id.max(next.checked_sub(1));
+            }
+            _ => bad += 1,
         },
     })?;
     if bad > 0 {
@@ -361,6 +369,55 @@ impl Spool {
     /// When the next deferred message comes due, if any.
     pub fn next_wakeup_ms(&self) -> Option<u64> {
         self.waiting.borrow().keys().next().copied()
+    }
+
+    /// Deletes the oldest segments once nothing queued lives in them. Updates always
+    /// follow their message in the log, so every record before the oldest live
+    /// message's segment concerns finished messages only. A checkpoint of the id
+    /// counter goes to the log first, so ids are not reused after their messages'
+    /// segments are gone. Returns the number of segments deleted.
+    ///
+    /// A message deferred for long pins every segment after it; copying such messages
+    /// forward is not built yet.
+    pub async fn compact(&self) -> io::Result<usize> {
+        let oldest_live = self.index.borrow().values().map(|m| m.location.seq).min();
+        let mut seqs: Vec<u64> = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()
+                    .and_then(segment::parse_segment_name)
+            })
+            .collect();
+        seqs.sort_unstable();
+        let Some(&newest) = seqs.last() else {
+            return Ok(0);
+        };
+        let limit = oldest_live.unwrap_or(newest).min(newest);
+        let dead: Vec<u64> = seqs.into_iter().filter(|s| *s < limit).collect();
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let next = self.next_counter.get();
+        let ticket = self.log.append(Kind::Checkpoint, |out| {
+            out.push(1);
+            out.extend_from_slice(&next.to_le_bytes());
+        });
+        self.log
+            .durable(ticket.map_err(|e| io::Error::other(e.to_string()))?)
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        for seq in &dead {
+            std::fs::remove_file(segment::segment_path(&self.dir, *seq))?;
+        }
+        segment::sync_dir(&self.dir)?;
+        tracing::info!(
+            shard = self.shard,
+            segments = dead.len(),
+            below = limit,
+            "compacted"
+        );
+        Ok(dead.len())
     }
 
     /// Reads a queued message back from its segment: the envelope, and the message
@@ -563,6 +620,66 @@ mod tests {
                 make_id(0, 4),
                 "an empty queue does not reuse ids"
             );
+            spool.close().await;
+        });
+    }
+
+    #[test]
+    fn compaction_deletes_finished_segments_and_ids_are_never_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().to_path_buf();
+        ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+        let small = LogConfig {
+            segment_bytes_max: 8 << 10,
+        };
+        let body = vec![b'x'; 2000];
+        let seg_count = |data: &Path| {
+            std::fs::read_dir(segment::shard_dir(data, 0))
+                .unwrap()
+                .count()
+        };
+        let data2 = data.clone();
+        let ids = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, small).await.unwrap();
+            let mut ids = Vec::new();
+            for _ in 0..20 {
+                let id = spool.next_id();
+                spool.enqueue(env(id, 1), b"", &body).await.unwrap();
+                ids.push(id);
+            }
+            let before = seg_count(&data2);
+            assert!(before >= 5, "small segments roll: {before}");
+            // Nothing is finished yet: nothing to delete.
+            assert_eq!(spool.compact().await.unwrap(), 0);
+            // The first 15 are delivered; the 16th still pins its segment and all later ones.
+            for &id in &ids[..15] {
+                spool
+                    .record(update(id, 0, RcptStatus::Delivered, 1))
+                    .await
+                    .unwrap();
+            }
+            let deleted = spool.compact().await.unwrap();
+            assert!(deleted >= 2, "old segments go: {deleted}");
+            assert_eq!(seg_count(&data2), before - deleted);
+            assert_eq!(spool.len(), 5);
+            // Then everything is delivered: all but the newest segment go.
+            for &id in &ids[15..] {
+                spool
+                    .record(update(id, 0, RcptStatus::Delivered, 1))
+                    .await
+                    .unwrap();
+            }
+            spool.compact().await.unwrap();
+            assert_eq!(seg_count(&data2), 1);
+            spool.close().await;
+            ids
+        });
+        // A restart finds an empty queue and still does not reuse an id.
+        assert!(list(&data).unwrap().is_empty());
+        glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data, 0, small).await.unwrap();
+            assert_eq!(spool.len(), 0);
+            assert!(spool.next_id() > *ids.last().unwrap());
             spool.close().await;
         });
     }
