@@ -166,6 +166,7 @@ async fn executor_main(
     ingest.drained(cfg.shutdown_grace).await;
     delivery.stop();
     delivery_task.await;
+    delivery.drained(cfg.shutdown_grace).await;
     for spool in &spools {
         spool.close().await;
     }

@@ -221,7 +221,9 @@ async fn session(
             (fd, Client::new(&cfg.helo), 0)
         }
     };
-    let fail = |why: String| (why, reused);
+    // Err((why, stale)): stale means a pooled connection died before this session
+    // received anything, so a fresh connection may be tried at once.
+    let fail = |why: String, received: bool| (why, reused && !received);
     let raw = fd.as_raw_fd();
     let mut results: Option<Vec<RcptResult>> = None;
     let mut started = false;
@@ -244,61 +246,52 @@ async fn session(
         c.clear_output();
         ring.send_all(raw, &out, cfg.reply_timeout)
             .await
-            .map_err(|e| fail(format!("send: {e}")))?;
+            .map_err(|e| fail(format!("send: {e}"), false))?;
     }
     let mut buf = Vec::with_capacity(16 << 10);
+    // Anything received on this connection in this session: a pooled connection
+    // that dies before that was closed by the server while idle (try a fresh one);
+    // after it, the message may have been taken, so never resend at once.
+    let mut received = false;
+    let mut finished = false;
     loop {
         let (res, b) = ring
             .recv(raw, std::mem::take(&mut buf), cfg.reply_timeout)
             .await;
         buf = b;
-        let events = match res {
-            Ok(n) if n > 0 => c.feed(&buf[..n]),
+        let mut events: std::collections::VecDeque<Event> = match res {
+            Ok(n) if n > 0 => {
+                received = true;
+                c.feed(&buf[..n]).into()
+            }
             // Closed, reset or silent: whatever was not answered is deferred.
             _ => {
                 return match (results, c.connection_lost()) {
                     (Some(r), _) => Ok(r),
-                    // A reused connection that died before answering anything: the
-                    // server closed it while idle; say so, so a fresh one is tried.
-                    (None, Some(Event::Done(_))) if reused => {
-                        Err(fail("pooled connection closed".into()))
+                    (None, Some(Event::Done(_))) if reused && !received => {
+                        Err(fail("pooled connection closed".into(), received))
                     }
                     (None, Some(Event::Done(r))) => Ok(r),
-                    _ => Err(fail("connection closed before the transaction".into())),
+                    _ => Err(fail(
+                        "connection closed before the transaction".into(),
+                        received,
+                    )),
                 };
             }
         };
         if buf.capacity() == 0 {
             buf = Vec::with_capacity(16 << 10);
         }
-        for ev in events {
+        while let Some(ev) = events.pop_front() {
             match ev {
                 Event::Ready if !started => {
                     started = true;
                     if let Some(Event::Done(r)) = c.start(tx) {
                         results = Some(r);
-                        c.quit();
+                        finished = true;
                     }
                 }
-                Event::Ready => {
-                    if used + 1 < pool.messages_per_connection_max
-                        && results.is_some()
-                        && c.output().is_empty()
-                    {
-                        let r = results.take().unwrap();
-                        pool.put(
-                            addr,
-                            Idle {
-                                fd,
-                                client: c,
-                                used: used + 1,
-                                since: std::time::Instant::now(),
-                            },
-                        );
-                        return Ok(r);
-                    }
-                    c.quit();
-                }
+                Event::Ready => finished = results.is_some(),
                 Event::SendBody { bdat } => {
                     let mut out = c.output().to_vec();
                     c.clear_output();
@@ -308,27 +301,52 @@ async fn session(
                         let mut d = DotStuffer::default();
                         d.stuff(message, &mut out);
                         out.extend_from_slice(d.finish());
-                        c.body_sent();
                     }
                     ring.send_all(raw, &out, cfg.reply_timeout)
                         .await
-                        .map_err(|e| fail(format!("send: {e}")))?;
+                        .map_err(|e| fail(format!("send: {e}"), received))?;
+                    if !bdat {
+                        // Replies that arrived with the 354 are read now.
+                        events.extend(c.body_sent());
+                    }
                 }
                 Event::Done(r) => results = Some(r),
                 Event::Failed(reply) => {
                     return match results {
                         Some(r) => Ok(r),
-                        None => Err(fail(reply.to_line())),
+                        None => Err(fail(reply.to_line(), received)),
                     };
                 }
-                Event::Closed => return results.ok_or_else(|| fail("closed".to_string())),
+                Event::Closed => {
+                    return results.ok_or_else(|| fail("closed".to_string(), received))
+                }
             }
+        }
+        if finished {
+            let r = results.take().expect("finished with results");
+            if c.reusable() && c.output().is_empty() && used + 1 < pool.messages_per_connection_max
+            {
+                pool.put(
+                    addr,
+                    Idle {
+                        fd,
+                        client: c,
+                        used: used + 1,
+                        since: std::time::Instant::now(),
+                    },
+                );
+            } else {
+                // Done with this connection: a polite QUIT, without waiting for 221.
+                c.quit();
+                let _ = ring.send_all(raw, c.output(), cfg.reply_timeout).await;
+            }
+            return Ok(r);
         }
         if !c.output().is_empty() {
             let out = c.output().to_vec();
             c.clear_output();
             if let Err(e) = ring.send_all(raw, &out, cfg.reply_timeout).await {
-                return results.ok_or_else(|| fail(format!("send: {e}")));
+                return results.ok_or_else(|| fail(format!("send: {e}"), received));
             }
         }
     }

@@ -113,6 +113,15 @@ impl Delivery {
         self.stopping.set(true);
     }
 
+    /// Waits (bounded) for running attempts to record their outcomes, so a shutdown
+    /// does not close the logs under them.
+    pub async fn drained(&self, grace: Duration) {
+        let deadline = std::time::Instant::now() + grace;
+        while !self.in_flight.borrow().is_empty() && std::time::Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Hands out due work until stopped: woken by new mail, a finished attempt, a
     /// flush, or the next deferred time.
     pub async fn run(self: Rc<Self>) {
@@ -225,9 +234,14 @@ impl Delivery {
                         for i in &rcpts {
                             me.in_flight.borrow_mut().remove(&(id, *i));
                         }
-                        if let Some(n) = me.per_destination.borrow_mut().get_mut(&domain) {
+                        let mut per = me.per_destination.borrow_mut();
+                        if let Some(n) = per.get_mut(&domain) {
                             *n -= 1;
+                            if *n == 0 {
+                                per.remove(&domain);
+                            }
                         }
+                        drop(per);
                         me.finished.notify(usize::MAX);
                     })
                     .detach();
@@ -247,7 +261,8 @@ impl Delivery {
         let (env, message) = match spool.read_message(id).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::error!(id = %idt, error = %e, "cannot read the queued message");
+                tracing::error!(id = %idt, error = %e, "cannot read the queued message; trying again in a minute");
+                spool.retry_at(id, now_ms() + 60_000);
                 return;
             }
         };
@@ -288,6 +303,8 @@ impl Delivery {
         let relay = outcome.relay.clone().unwrap_or_else(|| "none".into());
         let delay_s = now.saturating_sub(env.received_at_ms) as f64 / 1000.0;
         let mut failures = Vec::new();
+        // One draw for the attempt: its deferred recipients come back together.
+        let jitter = random_u64();
         for (k, result) in outcome.results.into_iter().enumerate() {
             let i = rcpts[k];
             let attempts = queued.rcpt.get(i as usize).map_or(0, |r| r.attempts) + 1;
@@ -296,10 +313,7 @@ impl Delivery {
                 RcptResult::Delivered(r) => (RcptStatus::Delivered, 0, r, "sent"),
                 RcptResult::Failed(r) => (RcptStatus::Failed, 0, r, "bounced"),
                 RcptResult::Deferred(r) => {
-                    match self
-                        .retry
-                        .next(attempts, env.received_at_ms, now, random_u64())
-                    {
+                    match self.retry.next(attempts, env.received_at_ms, now, jitter) {
                         Next::RetryAt(t) => (RcptStatus::Deferred, t, r, "deferred"),
                         Next::Expire => {
                             let text = format!(
@@ -333,8 +347,12 @@ impl Delivery {
                 reply: reply.to_line(),
             };
             if let Err(e) = spool.record(update).await {
-                tracing::error!(id = %idt, error = %e, "cannot record a delivery result; it will be retried");
-                return;
+                // The recipients not recorded stay as they were and are tried again
+                // (one delivered but unrecorded may be sent twice: the window every
+                // MTA has between a remote 250 and its own disk).
+                tracing::error!(id = %idt, error = %e, "cannot record a delivery result; trying again in a minute");
+                spool.retry_at(id, now_ms() + 60_000);
+                break;
             }
         }
         if !failures.is_empty() {
@@ -391,7 +409,12 @@ impl Delivery {
                 notify: 0,
                 orcpt: None,
             }],
-            body_type: BodyType::Unspecified,
+            // A returned 8-bit message makes the report 8-bit too.
+            body_type: if env.ret == Ret::Full && env.body_type == BodyType::EightBitMime {
+                BodyType::EightBitMime
+            } else {
+                BodyType::Unspecified
+            },
             smtputf8: env.smtputf8,
             ret: Ret::Unspecified,
             envid: None,

@@ -258,15 +258,17 @@ impl Spool {
         let mut ready = std::collections::VecDeque::new();
         let mut waiting: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         for m in index.values() {
-            for r in &m.rcpt {
-                match r.status {
-                    RcptStatus::Queued => ready.push_back(m.id),
-                    RcptStatus::Deferred => {
-                        waiting.entry(r.next_attempt_ms).or_default().push(m.id)
-                    }
-                    _ => continue,
-                }
-                break;
+            // Ready if any recipient is queued; otherwise due at the earliest deferral.
+            if m.rcpt.iter().any(|r| r.status == RcptStatus::Queued) {
+                ready.push_back(m.id);
+            } else if let Some(t) = m
+                .rcpt
+                .iter()
+                .filter(|r| r.status == RcptStatus::Deferred)
+                .map(|r| r.next_attempt_ms)
+                .min()
+            {
+                waiting.entry(t).or_default().push(m.id);
             }
         }
         Ok(Spool {
@@ -316,11 +318,7 @@ impl Spool {
             }
         }
         if u.status == RcptStatus::Deferred {
-            self.waiting
-                .borrow_mut()
-                .entry(u.next_attempt_ms)
-                .or_default()
-                .push(u.id);
+            self.retry_at(u.id, u.next_attempt_ms);
         }
         Ok(())
     }
@@ -359,6 +357,16 @@ impl Spool {
             }
         }
         out
+    }
+
+    /// Looks at a message again at `at_ms` (after a local error).
+    pub fn retry_at(&self, id: u64, at_ms: u64) {
+        let mut waiting = self.waiting.borrow_mut();
+        let ids = waiting.entry(at_ms).or_default();
+        // The recipients of one attempt share their retry time: one entry will do.
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
     }
 
     /// Puts a message back at the end of the ready queue (its destination was busy).

@@ -33,8 +33,10 @@ impl Reply {
         }
     }
 
+    /// 2xx: only a completion counts as success (a 3xx where a completion is due is
+    /// a protocol error, taken as temporary).
     pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
+        (200..300).contains(&self.code)
     }
 
     pub fn is_transient(&self) -> bool {
@@ -64,10 +66,10 @@ impl RcptResult {
     fn from_reply(r: Reply) -> RcptResult {
         if r.is_positive() {
             RcptResult::Delivered(r)
-        } else if r.is_transient() {
-            RcptResult::Deferred(r)
-        } else {
+        } else if r.code >= 500 {
             RcptResult::Failed(r)
+        } else {
+            RcptResult::Deferred(r)
         }
     }
 }
@@ -185,10 +187,14 @@ pub struct Client {
     pending_rcpts: Vec<String>,
     /// Octets of the current message (for BDAT).
     size: u64,
+    /// The server said 421: it is closing the connection.
+    closing: bool,
 }
 
 /// Longest reply line accepted (RFC 5321 says 512; some servers send more).
 const REPLY_LINE_BYTES_MAX: usize = 4096;
+/// Most lines in one reply (an EHLO reply has a dozen or two).
+const REPLY_LINES_MAX: usize = 200;
 
 impl Client {
     pub fn new(helo_name: &str) -> Client {
@@ -204,6 +210,7 @@ impl Client {
             bdat: false,
             pending_rcpts: Vec::new(),
             size: 0,
+            closing: false,
         }
     }
 
@@ -232,11 +239,19 @@ impl Client {
                     break;
                 }
             }
-            if self.st == St::Done {
+            // Done: nothing more to read. Body: the driver must send the message
+            // first; replies after the 354 stay buffered until `body_sent`.
+            if matches!(self.st, St::Done | St::Body) {
                 break;
             }
         }
         events
+    }
+
+    /// Ready for another transaction on this connection: idle, nothing unread, and
+    /// the server did not announce it is closing.
+    pub fn reusable(&self) -> bool {
+        self.st == St::Ready && self.inbuf.is_empty() && !self.closing
     }
 
     /// Starts a transaction. Requirements the server cannot meet fail the recipients
@@ -343,9 +358,13 @@ impl Client {
 
     /// The driver finished sending the message text after `SendBody { bdat: false }`
     /// (dot-stuffed, ending with the terminator from `DotStuffer::finish`).
-    pub fn body_sent(&mut self) {
-        assert_eq!(self.st, St::Body, "body_sent() without SendBody");
+    pub fn body_sent(&mut self) -> Vec<Event> {
+        if self.st != St::Body {
+            return Vec::new();
+        }
         self.st = St::Final;
+        // Replies that came with the 354 (a pipelining server's early answer).
+        self.feed(&[])
     }
 
     /// Ends the session politely.
@@ -388,6 +407,9 @@ impl Client {
     }
 
     fn on_reply(&mut self, reply: Reply, lines: Vec<String>, events: &mut Vec<Event>) {
+        if reply.code == 421 {
+            self.closing = true;
+        }
         match self.st {
             St::Greeting => {
                 if reply.code != 220 {
@@ -498,7 +520,24 @@ impl Client {
                     self.st = St::Body;
                     events.push(Event::SendBody { bdat: false });
                 } else {
-                    self.finish(reply, events);
+                    // DATA refused (or answered out of protocol): the recipients get
+                    // that reply; RSET clears the envelope the server may still hold.
+                    let reply = if reply.code < 400 {
+                        Reply::local(
+                            451,
+                            (4, 5, 0),
+                            &format!("unexpected reply to DATA: {}", reply.to_line()),
+                        )
+                    } else {
+                        reply
+                    };
+                    for r in self.results.iter_mut() {
+                        if matches!(r, Some(RcptResult::Delivered(_))) {
+                            *r = Some(RcptResult::from_reply(reply.clone()));
+                        }
+                    }
+                    self.out.extend_from_slice(b"RSET\r\n");
+                    self.st = St::Rset;
                 }
             }
             St::Body | St::Final => self.finish(reply, events),
@@ -544,6 +583,9 @@ fn take_reply(buf: &mut Vec<u8>) -> Result<Option<(Reply, Vec<String>)>, Reply> 
     let mut lines = Vec::new();
     let mut code = None;
     loop {
+        if lines.len() >= REPLY_LINES_MAX {
+            return Err(Reply::local(500, (5, 5, 0), "reply has too many lines"));
+        }
         let Some(nl) = memchr::memchr(b'\n', &buf[pos..]) else {
             if buf.len() - pos > REPLY_LINE_BYTES_MAX {
                 return Err(Reply::local(500, (5, 5, 0), "reply line too long"));

@@ -334,3 +334,51 @@ fn dot_stuffing_across_chunks() {
     assert_eq!(d.finish(), b"\n.\r\n");
     assert_eq!(DotStuffer::default().finish(), b".\r\n", "empty message");
 }
+
+#[test]
+fn a_reply_right_behind_the_354_waits_for_the_body() {
+    let mut c = ready(PIPELINING_EHLO, false);
+    c.start(&tx(&["x@d"]));
+    feed(&mut c, "", false);
+    // The 421 arrives in the same packet as the 354; it answers the message, so it
+    // must not be taken before the body was sent.
+    let (_, ev) = feed(
+        &mut c,
+        "250 ok\r\n250 ok\r\n354 go\r\n421 4.3.2 closing\r\n",
+        false,
+    );
+    assert_eq!(ev, vec![Event::SendBody { bdat: false }]);
+    let ev = c.body_sent();
+    assert_eq!(codes(&ev), [('T', 421)]);
+    assert!(!c.reusable(), "the server announced it is closing");
+}
+
+#[test]
+fn a_refused_data_resets_the_envelope_and_a_bogus_one_defers() {
+    let mut c = ready(PIPELINING_EHLO, false);
+    c.start(&tx(&["x@d"]));
+    feed(&mut c, "", false);
+    let (out, ev) = feed(
+        &mut c,
+        "250 ok\r\n250 ok\r\n451 4.3.0 no data now\r\n",
+        false,
+    );
+    assert_eq!(out, "RSET\r\n");
+    assert!(ev.is_empty());
+    let (_, ev) = feed(&mut c, "250 ok\r\n", false);
+    assert_eq!(codes(&ev), [('T', 451)]);
+    assert!(c.reusable());
+    // A 250 where 354 is due is not a delivery.
+    c.start(&tx(&["x@d"]));
+    feed(&mut c, "", false);
+    feed(&mut c, "250 ok\r\n250 ok\r\n250 what\r\n", false);
+    let (_, ev) = feed(&mut c, "250 ok\r\n", false);
+    assert_eq!(codes(&ev), [('T', 451)]);
+}
+
+#[test]
+fn an_endless_multiline_reply_is_refused() {
+    let mut c = ready(PIPELINING_EHLO, false);
+    let ev = c.feed("250-x\r\n".repeat(300).as_bytes());
+    assert!(matches!(&ev[..], [Event::Failed(_)]), "{ev:?}");
+}
