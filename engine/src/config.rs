@@ -34,6 +34,8 @@ pub struct Config {
     pub connections_per_destination_max: usize,
     /// A log segment is sealed at this size (compaction deletes whole segments).
     pub segment_bytes_max: u64,
+    /// Messages per second per destination domain and shard (None: no limit).
+    pub destination_rate: Option<f64>,
 }
 
 impl Default for Config {
@@ -57,6 +59,7 @@ impl Default for Config {
             retry: crate::queue::retry::RetryPolicy::default(),
             connections_per_destination_max: 16,
             segment_bytes_max: 64 << 20,
+            destination_rate: None,
         }
     }
 }

@@ -85,6 +85,9 @@ struct ServeArgs {
     /// Size at which a log segment is sealed, in bytes [default: 67108864]
     #[arg(long)]
     segment_size: Option<u64>,
+    /// Most messages per second to one destination domain, per shard [default: no limit]
+    #[arg(long)]
+    destination_rate: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -184,6 +187,14 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     }
     if let Some(v) = a.segment_size {
         cfg.segment_bytes_max = v.max(64 << 10);
+    }
+    if let Some(v) = a.destination_rate {
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(
+                "--destination-rate must be a positive number of messages per second".into(),
+            );
+        }
+        cfg.destination_rate = Some(v);
     }
     runtime::serve(cfg)
 }

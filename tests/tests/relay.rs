@@ -311,3 +311,28 @@ fn mail_that_stays_undeliverable_expires_and_bounces() {
         "{log}"
     );
 }
+
+#[test]
+fn a_destination_rate_limit_spaces_the_deliveries() {
+    let dns = DnsServer::start(zone());
+    let port = mx_port();
+    let sink = Sink::start(SocketAddr::from(([127, 0, 0, 2], port)), Faults::default());
+    let server = relay(&dns, port, &["--destination-rate", "10"]);
+    let t = Instant::now();
+    for i in 0..25 {
+        send(
+            &server,
+            "alice@src.test",
+            "x@dst.test",
+            &format!("Subject: {i}\r\n\r\nhello\r\n"),
+        );
+    }
+    wait_until("25 deliveries", 60, || sink.accepted() == 25);
+    // A burst of 10, then 10 a second: the last 15 take at least 1.5 s from the
+    // first message, however fast they were sent.
+    assert!(
+        t.elapsed() >= Duration::from_millis(1300),
+        "{:?}",
+        t.elapsed()
+    );
+}

@@ -42,6 +42,8 @@ pub struct Delivery {
     /// Idle connections for the next message to the same host.
     pool: super::attempt::Pool,
     last_compaction: Cell<std::time::Instant>,
+    /// Token buckets of the per-destination rate limit: (tokens, last refill).
+    buckets: RefCell<HashMap<String, (f64, std::time::Instant)>>,
     /// Attempts running per destination domain.
     per_destination: RefCell<HashMap<String, usize>>,
     stopping: Cell<bool>,
@@ -104,6 +106,7 @@ impl Delivery {
             finished: event_listener::Event::new(),
             pool: super::attempt::Pool::new(100, Duration::from_secs(5)),
             last_compaction: Cell::new(std::time::Instant::now()),
+            buckets: RefCell::new(HashMap::new()),
             per_destination: RefCell::new(HashMap::new()),
             stopping: Cell::new(false),
         })
@@ -171,6 +174,26 @@ impl Delivery {
         }
     }
 
+    /// The per-destination rate limit: a token bucket holding up to a second's worth.
+    fn take_token(&self, domain: &str) -> bool {
+        let Some(rate) = self.cfg.destination_rate else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.borrow_mut();
+        let (tokens, last) = buckets
+            .entry(domain.to_string())
+            .or_insert((rate.max(1.0), now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate.max(1.0));
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
     fn is_local(&self, domain: &str) -> bool {
         self.cfg
             .local_domains
@@ -216,7 +239,9 @@ impl Delivery {
                         .get(&domain)
                         .copied()
                         .unwrap_or(0);
-                    if running >= self.cfg.connections_per_destination_max {
+                    if running >= self.cfg.connections_per_destination_max
+                        || !self.take_token(&domain)
+                    {
                         busy = true;
                         continue;
                     }
