@@ -3,6 +3,7 @@
 //! queue with the offline command.
 
 pub mod dns;
+pub mod sink;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -5,45 +5,16 @@ use ringmail::delivery::attempt::{attempt, AttemptConfig, Destination, Outcome, 
 use ringmail::dns::resolver::Resolver;
 use ringmail::net::Ring;
 use ringmail::smtp::client::{RcptResult, Transaction, TxRcpt};
-use ringmail_bench::sink::{self, Counters, Faults};
+use ringmail_bench::sink::Faults;
 use ringmail_tests::dns::{DnsServer, Zone};
+use ringmail_tests::sink::Sink;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-struct Mx {
-    port: u16,
-    counters: Arc<Counters>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Mx {
-    /// A sink on 127.0.0.2; 127.0.0.3 on the same port has nothing listening.
-    fn start(faults: Faults) -> Mx {
-        let listener = sink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let counters = Arc::new(Counters::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (counters.clone(), stop.clone());
-        let thread = Some(std::thread::spawn(move || {
-            sink::serve(listener, faults, c, s).unwrap()
-        }));
-        Mx {
-            port,
-            counters,
-            stop,
-            thread,
-        }
-    }
-}
-
-impl Drop for Mx {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap();
-    }
+/// A sink on 127.0.0.2; 127.0.0.3 on the same port has nothing listening.
+fn start_mx(faults: Faults) -> Sink {
+    Sink::start("127.0.0.2:0".parse().unwrap(), faults)
 }
 
 fn zone() -> Zone {
@@ -102,20 +73,20 @@ fn kinds(o: &Outcome) -> Vec<(char, u16)> {
 #[test]
 fn by_mx_preference_with_failover_and_the_body_arrives_intact() {
     let dns = DnsServer::start(zone());
-    let mx = Mx::start(Faults {
+    let mx = start_mx(Faults {
         verify: false,
         ..Faults::default()
     });
     let o = run(
         dns.addr,
-        mx.port,
+        mx.addr.port(),
         Destination::Mx("example.test".into()),
         tx(&["x@example.test", "y@example.test"]),
     );
     assert_eq!(kinds(&o), [('D', 250), ('D', 250)]);
     assert_eq!(
         o.relay.as_deref(),
-        Some(format!("up.example.test[127.0.0.2]:{}", mx.port).as_str())
+        Some(format!("up.example.test[127.0.0.2]:{}", mx.addr.port()).as_str())
     );
     assert_eq!(
         mx.counters.accepted.load(Ordering::SeqCst),
@@ -132,17 +103,17 @@ fn by_mx_preference_with_failover_and_the_body_arrives_intact() {
 #[test]
 fn implicit_mx_null_mx_and_nxdomain() {
     let dns = DnsServer::start(zone());
-    let mx = Mx::start(Faults::default());
+    let mx = start_mx(Faults::default());
     let o = run(
         dns.addr,
-        mx.port,
+        mx.addr.port(),
         Destination::Mx("implicit.test".into()),
         tx(&["x@implicit.test"]),
     );
     assert_eq!(kinds(&o), [('D', 250)]);
     let o = run(
         dns.addr,
-        mx.port,
+        mx.addr.port(),
         Destination::Mx("nullmx.test".into()),
         tx(&["x@nullmx.test"]),
     );
@@ -153,7 +124,7 @@ fn implicit_mx_null_mx_and_nxdomain() {
     assert_eq!(r.enhanced, Some((5, 1, 10)));
     let o = run(
         dns.addr,
-        mx.port,
+        mx.addr.port(),
         Destination::Mx("nowhere.test".into()),
         tx(&["x@nowhere.test"]),
     );
@@ -164,33 +135,33 @@ fn implicit_mx_null_mx_and_nxdomain() {
 #[test]
 fn refusals_and_unreachable_hosts() {
     let dns = DnsServer::start(zone());
-    let mx = Mx::start(Faults {
+    let mx = start_mx(Faults {
         permfail_permille: 1000,
         ..Faults::default()
     });
     let o = run(
         dns.addr,
-        mx.port,
-        Destination::Route("127.0.0.2".into(), mx.port),
+        mx.addr.port(),
+        Destination::Route("127.0.0.2".into(), mx.addr.port()),
         tx(&["x@any.test"]),
     );
     assert_eq!(kinds(&o), [('F', 554)]);
-    let tmp = Mx::start(Faults {
+    let tmp = start_mx(Faults {
         tempfail_permille: 1000,
         ..Faults::default()
     });
     let o = run(
         dns.addr,
-        tmp.port,
-        Destination::Route("127.0.0.2".into(), tmp.port),
+        tmp.addr.port(),
+        Destination::Route("127.0.0.2".into(), tmp.addr.port()),
         tx(&["x@any.test"]),
     );
     assert_eq!(kinds(&o), [('T', 451)]);
     // Nothing listens on 127.0.0.3: deferred, with the reason.
     let o = run(
         dns.addr,
-        mx.port,
-        Destination::Route("127.0.0.3".into(), mx.port),
+        mx.addr.port(),
+        Destination::Route("127.0.0.3".into(), mx.addr.port()),
         tx(&["x@any.test"]),
     );
     assert_eq!(kinds(&o), [('T', 451)]);

@@ -2,12 +2,12 @@
 //! what arrives must be exactly what was sent, by count and by content checksum.
 
 use ringmail_bench::load::{session::message, Plan, SharedBudget, SmtpRun};
-use ringmail_bench::sink::{self, Counters, Faults};
+use ringmail_bench::sink::Faults;
+use ringmail_tests::sink::Sink;
 use ringmail_tests::Server;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 fn plan(per_connection: usize, pipelining: bool, bdat: bool) -> Plan {
@@ -76,29 +76,16 @@ fn load_into_ringmail_arrives_whole() {
     }
 }
 
-fn start_sink(
-    faults: Faults,
-) -> (
-    SocketAddr,
-    Arc<Counters>,
-    Arc<AtomicBool>,
-    std::thread::JoinHandle<()>,
-) {
-    let listener = sink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let counters = Arc::new(Counters::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (c, s) = (counters.clone(), stop.clone());
-    let h = std::thread::spawn(move || sink::serve(listener, faults, c, s).unwrap());
-    (addr, counters, stop, h)
-}
-
 #[test]
 fn load_into_the_sink_counts_and_checksums_match() {
-    let (addr, counters, stop, h) = start_sink(Faults {
-        verify: true,
-        ..Faults::default()
-    });
+    let sink = Sink::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Faults {
+            verify: true,
+            ..Faults::default()
+        },
+    );
+    let (addr, counters) = (sink.addr, &sink.counters);
     let p = plan(5, true, true);
     let report = run(addr, 500, p.clone());
     assert_eq!((report.stats.ok, report.stats.errors), (500, 0));
@@ -129,8 +116,6 @@ fn load_into_the_sink_counts_and_checksums_match() {
         json["codes"]["250"].as_u64().unwrap(),
         500 * 4 + json["codes"]["220"].as_u64().unwrap()
     );
-    stop.store(true, Ordering::SeqCst);
-    h.join().unwrap();
 }
 
 #[test]
@@ -142,7 +127,8 @@ fn the_sink_injects_faults_and_the_load_tool_counts_them() {
         verify: true,
         ..Faults::default()
     };
-    let (addr, counters, stop, h) = start_sink(faults);
+    let sink = Sink::start("127.0.0.1:0".parse().unwrap(), faults);
+    let (addr, counters) = (sink.addr, &sink.counters);
     let report = run(addr, 1000, plan(0, true, false));
     let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::SeqCst);
     let (ok, temp, perm, disc) = (
@@ -166,6 +152,4 @@ fn the_sink_injects_faults_and_the_load_tool_counts_them() {
     );
     assert_eq!(report.stats.codes.get(&451).copied().unwrap_or(0), temp);
     assert_eq!(report.stats.codes.get(&554).copied().unwrap_or(0), perm);
-    stop.store(true, Ordering::SeqCst);
-    h.join().unwrap();
 }

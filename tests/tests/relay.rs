@@ -2,46 +2,13 @@
 //! process, and ringmail-sink as the remote MX hosts on 127.0.0.2/127.0.0.3.
 
 use ringmail_bench::load::{Plan, SmtpRun};
-use ringmail_bench::sink::{self, Counters, Faults};
+use ringmail_bench::sink::Faults;
 use ringmail_tests::dns::{DnsServer, Zone};
+use ringmail_tests::sink::Sink;
 use ringmail_tests::{queued_id, Server};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-struct Sink {
-    counters: Arc<Counters>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Sink {
-    fn start(addr: SocketAddr, faults: Faults) -> Sink {
-        let listener = sink::bind(addr).unwrap();
-        let counters = Arc::new(Counters::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (counters.clone(), stop.clone());
-        let thread = Some(std::thread::spawn(move || {
-            sink::serve(listener, faults, c, s).unwrap()
-        }));
-        Sink {
-            counters,
-            stop,
-            thread,
-        }
-    }
-    fn accepted(&self) -> u64 {
-        self.counters.accepted.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap();
-    }
-}
 
 /// A port free on both 127.0.0.2 and 127.0.0.3 (MX hosts share the MX port).
 fn mx_port() -> u16 {
