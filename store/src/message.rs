@@ -33,6 +33,20 @@ pub mod notify {
     pub const SUCCESS: u8 = 2;
     pub const FAILURE: u8 = 4;
     pub const DELAY: u8 = 8;
+
+    /// The keywords of set bits, in RFC 3461 order (empty: NOTIFY was not given).
+    pub fn words(bits: u8) -> Vec<&'static str> {
+        [
+            (NEVER, "NEVER"),
+            (SUCCESS, "SUCCESS"),
+            (FAILURE, "FAILURE"),
+            (DELAY, "DELAY"),
+        ]
+        .into_iter()
+        .filter(|(b, _)| bits & b != 0)
+        .map(|(_, w)| w)
+        .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -62,23 +62,10 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-fn notify_words(bits: u8) -> Option<String> {
-    if bits == 0 {
-        return None;
-    }
-    if bits & notify::NEVER != 0 {
-        return Some("NEVER".into());
-    }
-    let words: Vec<&str> = [
-        (notify::SUCCESS, "SUCCESS"),
-        (notify::FAILURE, "FAILURE"),
-        (notify::DELAY, "DELAY"),
-    ]
-    .into_iter()
-    .filter(|(b, _)| bits & b != 0)
-    .map(|(_, w)| w)
-    .collect();
-    Some(words.join(","))
+/// `NOTIFY=` as sent on (None: the client gave none).
+fn notify_param(bits: u8) -> Option<String> {
+    let words = notify::words(bits);
+    (!words.is_empty()).then(|| words.join(","))
 }
 
 fn domain_of(address: &str) -> Option<String> {
@@ -299,7 +286,7 @@ impl Delivery {
                     let r = &env.recipients[i as usize];
                     TxRcpt {
                         to: r.address.clone(),
-                        notify: notify_words(r.notify),
+                        notify: notify_param(r.notify),
                         orcpt: r.orcpt.clone(),
                     }
                 })

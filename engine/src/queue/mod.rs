@@ -111,7 +111,7 @@ impl QueuedMessage {
                 "to": r.to,
                 "status": r.status.as_str(),
                 "attempts": r.attempts,
-                "notify": notify_words(r.notify),
+                "notify": message::notify::words(r.notify),
                 "orcpt": r.orcpt,
                 "next_attempt_ms": (r.status == RcptStatus::Deferred).then_some(r.next_attempt_ms),
                 "reply": r.last_reply,
@@ -134,21 +134,6 @@ impl QueuedMessage {
             "envid": self.envid,
         })
     }
-}
-
-/// DSN `NOTIFY=` bits as the keywords of RFC 3461 (empty: not given).
-fn notify_words(bits: u8) -> Vec<&'static str> {
-    use message::notify::*;
-    [
-        (NEVER, "NEVER"),
-        (SUCCESS, "SUCCESS"),
-        (FAILURE, "FAILURE"),
-        (DELAY, "DELAY"),
-    ]
-    .into_iter()
-    .filter(|(b, _)| bits & b != 0)
-    .map(|(_, w)| w)
-    .collect()
 }
 
 /// The id counter lives in the low 56 bits; the shard in the top 8 (shards ≤ 256).
