@@ -55,7 +55,16 @@ fn run(dns: SocketAddr, port: u16, dest: Destination, tx: Transaction) -> Outcom
             reply_timeout: Duration::from_secs(5),
         };
         let pool = Pool::new(100, Duration::from_secs(5));
-        attempt(&ring, &pool, &resolver, &cfg, &dest, &tx, MESSAGE).await
+        attempt(
+            &ring,
+            &pool,
+            &resolver,
+            &cfg,
+            &dest,
+            &tx,
+            &std::rc::Rc::new(MESSAGE.to_vec()),
+        )
+        .await
     })
 }
 

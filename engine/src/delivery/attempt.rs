@@ -7,7 +7,7 @@
 
 use crate::dns::resolver::Resolver;
 use crate::dns::Route;
-use crate::net::Ring;
+use crate::net::{Ring, SendBuf};
 use crate::smtp::client::{Client, DotStuffer, Event, RcptResult, Reply, Transaction};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -117,7 +117,7 @@ pub async fn attempt(
     cfg: &AttemptConfig,
     dest: &Destination,
     tx: &Transaction,
-    message: &[u8],
+    message: &Rc<Vec<u8>>,
 ) -> Outcome {
     let (hosts, port) = match dest {
         Destination::Route(host, port) => (vec![host.clone()], *port),
@@ -206,7 +206,7 @@ async fn session(
     cfg: &AttemptConfig,
     addr: SocketAddr,
     tx: &Transaction,
-    message: &[u8],
+    message: &Rc<Vec<u8>>,
     may_reuse: bool,
 ) -> Result<Vec<RcptResult>, (String, bool)> {
     let pooled = if may_reuse { pool.take(addr) } else { None };
@@ -293,16 +293,7 @@ async fn session(
                 }
                 Event::Ready => finished = results.is_some(),
                 Event::SendBody { bdat } => {
-                    let mut out = c.output().to_vec();
-                    c.clear_output();
-                    if bdat {
-                        out.extend_from_slice(message);
-                    } else {
-                        let mut d = DotStuffer::default();
-                        d.stuff(message, &mut out);
-                        out.extend_from_slice(d.finish());
-                    }
-                    ring.send_all(raw, &out, cfg.reply_timeout)
+                    send_body(ring, raw, &mut c, message, bdat, cfg.reply_timeout)
                         .await
                         .map_err(|e| fail(format!("send: {e}"), received))?;
                     if !bdat {
@@ -350,4 +341,44 @@ async fn session(
             }
         }
     }
+}
+
+/// Below this size a message is copied behind the command into one send; above it,
+/// the stored bytes go out as they are (no copy), in a send of their own.
+const SHARED_SEND_MIN: usize = 16 << 10;
+
+/// Sends the pending commands (BDAT, or the end of the pipelined group before DATA's
+/// text) and the message. DATA text needs dot-stuffing only when a line starts with a
+/// dot; otherwise the stored bytes are sent unchanged, then the end marker.
+async fn send_body(
+    ring: &Rc<Ring>,
+    raw: std::os::fd::RawFd,
+    c: &mut Client,
+    message: &Rc<Vec<u8>>,
+    bdat: bool,
+    stall: Duration,
+) -> std::io::Result<()> {
+    let mut out = c.output().to_vec();
+    c.clear_output();
+    let mut d = DotStuffer::default();
+    let whole = message.len() >= SHARED_SEND_MIN && (bdat || d.pass(message));
+    if whole {
+        if !out.is_empty() {
+            ring.send(raw, SendBuf::Owned(out), true, stall).await?;
+        }
+        ring.send(raw, SendBuf::Shared(message.clone()), !bdat, stall)
+            .await?;
+        if !bdat {
+            ring.send(raw, SendBuf::Static(d.finish()), false, stall)
+                .await?;
+        }
+        return Ok(());
+    }
+    if bdat {
+        out.extend_from_slice(message);
+    } else {
+        d.stuff(message, &mut out);
+        out.extend_from_slice(d.finish());
+    }
+    ring.send(raw, SendBuf::Owned(out), false, stall).await
 }

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::dns::resolver::Resolver;
 use crate::net::Ring;
 use crate::queue::retry::{Next, RetryPolicy};
-use crate::queue::{RcptStatus, Spool};
+use crate::queue::{Loaded, RcptStatus, Spool};
 use crate::smtp::client::{RcptResult, Reply, Transaction, TxRcpt};
 use ringmail_store::message::{format_id, notify, BodyType, Envelope, RcptUpdate, Recipient, Ret};
 use std::cell::{Cell, RefCell};
@@ -270,7 +270,7 @@ impl Delivery {
     async fn deliver(&self, spool: &Rc<Spool>, id: u64, domain: &str, rcpts: &[u32]) {
         let idt = format_id(id);
         let Some(queued) = spool.get(id) else { return };
-        let (env, message) = match spool.read_message(id).await {
+        let Loaded { env, message } = match spool.read_message(id).await {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(id = %idt, error = %e, "cannot read the queued message; trying again in a minute");

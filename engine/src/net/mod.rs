@@ -31,11 +31,31 @@ use std::time::Duration;
 const UNWATCHED: u64 = u64::MAX;
 const RING_ENTRIES: u32 = 4096;
 
+/// Bytes handed to a send, owned by the operation until the kernel is done with them.
+pub enum SendBuf {
+    Owned(Vec<u8>),
+    /// A message shared with other attempts (the spool's copy): sent without a copy.
+    Shared(Rc<Vec<u8>>),
+    Static(&'static [u8]),
+}
+
+impl SendBuf {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            SendBuf::Owned(v) => v,
+            SendBuf::Shared(v) => v,
+            SendBuf::Static(s) => s,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Op {
     result: Option<i32>,
     waker: Option<Waker>,
     buf: Option<Vec<u8>>,
+    /// What a send reads from, kept alive until its completion.
+    send: Option<SendBuf>,
     addr: Option<Box<(libc::sockaddr_storage, libc::socklen_t)>>,
     timeout: Option<Box<types::Timespec>>,
     /// The future is gone: free the slot when the completion comes.
@@ -353,11 +373,26 @@ impl Ring {
         data: &[u8],
         stall: Duration,
     ) -> io::Result<()> {
-        let mut buf = data.to_vec();
+        self.send(fd, SendBuf::Owned(data.to_vec()), false, stall)
+            .await
+    }
+
+    /// Sends all of `data` without copying it. `more`: further data follows at once
+    /// (MSG_MORE), so the kernel may hold a short piece back to fill a segment.
+    pub async fn send(
+        self: &Rc<Self>,
+        fd: RawFd,
+        data: SendBuf,
+        more: bool,
+        stall: Duration,
+    ) -> io::Result<()> {
+        let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+        let total = data.bytes().len();
+        let mut data = Some(data);
         let mut off = 0;
-        while off < buf.len() {
+        while off < total {
             let op = Op {
-                buf: Some(buf),
+                send: data.take(),
                 timeout: Some(Box::new(
                     types::Timespec::new()
                         .sec(stall.as_secs())
@@ -367,13 +402,13 @@ impl Ring {
             };
             let (res, mut op) = self
                 .start_op(op, |op, ud| {
-                    let b = op.buf.as_ref().unwrap();
+                    let b = op.send.as_ref().unwrap().bytes();
                     let len = (b.len() - off).min(u32::MAX as usize) as u32;
                     let ts: *const types::Timespec = &**op.timeout.as_ref().unwrap();
                     // SAFETY: off < b.len(); the buffer lives in the op until completion.
                     vec![
                         opcode::Send::new(types::Fd(fd), unsafe { b.as_ptr().add(off) }, len)
-                            .flags(libc::MSG_NOSIGNAL)
+                            .flags(flags)
                             .build()
                             .flags(squeue::Flags::IO_LINK)
                             .user_data(ud),
@@ -381,7 +416,7 @@ impl Ring {
                     ]
                 })
                 .await;
-            buf = op.buf.take().unwrap();
+            data = op.send.take();
             if res == -libc::ECANCELED {
                 return Err(io::ErrorKind::TimedOut.into());
             }

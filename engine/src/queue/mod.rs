@@ -11,9 +11,10 @@ use ringmail_store::message::{self, Envelope, RcptUpdate};
 use ringmail_store::segment::{self, recover_shard, Mode};
 use ringmail_store::{Kind, Location, LogConfig, LogError, RecoveryReport, ShardLog};
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;
+use std::rc::Rc;
 
 pub use ringmail_store::message::RcptStatus;
 
@@ -217,7 +218,24 @@ pub struct Spool {
     waiting: RefCell<BTreeMap<u64, Vec<u64>>>,
     /// Wakes the scheduler: new mail, or a flush.
     pub wake: event_listener::Event,
+    /// Messages kept in memory from ingestion until they leave the queue or are
+    /// deferred, so the first delivery attempt sends the bytes it received without
+    /// reading them back (segments are written with direct I/O: no page cache).
+    cache: RefCell<HashMap<u64, Loaded>>,
+    cached_bytes: Cell<usize>,
 }
+
+/// A queued message as delivery sends it: the envelope, and the trace prefix followed
+/// by the body, shared by every attempt that needs it at the same time.
+#[derive(Clone)]
+pub struct Loaded {
+    pub env: Envelope,
+    pub message: Rc<Vec<u8>>,
+}
+
+/// Bytes of messages a shard keeps in memory for delivery; past it, delivery reads
+/// them from the log.
+const CACHE_BYTES_MAX: usize = 128 << 20;
 
 impl Spool {
     /// Recovers the shard (repairing a torn tail) and opens its log for appending.
@@ -265,6 +283,8 @@ impl Spool {
             ready: RefCell::new(ready),
             waiting: RefCell::new(waiting),
             wake: event_listener::Event::new(),
+            cache: RefCell::new(HashMap::new()),
+            cached_bytes: Cell::new(0),
         })
     }
 
@@ -282,6 +302,18 @@ impl Spool {
             message::encode(out, &env, prefix, body)
         })?;
         let location = self.log.durable(ticket).await?;
+        let size = prefix.len() + body.len();
+        if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
+            let mut message = Vec::with_capacity(size);
+            message.extend_from_slice(prefix);
+            message.extend_from_slice(body);
+            self.cached_bytes.set(self.cached_bytes.get() + size);
+            let loaded = Loaded {
+                env: env.clone(),
+                message: Rc::new(message),
+            };
+            self.cache.borrow_mut().insert(env.id, loaded);
+        }
         let m = QueuedMessage::new(env, body, location);
         let id = m.id;
         self.index.borrow_mut().insert(id, m);
@@ -300,12 +332,22 @@ impl Spool {
             m.apply(&u);
             if m.is_done() {
                 index.remove(&u.id);
+                self.uncache(u.id);
             }
         }
         if u.status == RcptStatus::Deferred {
+            // Memory is for the mail flowing now: a retry reads the log.
+            self.uncache(u.id);
             self.retry_at(u.id, u.next_attempt_ms);
         }
         Ok(())
+    }
+
+    fn uncache(&self, id: u64) {
+        if let Some(l) = self.cache.borrow_mut().remove(&id) {
+            self.cached_bytes
+                .set(self.cached_bytes.get() - l.message.len());
+        }
     }
 
     /// Up to `max` messages with recipients due at `now_ms`: (id, [(recipient index,
@@ -413,17 +455,20 @@ impl Spool {
         Ok(dead.len())
     }
 
-    /// Reads a queued message back from its segment: the envelope, and the message
-    /// as it is sent on (trace prefix, then the body).
-    pub async fn read_message(&self, id: u64) -> io::Result<(Envelope, Vec<u8>)> {
+    /// A queued message as delivery sends it: from memory while it is fresh,
+    /// otherwise read back from its segment.
+    pub async fn read_message(&self, id: u64) -> io::Result<Loaded> {
+        if let Some(l) = self.cache.borrow().get(&id) {
+            return Ok(l.clone());
+        }
         let loc = self
             .get(id)
             .map(|m| m.location)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such queued message"))?;
-        let file =
-            glommio::io::BufferedFile::open(segment::segment_path(&self.dir, loc.seq)).await?;
-        let bytes = file.read_at(loc.offset, loc.len as usize).await?;
+        let file = glommio::io::DmaFile::open(segment::segment_path(&self.dir, loc.seq)).await?;
+        let bytes = file.read_at(loc.offset, loc.len as usize).await;
         let _ = file.close().await;
+        let bytes = bytes?;
         let rec = ringmail_store::record::decode(&bytes).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -435,7 +480,10 @@ impl Spool {
         let mut out = Vec::with_capacity(d.prefix.len() + d.body.len());
         out.extend_from_slice(d.prefix);
         out.extend_from_slice(d.body);
-        Ok((d.envelope, out))
+        Ok(Loaded {
+            env: d.envelope,
+            message: Rc::new(out),
+        })
     }
 
     /// Makes every deferred recipient due now (`queue flush`).

@@ -700,6 +700,21 @@ impl DotStuffer {
         }
     }
 
+    /// True when `chunk` needs no stuffing (no line in it starts with a dot): the
+    /// stuffer then stands after it, as if `stuff` had copied it unchanged. False
+    /// leaves the stuffer as it was.
+    pub fn pass(&mut self, chunk: &[u8]) -> bool {
+        let dot_first = chunk.first() == Some(&b'.') && self.at_line_start;
+        if dot_first || memchr::memmem::find(chunk, b"\n.").is_some() {
+            return false;
+        }
+        if let Some(&last) = chunk.last() {
+            self.at_line_start = last == b'\n';
+            self.last_cr = last == b'\r';
+        }
+        true
+    }
+
     /// The end-of-data marker, with the CRLF the text may lack before it.
     pub fn finish(&self) -> &'static [u8] {
         if self.at_line_start {

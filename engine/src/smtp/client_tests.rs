@@ -336,6 +336,46 @@ fn dot_stuffing_across_chunks() {
 }
 
 #[test]
+fn text_without_a_leading_dot_passes_unchanged() {
+    // pass() agrees with stuff(): true exactly when stuffing would copy the text as is,
+    // and the end marker is the same either way.
+    let cases: [&[u8]; 8] = [
+        b"plain\r\ntext\r\n",
+        b"no newline",
+        b"half\r",
+        b"",
+        b".first line",
+        b"a\r\n.b\r\n",
+        b"bare\n.dot",
+        b"mid.dle\r\n",
+    ];
+    for text in cases {
+        let mut stuffed = Vec::new();
+        let mut s = DotStuffer::default();
+        s.stuff(text, &mut stuffed);
+        let mut p = DotStuffer::default();
+        let passed = p.pass(text);
+        assert_eq!(
+            passed,
+            stuffed == text,
+            "{:?}",
+            String::from_utf8_lossy(text)
+        );
+        if passed {
+            assert_eq!(p.finish(), s.finish());
+        } else {
+            assert_eq!(p.finish(), DotStuffer::default().finish(), "unchanged");
+        }
+    }
+    // A chunk after a line end: a dot first needs stuffing, else it passes.
+    let mut d = DotStuffer::default();
+    assert!(d.pass(b"line\r\n"));
+    assert!(!d.pass(b".next"));
+    assert!(d.pass(b"next"));
+    assert!(d.pass(b".after text"), "mid-line dot");
+}
+
+#[test]
 fn a_reply_right_behind_the_354_waits_for_the_body() {
     let mut c = ready(PIPELINING_EHLO, false);
     c.start(&tx(&["x@d"]));
