@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Ingest benchmark: Postfix's smtp-source (4 KiB messages, 32 sessions) into
-#   (a) ringmail, durable (every 250 after the fdatasync covering the message), and
+#   (a) ringmail, durable (every 250 after the fdatasync covering the message), on
+#       all cores (the default) and on one core (`--cores 1`: like smtp-sink, one
+#       thread, leaving the other core to smtp-source), and
 #   (b) Postfix's smtp-sink, which stores nothing: the limit,
 # in both modes (one message per connection, and -d: many per connection), repeated
-# and interleaved (sink, ringmail, sink, ringmail, ...) so that drift on a shared
-# machine hits both alike. Prints a Markdown table of medians and the ratio.
+# and interleaved (sink, ringmail, ringmail 1 core, sink, ...) so that drift on a
+# shared machine hits all alike. Prints a Markdown table of medians and the ratios.
 #
 #   bench/ingest.sh                # 3 repetitions
 #   REPS=5 bench/ingest.sh
@@ -65,19 +67,22 @@ for rep in $(seq 1 "$REPS"); do
   echo "sink many $(rate "$port" "$N_MANY" -d)" >> "$results"
   kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 
-  # ringmail, fresh data directory, durable.
-  port=$(free_port)
-  rm -rf "$work/data"
-  RINGMAIL_LOG=warn $RINGMAIL serve --data "$work/data" --smtp "127.0.0.1:$port" --hostname bench.test 2>"$work/ringmail.log" & pids+=($!)
-  wait_port "$port"
-  echo "ringmail conn $(rate "$port" "$N_CONN")" >> "$results"
-  echo "ringmail many $(rate "$port" "$N_MANY" -d)" >> "$results"
-  kill -TERM "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
-  queued=$($RINGMAIL queue list --json --data "$work/data" | wc -l)
-  expected=$(( N_CONN / CLIENTS * CLIENTS + N_MANY / CLIENTS * CLIENTS ))
-  if [ "$queued" -ne "$expected" ]; then
-    echo "ringmail queued $queued messages, expected $expected" >&2; cat "$work/ringmail.log" >&2; exit 1
-  fi
+  # ringmail, fresh data directory, durable: all cores, then one.
+  for name in ringmail ringmail1; do
+    cores=""; [ "$name" = ringmail1 ] && cores="--cores 1"
+    port=$(free_port)
+    rm -rf "$work/data"
+    RINGMAIL_LOG=warn $RINGMAIL serve --data "$work/data" --smtp "127.0.0.1:$port" --hostname bench.test $cores ${RINGMAIL_ARGS:-} 2>"$work/ringmail.log" & pids+=($!)
+    wait_port "$port"
+    echo "$name conn $(rate "$port" "$N_CONN")" >> "$results"
+    echo "$name many $(rate "$port" "$N_MANY" -d)" >> "$results"
+    kill -TERM "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+    queued=$($RINGMAIL queue list --json --data "$work/data" | wc -l)
+    expected=$(( N_CONN / CLIENTS * CLIENTS + N_MANY / CLIENTS * CLIENTS ))
+    if [ "$queued" -ne "$expected" ]; then
+      echo "ringmail queued $queued messages, expected $expected" >&2; cat "$work/ringmail.log" >&2; exit 1
+    fi
+  done
 done
 
 python3 - "$results" "$SESSIONS" "$SIZE" "$REPS" "$CLIENTS" <<'PY'
@@ -87,9 +92,10 @@ med = {}
 for name, mode, r in rows:
     med.setdefault((name, mode), []).append(int(r))
 print(f"smtp-source -s {sys.argv[2]} -l {sys.argv[3]} in {sys.argv[5]} process(es), medians of {sys.argv[4]} interleaved runs (msg/s)\n")
-print("| mode | smtp-sink (limit) | ringmail (durable) | ringmail / limit |")
-print("|---|---|---|---|")
+print("| mode | smtp-sink (limit) | ringmail, all cores | / limit | ringmail, 1 core | / limit |")
+print("|---|---|---|---|---|---|")
 for mode, label in (("conn", "one message per connection"), ("many", "many per connection (-d)")):
-    s = statistics.median(med[("sink", mode)]); r = statistics.median(med[("ringmail", mode)])
-    print(f"| {label} | {s:.0f} | {r:.0f} | {r/s:.2f} |")
+    s = statistics.median(med[("sink", mode)])
+    r = statistics.median(med[("ringmail", mode)]); r1 = statistics.median(med[("ringmail1", mode)])
+    print(f"| {label} | {s:.0f} | {r:.0f} | {r/s:.2f} | {r1:.0f} | {r1/s:.2f} |")
 PY
