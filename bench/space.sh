@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Space under steady relaying: ringmail relays 4 KiB messages into a sink for a while
 # (ringmail-load with few sessions keeps a steady rate), and the data directory's size
-# is sampled twice a second. With compaction the size stays bounded instead of growing
-# with everything ever relayed. Writes bench/results/space-<time>.{csv,svg}.
+# is sampled twice a second. The sink answers 4xx to a share of the messages
+# (DEFER_PERMILLE, 1% by default), so those stay queued, deferred, for the whole run
+# and would pin their segments: compaction copies them forward. With compaction the
+# size stays bounded instead of growing with everything ever relayed.
+# Writes bench/results/space-<time>.{csv,svg}.
 #
 #   bench/space.sh              # 60 s
 #   SECONDS_RUN=20 bench/space.sh
+#   DEFER_PERMILLE=0 bench/space.sh   # every message delivered at once
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${SECONDS_RUN:-60}
+DEFER=${DEFER_PERMILLE:-10}
 cargo build --release -q -p ringmail -p ringmail-bench
 work=$(mktemp -d)
 pids=()
@@ -17,9 +22,9 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 200); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 SINK=$(free_port); PORT=$(free_port)
-target/release/ringmail-sink --listen "127.0.0.1:$SINK" > "$work/sink.json" 2>/dev/null & pids+=($!)
+target/release/ringmail-sink --listen "127.0.0.1:$SINK" --tempfail "$DEFER" > "$work/sink.json" 2>/dev/null & pids+=($!)
 wait_port "$SINK"
-RINGMAIL_LOG=warn target/release/ringmail serve --data "$work/data" --smtp "127.0.0.1:$PORT" --cores 1 \
+RINGMAIL_LOG=info target/release/ringmail serve --data "$work/data" --smtp "127.0.0.1:$PORT" --cores 1 \
   --route "*=127.0.0.1:$SINK" --segment-size 4194304 2>"$work/ringmail.log" & pids+=($!)
 wait_port "$PORT"
 target/release/ringmail-load smtp --target "127.0.0.1:$PORT" --sessions 2 --messages 100000000 --size 4096 \
@@ -34,6 +39,9 @@ while kill -0 $load 2>/dev/null; do
   sleep 0.5
 done
 sent=$(python3 -c "import json; print(json.loads(open('$work/load.json').read().strip().splitlines()[-1])['messages'])")
+deferred=$(target/release/ringmail queue list --json --data "$work/data" | grep -c '"deferred"' || true)
+copied=$(grep -c "copied live messages forward" "$work/ringmail.log" || true)
+echo "queued (deferred) at the end: $deferred messages; compaction rounds that copied messages forward: $copied"
 python3 - "$out" "$sent" <<'PY'
 import sys
 out, sent = sys.argv[1], int(sys.argv[2])

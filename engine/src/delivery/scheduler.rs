@@ -3,7 +3,7 @@
 //! records every outcome in the log before acting on it: delivered, failed (with a
 //! bounce to the sender) or deferred until the retry policy's next time.
 //!
-//! It also runs compaction every few seconds (`Spool::compact`). Not built yet: a
+//! It also runs compaction every few seconds (`Spool::compact`) and applies the
 //! per-destination rate limit.
 
 use super::attempt::{attempt, AttemptConfig, Destination};

@@ -223,6 +223,9 @@ pub struct Spool {
     /// reading them back (segments are written with direct I/O: no page cache).
     cache: RefCell<HashMap<u64, Loaded>>,
     cached_bytes: Cell<usize>,
+    /// Messages with a recipient update written but not applied yet: compaction does
+    /// not copy them (its snapshot of their state would miss the update).
+    updating: RefCell<HashMap<u64, usize>>,
 }
 
 /// A queued message as delivery sends it: the envelope, and the trace prefix followed
@@ -236,6 +239,9 @@ pub struct Loaded {
 /// Bytes of messages a shard keeps in memory for delivery; past it, delivery reads
 /// them from the log.
 const CACHE_BYTES_MAX: usize = 128 << 20;
+
+/// At most this many bytes of live messages are copied forward per compaction.
+const COPY_BYTES_PER_ROUND: u64 = 64 << 20;
 
 impl Spool {
     /// Recovers the shard (repairing a torn tail) and opens its log for appending.
@@ -285,6 +291,7 @@ impl Spool {
             wake: event_listener::Event::new(),
             cache: RefCell::new(HashMap::new()),
             cached_bytes: Cell::new(0),
+            updating: RefCell::new(HashMap::new()),
         })
     }
 
@@ -326,7 +333,18 @@ impl Spool {
     /// recipients are all done leaves the queue.
     pub async fn record(&self, u: RcptUpdate) -> Result<(), LogError> {
         let ticket = self.log.append(Kind::RcptUpdate, |out| u.encode(out))?;
-        self.log.durable(ticket).await?;
+        *self.updating.borrow_mut().entry(u.id).or_default() += 1;
+        let durable = self.log.durable(ticket).await;
+        {
+            let mut updating = self.updating.borrow_mut();
+            if let Some(n) = updating.get_mut(&u.id) {
+                *n -= 1;
+                if *n == 0 {
+                    updating.remove(&u.id);
+                }
+            }
+        }
+        durable?;
         let mut index = self.index.borrow_mut();
         if let Some(m) = index.get_mut(&u.id) {
             m.apply(&u);
@@ -406,16 +424,16 @@ impl Spool {
         self.waiting.borrow().keys().next().copied()
     }
 
-    /// Deletes the oldest segments once nothing queued lives in them. Updates always
-    /// follow their message in the log, so every record before the oldest live
-    /// message's segment concerns finished messages only. A checkpoint of the id
-    /// counter goes to the log first, so ids are not reused after their messages'
-    /// segments are gone. Returns the number of segments deleted.
+    /// Reclaims space: deletes the oldest segments once nothing queued lives in them.
+    /// Updates always follow their message in the log, so every record before the
+    /// oldest live message's segment concerns finished messages only. A checkpoint of
+    /// the id counter goes to the log first, so ids are not reused after their
+    /// messages' segments are gone. Returns the number of segments deleted.
     ///
-    /// A message deferred for long pins every segment after it; copying such messages
-    /// forward is not built yet.
+    /// A message that stays queued for long (deferred) would pin every segment after
+    /// it, so live messages in old segments are first copied forward (see
+    /// `copy_forward`) when that frees at least as many bytes as it writes.
     pub async fn compact(&self) -> io::Result<usize> {
-        let oldest_live = self.index.borrow().values().map(|m| m.location.seq).min();
         let mut seqs: Vec<u64> = std::fs::read_dir(&self.dir)?
             .filter_map(|e| {
                 e.ok()?
@@ -428,6 +446,42 @@ impl Spool {
         let Some(&newest) = seqs.last() else {
             return Ok(0);
         };
+        // The two newest segments hold the mail flowing now: never copied.
+        let old_below = newest.saturating_sub(1);
+        let old_bytes: u64 = seqs
+            .iter()
+            .filter(|s| **s < old_below)
+            .filter_map(|s| std::fs::metadata(segment::segment_path(&self.dir, *s)).ok())
+            .map(|m| m.len())
+            .sum();
+        let mut old_live: Vec<(Location, u64)> = self
+            .index
+            .borrow()
+            .values()
+            .filter(|m| m.location.seq < old_below)
+            .map(|m| (m.location, m.id))
+            .collect();
+        let live_bytes: u64 = old_live.iter().map(|(l, _)| l.len as u64).sum();
+        if !old_live.is_empty() && live_bytes * 2 <= old_bytes {
+            old_live.sort_unstable_by_key(|(l, _)| (l.seq, l.offset));
+            let mut budget = COPY_BYTES_PER_ROUND;
+            let mut copied = 0usize;
+            for (loc, id) in old_live {
+                if budget < loc.len as u64 {
+                    break;
+                }
+                budget -= loc.len as u64;
+                if self.copy_forward(id, loc).await? {
+                    copied += 1;
+                }
+            }
+            tracing::info!(
+                shard = self.shard,
+                messages = copied,
+                "copied live messages forward"
+            );
+        }
+        let oldest_live = self.index.borrow().values().map(|m| m.location.seq).min();
         let limit = oldest_live.unwrap_or(newest).min(newest);
         let dead: Vec<u64> = seqs.into_iter().filter(|s| *s < limit).collect();
         if dead.is_empty() {
@@ -455,20 +509,92 @@ impl Spool {
         Ok(dead.len())
     }
 
+    /// Writes a queued message again at the head of the log: its record as it is,
+    /// then one update per recipient that has a state of its own, so that replay
+    /// (which takes the later copy of an id, then its updates) rebuilds the same
+    /// state without the old segment. Skipped (false) for a message with an update
+    /// in flight, or that left the queue meanwhile.
+    async fn copy_forward(&self, id: u64, loc: Location) -> io::Result<bool> {
+        let record = self.read_record(loc).await?;
+        let payload = ringmail_store::record::decode(&record)
+            .map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("record of {id:016X}: {e:?}"),
+                )
+            })?
+            .payload;
+        // From the snapshot to the appends nothing awaits: no update can slip between.
+        if self.updating.borrow().contains_key(&id) {
+            return Ok(false);
+        }
+        let Some(m) = self.get(id) else {
+            return Ok(false);
+        };
+        if m.location != loc {
+            return Ok(false);
+        }
+        let log_err = |e: LogError| io::Error::other(e.to_string());
+        let ticket = self
+            .log
+            .append(Kind::Message, |out| out.extend_from_slice(payload))
+            .map_err(log_err)?;
+        let mut last = None;
+        for (i, r) in m.rcpt.iter().enumerate() {
+            if r.status == RcptStatus::Queued && r.attempts == 0 {
+                continue;
+            }
+            let u = RcptUpdate {
+                id,
+                rcpt: i as u32,
+                status: r.status,
+                attempts: r.attempts,
+                next_attempt_ms: r.next_attempt_ms,
+                reply: r.last_reply.clone().unwrap_or_default(),
+            };
+            last = Some(
+                self.log
+                    .append(Kind::RcptUpdate, |out| u.encode(out))
+                    .map_err(log_err)?,
+            );
+        }
+        let new_loc = self.log.durable(ticket).await.map_err(log_err)?;
+        if let Some(t) = last {
+            self.log.durable(t).await.map_err(log_err)?;
+        }
+        if let Some(m) = self.index.borrow_mut().get_mut(&id) {
+            m.location = new_loc;
+        }
+        Ok(true)
+    }
+
+    /// The raw record at `loc`.
+    async fn read_record(&self, loc: Location) -> io::Result<glommio::io::ReadResult> {
+        let file = glommio::io::DmaFile::open(segment::segment_path(&self.dir, loc.seq)).await?;
+        let bytes = file.read_at(loc.offset, loc.len as usize).await;
+        let _ = file.close().await;
+        Ok(bytes?)
+    }
+
     /// A queued message as delivery sends it: from memory while it is fresh,
     /// otherwise read back from its segment.
     pub async fn read_message(&self, id: u64) -> io::Result<Loaded> {
         if let Some(l) = self.cache.borrow().get(&id) {
             return Ok(l.clone());
         }
-        let loc = self
-            .get(id)
-            .map(|m| m.location)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such queued message"))?;
-        let file = glommio::io::DmaFile::open(segment::segment_path(&self.dir, loc.seq)).await?;
-        let bytes = file.read_at(loc.offset, loc.len as usize).await;
-        let _ = file.close().await;
-        let bytes = bytes?;
+        let location = || {
+            self.get(id)
+                .map(|m| m.location)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such queued message"))
+        };
+        let loc = location()?;
+        let bytes = match self.read_record(loc).await {
+            Ok(b) => b,
+            // Compaction copied the message forward and deleted its old segment
+            // while this read was on its way: read the new copy.
+            Err(_) if location()? != loc => self.read_record(location()?).await?,
+            Err(e) => return Err(e),
+        };
         let rec = ringmail_store::record::decode(&bytes).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -723,5 +849,121 @@ mod tests {
             assert!(spool.next_id() > *ids.last().unwrap());
             spool.close().await;
         });
+    }
+
+    #[test]
+    fn a_long_deferred_message_is_copied_forward_and_stops_pinning_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().to_path_buf();
+        ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+        let small = LogConfig {
+            segment_bytes_max: 8 << 10,
+        };
+        let seg_count = |data: &Path| {
+            std::fs::read_dir(segment::shard_dir(data, 0))
+                .unwrap()
+                .count()
+        };
+        let pinned_body: Vec<u8> = (0..1500u32).map(|i| (i % 251) as u8).collect();
+        let data2 = data.clone();
+        let body2 = pinned_body.clone();
+        let pinned = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, small).await.unwrap();
+            // The first message: one recipient delivered, one deferred for long.
+            let pinned = spool.next_id();
+            spool
+                .enqueue(env(pinned, 2), b"P: x\r\n", &body2)
+                .await
+                .unwrap();
+            spool
+                .record(update(pinned, 0, RcptStatus::Delivered, 1))
+                .await
+                .unwrap();
+            spool
+                .record(update(pinned, 1, RcptStatus::Deferred, 3))
+                .await
+                .unwrap();
+            // Steady relaying behind it: 60 messages come and go.
+            for _ in 0..60 {
+                let id = spool.next_id();
+                spool.enqueue(env(id, 1), b"", &[b'y'; 1800]).await.unwrap();
+                spool
+                    .record(update(id, 0, RcptStatus::Delivered, 1))
+                    .await
+                    .unwrap();
+            }
+            let before = seg_count(&data2);
+            assert!(before >= 12, "small segments roll: {before}");
+            let deleted = spool.compact().await.unwrap();
+            assert!(deleted >= before - 3, "{deleted} of {before} deleted");
+            let m = spool.get(pinned).unwrap();
+            assert!(m.location.seq >= before as u64 - 1, "copied to the head");
+            // Delivery reads the copy.
+            let l = spool.read_message(pinned).await.unwrap();
+            assert_eq!(&l.message[..], [&b"P: x\r\n"[..], &body2].concat());
+            spool.close().await;
+            pinned
+        });
+        // Replay from the copy alone gives the same state.
+        let listed = list(&data).unwrap();
+        assert_eq!(listed.len(), 1);
+        let m = &listed[0];
+        assert_eq!(m.id, pinned);
+        assert_eq!(m.body_crc32c, crc32c::crc32c(&pinned_body));
+        assert_eq!(
+            m.rcpt
+                .iter()
+                .map(|r| (r.status, r.attempts, r.next_attempt_ms))
+                .collect::<Vec<_>>(),
+            [
+                (RcptStatus::Delivered, 1, 0),
+                (RcptStatus::Deferred, 3, 1_900_000_000_000)
+            ]
+        );
+        assert_eq!(m.rcpt[1].last_reply.as_deref(), Some("deferred reply"));
+        glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data, 0, small).await.unwrap();
+            assert!(spool.next_id() > pinned + 60, "ids are not reused");
+            spool.close().await;
+        });
+    }
+
+    #[test]
+    fn a_crash_between_copy_and_delete_replays_to_the_same_state() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().to_path_buf();
+        ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+        let data2 = data.clone();
+        let id = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            let id = spool.next_id();
+            spool.enqueue(env(id, 2), b"", b"body\r\n").await.unwrap();
+            spool
+                .record(update(id, 1, RcptStatus::Deferred, 2))
+                .await
+                .unwrap();
+            let loc = spool.get(id).unwrap().location;
+            // Copied, but the old record is still in the log (no deletion).
+            assert!(spool.copy_forward(id, loc).await.unwrap());
+            assert_ne!(spool.get(id).unwrap().location, loc);
+            // An update after the copy applies on top of it.
+            spool
+                .record(update(id, 0, RcptStatus::Delivered, 1))
+                .await
+                .unwrap();
+            spool.close().await;
+            id
+        });
+        let listed = list(&data).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, id);
+        assert_eq!(
+            listed[0]
+                .rcpt
+                .iter()
+                .map(|r| (r.status, r.attempts))
+                .collect::<Vec<_>>(),
+            [(RcptStatus::Delivered, 1), (RcptStatus::Deferred, 2)]
+        );
     }
 }
