@@ -120,6 +120,35 @@ impl Config {
                 self.connections_per_shard_max = c;
             }
         }
+        if let Some(v) = f.segment_size {
+            self.segment_bytes_max = v.max(SEGMENT_BYTES_MIN);
+        }
+        if let Some(d) = f.delivery {
+            if let Some(v) = d.dns {
+                self.dns = v.iter().map(|s| parse_addr(s)).collect::<Result<_, _>>()?;
+            }
+            if let Some(v) = d.mx_port {
+                self.mx_port = v;
+            }
+            if let Some(v) = d.routes {
+                self.routes = v.iter().map(|s| parse_route(s)).collect::<Result<_, _>>()?;
+            }
+            if let Some(v) = d.retry_first_s {
+                self.retry.first = Duration::from_secs(v);
+            }
+            if let Some(v) = d.retry_max_s {
+                self.retry.cap = Duration::from_secs(v);
+            }
+            if let Some(v) = d.max_queue_age_s {
+                self.retry.max_age = Duration::from_secs(v);
+            }
+            if let Some(v) = d.connections_per_destination_max {
+                self.connections_per_destination_max = v;
+            }
+            if let Some(v) = d.destination_rate {
+                self.destination_rate = Some(v);
+            }
+        }
         self.validate()
     }
 
@@ -139,6 +168,16 @@ impl Config {
         if self.cores == Some(0) {
             return Err("--cores must be at least 1".into());
         }
+        if let Some(r) = self.destination_rate {
+            if !(r > 0.0 && r.is_finite()) {
+                return Err(
+                    "destination rate must be a positive number of messages per second".into(),
+                );
+            }
+        }
+        if self.connections_per_destination_max == 0 {
+            return Err("delivery.connections_per_destination_max must be at least 1".into());
+        }
         if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
             return Err(format!("hostname {:?} is not a host name", self.hostname));
         }
@@ -155,8 +194,28 @@ struct FileConfig {
     smtp: Option<String>,
     local_domains: Option<Vec<String>>,
     relay_networks: Option<Vec<String>>,
+    segment_size: Option<u64>,
     limits: Option<FileLimits>,
+    delivery: Option<FileDelivery>,
 }
+
+/// `[delivery]`: the same settings as the serve flags of the same names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDelivery {
+    dns: Option<Vec<String>>,
+    mx_port: Option<u16>,
+    /// `DOMAIN=HOST:PORT`, `*` for every non-local domain.
+    routes: Option<Vec<String>>,
+    retry_first_s: Option<u64>,
+    retry_max_s: Option<u64>,
+    max_queue_age_s: Option<u64>,
+    connections_per_destination_max: Option<usize>,
+    destination_rate: Option<f64>,
+}
+
+/// Segments smaller than this would roll on every batch.
+pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -248,6 +307,31 @@ mod tests {
         assert_eq!(c.local_domains, vec!["a.test"]);
         assert_eq!(c.limits.message_bytes_max, 1000);
         assert!(!c.relay_allowed("127.0.0.1".parse().unwrap()));
+        std::fs::write(
+            &p,
+            "segment-size = 1048576\n[delivery]\ndns = [\"127.0.0.1:5353\"]\nmx_port = 2526\n\
+             routes = [\"*=127.0.0.2:25\"]\nretry_first_s = 5\nretry_max_s = 50\n\
+             max_queue_age_s = 500\nconnections_per_destination_max = 4\ndestination_rate = 10.5\n",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        c.apply_file(&p).unwrap();
+        assert_eq!(c.segment_bytes_max, 1 << 20);
+        assert_eq!(c.dns, vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(c.mx_port, 2526);
+        assert_eq!(c.routes, vec![("*".into(), "127.0.0.2".into(), 25)]);
+        assert_eq!(c.retry.first, Duration::from_secs(5));
+        assert_eq!(c.retry.cap, Duration::from_secs(50));
+        assert_eq!(c.retry.max_age, Duration::from_secs(500));
+        assert_eq!(c.connections_per_destination_max, 4);
+        assert_eq!(c.destination_rate, Some(10.5));
+        std::fs::write(&p, "[delivery]\ndestination_rate = -1.0\n").unwrap();
+        assert!(Config::default()
+            .apply_file(&p)
+            .unwrap_err()
+            .contains("positive"));
+        std::fs::write(&p, "[delivery]\nroutes = [\"nohost\"]\n").unwrap();
+        assert!(Config::default().apply_file(&p).is_err());
         std::fs::write(&p, "smpt = \"x\"\n").unwrap();
         assert!(Config::default()
             .apply_file(&p)

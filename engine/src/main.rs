@@ -1,7 +1,7 @@
 //! The `ringmail` command line (DESIGN.md, "Command-line contract").
 
 use clap::{Args, Parser, Subcommand};
-use ringmail::config::{parse_addr, parse_cidr, parse_route, Config};
+use ringmail::config::{self, parse_addr, parse_cidr, parse_route, Config};
 use ringmail::{queue, runtime};
 use ringmail_store::message::format_id;
 use std::io::Write;
@@ -88,6 +88,9 @@ struct ServeArgs {
     /// Most messages per second to one destination domain, per shard [default: no limit]
     #[arg(long)]
     destination_rate: Option<f64>,
+    /// Most concurrent connections to one destination domain, per shard [default: 16]
+    #[arg(long)]
+    destination_connections: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -186,16 +189,15 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         cfg.retry.max_age = Duration::from_secs(v);
     }
     if let Some(v) = a.segment_size {
-        cfg.segment_bytes_max = v.max(64 << 10);
+        cfg.segment_bytes_max = v.max(config::SEGMENT_BYTES_MIN);
     }
     if let Some(v) = a.destination_rate {
-        if !(v > 0.0 && v.is_finite()) {
-            return Err(
-                "--destination-rate must be a positive number of messages per second".into(),
-            );
-        }
         cfg.destination_rate = Some(v);
     }
+    if let Some(v) = a.destination_connections {
+        cfg.connections_per_destination_max = v;
+    }
+    cfg.validate()?;
     runtime::serve(cfg)
 }
 
