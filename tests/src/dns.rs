@@ -1,11 +1,14 @@
 //! A DNS server for tests, in the test process, on 127.0.0.1: serves MX and A records
-//! from a table, and can answer SERVFAIL or stay silent for chosen names.
+//! from a table over UDP and TCP (same port), and can answer SERVFAIL, stay silent,
+//! or send a truncated UDP answer (TC bit: the client must ask over TCP) for chosen
+//! names.
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, MX};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +20,8 @@ pub struct Zone {
     pub servfail: HashSet<String>,
     /// Names whose queries get no answer at all.
     pub silent: HashSet<String>,
+    /// Names answered over UDP with the TC bit and no records (whole over TCP).
+    pub truncate: HashSet<String>,
     pub ttl: u32,
 }
 
@@ -39,10 +44,12 @@ impl Zone {
 
 pub struct DnsServer {
     pub addr: SocketAddr,
-    /// Queries received, for cache tests.
+    /// Queries received (UDP and TCP), for cache tests.
     pub queries: Arc<AtomicUsize>,
+    /// Of those, over TCP.
+    pub tcp_queries: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl DnsServer {
@@ -51,26 +58,55 @@ impl DnsServer {
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let addr = sock.local_addr().unwrap();
+        let listener = TcpListener::bind(addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
         let queries = Arc::new(AtomicUsize::new(0));
+        let tcp_queries = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (q, s) = (queries.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
+        let (q, s, z) = (queries.clone(), stop.clone(), zone.clone());
+        let udp = std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !s.load(Ordering::SeqCst) {
                 let Ok((n, peer)) = sock.recv_from(&mut buf) else {
                     continue;
                 };
                 q.fetch_add(1, Ordering::SeqCst);
-                if let Some(reply) = answer(&zone, &buf[..n]) {
+                if let Some(reply) = answer(&z, &buf[..n], false) {
                     let _ = sock.send_to(&reply, peer);
+                }
+            }
+        });
+        let (q, tq, s) = (queries.clone(), tcp_queries.clone(), stop.clone());
+        let tcp = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut len = [0u8; 2];
+                if conn.read_exact(&mut len).is_err() {
+                    continue;
+                }
+                let mut query = vec![0u8; u16::from_be_bytes(len) as usize];
+                if conn.read_exact(&mut query).is_err() {
+                    continue;
+                }
+                q.fetch_add(1, Ordering::SeqCst);
+                tq.fetch_add(1, Ordering::SeqCst);
+                if let Some(reply) = answer(&zone, &query, true) {
+                    let _ = conn.write_all(&(reply.len() as u16).to_be_bytes());
+                    let _ = conn.write_all(&reply);
                 }
             }
         });
         DnsServer {
             addr,
             queries,
+            tcp_queries,
             stop,
-            thread: Some(thread),
+            threads: vec![udp, tcp],
         }
     }
 }
@@ -78,13 +114,13 @@ impl DnsServer {
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
-fn answer(zone: &Zone, query: &[u8]) -> Option<Vec<u8>> {
+fn answer(zone: &Zone, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
     let q = Message::from_vec(query).ok()?;
     let question = q.queries.first()?.clone();
     let name = question
@@ -107,7 +143,9 @@ fn answer(zone: &Zone, query: &[u8]) -> Option<Vec<u8>> {
     } else {
         ResponseCode::NoError
     };
-    if r.metadata.response_code == ResponseCode::NoError {
+    if r.metadata.response_code == ResponseCode::NoError && zone.truncate.contains(&name) && !tcp {
+        r.metadata.truncation = true;
+    } else if r.metadata.response_code == ResponseCode::NoError {
         let owner = question.name().clone();
         match question.query_type() {
             RecordType::MX => {

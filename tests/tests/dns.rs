@@ -1,5 +1,6 @@
 //! The shard resolver against a DNS server in the test process: MX by preference,
-//! implicit MX, null MX, NXDOMAIN, SERVFAIL, failover to the second server, the cache.
+//! implicit MX, null MX, NXDOMAIN, SERVFAIL, failover to the second server, the cache,
+//! TCP after a truncated UDP answer.
 
 use hickory_proto::rr::RecordType;
 use ringmail::dns::resolver::Resolver;
@@ -93,4 +94,28 @@ fn a_silent_server_times_out_and_the_next_one_answers() {
             Err(DnsError::Timeout)
         );
     });
+}
+
+#[test]
+fn a_truncated_answer_is_asked_again_over_tcp() {
+    let mut z = zone();
+    // Many MX hosts: the kind of answer that outgrows a UDP datagram.
+    for i in 0..40 {
+        z = z.mx("big.test", 10 + i, &format!("mx{i}.big.test"));
+    }
+    z.truncate.insert("big.test".into());
+    let server = DnsServer::start(z);
+    let r = Resolver::new(vec![server.addr], Duration::from_millis(500), 1);
+    run(async {
+        let Route::Hosts(hosts) = r.mx_route("big.test").await.unwrap() else {
+            panic!("hosts expected");
+        };
+        assert_eq!(hosts.len(), 40);
+        assert_eq!(hosts[0], "mx0.big.test");
+        assert_eq!(hosts[39], "mx39.big.test");
+        // Names that fit in UDP never touch TCP.
+        r.mx_route("example.test").await.unwrap();
+    });
+    assert_eq!(server.tcp_queries.load(Ordering::SeqCst), 1);
+    assert_eq!(server.queries.load(Ordering::SeqCst), 3, "UDP, TCP, UDP");
 }

@@ -1,9 +1,7 @@
 //! The DNS resolver of a shard: UDP through glommio (no tokio on shard threads, as
 //! DESIGN.md asks), one query in flight per lookup, name servers tried in order,
-//! answers cached by TTL.
-//!
-//! Not done yet: TCP fallback for truncated answers (an MX or A answer for mail
-//! rarely exceeds 512 octets; a truncated one is reported as a temporary failure).
+//! answers cached by TTL. A truncated UDP answer (TC bit) is asked again over TCP
+//! (RFC 7766), within the same deadline.
 
 use super::{parse, query, route, Answer, Cache, DnsError, Route};
 use glommio::net::UdpSocket;
@@ -115,16 +113,49 @@ impl Resolver {
                 Err(glommio::GlommioError::TimedOut(_)) => return Err(DnsError::Timeout),
                 Err(e) => return Err(DnsError::ServerFailure(format!("{server}: {e}"))),
             };
-            if n >= 3 && buf[2] & 0x02 != 0 {
-                return Err(DnsError::ServerFailure(format!(
-                    "{server}: truncated answer (TCP fallback not implemented)"
-                )));
+            let ours = n >= 3 && buf[..2] == id.to_be_bytes();
+            if ours && buf[2] & 0x02 != 0 {
+                return self.ask_tcp(server, id, name, rtype, &q, deadline).await;
             }
             match parse(id, name, rtype, &buf[..n]) {
                 // Not ours (a late answer to an earlier query): keep waiting.
                 Err(DnsError::Malformed(_)) => continue,
                 other => return other,
             }
+        }
+    }
+
+    /// The same query over TCP: two-octet length, then the message, both ways.
+    async fn ask_tcp(
+        &self,
+        server: SocketAddr,
+        id: u16,
+        name: &str,
+        rtype: RecordType,
+        q: &[u8],
+        deadline: Instant,
+    ) -> Result<(Answer, u32), DnsError> {
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        let failed = |e: std::io::Error| DnsError::ServerFailure(format!("{server} (TCP): {e}"));
+        let exchange = async {
+            let mut s = glommio::net::TcpStream::connect(server)
+                .await
+                .map_err(|e| failed(e.into()))?;
+            let mut out = Vec::with_capacity(q.len() + 2);
+            out.extend_from_slice(&(q.len() as u16).to_be_bytes());
+            out.extend_from_slice(q);
+            s.write_all(&out).await.map_err(failed)?;
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await.map_err(failed)?;
+            let mut reply = vec![0u8; u16::from_be_bytes(len) as usize];
+            s.read_exact(&mut reply).await.map_err(failed)?;
+            let _ = s.close().await;
+            parse(id, name, rtype, &reply)
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        match glommio::timer::timeout(left, async { Ok(exchange.await) }).await {
+            Ok(r) => r,
+            Err(_) => Err(DnsError::Timeout),
         }
     }
 
