@@ -30,6 +30,7 @@ fn run(target: SocketAddr, messages: u64, plan: Plan) -> ringmail_bench::load::R
         target,
         sessions: 6,
         threads: 2,
+        spin: Duration::from_micros(20),
         messages,
         plan,
         max_duration: Duration::from_secs(60),

@@ -94,6 +94,7 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
         target: server.addr,
         sessions: 4,
         threads: 1,
+        spin: Duration::ZERO,
         messages: 1000,
         plan,
         max_duration: Duration::from_secs(60),

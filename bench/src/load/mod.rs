@@ -22,6 +22,8 @@ pub struct SmtpRun {
     pub target: SocketAddr,
     pub sessions: usize,
     pub threads: usize,
+    /// How long a thread polls for completions before it sleeps.
+    pub spin: std::time::Duration,
     pub messages: u64,
     pub plan: Plan,
     pub max_duration: Duration,
@@ -48,14 +50,15 @@ impl SmtpRun {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let sessions = self.sessions / threads + usize::from(t < self.sessions % threads);
-                let (budget, progress, plan, target) = (
+                let (budget, progress, plan, target, spin) = (
                     budget.clone(),
                     progress.clone(),
                     self.plan.clone(),
                     self.target,
+                    self.spin,
                 );
                 std::thread::spawn(move || {
-                    uring::run_thread(target, sessions, &plan, &budget, &progress, deadline)
+                    uring::run_thread(target, sessions, &plan, &budget, &progress, deadline, spin)
                 })
             })
             .collect();

@@ -132,6 +132,7 @@ pub fn run_thread(
     budget: &SharedBudget,
     progress: &Progress,
     deadline: Instant,
+    spin: Duration,
 ) -> io::Result<Stats> {
     let SocketAddr::V4(v4) = target else {
         return Err(io::Error::new(
@@ -143,6 +144,7 @@ pub fn run_thread(
     // interrupting it; measured 12k vs 7.7k connections/s without it.
     let mut ring = IoUring::builder()
         .setup_coop_taskrun()
+        .setup_taskrun_flag()
         .setup_single_issuer()
         .build(4 * sessions as u32 + 64)?;
     let mut stats = Stats::new();
@@ -173,7 +175,11 @@ pub fn run_thread(
         if now >= deadline {
             break;
         }
-        let cqes = crate::ring::wait(&mut ring, deadline - now)?;
+        let cqes = if spin.is_zero() {
+            crate::ring::wait(&mut ring, deadline - now)?
+        } else {
+            crate::ring::wait_spinning(&mut ring, deadline - now, spin)?
+        };
         let now = Instant::now();
         for (ud, res) in cqes {
             if ud == IGNORED {
