@@ -342,8 +342,9 @@ fn run(a: Args) -> Result<(), String> {
     let table = compare::markdown(&runs, "ringmail", "sink", &peers);
     let vtable = compare::markdown(&validation, "ringmail-load", "smtp-source", &[]);
     let report = format!(
-        "ringmail-load, 32 sessions, medians of {reps} interleaved run(s), messages/s; {:.0} s in all\n\n{table}\nValidation: smtp-source vs ringmail-load, both into Postfix's smtp-sink (4 KiB, 32 sessions)\n\n{vtable}",
-        started.elapsed().as_secs_f64()
+        "ringmail-load, 32 sessions, medians of {reps} interleaved run(s), messages/s; {:.0} s in all\nPeers: {}\n\n{table}\nValidation: smtp-source vs ringmail-load, both into Postfix's smtp-sink (4 KiB, 32 sessions)\n\n{vtable}",
+        started.elapsed().as_secs_f64(),
+        peer_versions()
     );
     println!("{report}");
     std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
@@ -358,10 +359,34 @@ fn run(a: Args) -> Result<(), String> {
     std::fs::write(base.with_extension("md"), &report).map_err(|e| e.to_string())?;
     let mut targets = vec!["sink", "ringmail"];
     targets.extend(&peers);
-    let svg = compare::svg_chart(&runs, &targets, "ringmail vs peers: ingest, messages/s")?;
+    let svg = compare::svg_chart(&runs, &targets, "ringmail vs peers, messages/s")?;
     std::fs::write(base.with_extension("svg"), svg).map_err(|e| e.to_string())?;
     eprintln!("wrote {}.{{json,md,svg}}", base.display());
     Ok(())
+}
+
+/// The first line of each peer's version report, for the record.
+fn peer_versions() -> String {
+    let first_line = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                // The line, up to any run of spaces (dnsmasq appends its copyright).
+                let line = text.lines().next()?.trim();
+                Some(line.split("  ").next().unwrap_or(line).to_string())
+            })
+            .filter(|l| !l.is_empty())
+            .unwrap_or_else(|| "not installed".into())
+    };
+    format!(
+        "Postfix {}, Dovecot {}, {}",
+        first_line("postconf", &["-dh", "mail_version"]),
+        first_line("dovecot", &["--version"]),
+        first_line("dnsmasq", &["--version"])
+    )
 }
 
 /// smtp-source vs ringmail-load into Postfix's smtp-sink, both modes, interleaved.
