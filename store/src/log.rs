@@ -171,6 +171,13 @@ impl Segment {
 /// How far ahead of the writer the segment is filled with synced zeros.
 const ZERO_AHEAD_BYTES: u64 = 8 << 20;
 
+/// Batches larger than this on average are appended without zeros ahead of them:
+/// writing the zeros costs disk bandwidth in proportion to the bytes, while what they
+/// save (the file system's metadata commit) is once per sync. Measured with
+/// ringmail-load, 32 sessions: 4 KiB messages (batches of tens of KiB) +13% with
+/// zeros; 100 KiB messages (batches of MiBs) +36% without.
+const ZERO_AHEAD_BATCH_MAX: u64 = 256 << 10;
+
 struct Inner {
     batch: Vec<u8>,
     slot: Rc<Slot>,
@@ -230,6 +237,7 @@ impl ShardLog {
             cfg,
             seg,
             broken: false,
+            batch_avg: 0,
             log: log.clone(),
         };
         glommio::spawn_local(flusher.run()).detach();
@@ -297,6 +305,8 @@ struct Flusher {
     seg: Segment,
     /// A failed batch could not be cut off the segment: the next batch starts a new one.
     broken: bool,
+    /// Moving average of batch sizes (bytes), for `ZERO_AHEAD_BATCH_MAX`.
+    batch_avg: u64,
     log: ShardLog,
 }
 
@@ -354,7 +364,10 @@ impl Flusher {
         bytes[tail_len + batch.len()..].fill(0);
         let new_tail = bytes[(align_down(end) - base) as usize..(end - base) as usize].to_vec();
         drop(batch);
-        self.zero_ahead(align_up(end));
+        self.batch_avg = (self.batch_avg * 7 + len) / 8;
+        if self.batch_avg <= ZERO_AHEAD_BATCH_MAX {
+            self.zero_ahead(align_up(end));
+        }
         self.seg.wait_zeroing(align_up(end)).await;
         let faults = self.log.faults.clone();
         let result = async {
