@@ -127,6 +127,21 @@ fn align_up(v: u64) -> u64 {
     align_down(v + BLOCK - 1)
 }
 
+/// Direct I/O on a device whose logical blocks are larger than `BLOCK` would fail
+/// every write with EINVAL: refuse it at open with a clear error instead.
+fn check_block_size(file: &DmaFile) -> io::Result<()> {
+    if file.alignment() > BLOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "the spool's device has {}-byte logical blocks; ringmail writes {BLOCK}-byte blocks",
+                file.alignment()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 struct Segment {
     file: Rc<DmaFile>,
     seq: u64,
@@ -207,6 +222,7 @@ impl ShardLog {
                     .write(true)
                     .dma_open(segment::segment_path(dir, seq))
                     .await?;
+                check_block_size(&file)?;
                 let base = align_down(tail.valid_len);
                 let want = (tail.valid_len - base) as usize;
                 let block = file.read_at_aligned(base, BLOCK as usize).await?;
@@ -548,6 +564,7 @@ async fn try_create_segment(
         .write(true)
         .dma_open(&path)
         .await?;
+    check_block_size(&file)?;
     Ok(Segment::new(
         file,
         seq,

@@ -158,14 +158,23 @@ pub struct Recovered {
 /// Replays a shard's log into a message index.
 pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
     let dir = segment::shard_dir(data, shard);
-    let mut index = BTreeMap::new();
+    let mut index: BTreeMap<u64, QueuedMessage> = BTreeMap::new();
     let mut max_id: Option<u64> = None;
     let mut bad = 0u64;
     let (tail, mut report) = recover_shard(&dir, shard, mode, |loc, rec| match rec.kind {
         Kind::Message => match QueuedMessage::from_record(loc, rec.payload) {
             Ok(m) => {
                 max_id = max_id.max(Some(m.id));
-                index.insert(m.id, m);
+                match index.get_mut(&m.id) {
+                    // Ids are never reused: this is a copy written by compaction.
+                    // Only the place changes; the recipients keep the state replayed
+                    // so far (the copy's own updates follow it, but a crash may have
+                    // torn them off while the old segment still holds the state).
+                    Some(queued) => queued.location = m.location,
+                    None => {
+                        index.insert(m.id, m);
+                    }
+                }
             }
             Err(_) => bad += 1,
         },
@@ -234,6 +243,32 @@ pub struct Spool {
 pub struct Loaded {
     pub env: Envelope,
     pub message: Rc<Vec<u8>>,
+}
+
+/// Counts a recipient update of a message as in flight while it lives: also when
+/// the future writing it is dropped half-way (shutdown), so the count cannot stick.
+struct Updating<'a> {
+    map: &'a RefCell<HashMap<u64, usize>>,
+    id: u64,
+}
+
+impl<'a> Updating<'a> {
+    fn new(map: &'a RefCell<HashMap<u64, usize>>, id: u64) -> Updating<'a> {
+        *map.borrow_mut().entry(id).or_default() += 1;
+        Updating { map, id }
+    }
+}
+
+impl Drop for Updating<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.borrow_mut();
+        if let Some(n) = map.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// Bytes of messages a shard keeps in memory for delivery; past it, delivery reads
@@ -333,17 +368,9 @@ impl Spool {
     /// recipients are all done leaves the queue.
     pub async fn record(&self, u: RcptUpdate) -> Result<(), LogError> {
         let ticket = self.log.append(Kind::RcptUpdate, |out| u.encode(out))?;
-        *self.updating.borrow_mut().entry(u.id).or_default() += 1;
+        let in_flight = Updating::new(&self.updating, u.id);
         let durable = self.log.durable(ticket).await;
-        {
-            let mut updating = self.updating.borrow_mut();
-            if let Some(n) = updating.get_mut(&u.id) {
-                *n -= 1;
-                if *n == 0 {
-                    updating.remove(&u.id);
-                }
-            }
-        }
+        drop(in_flight);
         durable?;
         let mut index = self.index.borrow_mut();
         if let Some(m) = index.get_mut(&u.id) {
@@ -510,10 +537,12 @@ impl Spool {
     }
 
     /// Writes a queued message again at the head of the log: its record as it is,
-    /// then one update per recipient that has a state of its own, so that replay
-    /// (which takes the later copy of an id, then its updates) rebuilds the same
-    /// state without the old segment. Skipped (false) for a message with an update
-    /// in flight, or that left the queue meanwhile.
+    /// then one update per recipient that has a state of its own. Replay takes the
+    /// copy's location and keeps the recipients' state while the old record is still
+    /// there (even if a crash tore the copied updates off), and rebuilds the state
+    /// from the copied updates once the old segment is gone (deleted only after they
+    /// are durable). Skipped (false) for a message with an update in flight, or that
+    /// left the queue meanwhile.
     async fn copy_forward(&self, id: u64, loc: Location) -> io::Result<bool> {
         let record = self.read_record(loc).await?;
         let payload = ringmail_store::record::decode(&record)
@@ -964,6 +993,54 @@ mod tests {
                 .map(|r| (r.status, r.attempts))
                 .collect::<Vec<_>>(),
             [(RcptStatus::Delivered, 1), (RcptStatus::Deferred, 2)]
+        );
+    }
+
+    #[test]
+    fn a_copy_whose_updates_were_torn_off_keeps_the_old_state() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().to_path_buf();
+        ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+        let data2 = data.clone();
+        let (id, copy) = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            let id = spool.next_id();
+            spool.enqueue(env(id, 2), b"", b"body\r\n").await.unwrap();
+            spool
+                .record(update(id, 0, RcptStatus::Delivered, 1))
+                .await
+                .unwrap();
+            spool
+                .record(update(id, 1, RcptStatus::Deferred, 2))
+                .await
+                .unwrap();
+            let loc = spool.get(id).unwrap().location;
+            assert!(spool.copy_forward(id, loc).await.unwrap());
+            let copy = spool.get(id).unwrap().location;
+            spool.close().await;
+            (id, copy)
+        });
+        // A crash tore the batch right after the copied message record: its updates
+        // never reached the disk.
+        let seg = segment::segment_path(&segment::shard_dir(&data, 0), copy.seq);
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(copy.offset + copy.len as u64).unwrap();
+        drop(f);
+        let listed = list(&data).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, id);
+        assert_eq!(
+            listed[0].location, copy,
+            "the copy is where it is read from"
+        );
+        assert_eq!(
+            listed[0]
+                .rcpt
+                .iter()
+                .map(|r| (r.status, r.attempts))
+                .collect::<Vec<_>>(),
+            [(RcptStatus::Delivered, 1), (RcptStatus::Deferred, 2)],
+            "not reset to queued"
         );
     }
 }
