@@ -45,6 +45,16 @@ fn tx(rcpts: &[&str]) -> Transaction {
 }
 
 fn run(dns: SocketAddr, port: u16, dest: Destination, tx: Transaction) -> Outcome {
+    run_message(dns, port, dest, tx, MESSAGE.to_vec())
+}
+
+fn run_message(
+    dns: SocketAddr,
+    port: u16,
+    dest: Destination,
+    tx: Transaction,
+    message: Vec<u8>,
+) -> Outcome {
     glommio::LocalExecutor::default().run(async move {
         let ring = Ring::start().unwrap();
         let resolver = Resolver::new(vec![dns], Duration::from_millis(500), 2);
@@ -62,10 +72,109 @@ fn run(dns: SocketAddr, port: u16, dest: Destination, tx: Transaction) -> Outcom
             &cfg,
             &dest,
             &tx,
-            &std::rc::Rc::new(MESSAGE.to_vec()),
+            &std::rc::Rc::new(message),
         )
         .await
     })
+}
+
+/// An MX without CHUNKING (like many real ones): PIPELINING and DATA only. Records
+/// each message's text as received (still dot-stuffed).
+fn plain_mx() -> (SocketAddr, std::thread::JoinHandle<Vec<Vec<u8>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn);
+        w.write_all(b"220 plain.test ESMTP\r\n").unwrap();
+        let mut messages = Vec::new();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if r.read_until(b'\n', &mut line).unwrap() == 0 {
+                return messages;
+            }
+            let cmd = String::from_utf8_lossy(&line).to_ascii_uppercase();
+            let reply: &[u8] = if cmd.starts_with("EHLO") {
+                b"250-plain.test\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n"
+            } else if cmd.starts_with("DATA") {
+                w.write_all(b"354 go ahead\r\n").unwrap();
+                let mut text = Vec::new();
+                while !text.ends_with(b"\r\n.\r\n") {
+                    if r.read_until(b'\n', &mut text).unwrap() == 0 {
+                        return messages;
+                    }
+                }
+                messages.push(text);
+                b"250 2.0.0 taken\r\n"
+            } else if cmd.starts_with("QUIT") {
+                w.write_all(b"221 bye\r\n").unwrap();
+                return messages;
+            } else {
+                b"250 ok\r\n"
+            };
+            w.write_all(reply).unwrap();
+        }
+    });
+    (addr, t)
+}
+
+/// RFC 5321 §4.5.2 in reverse: the text before the end marker, one dot taken off
+/// each line that starts with one.
+fn unstuff(text: &[u8]) -> Vec<u8> {
+    let body = &text[..text.len() - 3];
+    let mut out = Vec::with_capacity(body.len());
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        out.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+    }
+    out
+}
+
+#[test]
+fn data_to_a_server_without_chunking_arrives_intact_large_and_small() {
+    let line = |i: usize| format!("line {i:05} of a long message, some text to fill it\r\n");
+    let plain: Vec<u8> = (0..1500).flat_map(|i| line(i).into_bytes()).collect();
+    let dotted: Vec<u8> = (0..1500)
+        .flat_map(|i| {
+            let l = line(i);
+            if i % 100 == 7 { format!(".{l}") } else { l }.into_bytes()
+        })
+        .collect();
+    assert!(plain.len() > 64 << 10, "large enough to go out unbuffered");
+    let cases = [
+        ("large, no line starts with a dot", plain),
+        ("large, dot-stuffed", dotted),
+        ("small", MESSAGE.to_vec()),
+        ("large, no final CRLF", {
+            let mut m = line(1).repeat(2000).into_bytes();
+            m.extend_from_slice(b"no line end");
+            m
+        }),
+    ];
+    for (what, message) in cases {
+        let (addr, mx) = plain_mx();
+        let mut t = tx(&["x@example.test"]);
+        t.size = message.len() as u64;
+        let o = run_message(
+            "127.0.0.1:9".parse().unwrap(),
+            addr.port(),
+            Destination::Route("127.0.0.2".into(), addr.port()),
+            t,
+            message.clone(),
+        );
+        assert_eq!(kinds(&o), [('D', 250)], "{what}");
+        let got = mx.join().unwrap();
+        assert_eq!(got.len(), 1, "{what}");
+        let mut want = message.clone();
+        if !want.ends_with(b"\r\n") {
+            want.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(unstuff(&got[0]), want, "{what}");
+    }
 }
 
 fn kinds(o: &Outcome) -> Vec<(char, u16)> {
