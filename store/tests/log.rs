@@ -248,6 +248,52 @@ fn failed_syncs_and_writes_are_reported_and_never_replayed() {
     );
 }
 
+/// Records appended while a batch is in flight, with injected sync failures:
+/// whatever was answered Ok replays, whatever was answered with an error never does.
+#[test]
+fn appends_behind_a_failing_batch_replay_exactly_what_was_answered_ok() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let (answered, failures) = LocalExecutor::default().run(async move {
+        let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
+        let log = ShardLog::open(&dir, 0, tail, LogConfig::default())
+            .await
+            .unwrap();
+        let mut answered = Vec::new();
+        let mut failures = 0;
+        for round in 0..20usize {
+            let a = payload(round * 3, 500 + round);
+            let b = payload(round * 3 + 1, 700 + round);
+            if round % 2 == 0 {
+                log.faults().errno.set(libc::EIO);
+                log.faults().syncs.set(1);
+            }
+            let ta = log
+                .append(Kind::Message, |o| o.extend_from_slice(&a))
+                .unwrap();
+            // Let the flusher take `a` and start on it, then queue `b` behind it.
+            glommio::yield_if_needed().await;
+            glommio::executor().yield_task_queue_now().await;
+            let tb = log
+                .append(Kind::Message, |o| o.extend_from_slice(&b))
+                .unwrap();
+            for (t, p) in [(ta, a), (tb, b)] {
+                match log.durable(t).await {
+                    Ok(_) => answered.push(p),
+                    Err(_) => failures += 1,
+                }
+            }
+        }
+        log.close().await;
+        (answered, failures)
+    });
+    assert!(
+        failures >= 10,
+        "every injected sync failure fails its batch"
+    );
+    assert_eq!(replay(d.path(), Mode::ReadOnly), answered);
+}
+
 #[test]
 fn the_next_segment_header_fences_off_bytes_of_a_failed_batch() {
     // Segment 1 holds three records, but segment 2's header says only the first two
