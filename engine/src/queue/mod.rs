@@ -714,6 +714,37 @@ mod tests {
         }
     }
 
+    /// A fresh data directory with a one-shard manifest.
+    fn fresh_data() -> (tempfile::TempDir, std::path::PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().to_path_buf();
+        ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+        (d, data)
+    }
+
+    fn rcpt_states(m: &QueuedMessage) -> Vec<(RcptStatus, u32)> {
+        m.rcpt.iter().map(|r| (r.status, r.attempts)).collect()
+    }
+
+    /// A spool with one message to two recipients, the first delivered (if
+    /// `delivered`) and the second deferred after two attempts.
+    async fn one_deferred(data: &Path, delivered: bool) -> (Spool, u64) {
+        let spool = Spool::open(data, 0, LogConfig::default()).await.unwrap();
+        let id = spool.next_id();
+        spool.enqueue(env(id, 2), b"", b"body\r\n").await.unwrap();
+        if delivered {
+            spool
+                .record(update(id, 0, RcptStatus::Delivered, 1))
+                .await
+                .unwrap();
+        }
+        spool
+            .record(update(id, 1, RcptStatus::Deferred, 2))
+            .await
+            .unwrap();
+        (spool, id)
+    }
+
     fn update(id: u64, rcpt: u32, status: RcptStatus, attempts: u32) -> RcptUpdate {
         RcptUpdate {
             id,
@@ -959,18 +990,10 @@ mod tests {
 
     #[test]
     fn a_crash_between_copy_and_delete_replays_to_the_same_state() {
-        let d = tempfile::tempdir().unwrap();
-        let data = d.path().to_path_buf();
-        ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+        let (_d, data) = fresh_data();
         let data2 = data.clone();
         let id = glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
-            let id = spool.next_id();
-            spool.enqueue(env(id, 2), b"", b"body\r\n").await.unwrap();
-            spool
-                .record(update(id, 1, RcptStatus::Deferred, 2))
-                .await
-                .unwrap();
+            let (spool, id) = one_deferred(&data2, false).await;
             let loc = spool.get(id).unwrap().location;
             // Copied, but the old record is still in the log (no deletion).
             assert!(spool.copy_forward(id, loc).await.unwrap());
@@ -987,33 +1010,17 @@ mod tests {
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].id, id);
         assert_eq!(
-            listed[0]
-                .rcpt
-                .iter()
-                .map(|r| (r.status, r.attempts))
-                .collect::<Vec<_>>(),
+            rcpt_states(&listed[0]),
             [(RcptStatus::Delivered, 1), (RcptStatus::Deferred, 2)]
         );
     }
 
     #[test]
     fn a_copy_whose_updates_were_torn_off_keeps_the_old_state() {
-        let d = tempfile::tempdir().unwrap();
-        let data = d.path().to_path_buf();
-        ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+        let (_d, data) = fresh_data();
         let data2 = data.clone();
         let (id, copy) = glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
-            let id = spool.next_id();
-            spool.enqueue(env(id, 2), b"", b"body\r\n").await.unwrap();
-            spool
-                .record(update(id, 0, RcptStatus::Delivered, 1))
-                .await
-                .unwrap();
-            spool
-                .record(update(id, 1, RcptStatus::Deferred, 2))
-                .await
-                .unwrap();
+            let (spool, id) = one_deferred(&data2, true).await;
             let loc = spool.get(id).unwrap().location;
             assert!(spool.copy_forward(id, loc).await.unwrap());
             let copy = spool.get(id).unwrap().location;
@@ -1034,11 +1041,7 @@ mod tests {
             "the copy is where it is read from"
         );
         assert_eq!(
-            listed[0]
-                .rcpt
-                .iter()
-                .map(|r| (r.status, r.attempts))
-                .collect::<Vec<_>>(),
+            rcpt_states(&listed[0]),
             [(RcptStatus::Delivered, 1), (RcptStatus::Deferred, 2)],
             "not reset to queued"
         );
