@@ -50,9 +50,16 @@ impl std::error::Error for LogError {}
 
 impl From<io::Error> for LogError {
     fn from(e: io::Error) -> LogError {
-        match e.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => LogError::NoSpace,
-            _ => LogError::Io(e.to_string()),
+        // glommio passes errors on with the kind but without the errno.
+        let full = matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+            || matches!(
+                e.kind(),
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+            );
+        if full {
+            LogError::NoSpace
+        } else {
+            LogError::Io(e.to_string())
         }
     }
 }
@@ -571,4 +578,22 @@ async fn try_create_segment(
         SEGMENT_HEADER_BYTES,
         header.to_vec(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_disk_is_recognised_with_or_without_the_errno() {
+        let raw = io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(LogError::from(raw), LogError::NoSpace);
+        // What glommio hands on: the kind, a message, no errno.
+        let kind_only = io::Error::new(io::ErrorKind::StorageFull, "Writing path ...");
+        assert_eq!(LogError::from(kind_only), LogError::NoSpace);
+        let quota = io::Error::from_raw_os_error(libc::EDQUOT);
+        assert_eq!(LogError::from(quota), LogError::NoSpace);
+        let eio = io::Error::from_raw_os_error(libc::EIO);
+        assert!(matches!(LogError::from(eio), LogError::Io(_)));
+    }
 }
