@@ -26,6 +26,7 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 /// sessions finish the message they are in (bounded), sync every log, return.
 pub fn serve(cfg: Config) -> Result<(), String> {
     cfg.validate()?;
+    raise_open_files_limit();
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = cfg.cores.unwrap_or(available);
     let m = manifest::open_or_create(
@@ -240,4 +241,38 @@ fn spawn_signal_thread(shutdown: Arc<AtomicBool>) {
             }
         })
         .expect("spawn the signal thread");
+}
+
+/// Every connection, segment and DNS query is a descriptor, and the usual soft limit
+/// (1024) is far below what one shard serves: raise it to the hard limit, as other
+/// servers do at start.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid out pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let soft = lim.rlim_cur;
+        if soft < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::info!(
+                    from = soft,
+                    to = lim.rlim_max,
+                    "raised the open files limit"
+                );
+                return;
+            }
+        }
+        if soft < 4096 {
+            tracing::warn!(
+                limit = soft,
+                "open files limit is low; connections past it are refused"
+            );
+        }
+    }
 }

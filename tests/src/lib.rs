@@ -44,6 +44,8 @@ pub struct Server {
     _tmp: Option<tempfile::TempDir>,
     args: Vec<String>,
     log: PathBuf,
+    /// Soft open-files limit the server starts with (None: inherited).
+    nofile: Option<u64>,
 }
 
 impl Server {
@@ -64,6 +66,25 @@ impl Server {
             _tmp: tmp,
             args: args.iter().map(|s| s.to_string()).collect(),
             log,
+            nofile: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts a server whose soft open-files limit is `soft` (the hard one unchanged),
+    /// as a default login session would give it.
+    pub fn start_with_nofile(soft: u64, args: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let mut s = Server {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            log: data.with_extension(format!("log-{}", free_port())),
+            data,
+            _tmp: Some(tmp),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            nofile: Some(soft),
         };
         s.spawn();
         s
@@ -71,7 +92,25 @@ impl Server {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new(binary())
+        let mut cmd = Command::new(binary());
+        if let Some(soft) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: getrlimit/setrlimit are async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("serve")
             .arg("--data")
             .arg(&self.data)

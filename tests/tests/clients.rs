@@ -282,3 +282,35 @@ s.quit()
         assert_eq!(r["orcpt"], "rfc822;bob@localhost");
     }
 }
+
+#[test]
+fn a_low_open_files_limit_is_raised_at_start() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid out pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if lim.rlim_max < 1024 {
+        eprintln!("SKIPPED: the hard open-files limit is {}", lim.rlim_max);
+        return;
+    }
+    // 64 descriptors would not even hold the connections below.
+    let server = Server::start_with_nofile(64, &[]);
+    assert!(
+        server.log_text().contains("raised the open files limit"),
+        "{}",
+        server.log_text()
+    );
+    let conns: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(server.addr).unwrap())
+        .collect();
+    for mut c in conns {
+        use std::io::Read;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut greeting = [0u8; 4];
+        c.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting, b"220 ");
+    }
+}
