@@ -32,6 +32,8 @@ pub struct Config {
     pub retry: crate::queue::retry::RetryPolicy,
     /// Concurrent delivery attempts per destination domain and shard.
     pub connections_per_destination_max: usize,
+    /// Delivery attempts running at once per shard, all destinations together.
+    pub deliveries_per_shard_max: usize,
     /// A log segment is sealed at this size (compaction deletes whole segments).
     pub segment_bytes_max: u64,
     /// Messages per second per destination domain and shard (None: no limit).
@@ -58,6 +60,7 @@ impl Default for Config {
             routes: Vec::new(),
             retry: crate::queue::retry::RetryPolicy::default(),
             connections_per_destination_max: 16,
+            deliveries_per_shard_max: 1000,
             segment_bytes_max: 64 << 20,
             destination_rate: None,
         }
@@ -148,6 +151,9 @@ impl Config {
             if let Some(v) = d.destination_rate {
                 self.destination_rate = Some(v);
             }
+            if let Some(v) = d.deliveries_per_shard_max {
+                self.deliveries_per_shard_max = v;
+            }
         }
         self.validate()
     }
@@ -177,6 +183,9 @@ impl Config {
         }
         if self.connections_per_destination_max == 0 {
             return Err("delivery.connections_per_destination_max must be at least 1".into());
+        }
+        if self.deliveries_per_shard_max == 0 {
+            return Err("delivery.deliveries_per_shard_max must be at least 1".into());
         }
         if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
             return Err(format!("hostname {:?} is not a host name", self.hostname));
@@ -212,6 +221,7 @@ struct FileDelivery {
     max_queue_age_s: Option<u64>,
     connections_per_destination_max: Option<usize>,
     destination_rate: Option<f64>,
+    deliveries_per_shard_max: Option<usize>,
 }
 
 /// Segments smaller than this would roll on every batch.
@@ -311,7 +321,8 @@ mod tests {
             &p,
             "segment-size = 1048576\n[delivery]\ndns = [\"127.0.0.1:5353\"]\nmx_port = 2526\n\
              routes = [\"*=127.0.0.2:25\"]\nretry_first_s = 5\nretry_max_s = 50\n\
-             max_queue_age_s = 500\nconnections_per_destination_max = 4\ndestination_rate = 10.5\n",
+             max_queue_age_s = 500\nconnections_per_destination_max = 4\ndestination_rate = 10.5\n\
+             deliveries_per_shard_max = 7\n",
         )
         .unwrap();
         let mut c = Config::default();
@@ -325,6 +336,7 @@ mod tests {
         assert_eq!(c.retry.max_age, Duration::from_secs(500));
         assert_eq!(c.connections_per_destination_max, 4);
         assert_eq!(c.destination_rate, Some(10.5));
+        assert_eq!(c.deliveries_per_shard_max, 7);
         std::fs::write(&p, "[delivery]\ndestination_rate = -1.0\n").unwrap();
         assert!(Config::default()
             .apply_file(&p)

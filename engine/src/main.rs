@@ -91,6 +91,9 @@ struct ServeArgs {
     /// Most concurrent connections to one destination domain, per shard [default: 16]
     #[arg(long)]
     destination_connections: Option<usize>,
+    /// Most delivery attempts running at once per shard, all destinations [default: 1000]
+    #[arg(long)]
+    max_deliveries: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -196,6 +199,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     }
     if let Some(v) = a.destination_connections {
         cfg.connections_per_destination_max = v;
+    }
+    if let Some(v) = a.max_deliveries {
+        cfg.deliveries_per_shard_max = v;
     }
     cfg.validate()?;
     runtime::serve(cfg)

@@ -304,3 +304,93 @@ fn a_destination_rate_limit_spaces_the_deliveries() {
         t.elapsed()
     );
 }
+
+/// A slow MX in test threads: answers each message 150 ms after its text, and keeps
+/// the highest number of transactions it saw open at once.
+fn slow_mx() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (active, max, done) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (m, d) = (max.clone(), done.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let (active, max, done) = (active.clone(), max.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                let _ = w.write_all(b"220 slow.test\r\n");
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let cmd = line.to_ascii_uppercase();
+                    let reply: &[u8] = if cmd.starts_with("EHLO") {
+                        b"250 slow.test\r\n"
+                    } else if cmd.starts_with("MAIL") {
+                        let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                        max.fetch_max(now, Ordering::SeqCst);
+                        b"250 ok\r\n"
+                    } else if cmd.starts_with("DATA") {
+                        let _ = w.write_all(b"354 go\r\n");
+                        let mut text = String::new();
+                        while !text.ends_with("\r\n.\r\n") {
+                            if r.read_line(&mut text).unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(150));
+                        active.fetch_sub(1, Ordering::SeqCst);
+                        done.fetch_add(1, Ordering::SeqCst);
+                        b"250 taken\r\n"
+                    } else if cmd.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n");
+                        return;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    if w.write_all(reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, m, d)
+}
+
+#[test]
+fn concurrent_deliveries_are_capped_per_shard() {
+    let (mx, max, done) = slow_mx();
+    let dns = DnsServer::start(zone());
+    let route = format!("*=127.0.0.2:{}", mx.port());
+    let server = relay(
+        &dns,
+        mx_port(),
+        &["--route", &route, "--max-deliveries", "2"],
+    );
+    // Ten destinations: without the cap all ten would be tried at once.
+    for i in 0..10 {
+        send(
+            &server,
+            "a@src.test",
+            &format!("r@d{i}.test"),
+            "Subject: cap\r\n\r\nhi\r\n",
+        );
+    }
+    wait_until("ten deliveries", 30, || done.load(Ordering::SeqCst) == 10);
+    assert_eq!(max.load(Ordering::SeqCst), 2, "two at a time, no more");
+}

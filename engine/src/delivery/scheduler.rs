@@ -46,6 +46,8 @@ pub struct Delivery {
     buckets: RefCell<HashMap<String, (f64, std::time::Instant)>>,
     /// Attempts running per destination domain.
     per_destination: RefCell<HashMap<String, usize>>,
+    /// Attempts running on this executor, all destinations together.
+    running: Cell<usize>,
     stopping: Cell<bool>,
 }
 
@@ -95,6 +97,7 @@ impl Delivery {
             last_compaction: Cell::new(std::time::Instant::now()),
             buckets: RefCell::new(HashMap::new()),
             per_destination: RefCell::new(HashMap::new()),
+            running: Cell::new(0),
             stopping: Cell::new(false),
         })
     }
@@ -227,11 +230,13 @@ impl Delivery {
                         .copied()
                         .unwrap_or(0);
                     if running >= self.cfg.connections_per_destination_max
+                        || self.running.get() >= self.cfg.deliveries_per_shard_max
                         || !self.take_token(&domain)
                     {
                         busy = true;
                         continue;
                     }
+                    self.running.set(self.running.get() + 1);
                     *self
                         .per_destination
                         .borrow_mut()
@@ -243,6 +248,7 @@ impl Delivery {
                     let (me, spool) = (self.clone(), spool.clone());
                     glommio::spawn_local(async move {
                         me.deliver(&spool, id, &domain, &rcpts).await;
+                        me.running.set(me.running.get() - 1);
                         for i in &rcpts {
                             me.in_flight.borrow_mut().remove(&(id, *i));
                         }
@@ -259,8 +265,8 @@ impl Delivery {
                     .detach();
                 }
                 if busy {
-                    // Its destination is at its limit: back of the line, tried again
-                    // when an attempt finishes.
+                    // Its destination (or the shard) is at its limit: back of the
+                    // line, tried again when an attempt finishes.
                     spool.requeue(id);
                 }
             }
