@@ -153,9 +153,15 @@ pub struct Session {
     mail: Option<Mail>,
     line: DataLine,
     errors: u32,
+    /// Size of the last message of this session: the next one is likely alike.
+    last_body_len: usize,
 }
 
 const READ_CHUNK_BYTES: usize = 16 << 10;
+
+/// The most a transaction reserves for its body up front (from SIZE= or the session's
+/// last message); larger bodies grow as they arrive.
+const BODY_RESERVE_MAX: usize = 4 << 20;
 
 impl Session {
     /// Starts a session and queues the greeting. `relay_allowed`: the client's address
@@ -174,6 +180,7 @@ impl Session {
             mail: None,
             line: DataLine::default(),
             errors: 0,
+            last_body_len: 0,
         };
         let greeting = format!("220 {} ESMTP ringmail\r\n", s.cfg.hostname);
         s.reply(&greeting);
@@ -444,6 +451,7 @@ impl Session {
             ..Mail::default()
         };
         let mut seen: Vec<String> = Vec::new();
+        let mut declared = None;
         for param in params.split(' ').filter(|p| !p.is_empty()) {
             if !self.esmtp {
                 return self.error("555 5.5.4 Error: MAIL parameters need EHLO\r\n");
@@ -463,6 +471,7 @@ impl Session {
                             "552 5.3.4 Message size exceeds fixed maximum message size\r\n",
                         );
                     }
+                    declared = Some(size as usize);
                 }
                 ("BODY", Some(v)) => {
                     mail.body_type = match v.to_ascii_uppercase().as_str() {
@@ -499,6 +508,9 @@ impl Session {
         if !mail.from.is_ascii() && !mail.smtputf8 {
             return self.error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8\r\n");
         }
+        // Room for the body at once, instead of growing (and copying) it as it comes.
+        let hint = declared.unwrap_or(self.last_body_len + self.last_body_len / 8);
+        mail.body = Vec::with_capacity(hint.min(BODY_RESERVE_MAX));
         self.mail = Some(mail);
         self.reply("250 2.1.0 Ok\r\n");
     }
@@ -775,6 +787,7 @@ impl Session {
 
     fn hand_out(&mut self) -> Step {
         let mail = self.mail.take().unwrap();
+        self.last_body_len = mail.body.len();
         self.state = State::Storing;
         let protocol = match (mail.smtputf8, self.esmtp) {
             (true, _) => "UTF8SMTP",
