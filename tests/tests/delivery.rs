@@ -4,6 +4,7 @@
 use ringmail::delivery::attempt::{attempt, AttemptConfig, Destination, Outcome, Pool};
 use ringmail::dns::resolver::Resolver;
 use ringmail::net::Ring;
+use ringmail::queue::MessageText;
 use ringmail::smtp::client::{RcptResult, Transaction, TxRcpt};
 use ringmail_bench::sink::Faults;
 use ringmail_tests::dns::{DnsServer, Zone};
@@ -45,7 +46,7 @@ fn tx(rcpts: &[&str]) -> Transaction {
 }
 
 fn run(dns: SocketAddr, port: u16, dest: Destination, tx: Transaction) -> Outcome {
-    run_message(dns, port, dest, tx, MESSAGE.to_vec())
+    run_message(dns, port, dest, tx, b"", MESSAGE.to_vec())
 }
 
 fn run_message(
@@ -53,8 +54,10 @@ fn run_message(
     port: u16,
     dest: Destination,
     tx: Transaction,
+    prefix: &[u8],
     message: Vec<u8>,
 ) -> Outcome {
+    let prefix = prefix.to_vec();
     glommio::LocalExecutor::default().run(async move {
         let ring = Ring::start().unwrap();
         let resolver = Resolver::new(vec![dns], Duration::from_millis(500), 2);
@@ -72,7 +75,10 @@ fn run_message(
             &cfg,
             &dest,
             &tx,
-            &std::rc::Rc::new(message),
+            &MessageText {
+                prefix,
+                body: std::rc::Rc::new(message),
+            },
         )
         .await
     })
@@ -155,21 +161,23 @@ fn data_to_a_server_without_chunking_arrives_intact_large_and_small() {
             m
         }),
     ];
+    let prefix = b"Received: from client.test\r\n\tby mx.test with ESMTP id 1\r\n";
     for (what, message) in cases {
         let (addr, mx) = plain_mx();
         let mut t = tx(&["x@example.test"]);
-        t.size = message.len() as u64;
+        t.size = (prefix.len() + message.len()) as u64;
         let o = run_message(
             "127.0.0.1:9".parse().unwrap(),
             addr.port(),
             Destination::Route("127.0.0.2".into(), addr.port()),
             t,
+            prefix,
             message.clone(),
         );
         assert_eq!(kinds(&o), [('D', 250)], "{what}");
         let got = mx.join().unwrap();
         assert_eq!(got.len(), 1, "{what}");
-        let mut want = message.clone();
+        let mut want = [&prefix[..], &message[..]].concat();
         if !want.ends_with(b"\r\n") {
             want.extend_from_slice(b"\r\n");
         }

@@ -8,6 +8,7 @@
 use crate::dns::resolver::Resolver;
 use crate::dns::Route;
 use crate::net::{Ring, SendBuf};
+use crate::queue::MessageText;
 use crate::smtp::client::{Client, DotStuffer, Event, RcptResult, Reply, Transaction};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -117,7 +118,7 @@ pub async fn attempt(
     cfg: &AttemptConfig,
     dest: &Destination,
     tx: &Transaction,
-    message: &Rc<Vec<u8>>,
+    message: &MessageText,
 ) -> Outcome {
     let (hosts, port) = match dest {
         Destination::Route(host, port) => (vec![host.clone()], *port),
@@ -206,7 +207,7 @@ async fn session(
     cfg: &AttemptConfig,
     addr: SocketAddr,
     tx: &Transaction,
-    message: &Rc<Vec<u8>>,
+    message: &MessageText,
     may_reuse: bool,
 ) -> Result<Vec<RcptResult>, (String, bool)> {
     let pooled = if may_reuse { pool.take(addr) } else { None };
@@ -349,24 +350,28 @@ const SHARED_SEND_MIN: usize = 16 << 10;
 
 /// Sends the pending commands (BDAT, or the end of the pipelined group before DATA's
 /// text) and the message. DATA text needs dot-stuffing only when a line starts with a
-/// dot; otherwise the stored bytes are sent unchanged, then the end marker.
+/// dot; otherwise the stored body is sent unchanged, then the end marker.
 async fn send_body(
     ring: &Rc<Ring>,
     raw: std::os::fd::RawFd,
     c: &mut Client,
-    message: &Rc<Vec<u8>>,
+    message: &MessageText,
     bdat: bool,
     stall: Duration,
 ) -> std::io::Result<()> {
     let mut out = c.output().to_vec();
     c.clear_output();
     let mut d = DotStuffer::default();
-    let whole = message.len() >= SHARED_SEND_MIN && (bdat || d.pass(message));
-    if whole {
-        if !out.is_empty() {
-            ring.send(raw, SendBuf::Owned(out), true, stall).await?;
-        }
-        ring.send(raw, SendBuf::Shared(message.clone()), !bdat, stall)
+    // The trace prefix is small: it always goes with the commands.
+    if bdat {
+        out.extend_from_slice(&message.prefix);
+    } else {
+        d.stuff(&message.prefix, &mut out);
+    }
+    let body = &message.body;
+    if body.len() >= SHARED_SEND_MIN && (bdat || d.pass(body)) {
+        ring.send(raw, SendBuf::Owned(out), true, stall).await?;
+        ring.send(raw, SendBuf::Shared(body.clone()), !bdat, stall)
             .await?;
         if !bdat {
             ring.send(raw, SendBuf::Static(d.finish()), false, stall)
@@ -375,9 +380,9 @@ async fn send_body(
         return Ok(());
     }
     if bdat {
-        out.extend_from_slice(message);
+        out.extend_from_slice(body);
     } else {
-        d.stuff(message, &mut out);
+        d.stuff(body, &mut out);
         out.extend_from_slice(d.finish());
     }
     ring.send(raw, SendBuf::Owned(out), false, stall).await

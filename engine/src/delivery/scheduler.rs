@@ -374,7 +374,7 @@ impl Delivery {
             }
         }
         if !failures.is_empty() {
-            self.bounce(spool, &env, &message, failures).await;
+            self.bounce(spool, &env, &message.to_vec(), failures).await;
         }
     }
 
@@ -440,7 +440,7 @@ impl Delivery {
             peer: "local".into(),
         };
         let bid = format_id(bounce.id);
-        match spool.enqueue(bounce, b"", &report).await {
+        match spool.enqueue(bounce, b"", report).await {
             Ok(()) => tracing::info!(id = %id, bounce = %bid, to = %env.from, "bounce queued"),
             Err(e) => tracing::error!(id = %id, error = %e, "cannot queue the bounce"),
         }

@@ -249,7 +249,7 @@ impl Ingest {
             peer: peer.ip().to_string(),
         };
         let from = env.from.clone();
-        match spool.enqueue(env, prefix.as_bytes(), &tx.body).await {
+        match spool.enqueue(env, prefix.as_bytes(), tx.body).await {
             Ok(()) => {
                 tracing::info!(id = %id_text, from = %from, size, nrcpt, client = %peer, "queued");
                 Ok(id_text)

@@ -237,12 +237,35 @@ pub struct Spool {
     updating: RefCell<HashMap<u64, usize>>,
 }
 
-/// A queued message as delivery sends it: the envelope, and the trace prefix followed
-/// by the body, shared by every attempt that needs it at the same time.
+/// A queued message as delivery sends it: the envelope and the text.
 #[derive(Clone)]
 pub struct Loaded {
     pub env: Envelope,
-    pub message: Rc<Vec<u8>>,
+    pub message: MessageText,
+}
+
+/// The text sent on: the trace prefix, then the body as the client sent it (shared by
+/// every attempt that needs it at the same time; for a fresh message, the very buffer
+/// the SMTP session received it into).
+#[derive(Clone, Debug)]
+pub struct MessageText {
+    pub prefix: Vec<u8>,
+    pub body: Rc<Vec<u8>>,
+}
+
+impl MessageText {
+    pub fn len(&self) -> usize {
+        self.prefix.len() + self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Prefix and body in one buffer (bounces quote it).
+    pub fn to_vec(&self) -> Vec<u8> {
+        [&self.prefix[..], &self.body[..]].concat()
+    }
 }
 
 /// Counts a recipient update of a message as in flight while it lives: also when
@@ -339,24 +362,29 @@ impl Spool {
 
     /// Writes the message once (envelope, trace prefix, body) and returns when it is
     /// durable; only then is it in the queue.
-    pub async fn enqueue(&self, env: Envelope, prefix: &[u8], body: &[u8]) -> Result<(), LogError> {
+    pub async fn enqueue(
+        &self,
+        env: Envelope,
+        prefix: &[u8],
+        body: Vec<u8>,
+    ) -> Result<(), LogError> {
         let ticket = self.log.append(Kind::Message, |out| {
-            message::encode(out, &env, prefix, body)
+            message::encode(out, &env, prefix, &body)
         })?;
         let location = self.log.durable(ticket).await?;
+        let m = QueuedMessage::new(env.clone(), &body, location);
         let size = prefix.len() + body.len();
         if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
-            let mut message = Vec::with_capacity(size);
-            message.extend_from_slice(prefix);
-            message.extend_from_slice(body);
             self.cached_bytes.set(self.cached_bytes.get() + size);
             let loaded = Loaded {
-                env: env.clone(),
-                message: Rc::new(message),
+                env,
+                message: MessageText {
+                    prefix: prefix.to_vec(),
+                    body: Rc::new(body),
+                },
             };
-            self.cache.borrow_mut().insert(env.id, loaded);
+            self.cache.borrow_mut().insert(m.id, loaded);
         }
-        let m = QueuedMessage::new(env, body, location);
         let id = m.id;
         self.index.borrow_mut().insert(id, m);
         self.ready.borrow_mut().push_back(id);
@@ -632,12 +660,12 @@ impl Spool {
         })?;
         let d = message::decode(rec.payload)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let mut out = Vec::with_capacity(d.prefix.len() + d.body.len());
-        out.extend_from_slice(d.prefix);
-        out.extend_from_slice(d.body);
         Ok(Loaded {
             env: d.envelope,
-            message: Rc::new(out),
+            message: MessageText {
+                prefix: d.prefix.to_vec(),
+                body: Rc::new(d.body.to_vec()),
+            },
         })
     }
 
@@ -731,7 +759,10 @@ mod tests {
     async fn one_deferred(data: &Path, delivered: bool) -> (Spool, u64) {
         let spool = Spool::open(data, 0, LogConfig::default()).await.unwrap();
         let id = spool.next_id();
-        spool.enqueue(env(id, 2), b"", b"body\r\n").await.unwrap();
+        spool
+            .enqueue(env(id, 2), b"", b"body\r\n".to_vec())
+            .await
+            .unwrap();
         if delivered {
             spool
                 .record(update(id, 0, RcptStatus::Delivered, 1))
@@ -770,7 +801,10 @@ mod tests {
         glommio::LocalExecutor::default().run(async move {
             let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
             for id in [a, b, c] {
-                spool.enqueue(env(id, 2), b"", b"body\r\n").await.unwrap();
+                spool
+                    .enqueue(env(id, 2), b"", b"body\r\n".to_vec())
+                    .await
+                    .unwrap();
             }
             spool
                 .record(update(a, 0, RcptStatus::Delivered, 1))
@@ -871,7 +905,7 @@ mod tests {
             let mut ids = Vec::new();
             for _ in 0..20 {
                 let id = spool.next_id();
-                spool.enqueue(env(id, 1), b"", &body).await.unwrap();
+                spool.enqueue(env(id, 1), b"", body.clone()).await.unwrap();
                 ids.push(id);
             }
             let before = seg_count(&data2);
@@ -932,7 +966,7 @@ mod tests {
             // The first message: one recipient delivered, one deferred for long.
             let pinned = spool.next_id();
             spool
-                .enqueue(env(pinned, 2), b"P: x\r\n", &body2)
+                .enqueue(env(pinned, 2), b"P: x\r\n", body2.clone())
                 .await
                 .unwrap();
             spool
@@ -946,7 +980,10 @@ mod tests {
             // Steady relaying behind it: 60 messages come and go.
             for _ in 0..60 {
                 let id = spool.next_id();
-                spool.enqueue(env(id, 1), b"", &[b'y'; 1800]).await.unwrap();
+                spool
+                    .enqueue(env(id, 1), b"", vec![b'y'; 1800])
+                    .await
+                    .unwrap();
                 spool
                     .record(update(id, 0, RcptStatus::Delivered, 1))
                     .await
@@ -960,7 +997,7 @@ mod tests {
             assert!(m.location.seq >= before as u64 - 1, "copied to the head");
             // Delivery reads the copy.
             let l = spool.read_message(pinned).await.unwrap();
-            assert_eq!(&l.message[..], [&b"P: x\r\n"[..], &body2].concat());
+            assert_eq!(l.message.to_vec(), [&b"P: x\r\n"[..], &body2].concat());
             spool.close().await;
             pinned
         });
