@@ -506,8 +506,7 @@ impl Spool {
         let old_bytes: u64 = seqs
             .iter()
             .filter(|s| **s < old_below)
-            .filter_map(|s| std::fs::metadata(segment::segment_path(&self.dir, *s)).ok())
-            .map(|m| m.len())
+            .filter_map(|s| self.sealed_len(*s))
             .sum();
         let mut old_live: Vec<(Location, u64)> = self
             .index
@@ -562,6 +561,17 @@ impl Spool {
             "compacted"
         );
         Ok(dead.len())
+    }
+
+    /// The bytes a sealed segment holds: the next segment's header says (a file's
+    /// size also counts the zeros written ahead of the writer).
+    fn sealed_len(&self, seq: u64) -> Option<u64> {
+        use std::io::Read;
+        let mut header = [0u8; ringmail_store::segment::SEGMENT_HEADER_BYTES as usize];
+        std::fs::File::open(segment::segment_path(&self.dir, seq + 1))
+            .and_then(|mut f| f.read_exact(&mut header))
+            .ok()?;
+        segment::SegmentHeader::decode(&header)?.prev_valid_len
     }
 
     /// Writes a queued message again at the head of the log: its record as it is,
