@@ -372,10 +372,10 @@ impl Spool {
             message::encode(out, &env, prefix, &body)
         })?;
         let location = self.log.durable(ticket).await?;
-        let m = QueuedMessage::new(env.clone(), &body, location);
         let size = prefix.len() + body.len();
-        if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
+        let m = if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
             self.cached_bytes.set(self.cached_bytes.get() + size);
+            let m = QueuedMessage::new(env.clone(), &body, location);
             let loaded = Loaded {
                 env,
                 message: MessageText {
@@ -384,7 +384,10 @@ impl Spool {
                 },
             };
             self.cache.borrow_mut().insert(m.id, loaded);
-        }
+            m
+        } else {
+            QueuedMessage::new(env, &body, location)
+        };
         let id = m.id;
         self.index.borrow_mut().insert(id, m);
         self.ready.borrow_mut().push_back(id);
