@@ -258,14 +258,16 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
-/// Reads one record back (for offline tools and tests; the server reads through its
-/// executor).
-pub fn read_record(dir: &Path, loc: Location) -> io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let f = fs::File::open(segment_path(dir, loc.seq))?;
-    let mut buf = vec![0u8; loc.len as usize];
-    f.read_exact_at(&mut buf, loc.offset)?;
-    Ok(buf)
+/// The valid length of sealed segment `seq`, as the header of the segment after it
+/// records it (the file itself may be longer: zeros written ahead of the writer).
+/// None while `seq` is the newest segment, or when that header is unreadable.
+pub fn sealed_len(dir: &Path, seq: u64) -> Option<u64> {
+    use std::io::Read;
+    let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
+    fs::File::open(segment_path(dir, seq + 1))
+        .and_then(|mut f| f.read_exact(&mut header))
+        .ok()?;
+    SegmentHeader::decode(&header)?.prev_valid_len
 }
 
 #[cfg(test)]

@@ -268,6 +268,16 @@ impl MessageText {
     }
 }
 
+/// Checks and frames the record of message `id` read back from its segment.
+fn decode_record(id: u64, bytes: &[u8]) -> io::Result<ringmail_store::record::RecordRef<'_>> {
+    ringmail_store::record::decode(bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("record of {id:016X}: {e:?}"),
+        )
+    })
+}
+
 /// Counts a recipient update of a message as in flight while it lives: also when
 /// the future writing it is dropped half-way (shutdown), so the count cannot stick.
 struct Updating<'a> {
@@ -509,7 +519,7 @@ impl Spool {
         let old_bytes: u64 = seqs
             .iter()
             .filter(|s| **s < old_below)
-            .filter_map(|s| self.sealed_len(*s))
+            .filter_map(|s| segment::sealed_len(&self.dir, *s))
             .sum();
         let mut old_live: Vec<(Location, u64)> = self
             .index
@@ -566,17 +576,6 @@ impl Spool {
         Ok(dead.len())
     }
 
-    /// The bytes a sealed segment holds: the next segment's header says (a file's
-    /// size also counts the zeros written ahead of the writer).
-    fn sealed_len(&self, seq: u64) -> Option<u64> {
-        use std::io::Read;
-        let mut header = [0u8; ringmail_store::segment::SEGMENT_HEADER_BYTES as usize];
-        std::fs::File::open(segment::segment_path(&self.dir, seq + 1))
-            .and_then(|mut f| f.read_exact(&mut header))
-            .ok()?;
-        segment::SegmentHeader::decode(&header)?.prev_valid_len
-    }
-
     /// Writes a queued message again at the head of the log: its record as it is,
     /// then one update per recipient that has a state of its own. Replay takes the
     /// copy's location and keeps the recipients' state while the old record is still
@@ -586,14 +585,7 @@ impl Spool {
     /// left the queue meanwhile.
     async fn copy_forward(&self, id: u64, loc: Location) -> io::Result<bool> {
         let record = self.read_record(loc).await?;
-        let payload = ringmail_store::record::decode(&record)
-            .map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("record of {id:016X}: {e:?}"),
-                )
-            })?
-            .payload;
+        let payload = decode_record(id, &record)?.payload;
         // From the snapshot to the appends nothing awaits: no update can slip between.
         if self.updating.borrow().contains_key(&id) {
             return Ok(false);
@@ -665,12 +657,7 @@ impl Spool {
             Err(_) if location()? != loc => self.read_record(location()?).await?,
             Err(e) => return Err(e),
         };
-        let rec = ringmail_store::record::decode(&bytes).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("record of {id:016X}: {e:?}"),
-            )
-        })?;
+        let rec = decode_record(id, &bytes)?;
         let d = message::decode(rec.payload)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         Ok(Loaded {
