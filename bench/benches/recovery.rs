@@ -22,17 +22,9 @@ fn bench(c: &mut Criterion) {
     let shard_dir = segment::shard_dir(&data, 0);
     let body = vec![b'x'; 4096];
     LocalExecutor::default().run(async {
-        let log = ShardLog::open(
-            &shard_dir,
-            0,
-            Tail {
-                seq: None,
-                valid_len: 0,
-            },
-            LogConfig::default(),
-        )
-        .await
-        .unwrap();
+        let log = ShardLog::open(&shard_dir, 0, Tail::default(), LogConfig::default())
+            .await
+            .unwrap();
         let mut tickets = Vec::new();
         for i in 0..MESSAGES {
             let env = Envelope {

@@ -22,17 +22,9 @@ fn bench(c: &mut Criterion) {
     // The log (and its flusher task) live in this executor; each measured batch runs
     // in it too, so the flusher gets to run while the writers wait.
     let log = ex.run(async {
-        ShardLog::open(
-            &shard_dir,
-            0,
-            Tail {
-                seq: None,
-                valid_len: 0,
-            },
-            LogConfig::default(),
-        )
-        .await
-        .unwrap()
+        ShardLog::open(&shard_dir, 0, Tail::default(), LogConfig::default())
+            .await
+            .unwrap()
     });
     let body = vec![b'x'; MESSAGE_BYTES];
     let mut g = c.benchmark_group("spool_append_4k");

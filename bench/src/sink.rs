@@ -107,24 +107,17 @@ pub fn serve(
     let mut conns: HashMap<u64, Conn> = HashMap::new();
     let mut next_id: u64 = 1;
     let mut seq: u64 = 0;
-    push(
-        &mut ring,
-        opcode::Accept::new(types::Fd(lfd), std::ptr::null_mut(), std::ptr::null_mut())
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(ACCEPT),
-    );
+    // One accept in flight at all times, renewed as each completes.
+    let accept = opcode::Accept::new(types::Fd(lfd), std::ptr::null_mut(), std::ptr::null_mut())
+        .flags(libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(ACCEPT);
+    push(&mut ring, accept.clone());
     while !stop.load(Ordering::Relaxed) {
         let cqes = crate::ring::wait(&mut ring, std::time::Duration::from_millis(100))?;
         for (ud, res) in cqes {
             if ud == ACCEPT {
-                push(
-                    &mut ring,
-                    opcode::Accept::new(types::Fd(lfd), std::ptr::null_mut(), std::ptr::null_mut())
-                        .flags(libc::SOCK_CLOEXEC)
-                        .build()
-                        .user_data(ACCEPT),
-                );
+                push(&mut ring, accept.clone());
                 if res < 0 {
                     continue;
                 }

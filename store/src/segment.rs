@@ -86,8 +86,8 @@ pub enum Mode {
     ReadOnly,
 }
 
-/// Where the writer continues after recovery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the writer continues after recovery (`Tail::default()`: an empty shard).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Tail {
     /// The newest segment, or `None` when the shard has none yet.
     pub seq: Option<u64>,

@@ -24,6 +24,11 @@ fn mx_port() -> u16 {
     }
 }
 
+/// A ringmail-sink as an MX host on 127.0.0.`host`.
+fn mx_sink(host: u8, port: u16, faults: Faults) -> Sink {
+    Sink::start(SocketAddr::from(([127, 0, 0, host], port)), faults)
+}
+
 fn zone() -> Zone {
     Zone::default()
         .mx("dst.test", 10, "down.dst.test")
@@ -68,8 +73,9 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
     let dns = DnsServer::start(zone());
     let port = mx_port();
-    let up = Sink::start(
-        SocketAddr::from(([127, 0, 0, 2], port)),
+    let up = mx_sink(
+        2,
+        port,
         Faults {
             verify: true,
             ..Faults::default()
@@ -140,14 +146,15 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
 fn permanent_failures_bounce_to_the_sender_and_null_mx_bounces_at_once() {
     let dns = DnsServer::start(zone());
     let port = mx_port();
-    let refusing = Sink::start(
-        SocketAddr::from(([127, 0, 0, 2], port)),
+    let refusing = mx_sink(
+        2,
+        port,
         Faults {
             permfail_permille: 1000,
             ..Faults::default()
         },
     );
-    let sender_mx = Sink::start(SocketAddr::from(([127, 0, 0, 3], port)), Faults::default());
+    let sender_mx = mx_sink(3, port, Faults::default());
     let server = relay(&dns, port, &[]);
     send(
         &server,
@@ -175,8 +182,9 @@ fn permanent_failures_bounce_to_the_sender_and_null_mx_bounces_at_once() {
 fn a_temporary_failure_is_retried_and_the_schedule_survives_a_restart() {
     let dns = DnsServer::start(zone());
     let port = mx_port();
-    let sink = Sink::start(
-        SocketAddr::from(([127, 0, 0, 2], port)),
+    let sink = mx_sink(
+        2,
+        port,
         Faults {
             tempfail_first: 1,
             ..Faults::default()
@@ -214,8 +222,9 @@ fn a_temporary_failure_is_retried_and_the_schedule_survives_a_restart() {
 fn queue_flush_retries_deferred_mail_now() {
     let dns = DnsServer::start(zone());
     let port = mx_port();
-    let sink = Sink::start(
-        SocketAddr::from(([127, 0, 0, 2], port)),
+    let sink = mx_sink(
+        2,
+        port,
         Faults {
             tempfail_first: 1,
             ..Faults::default()
@@ -256,14 +265,15 @@ fn queue_flush_retries_deferred_mail_now() {
 fn mail_that_stays_undeliverable_expires_and_bounces() {
     let dns = DnsServer::start(zone());
     let port = mx_port();
-    let _busy = Sink::start(
-        SocketAddr::from(([127, 0, 0, 2], port)),
+    let _busy = mx_sink(
+        2,
+        port,
         Faults {
             tempfail_permille: 1000,
             ..Faults::default()
         },
     );
-    let sender_mx = Sink::start(SocketAddr::from(([127, 0, 0, 3], port)), Faults::default());
+    let sender_mx = mx_sink(3, port, Faults::default());
     let server = relay(&dns, port, &["--retry-first", "1", "--max-queue-age", "3"]);
     send(
         &server,
@@ -284,7 +294,7 @@ fn mail_that_stays_undeliverable_expires_and_bounces() {
 fn a_destination_rate_limit_spaces_the_deliveries() {
     let dns = DnsServer::start(zone());
     let port = mx_port();
-    let sink = Sink::start(SocketAddr::from(([127, 0, 0, 2], port)), Faults::default());
+    let sink = mx_sink(2, port, Faults::default());
     let server = relay(&dns, port, &["--destination-rate", "10"]);
     let t = Instant::now();
     for i in 0..25 {
