@@ -78,12 +78,15 @@ impl Default for LogConfig {
     }
 }
 
-/// Injected failures, for tests of the error path: the next `writes` writes and the
-/// next `syncs` syncs fail with `errno`.
+/// Injected failures, for tests of the error path: the next `writes` batch writes, the
+/// next `syncs` batch syncs, the next `truncates` cuts of a failed batch and the next
+/// `creates` segment creations fail with `errno`.
 #[derive(Debug, Default)]
 pub struct Faults {
     pub writes: Cell<u32>,
     pub syncs: Cell<u32>,
+    pub truncates: Cell<u32>,
+    pub creates: Cell<u32>,
     pub errno: Cell<i32>,
 }
 
@@ -213,6 +216,9 @@ pub struct ShardLog {
     /// Wakes the flusher when a batch has something in it, or on close.
     wake: Rc<Event>,
     faults: Rc<Faults>,
+    /// Set when the bytes of a failed batch could be neither cut off nor fenced off:
+    /// from then on every append fails with this reason (see `Flusher::fail_batch`).
+    halted: Rc<RefCell<Option<String>>>,
     stopped: Rc<Event>,
     running: Rc<Cell<bool>>,
 }
@@ -222,6 +228,7 @@ impl ShardLog {
     /// starts the flusher task on the current executor.
     pub async fn open(dir: &Path, shard: u32, tail: Tail, cfg: LogConfig) -> io::Result<ShardLog> {
         std::fs::create_dir_all(dir)?;
+        let faults = Rc::new(Faults::default());
         let seg = match tail.seq {
             Some(seq) => {
                 let file = OpenOptions::new()
@@ -241,7 +248,7 @@ impl ShardLog {
                 }
                 Segment::new(file, seq, tail.valid_len, block[..want].to_vec())
             }
-            None => create_segment(dir, shard, 1, None).await?,
+            None => create_segment(dir, shard, 1, None, &faults).await?,
         };
         let log = ShardLog {
             inner: Rc::new(RefCell::new(Inner {
@@ -250,7 +257,8 @@ impl ShardLog {
                 closing: false,
             })),
             wake: Rc::new(Event::new()),
-            faults: Rc::new(Faults::default()),
+            faults,
+            halted: Rc::new(RefCell::new(None)),
             stopped: Rc::new(Event::new()),
             running: Rc::new(Cell::new(true)),
         };
@@ -259,7 +267,6 @@ impl ShardLog {
             shard,
             cfg,
             seg,
-            broken: false,
             batch_avg: 0,
             log: log.clone(),
         };
@@ -273,6 +280,9 @@ impl ShardLog {
         let mut inner = self.inner.borrow_mut();
         if inner.closing {
             return Err(LogError::Closed);
+        }
+        if let Some(why) = self.halted.borrow().as_ref() {
+            return Err(LogError::Io(why.clone()));
         }
         let start = inner.batch.len();
         record::encode_with(&mut inner.batch, kind, write);
@@ -326,8 +336,6 @@ struct Flusher {
     shard: u32,
     cfg: LogConfig,
     seg: Segment,
-    /// A failed batch could not be cut off the segment: the next batch starts a new one.
-    broken: bool,
     /// Moving average of batch sizes (bytes), for `ZERO_AHEAD_BATCH_MAX`.
     batch_avg: u64,
     log: ShardLog,
@@ -367,8 +375,13 @@ impl Flusher {
     async fn write_batch(&mut self, batch: Vec<u8>) -> Result<(u64, u64), LogError> {
         let full = self.seg.len > SEGMENT_HEADER_BYTES
             && self.seg.len + batch.len() as u64 > self.cfg.segment_bytes_max;
-        if full || self.broken {
-            self.roll().await?;
+        if let Some(why) = self.log.halted.borrow().as_ref() {
+            return Err(LogError::Io(why.clone()));
+        }
+        if full {
+            // Nothing of this batch is written yet: if the roll fails, only this batch
+            // fails, and the next one tries to roll again.
+            self.roll(self.seg.len).await?;
         }
         let start = self.seg.len;
         let len = batch.len() as u64;
@@ -408,21 +421,50 @@ impl Flusher {
                 Ok((self.seg.seq, start))
             }
             Err(e) => {
-                // No zeroing may land after the cut.
-                self.seg.wait_zeroing(u64::MAX).await;
-                self.seg.zeroed.set(start);
-                // Cut the failed batch off, so nothing answered with an error is ever
-                // read back as a record. If even that fails, seal the segment here:
-                // the next one's header caps it at `start`.
-                // The cut must be durable too, or a crash could bring the old size back.
-                if self.seg.file.truncate(start).await.is_err()
-                    || self.seg.file.fdatasync().await.is_err()
-                {
-                    self.broken = true;
-                }
                 tracing::error!(shard = self.shard, seq = self.seg.seq, error = %e, "spool write failed");
+                self.fail_batch(start).await;
                 Err(LogError::from(e))
             }
+        }
+    }
+
+    /// Makes sure the bytes of a batch that failed at `start` are never read back as
+    /// records, before the batch's waiters are told it failed (they answer 4xx, and a
+    /// crash right after must not replay what was refused).
+    ///
+    /// First the batch is cut off (truncate, then a sync, or a crash could bring the old
+    /// size back). If that fails, the segment is sealed at `start`: a new segment whose
+    /// durable header records `start` as the old one's valid length (the fence). If even
+    /// the fence cannot be made durable, the shard halts: every later append fails, as
+    /// acknowledging anything more would build on a log whose replay may bring the
+    /// failed records back. The failed batch itself may then be replayed after a
+    /// restart, like a message killed between its sync and its 250.
+    async fn fail_batch(&mut self, start: u64) {
+        // No zeroing may land after the cut.
+        self.seg.wait_zeroing(u64::MAX).await;
+        self.seg.zeroed.set(start);
+        let faults = self.log.faults.clone();
+        let cut = async {
+            Faults::take(&faults.truncates, faults.errno.get())?;
+            self.seg.file.truncate(start).await?;
+            self.seg.file.fdatasync().await?;
+            Ok::<(), io::Error>(())
+        }
+        .await;
+        let Err(cut_err) = cut else {
+            return;
+        };
+        tracing::error!(shard = self.shard, seq = self.seg.seq, error = %cut_err,
+            "cannot cut a failed batch off its segment: fencing it off with a new segment");
+        if let Err(fence_err) = self.roll(start).await {
+            let why = format!(
+                "shard {} stopped taking mail: the bytes of a failed write could be neither \
+                 cut off segment {} ({cut_err}) nor fenced off ({fence_err}); restart once \
+                 the disk is fixed",
+                self.shard, self.seg.seq
+            );
+            tracing::error!("{why}");
+            *self.log.halted.borrow_mut() = Some(why);
         }
     }
 
@@ -490,11 +532,18 @@ impl Flusher {
         .detach();
     }
 
-    async fn roll(&mut self) -> Result<(), LogError> {
-        let next =
-            create_segment(&self.dir, self.shard, self.seg.seq + 1, Some(self.seg.len)).await?;
+    /// Seals the current segment at `valid_len` and continues in a new one, whose
+    /// header and directory entry are durable when this returns.
+    async fn roll(&mut self, valid_len: u64) -> Result<(), LogError> {
+        let next = create_segment(
+            &self.dir,
+            self.shard,
+            self.seg.seq + 1,
+            Some(valid_len),
+            &self.log.faults,
+        )
+        .await?;
         let old = std::mem::replace(&mut self.seg, next);
-        self.broken = false;
         // The old file closes when its last user (a zeroing task, maybe) lets go.
         drop(old);
         Ok(())
@@ -525,8 +574,9 @@ async fn create_segment(
     shard: u32,
     seq: u64,
     prev_valid_len: Option<u64>,
+    faults: &Faults,
 ) -> io::Result<Segment> {
-    let result = try_create_segment(dir, shard, seq, prev_valid_len).await;
+    let result = try_create_segment(dir, shard, seq, prev_valid_len, faults).await;
     if result.is_err() {
         // Leave no half-made segment behind: the next roll creates it anew (it could
         // not, with create_new, and the shard would refuse mail until a restart).
@@ -540,7 +590,9 @@ async fn try_create_segment(
     shard: u32,
     seq: u64,
     prev_valid_len: Option<u64>,
+    faults: &Faults,
 ) -> io::Result<Segment> {
+    Faults::take(&faults.creates, faults.errno.get())?;
     let path = segment::segment_path(dir, seq);
     // The first block (header, then zeros) is written through the page cache, and
     // only then is the file opened for direct I/O: glommio probes a device for polled

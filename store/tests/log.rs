@@ -379,3 +379,101 @@ fn a_newest_segment_with_a_damaged_header_is_set_aside_not_deleted() {
     );
     assert_eq!(replay(d.path(), Mode::ReadOnly), vec![payload(1, 10)]);
 }
+
+/// A batch whose sync fails and whose bytes cannot be cut off again: the fence (the
+/// next segment, whose header caps the old one) must be durable before the batch's
+/// waiters hear of the failure. The "crash" comes right after the error: the writer is
+/// dropped with no later batch, and recovery must not bring the failed records back.
+#[test]
+fn a_failed_batch_that_cannot_be_cut_off_is_fenced_before_its_error_is_answered() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let results = LocalExecutor::default().run(async move {
+        let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
+        let log = ShardLog::open(&dir, 0, tail, LogConfig::default())
+            .await
+            .unwrap();
+        let mut results = Vec::new();
+        let t = log
+            .append(Kind::Message, |o| o.extend_from_slice(&payload(1, 10)))
+            .unwrap();
+        results.push(log.durable(t).await.map(|_| ()));
+        log.faults().errno.set(libc::EIO);
+        log.faults().syncs.set(1);
+        log.faults().truncates.set(1);
+        let failed: Vec<_> = [payload(2, 20), payload(3, 30)]
+            .iter()
+            .map(|p| {
+                log.append(Kind::Message, |o| o.extend_from_slice(p))
+                    .unwrap()
+            })
+            .collect();
+        for t in failed {
+            results.push(log.durable(t).await.map(|_| ()));
+        }
+        // The crash: no close, no later batch; the executor and the writer are gone.
+        results
+    });
+    assert_eq!(results[0], Ok(()));
+    assert!(matches!(results[1], Err(LogError::Io(_))), "{results:?}");
+    assert!(matches!(results[2], Err(LogError::Io(_))), "{results:?}");
+    assert_eq!(replay(d.path(), Mode::Repair), vec![payload(1, 10)]);
+    // And the writer continues after the fence.
+    write(d.path(), LogConfig::default(), &[vec![payload(4, 40)]]);
+    assert_eq!(
+        replay(d.path(), Mode::ReadOnly),
+        vec![payload(1, 10), payload(4, 40)]
+    );
+}
+
+/// When even the fence cannot be made durable, the shard stops acknowledging: the
+/// failed batch and everything after it fail, with an error that says why, and
+/// nothing appended after the failure reaches the log.
+#[test]
+fn a_fence_that_cannot_be_written_stops_the_shard() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let (failed, queued, later) = LocalExecutor::default().run(async move {
+        let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
+        let log = ShardLog::open(&dir, 0, tail, LogConfig::default())
+            .await
+            .unwrap();
+        let t = log
+            .append(Kind::Message, |o| o.extend_from_slice(&payload(1, 10)))
+            .unwrap();
+        log.durable(t).await.unwrap();
+        log.faults().errno.set(libc::EIO);
+        log.faults().syncs.set(1);
+        log.faults().truncates.set(1);
+        log.faults().creates.set(1);
+        let t = log
+            .append(Kind::Message, |o| o.extend_from_slice(&payload(2, 20)))
+            .unwrap();
+        // Let the flusher take the failing batch, then queue one behind it.
+        glommio::yield_if_needed().await;
+        glommio::executor().yield_task_queue_now().await;
+        let behind = log
+            .append(Kind::Message, |o| o.extend_from_slice(&payload(3, 30)))
+            .unwrap();
+        let failed = log.durable(t).await.map(|_| ());
+        let queued = log.durable(behind).await.map(|_| ());
+        let later = log
+            .append(Kind::Message, |o| o.extend_from_slice(&payload(4, 40)))
+            .map(|_| ());
+        log.close().await;
+        (failed, queued, later)
+    });
+    assert!(matches!(failed, Err(LogError::Io(_))), "{failed:?}");
+    for r in [&queued, &later] {
+        match r {
+            Err(LogError::Io(why)) => assert!(why.contains("stopped taking mail"), "{why}"),
+            other => panic!("expected the shard to have stopped, got {other:?}"),
+        }
+    }
+    assert!(
+        !segment::segment_path(d.path(), 2).exists(),
+        "no half-made fence is left behind"
+    );
+    let replayed = replay(d.path(), Mode::ReadOnly);
+    assert!(!replayed.contains(&payload(3, 30)) && !replayed.contains(&payload(4, 40)));
+}
