@@ -6,14 +6,34 @@
 //! `fdatasync`, while the next batch fills. Every message of a batch is covered by that
 //! one sync, so the sync rate, not the message rate, is what the disk must sustain.
 //!
-//! Runs on a glommio executor: the file I/O goes through io_uring and never blocks the
-//! shard's other sessions. Segments are written with direct I/O (`O_DIRECT`, glommio's
-//! `DmaFile`): the batch goes from one aligned buffer to the disk without a copy into
-//! the page cache, which on this kind of machine costs several times the CPU of the
-//! write itself. Direct writes must cover whole blocks, so the writer keeps the
-//! partial last block of the segment in memory and writes it again, unchanged, in
-//! front of the next batch. A torn write of that block leaves each sector either old
-//! or new, and both hold the same bytes for what was already durable.
+//! Runs on a glommio executor and never blocks it: reads, writes, syncs, opens and
+//! truncations of segment files go through io_uring (or glommio's own blocking
+//! threads), and the calls io_uring cannot do (the directory sync of a segment roll,
+//! unlinking a half-made segment, `statvfs`, creating the shard directory) run on
+//! glommio's blocking thread pool, so a slow disk stalls this writer, not every
+//! session of the core.
+//!
+//! Segments are written with direct I/O (`O_DIRECT`, glommio's `DmaFile`): the batch
+//! goes from one aligned buffer to the disk without a copy into the page cache, which
+//! on this kind of machine costs several times the CPU of the write itself. Direct
+//! writes must cover whole blocks, so the writer keeps the partial last block of the
+//! segment in memory and writes it again, unchanged, in front of the next batch. A
+//! torn write of that block leaves each sector either old or new, and both hold the
+//! same bytes for what was already durable. While batches are small, the segment is
+//! filled with synced zeros ahead of the writer (see `Flusher::zero_ahead`).
+//!
+//! Ordering guarantees:
+//! - A batch's waiters learn its outcome only after its `fdatasync` returned (success)
+//!   or after its bytes were made unreadable (failure): cut off the segment, or, if
+//!   the cut fails, fenced off by a new segment whose durable header records the old
+//!   one's valid length. A crash right after a 4xx therefore never replays the refused
+//!   records. If even the fence cannot be written, the shard halts: every later
+//!   append fails ([`LogError::Io`], "stopped taking mail") until a restart, and the
+//!   failed batch may be replayed after it (as a message killed between its sync and
+//!   its 250 may be).
+//! - A roll (segment full, or a fence) creates the new segment, syncs its header, then
+//!   syncs the directory, all before any batch is written into it: no record in a
+//!   segment is acknowledged before the segment's name is durable.
 
 use crate::record::{self, Kind};
 use crate::segment::{self, Location, SegmentHeader, Tail, SEGMENT_HEADER_BYTES};
@@ -24,6 +44,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 /// Why a batch was not made durable. Every record of the batch gets the same answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,16 +99,35 @@ impl Default for LogConfig {
     }
 }
 
-/// Injected failures, for tests of the error path: the next `writes` batch writes, the
+/// Called with a new segment's sequence number once the directory holding it is
+/// synced, on the thread that synced it.
+pub type DirSyncHook = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Test hooks for the error and ordering paths: the next `writes` batch writes, the
 /// next `syncs` batch syncs, the next `truncates` cuts of a failed batch and the next
-/// `creates` segment creations fail with `errno`.
-#[derive(Debug, Default)]
+/// `creates` segment creations fail with `errno`; `after_dir_sync` observes each
+/// directory sync of a segment roll.
+#[derive(Default)]
 pub struct Faults {
     pub writes: Cell<u32>,
     pub syncs: Cell<u32>,
     pub truncates: Cell<u32>,
     pub creates: Cell<u32>,
     pub errno: Cell<i32>,
+    pub after_dir_sync: RefCell<Option<DirSyncHook>>,
+}
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faults")
+            .field("writes", &self.writes)
+            .field("syncs", &self.syncs)
+            .field("truncates", &self.truncates)
+            .field("creates", &self.creates)
+            .field("errno", &self.errno)
+            .field("after_dir_sync", &self.after_dir_sync.borrow().is_some())
+            .finish()
+    }
 }
 
 impl Faults {
@@ -227,7 +267,8 @@ impl ShardLog {
     /// Opens the shard's newest segment after recovery (or creates the first one) and
     /// starts the flusher task on the current executor.
     pub async fn open(dir: &Path, shard: u32, tail: Tail, cfg: LogConfig) -> io::Result<ShardLog> {
-        std::fs::create_dir_all(dir)?;
+        let owned = dir.to_path_buf();
+        off_executor(move || std::fs::create_dir_all(owned)).await?;
         let faults = Rc::new(Faults::default());
         let seg = match tail.seq {
             Some(seq) => {
@@ -488,10 +529,6 @@ impl Flusher {
         if to <= from {
             return;
         }
-        // Never compete with messages for the last of the space.
-        if free_bytes(seg.file.as_raw_fd()).is_some_and(|free| free < 4 * ZERO_AHEAD_BYTES) {
-            return;
-        }
         seg.zeroing_from.set(Some(from));
         let (path, zeroed, zeroing_from, done) = (
             segment::segment_path(&self.dir, seg.seq),
@@ -504,6 +541,23 @@ impl Flusher {
             // open file, and this sync must not be the one that swallows an error the
             // batch writer's sync has to see.
             let file = OpenOptions::new().write(true).dma_open(&path).await.ok();
+            // Never compete with messages for the last of the space.
+            let fd = file.as_ref().map(|f| f.as_raw_fd());
+            let low = match fd {
+                Some(fd) => off_executor(move || free_bytes(fd))
+                    .await
+                    .is_some_and(|free| free < 4 * ZERO_AHEAD_BYTES),
+                None => false,
+            };
+            if low {
+                // Not a failure: the next batch looks again.
+                if let Some(f) = file {
+                    let _ = f.close().await;
+                }
+                zeroing_from.set(None);
+                done.notify(usize::MAX);
+                return;
+            }
             let ok = match &file {
                 Some(f) => {
                     let mut zeros = f.alloc_dma_buffer((to - from) as usize);
@@ -550,6 +604,13 @@ impl Flusher {
     }
 }
 
+/// Runs a blocking file-system call (directory sync, unlink, statvfs, mkdir) on
+/// glommio's blocking thread pool: on the executor a slow disk would stall every
+/// session of the core, not only this writer.
+async fn off_executor<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    glommio::executor().spawn_blocking(f).await
+}
+
 /// Space left for unprivileged writers on the file system holding `fd`.
 fn free_bytes(fd: std::os::fd::RawFd) -> Option<u64> {
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -580,7 +641,8 @@ async fn create_segment(
     if result.is_err() {
         // Leave no half-made segment behind: the next roll creates it anew (it could
         // not, with create_new, and the shard would refuse mail until a restart).
-        let _ = std::fs::remove_file(segment::segment_path(dir, seq));
+        let path = segment::segment_path(dir, seq);
+        let _ = off_executor(move || std::fs::remove_file(path)).await;
     }
     result
 }
@@ -616,8 +678,19 @@ async fn try_create_segment(
     }
     created.fdatasync().await?;
     created.close().await?;
-    // The new name must be durable too, or a crash could lose the whole segment.
-    segment::sync_dir(dir)?;
+    // The new name must be durable too, or a crash could lose the whole segment (and
+    // with it every record acknowledged in it): the caller writes no batch here before
+    // this returns.
+    let hook = faults.after_dir_sync.borrow().clone();
+    let owned = dir.to_path_buf();
+    off_executor(move || {
+        segment::sync_dir(&owned)?;
+        if let Some(hook) = hook {
+            hook(seq);
+        }
+        Ok::<(), io::Error>(())
+    })
+    .await?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
