@@ -9,7 +9,8 @@
 //!
 //! Architecture invariant: a record is reported durable only after the `fdatasync` that
 //! covers it returned; bytes of a batch that failed are cut off (or fenced off by the
-//! next segment's header) so they are never replayed.
+//! next segment's header) before the batch is answered, so they are never replayed. A
+//! shard that can do neither stops taking records until a restart.
 
 pub mod log;
 pub mod manifest;

@@ -6,14 +6,34 @@
 //! `fdatasync`, while the next batch fills. Every message of a batch is covered by that
 //! one sync, so the sync rate, not the message rate, is what the disk must sustain.
 //!
-//! Runs on a glommio executor: the file I/O goes through io_uring and never blocks the
-//! shard's other sessions. Segments are written with direct I/O (`O_DIRECT`, glommio's
-//! `DmaFile`): the batch goes from one aligned buffer to the disk without a copy into
-//! the page cache, which on this kind of machine costs several times the CPU of the
-//! write itself. Direct writes must cover whole blocks, so the writer keeps the
-//! partial last block of the segment in memory and writes it again, unchanged, in
-//! front of the next batch. A torn write of that block leaves each sector either old
-//! or new, and both hold the same bytes for what was already durable.
+//! Runs on a glommio executor and never blocks it: reads, writes, syncs, opens and
+//! truncations of segment files go through io_uring (or glommio's own blocking
+//! threads), and the calls io_uring cannot do (the directory sync of a segment roll,
+//! unlinking a half-made segment, `statvfs`, creating the shard directory) run on
+//! glommio's blocking thread pool, so a slow disk stalls this writer, not every
+//! session of the core.
+//!
+//! Segments are written with direct I/O (`O_DIRECT`, glommio's `DmaFile`): the batch
+//! goes from one aligned buffer to the disk without a copy into the page cache, which
+//! on this kind of machine costs several times the CPU of the write itself. Direct
+//! writes must cover whole blocks, so the writer keeps the partial last block of the
+//! segment in memory and writes it again, unchanged, in front of the next batch. A
+//! torn write of that block leaves each sector either old or new, and both hold the
+//! same bytes for what was already durable. While batches are small, the segment is
+//! filled with synced zeros ahead of the writer (see `Flusher::zero_ahead`).
+//!
+//! Ordering guarantees:
+//! - A batch's waiters learn its outcome only after its `fdatasync` returned (success)
+//!   or after its bytes were made unreadable (failure): cut off the segment, or, if
+//!   the cut fails, fenced off by a new segment whose durable header records the old
+//!   one's valid length. A crash right after a 4xx therefore never replays the refused
+//!   records. If even the fence cannot be written, the shard halts: every later
+//!   append fails ([`LogError::Io`], "stopped taking mail") until a restart, and the
+//!   failed batch may be replayed after it (as a message killed between its sync and
+//!   its 250 may be).
+//! - A roll (segment full, or a fence) creates the new segment, syncs its header, then
+//!   syncs the directory, all before any batch is written into it: no record in a
+//!   segment is acknowledged before the segment's name is durable.
 
 use crate::record::{self, Kind};
 use crate::segment::{self, Location, SegmentHeader, Tail, SEGMENT_HEADER_BYTES};
@@ -24,6 +44,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 /// Why a batch was not made durable. Every record of the batch gets the same answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,13 +99,35 @@ impl Default for LogConfig {
     }
 }
 
-/// Injected failures, for tests of the error path: the next `writes` writes and the
-/// next `syncs` syncs fail with `errno`.
-#[derive(Debug, Default)]
+/// Called with a new segment's sequence number once the directory holding it is
+/// synced, on the thread that synced it.
+pub type DirSyncHook = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Test hooks for the error and ordering paths: the next `writes` batch writes, the
+/// next `syncs` batch syncs, the next `truncates` cuts of a failed batch and the next
+/// `creates` segment creations fail with `errno`; `after_dir_sync` observes each
+/// directory sync of a segment roll.
+#[derive(Default)]
 pub struct Faults {
     pub writes: Cell<u32>,
     pub syncs: Cell<u32>,
+    pub truncates: Cell<u32>,
+    pub creates: Cell<u32>,
     pub errno: Cell<i32>,
+    pub after_dir_sync: RefCell<Option<DirSyncHook>>,
+}
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faults")
+            .field("writes", &self.writes)
+            .field("syncs", &self.syncs)
+            .field("truncates", &self.truncates)
+            .field("creates", &self.creates)
+            .field("errno", &self.errno)
+            .field("after_dir_sync", &self.after_dir_sync.borrow().is_some())
+            .finish()
+    }
 }
 
 impl Faults {
@@ -213,6 +256,9 @@ pub struct ShardLog {
     /// Wakes the flusher when a batch has something in it, or on close.
     wake: Rc<Event>,
     faults: Rc<Faults>,
+    /// Set when the bytes of a failed batch could be neither cut off nor fenced off:
+    /// from then on every append fails with this reason (see `Flusher::fail_batch`).
+    halted: Rc<RefCell<Option<String>>>,
     stopped: Rc<Event>,
     running: Rc<Cell<bool>>,
 }
@@ -221,7 +267,9 @@ impl ShardLog {
     /// Opens the shard's newest segment after recovery (or creates the first one) and
     /// starts the flusher task on the current executor.
     pub async fn open(dir: &Path, shard: u32, tail: Tail, cfg: LogConfig) -> io::Result<ShardLog> {
-        std::fs::create_dir_all(dir)?;
+        let owned = dir.to_path_buf();
+        off_executor(move || std::fs::create_dir_all(owned)).await?;
+        let faults = Rc::new(Faults::default());
         let seg = match tail.seq {
             Some(seq) => {
                 let file = OpenOptions::new()
@@ -241,7 +289,7 @@ impl ShardLog {
                 }
                 Segment::new(file, seq, tail.valid_len, block[..want].to_vec())
             }
-            None => create_segment(dir, shard, 1, None).await?,
+            None => create_segment(dir, shard, 1, None, &faults).await?,
         };
         let log = ShardLog {
             inner: Rc::new(RefCell::new(Inner {
@@ -250,7 +298,8 @@ impl ShardLog {
                 closing: false,
             })),
             wake: Rc::new(Event::new()),
-            faults: Rc::new(Faults::default()),
+            faults,
+            halted: Rc::new(RefCell::new(None)),
             stopped: Rc::new(Event::new()),
             running: Rc::new(Cell::new(true)),
         };
@@ -259,7 +308,6 @@ impl ShardLog {
             shard,
             cfg,
             seg,
-            broken: false,
             batch_avg: 0,
             log: log.clone(),
         };
@@ -273,6 +321,9 @@ impl ShardLog {
         let mut inner = self.inner.borrow_mut();
         if inner.closing {
             return Err(LogError::Closed);
+        }
+        if let Some(why) = self.halted.borrow().as_ref() {
+            return Err(LogError::Io(why.clone()));
         }
         let start = inner.batch.len();
         record::encode_with(&mut inner.batch, kind, write);
@@ -326,8 +377,6 @@ struct Flusher {
     shard: u32,
     cfg: LogConfig,
     seg: Segment,
-    /// A failed batch could not be cut off the segment: the next batch starts a new one.
-    broken: bool,
     /// Moving average of batch sizes (bytes), for `ZERO_AHEAD_BATCH_MAX`.
     batch_avg: u64,
     log: ShardLog,
@@ -367,8 +416,13 @@ impl Flusher {
     async fn write_batch(&mut self, batch: Vec<u8>) -> Result<(u64, u64), LogError> {
         let full = self.seg.len > SEGMENT_HEADER_BYTES
             && self.seg.len + batch.len() as u64 > self.cfg.segment_bytes_max;
-        if full || self.broken {
-            self.roll().await?;
+        if let Some(why) = self.log.halted.borrow().as_ref() {
+            return Err(LogError::Io(why.clone()));
+        }
+        if full {
+            // Nothing of this batch is written yet: if the roll fails, only this batch
+            // fails, and the next one tries to roll again.
+            self.roll(self.seg.len).await?;
         }
         let start = self.seg.len;
         let len = batch.len() as u64;
@@ -408,21 +462,50 @@ impl Flusher {
                 Ok((self.seg.seq, start))
             }
             Err(e) => {
-                // No zeroing may land after the cut.
-                self.seg.wait_zeroing(u64::MAX).await;
-                self.seg.zeroed.set(start);
-                // Cut the failed batch off, so nothing answered with an error is ever
-                // read back as a record. If even that fails, seal the segment here:
-                // the next one's header caps it at `start`.
-                // The cut must be durable too, or a crash could bring the old size back.
-                if self.seg.file.truncate(start).await.is_err()
-                    || self.seg.file.fdatasync().await.is_err()
-                {
-                    self.broken = true;
-                }
                 tracing::error!(shard = self.shard, seq = self.seg.seq, error = %e, "spool write failed");
+                self.fail_batch(start).await;
                 Err(LogError::from(e))
             }
+        }
+    }
+
+    /// Makes sure the bytes of a batch that failed at `start` are never read back as
+    /// records, before the batch's waiters are told it failed (they answer 4xx, and a
+    /// crash right after must not replay what was refused).
+    ///
+    /// First the batch is cut off (truncate, then a sync, or a crash could bring the old
+    /// size back). If that fails, the segment is sealed at `start`: a new segment whose
+    /// durable header records `start` as the old one's valid length (the fence). If even
+    /// the fence cannot be made durable, the shard halts: every later append fails, as
+    /// acknowledging anything more would build on a log whose replay may bring the
+    /// failed records back. The failed batch itself may then be replayed after a
+    /// restart, like a message killed between its sync and its 250.
+    async fn fail_batch(&mut self, start: u64) {
+        // No zeroing may land after the cut.
+        self.seg.wait_zeroing(u64::MAX).await;
+        self.seg.zeroed.set(start);
+        let faults = self.log.faults.clone();
+        let cut = async {
+            Faults::take(&faults.truncates, faults.errno.get())?;
+            self.seg.file.truncate(start).await?;
+            self.seg.file.fdatasync().await?;
+            Ok::<(), io::Error>(())
+        }
+        .await;
+        let Err(cut_err) = cut else {
+            return;
+        };
+        tracing::error!(shard = self.shard, seq = self.seg.seq, error = %cut_err,
+            "cannot cut a failed batch off its segment: fencing it off with a new segment");
+        if let Err(fence_err) = self.roll(start).await {
+            let why = format!(
+                "shard {} stopped taking mail: the bytes of a failed write could be neither \
+                 cut off segment {} ({cut_err}) nor fenced off ({fence_err}); restart once \
+                 the disk is fixed",
+                self.shard, self.seg.seq
+            );
+            tracing::error!("{why}");
+            *self.log.halted.borrow_mut() = Some(why);
         }
     }
 
@@ -446,10 +529,6 @@ impl Flusher {
         if to <= from {
             return;
         }
-        // Never compete with messages for the last of the space.
-        if free_bytes(seg.file.as_raw_fd()).is_some_and(|free| free < 4 * ZERO_AHEAD_BYTES) {
-            return;
-        }
         seg.zeroing_from.set(Some(from));
         let (path, zeroed, zeroing_from, done) = (
             segment::segment_path(&self.dir, seg.seq),
@@ -462,6 +541,23 @@ impl Flusher {
             // open file, and this sync must not be the one that swallows an error the
             // batch writer's sync has to see.
             let file = OpenOptions::new().write(true).dma_open(&path).await.ok();
+            // Never compete with messages for the last of the space.
+            let fd = file.as_ref().map(|f| f.as_raw_fd());
+            let low = match fd {
+                Some(fd) => off_executor(move || free_bytes(fd))
+                    .await
+                    .is_some_and(|free| free < 4 * ZERO_AHEAD_BYTES),
+                None => false,
+            };
+            if low {
+                // Not a failure: the next batch looks again.
+                if let Some(f) = file {
+                    let _ = f.close().await;
+                }
+                zeroing_from.set(None);
+                done.notify(usize::MAX);
+                return;
+            }
             let ok = match &file {
                 Some(f) => {
                     let mut zeros = f.alloc_dma_buffer((to - from) as usize);
@@ -490,15 +586,29 @@ impl Flusher {
         .detach();
     }
 
-    async fn roll(&mut self) -> Result<(), LogError> {
-        let next =
-            create_segment(&self.dir, self.shard, self.seg.seq + 1, Some(self.seg.len)).await?;
+    /// Seals the current segment at `valid_len` and continues in a new one, whose
+    /// header and directory entry are durable when this returns.
+    async fn roll(&mut self, valid_len: u64) -> Result<(), LogError> {
+        let next = create_segment(
+            &self.dir,
+            self.shard,
+            self.seg.seq + 1,
+            Some(valid_len),
+            &self.log.faults,
+        )
+        .await?;
         let old = std::mem::replace(&mut self.seg, next);
-        self.broken = false;
         // The old file closes when its last user (a zeroing task, maybe) lets go.
         drop(old);
         Ok(())
     }
+}
+
+/// Runs a blocking file-system call (directory sync, unlink, statvfs, mkdir) on
+/// glommio's blocking thread pool: on the executor a slow disk would stall every
+/// session of the core, not only this writer.
+async fn off_executor<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    glommio::executor().spawn_blocking(f).await
 }
 
 /// Space left for unprivileged writers on the file system holding `fd`.
@@ -525,12 +635,14 @@ async fn create_segment(
     shard: u32,
     seq: u64,
     prev_valid_len: Option<u64>,
+    faults: &Faults,
 ) -> io::Result<Segment> {
-    let result = try_create_segment(dir, shard, seq, prev_valid_len).await;
+    let result = try_create_segment(dir, shard, seq, prev_valid_len, faults).await;
     if result.is_err() {
         // Leave no half-made segment behind: the next roll creates it anew (it could
         // not, with create_new, and the shard would refuse mail until a restart).
-        let _ = std::fs::remove_file(segment::segment_path(dir, seq));
+        let path = segment::segment_path(dir, seq);
+        let _ = off_executor(move || std::fs::remove_file(path)).await;
     }
     result
 }
@@ -540,7 +652,9 @@ async fn try_create_segment(
     shard: u32,
     seq: u64,
     prev_valid_len: Option<u64>,
+    faults: &Faults,
 ) -> io::Result<Segment> {
+    Faults::take(&faults.creates, faults.errno.get())?;
     let path = segment::segment_path(dir, seq);
     // The first block (header, then zeros) is written through the page cache, and
     // only then is the file opened for direct I/O: glommio probes a device for polled
@@ -564,8 +678,19 @@ async fn try_create_segment(
     }
     created.fdatasync().await?;
     created.close().await?;
-    // The new name must be durable too, or a crash could lose the whole segment.
-    segment::sync_dir(dir)?;
+    // The new name must be durable too, or a crash could lose the whole segment (and
+    // with it every record acknowledged in it): the caller writes no batch here before
+    // this returns.
+    let hook = faults.after_dir_sync.borrow().clone();
+    let owned = dir.to_path_buf();
+    off_executor(move || {
+        segment::sync_dir(&owned)?;
+        if let Some(hook) = hook {
+            hook(seq);
+        }
+        Ok::<(), io::Error>(())
+    })
+    .await?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)

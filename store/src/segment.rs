@@ -6,8 +6,9 @@
 //!
 //! The header of segment N+1 records how many bytes of segment N are valid. The writer
 //! rolls to a new segment when the current one is full, and also when it could not cut a
-//! failed write back off the current one: that is how bytes of a batch that was
-//! answered with an error are kept from ever being read as records.
+//! failed write back off the current one (before that batch is answered with its
+//! error): that is how bytes of a batch that was answered with an error are kept from
+//! ever being read as records.
 
 use crate::record::{self, DecodeError, RecordRef};
 use std::fs;

@@ -7,6 +7,9 @@ use ringmail_store::record::{self, Kind};
 use ringmail_store::segment::{self, recover_shard, Mode, SegmentHeader, SEGMENT_HEADER_BYTES};
 use ringmail_store::{LogConfig, LogError, ShardLog};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
+use std::time::Duration;
 
 fn replay(dir: &Path, mode: Mode) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
@@ -378,4 +381,205 @@ fn a_newest_segment_with_a_damaged_header_is_set_aside_not_deleted() {
         "kept byte for byte"
     );
     assert_eq!(replay(d.path(), Mode::ReadOnly), vec![payload(1, 10)]);
+}
+
+/// A batch whose sync fails and whose bytes cannot be cut off again: the fence (the
+/// next segment, whose header caps the old one) must be durable before the batch's
+/// waiters hear of the failure. The "crash" comes right after the error: the writer is
+/// dropped with no later batch, and recovery must not bring the failed records back.
+#[test]
+fn a_failed_batch_that_cannot_be_cut_off_is_fenced_before_its_error_is_answered() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let results = LocalExecutor::default().run(async move {
+        let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
+        let log = ShardLog::open(&dir, 0, tail, LogConfig::default())
+            .await
+            .unwrap();
+        let mut results = Vec::new();
+        let t = log
+            .append(Kind::Message, |o| o.extend_from_slice(&payload(1, 10)))
+            .unwrap();
+        results.push(log.durable(t).await.map(|_| ()));
+        log.faults().errno.set(libc::EIO);
+        log.faults().syncs.set(1);
+        log.faults().truncates.set(1);
+        let failed: Vec<_> = [payload(2, 20), payload(3, 30)]
+            .iter()
+            .map(|p| {
+                log.append(Kind::Message, |o| o.extend_from_slice(p))
+                    .unwrap()
+            })
+            .collect();
+        for t in failed {
+            results.push(log.durable(t).await.map(|_| ()));
+        }
+        // The crash: no close, no later batch; the executor and the writer are gone.
+        results
+    });
+    assert_eq!(results[0], Ok(()));
+    assert!(matches!(results[1], Err(LogError::Io(_))), "{results:?}");
+    assert!(matches!(results[2], Err(LogError::Io(_))), "{results:?}");
+    assert_eq!(replay(d.path(), Mode::Repair), vec![payload(1, 10)]);
+    // And the writer continues after the fence.
+    write(d.path(), LogConfig::default(), &[vec![payload(4, 40)]]);
+    assert_eq!(
+        replay(d.path(), Mode::ReadOnly),
+        vec![payload(1, 10), payload(4, 40)]
+    );
+}
+
+/// When even the fence cannot be made durable, the shard stops acknowledging: the
+/// failed batch and everything after it fail, with an error that says why, and
+/// nothing appended after the failure reaches the log.
+#[test]
+fn a_fence_that_cannot_be_written_stops_the_shard() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let (failed, queued, later) = LocalExecutor::default().run(async move {
+        let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
+        let log = ShardLog::open(&dir, 0, tail, LogConfig::default())
+            .await
+            .unwrap();
+        let t = log
+            .append(Kind::Message, |o| o.extend_from_slice(&payload(1, 10)))
+            .unwrap();
+        log.durable(t).await.unwrap();
+        log.faults().errno.set(libc::EIO);
+        log.faults().syncs.set(1);
+        log.faults().truncates.set(1);
+        log.faults().creates.set(1);
+        let t = log
+            .append(Kind::Message, |o| o.extend_from_slice(&payload(2, 20)))
+            .unwrap();
+        // Let the flusher take the failing batch, then queue one behind it.
+        glommio::yield_if_needed().await;
+        glommio::executor().yield_task_queue_now().await;
+        let behind = log
+            .append(Kind::Message, |o| o.extend_from_slice(&payload(3, 30)))
+            .unwrap();
+        let failed = log.durable(t).await.map(|_| ());
+        let queued = log.durable(behind).await.map(|_| ());
+        let later = log
+            .append(Kind::Message, |o| o.extend_from_slice(&payload(4, 40)))
+            .map(|_| ());
+        log.close().await;
+        (failed, queued, later)
+    });
+    assert!(matches!(failed, Err(LogError::Io(_))), "{failed:?}");
+    for r in [&queued, &later] {
+        match r {
+            Err(LogError::Io(why)) => assert!(why.contains("stopped taking mail"), "{why}"),
+            other => panic!("expected the shard to have stopped, got {other:?}"),
+        }
+    }
+    assert!(
+        !segment::segment_path(d.path(), 2).exists(),
+        "no half-made fence is left behind"
+    );
+    let replayed = replay(d.path(), Mode::ReadOnly);
+    assert!(!replayed.contains(&payload(3, 30)) && !replayed.contains(&payload(4, 40)));
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    DirSynced { seq: u64, thread: ThreadId },
+    Acked { seq: u64 },
+}
+
+/// Many sessions appending into small segments: every roll syncs the directory on a
+/// thread other than the executor's (a slow disk must not stall the core's sessions),
+/// and before any record in the new segment is acknowledged. Then a crash (no close)
+/// and recovery: the segment chain replays every acknowledged record.
+///
+/// The first roll's directory sync is held back until a record in segment 2 is
+/// acknowledged, or for at most `HOLD`: a writer that acknowledged before the sync
+/// returned would release it and show up in the order of events, however fast the
+/// disk. A correct writer acknowledges nothing there meanwhile, so the hold runs out;
+/// it bounds how long the test looks for the wrong order, it synchronises nothing.
+#[test]
+fn segment_rolls_sync_the_directory_off_the_executor_before_acknowledging_into_them() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let seen2 = seen.clone();
+    let (executor_thread, mut acked) = LocalExecutor::default().run(async move {
+        let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
+        let cfg = LogConfig {
+            segment_bytes_max: 24 << 10,
+        };
+        let log = ShardLog::open(&dir, 0, tail, cfg).await.unwrap();
+        const HOLD: Duration = Duration::from_millis(300);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        let hook_seen = seen2.clone();
+        *log.faults().after_dir_sync.borrow_mut() = Some(Arc::new(move |seq| {
+            let thread = std::thread::current().id();
+            if seq == 2 {
+                let _ = held.lock().unwrap().recv_timeout(HOLD);
+            }
+            hook_seen
+                .lock()
+                .unwrap()
+                .push(Seen::DirSynced { seq, thread });
+        }));
+        let sessions: Vec<_> = (0..16usize)
+            .map(|s| {
+                let log = log.clone();
+                let seen = seen2.clone();
+                let release = release.clone();
+                glommio::spawn_local(async move {
+                    let mut acked = Vec::new();
+                    for m in 0..25usize {
+                        let p = payload(s * 1000 + m, 200 + (s * 37 + m * 101) % 1800);
+                        let t = log
+                            .append(Kind::Message, |o| o.extend_from_slice(&p))
+                            .unwrap();
+                        let loc = log.durable(t).await.unwrap();
+                        seen.lock().unwrap().push(Seen::Acked { seq: loc.seq });
+                        if loc.seq >= 2 {
+                            let _ = release.send(());
+                        }
+                        acked.push((loc, p));
+                    }
+                    acked
+                })
+            })
+            .collect();
+        let mut acked = Vec::new();
+        for s in sessions {
+            acked.extend(s.await);
+        }
+        (std::thread::current().id(), acked)
+    });
+    let seen = seen.lock().unwrap().clone();
+    let rolls: Vec<u64> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Seen::DirSynced { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert!(rolls.len() >= 10, "the load rolls segments: {rolls:?}");
+    for e in &seen {
+        if let Seen::DirSynced { thread, .. } = e {
+            assert_ne!(*thread, executor_thread, "directory synced on the executor");
+        }
+    }
+    for seq in 2..=*rolls.last().unwrap() {
+        let synced = seen
+            .iter()
+            .position(|e| matches!(e, Seen::DirSynced { seq: s, .. } if *s == seq));
+        let first_ack = seen.iter().position(|e| *e == Seen::Acked { seq });
+        let synced = synced.unwrap_or_else(|| panic!("segment {seq}: no directory sync"));
+        if let Some(ack) = first_ack {
+            assert!(
+                synced < ack,
+                "segment {seq} acknowledged into before its directory sync"
+            );
+        }
+    }
+    acked.sort_by_key(|(loc, _)| *loc);
+    let acked: Vec<Vec<u8>> = acked.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(replay(d.path(), Mode::Repair), acked);
 }
