@@ -864,3 +864,327 @@ fn system_hostname() -> String {
         "localhost".into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn flags(args: &[&str]) -> Settings {
+        let mut argv = vec!["ringmail"];
+        argv.extend_from_slice(args);
+        Flags::try_parse_from(argv).unwrap().settings
+    }
+
+    /// The error for these flags over the defaults.
+    fn flag_error(args: &[&str]) -> String {
+        Settings::layered(None, flags(args)).unwrap_err()
+    }
+
+    fn toml_error(text: &str) -> String {
+        Settings::from_toml(text)
+            .and_then(|s| Settings::layered(None, s))
+            .unwrap_err()
+    }
+
+    #[test]
+    fn default_relay_networks() {
+        let c = Config::default();
+        assert!(c.relay_allowed("127.0.0.1".parse().unwrap()));
+        assert!(c.relay_allowed("127.9.9.9".parse().unwrap()));
+        assert!(c.relay_allowed("::1".parse().unwrap()));
+        assert!(c.relay_allowed("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!c.relay_allowed("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn every_setting_is_read_from_the_file_by_its_flag_name() {
+        let s = Settings::from_toml(
+            "data = \"/tmp/d\"\ncores = 2\nhostname = \"mx.example.test\"\n\
+             smtp = \"127.0.0.1:2626\"\nlocal-domain = [\"a.test\"]\n\
+             relay-network = [\"10.0.0.0/8\", \"192.0.2.1\"]\ndns = [\"127.0.0.1:5353\"]\n\
+             mx-port = 2526\nroute = [\"*=127.0.0.2:25\"]\nmessage-size-max = 1000\n\
+             line-length-max = 1024\ndata-line-length-max = 2000\nrecipients-max = 200\n\
+             idle-timeout = 7\nconnections-max = 3\nretry-first = 5\nretry-max = 50\n\
+             queue-age-max = 500\nsegment-size = 2097152\ndestination-rate = 10.5\n\
+             destination-connections = 4\ndeliveries-max = 9\n",
+        )
+        .unwrap();
+        let c = Settings::layered(None, s).unwrap().to_config().unwrap();
+        assert_eq!(c.data, PathBuf::from("/tmp/d"));
+        assert_eq!(c.cores, Some(2));
+        assert_eq!(c.hostname, "mx.example.test");
+        assert_eq!(c.smtp.port(), 2626);
+        assert_eq!(c.local_domains, vec!["a.test"]);
+        assert!(!c.relay_allowed("127.0.0.1".parse().unwrap()));
+        assert!(c.relay_allowed("10.1.2.3".parse().unwrap()));
+        assert!(c.relay_allowed("192.0.2.1".parse().unwrap()));
+        assert_eq!(c.dns, vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(c.mx_port, 2526);
+        assert_eq!(c.routes, vec![("*".into(), "127.0.0.2".into(), 25)]);
+        assert_eq!(c.limits.message_bytes_max, 1000);
+        assert_eq!(c.limits.line_bytes_max, 1024);
+        assert_eq!(c.limits.data_line_bytes_max, 2000);
+        assert_eq!(c.limits.rcpt_count_max, 200);
+        assert_eq!(c.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.connections_per_shard_max, 3);
+        assert_eq!(c.retry.first, Duration::from_secs(5));
+        assert_eq!(c.retry.cap, Duration::from_secs(50));
+        assert_eq!(c.retry.max_age, Duration::from_secs(500));
+        assert_eq!(c.segment_bytes_max, 2 << 20);
+        assert_eq!(c.destination_rate, Some(10.5));
+        assert_eq!(c.connections_per_destination_max, 4);
+        assert_eq!(c.deliveries_per_shard_max, 9);
+    }
+
+    #[test]
+    fn old_plural_keys_are_aliases() {
+        let s = Settings::from_toml(
+            "local-domains = [\"a.test\"]\nrelay-networks = [\"10.0.0.0/8\"]\n\
+             routes = [\"b.test=127.0.0.3:25\"]\n",
+        )
+        .unwrap();
+        assert_eq!(s.local_domain, Some(vec!["a.test".to_string()]));
+        assert_eq!(s.relay_network.unwrap().len(), 1);
+        assert_eq!(s.route.unwrap()[0].host, "127.0.0.3");
+        let e = Settings::from_toml("local-domain = [\"a.test\"]\nlocal-domains = [\"b.test\"]\n")
+            .unwrap_err();
+        assert!(e.contains("`local-domain` is set twice"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = toml_error("smpt = \"127.0.0.1:25\"\n");
+        assert!(e.contains("unknown key `smpt`"), "{e}");
+        let e = toml_error("message_size_max = 10\n");
+        assert!(e.contains("did you mean `message-size-max`"), "{e}");
+        // A file of the old layout says where each setting went.
+        let e = toml_error("[limits]\nmessage_bytes_max = 10\nidle_timeout_s = 3\n");
+        assert!(e.contains("unknown key `limits`"), "{e}");
+        assert!(
+            e.contains("`message-size-max`") && e.contains("`idle-timeout`"),
+            "{e}"
+        );
+        let e = toml_error("max-message-size = 10\n");
+        assert!(e.contains("it is now `message-size-max`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key_and_the_type() {
+        let e = toml_error("cores = \"two\"\n");
+        assert!(e.contains("`cores` must be integer"), "{e}");
+        assert!(e.contains("found string"), "{e}");
+        let e = toml_error("local-domain = \"a.test\"\n");
+        assert!(
+            e.contains("`local-domain` must be array of string"),
+            "{e}"
+        );
+        let e = toml_error("relay-network = [\"10.0.0.0/33\"]\n");
+        assert!(e.contains("`relay-network`") && e.contains("not a network"), "{e}");
+        let e = toml_error("route = [\"nohost\"]\n");
+        assert!(e.contains("`route`") && e.contains("DOMAIN=HOST:PORT"), "{e}");
+        let e = toml_error("smtp = \"localhost\"\n");
+        assert!(e.contains("`smtp` must be string (ADDR:PORT)"), "{e}");
+        let e = toml_error("cores = -1\n");
+        assert!(e.contains("`cores`"), "{e}");
+        let e = toml_error("cores = 1\ncores = 2\n");
+        assert!(e.contains("duplicate key"), "{e}");
+    }
+
+    #[test]
+    fn message_size_is_bounded_by_the_record_limit() {
+        let e = flag_error(&["--message-size-max", "999999999999"]);
+        assert!(
+            e.contains("`message-size-max` must be at most 263229824 bytes, not 999999999999"),
+            "{e}"
+        );
+        // The largest allowed message fits a record with its envelope, given a segment
+        // large enough for it.
+        let allowed = message_bytes_allowed(&smtp::Limits::default());
+        assert!(allowed + record_headroom(&smtp::Limits::default()) <= RECORD_PAYLOAD_BYTES_MAX);
+        let ok = allowed.to_string();
+        Settings::layered(None, flags(&["--message-size-max", &ok, "--segment-size", "300000000"]))
+            .unwrap();
+        let over = (allowed + 1).to_string();
+        assert!(flag_error(&["--message-size-max", &over, "--segment-size", "300000000"])
+            .contains("`message-size-max` must be at most"));
+        // More recipients and longer lines leave less room for the message.
+        let e = flag_error(&["--recipients-max", "100000", "--line-length-max", "65536"]);
+        assert!(e.contains("`message-size-max` must be at most 0 bytes"), "{e}");
+        assert!(flag_error(&["--message-size-max", "0"])
+            .starts_with("`message-size-max` must be 1 to"));
+    }
+
+    #[test]
+    fn segment_must_hold_the_largest_message_record() {
+        let e = flag_error(&["--segment-size", "1048576"]);
+        assert!(e.contains("`segment-size` must be at least"), "{e}");
+        assert!(e.contains("lower `message-size-max`"), "{e}");
+        Settings::layered(
+            None,
+            flags(&[
+                "--segment-size",
+                "1048576",
+                "--message-size-max",
+                "100000",
+                "--recipients-max",
+                "100",
+            ]),
+        )
+        .unwrap();
+        let e = flag_error(&["--segment-size", "1000", "--message-size-max", "100"]);
+        assert!(e.starts_with("`segment-size` must be 65536 to 4294967296"), "{e}");
+        let e = flag_error(&["--segment-size", "5000000000"]);
+        assert!(e.starts_with("`segment-size` must be 65536 to 4294967296"), "{e}");
+    }
+
+    #[test]
+    fn each_range_is_enforced_and_named() {
+        for (args, start) in [
+            (&["--cores", "0"][..], "`cores` must be 1 to 256, not 0"),
+            (&["--cores", "257"], "`cores` must be 1 to 256, not 257"),
+            (&["--connections-max", "0"], "`connections-max` must be at least 1"),
+            (&["--destination-connections", "0"], "`destination-connections` must be at least 1"),
+            (&["--deliveries-max", "0"], "`deliveries-max` must be at least 1"),
+            (&["--idle-timeout", "0"], "`idle-timeout` must be 1 to 31536000 (seconds), not 0"),
+            (&["--retry-first", "0"], "`retry-first` must be 1 to"),
+            (&["--retry-max", "0"], "`retry-max` must be 1 to"),
+            (&["--queue-age-max", "31536001"], "`queue-age-max` must be 1 to 31536000"),
+            (&["--mx-port", "0"], "`mx-port` must be 1 to 65535"),
+            (&["--destination-rate", "0"], "`destination-rate` must be a finite number above 0"),
+            (&["--destination-rate=-1"], "`destination-rate` must be a finite number"),
+            (&["--destination-rate", "NaN"], "`destination-rate` must be a finite number"),
+            (&["--destination-rate", "inf"], "`destination-rate` must be a finite number"),
+            (&["--line-length-max", "511"], "`line-length-max` must be 512 to 65536"),
+            (&["--data-line-length-max", "999"], "`data-line-length-max` must be 1000 to"),
+            (&["--recipients-max", "99"], "`recipients-max` must be 100 to 100000"),
+            (&["--hostname", "bad host"], "`hostname` must be a host name"),
+            (&["--hostname=-x.test"], "`hostname` must be a host name"),
+            (&["--hostname", "a..test"], "`hostname` must be a host name"),
+            (&["--local-domain", "ok.test", "--local-domain", "not ok"], "`local-domain` must be host names"),
+            (&["--smtp", "127.0.0.1:0"], "`smtp` must be ADDR:PORT, port 1 to 65535"),
+            (&["--dns", "127.0.0.1:0"], "`dns` must be ADDR:PORT each"),
+        ] {
+            let e = flag_error(args);
+            assert!(e.starts_with(start), "{args:?}: {e}");
+        }
+        let long_label = format!("{}.test", "a".repeat(64));
+        assert!(flag_error(&["--hostname", &long_label]).starts_with("`hostname` must be"));
+        assert!(toml_error("destination-rate = inf\n").starts_with("`destination-rate` must be"));
+        assert!(toml_error("data = \"\"\n").starts_with("`data` must be a path"));
+        // A bad route or network is refused by the flag parser already.
+        let mut argv = vec!["ringmail", "--route", "x.test=127.0.0.2:0"];
+        assert!(Flags::try_parse_from(&argv).is_err());
+        argv[1..].copy_from_slice(&["--route", "bad domain=h:25"]);
+        assert!(Flags::try_parse_from(&argv).is_err());
+        argv[1..].copy_from_slice(&["--relay-network", "10.0.0.0/99"]);
+        assert!(Flags::try_parse_from(&argv).is_err());
+    }
+
+    #[test]
+    fn validate_checks_a_config_built_in_code() {
+        let mut c = Config::default();
+        c.limits.message_bytes_max = usize::MAX;
+        assert!(c.validate().unwrap_err().contains("`message-size-max`"));
+        let mut c = Config::default();
+        c.idle_timeout = Duration::ZERO;
+        assert!(c.validate().unwrap_err().starts_with("`idle-timeout`"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "mx-port = 2600\ndns = [\"127.0.0.1:53\"]\nretry-first = 9\n").unwrap();
+        let s = Settings::layered(Some(&p), flags(&["--mx-port", "2700", "--dns", "127.0.0.1:54"]))
+            .unwrap();
+        assert_eq!(s.mx_port, Some(2700));
+        assert_eq!(s.dns, Some(vec!["127.0.0.1:54".parse().unwrap()]));
+        assert_eq!(s.retry_first, Some(9), "the file's own setting stays");
+        // The file is checked whole, with its name in the error.
+        std::fs::write(&p, "mx-port = \"x\"\n").unwrap();
+        let e = Settings::layered(Some(&p), Settings::default()).unwrap_err();
+        assert!(e.starts_with(&format!("config file {}: `mx-port`", p.display())), "{e}");
+    }
+
+    #[test]
+    fn old_flag_spellings_are_hidden_aliases() {
+        let s = flags(&[
+            "--max-message-size",
+            "1000",
+            "--max-connections",
+            "2",
+            "--max-queue-age",
+            "3",
+            "--max-deliveries",
+            "4",
+        ]);
+        assert_eq!(s.message_size_max, Some(1000));
+        assert_eq!(s.connections_max, Some(2));
+        assert_eq!(s.queue_age_max, Some(3));
+        assert_eq!(s.deliveries_max, Some(4));
+    }
+
+    #[test]
+    fn show_round_trips() {
+        let s = Settings::layered(
+            None,
+            flags(&[
+                "--route",
+                "*=[::1]:2525",
+                "--route",
+                "b.test=relay.example:25",
+                "--relay-network",
+                "192.0.2.7",
+                "--destination-rate",
+                "2.5",
+                "--cores",
+                "3",
+            ]),
+        )
+        .unwrap();
+        let text = s.to_toml();
+        let back = Settings::layered(None, Settings::from_toml(&text).unwrap()).unwrap();
+        assert_eq!(back, s, "{text}");
+        assert_eq!(back.to_toml(), text);
+        // Unset settings are comments, and stay unset.
+        let d = Settings::layered(None, Settings::default()).unwrap();
+        let text = d.to_toml();
+        assert!(text.contains("# destination-rate: no limit\n"), "{text}");
+        assert_eq!(Settings::from_toml(&text).unwrap().destination_rate, None);
+    }
+
+    /// docs/configuration.md carries the table `Settings::reference_markdown` makes;
+    /// `RINGMAIL_UPDATE_DOCS=1 cargo test -p ringmail --lib config::` rewrites it.
+    #[test]
+    fn reference_doc_is_current() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        let (begin, end) = ("<!-- settings:begin -->\n", "<!-- settings:end -->");
+        let (Some(b), Some(e)) = (doc.find(begin), doc.find(end)) else {
+            panic!("{} has no settings markers", path.display());
+        };
+        let table = Settings::reference_markdown();
+        if std::env::var_os("RINGMAIL_UPDATE_DOCS").is_some() {
+            let new = format!("{}{table}{}", &doc[..b + begin.len()], &doc[e..]);
+            std::fs::write(&path, new).unwrap();
+            return;
+        }
+        assert_eq!(
+            &doc[b + begin.len()..e],
+            table,
+            "docs/configuration.md is stale: rerun with RINGMAIL_UPDATE_DOCS=1"
+        );
+    }
+}
