@@ -196,10 +196,9 @@ where
 
 /// A duration in whole seconds: 1 s to a year.
 fn seconds() -> Rule<u64> {
-    Rule::new(
-        format!("1 to {DURATION_SECS_MAX} (seconds)"),
-        |v| (1..=DURATION_SECS_MAX).contains(v),
-    )
+    Rule::new(format!("1 to {DURATION_SECS_MAX} (seconds)"), |v| {
+        (1..=DURATION_SECS_MAX).contains(v)
+    })
 }
 
 /// The upper bound depends on other limits: `Config::validate` checks it.
@@ -232,9 +231,10 @@ fn positive_finite() -> Rule<f64> {
 }
 
 fn host_name() -> Rule<String> {
-    Rule::new("a host name (letters, digits, `-`, dot-separated labels)", |v: &String| {
-        is_host_name(v)
-    })
+    Rule::new(
+        "a host name (letters, digits, `-`, dot-separated labels)",
+        |v: &String| is_host_name(v),
+    )
 }
 
 fn host_names() -> Rule<Vec<String>> {
@@ -793,9 +793,8 @@ impl Settings {
 
     /// The reference table of docs/configuration.md.
     pub fn reference_markdown() -> String {
-        let mut out = String::from(
-            "| Name | Type | Default | Range | Meaning |\n|---|---|---|---|---|\n",
-        );
+        let mut out =
+            String::from("| Name | Type | Default | Range | Meaning |\n|---|---|---|---|---|\n");
         for r in Settings::reference() {
             out.push_str(&format!(
                 "| `{}` | {} | {} | {} | {} |\n",
@@ -986,14 +985,17 @@ mod tests {
         assert!(e.contains("`cores` must be integer"), "{e}");
         assert!(e.contains("found string"), "{e}");
         let e = toml_error("local-domain = \"a.test\"\n");
+        assert!(e.contains("`local-domain` must be array of string"), "{e}");
+        let e = toml_error("relay-network = [\"10.0.0.0/33\"]\n");
         assert!(
-            e.contains("`local-domain` must be array of string"),
+            e.contains("`relay-network`") && e.contains("not a network"),
             "{e}"
         );
-        let e = toml_error("relay-network = [\"10.0.0.0/33\"]\n");
-        assert!(e.contains("`relay-network`") && e.contains("not a network"), "{e}");
         let e = toml_error("route = [\"nohost\"]\n");
-        assert!(e.contains("`route`") && e.contains("DOMAIN=HOST:PORT"), "{e}");
+        assert!(
+            e.contains("`route`") && e.contains("DOMAIN=HOST:PORT"),
+            "{e}"
+        );
         let e = toml_error("smtp = \"localhost\"\n");
         assert!(e.contains("`smtp` must be string (ADDR:PORT)"), "{e}");
         let e = toml_error("cores = -1\n");
@@ -1014,16 +1016,25 @@ mod tests {
         let allowed = message_bytes_allowed(&smtp::Limits::default());
         assert!(allowed + record_headroom(&smtp::Limits::default()) <= RECORD_PAYLOAD_BYTES_MAX);
         let ok = allowed.to_string();
-        Settings::layered(None, flags(&["--message-size-max", &ok, "--segment-size", "300000000"]))
-            .unwrap();
+        Settings::layered(
+            None,
+            flags(&["--message-size-max", &ok, "--segment-size", "300000000"]),
+        )
+        .unwrap();
         let over = (allowed + 1).to_string();
-        assert!(flag_error(&["--message-size-max", &over, "--segment-size", "300000000"])
-            .contains("`message-size-max` must be at most"));
+        assert!(
+            flag_error(&["--message-size-max", &over, "--segment-size", "300000000"])
+                .contains("`message-size-max` must be at most")
+        );
         // More recipients and longer lines leave less room for the message.
         let e = flag_error(&["--recipients-max", "100000", "--line-length-max", "65536"]);
-        assert!(e.contains("`message-size-max` must be at most 0 bytes"), "{e}");
-        assert!(flag_error(&["--message-size-max", "0"])
-            .starts_with("`message-size-max` must be 1 to"));
+        assert!(
+            e.contains("`message-size-max` must be at most 0 bytes"),
+            "{e}"
+        );
+        assert!(
+            flag_error(&["--message-size-max", "0"]).starts_with("`message-size-max` must be 1 to")
+        );
     }
 
     #[test]
@@ -1044,9 +1055,15 @@ mod tests {
         )
         .unwrap();
         let e = flag_error(&["--segment-size", "1000", "--message-size-max", "100"]);
-        assert!(e.starts_with("`segment-size` must be 65536 to 4294967296"), "{e}");
+        assert!(
+            e.starts_with("`segment-size` must be 65536 to 4294967296"),
+            "{e}"
+        );
         let e = flag_error(&["--segment-size", "5000000000"]);
-        assert!(e.starts_with("`segment-size` must be 65536 to 4294967296"), "{e}");
+        assert!(
+            e.starts_with("`segment-size` must be 65536 to 4294967296"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1054,26 +1071,71 @@ mod tests {
         for (args, start) in [
             (&["--cores", "0"][..], "`cores` must be 1 to 256, not 0"),
             (&["--cores", "257"], "`cores` must be 1 to 256, not 257"),
-            (&["--connections-max", "0"], "`connections-max` must be at least 1"),
-            (&["--destination-connections", "0"], "`destination-connections` must be at least 1"),
-            (&["--deliveries-max", "0"], "`deliveries-max` must be at least 1"),
-            (&["--idle-timeout", "0"], "`idle-timeout` must be 1 to 31536000 (seconds), not 0"),
+            (
+                &["--connections-max", "0"],
+                "`connections-max` must be at least 1",
+            ),
+            (
+                &["--destination-connections", "0"],
+                "`destination-connections` must be at least 1",
+            ),
+            (
+                &["--deliveries-max", "0"],
+                "`deliveries-max` must be at least 1",
+            ),
+            (
+                &["--idle-timeout", "0"],
+                "`idle-timeout` must be 1 to 31536000 (seconds), not 0",
+            ),
             (&["--retry-first", "0"], "`retry-first` must be 1 to"),
             (&["--retry-max", "0"], "`retry-max` must be 1 to"),
-            (&["--queue-age-max", "31536001"], "`queue-age-max` must be 1 to 31536000"),
+            (
+                &["--queue-age-max", "31536001"],
+                "`queue-age-max` must be 1 to 31536000",
+            ),
             (&["--mx-port", "0"], "`mx-port` must be 1 to 65535"),
-            (&["--destination-rate", "0"], "`destination-rate` must be a finite number above 0"),
-            (&["--destination-rate=-1"], "`destination-rate` must be a finite number"),
-            (&["--destination-rate", "NaN"], "`destination-rate` must be a finite number"),
-            (&["--destination-rate", "inf"], "`destination-rate` must be a finite number"),
-            (&["--line-length-max", "511"], "`line-length-max` must be 512 to 65536"),
-            (&["--data-line-length-max", "999"], "`data-line-length-max` must be 1000 to"),
-            (&["--recipients-max", "99"], "`recipients-max` must be 100 to 100000"),
-            (&["--hostname", "bad host"], "`hostname` must be a host name"),
+            (
+                &["--destination-rate", "0"],
+                "`destination-rate` must be a finite number above 0",
+            ),
+            (
+                &["--destination-rate=-1"],
+                "`destination-rate` must be a finite number",
+            ),
+            (
+                &["--destination-rate", "NaN"],
+                "`destination-rate` must be a finite number",
+            ),
+            (
+                &["--destination-rate", "inf"],
+                "`destination-rate` must be a finite number",
+            ),
+            (
+                &["--line-length-max", "511"],
+                "`line-length-max` must be 512 to 65536",
+            ),
+            (
+                &["--data-line-length-max", "999"],
+                "`data-line-length-max` must be 1000 to",
+            ),
+            (
+                &["--recipients-max", "99"],
+                "`recipients-max` must be 100 to 100000",
+            ),
+            (
+                &["--hostname", "bad host"],
+                "`hostname` must be a host name",
+            ),
             (&["--hostname=-x.test"], "`hostname` must be a host name"),
             (&["--hostname", "a..test"], "`hostname` must be a host name"),
-            (&["--local-domain", "ok.test", "--local-domain", "not ok"], "`local-domain` must be host names"),
-            (&["--smtp", "127.0.0.1:0"], "`smtp` must be ADDR:PORT, port 1 to 65535"),
+            (
+                &["--local-domain", "ok.test", "--local-domain", "not ok"],
+                "`local-domain` must be host names",
+            ),
+            (
+                &["--smtp", "127.0.0.1:0"],
+                "`smtp` must be ADDR:PORT, port 1 to 65535",
+            ),
             (&["--dns", "127.0.0.1:0"], "`dns` must be ADDR:PORT each"),
         ] {
             let e = flag_error(args);
@@ -1097,8 +1159,10 @@ mod tests {
         let mut c = Config::default();
         c.limits.message_bytes_max = usize::MAX;
         assert!(c.validate().unwrap_err().contains("`message-size-max`"));
-        let mut c = Config::default();
-        c.idle_timeout = Duration::ZERO;
+        let c = Config {
+            idle_timeout: Duration::ZERO,
+            ..Config::default()
+        };
         assert!(c.validate().unwrap_err().starts_with("`idle-timeout`"));
     }
 
@@ -1106,16 +1170,26 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
-        std::fs::write(&p, "mx-port = 2600\ndns = [\"127.0.0.1:53\"]\nretry-first = 9\n").unwrap();
-        let s = Settings::layered(Some(&p), flags(&["--mx-port", "2700", "--dns", "127.0.0.1:54"]))
-            .unwrap();
+        std::fs::write(
+            &p,
+            "mx-port = 2600\ndns = [\"127.0.0.1:53\"]\nretry-first = 9\n",
+        )
+        .unwrap();
+        let s = Settings::layered(
+            Some(&p),
+            flags(&["--mx-port", "2700", "--dns", "127.0.0.1:54"]),
+        )
+        .unwrap();
         assert_eq!(s.mx_port, Some(2700));
         assert_eq!(s.dns, Some(vec!["127.0.0.1:54".parse().unwrap()]));
         assert_eq!(s.retry_first, Some(9), "the file's own setting stays");
         // The file is checked whole, with its name in the error.
         std::fs::write(&p, "mx-port = \"x\"\n").unwrap();
         let e = Settings::layered(Some(&p), Settings::default()).unwrap_err();
-        assert!(e.starts_with(&format!("config file {}: `mx-port`", p.display())), "{e}");
+        assert!(
+            e.starts_with(&format!("config file {}: `mx-port`", p.display())),
+            "{e}"
+        );
     }
 
     #[test]
