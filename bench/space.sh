@@ -25,7 +25,8 @@ SINK=$(free_port); PORT=$(free_port)
 target/release/ringmail-sink --listen "127.0.0.1:$SINK" --tempfail "$DEFER" > "$work/sink.json" 2>/dev/null & pids+=($!)
 wait_port "$SINK"
 RINGMAIL_LOG=info target/release/ringmail serve --data "$work/data" --smtp "127.0.0.1:$PORT" --cores 1 \
-  --route "*=127.0.0.1:$SINK" --segment-size 4194304 2>"$work/ringmail.log" & pids+=($!)
+  --route "*=127.0.0.1:$SINK" --segment-size 4194304 \
+  --message-size-max 1048576 --recipients-max 100 2>"$work/ringmail.log" & pids+=($!)
 wait_port "$PORT"
 target/release/ringmail-load smtp --target "127.0.0.1:$PORT" --sessions 2 --messages 100000000 --size 4096 \
   --to rcpt@relay.test --max-seconds "$RUN" --json > "$work/load.json" & load=$!

@@ -1,11 +1,18 @@
-//! Settings: the embedded defaults (DESIGN.md), a TOML file, and command-line flags,
-//! in rising precedence.
+//! Settings. Each one is defined once, in the `settings!` table below: its name (the
+//! flag `--NAME` and the top-level TOML key `NAME`, both kebab-case), its type, the
+//! range it must be in, and where it goes in `Config`. The defaults are
+//! `Config::default()`. Layers, in rising precedence: defaults, a TOML file, flags.
+//! The reference of every setting is docs/configuration.md (kept current by a test).
 
 use crate::smtp;
 use ipnet::IpNet;
-use serde::Deserialize;
+use ringmail_store::record::{RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX};
+use ringmail_store::segment::SEGMENT_HEADER_BYTES;
+use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 /// Everything `ringmail serve` runs with.
@@ -86,156 +93,724 @@ impl Config {
         }
     }
 
-    /// Applies a TOML settings file over these settings.
-    pub fn apply_file(&mut self, path: &Path) -> Result<(), String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-        let f: FileConfig =
-            toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
-        if let Some(v) = f.data {
-            self.data = v;
-        }
-        if let Some(v) = f.cores {
-            self.cores = Some(v);
-        }
-        if let Some(v) = f.hostname {
-            self.hostname = v;
-        }
-        if let Some(v) = f.smtp {
-            self.smtp = parse_addr(&v)?;
-        }
-        if let Some(v) = f.local_domains {
-            self.local_domains = v;
-        }
-        if let Some(v) = f.relay_networks {
-            self.relay_networks = v.iter().map(|s| parse_cidr(s)).collect::<Result<_, _>>()?;
-        }
-        if let Some(l) = f.limits {
-            let lim = &mut self.limits;
-            lim.line_bytes_max = l.line_bytes_max.unwrap_or(lim.line_bytes_max);
-            lim.data_line_bytes_max = l.data_line_bytes_max.unwrap_or(lim.data_line_bytes_max);
-            lim.message_bytes_max = l.message_bytes_max.unwrap_or(lim.message_bytes_max);
-            lim.rcpt_count_max = l.rcpt_count_max.unwrap_or(lim.rcpt_count_max);
-            if let Some(s) = l.idle_timeout_s {
-                self.idle_timeout = Duration::from_secs(s);
-            }
-            if let Some(c) = l.connections_per_shard_max {
-                self.connections_per_shard_max = c;
-            }
-        }
-        if let Some(v) = f.segment_size {
-            self.segment_bytes_max = v.max(SEGMENT_BYTES_MIN);
-        }
-        if let Some(d) = f.delivery {
-            if let Some(v) = d.dns {
-                self.dns = v.iter().map(|s| parse_addr(s)).collect::<Result<_, _>>()?;
-            }
-            if let Some(v) = d.mx_port {
-                self.mx_port = v;
-            }
-            if let Some(v) = d.routes {
-                self.routes = v.iter().map(|s| parse_route(s)).collect::<Result<_, _>>()?;
-            }
-            if let Some(v) = d.retry_first_s {
-                self.retry.first = Duration::from_secs(v);
-            }
-            if let Some(v) = d.retry_max_s {
-                self.retry.cap = Duration::from_secs(v);
-            }
-            if let Some(v) = d.max_queue_age_s {
-                self.retry.max_age = Duration::from_secs(v);
-            }
-            if let Some(v) = d.connections_per_destination_max {
-                self.connections_per_destination_max = v;
-            }
-            if let Some(v) = d.destination_rate {
-                self.destination_rate = Some(v);
-            }
-            if let Some(v) = d.deliveries_per_shard_max {
-                self.deliveries_per_shard_max = v;
-            }
-        }
-        self.validate()
-    }
-
+    /// Every setting in its range, and the ones that bound each other consistent. The
+    /// error names the setting (its flag and TOML key) and what it may be.
     pub fn validate(&self) -> Result<(), String> {
-        let l = &self.limits;
-        if l.line_bytes_max < 512 {
-            return Err("limits.line_bytes_max must be at least 512 (RFC 5321 §4.5.3.1.4)".into());
+        Settings::from_config(self).check()?;
+        let allowed = message_bytes_allowed(&self.limits);
+        if self.limits.message_bytes_max > allowed {
+            return Err(format!(
+                "`message-size-max` must be at most {allowed} bytes, not {}: a message is \
+                 stored as one record of at most {RECORD_PAYLOAD_BYTES_MAX} bytes, and {} of \
+                 them are kept for the envelope and a bounce's report (with `recipients-max` \
+                 {} and `line-length-max` {})",
+                self.limits.message_bytes_max,
+                record_headroom(&self.limits),
+                self.limits.rcpt_count_max,
+                self.limits.line_bytes_max,
+            ));
         }
-        if l.data_line_bytes_max < 1000 {
-            return Err(
-                "limits.data_line_bytes_max must be at least 1000 (RFC 5321 §4.5.3.1.6)".into(),
-            );
-        }
-        if l.rcpt_count_max < 100 {
-            return Err("limits.rcpt_count_max must be at least 100 (RFC 5321 §4.5.3.1.8)".into());
-        }
-        if self.cores == Some(0) {
-            return Err("--cores must be at least 1".into());
-        }
-        if let Some(r) = self.destination_rate {
-            if !(r > 0.0 && r.is_finite()) {
-                return Err(
-                    "destination rate must be a positive number of messages per second".into(),
-                );
-            }
-        }
-        if self.connections_per_destination_max == 0 {
-            return Err("delivery.connections_per_destination_max must be at least 1".into());
-        }
-        if self.deliveries_per_shard_max == 0 {
-            return Err("delivery.deliveries_per_shard_max must be at least 1".into());
-        }
-        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
-            return Err(format!("hostname {:?} is not a host name", self.hostname));
+        let needed = segment_bytes_needed(&self.limits);
+        if self.segment_bytes_max < needed {
+            return Err(format!(
+                "`segment-size` must be at least {needed} bytes, not {}: a segment must hold \
+                 the largest message record (`message-size-max` {} plus {} bytes of envelope \
+                 and framing); raise `segment-size` or lower `message-size-max`",
+                self.segment_bytes_max,
+                self.limits.message_bytes_max,
+                needed - self.limits.message_bytes_max as u64,
+            ));
         }
         Ok(())
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
-    data: Option<PathBuf>,
-    cores: Option<usize>,
-    hostname: Option<String>,
-    smtp: Option<String>,
-    local_domains: Option<Vec<String>>,
-    relay_networks: Option<Vec<String>>,
-    segment_size: Option<u64>,
-    limits: Option<FileLimits>,
-    delivery: Option<FileDelivery>,
-}
-
-/// `[delivery]`: the same settings as the serve flags of the same names.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileDelivery {
-    dns: Option<Vec<String>>,
-    mx_port: Option<u16>,
-    /// `DOMAIN=HOST:PORT`, `*` for every non-local domain.
-    routes: Option<Vec<String>>,
-    retry_first_s: Option<u64>,
-    retry_max_s: Option<u64>,
-    max_queue_age_s: Option<u64>,
-    connections_per_destination_max: Option<usize>,
-    destination_rate: Option<f64>,
-    deliveries_per_shard_max: Option<usize>,
-}
-
 /// Segments smaller than this would roll on every batch.
 pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+/// Above this a segment is slow to compact and to copy forward, and gains nothing.
+pub const SEGMENT_BYTES_MAX: u64 = 4 << 30;
+/// Longest duration any setting takes (seconds): a year. Larger values overflow the
+/// millisecond arithmetic of the retry schedule and mean nothing to a mail queue.
+pub const DURATION_SECS_MAX: u64 = 365 * 24 * 3600;
+/// Room a bounce's report needs per recipient (status fields and the quoted reply).
+pub const DSN_RECIPIENT_BYTES: usize = 4096;
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileLimits {
-    line_bytes_max: Option<usize>,
-    data_line_bytes_max: Option<usize>,
-    message_bytes_max: Option<usize>,
-    rcpt_count_max: Option<usize>,
-    idle_timeout_s: Option<u64>,
-    connections_per_shard_max: Option<usize>,
+/// Bytes a message record, or the bounce that quotes it whole (RET=FULL), may need
+/// beyond the message itself, with these limits: every envelope string is bounded by a
+/// command line (sender, each recipient with its ORCPT, ENVID, HELO), the trace prefix
+/// by a few lines, a bounce's report by `DSN_RECIPIENT_BYTES` per recipient.
+pub fn record_headroom(l: &smtp::Limits) -> usize {
+    let per_rcpt = l
+        .line_bytes_max
+        .saturating_mul(2)
+        .saturating_add(DSN_RECIPIENT_BYTES + 16);
+    l.rcpt_count_max
+        .saturating_mul(per_rcpt)
+        .saturating_add(l.line_bytes_max.saturating_mul(8))
+        .saturating_add(64 << 10)
+}
+
+/// The largest `message-size-max` these limits leave room for.
+pub fn message_bytes_allowed(l: &smtp::Limits) -> usize {
+    RECORD_PAYLOAD_BYTES_MAX.saturating_sub(record_headroom(l))
+}
+
+/// The smallest segment that holds the largest message record.
+pub fn segment_bytes_needed(l: &smtp::Limits) -> u64 {
+    (SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES as u64)
+        .saturating_add(l.message_bytes_max as u64)
+        .saturating_add(record_headroom(l) as u64)
+        .max(SEGMENT_BYTES_MIN)
+}
+
+/// What a setting's value must be: a check and its wording in errors and the reference.
+pub struct Rule<T> {
+    pub describe: String,
+    check: Box<dyn Fn(&T) -> bool>,
+}
+
+impl<T> Rule<T> {
+    fn new(describe: impl Into<String>, check: impl Fn(&T) -> bool + 'static) -> Rule<T> {
+        Rule {
+            describe: describe.into(),
+            check: Box::new(check),
+        }
+    }
+}
+
+/// `lo..=hi`, for integers.
+fn between<T>(lo: T, hi: T) -> Rule<T>
+where
+    T: PartialOrd + fmt::Display + Copy + 'static,
+{
+    Rule::new(format!("{lo} to {hi}"), move |v| *v >= lo && *v <= hi)
+}
+
+/// `lo` or more, for integers.
+fn at_least<T>(lo: T) -> Rule<T>
+where
+    T: PartialOrd + fmt::Display + Copy + 'static,
+{
+    Rule::new(format!("at least {lo}"), move |v| *v >= lo)
+}
+
+/// A duration in whole seconds: 1 s to a year.
+fn seconds() -> Rule<u64> {
+    Rule::new(format!("1 to {DURATION_SECS_MAX} (seconds)"), |v| {
+        (1..=DURATION_SECS_MAX).contains(v)
+    })
+}
+
+/// The upper bound depends on other limits: `Config::validate` checks it.
+fn message_size() -> Rule<usize> {
+    Rule::new(
+        format!(
+            "1 to the record limit minus envelope room ({} with the default \
+             `recipients-max` and `line-length-max`)",
+            message_bytes_allowed(&smtp::Limits::default())
+        ),
+        |v| *v >= 1,
+    )
+}
+
+/// Whether the largest message record fits depends on other limits: `Config::validate`.
+fn segment_size() -> Rule<u64> {
+    Rule::new(
+        format!(
+            "{SEGMENT_BYTES_MIN} to {SEGMENT_BYTES_MAX}, and room for the largest \
+             message record"
+        ),
+        |v| (SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(v),
+    )
+}
+
+fn positive_finite() -> Rule<f64> {
+    Rule::new("a finite number above 0", |v: &f64| {
+        v.is_finite() && *v > 0.0
+    })
+}
+
+fn host_name() -> Rule<String> {
+    Rule::new(
+        "a host name (letters, digits, `-`, dot-separated labels)",
+        |v: &String| is_host_name(v),
+    )
+}
+
+fn host_names() -> Rule<Vec<String>> {
+    Rule::new("host names", |v: &Vec<String>| {
+        v.iter().all(|d| is_host_name(d))
+    })
+}
+
+fn non_empty_path() -> Rule<PathBuf> {
+    Rule::new("a path", |v: &PathBuf| !v.as_os_str().is_empty())
+}
+
+fn listen_address() -> Rule<SocketAddr> {
+    Rule::new("ADDR:PORT, port 1 to 65535", |v: &SocketAddr| v.port() != 0)
+}
+
+fn name_servers() -> Rule<Vec<SocketAddr>> {
+    Rule::new("ADDR:PORT each, port 1 to 65535", |v: &Vec<SocketAddr>| {
+        v.iter().all(|a| a.port() != 0)
+    })
+}
+
+fn anything<T>(describe: &str) -> Rule<T> {
+    Rule::new(describe, |_| true)
+}
+
+/// RFC 1035 §2.3.1 labels (digits first allowed, RFC 1123), at most 253 bytes.
+pub fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// How a setting's value is written in TOML, for errors and the reference.
+pub trait TomlType {
+    fn toml_type() -> String;
+}
+
+macro_rules! toml_type {
+    ($($t:ty => $name:literal),* $(,)?) => {
+        $(impl TomlType for $t {
+            fn toml_type() -> String {
+                $name.into()
+            }
+        })*
+    };
+}
+
+toml_type! {
+    u16 => "integer",
+    u64 => "integer",
+    usize => "integer",
+    f64 => "number",
+    String => "string",
+    PathBuf => "string (a path)",
+    SocketAddr => "string (ADDR:PORT)",
+    Network => "string (a CIDR network or an address)",
+    Route => "string (DOMAIN=HOST:PORT)",
+}
+
+impl<T: TomlType> TomlType for Vec<T> {
+    fn toml_type() -> String {
+        format!("array of {}", T::toml_type())
+    }
+}
+
+/// A relay network: CIDR notation, or a bare address (a host route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network(pub IpNet);
+
+impl FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Network, String> {
+        parse_cidr(s).map(Network)
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A fixed next hop: `DOMAIN=HOST:PORT`, DOMAIN `*` for every non-local domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub domain: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for Route {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Route, String> {
+        parse_route(s).map(|(domain, host, port)| Route { domain, host, port })
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "{}=[{}]:{}", self.domain, self.host, self.port)
+        } else {
+            write!(f, "{}={}:{}", self.domain, self.host, self.port)
+        }
+    }
+}
+
+/// Serde through the string form, the same one the flags take.
+macro_rules! serde_via_str {
+    ($($t:ty),*) => {
+        $(impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        })*
+    };
+}
+
+serde_via_str!(Network, Route);
+
+/// One row of the reference (docs/configuration.md).
+#[derive(Debug)]
+pub struct Reference {
+    pub name: String,
+    pub toml_type: String,
+    pub default: String,
+    pub range: String,
+    pub doc: String,
+}
+
+fn key_of(field: &str) -> String {
+    field.replace('_', "-")
+}
+
+/// One entry per setting: doc comment (the flag's help and the reference's text),
+/// clap attributes, `name: Type`, the TOML aliases it also accepts, an optional
+/// default text for the reference (when the default depends on the machine), the rule,
+/// how to read it from a `Config` and how to write it into one. A setting added here
+/// is a flag, a TOML key, checked, shown by `config show` and listed in the reference.
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        #[arg($($arg:tt)*)]
+        $field:ident: $ty:ty,
+        aliases [$($alias:literal),*],
+        $(default $dd:literal,)?
+        rule $rule:expr,
+        get |$gc:ident| $get:expr,
+        set |$sc:ident, $sv:ident| $set:expr;
+    )*) => {
+        /// Every setting, each optional so that layers can be merged; field names are
+        /// the flags and the TOML keys (kebab-case).
+        #[derive(Debug, Clone, Default, PartialEq, clap::Args, Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        pub struct Settings {
+            $(
+                $(#[doc = $doc])*
+                #[arg($($arg)*)]
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $field: Option<$ty>,
+            )*
+        }
+
+        impl Settings {
+            /// The settings `cfg` holds (all set, but those whose default is "none").
+            pub fn from_config(cfg: &Config) -> Settings {
+                Settings {
+                    $($field: { let $gc = cfg; $get },)*
+                }
+            }
+
+            /// `over`'s settings replace these (a list replaces a list).
+            pub fn merge(&mut self, over: Settings) {
+                $(if over.$field.is_some() {
+                    self.$field = over.$field;
+                })*
+            }
+
+            /// Each setting that is set is within its rule.
+            pub fn check(&self) -> Result<(), String> {
+                $(if let Some(v) = &self.$field {
+                    let rule: Rule<$ty> = $rule;
+                    if !(rule.check)(v) {
+                        return Err(format!(
+                            "`{}` must be {}, not {}",
+                            key_of(stringify!($field)),
+                            rule.describe,
+                            shown(v),
+                        ));
+                    }
+                })*
+                Ok(())
+            }
+
+            /// Writes the settings that are set into `cfg`, unchecked.
+            fn apply(self, cfg: &mut Config) {
+                $(if let Some($sv) = self.$field {
+                    let $sc = &mut *cfg;
+                    $set;
+                })*
+            }
+
+            /// Sets the setting named `key` (or one of its aliases) from a TOML value;
+            /// `Ok(false)`: no such setting.
+            fn set_key(&mut self, key: &str, value: toml::Value) -> Result<bool, String> {
+                $(if key == key_of(stringify!($field)) $(|| key == $alias)* {
+                    if self.$field.is_some() {
+                        return Err(format!(
+                            "`{}` is set twice (as `{key}` and under another name)",
+                            key_of(stringify!($field)),
+                        ));
+                    }
+                    let found = value.type_str();
+                    self.$field = Some(value.try_into::<$ty>().map_err(|e| {
+                        format!(
+                            "`{key}` must be {} (found {found}): {}",
+                            <$ty as TomlType>::toml_type(),
+                            e.message().trim_end(),
+                        )
+                    })?);
+                    return Ok(true);
+                })*
+                Ok(false)
+            }
+
+            /// Names of the settings not set, with what that means.
+            fn unset(&self) -> Vec<(String, &'static str)> {
+                let mut out = Vec::new();
+                $(if self.$field.is_none() {
+                    out.push((key_of(stringify!($field)), None$(.or(Some($dd)))?.unwrap_or("not set")));
+                })*
+                out
+            }
+
+            /// The reference of every setting, in definition order.
+            pub fn reference() -> Vec<Reference> {
+                let defaults = Settings::from_config(&Config::default());
+                vec![$({
+                    let rule: Rule<$ty> = $rule;
+                    let default = None$(.or(Some($dd.to_string())))?
+                        .or_else(|| defaults.$field.as_ref().map(toml_value))
+                        .unwrap_or_default();
+                    Reference {
+                        name: key_of(stringify!($field)),
+                        toml_type: <$ty as TomlType>::toml_type(),
+                        default,
+                        range: rule.describe,
+                        doc: [$($doc.trim()),*].join(" "),
+                    }
+                }),*]
+            }
+
+            /// Every name a setting answers to, for the hint on an unknown key.
+            fn names() -> Vec<String> {
+                vec![$(key_of(stringify!($field))),*]
+            }
+        }
+    };
+}
+
+fn secs(v: u64) -> Duration {
+    Duration::from_secs(v)
+}
+
+settings! {
+    /// Data directory (created on first start).
+    #[arg(long)]
+    data: PathBuf, aliases [],
+    rule non_empty_path(),
+    get |c| Some(c.data.clone()),
+    set |c, v| c.data = v;
+
+    /// Executors, one pinned thread per core; unset: every available core.
+    #[arg(long)]
+    cores: usize, aliases [],
+    default "every available core",
+    rule between(1, ringmail_store::manifest::SHARDS_MAX as usize),
+    get |c| c.cores,
+    set |c, v| c.cores = Some(v);
+
+    /// Name in the greeting and in Received headers.
+    #[arg(long)]
+    hostname: String, aliases [],
+    default "the system's host name",
+    rule host_name(),
+    get |c| Some(c.hostname.clone()),
+    set |c, v| c.hostname = v;
+
+    /// SMTP listener, ADDR:PORT.
+    #[arg(long, value_parser = parse_addr)]
+    smtp: SocketAddr, aliases [],
+    rule listen_address(),
+    get |c| Some(c.smtp),
+    set |c, v| c.smtp = v;
+
+    /// A domain whose mail is accepted from anyone (repeatable; TOML: an array).
+    #[arg(long)]
+    local_domain: Vec<String>, aliases ["local-domains"],
+    rule host_names(),
+    get |c| Some(c.local_domains.clone()),
+    set |c, v| c.local_domains = v;
+
+    /// A network that may relay to any domain, CIDR or a bare address (repeatable).
+    #[arg(long)]
+    relay_network: Vec<Network>, aliases ["relay-networks"],
+    rule anything("networks"),
+    get |c| Some(c.relay_networks.iter().copied().map(Network).collect()),
+    set |c, v| c.relay_networks = v.into_iter().map(|n| n.0).collect();
+
+    /// Name server for MX lookups, ADDR:PORT (repeatable).
+    #[arg(long, value_parser = parse_addr)]
+    dns: Vec<SocketAddr>, aliases [],
+    default "the name servers of /etc/resolv.conf",
+    rule name_servers(),
+    get |c| Some(c.dns.clone()),
+    set |c, v| c.dns = v;
+
+    /// Port of remote MX hosts.
+    #[arg(long)]
+    mx_port: u16, aliases [],
+    rule between(1, u16::MAX),
+    get |c| Some(c.mx_port),
+    set |c, v| c.mx_port = v;
+
+    /// A fixed next hop for a domain, DOMAIN=HOST:PORT; `*` for every non-local domain
+    /// (a smarthost) (repeatable).
+    #[arg(long)]
+    route: Vec<Route>, aliases ["routes"],
+    rule anything("routes"),
+    get |c| Some(c.routes.iter().map(|(domain, host, port)| Route {
+        domain: domain.clone(),
+        host: host.clone(),
+        port: *port,
+    }).collect()),
+    set |c, v| c.routes = v.into_iter().map(|r| (r.domain, r.host, r.port)).collect();
+
+    /// Largest message in bytes (after dot-unstuffing); the upper bound is the record
+    /// limit (256 MiB) minus room for the envelope, which grows with `recipients-max`
+    /// and `line-length-max`.
+    #[arg(long, alias = "max-message-size")]
+    message_size_max: usize, aliases [],
+    rule message_size(),
+    get |c| Some(c.limits.message_bytes_max),
+    set |c, v| c.limits.message_bytes_max = v;
+
+    /// Longest SMTP command line in bytes, CRLF included (RFC 5321 §4.5.3.1.4).
+    #[arg(long)]
+    line_length_max: usize, aliases [],
+    rule between(512, 65536),
+    get |c| Some(c.limits.line_bytes_max),
+    set |c, v| c.limits.line_bytes_max = v;
+
+    /// Longest line of message text in bytes, CRLF included (RFC 5321 §4.5.3.1.6).
+    #[arg(long)]
+    data_line_length_max: usize, aliases [],
+    rule between(1000, 1 << 20),
+    get |c| Some(c.limits.data_line_bytes_max),
+    set |c, v| c.limits.data_line_bytes_max = v;
+
+    /// Most recipients of one message (RFC 5321 §4.5.3.1.8).
+    #[arg(long)]
+    recipients_max: usize, aliases [],
+    rule between(100, 100_000),
+    get |c| Some(c.limits.rcpt_count_max),
+    set |c, v| c.limits.rcpt_count_max = v;
+
+    /// Seconds an SMTP client may stay silent before it is disconnected.
+    #[arg(long)]
+    idle_timeout: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.idle_timeout.as_secs()),
+    set |c, v| c.idle_timeout = secs(v);
+
+    /// Concurrent SMTP connections per shard; more are answered 421.
+    #[arg(long, alias = "max-connections")]
+    connections_max: usize, aliases [],
+    rule at_least(1),
+    get |c| Some(c.connections_per_shard_max),
+    set |c, v| c.connections_per_shard_max = v;
+
+    /// Seconds before the first retry of a deferred recipient (doubling after each
+    /// attempt).
+    #[arg(long)]
+    retry_first: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.retry.first.as_secs()),
+    set |c, v| c.retry.first = secs(v);
+
+    /// Longest wait between retries, in seconds.
+    #[arg(long)]
+    retry_max: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.retry.cap.as_secs()),
+    set |c, v| c.retry.cap = secs(v);
+
+    /// Seconds after which an undeliverable message bounces.
+    #[arg(long, alias = "max-queue-age")]
+    queue_age_max: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.retry.max_age.as_secs()),
+    set |c, v| c.retry.max_age = secs(v);
+
+    /// Size in bytes at which a log segment is sealed; it must hold the largest message
+    /// record (`message-size-max` plus envelope room).
+    #[arg(long)]
+    segment_size: u64, aliases [],
+    rule segment_size(),
+    get |c| Some(c.segment_bytes_max),
+    set |c, v| c.segment_bytes_max = v;
+
+    /// Most messages per second to one destination domain, per shard; unset: no limit.
+    #[arg(long)]
+    destination_rate: f64, aliases [],
+    default "no limit",
+    rule positive_finite(),
+    get |c| c.destination_rate,
+    set |c, v| c.destination_rate = Some(v);
+
+    /// Most concurrent delivery attempts to one destination domain, per shard.
+    #[arg(long)]
+    destination_connections: usize, aliases [],
+    rule at_least(1),
+    get |c| Some(c.connections_per_destination_max),
+    set |c, v| c.connections_per_destination_max = v;
+
+    /// Most delivery attempts running at once per shard, all destinations together.
+    #[arg(long, alias = "max-deliveries")]
+    deliveries_max: usize, aliases [],
+    rule at_least(1),
+    get |c| Some(c.deliveries_per_shard_max),
+    set |c, v| c.deliveries_per_shard_max = v;
+}
+
+/// `v` as TOML writes it.
+fn toml_value<T: Serialize>(v: &T) -> String {
+    toml::Value::try_from(v)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|e| format!("<{e}>"))
+}
+
+fn shown<T: Serialize>(v: &T) -> String {
+    toml_value(v)
+}
+
+/// Keys of the old file format (snake_case inside `[limits]` and `[delivery]`) and
+/// what they are called now, so an old file gets an error that says what to write.
+const RENAMED: &[(&str, &str)] = &[
+    ("line_bytes_max", "line-length-max"),
+    ("data_line_bytes_max", "data-line-length-max"),
+    ("message_bytes_max", "message-size-max"),
+    ("rcpt_count_max", "recipients-max"),
+    ("idle_timeout_s", "idle-timeout"),
+    ("connections_per_shard_max", "connections-max"),
+    ("mx_port", "mx-port"),
+    ("routes", "route"),
+    ("retry_first_s", "retry-first"),
+    ("retry_max_s", "retry-max"),
+    ("max_queue_age_s", "queue-age-max"),
+    ("connections_per_destination_max", "destination-connections"),
+    ("destination_rate", "destination-rate"),
+    ("deliveries_per_shard_max", "deliveries-max"),
+    ("max-message-size", "message-size-max"),
+    ("max-connections", "connections-max"),
+    ("max-queue-age", "queue-age-max"),
+    ("max-deliveries", "deliveries-max"),
+];
+
+fn unknown_key(key: &str, value: &toml::Value) -> String {
+    let hint = if let (Some(t), "limits" | "delivery") = (value.as_table(), key) {
+        let inner: Vec<String> = t
+            .keys()
+            .map(|k| {
+                let new = RENAMED
+                    .iter()
+                    .find(|(old, _)| old == k)
+                    .map_or(k.as_str(), |(_, new)| new);
+                format!("`{new}`")
+            })
+            .collect();
+        format!(
+            ": there are no tables, every setting is a top-level key (here: {})",
+            inner.join(", ")
+        )
+    } else if let Some((_, new)) = RENAMED.iter().find(|(old, _)| *old == key) {
+        format!(": it is now `{new}`")
+    } else if Settings::names().contains(&key_of(key)) {
+        format!(": did you mean `{}`?", key_of(key))
+    } else {
+        " (the settings are listed in docs/configuration.md; `ringmail config show` \
+         prints them all)"
+            .into()
+    };
+    format!("unknown key `{key}`{hint}")
+}
+
+impl Settings {
+    /// The settings of a TOML document: top-level keys only, named as the flags.
+    pub fn from_toml(text: &str) -> Result<Settings, String> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+        let mut s = Settings::default();
+        for (key, value) in table {
+            if !s.set_key(&key, value.clone())? {
+                return Err(unknown_key(&key, &value));
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn read_file(path: &Path) -> Result<Settings, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        Settings::from_toml(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// The effective settings: the defaults, then `file`, then `flags`, checked.
+    pub fn layered(file: Option<&Path>, flags: Settings) -> Result<Settings, String> {
+        let mut s = Settings::from_config(&Config::default());
+        if let Some(path) = file {
+            s.merge(Settings::read_file(path)?);
+        }
+        s.merge(flags);
+        s.to_config()?;
+        Ok(s)
+    }
+
+    /// These settings over the defaults, as `Config`, every rule checked.
+    pub fn to_config(&self) -> Result<Config, String> {
+        self.check()?;
+        let mut cfg = Config::default();
+        self.clone().apply(&mut cfg);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// TOML that `from_toml` reads back to these settings; unset ones as comments.
+    pub fn to_toml(&self) -> String {
+        let mut out = toml::to_string(self).expect("settings serialize");
+        for (key, meaning) in self.unset() {
+            out.push_str(&format!("# {key}: {meaning}\n"));
+        }
+        out
+    }
+
+    /// The reference table of docs/configuration.md.
+    pub fn reference_markdown() -> String {
+        let mut out =
+            String::from("| Name | Type | Default | Range | Meaning |\n|---|---|---|---|---|\n");
+        for r in Settings::reference() {
+            out.push_str(&format!(
+                "| `{}` | {} | {} | {} | {} |\n",
+                r.name,
+                r.toml_type,
+                if r.default.starts_with(char::is_alphabetic) && !r.default.starts_with("true") {
+                    r.default.clone()
+                } else {
+                    format!("`{}`", r.default)
+                },
+                r.range.replace('|', "\\|"),
+                r.doc.replace('|', "\\|"),
+            ));
+        }
+        out
+    }
 }
 
 /// `DOMAIN=HOST:PORT` (DOMAIN may be `*`: every non-local domain).
@@ -248,16 +823,12 @@ pub fn parse_route(s: &str) -> Result<(String, String, u16), String> {
     let (domain, hop) = s.split_once('=').ok_or_else(bad)?;
     let (host, port) = hop.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
-    if domain.is_empty() || host.is_empty() {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host_ok = is_host_name(host) || host.parse::<IpAddr>().is_ok();
+    if (domain != "*" && !is_host_name(domain)) || !host_ok || port == 0 {
         return Err(bad());
     }
-    Ok((
-        domain.to_ascii_lowercase(),
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-        port,
-    ))
+    Ok((domain.to_ascii_lowercase(), host.to_string(), port))
 }
 
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -285,16 +856,41 @@ fn system_hostname() -> String {
     } else {
         String::new()
     };
-    if name.is_empty() || name.contains(char::is_whitespace) {
-        "localhost".into()
-    } else {
+    // A name the greeting cannot carry is no default: validation would refuse it.
+    if is_host_name(&name) {
         name
+    } else {
+        "localhost".into()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn flags(args: &[&str]) -> Settings {
+        let mut argv = vec!["ringmail"];
+        argv.extend_from_slice(args);
+        Flags::try_parse_from(argv).unwrap().settings
+    }
+
+    /// The error for these flags over the defaults.
+    fn flag_error(args: &[&str]) -> String {
+        Settings::layered(None, flags(args)).unwrap_err()
+    }
+
+    fn toml_error(text: &str) -> String {
+        Settings::from_toml(text)
+            .and_then(|s| Settings::layered(None, s))
+            .unwrap_err()
+    }
 
     #[test]
     fn default_relay_networks() {
@@ -307,53 +903,362 @@ mod tests {
     }
 
     #[test]
-    fn file_overrides_and_rejects_unknown_keys() {
-        let d = tempfile_dir();
-        let p = d.join("c.toml");
-        std::fs::write(&p, "smtp = \"127.0.0.1:2626\"\nlocal-domains = [\"a.test\"]\nrelay-networks = [\"10.0.0.0/8\"]\n[limits]\nmessage_bytes_max = 1000\n").unwrap();
-        let mut c = Config::default();
-        c.apply_file(&p).unwrap();
-        assert_eq!(c.smtp.port(), 2626);
-        assert_eq!(c.local_domains, vec!["a.test"]);
-        assert_eq!(c.limits.message_bytes_max, 1000);
-        assert!(!c.relay_allowed("127.0.0.1".parse().unwrap()));
-        std::fs::write(
-            &p,
-            "segment-size = 1048576\n[delivery]\ndns = [\"127.0.0.1:5353\"]\nmx_port = 2526\n\
-             routes = [\"*=127.0.0.2:25\"]\nretry_first_s = 5\nretry_max_s = 50\n\
-             max_queue_age_s = 500\nconnections_per_destination_max = 4\ndestination_rate = 10.5\n\
-             deliveries_per_shard_max = 7\n",
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn every_setting_is_read_from_the_file_by_its_flag_name() {
+        let s = Settings::from_toml(
+            "data = \"/tmp/d\"\ncores = 2\nhostname = \"mx.example.test\"\n\
+             smtp = \"127.0.0.1:2626\"\nlocal-domain = [\"a.test\"]\n\
+             relay-network = [\"10.0.0.0/8\", \"192.0.2.1\"]\ndns = [\"127.0.0.1:5353\"]\n\
+             mx-port = 2526\nroute = [\"*=127.0.0.2:25\"]\nmessage-size-max = 1000\n\
+             line-length-max = 1024\ndata-line-length-max = 2000\nrecipients-max = 200\n\
+             idle-timeout = 7\nconnections-max = 3\nretry-first = 5\nretry-max = 50\n\
+             queue-age-max = 500\nsegment-size = 2097152\ndestination-rate = 10.5\n\
+             destination-connections = 4\ndeliveries-max = 9\n",
         )
         .unwrap();
-        let mut c = Config::default();
-        c.apply_file(&p).unwrap();
-        assert_eq!(c.segment_bytes_max, 1 << 20);
+        let c = Settings::layered(None, s).unwrap().to_config().unwrap();
+        assert_eq!(c.data, PathBuf::from("/tmp/d"));
+        assert_eq!(c.cores, Some(2));
+        assert_eq!(c.hostname, "mx.example.test");
+        assert_eq!(c.smtp.port(), 2626);
+        assert_eq!(c.local_domains, vec!["a.test"]);
+        assert!(!c.relay_allowed("127.0.0.1".parse().unwrap()));
+        assert!(c.relay_allowed("10.1.2.3".parse().unwrap()));
+        assert!(c.relay_allowed("192.0.2.1".parse().unwrap()));
         assert_eq!(c.dns, vec!["127.0.0.1:5353".parse().unwrap()]);
         assert_eq!(c.mx_port, 2526);
         assert_eq!(c.routes, vec![("*".into(), "127.0.0.2".into(), 25)]);
+        assert_eq!(c.limits.message_bytes_max, 1000);
+        assert_eq!(c.limits.line_bytes_max, 1024);
+        assert_eq!(c.limits.data_line_bytes_max, 2000);
+        assert_eq!(c.limits.rcpt_count_max, 200);
+        assert_eq!(c.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.connections_per_shard_max, 3);
         assert_eq!(c.retry.first, Duration::from_secs(5));
         assert_eq!(c.retry.cap, Duration::from_secs(50));
         assert_eq!(c.retry.max_age, Duration::from_secs(500));
-        assert_eq!(c.connections_per_destination_max, 4);
+        assert_eq!(c.segment_bytes_max, 2 << 20);
         assert_eq!(c.destination_rate, Some(10.5));
-        assert_eq!(c.deliveries_per_shard_max, 7);
-        std::fs::write(&p, "[delivery]\ndestination_rate = -1.0\n").unwrap();
-        assert!(Config::default()
-            .apply_file(&p)
-            .unwrap_err()
-            .contains("positive"));
-        std::fs::write(&p, "[delivery]\nroutes = [\"nohost\"]\n").unwrap();
-        assert!(Config::default().apply_file(&p).is_err());
-        std::fs::write(&p, "smpt = \"x\"\n").unwrap();
-        assert!(Config::default()
-            .apply_file(&p)
-            .unwrap_err()
-            .contains("unknown field"));
+        assert_eq!(c.connections_per_destination_max, 4);
+        assert_eq!(c.deliveries_per_shard_max, 9);
     }
 
-    fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("ringmail-config-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    #[test]
+    fn old_plural_keys_are_aliases() {
+        let s = Settings::from_toml(
+            "local-domains = [\"a.test\"]\nrelay-networks = [\"10.0.0.0/8\"]\n\
+             routes = [\"b.test=127.0.0.3:25\"]\n",
+        )
+        .unwrap();
+        assert_eq!(s.local_domain, Some(vec!["a.test".to_string()]));
+        assert_eq!(s.relay_network.unwrap().len(), 1);
+        assert_eq!(s.route.unwrap()[0].host, "127.0.0.3");
+        let e = Settings::from_toml("local-domain = [\"a.test\"]\nlocal-domains = [\"b.test\"]\n")
+            .unwrap_err();
+        assert!(e.contains("`local-domain` is set twice"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = toml_error("smpt = \"127.0.0.1:25\"\n");
+        assert!(e.contains("unknown key `smpt`"), "{e}");
+        let e = toml_error("message_size_max = 10\n");
+        assert!(e.contains("did you mean `message-size-max`"), "{e}");
+        // A file of the old layout says where each setting went.
+        let e = toml_error("[limits]\nmessage_bytes_max = 10\nidle_timeout_s = 3\n");
+        assert!(e.contains("unknown key `limits`"), "{e}");
+        assert!(
+            e.contains("`message-size-max`") && e.contains("`idle-timeout`"),
+            "{e}"
+        );
+        let e = toml_error("max-message-size = 10\n");
+        assert!(e.contains("it is now `message-size-max`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key_and_the_type() {
+        let e = toml_error("cores = \"two\"\n");
+        assert!(e.contains("`cores` must be integer"), "{e}");
+        assert!(e.contains("found string"), "{e}");
+        let e = toml_error("local-domain = \"a.test\"\n");
+        assert!(e.contains("`local-domain` must be array of string"), "{e}");
+        let e = toml_error("relay-network = [\"10.0.0.0/33\"]\n");
+        assert!(
+            e.contains("`relay-network`") && e.contains("not a network"),
+            "{e}"
+        );
+        let e = toml_error("route = [\"nohost\"]\n");
+        assert!(
+            e.contains("`route`") && e.contains("DOMAIN=HOST:PORT"),
+            "{e}"
+        );
+        let e = toml_error("smtp = \"localhost\"\n");
+        assert!(e.contains("`smtp` must be string (ADDR:PORT)"), "{e}");
+        let e = toml_error("cores = -1\n");
+        assert!(e.contains("`cores`"), "{e}");
+        let e = toml_error("cores = 1\ncores = 2\n");
+        assert!(e.contains("duplicate key"), "{e}");
+    }
+
+    #[test]
+    fn message_size_is_bounded_by_the_record_limit() {
+        let e = flag_error(&["--message-size-max", "999999999999"]);
+        assert!(
+            e.contains("`message-size-max` must be at most 263229824 bytes, not 999999999999"),
+            "{e}"
+        );
+        // The largest allowed message fits a record with its envelope, given a segment
+        // large enough for it.
+        let allowed = message_bytes_allowed(&smtp::Limits::default());
+        assert!(allowed + record_headroom(&smtp::Limits::default()) <= RECORD_PAYLOAD_BYTES_MAX);
+        let ok = allowed.to_string();
+        Settings::layered(
+            None,
+            flags(&["--message-size-max", &ok, "--segment-size", "300000000"]),
+        )
+        .unwrap();
+        let over = (allowed + 1).to_string();
+        assert!(
+            flag_error(&["--message-size-max", &over, "--segment-size", "300000000"])
+                .contains("`message-size-max` must be at most")
+        );
+        // More recipients and longer lines leave less room for the message.
+        let e = flag_error(&["--recipients-max", "100000", "--line-length-max", "65536"]);
+        assert!(
+            e.contains("`message-size-max` must be at most 0 bytes"),
+            "{e}"
+        );
+        assert!(
+            flag_error(&["--message-size-max", "0"]).starts_with("`message-size-max` must be 1 to")
+        );
+    }
+
+    #[test]
+    fn segment_must_hold_the_largest_message_record() {
+        let e = flag_error(&["--segment-size", "1048576"]);
+        assert!(e.contains("`segment-size` must be at least"), "{e}");
+        assert!(e.contains("lower `message-size-max`"), "{e}");
+        Settings::layered(
+            None,
+            flags(&[
+                "--segment-size",
+                "1048576",
+                "--message-size-max",
+                "100000",
+                "--recipients-max",
+                "100",
+            ]),
+        )
+        .unwrap();
+        let e = flag_error(&["--segment-size", "1000", "--message-size-max", "100"]);
+        assert!(
+            e.starts_with("`segment-size` must be 65536 to 4294967296"),
+            "{e}"
+        );
+        let e = flag_error(&["--segment-size", "5000000000"]);
+        assert!(
+            e.starts_with("`segment-size` must be 65536 to 4294967296"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn each_range_is_enforced_and_named() {
+        for (args, start) in [
+            (&["--cores", "0"][..], "`cores` must be 1 to 256, not 0"),
+            (&["--cores", "257"], "`cores` must be 1 to 256, not 257"),
+            (
+                &["--connections-max", "0"],
+                "`connections-max` must be at least 1",
+            ),
+            (
+                &["--destination-connections", "0"],
+                "`destination-connections` must be at least 1",
+            ),
+            (
+                &["--deliveries-max", "0"],
+                "`deliveries-max` must be at least 1",
+            ),
+            (
+                &["--idle-timeout", "0"],
+                "`idle-timeout` must be 1 to 31536000 (seconds), not 0",
+            ),
+            (&["--retry-first", "0"], "`retry-first` must be 1 to"),
+            (&["--retry-max", "0"], "`retry-max` must be 1 to"),
+            (
+                &["--queue-age-max", "31536001"],
+                "`queue-age-max` must be 1 to 31536000",
+            ),
+            (&["--mx-port", "0"], "`mx-port` must be 1 to 65535"),
+            (
+                &["--destination-rate", "0"],
+                "`destination-rate` must be a finite number above 0",
+            ),
+            (
+                &["--destination-rate=-1"],
+                "`destination-rate` must be a finite number",
+            ),
+            (
+                &["--destination-rate", "NaN"],
+                "`destination-rate` must be a finite number",
+            ),
+            (
+                &["--destination-rate", "inf"],
+                "`destination-rate` must be a finite number",
+            ),
+            (
+                &["--line-length-max", "511"],
+                "`line-length-max` must be 512 to 65536",
+            ),
+            (
+                &["--data-line-length-max", "999"],
+                "`data-line-length-max` must be 1000 to",
+            ),
+            (
+                &["--recipients-max", "99"],
+                "`recipients-max` must be 100 to 100000",
+            ),
+            (
+                &["--hostname", "bad host"],
+                "`hostname` must be a host name",
+            ),
+            (&["--hostname=-x.test"], "`hostname` must be a host name"),
+            (&["--hostname", "a..test"], "`hostname` must be a host name"),
+            (
+                &["--local-domain", "ok.test", "--local-domain", "not ok"],
+                "`local-domain` must be host names",
+            ),
+            (
+                &["--smtp", "127.0.0.1:0"],
+                "`smtp` must be ADDR:PORT, port 1 to 65535",
+            ),
+            (&["--dns", "127.0.0.1:0"], "`dns` must be ADDR:PORT each"),
+        ] {
+            let e = flag_error(args);
+            assert!(e.starts_with(start), "{args:?}: {e}");
+        }
+        let long_label = format!("{}.test", "a".repeat(64));
+        assert!(flag_error(&["--hostname", &long_label]).starts_with("`hostname` must be"));
+        assert!(toml_error("destination-rate = inf\n").starts_with("`destination-rate` must be"));
+        assert!(toml_error("data = \"\"\n").starts_with("`data` must be a path"));
+        // A bad route or network is refused by the flag parser already.
+        let mut argv = vec!["ringmail", "--route", "x.test=127.0.0.2:0"];
+        assert!(Flags::try_parse_from(&argv).is_err());
+        argv[1..].copy_from_slice(&["--route", "bad domain=h:25"]);
+        assert!(Flags::try_parse_from(&argv).is_err());
+        argv[1..].copy_from_slice(&["--relay-network", "10.0.0.0/99"]);
+        assert!(Flags::try_parse_from(&argv).is_err());
+    }
+
+    #[test]
+    fn validate_checks_a_config_built_in_code() {
+        let mut c = Config::default();
+        c.limits.message_bytes_max = usize::MAX;
+        assert!(c.validate().unwrap_err().contains("`message-size-max`"));
+        let c = Config {
+            idle_timeout: Duration::ZERO,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().starts_with("`idle-timeout`"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "mx-port = 2600\ndns = [\"127.0.0.1:53\"]\nretry-first = 9\n",
+        )
+        .unwrap();
+        let s = Settings::layered(
+            Some(&p),
+            flags(&["--mx-port", "2700", "--dns", "127.0.0.1:54"]),
+        )
+        .unwrap();
+        assert_eq!(s.mx_port, Some(2700));
+        assert_eq!(s.dns, Some(vec!["127.0.0.1:54".parse().unwrap()]));
+        assert_eq!(s.retry_first, Some(9), "the file's own setting stays");
+        // The file is checked whole, with its name in the error.
+        std::fs::write(&p, "mx-port = \"x\"\n").unwrap();
+        let e = Settings::layered(Some(&p), Settings::default()).unwrap_err();
+        assert!(
+            e.starts_with(&format!("config file {}: `mx-port`", p.display())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn old_flag_spellings_are_hidden_aliases() {
+        let s = flags(&[
+            "--max-message-size",
+            "1000",
+            "--max-connections",
+            "2",
+            "--max-queue-age",
+            "3",
+            "--max-deliveries",
+            "4",
+        ]);
+        assert_eq!(s.message_size_max, Some(1000));
+        assert_eq!(s.connections_max, Some(2));
+        assert_eq!(s.queue_age_max, Some(3));
+        assert_eq!(s.deliveries_max, Some(4));
+    }
+
+    #[test]
+    fn show_round_trips() {
+        let s = Settings::layered(
+            None,
+            flags(&[
+                "--route",
+                "*=[::1]:2525",
+                "--route",
+                "b.test=relay.example:25",
+                "--relay-network",
+                "192.0.2.7",
+                "--destination-rate",
+                "2.5",
+                "--cores",
+                "3",
+            ]),
+        )
+        .unwrap();
+        let text = s.to_toml();
+        let back = Settings::layered(None, Settings::from_toml(&text).unwrap()).unwrap();
+        assert_eq!(back, s, "{text}");
+        assert_eq!(back.to_toml(), text);
+        // Unset settings are comments, and stay unset.
+        let d = Settings::layered(None, Settings::default()).unwrap();
+        let text = d.to_toml();
+        assert!(text.contains("# destination-rate: no limit\n"), "{text}");
+        assert_eq!(Settings::from_toml(&text).unwrap().destination_rate, None);
+    }
+
+    /// docs/configuration.md carries the table `Settings::reference_markdown` makes;
+    /// `RINGMAIL_UPDATE_DOCS=1 cargo test -p ringmail --lib config::` rewrites it.
+    #[test]
+    fn reference_doc_is_current() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        let (begin, end) = ("<!-- settings:begin -->\n", "<!-- settings:end -->");
+        let (Some(b), Some(e)) = (doc.find(begin), doc.find(end)) else {
+            panic!("{} has no settings markers", path.display());
+        };
+        let table = Settings::reference_markdown();
+        if std::env::var_os("RINGMAIL_UPDATE_DOCS").is_some() {
+            let new = format!("{}{table}{}", &doc[..b + begin.len()], &doc[e..]);
+            std::fs::write(&path, new).unwrap();
+            return;
+        }
+        assert_eq!(
+            &doc[b + begin.len()..e],
+            table,
+            "docs/configuration.md is stale: rerun with RINGMAIL_UPDATE_DOCS=1"
+        );
     }
 }

@@ -1,13 +1,12 @@
-//! The `ringmail` command line (DESIGN.md, "Command-line contract").
+//! The `ringmail` command line; the settings are in docs/configuration.md.
 
 use clap::{Args, Parser, Subcommand};
-use ringmail::config::{self, parse_addr, parse_cidr, parse_route, Config};
+use ringmail::config::Settings;
 use ringmail::{queue, runtime};
 use ringmail_store::message::format_id;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +23,11 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
+    /// Check or print settings (docs/configuration.md lists them all).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Inspect the queue (works offline, also after the server was killed).
     Queue {
         #[command(subcommand)]
@@ -33,67 +37,19 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// TOML file with the same settings; flags override it.
+    /// TOML file with the same settings, keys named as the flags; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Data directory (created on first start) [default: ./ringmail-data]
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Executors (one pinned thread per core) [default: all cores]
-    #[arg(long)]
-    cores: Option<usize>,
-    /// Name in the greeting and in Received headers [default: the system's host name]
-    #[arg(long)]
-    hostname: Option<String>,
-    /// SMTP listener [default: 127.0.0.1:2525]
-    #[arg(long, value_parser = parse_addr)]
-    smtp: Option<std::net::SocketAddr>,
-    /// A domain whose mail is accepted from anyone (repeatable) [default: localhost]
-    #[arg(long = "local-domain")]
-    local_domains: Vec<String>,
-    /// A network that may relay to any domain (repeatable) [default: 127.0.0.0/8, ::1/128]
-    #[arg(long = "relay-network", value_parser = parse_cidr)]
-    relay_networks: Vec<ipnet::IpNet>,
-    /// Largest message in bytes [default: 52428800]
-    #[arg(long)]
-    max_message_size: Option<usize>,
-    /// Seconds an SMTP client may stay silent [default: 300]
-    #[arg(long)]
-    idle_timeout: Option<u64>,
-    /// Concurrent connections per shard [default: 10000]
-    #[arg(long)]
-    max_connections: Option<usize>,
-    /// Name server for MX lookups, ADDR:PORT (repeatable) [default: /etc/resolv.conf]
-    #[arg(long = "dns", value_parser = parse_addr)]
-    dns: Vec<std::net::SocketAddr>,
-    /// Port of remote MX hosts [default: 25]
-    #[arg(long)]
-    mx_port: Option<u16>,
-    /// A fixed next hop for a domain, DOMAIN=HOST:PORT; `*` for every non-local domain
-    /// (a smarthost) (repeatable)
-    #[arg(long = "route", value_parser = parse_route)]
-    routes: Vec<(String, String, u16)>,
-    /// Seconds before the first retry of a deferred recipient [default: 60]
-    #[arg(long)]
-    retry_first: Option<u64>,
-    /// Longest wait between retries, seconds [default: 3600]
-    #[arg(long)]
-    retry_max: Option<u64>,
-    /// Seconds after which an undeliverable message bounces [default: 432000]
-    #[arg(long)]
-    max_queue_age: Option<u64>,
-    /// Size at which a log segment is sealed, in bytes [default: 67108864]
-    #[arg(long)]
-    segment_size: Option<u64>,
-    /// Most messages per second to one destination domain, per shard [default: no limit]
-    #[arg(long)]
-    destination_rate: Option<f64>,
-    /// Most concurrent connections to one destination domain, per shard [default: 16]
-    #[arg(long)]
-    destination_connections: Option<usize>,
-    /// Most delivery attempts running at once per shard, all destinations [default: 1000]
-    #[arg(long)]
-    max_deliveries: Option<usize>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check a settings file: exit 0 when `serve --config FILE` would accept it.
+    Check { file: PathBuf },
+    /// Print the effective settings (defaults, then --config FILE, then flags) as TOML.
+    Show(Box<ServeArgs>),
 }
 
 #[derive(Subcommand)]
@@ -125,6 +81,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => Settings::layered(Some(&file), Settings::default()).map(|_| {
+            println!("{}: ok", file.display());
+        }),
+        Command::Config {
+            command: ConfigCommand::Show(a),
+        } => Settings::layered(a.config.as_deref(), a.settings).map(|s| {
+            print!("{}", s.to_toml());
+        }),
         Command::Queue {
             command: QueueCommand::List { data, json },
         } => queue_list(data, json),
@@ -142,68 +108,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {
-    let mut cfg = Config::default();
-    if let Some(path) = &a.config {
-        cfg.apply_file(path)?;
-    }
-    if let Some(v) = a.data {
-        cfg.data = v;
-    }
-    if let Some(v) = a.cores {
-        cfg.cores = Some(v);
-    }
-    if let Some(v) = a.hostname {
-        cfg.hostname = v;
-    }
-    if let Some(v) = a.smtp {
-        cfg.smtp = v;
-    }
-    if !a.local_domains.is_empty() {
-        cfg.local_domains = a.local_domains;
-    }
-    if !a.relay_networks.is_empty() {
-        cfg.relay_networks = a.relay_networks;
-    }
-    if let Some(v) = a.max_message_size {
-        cfg.limits.message_bytes_max = v;
-    }
-    if let Some(v) = a.idle_timeout {
-        cfg.idle_timeout = Duration::from_secs(v);
-    }
-    if let Some(v) = a.max_connections {
-        cfg.connections_per_shard_max = v;
-    }
-    if !a.dns.is_empty() {
-        cfg.dns = a.dns;
-    }
-    if let Some(v) = a.mx_port {
-        cfg.mx_port = v;
-    }
-    if !a.routes.is_empty() {
-        cfg.routes = a.routes;
-    }
-    if let Some(v) = a.retry_first {
-        cfg.retry.first = Duration::from_secs(v);
-    }
-    if let Some(v) = a.retry_max {
-        cfg.retry.cap = Duration::from_secs(v);
-    }
-    if let Some(v) = a.max_queue_age {
-        cfg.retry.max_age = Duration::from_secs(v);
-    }
-    if let Some(v) = a.segment_size {
-        cfg.segment_bytes_max = v.max(config::SEGMENT_BYTES_MIN);
-    }
-    if let Some(v) = a.destination_rate {
-        cfg.destination_rate = Some(v);
-    }
-    if let Some(v) = a.destination_connections {
-        cfg.connections_per_destination_max = v;
-    }
-    if let Some(v) = a.max_deliveries {
-        cfg.deliveries_per_shard_max = v;
-    }
-    cfg.validate()?;
+    let cfg = Settings::layered(a.config.as_deref(), a.settings)?.to_config()?;
     runtime::serve(cfg)
 }
 

@@ -192,11 +192,11 @@ fn limits_size_idle_timeout_and_connection_cap() {
     let server = Server::start(&[
         "--cores",
         "1",
-        "--max-message-size",
+        "--message-size-max",
         "1000",
         "--idle-timeout",
         "1",
-        "--max-connections",
+        "--connections-max",
         "2",
     ]);
     let mut a = server.connect();

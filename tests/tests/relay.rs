@@ -81,8 +81,20 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
             ..Faults::default()
         },
     );
-    // Small segments, so that compaction has finished ones to delete.
-    let server = relay(&dns, port, &["--segment-size", "262144"]);
+    // Small segments, so that compaction has finished ones to delete (a segment must
+    // hold the largest message record: small messages and few recipients).
+    let server = relay(
+        &dns,
+        port,
+        &[
+            "--segment-size",
+            "1048576",
+            "--message-size-max",
+            "65536",
+            "--recipients-max",
+            "100",
+        ],
+    );
     // 1000 messages through the relay, each with a checksum the sink verifies.
     let plan = Plan {
         from: "load@src.test".into(),
@@ -138,7 +150,7 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
     assert!(bytes() > 0);
     // (The log line comes right after the files are gone: wait for both.)
     wait_until("compaction", 30, || {
-        bytes() <= 2 * 262_144 && server.log_text().contains("compacted")
+        bytes() <= 2 * 1_048_576 && server.log_text().contains("compacted")
     });
 }
 
@@ -274,7 +286,7 @@ fn mail_that_stays_undeliverable_expires_and_bounces() {
         },
     );
     let sender_mx = mx_sink(3, port, Faults::default());
-    let server = relay(&dns, port, &["--retry-first", "1", "--max-queue-age", "3"]);
+    let server = relay(&dns, port, &["--retry-first", "1", "--queue-age-max", "3"]);
     send(
         &server,
         "alice@src.test",
@@ -390,7 +402,7 @@ fn concurrent_deliveries_are_capped_per_shard() {
     let server = relay(
         &dns,
         mx_port(),
-        &["--route", &route, "--max-deliveries", "2"],
+        &["--route", &route, "--deliveries-max", "2"],
     );
     // Ten destinations: without the cap all ten would be tried at once.
     for i in 0..10 {
