@@ -299,3 +299,66 @@ fn refusals_and_unreachable_hosts() {
         "{r:?}"
     );
 }
+
+/// RFC 5321 §5.1: hosts of equal preference are tried in random order, so two equal
+/// MX hosts share the mail. The attempts run one after another with one connection
+/// pool, as the scheduler runs them: the pool is keyed by host address, so reuse
+/// follows the host the shuffle picked and does not pin the domain to one host.
+#[test]
+fn equal_preference_mx_hosts_share_the_mail() {
+    let dns = DnsServer::start(
+        Zone::default()
+            .mx("equal.test", 10, "mx-a.equal.test")
+            .mx("equal.test", 10, "mx-b.equal.test")
+            .a("mx-a.equal.test", "127.0.0.2")
+            .a("mx-b.equal.test", "127.0.0.3"),
+    );
+    let (a, b) = Sink::pair(
+        "127.0.0.2".parse().unwrap(),
+        "127.0.0.3".parse().unwrap(),
+        Faults::default(),
+    );
+    let port = a.addr.port();
+    const MESSAGES: u64 = 200;
+    let dns_addr = dns.addr;
+    let delivered = glommio::LocalExecutor::default().run(async move {
+        let ring = Ring::start().unwrap();
+        let resolver = Resolver::new(vec![dns_addr], Duration::from_millis(500), 2);
+        let cfg = AttemptConfig {
+            helo: "ringmail.test".into(),
+            mx_port: port,
+            connect_timeout: Duration::from_secs(2),
+            reply_timeout: Duration::from_secs(5),
+        };
+        let pool = Pool::new(100, Duration::from_secs(5));
+        let message = MessageText {
+            prefix: Vec::new(),
+            body: std::rc::Rc::new(MESSAGE.to_vec()),
+        };
+        let mut delivered = 0;
+        for _ in 0..MESSAGES {
+            let o = attempt(
+                &ring,
+                &pool,
+                &resolver,
+                &cfg,
+                &Destination::Mx("equal.test".into()),
+                &tx(&["x@equal.test"]),
+                &message,
+            )
+            .await;
+            delivered += u64::from(kinds(&o) == [('D', 250)]);
+        }
+        delivered
+    });
+    assert_eq!(delivered, MESSAGES);
+    let (to_a, to_b) = (a.accepted(), b.accepted());
+    assert_eq!(to_a + to_b, MESSAGES);
+    // Binomial(200, 1/2): outside 70..=130 once in ~30 000 runs.
+    for (host, n) in [("127.0.0.2", to_a), ("127.0.0.3", to_b)] {
+        assert!(
+            (MESSAGES * 35 / 100..=MESSAGES * 65 / 100).contains(&n),
+            "{host} got {n} of {MESSAGES} (127.0.0.2: {to_a}, 127.0.0.3: {to_b})"
+        );
+    }
+}

@@ -147,7 +147,7 @@ pub fn parse(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// Exchanges to try in this order (lowest preference first; equal preferences in
-    /// the order given, which the caller shuffles).
+    /// random order).
     Hosts(Vec<String>),
     /// `MX 0 .`: the domain accepts no mail (bounce with 556 5.1.10).
     NullMx,
@@ -157,8 +157,10 @@ pub enum Route {
     NoSuchDomain,
 }
 
-/// Applies the MX rules to an MX answer.
-pub fn route(answer: &Answer) -> Route {
+/// Applies the MX rules to an MX answer. `rand` orders equal preferences: RFC 5321
+/// §5.1 asks for a random order among them, so that equal hosts share the load
+/// (answer order would send every message to whichever host the server lists first).
+pub fn route(answer: &Answer, rand: impl FnMut() -> u64) -> Route {
     match answer {
         Answer::NxDomain => Route::NoSuchDomain,
         Answer::NoData | Answer::Addrs(_) => Route::Implicit,
@@ -166,18 +168,12 @@ pub fn route(answer: &Answer) -> Route {
             if mx.len() == 1 && (mx[0].1.is_empty() || mx[0].1 == ".") {
                 return Route::NullMx;
             }
-            let mut sorted: Vec<&(u16, String)> = mx
-                .iter()
-                .filter(|(_, h)| !h.is_empty() && h != ".")
-                .collect();
-            // Stable: equal preferences keep their order for the caller to shuffle.
-            sorted.sort_by_key(|(p, _)| *p);
-            Route::Hosts(sorted.into_iter().map(|(_, h)| h.clone()).collect())
+            Route::Hosts(shuffle_equal_preferences(mx, rand))
         }
     }
 }
 
-/// Orders exchanges of equal preference randomly (RFC 5321 §5.1), given the MX answer.
+/// Orders exchanges by preference, those of equal preference randomly (RFC 5321 §5.1).
 pub fn shuffle_equal_preferences(
     mx: &[(u16, String)],
     mut rand: impl FnMut() -> u64,
@@ -294,7 +290,7 @@ mod tests {
         );
         assert_eq!(ttl, 60);
         assert_eq!(
-            route(&a),
+            route(&a, || 0),
             Route::Hosts(vec!["a.example.test".into(), "b.example.test".into()])
         );
         let a_rec = Record::from_rdata(
@@ -325,7 +321,7 @@ mod tests {
             vec![mx(0, ".", 60)],
         );
         assert_eq!(
-            route(&parse(1, "n.test", RecordType::MX, &r).unwrap().0),
+            route(&parse(1, "n.test", RecordType::MX, &r).unwrap().0, || 0),
             Route::NullMx
         );
         let r = response(
@@ -336,7 +332,7 @@ mod tests {
             vec![],
         );
         assert_eq!(
-            route(&parse(2, "gone.test", RecordType::MX, &r).unwrap().0),
+            route(&parse(2, "gone.test", RecordType::MX, &r).unwrap().0, || 0),
             Route::NoSuchDomain
         );
         let r = response(
@@ -347,7 +343,7 @@ mod tests {
             vec![],
         );
         assert_eq!(
-            route(&parse(3, "plain.test", RecordType::MX, &r).unwrap().0),
+            route(&parse(3, "plain.test", RecordType::MX, &r).unwrap().0, || 0),
             Route::Implicit
         );
         let r = response(4, "x.test", RecordType::MX, ResponseCode::ServFail, vec![]);
@@ -382,12 +378,15 @@ mod tests {
         let mut seen_b_first = false;
         let mut seed = 1u64;
         for _ in 0..50 {
-            let order = shuffle_equal_preferences(&mx, || {
+            let rand = || {
                 seed = seed
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 seed >> 33
-            });
+            };
+            let Route::Hosts(order) = route(&Answer::Mx(mx.clone()), rand) else {
+                panic!("hosts")
+            };
             assert_eq!(&order[2..], ["c", "d"]);
             assert!(order[..2].contains(&"a".to_string()) && order[..2].contains(&"b".to_string()));
             seen_b_first |= order[0] == "b";

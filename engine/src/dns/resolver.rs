@@ -31,11 +31,15 @@ pub fn servers_from_resolv_conf(path: &Path) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// A fresh random 16-bit value (query ids must not be guessable).
-fn random_u16() -> u16 {
+/// A fresh random value (query ids must not be guessable; MX order among equals).
+fn random_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(Instant::now().elapsed().as_nanos() as u64);
-    h.finish() as u16
+    h.finish()
+}
+
+fn random_u16() -> u16 {
+    random_u64() as u16
 }
 
 impl Resolver {
@@ -159,9 +163,11 @@ impl Resolver {
         }
     }
 
-    /// Where `domain`'s mail goes (MX rules applied; equal preferences in answer order).
+    /// Where `domain`'s mail goes (MX rules applied; equal preferences in a fresh
+    /// random order on every call, cached answer or not).
     pub async fn mx_route(&self, domain: &str) -> Result<Route, DnsError> {
-        Ok(route(&self.lookup(domain, RecordType::MX).await?))
+        let answer = self.lookup(domain, RecordType::MX).await?;
+        Ok(route(&answer, random_u64))
     }
 
     /// The addresses of a host: IPv4 first, then IPv6. NXDOMAIN or no address at all
