@@ -25,10 +25,7 @@ impl Sink {
             let first = sink::bind(SocketAddr::new(a, 0)).unwrap();
             let port = first.local_addr().unwrap().port();
             if let Ok(second) = sink::bind(SocketAddr::new(b, port)) {
-                return (
-                    Sink::serve(first, faults),
-                    Sink::serve(second, faults),
-                );
+                return (Sink::serve(first, faults), Sink::serve(second, faults));
             }
         }
         panic!("no port free on both {a} and {b}");

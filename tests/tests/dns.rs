@@ -140,7 +140,11 @@ fn concurrent_identical_lookups_send_one_query() {
             Answer::Addrs(vec!["127.0.0.2".parse().unwrap()])
         );
     }
-    assert_eq!(server.queries.load(Ordering::SeqCst), 1, "one query on the wire");
+    assert_eq!(
+        server.queries.load(Ordering::SeqCst),
+        1,
+        "one query on the wire"
+    );
 }
 
 /// Polls every future on each wake-up (the first pass polls them all before any can

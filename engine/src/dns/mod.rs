@@ -96,7 +96,11 @@ pub fn parse(
     // attempt) is ignored.
     let owner = match cname_target(name, &m.answers, &mut ttl) {
         Some(owner) => owner,
-        None => return Err(DnsError::Malformed("CNAME chain too long or looping".into())),
+        None => {
+            return Err(DnsError::Malformed(
+                "CNAME chain too long or looping".into(),
+            ))
+        }
     };
     let owned = |r: &&hickory_proto::rr::Record| same_name(&r.name.to_ascii(), &owner);
     let answer = match rtype {
@@ -360,11 +364,7 @@ mod tests {
             "n.test",
             RecordType::MX,
             ResponseCode::NoError,
-            vec![rec(
-                "n.test.",
-                60,
-                RData::MX(MX::new(0, Name::root())),
-            )],
+            vec![rec("n.test.", 60, RData::MX(MX::new(0, Name::root())))],
         );
         assert_eq!(
             route(&parse(1, "n.test", RecordType::MX, &r).unwrap().0, || 0),
@@ -445,7 +445,11 @@ mod tests {
     }
 
     fn cname(owner: &str, target: &str) -> Record {
-        rec(owner, 300, RData::CNAME(CNAME(Name::from_ascii(target).unwrap())))
+        rec(
+            owner,
+            300,
+            RData::CNAME(CNAME(Name::from_ascii(target).unwrap())),
+        )
     }
 
     #[test]
@@ -459,7 +463,10 @@ mod tests {
             ResponseCode::NoError,
             vec![a("evil.test.", 9)],
         );
-        assert_eq!(parse(1, "mx.test", RecordType::A, &r).unwrap().0, Answer::NoData);
+        assert_eq!(
+            parse(1, "mx.test", RecordType::A, &r).unwrap().0,
+            Answer::NoData
+        );
         // Mixed in with the real one: the real one alone, matched without regard to case.
         let r = response(
             2,
@@ -478,7 +485,11 @@ mod tests {
             RecordType::MX,
             ResponseCode::NoError,
             vec![
-                rec("other.test.", 60, RData::MX(MX::new(1, Name::from_ascii("evil.test.").unwrap()))),
+                rec(
+                    "other.test.",
+                    60,
+                    RData::MX(MX::new(1, Name::from_ascii("evil.test.").unwrap())),
+                ),
                 mx(10, "a.example.test.", 60),
             ],
         );

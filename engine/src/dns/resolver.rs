@@ -43,7 +43,10 @@ struct FlightGuard<'a> {
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
         let mut map = self.in_flight.borrow_mut();
-        if map.get(&self.key).is_some_and(|f| Rc::ptr_eq(f, &self.flight)) {
+        if map
+            .get(&self.key)
+            .is_some_and(|f| Rc::ptr_eq(f, &self.flight))
+        {
             map.remove(&self.key);
         }
         drop(map);
@@ -87,7 +90,15 @@ impl Resolver {
     /// Looks `name` up, from the cache when it can; concurrent lookups of the same
     /// question share one query.
     pub async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Answer, DnsError> {
-        let key = (name.trim_end_matches('.').to_ascii_lowercase(), rtype);
+        let name = name.trim_end_matches('.');
+        // Names go on the wire as A-labels (an internationalised domain has no other
+        // DNS form); the same spelling keys the cache and the flights.
+        let name = match name.is_ascii() {
+            true => name.to_ascii_lowercase(),
+            false => idna::domain_to_ascii(name)
+                .map_err(|_| DnsError::Config(format!("{name:?} has no IDNA A-label")))?,
+        };
+        let key = (name, rtype);
         loop {
             if let Some(a) = self.cache.borrow().get(&key.0, rtype, Instant::now()) {
                 return Ok(a.clone());

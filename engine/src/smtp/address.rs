@@ -396,11 +396,24 @@ mod tests {
         let v6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
         assert_eq!(parse_domain("[192.0.2.1]"), Ok(Domain::Literal(v4)));
         assert_eq!(parse_domain("[IPv6:2001:db8::1]"), Ok(Domain::Literal(v6)));
-        assert_eq!(parse_domain("[ipv6:2001:DB8:0:0::1]"), Ok(Domain::Literal(v6)));
-        assert_eq!(parse_domain("[IPv6:::ffff:192.0.2.1]"), Ok(Domain::Literal(v4)));
+        assert_eq!(
+            parse_domain("[ipv6:2001:DB8:0:0::1]"),
+            Ok(Domain::Literal(v6))
+        );
+        assert_eq!(
+            parse_domain("[IPv6:::ffff:192.0.2.1]"),
+            Ok(Domain::Literal(v4))
+        );
         assert_eq!(ok("<a@[ipv6:2001:db8::1]>"), "a@[ipv6:2001:db8::1]");
         assert_eq!(Domain::Literal(v6).to_string(), "[IPv6:2001:db8::1]");
-        for bad in ["[1.2.3]", "[2001:db8::1]", "[IPv6:1.2.3.4]", "[x-tag:stuff]", "[]", "[IPv6:::1%eth0]"] {
+        for bad in [
+            "[1.2.3]",
+            "[2001:db8::1]",
+            "[IPv6:1.2.3.4]",
+            "[x-tag:stuff]",
+            "[]",
+            "[IPv6:::1%eth0]",
+        ] {
             assert_eq!(parse_domain(bad), Err(DomainError::Literal), "{bad}");
             assert_eq!(
                 parse_path(&format!("<a@{bad}>"), false, false).unwrap_err(),
@@ -408,7 +421,13 @@ mod tests {
                 "{bad}"
             );
         }
-        for bad in ["[0.0.0.0]", "[224.0.0.1]", "[255.255.255.255]", "[IPv6:::]", "[IPv6:ff02::1]"] {
+        for bad in [
+            "[0.0.0.0]",
+            "[224.0.0.1]",
+            "[255.255.255.255]",
+            "[IPv6:::]",
+            "[IPv6:ff02::1]",
+        ] {
             assert_eq!(parse_domain(bad), Err(DomainError::Undeliverable), "{bad}");
         }
         let local = vec!["[IPv6:2001:db8::1]".to_string(), "local.test".into()];
@@ -423,16 +442,29 @@ mod tests {
             parse_domain("bücher.test"),
             Ok(Domain::Name("xn--bcher-kva.test".into()))
         );
-        assert_eq!(parse_domain("BÜCHER.Test"), parse_domain("xn--bcher-kva.test"));
+        assert_eq!(
+            parse_domain("BÜCHER.Test"),
+            parse_domain("xn--bcher-kva.test")
+        );
         assert_eq!(domain_key("Bücher.test"), "xn--bcher-kva.test");
-        assert!(is_local_domain(&["xn--bcher-kva.test".into()], "bücher.test"));
-        assert!(is_local_domain(&["bücher.test".into()], "XN--BCHER-KVA.test"));
+        assert!(is_local_domain(
+            &["xn--bcher-kva.test".into()],
+            "bücher.test"
+        ));
+        assert!(is_local_domain(
+            &["bücher.test".into()],
+            "XN--BCHER-KVA.test"
+        ));
         assert_eq!(
             ascii_address("user@bücher.test").as_deref(),
             Some("user@xn--bcher-kva.test")
         );
         assert_eq!(ascii_address("a@b.test").as_deref(), Some("a@b.test"));
-        assert_eq!(ascii_address("üser@bücher.test"), None, "no A-label for a local part");
+        assert_eq!(
+            ascii_address("üser@bücher.test"),
+            None,
+            "no A-label for a local part"
+        );
         assert_eq!(ascii_address("üser@b.test"), None);
         // Not valid IDNA (a label may not start with a combining mark).
         assert_eq!(parse_domain("\u{301}a.test"), Err(DomainError::Name));

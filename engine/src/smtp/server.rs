@@ -447,11 +447,9 @@ impl Session {
                 return self.error("501 5.1.7 Bad sender address syntax: too long\r\n")
             }
             Err(PathError::Syntax) => return self.error("501 5.1.7 Bad sender address syntax\r\n"),
-            Err(PathError::Literal) => {
-                return self.error(
-                    "501 5.1.7 Bad sender address syntax: not an address literal (RFC 5321 4.1.3)\r\n",
-                )
-            }
+            Err(PathError::Literal) => return self.error(
+                "501 5.1.7 Bad sender address syntax: not an address literal (RFC 5321 4.1.3)\r\n",
+            ),
         };
         let mut mail = Mail {
             from,
