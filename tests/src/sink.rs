@@ -15,7 +15,23 @@ pub struct Sink {
 impl Sink {
     /// Listens on `addr` (port 0: any free port).
     pub fn start(addr: SocketAddr, faults: Faults) -> Sink {
-        let listener = sink::bind(addr).unwrap();
+        Sink::serve(sink::bind(addr).unwrap(), faults)
+    }
+
+    /// Two sinks on one port (MX hosts share the MX port): on `a` and on `b`.
+    pub fn pair(a: std::net::IpAddr, b: std::net::IpAddr, faults: Faults) -> (Sink, Sink) {
+        // The port is free on `a`; another program may hold it on `b`: then another.
+        for _ in 0..50 {
+            let first = sink::bind(SocketAddr::new(a, 0)).unwrap();
+            let port = first.local_addr().unwrap().port();
+            if let Ok(second) = sink::bind(SocketAddr::new(b, port)) {
+                return (Sink::serve(first, faults), Sink::serve(second, faults));
+            }
+        }
+        panic!("no port free on both {a} and {b}");
+    }
+
+    fn serve(listener: std::net::TcpListener, faults: Faults) -> Sink {
         let addr = listener.local_addr().unwrap();
         let counters = Arc::new(Counters::default());
         let stop = Arc::new(AtomicBool::new(false));

@@ -87,6 +87,32 @@ fn run_message(
 /// An MX without CHUNKING (like many real ones): PIPELINING and DATA only. Records
 /// each message's text as received (still dot-stuffed).
 fn plain_mx() -> (SocketAddr, std::thread::JoinHandle<Vec<Vec<u8>>>) {
+    let (addr, t) = recording_mx();
+    (addr, std::thread::spawn(move || t.join().unwrap().messages))
+}
+
+#[derive(Default)]
+struct Recorded {
+    /// Command lines, without CRLF.
+    commands: Vec<String>,
+    messages: Vec<Vec<u8>>,
+}
+
+/// What the recording MX saw, once its client closed or quit; a test fails rather
+/// than hangs when the connection never comes.
+fn recorded(got: std::thread::JoinHandle<Recorded>) -> Recorded {
+    let (done, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(got.join());
+    });
+    wait.recv_timeout(Duration::from_secs(30))
+        .expect("a connection to the MX within 30 s")
+        .expect("the MX thread")
+}
+
+/// `plain_mx` that also records the commands: one connection on 127.0.0.2 (any
+/// port), no SMTPUTF8, no 8BITMIME; done when the client closes or quits.
+fn recording_mx() -> (SocketAddr, std::thread::JoinHandle<Recorded>) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -97,13 +123,15 @@ fn plain_mx() -> (SocketAddr, std::thread::JoinHandle<Vec<Vec<u8>>>) {
         let mut w = conn.try_clone().unwrap();
         let mut r = BufReader::new(conn);
         w.write_all(b"220 plain.test ESMTP\r\n").unwrap();
-        let mut messages = Vec::new();
+        let mut got = Recorded::default();
         let mut line = Vec::new();
         loop {
             line.clear();
             if r.read_until(b'\n', &mut line).unwrap() == 0 {
-                return messages;
+                return got;
             }
+            got.commands
+                .push(String::from_utf8_lossy(&line).trim_end().to_string());
             let cmd = String::from_utf8_lossy(&line).to_ascii_uppercase();
             let reply: &[u8] = if cmd.starts_with("EHLO") {
                 b"250-plain.test\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n"
@@ -112,14 +140,14 @@ fn plain_mx() -> (SocketAddr, std::thread::JoinHandle<Vec<Vec<u8>>>) {
                 let mut text = Vec::new();
                 while !text.ends_with(b"\r\n.\r\n") {
                     if r.read_until(b'\n', &mut text).unwrap() == 0 {
-                        return messages;
+                        return got;
                     }
                 }
-                messages.push(text);
+                got.messages.push(text);
                 b"250 2.0.0 taken\r\n"
             } else if cmd.starts_with("QUIT") {
                 w.write_all(b"221 bye\r\n").unwrap();
-                return messages;
+                return got;
             } else {
                 b"250 ok\r\n"
             };
@@ -297,5 +325,181 @@ fn refusals_and_unreachable_hosts() {
     assert!(
         r.text.contains("127.0.0.3") && r.enhanced == Some((4, 4, 1)),
         "{r:?}"
+    );
+}
+
+/// RFC 5321 §5.1: hosts of equal preference are tried in random order, so two equal
+/// MX hosts share the mail. The attempts run one after another with one connection
+/// pool, as the scheduler runs them: the pool is keyed by host address, so reuse
+/// follows the host the shuffle picked and does not pin the domain to one host.
+#[test]
+fn equal_preference_mx_hosts_share_the_mail() {
+    let dns = DnsServer::start(
+        Zone::default()
+            .mx("equal.test", 10, "mx-a.equal.test")
+            .mx("equal.test", 10, "mx-b.equal.test")
+            .a("mx-a.equal.test", "127.0.0.2")
+            .a("mx-b.equal.test", "127.0.0.3"),
+    );
+    let (a, b) = Sink::pair(
+        "127.0.0.2".parse().unwrap(),
+        "127.0.0.3".parse().unwrap(),
+        Faults::default(),
+    );
+    let port = a.addr.port();
+    const MESSAGES: u64 = 200;
+    let dns_addr = dns.addr;
+    let delivered = glommio::LocalExecutor::default().run(async move {
+        let ring = Ring::start().unwrap();
+        let resolver = Resolver::new(vec![dns_addr], Duration::from_millis(500), 2);
+        let cfg = AttemptConfig {
+            helo: "ringmail.test".into(),
+            mx_port: port,
+            connect_timeout: Duration::from_secs(2),
+            reply_timeout: Duration::from_secs(5),
+        };
+        let pool = Pool::new(100, Duration::from_secs(5));
+        let message = MessageText {
+            prefix: Vec::new(),
+            body: std::rc::Rc::new(MESSAGE.to_vec()),
+        };
+        let mut delivered = 0;
+        for _ in 0..MESSAGES {
+            let o = attempt(
+                &ring,
+                &pool,
+                &resolver,
+                &cfg,
+                &Destination::Mx("equal.test".into()),
+                &tx(&["x@equal.test"]),
+                &message,
+            )
+            .await;
+            delivered += u64::from(kinds(&o) == [('D', 250)]);
+        }
+        delivered
+    });
+    assert_eq!(delivered, MESSAGES);
+    let (to_a, to_b) = (a.accepted(), b.accepted());
+    assert_eq!(to_a + to_b, MESSAGES);
+    // Binomial(200, 1/2): outside 70..=130 once in ~30 000 runs.
+    for (host, n) in [("127.0.0.2", to_a), ("127.0.0.3", to_b)] {
+        assert!(
+            (MESSAGES * 35 / 100..=MESSAGES * 65 / 100).contains(&n),
+            "{host} got {n} of {MESSAGES} (127.0.0.2: {to_a}, 127.0.0.3: {to_b})"
+        );
+    }
+}
+
+/// The server end to end: `args` are extra `serve` flags; one message from a relay
+/// client (127.0.0.1 is in the default relay networks).
+fn serve_one(args: &[&str], mail_from: &str, rcpt_to: &str) -> ringmail_tests::Server {
+    let server = ringmail_tests::Server::start(args);
+    let mut c = server.connect();
+    c.reply();
+    c.send(
+        format!("EHLO client.test\r\nMAIL FROM:{mail_from}\r\nRCPT TO:<{rcpt_to}>\r\nDATA\r\n")
+            .as_bytes(),
+    );
+    let codes = c.codes(4);
+    assert_eq!(codes, [250, 250, 250, 354], "{}", server.log_text());
+    c.send(b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n");
+    assert!(ringmail_tests::queued_id(&c.reply()).is_some());
+    server
+}
+
+/// `user@[127.0.0.2]` goes to 127.0.0.2 on the MX port, asking no DNS.
+#[test]
+fn a_domain_literal_is_delivered_to_its_address_without_dns() {
+    let dns = DnsServer::start(zone());
+    let (mx, got) = recording_mx();
+    let (dns_addr, port) = (dns.addr.to_string(), mx.port().to_string());
+    let _server = serve_one(
+        &["--dns", &dns_addr, "--mx-port", &port, "--cores", "1"],
+        "<a@src.test>",
+        "user@[127.0.0.2]",
+    );
+    let got = recorded(got);
+    assert_eq!(got.messages.len(), 1, "{:?}", got.commands);
+    assert!(
+        got.commands
+            .iter()
+            .any(|c| c == "RCPT TO:<user@[127.0.0.2]>"),
+        "{:?}",
+        got.commands
+    );
+    assert_eq!(
+        dns.queries.load(Ordering::SeqCst),
+        0,
+        "no DNS for a literal"
+    );
+}
+
+/// `user@bücher.test` (SMTPUTF8) is looked up as `xn--bcher-kva.test` and handed to
+/// a server without SMTPUTF8 with the A-label, the sender's domain converted too.
+#[test]
+fn an_internationalised_domain_goes_as_its_a_label_to_a_server_without_smtputf8() {
+    let dns = DnsServer::start(
+        Zone::default()
+            .mx("xn--bcher-kva.test", 10, "mx.xn--bcher-kva.test")
+            .a("mx.xn--bcher-kva.test", "127.0.0.2"),
+    );
+    let (mx, got) = recording_mx();
+    let (dns_addr, port) = (dns.addr.to_string(), mx.port().to_string());
+    let _server = serve_one(
+        &["--dns", &dns_addr, "--mx-port", &port, "--cores", "1"],
+        "<a@exämple.test> SMTPUTF8",
+        "user@bücher.test",
+    );
+    let got = recorded(got);
+    assert_eq!(got.messages.len(), 1, "{:?}", got.commands);
+    let mail = got.commands.iter().find(|c| c.starts_with("MAIL"));
+    assert_eq!(
+        mail.map(|m| m.split(' ').next_back().unwrap_or_default() != "SMTPUTF8"),
+        Some(true),
+        "{:?}",
+        got.commands
+    );
+    assert!(
+        mail.is_some_and(|m| m.starts_with("MAIL FROM:<a@xn--exmple-cua.test>")),
+        "{:?}",
+        got.commands
+    );
+    assert!(
+        got.commands
+            .iter()
+            .any(|c| c == "RCPT TO:<user@xn--bcher-kva.test>"),
+        "{:?}",
+        got.commands
+    );
+}
+
+/// A non-ASCII local part has no form without SMTPUTF8: refused for good, 5.6.7.
+#[test]
+fn a_non_ascii_local_part_to_a_server_without_smtputf8_fails_with_5_6_7() {
+    let dns = DnsServer::start(
+        Zone::default()
+            .mx("xn--bcher-kva.test", 10, "mx.xn--bcher-kva.test")
+            .a("mx.xn--bcher-kva.test", "127.0.0.2"),
+    );
+    let (mx, got) = recording_mx();
+    let mut t = tx(&["üser@bücher.test"]);
+    t.smtputf8 = true;
+    let o = run(
+        dns.addr,
+        mx.port(),
+        Destination::Mx("bücher.test".into()),
+        t,
+    );
+    assert_eq!(kinds(&o), [('F', 553)]);
+    let RcptResult::Failed(r) = &o.results[0] else {
+        panic!()
+    };
+    assert_eq!(r.enhanced, Some((5, 6, 7)), "{r:?}");
+    let got = recorded(got);
+    assert!(
+        !got.commands.iter().any(|c| c.starts_with("RCPT")),
+        "{:?}",
+        got.commands
     );
 }

@@ -119,3 +119,54 @@ fn a_truncated_answer_is_asked_again_over_tcp() {
     assert_eq!(server.tcp_queries.load(Ordering::SeqCst), 1);
     assert_eq!(server.queries.load(Ordering::SeqCst), 3, "UDP, TCP, UDP");
 }
+
+/// Lookups of one question that overlap share one query: the first asks, the others
+/// wait for its answer (and all of them get it).
+#[test]
+fn concurrent_identical_lookups_send_one_query() {
+    let server = DnsServer::start(zone());
+    let r = Resolver::new(vec![server.addr], Duration::from_millis(500), 1);
+    const N: usize = 10;
+    let answers = run(async {
+        let lookups: Vec<_> = (0..N)
+            .map(|_| Box::pin(r.lookup("mx1.example.test", RecordType::A)))
+            .collect();
+        join_all(lookups).await
+    });
+    assert_eq!(answers.len(), N);
+    for a in answers {
+        assert_eq!(
+            a.unwrap(),
+            Answer::Addrs(vec!["127.0.0.2".parse().unwrap()])
+        );
+    }
+    assert_eq!(
+        server.queries.load(Ordering::SeqCst),
+        1,
+        "one query on the wire"
+    );
+}
+
+/// Polls every future on each wake-up (the first pass polls them all before any can
+/// have its answer), and returns their outputs in order.
+async fn join_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> Vec<F::Output> {
+    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futures.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match std::pin::Pin::new(f).poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("ready")).collect()
+}

@@ -9,7 +9,8 @@ use crate::dns::resolver::Resolver;
 use crate::dns::Route;
 use crate::net::{Ring, SendBuf};
 use crate::queue::MessageText;
-use crate::smtp::client::{Client, DotStuffer, Event, RcptResult, Reply, Transaction};
+use crate::smtp::address::ascii_address;
+use crate::smtp::client::{Client, DotStuffer, Event, RcptResult, Reply, Transaction, TxRcpt};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -33,6 +34,8 @@ pub enum Destination {
     Mx(String),
     /// A fixed next hop (`--route DOMAIN=HOST:PORT`).
     Route(String, u16),
+    /// An address literal (`user@[192.0.2.1]`): that address on the MX port, no DNS.
+    Literal(IpAddr),
 }
 
 /// Idle SMTP connections kept for the next message to the same host.
@@ -122,6 +125,7 @@ pub async fn attempt(
 ) -> Outcome {
     let (hosts, port) = match dest {
         Destination::Route(host, port) => (vec![host.clone()], *port),
+        Destination::Literal(ip) => (vec![ip.to_string()], cfg.mx_port),
         Destination::Mx(domain) => match resolver.mx_route(domain).await {
             Ok(Route::Hosts(h)) => (h, cfg.mx_port),
             Ok(Route::Implicit) => (vec![domain.clone()], cfg.mx_port),
@@ -156,6 +160,8 @@ pub async fn attempt(
             }
         },
     };
+    let ascii = ascii_transaction(tx);
+    let ascii = ascii.as_ref();
     let mut last = String::from("no address for any MX host");
     for host in &hosts {
         let addrs = match host.parse::<IpAddr>() {
@@ -172,9 +178,9 @@ pub async fn attempt(
             let addr = SocketAddr::new(ip, port);
             // A pooled connection the server has meanwhile closed fails before any
             // result: then a fresh one is tried before the next address.
-            let mut res = session(ring, pool, cfg, addr, tx, message, true).await;
+            let mut res = session(ring, pool, cfg, addr, tx, ascii, message, true).await;
             if let Err((_, true)) = res {
-                res = session(ring, pool, cfg, addr, tx, message, false).await;
+                res = session(ring, pool, cfg, addr, tx, ascii, message, false).await;
             }
             match res.map_err(|(why, _)| why) {
                 Ok(results) => {
@@ -198,6 +204,54 @@ pub async fn attempt(
     }
 }
 
+/// `tx` for a server without SMTPUTF8 (RFC 6531 §3.7.4.2 leaves it to the
+/// client): when SMTPUTF8 is asked for only because of an internationalised
+/// domain, the domains go as A-labels and the message goes without SMTPUTF8. None
+/// when a local part is not ASCII (no form of it exists without SMTPUTF8: the
+/// client core then fails the recipients with 553 5.6.7), or when no address
+/// changes (the message itself needs SMTPUTF8).
+fn ascii_transaction(tx: &Transaction) -> Option<Transaction> {
+    if !tx.smtputf8 {
+        return None;
+    }
+    let from = match tx.from.is_empty() {
+        true => String::new(),
+        false => ascii_address(&tx.from)?,
+    };
+    let rcpts = tx
+        .rcpts
+        .iter()
+        .map(|r| {
+            Some(TxRcpt {
+                to: ascii_address(&r.to)?,
+                // A UTF-8 ORCPT cannot go without SMTPUTF8; DSNs then name the
+                // recipient as sent.
+                orcpt: r.orcpt.clone().filter(|o| o.is_ascii()),
+                notify: r.notify.clone(),
+            })
+        })
+        .collect::<Option<Vec<TxRcpt>>>()?;
+    let unchanged = from == tx.from && rcpts.iter().zip(&tx.rcpts).all(|(a, b)| a.to == b.to);
+    (!unchanged).then(|| Transaction {
+        from,
+        rcpts,
+        smtputf8: false,
+        ..tx.clone()
+    })
+}
+
+/// The form of the transaction this server takes.
+fn for_server<'a>(
+    c: &Client,
+    tx: &'a Transaction,
+    ascii: Option<&'a Transaction>,
+) -> &'a Transaction {
+    match ascii {
+        Some(a) if !c.extensions().smtputf8 => a,
+        _ => tx,
+    }
+}
+
 /// One SMTP session with one host. Err: the host could not be used (no connection,
 /// refused greeting), so the next one may be tried; Ok: the transaction's results.
 #[allow(clippy::too_many_arguments)]
@@ -207,6 +261,7 @@ async fn session(
     cfg: &AttemptConfig,
     addr: SocketAddr,
     tx: &Transaction,
+    ascii: Option<&Transaction>,
     message: &MessageText,
     may_reuse: bool,
 ) -> Result<Vec<RcptResult>, (String, bool)> {
@@ -230,7 +285,7 @@ async fn session(
     let mut started = false;
     if reused {
         started = true;
-        if let Some(Event::Done(r)) = c.start(tx) {
+        if let Some(Event::Done(r)) = c.start(for_server(&c, tx, ascii)) {
             // Refused before any command: the connection is as good as before.
             pool.put(
                 addr,
@@ -287,7 +342,7 @@ async fn session(
             match ev {
                 Event::Ready if !started => {
                     started = true;
-                    if let Some(Event::Done(r)) = c.start(tx) {
+                    if let Some(Event::Done(r)) = c.start(for_server(&c, tx, ascii)) {
                         results = Some(r);
                         finished = true;
                     }

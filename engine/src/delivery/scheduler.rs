@@ -13,6 +13,7 @@ use crate::dns::resolver::Resolver;
 use crate::net::Ring;
 use crate::queue::retry::{Next, RetryPolicy};
 use crate::queue::{Loaded, RcptStatus, Spool};
+use crate::smtp::address::{domain_key, is_local_domain, parse_domain, Domain};
 use crate::smtp::client::{RcptResult, Reply, Transaction, TxRcpt};
 use ringmail_store::message::{format_id, notify, BodyType, Envelope, RcptUpdate, Recipient, Ret};
 use std::cell::{Cell, RefCell};
@@ -70,10 +71,11 @@ fn notify_param(bits: u8) -> Option<String> {
     (!words.is_empty()).then(|| words.join(","))
 }
 
+/// The destination of `address` in its routing spelling (A-label, canonical
+/// literal), so that every spelling of one domain shares its routes, rate bucket
+/// and connection count.
 fn domain_of(address: &str) -> Option<String> {
-    address
-        .rsplit_once('@')
-        .map(|(_, d)| d.to_ascii_lowercase())
+    address.rsplit_once('@').map(|(_, d)| domain_key(d))
 }
 
 impl Delivery {
@@ -185,22 +187,22 @@ impl Delivery {
     }
 
     fn is_local(&self, domain: &str) -> bool {
-        self.cfg
-            .local_domains
-            .iter()
-            .any(|l| l.eq_ignore_ascii_case(domain))
+        is_local_domain(&self.cfg.local_domains, domain)
     }
 
+    /// `domain` is a `domain_of` key. A smarthost (`*`) takes literals too, as
+    /// Postfix's relayhost does: where it is set, direct port 25 is not an option.
     fn destination(&self, domain: &str) -> Destination {
         let route = self
             .cfg
             .routes
             .iter()
-            .find(|(d, _, _)| d.eq_ignore_ascii_case(domain))
+            .find(|(d, _, _)| d != "*" && domain_key(d) == domain)
             .or_else(|| self.cfg.routes.iter().find(|(d, _, _)| d == "*"));
-        match route {
-            Some((_, host, port)) => Destination::Route(host.clone(), *port),
-            None => Destination::Mx(domain.to_string()),
+        match (route, parse_domain(domain)) {
+            (Some((_, host, port)), _) => Destination::Route(host.clone(), *port),
+            (None, Ok(Domain::Literal(ip))) => Destination::Literal(ip),
+            (None, _) => Destination::Mx(domain.to_string()),
         }
     }
 

@@ -91,11 +91,24 @@ pub fn parse(
         other => return Err(DnsError::ServerFailure(format!("{other}"))),
     }
     let mut ttl = u32::MAX;
+    // Only records owned by the name asked, or by the end of its CNAME chain within
+    // this answer, are taken: anything else in the section (a mistake or a poisoning
+    // attempt) is ignored.
+    let owner = match cname_target(name, &m.answers, &mut ttl) {
+        Some(owner) => owner,
+        None => {
+            return Err(DnsError::Malformed(
+                "CNAME chain too long or looping".into(),
+            ))
+        }
+    };
+    let owned = |r: &&hickory_proto::rr::Record| same_name(&r.name.to_ascii(), &owner);
     let answer = match rtype {
         RecordType::MX => {
             let mx: Vec<(u16, String)> = m
                 .answers
                 .iter()
+                .filter(owned)
                 .filter_map(|r| match &r.data {
                     RData::MX(mx) => {
                         ttl = ttl.min(r.ttl);
@@ -117,10 +130,11 @@ pub fn parse(
             let addrs: Vec<IpAddr> = m
                 .answers
                 .iter()
+                .filter(owned)
                 .filter_map(|r| {
-                    let ip = match &r.data {
-                        RData::A(a) => IpAddr::V4(a.0),
-                        RData::AAAA(a) => IpAddr::V6(a.0),
+                    let ip = match (&r.data, rtype) {
+                        (RData::A(a), RecordType::A) => IpAddr::V4(a.0),
+                        (RData::AAAA(a), RecordType::AAAA) => IpAddr::V6(a.0),
                         _ => return None,
                     };
                     ttl = ttl.min(r.ttl);
@@ -143,11 +157,43 @@ pub fn parse(
     Ok((answer, ttl))
 }
 
+/// CNAMEs followed within one answer before it is refused as a loop.
+const CNAME_CHAIN_MAX: usize = 8;
+
+fn same_name(a: &str, b: &str) -> bool {
+    a.trim_end_matches('.')
+        .eq_ignore_ascii_case(b.trim_end_matches('.'))
+}
+
+/// The name whose records answer the question: `name`, or where its CNAME chain in
+/// `answers` ends (RFC 1034 §3.6.2; a recursive server puts the whole chain in the
+/// answer). The chain's TTLs bound the answer's. None: longer than
+/// `CNAME_CHAIN_MAX`, which a loop also is.
+fn cname_target(
+    name: &str,
+    answers: &[hickory_proto::rr::Record],
+    ttl: &mut u32,
+) -> Option<String> {
+    let mut owner = name.trim_end_matches('.').to_string();
+    for _ in 0..=CNAME_CHAIN_MAX {
+        let next = answers.iter().find_map(|r| match &r.data {
+            RData::CNAME(c) if same_name(&r.name.to_ascii(), &owner) => Some((r.ttl, c)),
+            _ => None,
+        });
+        let Some((t, target)) = next else {
+            return Some(owner);
+        };
+        *ttl = (*ttl).min(t);
+        owner = target.0.to_ascii().trim_end_matches('.').to_string();
+    }
+    None
+}
+
 /// Where a domain's mail goes, by RFC 5321 §5.1 and RFC 7505.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// Exchanges to try in this order (lowest preference first; equal preferences in
-    /// the order given, which the caller shuffles).
+    /// random order).
     Hosts(Vec<String>),
     /// `MX 0 .`: the domain accepts no mail (bounce with 556 5.1.10).
     NullMx,
@@ -157,8 +203,10 @@ pub enum Route {
     NoSuchDomain,
 }
 
-/// Applies the MX rules to an MX answer.
-pub fn route(answer: &Answer) -> Route {
+/// Applies the MX rules to an MX answer. `rand` orders equal preferences: RFC 5321
+/// §5.1 asks for a random order among them, so that equal hosts share the load
+/// (answer order would send every message to whichever host the server lists first).
+pub fn route(answer: &Answer, rand: impl FnMut() -> u64) -> Route {
     match answer {
         Answer::NxDomain => Route::NoSuchDomain,
         Answer::NoData | Answer::Addrs(_) => Route::Implicit,
@@ -166,18 +214,12 @@ pub fn route(answer: &Answer) -> Route {
             if mx.len() == 1 && (mx[0].1.is_empty() || mx[0].1 == ".") {
                 return Route::NullMx;
             }
-            let mut sorted: Vec<&(u16, String)> = mx
-                .iter()
-                .filter(|(_, h)| !h.is_empty() && h != ".")
-                .collect();
-            // Stable: equal preferences keep their order for the caller to shuffle.
-            sorted.sort_by_key(|(p, _)| *p);
-            Route::Hosts(sorted.into_iter().map(|(_, h)| h.clone()).collect())
+            Route::Hosts(shuffle_equal_preferences(mx, rand))
         }
     }
 }
 
-/// Orders exchanges of equal preference randomly (RFC 5321 §5.1), given the MX answer.
+/// Orders exchanges by preference, those of equal preference randomly (RFC 5321 §5.1).
 pub fn shuffle_equal_preferences(
     mx: &[(u16, String)],
     mut rand: impl FnMut() -> u64,
@@ -242,7 +284,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::rr::rdata::{A, MX};
+    use hickory_proto::rr::rdata::{A, CNAME, MX};
     use hickory_proto::rr::Record;
 
     fn response(
@@ -294,7 +336,7 @@ mod tests {
         );
         assert_eq!(ttl, 60);
         assert_eq!(
-            route(&a),
+            route(&a, || 0),
             Route::Hosts(vec!["a.example.test".into(), "b.example.test".into()])
         );
         let a_rec = Record::from_rdata(
@@ -322,10 +364,10 @@ mod tests {
             "n.test",
             RecordType::MX,
             ResponseCode::NoError,
-            vec![mx(0, ".", 60)],
+            vec![rec("n.test.", 60, RData::MX(MX::new(0, Name::root())))],
         );
         assert_eq!(
-            route(&parse(1, "n.test", RecordType::MX, &r).unwrap().0),
+            route(&parse(1, "n.test", RecordType::MX, &r).unwrap().0, || 0),
             Route::NullMx
         );
         let r = response(
@@ -336,7 +378,7 @@ mod tests {
             vec![],
         );
         assert_eq!(
-            route(&parse(2, "gone.test", RecordType::MX, &r).unwrap().0),
+            route(&parse(2, "gone.test", RecordType::MX, &r).unwrap().0, || 0),
             Route::NoSuchDomain
         );
         let r = response(
@@ -347,7 +389,7 @@ mod tests {
             vec![],
         );
         assert_eq!(
-            route(&parse(3, "plain.test", RecordType::MX, &r).unwrap().0),
+            route(&parse(3, "plain.test", RecordType::MX, &r).unwrap().0, || 0),
             Route::Implicit
         );
         let r = response(4, "x.test", RecordType::MX, ResponseCode::ServFail, vec![]);
@@ -382,17 +424,125 @@ mod tests {
         let mut seen_b_first = false;
         let mut seed = 1u64;
         for _ in 0..50 {
-            let order = shuffle_equal_preferences(&mx, || {
+            let rand = || {
                 seed = seed
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 seed >> 33
-            });
+            };
+            let Route::Hosts(order) = route(&Answer::Mx(mx.clone()), rand) else {
+                panic!("hosts")
+            };
             assert_eq!(&order[2..], ["c", "d"]);
             assert!(order[..2].contains(&"a".to_string()) && order[..2].contains(&"b".to_string()));
             seen_b_first |= order[0] == "b";
         }
         assert!(seen_b_first, "both orders occur");
+    }
+
+    fn rec(owner: &str, ttl: u32, data: RData) -> Record {
+        Record::from_rdata(Name::from_ascii(owner).unwrap(), ttl, data)
+    }
+
+    fn cname(owner: &str, target: &str) -> Record {
+        rec(
+            owner,
+            300,
+            RData::CNAME(CNAME(Name::from_ascii(target).unwrap())),
+        )
+    }
+
+    #[test]
+    fn records_of_another_owner_are_ignored() {
+        let a = |owner: &str, last: u8| rec(owner, 30, RData::A(A::new(127, 0, 0, last)));
+        // Only a record for someone else: as if the name had none.
+        let r = response(
+            1,
+            "mx.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![a("evil.test.", 9)],
+        );
+        assert_eq!(
+            parse(1, "mx.test", RecordType::A, &r).unwrap().0,
+            Answer::NoData
+        );
+        // Mixed in with the real one: the real one alone, matched without regard to case.
+        let r = response(
+            2,
+            "mx.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![a("evil.test.", 9), a("MX.Test.", 2)],
+        );
+        assert_eq!(
+            parse(2, "mx.test", RecordType::A, &r).unwrap().0,
+            Answer::Addrs(vec!["127.0.0.2".parse().unwrap()])
+        );
+        let r = response(
+            3,
+            "example.test.",
+            RecordType::MX,
+            ResponseCode::NoError,
+            vec![
+                rec(
+                    "other.test.",
+                    60,
+                    RData::MX(MX::new(1, Name::from_ascii("evil.test.").unwrap())),
+                ),
+                mx(10, "a.example.test.", 60),
+            ],
+        );
+        assert_eq!(
+            parse(3, "example.test", RecordType::MX, &r).unwrap().0,
+            Answer::Mx(vec![(10, "a.example.test".into())])
+        );
+    }
+
+    #[test]
+    fn cname_chains_are_followed_within_the_answer() {
+        let a = |owner: &str, ttl: u32| rec(owner, ttl, RData::A(A::new(127, 0, 0, 3)));
+        let mut chain = cname("www.test.", "b.test.");
+        chain.ttl = 20;
+        let r = response(
+            1,
+            "www.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![
+                chain,
+                cname("b.test.", "c.test."),
+                // Owned by a name in the chain but not its end: not the answer.
+                rec("b.test.", 300, RData::A(A::new(127, 0, 0, 9))),
+                a("c.test.", 300),
+            ],
+        );
+        assert_eq!(
+            parse(1, "www.test", RecordType::A, &r).unwrap(),
+            (Answer::Addrs(vec!["127.0.0.3".parse().unwrap()]), 20),
+            "the end of the chain; the TTL is the chain's smallest"
+        );
+        // A chain that loops, or is too long, is refused (temporary, as malformed).
+        let r = response(
+            2,
+            "l.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![cname("l.test.", "m.test."), cname("m.test.", "l.test.")],
+        );
+        assert!(matches!(
+            parse(2, "l.test", RecordType::A, &r),
+            Err(DnsError::Malformed(_))
+        ));
+        let long: Vec<Record> = (0..=CNAME_CHAIN_MAX)
+            .map(|i| cname(&format!("n{i}.test."), &format!("n{}.test.", i + 1)))
+            .chain([a(&format!("n{}.test.", CNAME_CHAIN_MAX + 1), 60)])
+            .collect();
+        let r = response(3, "n0.test.", RecordType::A, ResponseCode::NoError, long);
+        assert!(matches!(
+            parse(3, "n0.test", RecordType::A, &r),
+            Err(DnsError::Malformed(_))
+        ));
     }
 
     #[test]

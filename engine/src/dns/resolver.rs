@@ -7,9 +7,11 @@ use super::{parse, query, route, Answer, Cache, DnsError, Route};
 use glommio::net::UdpSocket;
 use hickory_proto::rr::RecordType;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 pub struct Resolver {
@@ -18,6 +20,38 @@ pub struct Resolver {
     timeout: Duration,
     attempts: u32,
     cache: RefCell<Cache>,
+    /// Lookups on the wire now, by (lower-case name, type): a second caller for the
+    /// same question waits for the first one's answer instead of asking again.
+    in_flight: RefCell<HashMap<(String, RecordType), Rc<Flight>>>,
+}
+
+#[derive(Default)]
+struct Flight {
+    done: event_listener::Event,
+    /// Set by the asking lookup before it wakes the others; None after `done` means
+    /// it was dropped unfinished (its attempt cancelled), so a waiter asks itself.
+    result: RefCell<Option<Result<Answer, DnsError>>>,
+}
+
+/// Ends a flight however the asking lookup ends, so no waiter is left behind.
+struct FlightGuard<'a> {
+    in_flight: &'a RefCell<HashMap<(String, RecordType), Rc<Flight>>>,
+    key: (String, RecordType),
+    flight: Rc<Flight>,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.in_flight.borrow_mut();
+        if map
+            .get(&self.key)
+            .is_some_and(|f| Rc::ptr_eq(f, &self.flight))
+        {
+            map.remove(&self.key);
+        }
+        drop(map);
+        self.flight.done.notify(usize::MAX);
+    }
 }
 
 /// The name servers of `/etc/resolv.conf` (port 53), in order.
@@ -31,11 +65,15 @@ pub fn servers_from_resolv_conf(path: &Path) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// A fresh random 16-bit value (query ids must not be guessable).
-fn random_u16() -> u16 {
+/// A fresh random value (query ids must not be guessable; MX order among equals).
+fn random_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(Instant::now().elapsed().as_nanos() as u64);
-    h.finish() as u16
+    h.finish()
+}
+
+fn random_u16() -> u16 {
+    random_u64() as u16
 }
 
 impl Resolver {
@@ -45,14 +83,53 @@ impl Resolver {
             timeout,
             attempts: attempts.max(1),
             cache: RefCell::new(Cache::new(100_000)),
+            in_flight: RefCell::new(HashMap::new()),
         }
     }
 
-    /// Looks `name` up, from the cache when it can.
+    /// Looks `name` up, from the cache when it can; concurrent lookups of the same
+    /// question share one query.
     pub async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Answer, DnsError> {
-        if let Some(a) = self.cache.borrow().get(name, rtype, Instant::now()) {
-            return Ok(a.clone());
+        let name = name.trim_end_matches('.');
+        // Names go on the wire as A-labels (an internationalised domain has no other
+        // DNS form); the same spelling keys the cache and the flights.
+        let name = match name.is_ascii() {
+            true => name.to_ascii_lowercase(),
+            false => idna::domain_to_ascii(name)
+                .map_err(|_| DnsError::Config(format!("{name:?} has no IDNA A-label")))?,
+        };
+        let key = (name, rtype);
+        loop {
+            if let Some(a) = self.cache.borrow().get(&key.0, rtype, Instant::now()) {
+                return Ok(a.clone());
+            }
+            let waiting = self.in_flight.borrow().get(&key).cloned();
+            if let Some(flight) = waiting {
+                let listener = flight.done.listen();
+                if flight.result.borrow().is_none() {
+                    listener.await;
+                }
+                if let Some(r) = flight.result.borrow().clone() {
+                    return r;
+                }
+                continue;
+            }
+            let flight = Rc::new(Flight::default());
+            self.in_flight
+                .borrow_mut()
+                .insert(key.clone(), flight.clone());
+            let guard = FlightGuard {
+                in_flight: &self.in_flight,
+                key: key.clone(),
+                flight,
+            };
+            let r = self.lookup_uncached(&key.0, rtype).await;
+            *guard.flight.result.borrow_mut() = Some(r.clone());
+            return r;
         }
+    }
+
+    async fn lookup_uncached(&self, name: &str, rtype: RecordType) -> Result<Answer, DnsError> {
         if self.servers.is_empty() {
             return Err(DnsError::Config("no name server configured".into()));
         }
@@ -159,9 +236,11 @@ impl Resolver {
         }
     }
 
-    /// Where `domain`'s mail goes (MX rules applied; equal preferences in answer order).
+    /// Where `domain`'s mail goes (MX rules applied; equal preferences in a fresh
+    /// random order on every call, cached answer or not).
     pub async fn mx_route(&self, domain: &str) -> Result<Route, DnsError> {
-        Ok(route(&self.lookup(domain, RecordType::MX).await?))
+        let answer = self.lookup(domain, RecordType::MX).await?;
+        Ok(route(&answer, random_u64))
     }
 
     /// The addresses of a host: IPv4 first, then IPv6. NXDOMAIN or no address at all

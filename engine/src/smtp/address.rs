@@ -33,6 +33,9 @@ pub enum PathError {
     Syntax,
     /// Longer than RFC 5321 §4.5.3.1 allows.
     TooLong,
+    /// A domain in brackets that is not an IPv4 or `IPv6:` address literal
+    /// (RFC 5321 §4.1.3; general literals of other tags are not supported).
+    Literal,
 }
 
 const LOCAL_PART_BYTES_MAX: usize = 64;
@@ -101,6 +104,9 @@ pub fn parse_path(
     let domain = &mailbox[at + 1..];
     if at > LOCAL_PART_BYTES_MAX || domain.len() > DOMAIN_BYTES_MAX {
         return Err(PathError::TooLong);
+    }
+    if domain.starts_with('[') && !valid_domain(domain) {
+        return Err(PathError::Literal);
     }
     if !valid_domain(domain) {
         return Err(PathError::Syntax);
@@ -188,10 +194,122 @@ pub fn valid_domain(d: &str) -> bool {
 }
 
 fn valid_address_literal(lit: &str) -> bool {
-    if let Some(v6) = lit.strip_prefix("IPv6:") {
-        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    parse_address_literal(lit).is_some()
+}
+
+/// The address of a literal's content (between the brackets), RFC 5321 §4.1.3:
+/// dotted-quad IPv4, or `IPv6:` (the tag in any case) and an IPv6 address.
+fn parse_address_literal(lit: &str) -> Option<std::net::IpAddr> {
+    match lit.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => lit[5..]
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(std::net::IpAddr::V6),
+        _ => lit
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+            .map(std::net::IpAddr::V4),
     }
-    lit.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+/// A domain as delivery routes it: one spelling per destination, so that
+/// `bücher.test` and `xn--bcher-kva.test`, or `[IPv6:0::1]` and `[IPv6:::1]`, are
+/// the same destination (local domains, routes, rate limits, connection counts).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Domain {
+    /// A host name: lower-case ASCII, internationalised labels as IDNA A-labels.
+    Name(String),
+    /// An address literal: delivered to that address, no DNS.
+    Literal(std::net::IpAddr),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainError {
+    /// Not an address literal of RFC 5321 §4.1.3.
+    Literal,
+    /// A literal of an address mail cannot go to (unspecified, multicast, broadcast).
+    Undeliverable,
+    /// A non-ASCII name that has no IDNA A-label form (UTS 46), or a name that is not
+    /// a host name.
+    Name,
+}
+
+impl std::fmt::Display for DomainError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DomainError::Literal => "not an address literal (RFC 5321 4.1.3)",
+            DomainError::Undeliverable => "an address literal mail cannot be sent to",
+            DomainError::Name => "not a valid (internationalised) domain name",
+        })
+    }
+}
+
+/// Parses a domain of a mailbox (without the `@`).
+pub fn parse_domain(d: &str) -> Result<Domain, DomainError> {
+    if let Some(lit) = d.strip_prefix('[') {
+        let lit = lit.strip_suffix(']').ok_or(DomainError::Literal)?;
+        // An IPv4-mapped IPv6 literal is that IPv4 address.
+        let ip = parse_address_literal(lit)
+            .ok_or(DomainError::Literal)?
+            .to_canonical();
+        let undeliverable = ip.is_unspecified()
+            || ip.is_multicast()
+            || ip == std::net::IpAddr::V4(std::net::Ipv4Addr::BROADCAST);
+        return match undeliverable {
+            true => Err(DomainError::Undeliverable),
+            false => Ok(Domain::Literal(ip)),
+        };
+    }
+    let d = d.strip_suffix('.').unwrap_or(d);
+    let ascii = if d.is_ascii() {
+        d.to_ascii_lowercase()
+    } else {
+        idna::domain_to_ascii(d).map_err(|_| DomainError::Name)?
+    };
+    match !ascii.starts_with('[') && ascii.is_ascii() && valid_domain(&ascii) {
+        true => Ok(Domain::Name(ascii)),
+        false => Err(DomainError::Name),
+    }
+}
+
+impl std::fmt::Display for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Domain::Name(n) => f.write_str(n),
+            Domain::Literal(std::net::IpAddr::V4(ip)) => write!(f, "[{ip}]"),
+            Domain::Literal(std::net::IpAddr::V6(ip)) => write!(f, "[IPv6:{ip}]"),
+        }
+    }
+}
+
+/// The spelling routing uses for `d` (see `Domain`); a domain that does not parse
+/// keeps its lower-case self, so it still groups with its own spelling.
+pub fn domain_key(d: &str) -> String {
+    parse_domain(d).map_or_else(|_| d.to_lowercase(), |d| d.to_string())
+}
+
+/// `d` is one of `local` (compared as `Domain`s: a literal is local only if it is
+/// listed, e.g. `[192.0.2.1]`).
+pub fn is_local_domain(local: &[String], d: &str) -> bool {
+    let key = domain_key(d);
+    local.iter().any(|l| domain_key(l) == key)
+}
+
+/// `address` with its domain as an A-label, for a server without SMTPUTF8; None
+/// when the local part is not ASCII (nothing can carry it there) or the domain has
+/// no A-label.
+pub fn ascii_address(address: &str) -> Option<String> {
+    if address.is_ascii() {
+        return Some(address.to_string());
+    }
+    let (local, domain) = address.rsplit_once('@')?;
+    if !local.is_ascii() {
+        return None;
+    }
+    match parse_domain(domain).ok()? {
+        Domain::Name(a) => Some(format!("{local}@{a}")),
+        Domain::Literal(_) => None,
+    }
 }
 
 /// Checks an xtext value (RFC 3461 §4): printable ASCII except `+` and `=`, with
@@ -270,6 +388,86 @@ mod tests {
             parse_path(&long, false, false).unwrap_err(),
             PathError::TooLong
         );
+    }
+
+    #[test]
+    fn address_literals_per_rfc5321() {
+        let v4: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let v6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(parse_domain("[192.0.2.1]"), Ok(Domain::Literal(v4)));
+        assert_eq!(parse_domain("[IPv6:2001:db8::1]"), Ok(Domain::Literal(v6)));
+        assert_eq!(
+            parse_domain("[ipv6:2001:DB8:0:0::1]"),
+            Ok(Domain::Literal(v6))
+        );
+        assert_eq!(
+            parse_domain("[IPv6:::ffff:192.0.2.1]"),
+            Ok(Domain::Literal(v4))
+        );
+        assert_eq!(ok("<a@[ipv6:2001:db8::1]>"), "a@[ipv6:2001:db8::1]");
+        assert_eq!(Domain::Literal(v6).to_string(), "[IPv6:2001:db8::1]");
+        for bad in [
+            "[1.2.3]",
+            "[2001:db8::1]",
+            "[IPv6:1.2.3.4]",
+            "[x-tag:stuff]",
+            "[]",
+            "[IPv6:::1%eth0]",
+        ] {
+            assert_eq!(parse_domain(bad), Err(DomainError::Literal), "{bad}");
+            assert_eq!(
+                parse_path(&format!("<a@{bad}>"), false, false).unwrap_err(),
+                PathError::Literal,
+                "{bad}"
+            );
+        }
+        for bad in [
+            "[0.0.0.0]",
+            "[224.0.0.1]",
+            "[255.255.255.255]",
+            "[IPv6:::]",
+            "[IPv6:ff02::1]",
+        ] {
+            assert_eq!(parse_domain(bad), Err(DomainError::Undeliverable), "{bad}");
+        }
+        let local = vec!["[IPv6:2001:db8::1]".to_string(), "local.test".into()];
+        assert!(is_local_domain(&local, "[IPv6:2001:DB8:0::1]"));
+        assert!(!is_local_domain(&local, "[192.0.2.1]"));
+        assert!(is_local_domain(&local, "LOCAL.test"));
+    }
+
+    #[test]
+    fn idna_a_labels() {
+        assert_eq!(
+            parse_domain("bücher.test"),
+            Ok(Domain::Name("xn--bcher-kva.test".into()))
+        );
+        assert_eq!(
+            parse_domain("BÜCHER.Test"),
+            parse_domain("xn--bcher-kva.test")
+        );
+        assert_eq!(domain_key("Bücher.test"), "xn--bcher-kva.test");
+        assert!(is_local_domain(
+            &["xn--bcher-kva.test".into()],
+            "bücher.test"
+        ));
+        assert!(is_local_domain(
+            &["bücher.test".into()],
+            "XN--BCHER-KVA.test"
+        ));
+        assert_eq!(
+            ascii_address("user@bücher.test").as_deref(),
+            Some("user@xn--bcher-kva.test")
+        );
+        assert_eq!(ascii_address("a@b.test").as_deref(), Some("a@b.test"));
+        assert_eq!(
+            ascii_address("üser@bücher.test"),
+            None,
+            "no A-label for a local part"
+        );
+        assert_eq!(ascii_address("üser@b.test"), None);
+        // Not valid IDNA (a label may not start with a combining mark).
+        assert_eq!(parse_domain("\u{301}a.test"), Err(DomainError::Name));
     }
 
     #[test]

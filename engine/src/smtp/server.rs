@@ -13,7 +13,9 @@
 //! enforced inside, with the reply DESIGN.md names; a bad client gets a reply, never a
 //! panic.
 
-use super::address::{parse_path, valid_xtext, Mailbox, PathError};
+use super::address::{
+    is_local_domain, parse_domain, parse_path, valid_xtext, DomainError, Mailbox, PathError,
+};
 use ringmail_store::message::{notify, BodyType, Recipient, Ret};
 
 /// Limits of one session. Names end in their unit.
@@ -445,6 +447,9 @@ impl Session {
                 return self.error("501 5.1.7 Bad sender address syntax: too long\r\n")
             }
             Err(PathError::Syntax) => return self.error("501 5.1.7 Bad sender address syntax\r\n"),
+            Err(PathError::Literal) => return self.error(
+                "501 5.1.7 Bad sender address syntax: not an address literal (RFC 5321 4.1.3)\r\n",
+            ),
         };
         let mut mail = Mail {
             from,
@@ -532,6 +537,11 @@ impl Session {
             Err(PathError::Syntax) => {
                 return self.error("501 5.1.3 Bad recipient address syntax\r\n")
             }
+            Err(PathError::Literal) => {
+                return self.error(
+                    "501 5.1.3 Bad recipient address syntax: not an address literal (RFC 5321 4.1.3)\r\n",
+                )
+            }
         };
         let mut rcpt = Recipient {
             address: to.address.clone(),
@@ -579,11 +589,24 @@ impl Session {
         }
         let local = match to.domain() {
             None => true, // <Postmaster>
-            Some(d) => self
-                .cfg
-                .local_domains
-                .iter()
-                .any(|l| l.eq_ignore_ascii_case(d)),
+            // Routing needs the domain as a destination: an address to send to, or
+            // a name with an A-label to look up. Without one the mail could only
+            // wait out the queue lifetime, so it is refused now.
+            Some(d) => match parse_domain(d) {
+                Ok(_) => is_local_domain(&self.cfg.local_domains, d),
+                Err(e @ (DomainError::Undeliverable | DomainError::Name)) => {
+                    let r = format!(
+                        "553 5.1.3 <{}>: Recipient domain is {e}\r\n",
+                        sanitize(&to.address)
+                    );
+                    return self.error(&r);
+                }
+                Err(DomainError::Literal) => {
+                    return self.error(
+                        "501 5.1.3 Bad recipient address syntax: not an address literal (RFC 5321 4.1.3)\r\n",
+                    )
+                }
+            },
         };
         if !local && !self.relay_allowed {
             let r = format!(

@@ -418,3 +418,66 @@ fn timeout_and_shutdown_replies() {
     assert!(s.output().starts_with(b"421 4.4.2"));
     assert!(matches!(s.process(), Step::Close));
 }
+
+fn reply_codes(cfg: Rc<Config>, relay: bool, input: &str) -> (String, String) {
+    let out = run(cfg, relay, &[input.as_bytes()]);
+    let codes: Vec<&str> = out
+        .replies
+        .split("\r\n")
+        .filter(|l| !l.is_empty() && l.as_bytes().get(3) == Some(&b' '))
+        .map(|l| &l[..3])
+        .collect();
+    (codes.join("|"), out.replies)
+}
+
+/// RFC 5321 §4.1.3 literals at RCPT: a literal is a remote destination (relay
+/// clients only) unless it is listed among the local domains, compared as an
+/// address; a malformed or undeliverable literal is refused with a reason.
+#[test]
+fn address_literals_at_rcpt() {
+    let cfg = Rc::new(Config {
+        hostname: "mx.test".into(),
+        local_domains: vec!["local.test".into(), "[IPv6:2001:db8::1]".into()],
+        limits: Limits::default(),
+    });
+    let input = "EHLO c\r\nMAIL FROM:<a@c.test>\r\n\
+        RCPT TO:<x@[127.0.0.2]>\r\n\
+        RCPT TO:<x@[ipv6:2001:DB8:0::1]>\r\n\
+        RCPT TO:<x@[IPv6:::ffff:127.0.0.2]>\r\n\
+        RCPT TO:<x@[1.2.3]>\r\n\
+        RCPT TO:<x@[0.0.0.0]>\r\n";
+    let (codes, replies) = reply_codes(cfg.clone(), false, input);
+    assert_eq!(codes, "220|250|250|554|250|554|501|553", "{replies}");
+    assert!(
+        replies.contains("501 5.1.3 Bad recipient address syntax: not an address literal"),
+        "{replies}"
+    );
+    assert!(
+        replies.contains("553 5.1.3 <x@[0.0.0.0]>: Recipient domain is an address literal"),
+        "{replies}"
+    );
+    let (codes, replies) = reply_codes(cfg, true, input);
+    assert_eq!(codes, "220|250|250|250|250|250|501|553", "{replies}");
+}
+
+/// A local domain matches in either IDNA form; a name without an A-label is refused.
+#[test]
+fn internationalised_domains_at_rcpt() {
+    let cfg = Rc::new(Config {
+        hostname: "mx.test".into(),
+        local_domains: vec!["bücher.test".into()],
+        limits: Limits::default(),
+    });
+    let input = "EHLO c\r\nMAIL FROM:<a@c.test> SMTPUTF8\r\n\
+        RCPT TO:<x@XN--BCHER-KVA.test>\r\n\
+        RCPT TO:<x@bücher.test>\r\n\
+        RCPT TO:<x@\u{301}a.test>\r\n";
+    let (codes, replies) = reply_codes(cfg.clone(), false, input);
+    assert_eq!(codes, "220|250|250|250|250|553", "{replies}");
+    let local_ascii = Rc::new(Config {
+        local_domains: vec!["xn--bcher-kva.test".into()],
+        ..(*cfg).clone()
+    });
+    let (codes, replies) = reply_codes(local_ascii, false, input);
+    assert_eq!(codes, "220|250|250|250|250|553", "{replies}");
+}
