@@ -1,0 +1,278 @@
+//! One shard's queue on its executor: the write path (messages and recipient
+//! updates made durable before they enter the index) and the ready queue and timers
+//! the scheduler takes due work from.
+
+use super::cache::{Loaded, MessageText, CACHE_BYTES_MAX};
+use super::model::{make_id, QueuedMessage, RcptStatus, COUNTER_BITS};
+use super::replay::{recover, Recovered};
+use ringmail_store::message::{self, Envelope, RcptUpdate};
+use ringmail_store::segment::{self, Mode};
+use ringmail_store::{Kind, LogConfig, LogError, ShardLog};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::Path;
+use std::rc::Rc;
+
+/// One shard's queue, owned by the executor that serves the shard.
+pub struct Spool {
+    pub shard: u32,
+    pub(super) dir: std::path::PathBuf,
+    pub(super) log: ShardLog,
+    pub(super) next_counter: Cell<u64>,
+    pub(super) index: RefCell<BTreeMap<u64, QueuedMessage>>,
+    /// Messages that may have a recipient due now, in arrival order (an id may be
+    /// stale or repeated: `take_due` checks). The scheduler never scans the index.
+    pub(super) ready: RefCell<std::collections::VecDeque<u64>>,
+    /// Messages with deferred recipients, by the time they come due.
+    pub(super) waiting: RefCell<BTreeMap<u64, Vec<u64>>>,
+    /// Wakes the scheduler: new mail, or a flush.
+    pub wake: event_listener::Event,
+    /// Messages kept in memory from ingestion until they leave the queue or are
+    /// deferred, so the first delivery attempt sends the bytes it received without
+    /// reading them back (segments are written with direct I/O: no page cache).
+    pub(super) cache: RefCell<HashMap<u64, Loaded>>,
+    pub(super) cached_bytes: Cell<usize>,
+    /// Messages with a recipient update written but not applied yet: compaction does
+    /// not copy them (its snapshot of their state would miss the update).
+    pub(super) updating: RefCell<HashMap<u64, usize>>,
+}
+
+/// Counts a recipient update of a message as in flight while it lives: also when
+/// the future writing it is dropped half-way (shutdown), so the count cannot stick.
+struct Updating<'a> {
+    map: &'a RefCell<HashMap<u64, usize>>,
+    id: u64,
+}
+
+impl<'a> Updating<'a> {
+    fn new(map: &'a RefCell<HashMap<u64, usize>>, id: u64) -> Updating<'a> {
+        *map.borrow_mut().entry(id).or_default() += 1;
+        Updating { map, id }
+    }
+}
+
+impl Drop for Updating<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.borrow_mut();
+        if let Some(n) = map.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Spool {
+    /// Recovers the shard (repairing a torn tail) and opens its log for appending.
+    pub async fn open(data: &Path, shard: u32, cfg: LogConfig) -> io::Result<Spool> {
+        let Recovered {
+            index,
+            tail,
+            report,
+            max_id,
+        } = recover(data, shard, Mode::Repair)?;
+        if report.truncated_bytes > 0 || !report.damaged.is_empty() {
+            tracing::warn!(shard, truncated_bytes = report.truncated_bytes, damaged = ?report.damaged, "recovery repaired the log");
+        }
+        tracing::info!(
+            shard,
+            segments = report.segments,
+            records = report.records,
+            queued = index.len(),
+            "shard recovered"
+        );
+        let counter = max_id.map_or(1, |id| (id & ((1 << COUNTER_BITS) - 1)) + 1);
+        let log = ShardLog::open(&segment::shard_dir(data, shard), shard, tail, cfg).await?;
+        let mut ready = std::collections::VecDeque::new();
+        let mut waiting: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for m in index.values() {
+            // Ready if any recipient is queued; otherwise due at the earliest deferral.
+            if m.rcpt.iter().any(|r| r.status == RcptStatus::Queued) {
+                ready.push_back(m.id);
+            } else if let Some(t) = m
+                .rcpt
+                .iter()
+                .filter(|r| r.status == RcptStatus::Deferred)
+                .map(|r| r.next_attempt_ms)
+                .min()
+            {
+                waiting.entry(t).or_default().push(m.id);
+            }
+        }
+        Ok(Spool {
+            shard,
+            dir: segment::shard_dir(data, shard),
+            log,
+            next_counter: Cell::new(counter),
+            index: RefCell::new(index),
+            ready: RefCell::new(ready),
+            waiting: RefCell::new(waiting),
+            wake: event_listener::Event::new(),
+            cache: RefCell::new(HashMap::new()),
+            cached_bytes: Cell::new(0),
+            updating: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// Takes the next queue id of this shard.
+    pub fn next_id(&self) -> u64 {
+        let c = self.next_counter.get();
+        self.next_counter.set(c + 1);
+        make_id(self.shard, c)
+    }
+
+    /// Writes the message once (envelope, trace prefix, body) and returns when it is
+    /// durable; only then is it in the queue.
+    pub async fn enqueue(
+        &self,
+        env: Envelope,
+        prefix: &[u8],
+        body: Vec<u8>,
+    ) -> Result<(), LogError> {
+        let ticket = self.log.append(Kind::Message, |out| {
+            message::encode(out, &env, prefix, &body)
+        })?;
+        let location = self.log.durable(ticket).await?;
+        let size = prefix.len() + body.len();
+        let m = if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
+            self.cached_bytes.set(self.cached_bytes.get() + size);
+            let m = QueuedMessage::new(env.clone(), &body, location);
+            let loaded = Loaded {
+                env,
+                message: MessageText {
+                    prefix: prefix.to_vec(),
+                    body: Rc::new(body),
+                },
+            };
+            self.cache.borrow_mut().insert(m.id, loaded);
+            m
+        } else {
+            QueuedMessage::new(env, &body, location)
+        };
+        let id = m.id;
+        self.index.borrow_mut().insert(id, m);
+        self.ready.borrow_mut().push_back(id);
+        self.wake.notify(usize::MAX);
+        Ok(())
+    }
+
+    /// Makes a delivery attempt's outcome durable, then applies it; a message whose
+    /// recipients are all done leaves the queue.
+    pub async fn record(&self, u: RcptUpdate) -> Result<(), LogError> {
+        let ticket = self.log.append(Kind::RcptUpdate, |out| u.encode(out))?;
+        let in_flight = Updating::new(&self.updating, u.id);
+        let durable = self.log.durable(ticket).await;
+        drop(in_flight);
+        durable?;
+        let mut index = self.index.borrow_mut();
+        if let Some(m) = index.get_mut(&u.id) {
+            m.apply(&u);
+            if m.is_done() {
+                index.remove(&u.id);
+                self.uncache(u.id);
+            }
+        }
+        if u.status == RcptStatus::Deferred {
+            // Memory is for the mail flowing now: a retry reads the log.
+            self.uncache(u.id);
+            self.retry_at(u.id, u.next_attempt_ms);
+        }
+        Ok(())
+    }
+
+    /// Up to `max` messages with recipients due at `now_ms`: (id, [(recipient index,
+    /// address)]). Deferred messages whose time came are moved to the ready queue first.
+    pub fn take_due(&self, now_ms: u64, max: usize) -> Vec<(u64, Vec<(u32, String)>)> {
+        {
+            let mut waiting = self.waiting.borrow_mut();
+            let later = waiting.split_off(&(now_ms + 1));
+            let due = std::mem::replace(&mut *waiting, later);
+            let mut ready = self.ready.borrow_mut();
+            for ids in due.into_values() {
+                ready.extend(ids);
+            }
+        }
+        let index = self.index.borrow();
+        let mut ready = self.ready.borrow_mut();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(id) = ready.pop_front() else { break };
+            let Some(m) = index.get(&id) else { continue };
+            let due: Vec<(u32, String)> = m
+                .rcpt
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| match r.status {
+                    RcptStatus::Queued => true,
+                    RcptStatus::Deferred => r.next_attempt_ms <= now_ms,
+                    _ => false,
+                })
+                .map(|(i, r)| (i as u32, r.to.clone()))
+                .collect();
+            if !due.is_empty() {
+                out.push((id, due));
+            }
+        }
+        out
+    }
+
+    /// Looks at a message again at `at_ms` (after a local error).
+    pub fn retry_at(&self, id: u64, at_ms: u64) {
+        let mut waiting = self.waiting.borrow_mut();
+        let ids = waiting.entry(at_ms).or_default();
+        // The recipients of one attempt share their retry time: one entry will do.
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+
+    /// Puts a message back at the end of the ready queue (its destination was busy).
+    pub fn requeue(&self, id: u64) {
+        self.ready.borrow_mut().push_back(id);
+    }
+
+    /// When the next deferred message comes due, if any.
+    pub fn next_wakeup_ms(&self) -> Option<u64> {
+        self.waiting.borrow().keys().next().copied()
+    }
+
+    /// Makes every deferred recipient due now (`queue flush`).
+    pub fn flush(&self) {
+        for m in self.index.borrow_mut().values_mut() {
+            for r in &mut m.rcpt {
+                if r.status == RcptStatus::Deferred {
+                    r.next_attempt_ms = 0;
+                }
+            }
+        }
+        let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
+        self.ready
+            .borrow_mut()
+            .extend(waiting.into_values().flatten());
+        self.wake.notify(usize::MAX);
+    }
+
+    /// A copy of one queued message's state.
+    pub fn get(&self, id: u64) -> Option<QueuedMessage> {
+        self.index.borrow().get(&id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.borrow().is_empty()
+    }
+
+    pub fn log(&self) -> &ShardLog {
+        &self.log
+    }
+
+    /// Syncs and closes the log (shutdown).
+    pub async fn close(&self) {
+        self.log.close().await;
+    }
+}
