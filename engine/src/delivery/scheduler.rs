@@ -42,8 +42,8 @@ pub struct Delivery {
     /// Idle connections for the next message to the same host.
     pool: super::attempt::Pool,
     last_compaction: Cell<std::time::Instant>,
-    /// Token buckets of the per-destination rate limit: (tokens, last refill).
-    buckets: RefCell<HashMap<String, (f64, std::time::Instant)>>,
+    /// The per-destination rate limit.
+    rate: RefCell<RateLimit>,
     /// Attempts running per destination domain.
     per_destination: RefCell<HashMap<String, usize>>,
     /// Attempts running on this executor, all destinations together.
@@ -76,9 +76,65 @@ fn domain_of(address: &str) -> Option<String> {
         .map(|(_, d)| d.to_ascii_lowercase())
 }
 
+/// The per-destination rate limit: a token bucket per domain holding up to a second's
+/// worth of tokens.
+struct RateLimit {
+    /// Attempts per second per destination; None: no limit.
+    rate: Option<f64>,
+    /// (tokens, last refill) per destination domain.
+    buckets: HashMap<String, (f64, std::time::Instant)>,
+}
+
+impl RateLimit {
+    fn new(rate: Option<f64>) -> RateLimit {
+        RateLimit {
+            rate,
+            buckets: HashMap::new(),
+        }
+    }
+
+    fn capacity(rate: f64) -> f64 {
+        rate.max(1.0)
+    }
+
+    fn take(&mut self, domain: &str, now: std::time::Instant) -> bool {
+        let Some(rate) = self.rate else {
+            return true;
+        };
+        let cap = Self::capacity(rate);
+        let (tokens, last) = self
+            .buckets
+            .entry(domain.to_string())
+            .or_insert((cap, now));
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(cap);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Drops the buckets that have refilled to capacity: a full bucket is what a
+    /// destination seen for the first time gets, so forgetting it changes nothing,
+    /// and the map holds only the destinations mail went to in the last second or so
+    /// instead of every domain ever relayed to.
+    fn evict_idle(&mut self, now: std::time::Instant) {
+        let Some(rate) = self.rate else {
+            return;
+        };
+        let cap = Self::capacity(rate);
+        self.buckets.retain(|_, (tokens, last)| {
+            *tokens + now.saturating_duration_since(*last).as_secs_f64() * rate < cap
+        });
+    }
+}
+
 impl Delivery {
     pub fn new(cfg: Rc<Config>, ring: Rc<Ring>, spools: Vec<Rc<Spool>>) -> Rc<Delivery> {
         let resolver = Resolver::new(cfg.dns.clone(), Duration::from_secs(3), 2);
+        let rate = RefCell::new(RateLimit::new(cfg.destination_rate));
         Rc::new(Delivery {
             attempt: AttemptConfig {
                 helo: cfg.hostname.clone(),
@@ -95,7 +151,7 @@ impl Delivery {
             finished: event_listener::Event::new(),
             pool: super::attempt::Pool::new(100, Duration::from_secs(5)),
             last_compaction: Cell::new(std::time::Instant::now()),
-            buckets: RefCell::new(HashMap::new()),
+            rate,
             per_destination: RefCell::new(HashMap::new()),
             running: Cell::new(0),
             stopping: Cell::new(false),
@@ -125,6 +181,7 @@ impl Delivery {
             self.scan();
             if self.last_compaction.get().elapsed() >= COMPACTION_INTERVAL {
                 self.last_compaction.set(std::time::Instant::now());
+                self.rate.borrow_mut().evict_idle(std::time::Instant::now());
                 for spool in &self.spools {
                     if let Err(e) = spool.compact().await {
                         tracing::warn!(shard = spool.shard, error = %e, "compaction failed");
@@ -164,24 +221,10 @@ impl Delivery {
         }
     }
 
-    /// The per-destination rate limit: a token bucket holding up to a second's worth.
     fn take_token(&self, domain: &str) -> bool {
-        let Some(rate) = self.cfg.destination_rate else {
-            return true;
-        };
-        let now = std::time::Instant::now();
-        let mut buckets = self.buckets.borrow_mut();
-        let (tokens, last) = buckets
-            .entry(domain.to_string())
-            .or_insert((rate.max(1.0), now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate.max(1.0));
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.rate
+            .borrow_mut()
+            .take(domain, std::time::Instant::now())
     }
 
     fn is_local(&self, domain: &str) -> bool {
@@ -444,5 +487,36 @@ impl Delivery {
             Ok(()) => tracing::info!(id = %id, bounce = %bid, to = %env.from, "bounce queued"),
             Err(e) => tracing::error!(id = %id, error = %e, "cannot queue the bounce"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn idle_rate_buckets_are_evicted_once_full_again() {
+        let mut limit = RateLimit::new(Some(2.0));
+        let t0 = Instant::now();
+        for i in 0..100 {
+            assert!(limit.take(&format!("d{i}.test"), t0));
+        }
+        // A busy destination: its bucket is empty.
+        assert!(limit.take("busy.test", t0));
+        assert!(limit.take("busy.test", t0));
+        assert!(!limit.take("busy.test", t0));
+        assert_eq!(limit.buckets.len(), 101);
+        // Not refilled yet: nothing may go, or the limit would be forgotten.
+        limit.evict_idle(t0 + Duration::from_millis(100));
+        assert_eq!(limit.buckets.len(), 101);
+        // A second later every bucket is full again: the map empties.
+        limit.evict_idle(t0 + Duration::from_secs(1));
+        assert!(limit.buckets.is_empty(), "{} left", limit.buckets.len());
+        // The limit still holds for a destination that comes back.
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(limit.take("busy.test", t1));
+        assert!(limit.take("busy.test", t1));
+        assert!(!limit.take("busy.test", t1));
     }
 }
