@@ -8,9 +8,50 @@ use ringmail_store::message::RcptUpdate;
 use ringmail_store::segment;
 use ringmail_store::{Kind, Location, LogError};
 use std::io;
+use std::path::Path;
 
 /// At most this many bytes of live messages are copied forward per compaction.
 const COPY_BYTES_PER_ROUND: u64 = 64 << 20;
+
+/// Runs blocking file-system calls (directory reads, unlinks, directory fsyncs) on
+/// glommio's blocking thread pool: on the executor thread a slow disk would stall
+/// every session of the core for as long as the call takes.
+async fn off_executor<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    glommio::executor().spawn_blocking(f).await
+}
+
+/// The shard's segments in sequence order, and the valid bytes of those older than
+/// the newest two (the ones compaction may copy live messages out of).
+fn list_segments(dir: &Path) -> io::Result<(Vec<u64>, u64)> {
+    #[cfg(test)]
+    tests::note_thread(dir);
+    let mut seqs: Vec<u64> = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()
+                .and_then(segment::parse_segment_name)
+        })
+        .collect();
+    seqs.sort_unstable();
+    let old_below = seqs.last().map_or(0, |n| n.saturating_sub(1));
+    let old_bytes = seqs
+        .iter()
+        .filter(|s| **s < old_below)
+        .filter_map(|s| segment::sealed_len(dir, *s))
+        .sum();
+    Ok((seqs, old_bytes))
+}
+
+/// Deletes finished segments, then makes the deletions durable.
+fn delete_segments(dir: &Path, seqs: &[u64]) -> io::Result<()> {
+    #[cfg(test)]
+    tests::note_thread(dir);
+    for seq in seqs {
+        std::fs::remove_file(segment::segment_path(dir, *seq))?;
+    }
+    segment::sync_dir(dir)
+}
 
 impl Spool {
     /// Reclaims space: deletes the oldest segments once nothing queued lives in them.
@@ -23,25 +64,13 @@ impl Spool {
     /// it, so live messages in old segments are first copied forward (see
     /// `copy_forward`) when that frees at least as many bytes as it writes.
     pub async fn compact(&self) -> io::Result<usize> {
-        let mut seqs: Vec<u64> = std::fs::read_dir(&self.dir)?
-            .filter_map(|e| {
-                e.ok()?
-                    .file_name()
-                    .to_str()
-                    .and_then(segment::parse_segment_name)
-            })
-            .collect();
-        seqs.sort_unstable();
+        let dir = self.dir.clone();
+        let (seqs, old_bytes) = off_executor(move || list_segments(&dir)).await?;
         let Some(&newest) = seqs.last() else {
             return Ok(0);
         };
         // The two newest segments hold the mail flowing now: never copied.
         let old_below = newest.saturating_sub(1);
-        let old_bytes: u64 = seqs
-            .iter()
-            .filter(|s| **s < old_below)
-            .filter_map(|s| segment::sealed_len(&self.dir, *s))
-            .sum();
         let mut old_live: Vec<(Location, u64)> = self
             .index
             .borrow()
@@ -84,17 +113,12 @@ impl Spool {
             .durable(ticket.map_err(|e| io::Error::other(e.to_string()))?)
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
-        for seq in &dead {
-            std::fs::remove_file(segment::segment_path(&self.dir, *seq))?;
-        }
-        segment::sync_dir(&self.dir)?;
-        tracing::info!(
-            shard = self.shard,
-            segments = dead.len(),
-            below = limit,
-            "compacted"
-        );
-        Ok(dead.len())
+        // Only now, with the checkpoint durable, may the segments go.
+        let dir = self.dir.clone();
+        let n = dead.len();
+        off_executor(move || delete_segments(&dir, &dead)).await?;
+        tracing::info!(shard = self.shard, segments = n, below = limit, "compacted");
+        Ok(n)
     }
 
     /// Writes a queued message again at the head of the log: its record as it is,
@@ -158,7 +182,71 @@ mod tests {
     use crate::queue::replay::list;
     use crate::queue::testutil::{env, fresh_data, one_deferred, rcpt_states, update};
     use ringmail_store::LogConfig;
-    use std::path::Path;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::thread::ThreadId;
+
+    /// The threads compaction's file-system calls ran on, per shard directory.
+    static FS_THREADS: Mutex<Option<HashMap<std::path::PathBuf, Vec<ThreadId>>>> = Mutex::new(None);
+
+    pub(super) fn note_thread(dir: &Path) {
+        FS_THREADS
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .entry(dir.to_path_buf())
+            .or_default()
+            .push(std::thread::current().id());
+    }
+
+    fn fs_threads(dir: &Path) -> Vec<ThreadId> {
+        FS_THREADS
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|m| m.get(dir).cloned())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn compaction_does_its_file_system_calls_off_the_executor_thread() {
+        let (_d, data) = fresh_data();
+        let small = LogConfig {
+            segment_bytes_max: 8 << 10,
+        };
+        let dir = segment::shard_dir(&data, 0);
+        let dir2 = dir.clone();
+        let (executor, deleted) = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data, 0, small).await.unwrap();
+            for _ in 0..10 {
+                let id = spool.next_id();
+                spool
+                    .enqueue(env(id, 1), b"", vec![b'x'; 2000])
+                    .await
+                    .unwrap();
+                spool
+                    .record(update(id, 0, RcptStatus::Delivered, 1))
+                    .await
+                    .unwrap();
+            }
+            let deleted = spool.compact().await.unwrap();
+            spool.close().await;
+            (std::thread::current().id(), deleted)
+        });
+        assert!(deleted >= 2, "segments were deleted: {deleted}");
+        let threads = fs_threads(&dir2);
+        // One listing, one deletion.
+        assert_eq!(threads.len(), 2, "{threads:?}");
+        assert!(
+            threads.iter().all(|t| *t != executor),
+            "a file-system call ran on the executor thread"
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "all but the newest segment are gone"
+        );
+    }
 
     #[test]
     fn compaction_deletes_finished_segments_and_ids_are_never_reused() {
