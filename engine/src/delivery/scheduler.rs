@@ -102,10 +102,7 @@ impl RateLimit {
             return true;
         };
         let cap = Self::capacity(rate);
-        let (tokens, last) = self
-            .buckets
-            .entry(domain.to_string())
-            .or_insert((cap, now));
+        let (tokens, last) = self.buckets.entry(domain.to_string()).or_insert((cap, now));
         *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(cap);
         *last = now;
         if *tokens >= 1.0 {
