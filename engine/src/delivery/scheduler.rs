@@ -458,8 +458,15 @@ impl Delivery {
         ) else {
             return;
         };
+        let bid = match spool.next_id().await {
+            Ok(bid) => bid,
+            Err(e) => {
+                tracing::error!(id = %id, error = %e, "cannot queue the bounce");
+                return;
+            }
+        };
         let bounce = Envelope {
-            id: spool.next_id(),
+            id: bid,
             received_at_ms: now_ms(),
             from: String::new(),
             recipients: vec![Recipient {

@@ -2,7 +2,7 @@
 //! forward so they do not pin old segments.
 
 use super::cache::decode_record;
-use super::model::RcptStatus;
+use super::model::{encode_id_checkpoint, RcptStatus};
 use super::spool::Spool;
 use ringmail_store::message::RcptUpdate;
 use ringmail_store::segment;
@@ -104,11 +104,12 @@ impl Spool {
         if dead.is_empty() {
             return Ok(0);
         }
-        let next = self.next_counter.get();
-        let ticket = self.log.append(Kind::Checkpoint, |out| {
-            out.push(1);
-            out.extend_from_slice(&next.to_le_bytes());
-        });
+        // The reserved high-water, not the counter: the checkpoint that reserved the
+        // current block may be in a segment about to be deleted.
+        let next = self.reserved.get();
+        let ticket = self
+            .log
+            .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, next));
         self.log
             .durable(ticket.map_err(|e| io::Error::other(e.to_string()))?)
             .await
@@ -219,7 +220,7 @@ mod tests {
         let (executor, deleted) = glommio::LocalExecutor::default().run(async move {
             let spool = Spool::open(&data, 0, small).await.unwrap();
             for _ in 0..10 {
-                let id = spool.next_id();
+                let id = spool.next_id().await.unwrap();
                 spool
                     .enqueue(env(id, 1), b"", vec![b'x'; 2000])
                     .await
@@ -267,7 +268,7 @@ mod tests {
             let spool = Spool::open(&data2, 0, small).await.unwrap();
             let mut ids = Vec::new();
             for _ in 0..20 {
-                let id = spool.next_id();
+                let id = spool.next_id().await.unwrap();
                 spool.enqueue(env(id, 1), b"", body.clone()).await.unwrap();
                 ids.push(id);
             }
@@ -303,7 +304,7 @@ mod tests {
         glommio::LocalExecutor::default().run(async move {
             let spool = Spool::open(&data, 0, small).await.unwrap();
             assert_eq!(spool.len(), 0);
-            assert!(spool.next_id() > *ids.last().unwrap());
+            assert!(spool.next_id().await.unwrap() > *ids.last().unwrap());
             spool.close().await;
         });
     }
@@ -327,7 +328,7 @@ mod tests {
         let pinned = glommio::LocalExecutor::default().run(async move {
             let spool = Spool::open(&data2, 0, small).await.unwrap();
             // The first message: one recipient delivered, one deferred for long.
-            let pinned = spool.next_id();
+            let pinned = spool.next_id().await.unwrap();
             spool
                 .enqueue(env(pinned, 2), b"P: x\r\n", body2.clone())
                 .await
@@ -342,7 +343,7 @@ mod tests {
                 .unwrap();
             // Steady relaying behind it: 60 messages come and go.
             for _ in 0..60 {
-                let id = spool.next_id();
+                let id = spool.next_id().await.unwrap();
                 spool
                     .enqueue(env(id, 1), b"", vec![b'y'; 1800])
                     .await
@@ -383,7 +384,10 @@ mod tests {
         assert_eq!(m.rcpt[1].last_reply.as_deref(), Some("deferred reply"));
         glommio::LocalExecutor::default().run(async move {
             let spool = Spool::open(&data, 0, small).await.unwrap();
-            assert!(spool.next_id() > pinned + 60, "ids are not reused");
+            assert!(
+                spool.next_id().await.unwrap() > pinned + 60,
+                "ids are not reused"
+            );
             spool.close().await;
         });
     }

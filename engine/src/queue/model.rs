@@ -101,3 +101,10 @@ pub fn make_id(shard: u32, counter: u64) -> u64 {
     debug_assert!(counter < 1 << COUNTER_BITS);
     ((shard as u64) << COUNTER_BITS) | counter
 }
+
+/// The payload of a `Checkpoint` record of the id counter: every counter below
+/// `next` may have been handed out (replay continues at `next` or later).
+pub(super) fn encode_id_checkpoint(out: &mut Vec<u8>, next: u64) {
+    out.push(1);
+    out.extend_from_slice(&next.to_le_bytes());
+}

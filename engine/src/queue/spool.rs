@@ -3,11 +3,11 @@
 //! the scheduler takes due work from.
 
 use super::cache::{Loaded, MessageText, CACHE_BYTES_MAX};
-use super::model::{make_id, QueuedMessage, RcptStatus, COUNTER_BITS};
+use super::model::{encode_id_checkpoint, make_id, QueuedMessage, RcptStatus, COUNTER_BITS};
 use super::replay::{recover, Recovered};
 use ringmail_store::message::{self, Envelope, RcptUpdate};
 use ringmail_store::segment::{self, Mode};
-use ringmail_store::{Kind, LogConfig, LogError, ShardLog};
+use ringmail_store::{Kind, LogConfig, LogError, ShardLog, Ticket};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -20,6 +20,13 @@ pub struct Spool {
     pub(super) dir: std::path::PathBuf,
     pub(super) log: ShardLog,
     pub(super) next_counter: Cell<u64>,
+    /// Counters below this are covered by a durable checkpoint: only those are handed
+    /// out, so a restart (which continues after the highest checkpoint) never gives
+    /// an id again, whatever became of the message that had it.
+    pub(super) reserved: Cell<u64>,
+    /// The checkpoint reserving the next block, appended before the current block
+    /// runs out so it rides along with a batch that is being written anyway.
+    pending_reservation: RefCell<Option<(Ticket, u64)>>,
     pub(super) index: RefCell<BTreeMap<u64, QueuedMessage>>,
     /// Messages that may have a recipient due now, in arrival order (an id may be
     /// stale or repeated: `take_due` checks). The scheduler never scans the index.
@@ -64,6 +71,9 @@ impl Drop for Updating<'_> {
     }
 }
 
+/// Ids are reserved this many at a time; a restart skips what was left of the block.
+pub(super) const ID_BLOCK: u64 = 4096;
+
 impl Spool {
     /// Recovers the shard (repairing a torn tail) and opens its log for appending.
     pub async fn open(data: &Path, shard: u32, cfg: LogConfig) -> io::Result<Spool> {
@@ -85,6 +95,14 @@ impl Spool {
         );
         let counter = max_id.map_or(1, |id| (id & ((1 << COUNTER_BITS) - 1)) + 1);
         let log = ShardLog::open(&segment::shard_dir(data, shard), shard, tail, cfg).await?;
+        // The first block of ids, durable before any of it is handed out.
+        let reserved = counter + ID_BLOCK;
+        let ticket = log
+            .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, reserved))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        log.durable(ticket)
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
         let mut ready = std::collections::VecDeque::new();
         let mut waiting: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         for m in index.values() {
@@ -106,6 +124,8 @@ impl Spool {
             dir: segment::shard_dir(data, shard),
             log,
             next_counter: Cell::new(counter),
+            reserved: Cell::new(reserved),
+            pending_reservation: RefCell::new(None),
             index: RefCell::new(index),
             ready: RefCell::new(ready),
             waiting: RefCell::new(waiting),
@@ -116,11 +136,43 @@ impl Spool {
         })
     }
 
-    /// Takes the next queue id of this shard.
-    pub fn next_id(&self) -> u64 {
-        let c = self.next_counter.get();
-        self.next_counter.set(c + 1);
-        make_id(self.shard, c)
+    /// Takes the next queue id of this shard. Ids are handed out only from a block
+    /// a durable checkpoint has reserved, so no id is ever given twice, not even
+    /// one whose message was answered 451 and never logged. Waits only when a block
+    /// is used up before the next one's checkpoint (appended at half-way) is durable.
+    pub async fn next_id(&self) -> Result<u64, LogError> {
+        loop {
+            let c = self.next_counter.get();
+            let reserved = self.reserved.get();
+            if c < reserved {
+                self.next_counter.set(c + 1);
+                if reserved - c <= ID_BLOCK / 2 && self.pending_reservation.borrow().is_none() {
+                    let target = reserved + ID_BLOCK;
+                    // An append fails only when the log is closing: the next call
+                    // tries again, and the block's end waits for it.
+                    if let Ok(t) = self
+                        .log
+                        .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))
+                    {
+                        *self.pending_reservation.borrow_mut() = Some((t, target));
+                    }
+                }
+                return Ok(make_id(self.shard, c));
+            }
+            let pending = self.pending_reservation.borrow_mut().take();
+            let (ticket, target) = match pending {
+                Some(p) => p,
+                None => {
+                    let target = reserved + ID_BLOCK;
+                    let t = self
+                        .log
+                        .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))?;
+                    (t, target)
+                }
+            };
+            self.log.durable(ticket).await?;
+            self.reserved.set(self.reserved.get().max(target));
+        }
     }
 
     /// Writes the message once (envelope, trace prefix, body) and returns when it is
@@ -274,5 +326,55 @@ impl Spool {
     /// Syncs and closes the log (shutdown).
     pub async fn close(&self) {
         self.log.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::testutil::{env, fresh_data};
+
+    #[test]
+    fn ids_never_repeat_after_a_failed_batch_and_a_restart() {
+        let (_d, data) = fresh_data();
+        let data2 = data.clone();
+        let given = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            let mut given = Vec::new();
+            let a = spool.next_id().await.unwrap();
+            spool
+                .enqueue(env(a, 1), b"", b"a\r\n".to_vec())
+                .await
+                .unwrap();
+            given.push(a);
+            // The next message's batch fails: answered 451, never in the log.
+            let b = spool.next_id().await.unwrap();
+            spool.log().faults().errno.set(libc::EIO);
+            spool.log().faults().syncs.set(1);
+            assert!(spool
+                .enqueue(env(b, 1), b"", b"b\r\n".to_vec())
+                .await
+                .is_err());
+            given.push(b);
+            // Ids taken for sessions that never got as far as the log, past the end
+            // of the first reserved block.
+            for _ in 0..ID_BLOCK + 10 {
+                given.push(spool.next_id().await.unwrap());
+            }
+            spool.close().await;
+            given
+        });
+        let highest = *given.iter().max().unwrap();
+        let mut sorted = given.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), given.len(), "ids repeat within a run");
+        glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data, 0, LogConfig::default()).await.unwrap();
+            for _ in 0..3 {
+                let id = spool.next_id().await.unwrap();
+                assert!(id > highest, "{id:X} was handed out before the restart");
+            }
+            spool.close().await;
+        });
     }
 }

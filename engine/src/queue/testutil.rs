@@ -36,7 +36,7 @@ pub(crate) fn rcpt_states(m: &QueuedMessage) -> Vec<(RcptStatus, u32)> {
 /// `delivered`) and the second deferred after two attempts.
 pub(crate) async fn one_deferred(data: &Path, delivered: bool) -> (Spool, u64) {
     let spool = Spool::open(data, 0, LogConfig::default()).await.unwrap();
-    let id = spool.next_id();
+    let id = spool.next_id().await.unwrap();
     spool
         .enqueue(env(id, 2), b"", b"body\r\n".to_vec())
         .await
