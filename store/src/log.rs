@@ -215,6 +215,8 @@ pub struct ShardLog {
     faults: Rc<Faults>,
     stopped: Rc<Event>,
     running: Rc<Cell<bool>>,
+    /// Batches written (each one write and one fdatasync), failed ones included.
+    batches: Rc<Cell<u64>>,
 }
 
 impl ShardLog {
@@ -253,6 +255,7 @@ impl ShardLog {
             faults: Rc::new(Faults::default()),
             stopped: Rc::new(Event::new()),
             running: Rc::new(Cell::new(true)),
+            batches: Rc::new(Cell::new(0)),
         };
         let flusher = Flusher {
             dir: dir.to_path_buf(),
@@ -300,6 +303,11 @@ impl ShardLog {
             }
             listener.await;
         }
+    }
+
+    /// Batches written so far (one fdatasync each), for tests and statistics.
+    pub fn batches_written(&self) -> u64 {
+        self.batches.get()
     }
 
     /// Failure injection for tests of the error paths.
@@ -350,6 +358,7 @@ impl Flusher {
             };
             match slot {
                 Some(slot) => {
+                    self.log.batches.set(self.log.batches.get() + 1);
                     let result = self.write_batch(batch).await;
                     *slot.done.borrow_mut() = Some(result);
                     slot.event.notify(usize::MAX);

@@ -12,9 +12,10 @@ use crate::config::Config;
 use crate::dns::resolver::Resolver;
 use crate::net::Ring;
 use crate::queue::retry::{Next, RetryPolicy};
-use crate::queue::{Loaded, RcptStatus, Spool};
+use crate::queue::{Bounce, Loaded, RcptStatus, Spool};
 use crate::smtp::client::{RcptResult, Reply, Transaction, TxRcpt};
 use ringmail_store::message::{format_id, notify, BodyType, Envelope, RcptUpdate, Recipient, Ret};
+use ringmail_store::LogError;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
@@ -361,6 +362,7 @@ impl Delivery {
         let relay = outcome.relay.clone().unwrap_or_else(|| "none".into());
         let delay_s = now.saturating_sub(env.received_at_ms) as f64 / 1000.0;
         let mut failures = Vec::new();
+        let mut updates = Vec::with_capacity(rcpts.len());
         // One draw for the attempt: its deferred recipients come back together.
         let jitter = random_u64();
         for (k, result) in outcome.results.into_iter().enumerate() {
@@ -396,36 +398,55 @@ impl Delivery {
             if status == RcptStatus::Failed {
                 failures.push((to.clone(), reply.clone(), outcome.relay.clone()));
             }
-            let update = RcptUpdate {
+            updates.push(RcptUpdate {
                 id,
                 rcpt: i,
                 status,
                 attempts,
                 next_attempt_ms: next,
                 reply: reply.to_line(),
-            };
-            if let Err(e) = spool.record(update).await {
-                // The recipients not recorded stay as they were and are tried again
-                // (one delivered but unrecorded may be sent twice: the window every
-                // MTA has between a remote 250 and its own disk).
-                tracing::error!(id = %idt, error = %e, "cannot record a delivery result; trying again in a minute");
-                spool.retry_at(id, now_ms() + 60_000);
-                break;
-            }
+            });
         }
-        if !failures.is_empty() {
-            self.bounce(spool, &env, &message.to_vec(), failures).await;
+        let bounce = if failures.is_empty() {
+            None
+        } else {
+            match self.bounce(spool, &env, &message.to_vec(), failures).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(id = %idt, error = %e, "cannot take an id for the bounce; trying again in a minute");
+                    spool.retry_at(id, now_ms() + 60_000);
+                    return;
+                }
+            }
+        };
+        let bounce_id = bounce.as_ref().map(|b| format_id(b.env.id));
+        // One batch for the whole attempt: the bounce (carrying the failures it
+        // reports) first, then every recipient's outcome.
+        match spool.record_outcomes(updates, bounce).await {
+            Ok(()) => {
+                if let Some(bid) = bounce_id {
+                    tracing::info!(id = %idt, bounce = %bid, to = %env.from, "bounce queued");
+                }
+            }
+            Err(e) => {
+                // The recipients stay as they were and are tried again (one
+                // delivered but unrecorded may be sent twice: the window every MTA
+                // has between a remote 250 and its own disk); no bounce was queued.
+                tracing::error!(id = %idt, error = %e, "cannot record the delivery results; trying again in a minute");
+                spool.retry_at(id, now_ms() + 60_000);
+            }
         }
     }
 
-    /// Queues a bounce for `failures` to the sender (never for the null sender).
+    /// The bounce for `failures` to the sender, if one is wanted (never for the
+    /// null sender, nor when NOTIFY says no).
     async fn bounce(
         &self,
         spool: &Rc<Spool>,
         env: &Envelope,
         message: &[u8],
         failures: Vec<(Recipient, Reply, Option<String>)>,
-    ) {
+    ) -> Result<Option<Bounce>, LogError> {
         let reports: Vec<dsn::Report> = failures
             .into_iter()
             .map(|(r, reply, relay)| dsn::Report {
@@ -456,15 +477,9 @@ impl Delivery {
             &reports,
             &chrono::Utc::now().to_rfc2822(),
         ) else {
-            return;
+            return Ok(None);
         };
-        let bid = match spool.next_id().await {
-            Ok(bid) => bid,
-            Err(e) => {
-                tracing::error!(id = %id, error = %e, "cannot queue the bounce");
-                return;
-            }
-        };
+        let bid = spool.next_id().await?;
         let bounce = Envelope {
             id: bid,
             received_at_ms: now_ms(),
@@ -486,11 +501,10 @@ impl Delivery {
             helo: self.cfg.hostname.clone(),
             peer: "local".into(),
         };
-        let bid = format_id(bounce.id);
-        match spool.enqueue(bounce, b"", report).await {
-            Ok(()) => tracing::info!(id = %id, bounce = %bid, to = %env.from, "bounce queued"),
-            Err(e) => tracing::error!(id = %id, error = %e, "cannot queue the bounce"),
-        }
+        Ok(Some(Bounce {
+            env: bounce,
+            text: report,
+        }))
     }
 }
 

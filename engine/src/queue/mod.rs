@@ -25,4 +25,4 @@ mod testutil;
 pub use cache::{Loaded, MessageText};
 pub use model::{make_id, QueuedMessage, QueuedRcpt, RcptStatus};
 pub use replay::{list, recover, Recovered};
-pub use spool::Spool;
+pub use spool::{Bounce, Spool};

@@ -69,12 +69,14 @@ impl QueuedMessage {
         true
     }
 
+    /// The message of a `Message` record, and the failures it reports if it is a
+    /// bounce.
     pub(super) fn from_record(
         loc: Location,
         payload: &[u8],
-    ) -> Result<QueuedMessage, &'static str> {
+    ) -> Result<(QueuedMessage, Vec<RcptUpdate>), &'static str> {
         let d = message::decode(payload)?;
-        Ok(QueuedMessage::new(d.envelope, d.body, loc))
+        Ok((QueuedMessage::new(d.envelope, d.body, loc), d.reports))
     }
 
     pub(super) fn new(env: Envelope, body: &[u8], location: Location) -> QueuedMessage {

@@ -26,7 +26,7 @@ pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
     let mut bad = 0u64;
     let (tail, mut report) = recover_shard(&dir, shard, mode, |loc, rec| match rec.kind {
         Kind::Message => match QueuedMessage::from_record(loc, rec.payload) {
-            Ok(m) => {
+            Ok((m, reports)) => {
                 max_id = max_id.max(Some(m.id));
                 match index.get_mut(&m.id) {
                     // Ids are never reused: this is a copy written by compaction.
@@ -36,6 +36,30 @@ pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
                     Some(queued) => queued.location = m.location,
                     None => {
                         index.insert(m.id, m);
+                    }
+                }
+                // A bounce and the failures it reports are one durable step: the
+                // bounce record carries them, and is written first in the batch
+                // that also holds their own failure records. The log does not make a
+                // batch atomic (a power loss may keep a prefix of it; recovery stops
+                // at the first bad record), so replay may find the bounce without
+                // the failure records after it. The rule: a bounce on disk means the
+                // sender will be told, so the failures it reports are applied here,
+                // to recipients not final yet, whether or not their own records
+                // survived. Such a recipient is failed, not retried, and so cannot
+                // be bounced a second time; applying a failure twice (the records
+                // did survive, or compaction copied the bounce) changes nothing.
+                for u in &reports {
+                    if let Some(o) = index.get_mut(&u.id) {
+                        if o.rcpt
+                            .get(u.rcpt as usize)
+                            .is_some_and(|r| !r.status.is_final())
+                        {
+                            o.apply(u);
+                            if o.is_done() {
+                                index.remove(&u.id);
+                            }
+                        }
                     }
                 }
             }

@@ -7,7 +7,7 @@ use super::model::{encode_id_checkpoint, make_id, QueuedMessage, RcptStatus, COU
 use super::replay::{recover, Recovered};
 use ringmail_store::message::{self, Envelope, RcptUpdate};
 use ringmail_store::segment::{self, Mode};
-use ringmail_store::{Kind, LogConfig, LogError, ShardLog, Ticket};
+use ringmail_store::{Kind, Location, LogConfig, LogError, ShardLog, Ticket};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -69,6 +69,13 @@ impl Drop for Updating<'_> {
             }
         }
     }
+}
+
+/// A bounce to queue with the outcomes it reports: its envelope and its text (the
+/// delivery status notification, no trace prefix).
+pub struct Bounce {
+    pub env: Envelope,
+    pub text: Vec<u8>,
 }
 
 /// Ids are reserved this many at a time; a restart skips what was left of the block.
@@ -187,6 +194,12 @@ impl Spool {
             message::encode(out, &env, prefix, &body)
         })?;
         let location = self.log.durable(ticket).await?;
+        self.admit(env, prefix, body, location);
+        Ok(())
+    }
+
+    /// Puts a durable message into the index and the ready queue.
+    fn admit(&self, env: Envelope, prefix: &[u8], body: Vec<u8>, location: Location) {
         let size = prefix.len() + body.len();
         let m = if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
             self.cached_bytes.set(self.cached_bytes.get() + size);
@@ -207,31 +220,87 @@ impl Spool {
         self.index.borrow_mut().insert(id, m);
         self.ready.borrow_mut().push_back(id);
         self.wake.notify(usize::MAX);
+    }
+
+    /// Makes one recipient's outcome durable, then applies it.
+    pub async fn record(&self, u: RcptUpdate) -> Result<(), LogError> {
+        self.record_outcomes(vec![u], None).await
+    }
+
+    /// Makes the outcomes of one delivery attempt durable, then applies them; a
+    /// message whose recipients are all done leaves the queue. Every record goes to
+    /// the log before the first wait, so they share one batch: one fdatasync for all
+    /// the recipients of the attempt.
+    ///
+    /// `bounce` reports the failures among `updates`. It goes first in the batch, as
+    /// one record that also carries those failures, so the failures and their bounce
+    /// are one durable step: replay applies a bounce's failures even if a crash tore
+    /// off the failure records after it (see `replay::recover`). A failed batch is
+    /// cut off whole: then neither is in the queue and the recipients stay as they
+    /// were.
+    pub async fn record_outcomes(
+        &self,
+        updates: Vec<RcptUpdate>,
+        bounce: Option<Bounce>,
+    ) -> Result<(), LogError> {
+        let bounce_ticket = match &bounce {
+            Some(b) => {
+                let failures: Vec<RcptUpdate> = updates
+                    .iter()
+                    .filter(|u| u.status == RcptStatus::Failed)
+                    .cloned()
+                    .collect();
+                Some(self.log.append(Kind::Message, |out| {
+                    message::encode_with_reports(out, &b.env, &failures, b"", &b.text)
+                })?)
+            }
+            None => None,
+        };
+        let mut tickets = Vec::with_capacity(updates.len());
+        for u in &updates {
+            tickets.push(self.log.append(Kind::RcptUpdate, |out| u.encode(out))?);
+        }
+        let in_flight: Vec<Updating> = updates
+            .iter()
+            .map(|u| Updating::new(&self.updating, u.id))
+            .collect();
+        let bounce_location = match bounce_ticket {
+            Some(t) => Some(self.log.durable(t).await),
+            None => None,
+        };
+        let mut durable = Ok(());
+        for t in tickets {
+            if let Err(e) = self.log.durable(t).await {
+                durable = Err(e);
+            }
+        }
+        drop(in_flight);
+        durable?;
+        if let (Some(b), Some(location)) = (bounce, bounce_location) {
+            self.admit(b.env, b"", b.text, location?);
+        }
+        for u in &updates {
+            self.apply(u);
+        }
         Ok(())
     }
 
-    /// Makes a delivery attempt's outcome durable, then applies it; a message whose
-    /// recipients are all done leaves the queue.
-    pub async fn record(&self, u: RcptUpdate) -> Result<(), LogError> {
-        let ticket = self.log.append(Kind::RcptUpdate, |out| u.encode(out))?;
-        let in_flight = Updating::new(&self.updating, u.id);
-        let durable = self.log.durable(ticket).await;
-        drop(in_flight);
-        durable?;
+    /// Applies a durable recipient update to the index.
+    fn apply(&self, u: &RcptUpdate) {
         let mut index = self.index.borrow_mut();
         if let Some(m) = index.get_mut(&u.id) {
-            m.apply(&u);
+            m.apply(u);
             if m.is_done() {
                 index.remove(&u.id);
                 self.uncache(u.id);
             }
         }
+        drop(index);
         if u.status == RcptStatus::Deferred {
             // Memory is for the mail flowing now: a retry reads the log.
             self.uncache(u.id);
             self.retry_at(u.id, u.next_attempt_ms);
         }
-        Ok(())
     }
 
     /// Up to `max` messages with recipients due at `now_ms`: (id, [(recipient index,
@@ -332,7 +401,173 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::testutil::{env, fresh_data};
+    use crate::queue::replay::list;
+    use crate::queue::testutil::{env, fresh_data, rcpt_states, update};
+    use ringmail_store::message::Recipient;
+
+    #[test]
+    fn the_outcomes_of_one_attempt_cost_one_sync_and_all_replay() {
+        let (_d, data) = fresh_data();
+        let data2 = data.clone();
+        let statuses = [
+            RcptStatus::Delivered,
+            RcptStatus::Deferred,
+            RcptStatus::Failed,
+            RcptStatus::Delivered,
+            RcptStatus::Deferred,
+        ];
+        let id = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            let (id, other) = (
+                spool.next_id().await.unwrap(),
+                spool.next_id().await.unwrap(),
+            );
+            for m in [id, other] {
+                spool
+                    .enqueue(env(m, 5), b"", b"x\r\n".to_vec())
+                    .await
+                    .unwrap();
+            }
+            let before = spool.log().batches_written();
+            let updates = (0..5)
+                .map(|i| update(id, i as u32, statuses[i], 1))
+                .collect();
+            spool.record_outcomes(updates, None).await.unwrap();
+            assert_eq!(
+                spool.log().batches_written() - before,
+                1,
+                "five recipients, one batch"
+            );
+            // What each attempt cost before: one batch (one fdatasync) per recipient.
+            let before = spool.log().batches_written();
+            for i in 0..5 {
+                spool
+                    .record(update(other, i, RcptStatus::Deferred, 1))
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(spool.log().batches_written() - before, 5);
+            spool.close().await;
+            id
+        });
+        let listed = list(&data).unwrap();
+        let m = listed.iter().find(|m| m.id == id).expect("still deferred");
+        assert_eq!(
+            rcpt_states(m),
+            statuses.iter().map(|s| (*s, 1)).collect::<Vec<_>>()
+        );
+    }
+
+    /// Copies a data directory (manifest and segments) to a fresh one.
+    fn copy_data(from: &Path) -> (tempfile::TempDir, std::path::PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let to = d.path().to_path_buf();
+        std::fs::copy(from.join("MANIFEST"), to.join("MANIFEST")).unwrap();
+        let (src, dst) = (segment::shard_dir(from, 0), segment::shard_dir(&to, 0));
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+        (d, to)
+    }
+
+    #[test]
+    fn a_crash_anywhere_in_a_bounce_batch_keeps_the_bounce_once_or_not_at_all() {
+        let (_d, data) = fresh_data();
+        let data2 = data.clone();
+        // One attempt: recipient 0 failed (bounced), recipient 1 delivered.
+        let (m, b, bounce_at) = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            let m = spool.next_id().await.unwrap();
+            spool
+                .enqueue(env(m, 2), b"", b"x\r\n".to_vec())
+                .await
+                .unwrap();
+            let b = spool.next_id().await.unwrap();
+            let bounce = Bounce {
+                env: Envelope {
+                    id: b,
+                    recipients: vec![Recipient {
+                        address: "a@src.test".into(),
+                        ..Recipient::default()
+                    }],
+                    ..Envelope::default()
+                },
+                text: b"report\r\n".to_vec(),
+            };
+            let updates = vec![
+                update(m, 0, RcptStatus::Failed, 1),
+                update(m, 1, RcptStatus::Delivered, 1),
+            ];
+            spool.record_outcomes(updates, Some(bounce)).await.unwrap();
+            assert!(spool.get(m).is_none(), "done");
+            assert!(spool.get(b).is_some(), "the bounce is queued");
+            let at = spool.get(b).unwrap().location;
+            spool.close().await;
+            (m, b, at)
+        });
+        let seg = segment::segment_path(&segment::shard_dir(&data, 0), bounce_at.seq);
+        let bytes = std::fs::read(&seg).unwrap();
+        let bounce_end = bounce_at.offset + bounce_at.len as u64;
+        let first_update = ringmail_store::record::decode(&bytes[bounce_end as usize..])
+            .unwrap()
+            .total_len as u64;
+        // Where a crash may end the batch: before it, inside the bounce, after the
+        // bounce, after the failure record, nowhere (all of it reached the disk).
+        let cuts = [
+            Some(bounce_at.offset),
+            Some(bounce_at.offset + bounce_at.len as u64 / 2),
+            Some(bounce_end),
+            Some(bounce_end + first_update),
+            None,
+        ];
+        for cut in cuts {
+            let (_keep, copy) = copy_data(&data);
+            if let Some(len) = cut {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(segment::segment_path(
+                        &segment::shard_dir(&copy, 0),
+                        bounce_at.seq,
+                    ))
+                    .unwrap();
+                f.set_len(len).unwrap();
+            }
+            let listed = list(&copy).unwrap();
+            let bounces = listed
+                .iter()
+                .filter(|q| q.id == b && q.from.is_empty())
+                .count();
+            let original = listed.iter().find(|q| q.id == m);
+            let failed = original.is_none_or(|q| q.rcpt[0].status == RcptStatus::Failed);
+            match bounces {
+                // The bounce is there: the failure it reports is applied, whatever
+                // became of the failure record.
+                1 => assert!(failed, "cut {cut:?}: bounced yet retryable: {original:?}"),
+                // No bounce: the recipient is not lost, it is tried again.
+                0 => assert_eq!(
+                    original.map(|q| q.rcpt[0].status),
+                    Some(RcptStatus::Queued),
+                    "cut {cut:?}"
+                ),
+                n => panic!("cut {cut:?}: {n} bounces"),
+            }
+            // The server's own recovery agrees, and never hands the bounced
+            // recipient to delivery again (so it cannot bounce twice).
+            glommio::LocalExecutor::default().run(async move {
+                let spool = Spool::open(&copy, 0, LogConfig::default()).await.unwrap();
+                let due = spool.take_due(4_000_000_000_000, usize::MAX);
+                let bounced_again = due
+                    .iter()
+                    .any(|(id, r)| *id == m && r.iter().any(|(i, _)| *i == 0));
+                assert_eq!(bounced_again, bounces == 0, "cut {cut:?}: {due:?}");
+                assert_eq!(due.iter().filter(|(id, _)| *id == b).count(), bounces);
+                assert!(spool.next_id().await.unwrap() > b);
+                spool.close().await;
+            });
+        }
+    }
 
     #[test]
     fn ids_never_repeat_after_a_failed_batch_and_a_restart() {
