@@ -4,7 +4,7 @@ use super::model::{QueuedMessage, RcptStatus};
 use ringmail_store::message;
 
 impl QueuedMessage {
-    /// One line of `queue list --json` (JSON Lines, DESIGN.md's contract).
+    /// One line of `queue list --json` (JSON Lines: one object per queued message).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "id": message::format_id(self.id),
