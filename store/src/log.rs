@@ -261,6 +261,8 @@ pub struct ShardLog {
     halted: Rc<RefCell<Option<String>>>,
     stopped: Rc<Event>,
     running: Rc<Cell<bool>>,
+    /// Batches written (each one write and one fdatasync), failed ones included.
+    batches: Rc<Cell<u64>>,
 }
 
 impl ShardLog {
@@ -302,6 +304,7 @@ impl ShardLog {
             halted: Rc::new(RefCell::new(None)),
             stopped: Rc::new(Event::new()),
             running: Rc::new(Cell::new(true)),
+            batches: Rc::new(Cell::new(0)),
         };
         let flusher = Flusher {
             dir: dir.to_path_buf(),
@@ -353,6 +356,11 @@ impl ShardLog {
         }
     }
 
+    /// Batches written so far (one fdatasync each), for tests and statistics.
+    pub fn batches_written(&self) -> u64 {
+        self.batches.get()
+    }
+
     /// Failure injection for tests of the error paths.
     pub fn faults(&self) -> &Faults {
         &self.faults
@@ -399,6 +407,7 @@ impl Flusher {
             };
             match slot {
                 Some(slot) => {
+                    self.log.batches.set(self.log.batches.get() + 1);
                     let result = self.write_batch(batch).await;
                     *slot.done.borrow_mut() = Some(result);
                     slot.event.notify(usize::MAX);

@@ -5,8 +5,14 @@
 //!
 //! Encoding: a version byte, then fields in order; strings and byte strings carry a u32
 //! length. All integers are little endian.
+//!
+//! Version 2 (written only for bounces) adds, after `peer`, the failures the bounce
+//! reports: a u32 count, then each as the byte string of an encoded `RcptUpdate`.
+//! The failures and their bounce are one record, so they reach the disk together or
+//! not at all.
 
 const VERSION: u8 = 1;
+const VERSION_WITH_REPORTS: u8 = 2;
 
 /// DSN `RET=` (RFC 3461 §4.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -92,7 +98,23 @@ pub fn parse_id(s: &str) -> Option<u64> {
 
 /// Appends the payload of a `Message` record.
 pub fn encode(out: &mut Vec<u8>, env: &Envelope, prefix: &[u8], body: &[u8]) {
-    out.push(VERSION);
+    encode_with_reports(out, env, &[], prefix, body)
+}
+
+/// Appends the payload of a bounce's `Message` record that carries `reports`, the
+/// recipient failures (of other messages) it reports on.
+pub fn encode_with_reports(
+    out: &mut Vec<u8>,
+    env: &Envelope,
+    reports: &[RcptUpdate],
+    prefix: &[u8],
+    body: &[u8],
+) {
+    out.push(if reports.is_empty() {
+        VERSION
+    } else {
+        VERSION_WITH_REPORTS
+    });
     out.extend_from_slice(&env.id.to_le_bytes());
     out.extend_from_slice(&env.received_at_ms.to_le_bytes());
     put_bytes(out, env.from.as_bytes());
@@ -108,6 +130,15 @@ pub fn encode(out: &mut Vec<u8>, env: &Envelope, prefix: &[u8], body: &[u8]) {
     put_opt(out, env.envid.as_deref());
     put_bytes(out, env.helo.as_bytes());
     put_bytes(out, env.peer.as_bytes());
+    if !reports.is_empty() {
+        out.extend_from_slice(&(reports.len() as u32).to_le_bytes());
+        let mut u = Vec::new();
+        for r in reports {
+            u.clear();
+            r.encode(&mut u);
+            put_bytes(out, &u);
+        }
+    }
     put_bytes(out, prefix);
     // The body goes last so a reader can find it without parsing it.
     put_bytes(out, body);
@@ -121,6 +152,8 @@ pub struct Decoded<'a> {
     pub body: &'a [u8],
     /// Where the body starts inside the payload.
     pub body_offset: usize,
+    /// For a bounce: the recipient failures it reports (see `encode_with_reports`).
+    pub reports: Vec<RcptUpdate>,
 }
 
 pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
@@ -128,7 +161,8 @@ pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
         buf: payload,
         pos: 0,
     };
-    if r.u8()? != VERSION {
+    let version = r.u8()?;
+    if version != VERSION && version != VERSION_WITH_REPORTS {
         return Err("unknown message record version");
     }
     let id = r.u64()?;
@@ -166,6 +200,16 @@ pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
     let envid = r.opt()?;
     let helo = r.string()?;
     let peer = r.string()?;
+    let mut reports = Vec::new();
+    if version == VERSION_WITH_REPORTS {
+        let n = r.u32()? as usize;
+        if n > payload.len() {
+            return Err("report count out of range");
+        }
+        for _ in 0..n {
+            reports.push(RcptUpdate::decode(r.bytes()?)?);
+        }
+    }
     let prefix = r.bytes()?;
     let body = r.bytes()?;
     let body_offset = r.pos - body.len();
@@ -188,6 +232,7 @@ pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
         prefix,
         body,
         body_offset,
+        reports,
     })
 }
 
@@ -366,6 +411,43 @@ mod tests {
         for cut in 0..out.len() {
             assert!(decode(&out[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn a_bounce_carries_the_failures_it_reports() {
+        let env = Envelope {
+            id: 7,
+            recipients: vec![Recipient {
+                address: "sender@x".into(),
+                ..Recipient::default()
+            }],
+            ..Envelope::default()
+        };
+        let reports = vec![RcptUpdate {
+            id: 3,
+            rcpt: 1,
+            status: RcptStatus::Failed,
+            attempts: 2,
+            next_attempt_ms: 0,
+            reply: "550 5.1.1 no such user".into(),
+        }];
+        let mut out = Vec::new();
+        encode_with_reports(&mut out, &env, &reports, b"", b"report\r\n");
+        let d = decode(&out).unwrap();
+        assert_eq!(d.envelope, env);
+        assert_eq!(d.reports, reports);
+        assert_eq!(d.body, b"report\r\n");
+        assert_eq!(&out[d.body_offset..], b"report\r\n");
+        for cut in 0..out.len() {
+            assert!(decode(&out[..cut]).is_err());
+        }
+        // Without reports the record is the version 1 record, byte for byte.
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode(&mut a, &env, b"p", b"b");
+        encode_with_reports(&mut b, &env, &[], b"p", b"b");
+        assert_eq!(a, b);
+        assert_eq!(a[0], 1);
+        assert!(decode(&a).unwrap().reports.is_empty());
     }
 
     #[test]

@@ -12,10 +12,11 @@ use crate::config::Config;
 use crate::dns::resolver::Resolver;
 use crate::net::Ring;
 use crate::queue::retry::{Next, RetryPolicy};
-use crate::queue::{Loaded, RcptStatus, Spool};
+use crate::queue::{Bounce, Loaded, RcptStatus, Spool};
 use crate::smtp::address::{domain_key, is_local_domain, parse_domain, Domain};
 use crate::smtp::client::{RcptResult, Reply, Transaction, TxRcpt};
 use ringmail_store::message::{format_id, notify, BodyType, Envelope, RcptUpdate, Recipient, Ret};
+use ringmail_store::LogError;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
@@ -43,8 +44,8 @@ pub struct Delivery {
     /// Idle connections for the next message to the same host.
     pool: super::attempt::Pool,
     last_compaction: Cell<std::time::Instant>,
-    /// Token buckets of the per-destination rate limit: (tokens, last refill).
-    buckets: RefCell<HashMap<String, (f64, std::time::Instant)>>,
+    /// The per-destination rate limit.
+    rate: RefCell<RateLimit>,
     /// Attempts running per destination domain.
     per_destination: RefCell<HashMap<String, usize>>,
     /// Attempts running on this executor, all destinations together.
@@ -78,9 +79,62 @@ fn domain_of(address: &str) -> Option<String> {
     address.rsplit_once('@').map(|(_, d)| domain_key(d))
 }
 
+/// The per-destination rate limit: a token bucket per domain holding up to a second's
+/// worth of tokens.
+struct RateLimit {
+    /// Attempts per second per destination; None: no limit.
+    rate: Option<f64>,
+    /// (tokens, last refill) per destination domain.
+    buckets: HashMap<String, (f64, std::time::Instant)>,
+}
+
+impl RateLimit {
+    fn new(rate: Option<f64>) -> RateLimit {
+        RateLimit {
+            rate,
+            buckets: HashMap::new(),
+        }
+    }
+
+    fn capacity(rate: f64) -> f64 {
+        rate.max(1.0)
+    }
+
+    fn take(&mut self, domain: &str, now: std::time::Instant) -> bool {
+        let Some(rate) = self.rate else {
+            return true;
+        };
+        let cap = Self::capacity(rate);
+        let (tokens, last) = self.buckets.entry(domain.to_string()).or_insert((cap, now));
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(cap);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Drops the buckets that have refilled to capacity: a full bucket is what a
+    /// destination seen for the first time gets, so forgetting it changes nothing,
+    /// and the map holds only the destinations mail went to in the last second or so
+    /// instead of every domain ever relayed to.
+    fn evict_idle(&mut self, now: std::time::Instant) {
+        let Some(rate) = self.rate else {
+            return;
+        };
+        let cap = Self::capacity(rate);
+        self.buckets.retain(|_, (tokens, last)| {
+            *tokens + now.saturating_duration_since(*last).as_secs_f64() * rate < cap
+        });
+    }
+}
+
 impl Delivery {
     pub fn new(cfg: Rc<Config>, ring: Rc<Ring>, spools: Vec<Rc<Spool>>) -> Rc<Delivery> {
         let resolver = Resolver::new(cfg.dns.clone(), Duration::from_secs(3), 2);
+        let rate = RefCell::new(RateLimit::new(cfg.destination_rate));
         Rc::new(Delivery {
             attempt: AttemptConfig {
                 helo: cfg.hostname.clone(),
@@ -97,7 +151,7 @@ impl Delivery {
             finished: event_listener::Event::new(),
             pool: super::attempt::Pool::new(100, Duration::from_secs(5)),
             last_compaction: Cell::new(std::time::Instant::now()),
-            buckets: RefCell::new(HashMap::new()),
+            rate,
             per_destination: RefCell::new(HashMap::new()),
             running: Cell::new(0),
             stopping: Cell::new(false),
@@ -127,6 +181,7 @@ impl Delivery {
             self.scan();
             if self.last_compaction.get().elapsed() >= COMPACTION_INTERVAL {
                 self.last_compaction.set(std::time::Instant::now());
+                self.rate.borrow_mut().evict_idle(std::time::Instant::now());
                 for spool in &self.spools {
                     if let Err(e) = spool.compact().await {
                         tracing::warn!(shard = spool.shard, error = %e, "compaction failed");
@@ -166,24 +221,10 @@ impl Delivery {
         }
     }
 
-    /// The per-destination rate limit: a token bucket holding up to a second's worth.
     fn take_token(&self, domain: &str) -> bool {
-        let Some(rate) = self.cfg.destination_rate else {
-            return true;
-        };
-        let now = std::time::Instant::now();
-        let mut buckets = self.buckets.borrow_mut();
-        let (tokens, last) = buckets
-            .entry(domain.to_string())
-            .or_insert((rate.max(1.0), now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate.max(1.0));
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.rate
+            .borrow_mut()
+            .take(domain, std::time::Instant::now())
     }
 
     fn is_local(&self, domain: &str) -> bool {
@@ -323,6 +364,7 @@ impl Delivery {
         let relay = outcome.relay.clone().unwrap_or_else(|| "none".into());
         let delay_s = now.saturating_sub(env.received_at_ms) as f64 / 1000.0;
         let mut failures = Vec::new();
+        let mut updates = Vec::with_capacity(rcpts.len());
         // One draw for the attempt: its deferred recipients come back together.
         let jitter = random_u64();
         for (k, result) in outcome.results.into_iter().enumerate() {
@@ -358,36 +400,55 @@ impl Delivery {
             if status == RcptStatus::Failed {
                 failures.push((to.clone(), reply.clone(), outcome.relay.clone()));
             }
-            let update = RcptUpdate {
+            updates.push(RcptUpdate {
                 id,
                 rcpt: i,
                 status,
                 attempts,
                 next_attempt_ms: next,
                 reply: reply.to_line(),
-            };
-            if let Err(e) = spool.record(update).await {
-                // The recipients not recorded stay as they were and are tried again
-                // (one delivered but unrecorded may be sent twice: the window every
-                // MTA has between a remote 250 and its own disk).
-                tracing::error!(id = %idt, error = %e, "cannot record a delivery result; trying again in a minute");
-                spool.retry_at(id, now_ms() + 60_000);
-                break;
-            }
+            });
         }
-        if !failures.is_empty() {
-            self.bounce(spool, &env, &message.to_vec(), failures).await;
+        let bounce = if failures.is_empty() {
+            None
+        } else {
+            match self.bounce(spool, &env, &message.to_vec(), failures).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(id = %idt, error = %e, "cannot take an id for the bounce; trying again in a minute");
+                    spool.retry_at(id, now_ms() + 60_000);
+                    return;
+                }
+            }
+        };
+        let bounce_id = bounce.as_ref().map(|b| format_id(b.env.id));
+        // One batch for the whole attempt: the bounce (carrying the failures it
+        // reports) first, then every recipient's outcome.
+        match spool.record_outcomes(updates, bounce).await {
+            Ok(()) => {
+                if let Some(bid) = bounce_id {
+                    tracing::info!(id = %idt, bounce = %bid, to = %env.from, "bounce queued");
+                }
+            }
+            Err(e) => {
+                // The recipients stay as they were and are tried again (one
+                // delivered but unrecorded may be sent twice: the window every MTA
+                // has between a remote 250 and its own disk); no bounce was queued.
+                tracing::error!(id = %idt, error = %e, "cannot record the delivery results; trying again in a minute");
+                spool.retry_at(id, now_ms() + 60_000);
+            }
         }
     }
 
-    /// Queues a bounce for `failures` to the sender (never for the null sender).
+    /// The bounce for `failures` to the sender, if one is wanted (never for the
+    /// null sender, nor when NOTIFY says no).
     async fn bounce(
         &self,
         spool: &Rc<Spool>,
         env: &Envelope,
         message: &[u8],
         failures: Vec<(Recipient, Reply, Option<String>)>,
-    ) {
+    ) -> Result<Option<Bounce>, LogError> {
         let reports: Vec<dsn::Report> = failures
             .into_iter()
             .map(|(r, reply, relay)| dsn::Report {
@@ -418,10 +479,11 @@ impl Delivery {
             &reports,
             &chrono::Utc::now().to_rfc2822(),
         ) else {
-            return;
+            return Ok(None);
         };
+        let bid = spool.next_id().await?;
         let bounce = Envelope {
-            id: spool.next_id(),
+            id: bid,
             received_at_ms: now_ms(),
             from: String::new(),
             recipients: vec![Recipient {
@@ -441,10 +503,40 @@ impl Delivery {
             helo: self.cfg.hostname.clone(),
             peer: "local".into(),
         };
-        let bid = format_id(bounce.id);
-        match spool.enqueue(bounce, b"", report).await {
-            Ok(()) => tracing::info!(id = %id, bounce = %bid, to = %env.from, "bounce queued"),
-            Err(e) => tracing::error!(id = %id, error = %e, "cannot queue the bounce"),
+        Ok(Some(Bounce {
+            env: bounce,
+            text: report,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn idle_rate_buckets_are_evicted_once_full_again() {
+        let mut limit = RateLimit::new(Some(2.0));
+        let t0 = Instant::now();
+        for i in 0..100 {
+            assert!(limit.take(&format!("d{i}.test"), t0));
         }
+        // A busy destination: its bucket is empty.
+        assert!(limit.take("busy.test", t0));
+        assert!(limit.take("busy.test", t0));
+        assert!(!limit.take("busy.test", t0));
+        assert_eq!(limit.buckets.len(), 101);
+        // Not refilled yet: nothing may go, or the limit would be forgotten.
+        limit.evict_idle(t0 + Duration::from_millis(100));
+        assert_eq!(limit.buckets.len(), 101);
+        // A second later every bucket is full again: the map empties.
+        limit.evict_idle(t0 + Duration::from_secs(1));
+        assert!(limit.buckets.is_empty(), "{} left", limit.buckets.len());
+        // The limit still holds for a destination that comes back.
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(limit.take("busy.test", t1));
+        assert!(limit.take("busy.test", t1));
+        assert!(!limit.take("busy.test", t1));
     }
 }

@@ -215,7 +215,7 @@ impl Ingest {
         let i = self.next_spool.get();
         self.next_spool.set((i + 1) % self.spools.len());
         let spool = &self.spools[i];
-        let id = spool.next_id();
+        let id = spool.next_id().await?;
         let id_text = format_id(id);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -1,0 +1,104 @@
+//! Message text for delivery: kept in memory from ingestion while it is fresh,
+//! otherwise read back from its segment.
+
+use super::spool::Spool;
+use ringmail_store::message::{self, Envelope};
+use ringmail_store::segment;
+use ringmail_store::Location;
+use std::io;
+use std::rc::Rc;
+
+/// A queued message as delivery sends it: the envelope and the text.
+#[derive(Clone)]
+pub struct Loaded {
+    pub env: Envelope,
+    pub message: MessageText,
+}
+
+/// The text sent on: the trace prefix, then the body as the client sent it (shared by
+/// every attempt that needs it at the same time; for a fresh message, the very buffer
+/// the SMTP session received it into).
+#[derive(Clone, Debug)]
+pub struct MessageText {
+    pub prefix: Vec<u8>,
+    pub body: Rc<Vec<u8>>,
+}
+
+impl MessageText {
+    pub fn len(&self) -> usize {
+        self.prefix.len() + self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Prefix and body in one buffer (bounces quote it).
+    pub fn to_vec(&self) -> Vec<u8> {
+        [&self.prefix[..], &self.body[..]].concat()
+    }
+}
+
+/// Checks and frames the record of message `id` read back from its segment.
+pub(super) fn decode_record(
+    id: u64,
+    bytes: &[u8],
+) -> io::Result<ringmail_store::record::RecordRef<'_>> {
+    ringmail_store::record::decode(bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("record of {id:016X}: {e:?}"),
+        )
+    })
+}
+
+/// Bytes of messages a shard keeps in memory for delivery; past it, delivery reads
+/// them from the log.
+pub(super) const CACHE_BYTES_MAX: usize = 128 << 20;
+
+impl Spool {
+    pub(super) fn uncache(&self, id: u64) {
+        if let Some(l) = self.cache.borrow_mut().remove(&id) {
+            self.cached_bytes
+                .set(self.cached_bytes.get() - l.message.len());
+        }
+    }
+    /// The raw record at `loc`.
+    pub(super) async fn read_record(&self, loc: Location) -> io::Result<glommio::io::ReadResult> {
+        let file = glommio::io::DmaFile::open(segment::segment_path(&self.dir, loc.seq)).await?;
+        let bytes = file.read_at(loc.offset, loc.len as usize).await;
+        let _ = file.close().await;
+        Ok(bytes?)
+    }
+
+    /// A queued message as delivery sends it: from memory while it is fresh,
+    /// otherwise read back from its segment.
+    pub async fn read_message(&self, id: u64) -> io::Result<Loaded> {
+        if let Some(l) = self.cache.borrow().get(&id) {
+            return Ok(l.clone());
+        }
+        let location = || {
+            self.get(id)
+                .map(|m| m.location)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such queued message"))
+        };
+        let loc = location()?;
+        let bytes = match self.read_record(loc).await {
+            Ok(b) => b,
+            // Compaction copied the message forward and deleted its old segment
+            // while this read was on its way: read the new copy.
+            Err(_) if location()? != loc => self.read_record(location()?).await?,
+            Err(e) => return Err(e),
+        };
+        let rec = decode_record(id, &bytes)?;
+        let d = message::decode(rec.payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Ok(Loaded {
+            env: d.envelope,
+            message: MessageText {
+                prefix: d.prefix.to_vec(),
+                body: Rc::new(d.body.to_vec()),
+            },
+        })
+    }
+}

@@ -1,0 +1,615 @@
+//! One shard's queue on its executor: the write path (messages and recipient
+//! updates made durable before they enter the index) and the ready queue and timers
+//! the scheduler takes due work from.
+
+use super::cache::{Loaded, MessageText, CACHE_BYTES_MAX};
+use super::model::{encode_id_checkpoint, make_id, QueuedMessage, RcptStatus, COUNTER_BITS};
+use super::replay::{recover, Recovered};
+use ringmail_store::message::{self, Envelope, RcptUpdate};
+use ringmail_store::segment::{self, Mode};
+use ringmail_store::{Kind, Location, LogConfig, LogError, ShardLog, Ticket};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::Path;
+use std::rc::Rc;
+
+/// One shard's queue, owned by the executor that serves the shard.
+pub struct Spool {
+    pub shard: u32,
+    pub(super) dir: std::path::PathBuf,
+    pub(super) log: ShardLog,
+    pub(super) next_counter: Cell<u64>,
+    /// Counters below this are covered by a durable checkpoint: only those are handed
+    /// out, so a restart (which continues after the highest checkpoint) never gives
+    /// an id again, whatever became of the message that had it.
+    pub(super) reserved: Cell<u64>,
+    /// The checkpoint reserving the next block, appended before the current block
+    /// runs out so it rides along with a batch that is being written anyway.
+    pending_reservation: RefCell<Option<(Ticket, u64)>>,
+    pub(super) index: RefCell<BTreeMap<u64, QueuedMessage>>,
+    /// Messages that may have a recipient due now, in arrival order (an id may be
+    /// stale or repeated: `take_due` checks). The scheduler never scans the index.
+    pub(super) ready: RefCell<std::collections::VecDeque<u64>>,
+    /// Messages with deferred recipients, by the time they come due.
+    pub(super) waiting: RefCell<BTreeMap<u64, Vec<u64>>>,
+    /// Wakes the scheduler: new mail, or a flush.
+    pub wake: event_listener::Event,
+    /// Messages kept in memory from ingestion until they leave the queue or are
+    /// deferred, so the first delivery attempt sends the bytes it received without
+    /// reading them back (segments are written with direct I/O: no page cache).
+    pub(super) cache: RefCell<HashMap<u64, Loaded>>,
+    pub(super) cached_bytes: Cell<usize>,
+    /// Messages with a recipient update written but not applied yet: compaction does
+    /// not copy them (its snapshot of their state would miss the update).
+    pub(super) updating: RefCell<HashMap<u64, usize>>,
+}
+
+/// Counts a recipient update of a message as in flight while it lives: also when
+/// the future writing it is dropped half-way (shutdown), so the count cannot stick.
+struct Updating<'a> {
+    map: &'a RefCell<HashMap<u64, usize>>,
+    id: u64,
+}
+
+impl<'a> Updating<'a> {
+    fn new(map: &'a RefCell<HashMap<u64, usize>>, id: u64) -> Updating<'a> {
+        *map.borrow_mut().entry(id).or_default() += 1;
+        Updating { map, id }
+    }
+}
+
+impl Drop for Updating<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.borrow_mut();
+        if let Some(n) = map.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// A bounce to queue with the outcomes it reports: its envelope and its text (the
+/// delivery status notification, no trace prefix).
+pub struct Bounce {
+    pub env: Envelope,
+    pub text: Vec<u8>,
+}
+
+/// Ids are reserved this many at a time; a restart skips what was left of the block.
+pub(super) const ID_BLOCK: u64 = 4096;
+
+impl Spool {
+    /// Recovers the shard (repairing a torn tail) and opens its log for appending.
+    pub async fn open(data: &Path, shard: u32, cfg: LogConfig) -> io::Result<Spool> {
+        let Recovered {
+            index,
+            tail,
+            report,
+            max_id,
+        } = recover(data, shard, Mode::Repair)?;
+        if report.truncated_bytes > 0 || !report.damaged.is_empty() {
+            tracing::warn!(shard, truncated_bytes = report.truncated_bytes, damaged = ?report.damaged, "recovery repaired the log");
+        }
+        tracing::info!(
+            shard,
+            segments = report.segments,
+            records = report.records,
+            queued = index.len(),
+            "shard recovered"
+        );
+        let counter = max_id.map_or(1, |id| (id & ((1 << COUNTER_BITS) - 1)) + 1);
+        let log = ShardLog::open(&segment::shard_dir(data, shard), shard, tail, cfg).await?;
+        // The first block of ids, durable before any of it is handed out.
+        let reserved = counter + ID_BLOCK;
+        let ticket = log
+            .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, reserved))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        log.durable(ticket)
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut ready = std::collections::VecDeque::new();
+        let mut waiting: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for m in index.values() {
+            // Ready if any recipient is queued; otherwise due at the earliest deferral.
+            if m.rcpt.iter().any(|r| r.status == RcptStatus::Queued) {
+                ready.push_back(m.id);
+            } else if let Some(t) = m
+                .rcpt
+                .iter()
+                .filter(|r| r.status == RcptStatus::Deferred)
+                .map(|r| r.next_attempt_ms)
+                .min()
+            {
+                waiting.entry(t).or_default().push(m.id);
+            }
+        }
+        Ok(Spool {
+            shard,
+            dir: segment::shard_dir(data, shard),
+            log,
+            next_counter: Cell::new(counter),
+            reserved: Cell::new(reserved),
+            pending_reservation: RefCell::new(None),
+            index: RefCell::new(index),
+            ready: RefCell::new(ready),
+            waiting: RefCell::new(waiting),
+            wake: event_listener::Event::new(),
+            cache: RefCell::new(HashMap::new()),
+            cached_bytes: Cell::new(0),
+            updating: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// Takes the next queue id of this shard. Ids are handed out only from a block
+    /// a durable checkpoint has reserved, so no id is ever given twice, not even
+    /// one whose message was answered 451 and never logged. Waits only when a block
+    /// is used up before the next one's checkpoint (appended at half-way) is durable.
+    pub async fn next_id(&self) -> Result<u64, LogError> {
+        loop {
+            let c = self.next_counter.get();
+            let reserved = self.reserved.get();
+            if c < reserved {
+                self.next_counter.set(c + 1);
+                if reserved - c <= ID_BLOCK / 2 && self.pending_reservation.borrow().is_none() {
+                    let target = reserved + ID_BLOCK;
+                    // An append fails only when the log is closing: the next call
+                    // tries again, and the block's end waits for it.
+                    if let Ok(t) = self
+                        .log
+                        .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))
+                    {
+                        *self.pending_reservation.borrow_mut() = Some((t, target));
+                    }
+                }
+                return Ok(make_id(self.shard, c));
+            }
+            let pending = self.pending_reservation.borrow_mut().take();
+            let (ticket, target) = match pending {
+                Some(p) => p,
+                None => {
+                    let target = reserved + ID_BLOCK;
+                    let t = self
+                        .log
+                        .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))?;
+                    (t, target)
+                }
+            };
+            self.log.durable(ticket).await?;
+            self.reserved.set(self.reserved.get().max(target));
+        }
+    }
+
+    /// Writes the message once (envelope, trace prefix, body) and returns when it is
+    /// durable; only then is it in the queue.
+    pub async fn enqueue(
+        &self,
+        env: Envelope,
+        prefix: &[u8],
+        body: Vec<u8>,
+    ) -> Result<(), LogError> {
+        let ticket = self.log.append(Kind::Message, |out| {
+            message::encode(out, &env, prefix, &body)
+        })?;
+        let location = self.log.durable(ticket).await?;
+        self.admit(env, prefix, body, location);
+        Ok(())
+    }
+
+    /// Puts a durable message into the index and the ready queue.
+    fn admit(&self, env: Envelope, prefix: &[u8], body: Vec<u8>, location: Location) {
+        let size = prefix.len() + body.len();
+        let m = if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
+            self.cached_bytes.set(self.cached_bytes.get() + size);
+            let m = QueuedMessage::new(env.clone(), &body, location);
+            let loaded = Loaded {
+                env,
+                message: MessageText {
+                    prefix: prefix.to_vec(),
+                    body: Rc::new(body),
+                },
+            };
+            self.cache.borrow_mut().insert(m.id, loaded);
+            m
+        } else {
+            QueuedMessage::new(env, &body, location)
+        };
+        let id = m.id;
+        self.index.borrow_mut().insert(id, m);
+        self.ready.borrow_mut().push_back(id);
+        self.wake.notify(usize::MAX);
+    }
+
+    /// Makes one recipient's outcome durable, then applies it.
+    pub async fn record(&self, u: RcptUpdate) -> Result<(), LogError> {
+        self.record_outcomes(vec![u], None).await
+    }
+
+    /// Makes the outcomes of one delivery attempt durable, then applies them; a
+    /// message whose recipients are all done leaves the queue. Every record goes to
+    /// the log before the first wait, so they share one batch: one fdatasync for all
+    /// the recipients of the attempt.
+    ///
+    /// `bounce` reports the failures among `updates`. It goes first in the batch, as
+    /// one record that also carries those failures, so the failures and their bounce
+    /// are one durable step: replay applies a bounce's failures even if a crash tore
+    /// off the failure records after it (see `replay::recover`). A failed batch is
+    /// cut off whole: then neither is in the queue and the recipients stay as they
+    /// were.
+    pub async fn record_outcomes(
+        &self,
+        updates: Vec<RcptUpdate>,
+        bounce: Option<Bounce>,
+    ) -> Result<(), LogError> {
+        let bounce_ticket = match &bounce {
+            Some(b) => {
+                let failures: Vec<RcptUpdate> = updates
+                    .iter()
+                    .filter(|u| u.status == RcptStatus::Failed)
+                    .cloned()
+                    .collect();
+                Some(self.log.append(Kind::Message, |out| {
+                    message::encode_with_reports(out, &b.env, &failures, b"", &b.text)
+                })?)
+            }
+            None => None,
+        };
+        let mut tickets = Vec::with_capacity(updates.len());
+        for u in &updates {
+            tickets.push(self.log.append(Kind::RcptUpdate, |out| u.encode(out))?);
+        }
+        let in_flight: Vec<Updating> = updates
+            .iter()
+            .map(|u| Updating::new(&self.updating, u.id))
+            .collect();
+        let bounce_location = match bounce_ticket {
+            Some(t) => Some(self.log.durable(t).await),
+            None => None,
+        };
+        let mut durable = Ok(());
+        for t in tickets {
+            if let Err(e) = self.log.durable(t).await {
+                durable = Err(e);
+            }
+        }
+        drop(in_flight);
+        durable?;
+        if let (Some(b), Some(location)) = (bounce, bounce_location) {
+            self.admit(b.env, b"", b.text, location?);
+        }
+        for u in &updates {
+            self.apply(u);
+        }
+        Ok(())
+    }
+
+    /// Applies a durable recipient update to the index.
+    fn apply(&self, u: &RcptUpdate) {
+        let mut index = self.index.borrow_mut();
+        if let Some(m) = index.get_mut(&u.id) {
+            m.apply(u);
+            if m.is_done() {
+                index.remove(&u.id);
+                self.uncache(u.id);
+            }
+        }
+        drop(index);
+        if u.status == RcptStatus::Deferred {
+            // Memory is for the mail flowing now: a retry reads the log.
+            self.uncache(u.id);
+            self.retry_at(u.id, u.next_attempt_ms);
+        }
+    }
+
+    /// Up to `max` messages with recipients due at `now_ms`: (id, [(recipient index,
+    /// address)]). Deferred messages whose time came are moved to the ready queue first.
+    pub fn take_due(&self, now_ms: u64, max: usize) -> Vec<(u64, Vec<(u32, String)>)> {
+        {
+            let mut waiting = self.waiting.borrow_mut();
+            let later = waiting.split_off(&(now_ms + 1));
+            let due = std::mem::replace(&mut *waiting, later);
+            let mut ready = self.ready.borrow_mut();
+            for ids in due.into_values() {
+                ready.extend(ids);
+            }
+        }
+        let index = self.index.borrow();
+        let mut ready = self.ready.borrow_mut();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(id) = ready.pop_front() else { break };
+            let Some(m) = index.get(&id) else { continue };
+            let due: Vec<(u32, String)> = m
+                .rcpt
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| match r.status {
+                    RcptStatus::Queued => true,
+                    RcptStatus::Deferred => r.next_attempt_ms <= now_ms,
+                    _ => false,
+                })
+                .map(|(i, r)| (i as u32, r.to.clone()))
+                .collect();
+            if !due.is_empty() {
+                out.push((id, due));
+            }
+        }
+        out
+    }
+
+    /// Looks at a message again at `at_ms` (after a local error).
+    pub fn retry_at(&self, id: u64, at_ms: u64) {
+        let mut waiting = self.waiting.borrow_mut();
+        let ids = waiting.entry(at_ms).or_default();
+        // The recipients of one attempt share their retry time: one entry will do.
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+
+    /// Puts a message back at the end of the ready queue (its destination was busy).
+    pub fn requeue(&self, id: u64) {
+        self.ready.borrow_mut().push_back(id);
+    }
+
+    /// When the next deferred message comes due, if any.
+    pub fn next_wakeup_ms(&self) -> Option<u64> {
+        self.waiting.borrow().keys().next().copied()
+    }
+
+    /// Makes every deferred recipient due now (`queue flush`).
+    pub fn flush(&self) {
+        for m in self.index.borrow_mut().values_mut() {
+            for r in &mut m.rcpt {
+                if r.status == RcptStatus::Deferred {
+                    r.next_attempt_ms = 0;
+                }
+            }
+        }
+        let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
+        self.ready
+            .borrow_mut()
+            .extend(waiting.into_values().flatten());
+        self.wake.notify(usize::MAX);
+    }
+
+    /// A copy of one queued message's state.
+    pub fn get(&self, id: u64) -> Option<QueuedMessage> {
+        self.index.borrow().get(&id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.borrow().is_empty()
+    }
+
+    pub fn log(&self) -> &ShardLog {
+        &self.log
+    }
+
+    /// Syncs and closes the log (shutdown).
+    pub async fn close(&self) {
+        self.log.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::replay::list;
+    use crate::queue::testutil::{env, fresh_data, rcpt_states, update};
+    use ringmail_store::message::Recipient;
+
+    #[test]
+    fn the_outcomes_of_one_attempt_cost_one_sync_and_all_replay() {
+        let (_d, data) = fresh_data();
+        let data2 = data.clone();
+        let statuses = [
+            RcptStatus::Delivered,
+            RcptStatus::Deferred,
+            RcptStatus::Failed,
+            RcptStatus::Delivered,
+            RcptStatus::Deferred,
+        ];
+        let id = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            let (id, other) = (
+                spool.next_id().await.unwrap(),
+                spool.next_id().await.unwrap(),
+            );
+            for m in [id, other] {
+                spool
+                    .enqueue(env(m, 5), b"", b"x\r\n".to_vec())
+                    .await
+                    .unwrap();
+            }
+            let before = spool.log().batches_written();
+            let updates = (0..5)
+                .map(|i| update(id, i as u32, statuses[i], 1))
+                .collect();
+            spool.record_outcomes(updates, None).await.unwrap();
+            assert_eq!(
+                spool.log().batches_written() - before,
+                1,
+                "five recipients, one batch"
+            );
+            // What each attempt cost before: one batch (one fdatasync) per recipient.
+            let before = spool.log().batches_written();
+            for i in 0..5 {
+                spool
+                    .record(update(other, i, RcptStatus::Deferred, 1))
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(spool.log().batches_written() - before, 5);
+            spool.close().await;
+            id
+        });
+        let listed = list(&data).unwrap();
+        let m = listed.iter().find(|m| m.id == id).expect("still deferred");
+        assert_eq!(
+            rcpt_states(m),
+            statuses.iter().map(|s| (*s, 1)).collect::<Vec<_>>()
+        );
+    }
+
+    /// Copies a data directory (manifest and segments) to a fresh one.
+    fn copy_data(from: &Path) -> (tempfile::TempDir, std::path::PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let to = d.path().to_path_buf();
+        std::fs::copy(from.join("MANIFEST"), to.join("MANIFEST")).unwrap();
+        let (src, dst) = (segment::shard_dir(from, 0), segment::shard_dir(&to, 0));
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+        (d, to)
+    }
+
+    #[test]
+    fn a_crash_anywhere_in_a_bounce_batch_keeps_the_bounce_once_or_not_at_all() {
+        let (_d, data) = fresh_data();
+        let data2 = data.clone();
+        // One attempt: recipient 0 failed (bounced), recipient 1 delivered.
+        let (m, b, bounce_at) = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            let m = spool.next_id().await.unwrap();
+            spool
+                .enqueue(env(m, 2), b"", b"x\r\n".to_vec())
+                .await
+                .unwrap();
+            let b = spool.next_id().await.unwrap();
+            let bounce = Bounce {
+                env: Envelope {
+                    id: b,
+                    recipients: vec![Recipient {
+                        address: "a@src.test".into(),
+                        ..Recipient::default()
+                    }],
+                    ..Envelope::default()
+                },
+                text: b"report\r\n".to_vec(),
+            };
+            let updates = vec![
+                update(m, 0, RcptStatus::Failed, 1),
+                update(m, 1, RcptStatus::Delivered, 1),
+            ];
+            spool.record_outcomes(updates, Some(bounce)).await.unwrap();
+            assert!(spool.get(m).is_none(), "done");
+            assert!(spool.get(b).is_some(), "the bounce is queued");
+            let at = spool.get(b).unwrap().location;
+            spool.close().await;
+            (m, b, at)
+        });
+        let seg = segment::segment_path(&segment::shard_dir(&data, 0), bounce_at.seq);
+        let bytes = std::fs::read(&seg).unwrap();
+        let bounce_end = bounce_at.offset + bounce_at.len as u64;
+        let first_update = ringmail_store::record::decode(&bytes[bounce_end as usize..])
+            .unwrap()
+            .total_len as u64;
+        // Where a crash may end the batch: before it, inside the bounce, after the
+        // bounce, after the failure record, nowhere (all of it reached the disk).
+        let cuts = [
+            Some(bounce_at.offset),
+            Some(bounce_at.offset + bounce_at.len as u64 / 2),
+            Some(bounce_end),
+            Some(bounce_end + first_update),
+            None,
+        ];
+        for cut in cuts {
+            let (_keep, copy) = copy_data(&data);
+            if let Some(len) = cut {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(segment::segment_path(
+                        &segment::shard_dir(&copy, 0),
+                        bounce_at.seq,
+                    ))
+                    .unwrap();
+                f.set_len(len).unwrap();
+            }
+            let listed = list(&copy).unwrap();
+            let bounces = listed
+                .iter()
+                .filter(|q| q.id == b && q.from.is_empty())
+                .count();
+            let original = listed.iter().find(|q| q.id == m);
+            let failed = original.is_none_or(|q| q.rcpt[0].status == RcptStatus::Failed);
+            match bounces {
+                // The bounce is there: the failure it reports is applied, whatever
+                // became of the failure record.
+                1 => assert!(failed, "cut {cut:?}: bounced yet retryable: {original:?}"),
+                // No bounce: the recipient is not lost, it is tried again.
+                0 => assert_eq!(
+                    original.map(|q| q.rcpt[0].status),
+                    Some(RcptStatus::Queued),
+                    "cut {cut:?}"
+                ),
+                n => panic!("cut {cut:?}: {n} bounces"),
+            }
+            // The server's own recovery agrees, and never hands the bounced
+            // recipient to delivery again (so it cannot bounce twice).
+            glommio::LocalExecutor::default().run(async move {
+                let spool = Spool::open(&copy, 0, LogConfig::default()).await.unwrap();
+                let due = spool.take_due(4_000_000_000_000, usize::MAX);
+                let bounced_again = due
+                    .iter()
+                    .any(|(id, r)| *id == m && r.iter().any(|(i, _)| *i == 0));
+                assert_eq!(bounced_again, bounces == 0, "cut {cut:?}: {due:?}");
+                assert_eq!(due.iter().filter(|(id, _)| *id == b).count(), bounces);
+                assert!(spool.next_id().await.unwrap() > b);
+                spool.close().await;
+            });
+        }
+    }
+
+    #[test]
+    fn ids_never_repeat_after_a_failed_batch_and_a_restart() {
+        let (_d, data) = fresh_data();
+        let data2 = data.clone();
+        let given = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            let mut given = Vec::new();
+            let a = spool.next_id().await.unwrap();
+            spool
+                .enqueue(env(a, 1), b"", b"a\r\n".to_vec())
+                .await
+                .unwrap();
+            given.push(a);
+            // The next message's batch fails: answered 451, never in the log.
+            let b = spool.next_id().await.unwrap();
+            spool.log().faults().errno.set(libc::EIO);
+            spool.log().faults().syncs.set(1);
+            assert!(spool
+                .enqueue(env(b, 1), b"", b"b\r\n".to_vec())
+                .await
+                .is_err());
+            given.push(b);
+            // Ids taken for sessions that never got as far as the log, past the end
+            // of the first reserved block.
+            for _ in 0..ID_BLOCK + 10 {
+                given.push(spool.next_id().await.unwrap());
+            }
+            spool.close().await;
+            given
+        });
+        let highest = *given.iter().max().unwrap();
+        let mut sorted = given.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), given.len(), "ids repeat within a run");
+        glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data, 0, LogConfig::default()).await.unwrap();
+            for _ in 0..3 {
+                let id = spool.next_id().await.unwrap();
+                assert!(id > highest, "{id:X} was handed out before the restart");
+            }
+            spool.close().await;
+        });
+    }
+}
