@@ -15,7 +15,11 @@ pub struct Sink {
 impl Sink {
     /// Listens on `addr` (port 0: any free port).
     pub fn start(addr: SocketAddr, faults: Faults) -> Sink {
-        let listener = sink::bind(addr).unwrap();
+        Self::serve(sink::bind(addr).unwrap(), faults)
+    }
+
+    /// Serves on a listener the test bound already (from `sink::bind`).
+    pub fn serve(listener: std::net::TcpListener, faults: Faults) -> Sink {
         let addr = listener.local_addr().unwrap();
         let counters = Arc::new(Counters::default());
         let stop = Arc::new(AtomicBool::new(false));
