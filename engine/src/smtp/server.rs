@@ -94,8 +94,10 @@ enum State {
     Closed,
 }
 
-/// Why a message that was read to its end is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a message that was read to its end is refused. When several apply, the
+/// greatest (in this order) is answered: which limit the reader notices first depends
+/// on how the input was split into reads, and the reply must not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Refusal {
     BareNewline,
     LineTooLong,
@@ -767,7 +769,7 @@ impl Session {
     /// Marks the message refused; it is still read to its end, then answered.
     fn refuse(&mut self, why: Refusal) {
         let mail = self.mail.as_mut().unwrap();
-        if mail.refusal.is_none() {
+        if mail.refusal < Some(why) {
             mail.refusal = Some(why);
             mail.body = Vec::new();
         }
