@@ -95,13 +95,14 @@ enum State {
 }
 
 /// Why a message that was read to its end is refused. When several apply, the
-/// greatest (in this order) is answered: which limit the reader notices first depends
-/// on how the input was split into reads, and the reply must not.
+/// last (in this order) is answered: which limit the reader notices first depends on
+/// how the input was split into reads, and the reply must not. A malformed text says
+/// more about the message than its size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Refusal {
-    BareNewline,
-    LineTooLong,
     TooBig,
+    LineTooLong,
+    BareNewline,
 }
 
 impl Refusal {

@@ -438,7 +438,7 @@ fn a_message_over_two_limits_gets_one_reply_however_it_is_split() {
         limits,
         true,
         format!("{TX}{text}.\r\nQUIT\r\n").as_bytes(),
-        "220|250|250|250|354|552|221",
+        "220|250|250|250|354|550|221",
         &[],
     );
 }
