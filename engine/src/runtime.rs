@@ -44,7 +44,19 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     }
     // Fail clearly when someone else holds the port. (glommio binds with SO_REUSEPORT,
     // which would otherwise share the port with another server silently.)
-    wait_port_free(cfg.smtp)?;
+    let mut cfg = cfg;
+    if cfg.smtp.port() != 0 {
+        wait_port_free(cfg.smtp)?;
+    }
+    // Bound here, once for all executors, so that port 0 means one port for all of them;
+    // the address actually bound is logged, for whoever asked for port 0.
+    let (smtp, listeners) = crate::ingest::listen_all(cfg.smtp, executors)
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.smtp))?;
+    cfg.smtp = smtp;
+    tracing::info!(smtp = %cfg.smtp, "listening");
+    let listeners = Arc::new(std::sync::Mutex::new(
+        listeners.into_iter().map(Some).collect::<Vec<_>>(),
+    ));
 
     let pid = pid_file(&cfg.data);
     std::fs::write(&pid, format!("{}\n", std::process::id()))
@@ -68,9 +80,12 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let shutdown = shutdown.clone();
             let index = next_index.fetch_add(1, Ordering::SeqCst);
             let ready = ready.clone();
+            let listener = listeners.lock().unwrap()[index].take();
             async move {
+                let listener = listener.expect("one listener per executor");
                 let result = executor_main(
                     index,
+                    listener,
                     executors,
                     shards,
                     Rc::new(cfg),
@@ -111,6 +126,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
 
 async fn executor_main(
     index: usize,
+    listener: std::os::fd::OwnedFd,
     executors: usize,
     shards: u32,
     cfg: Rc<Config>,
@@ -135,8 +151,6 @@ async fn executor_main(
         })?;
         spools.push(Rc::new(spool));
     }
-    let listener = crate::ingest::listen(cfg.smtp)
-        .map_err(|e| format!("executor {index} cannot listen on {}: {e}", cfg.smtp))?;
     let ring = crate::net::Ring::start()
         .map_err(|e| format!("executor {index}: cannot set up its io_uring: {e}"))?;
     let ingest = Ingest::new(cfg.clone(), spools.clone(), ring.clone());

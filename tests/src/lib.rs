@@ -1,12 +1,12 @@
-//! Helpers for the end-to-end tests: start the real `ringmail` binary on a free
-//! loopback port with a fresh data directory, talk to it, stop or kill it, and read its
+//! Helpers for the end-to-end tests: start the real `ringmail` binary on a loopback
+//! port of its choosing with a fresh data directory, talk to it, stop or kill it, and read its
 //! queue with the offline command.
 
 pub mod dns;
 pub mod sink;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -28,13 +28,27 @@ pub fn binary() -> PathBuf {
     bin
 }
 
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// What a test does when this machine cannot give it what it needs (root, a loop
+/// device, a high enough limit): in CI (`CI=true`, where the machine is known to have it)
+/// it fails; elsewhere it says so on stderr, so that a pass is never silently a skip.
+pub fn skip(why: &str) {
+    skip_with(std::env::var("CI").ok().as_deref(), why)
+}
+
+/// `skip` for a given value of `CI`.
+pub fn skip_with(ci: Option<&str>, why: &str) {
+    if matches!(ci, Some(v) if !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false")) {
+        panic!("cannot run in CI: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
+/// Unique log file names within one test process.
+static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn log_path(data: &Path) -> PathBuf {
+    let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    data.with_extension(format!("log-{}-{n}", std::process::id()))
 }
 
 pub struct Server {
@@ -58,10 +72,10 @@ impl Server {
 
     /// Starts a server on an existing data directory.
     pub fn start_in(tmp: Option<tempfile::TempDir>, data: PathBuf, args: &[&str]) -> Server {
-        let log = data.with_extension(format!("log-{}", free_port()));
+        let log = log_path(&data);
         let mut s = Server {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data,
             _tmp: tmp,
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -79,8 +93,8 @@ impl Server {
         let data = tmp.path().join("data");
         let mut s = Server {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            log: data.with_extension(format!("log-{}", free_port())),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log: log_path(&data),
             data,
             _tmp: Some(tmp),
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -114,8 +128,10 @@ impl Server {
             .arg("serve")
             .arg("--data")
             .arg(&self.data)
+            // Port 0: the server binds a free port itself and reports it (a port picked
+            // here and passed on could be taken by someone else in between).
             .arg("--smtp")
-            .arg(self.addr.to_string())
+            .arg("127.0.0.1:0")
             .arg("--hostname")
             .arg("mx.ringmail.test")
             // Tests never ask the machine's resolver: unless a test brings its own
@@ -134,17 +150,18 @@ impl Server {
         self.wait_ready();
     }
 
-    /// Waits until the server greets on its port (every executor has recovered).
+    /// Waits until the server reports ready (every executor has recovered and listens)
+    /// and takes the address it bound from that line.
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("ringmail exited early with {status}: {}", self.log_text());
             }
-            if std::fs::read_to_string(&self.log)
-                .unwrap_or_default()
-                .contains("ringmail ready")
-            {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(line) = log.lines().find(|l| l.contains("ringmail ready")) {
+                self.addr =
+                    ready_addr(line).unwrap_or_else(|| panic!("no smtp= address in {line:?}"));
                 return;
             }
             assert!(
@@ -160,7 +177,7 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Restarts on the same data directory and port.
+    /// Restarts on the same data directory (on a new port: read `addr` again).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill first");
         self.spawn();
@@ -207,6 +224,12 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The address in the server's `ringmail ready smtp=ADDR ...` log line.
+pub fn ready_addr(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("smtp=")? + "smtp=".len()..];
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 pub fn queue_list(data: &Path) -> Vec<serde_json::Value> {
@@ -298,4 +321,28 @@ pub fn queued_id(reply: &str) -> Option<String> {
         .trim_end()
         .strip_prefix("250 2.0.0 Ok: queued as ")
         .map(|s| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_skip_fails_in_ci_and_is_reported_elsewhere() {
+        for ci in ["true", "1", "yes"] {
+            let r = std::panic::catch_unwind(|| skip_with(Some(ci), "no loop device"));
+            assert!(r.is_err(), "CI={ci} must fail");
+        }
+        for ci in [None, Some(""), Some("false"), Some("0")] {
+            skip_with(ci, "no loop device");
+        }
+    }
+
+    #[test]
+    fn the_ready_line_gives_the_address() {
+        let line = "2026-01-01T00:00:00Z  INFO ringmail::runtime: ringmail ready \
+                    smtp=127.0.0.1:40123 executors=2 shards=2 data=/tmp/x";
+        assert_eq!(ready_addr(line), Some("127.0.0.1:40123".parse().unwrap()));
+        assert_eq!(ready_addr("ringmail ready"), None);
+    }
 }

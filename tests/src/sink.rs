@@ -31,7 +31,8 @@ impl Sink {
         panic!("no port free on both {a} and {b}");
     }
 
-    fn serve(listener: std::net::TcpListener, faults: Faults) -> Sink {
+    /// Serves on a listener the test bound already (from `sink::bind`).
+    pub fn serve(listener: std::net::TcpListener, faults: Faults) -> Sink {
         let addr = listener.local_addr().unwrap();
         let counters = Arc::new(Counters::default());
         let stop = Arc::new(AtomicBool::new(false));

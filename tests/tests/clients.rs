@@ -292,8 +292,20 @@ fn a_low_open_files_limit_is_raised_at_start() {
     // SAFETY: getrlimit with a valid out pointer.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     if lim.rlim_max < 1024 {
-        eprintln!("SKIPPED: the hard open-files limit is {}", lim.rlim_max);
-        return;
+        // Root may raise the hard limit (the server inherits it); anyone else cannot.
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_cur,
+            rlim_max: 4096,
+        };
+        // SAFETY: setrlimit with a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            ringmail_tests::skip(&format!(
+                "the hard open-files limit is {} and cannot be raised: {}",
+                lim.rlim_max,
+                std::io::Error::last_os_error()
+            ));
+            return;
+        }
     }
     // 64 descriptors would not even hold the connections below.
     let server = Server::start_with_nofile(64, &[]);
@@ -313,4 +325,54 @@ fn a_low_open_files_limit_is_raised_at_start() {
         c.read_exact(&mut greeting).unwrap();
         assert_eq!(&greeting, b"220 ");
     }
+}
+
+/// The local ports of the sockets `pid` listens on over IPv4 (from /proc).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut ports: Vec<u16> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is f[1] (HEXIP:HEXPORT), st is f[3] (0A: LISTEN), inode f[9].
+            (f[3] == "0A" && inodes.contains(f[9]))
+                .then(|| u16::from_str_radix(f[1].split(':').nth(1)?, 16).ok())
+                .flatten()
+        })
+        .collect();
+    ports.sort();
+    ports
+}
+
+/// `--smtp 127.0.0.1:0` (what every test server uses): the port is chosen once, every
+/// executor listens on it, and the ready line says which it is.
+#[test]
+fn port_0_is_one_port_for_every_executor_and_is_reported() {
+    let server = Server::start(&["--cores", "2"]);
+    assert_ne!(server.addr.port(), 0, "{}", server.log_text());
+    let pid = server.child.as_ref().unwrap().id();
+    assert_eq!(
+        listening_ports(pid),
+        [server.addr.port(); 2],
+        "{}",
+        server.log_text()
+    );
+    assert!(
+        server
+            .log_text()
+            .contains(&format!("listening smtp={}", server.addr)),
+        "{}",
+        server.log_text()
+    );
+    let mut c = server.connect();
+    assert!(c.reply().starts_with("220 "));
 }

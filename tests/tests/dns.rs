@@ -22,6 +22,19 @@ fn zone() -> Zone {
     z
 }
 
+/// For servers that answer: long enough never to expire, so that a slow test machine
+/// cannot turn an answer into a timeout. Only a silent server makes a resolver time out.
+const ANSWERED: Duration = Duration::from_secs(10);
+
+/// Waits until `n` queries were counted, then checks that no more came.
+fn counted(queries: &std::sync::atomic::AtomicUsize, n: usize, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while queries.load(Ordering::SeqCst) < n && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(queries.load(Ordering::SeqCst), n, "{what}");
+}
+
 fn run<T>(f: impl std::future::Future<Output = T>) -> T {
     glommio::LocalExecutor::default().run(f)
 }
@@ -29,7 +42,7 @@ fn run<T>(f: impl std::future::Future<Output = T>) -> T {
 #[test]
 fn mx_rules_against_a_real_server() {
     let server = DnsServer::start(zone());
-    let r = Resolver::new(vec![server.addr], Duration::from_millis(300), 2);
+    let r = Resolver::new(vec![server.addr], ANSWERED, 2);
     run(async {
         assert_eq!(
             r.mx_route("example.test").await.unwrap(),
@@ -56,7 +69,7 @@ fn mx_rules_against_a_real_server() {
 #[test]
 fn answers_are_cached_by_ttl() {
     let server = DnsServer::start(zone());
-    let r = Resolver::new(vec![server.addr], Duration::from_millis(300), 1);
+    let r = Resolver::new(vec![server.addr], ANSWERED, 1);
     run(async {
         for _ in 0..5 {
             assert!(matches!(
@@ -75,7 +88,9 @@ fn a_silent_server_times_out_and_the_next_one_answers() {
         ..zone()
     });
     let live = DnsServer::start(zone());
-    let r = Resolver::new(vec![dead.addr, live.addr], Duration::from_millis(200), 1);
+    // One timeout for both servers: it must expire for the silent one, and the live one
+    // must answer within it, so it is a second, not a race with a few hundred ms.
+    let r = Resolver::new(vec![dead.addr, live.addr], Duration::from_secs(1), 1);
     run(async {
         let t = std::time::Instant::now();
         assert!(matches!(
@@ -83,10 +98,14 @@ fn a_silent_server_times_out_and_the_next_one_answers() {
             Route::Hosts(_)
         ));
         assert!(
-            t.elapsed() >= Duration::from_millis(200),
-            "the first server was tried first"
+            t.elapsed() >= Duration::from_secs(1),
+            "the first server was waited for"
         );
     });
+    // The server's thread counts a query when it reads it, maybe after the resolver
+    // gave up on it.
+    counted(&dead.queries, 1, "the silent server was asked first");
+    assert_eq!(live.queries.load(Ordering::SeqCst), 1);
     let only_dead = Resolver::new(vec![dead.addr], Duration::from_millis(100), 2);
     run(async {
         assert_eq!(
@@ -94,6 +113,7 @@ fn a_silent_server_times_out_and_the_next_one_answers() {
             Err(DnsError::Timeout)
         );
     });
+    counted(&dead.queries, 3, "both attempts asked the silent server");
 }
 
 #[test]
@@ -105,7 +125,7 @@ fn a_truncated_answer_is_asked_again_over_tcp() {
     }
     z.truncate.insert("big.test".into());
     let server = DnsServer::start(z);
-    let r = Resolver::new(vec![server.addr], Duration::from_millis(500), 1);
+    let r = Resolver::new(vec![server.addr], ANSWERED, 1);
     run(async {
         let Route::Hosts(hosts) = r.mx_route("big.test").await.unwrap() else {
             panic!("hosts expected");

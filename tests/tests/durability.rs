@@ -180,14 +180,19 @@ impl Drop for Unmount {
 /// needs root, and for ext4 a loop device and mkfs.ext4; CI runs as root).
 fn small_fs(kind: &str) -> Option<(tempfile::TempDir, Unmount)> {
     let mnt = tempfile::tempdir().unwrap();
-    let run = |cmd: &mut std::process::Command| {
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
+    // The first step that fails, with what it printed: the reason for a skip.
+    let run = |cmd: &mut std::process::Command| -> Result<(), String> {
+        match cmd.output() {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(format!(
+                "{cmd:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Err(format!("{cmd:?}: {e}")),
+        }
     };
-    let ok = match kind {
+    let mounted = match kind {
         "tmpfs" => run(std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
             .arg(mnt.path())),
@@ -196,19 +201,27 @@ fn small_fs(kind: &str) -> Option<(tempfile::TempDir, Unmount)> {
             let image = mnt.path().with_extension("img");
             std::fs::File::create(&image)
                 .and_then(|f| f.set_len(4 << 20))
-                .is_ok()
-                && run(std::process::Command::new("mkfs.ext4")
-                    .args(["-q", "-F"])
-                    .arg(&image))
-                && run(std::process::Command::new("mount")
-                    .args(["-o", "loop"])
-                    .arg(&image)
-                    .arg(mnt.path()))
-                && std::fs::remove_file(&image).is_ok()
+                .map_err(|e| format!("{}: {e}", image.display()))
+                .and_then(|()| {
+                    run(std::process::Command::new("mkfs.ext4")
+                        .args(["-q", "-F"])
+                        .arg(&image))
+                })
+                .and_then(|()| {
+                    run(std::process::Command::new("mount")
+                        .args(["-o", "loop"])
+                        .arg(&image)
+                        .arg(mnt.path()))
+                })
+                .and_then(|()| {
+                    std::fs::remove_file(&image).map_err(|e| format!("{}: {e}", image.display()))
+                })
         }
     };
-    if !ok {
-        eprintln!("SKIPPED: cannot mount a small {kind} here");
+    if let Err(why) = mounted {
+        ringmail_tests::skip(&format!(
+            "cannot mount a small {kind} (needs root; ext4 needs mkfs.ext4 and a loop device): {why}"
+        ));
         return None;
     }
     let guard = Unmount(mnt.path().to_path_buf());

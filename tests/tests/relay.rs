@@ -10,23 +10,33 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// A port free on both 127.0.0.2 and 127.0.0.3 (MX hosts share the MX port).
-fn mx_port() -> u16 {
+/// One port bound on both 127.0.0.2 and 127.0.0.3 (MX hosts share the MX port), the
+/// listeners kept until a sink takes them: a port only looked up and passed on could be
+/// taken by another test before the sink binds it.
+struct MxPort {
+    port: u16,
+    listeners: [Option<std::net::TcpListener>; 2],
+}
+
+fn mx_port() -> MxPort {
     loop {
-        let p = std::net::TcpListener::bind("127.0.0.2:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if std::net::TcpListener::bind(("127.0.0.3", p)).is_ok() {
-            return p;
+        let first = ringmail_bench::sink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let port = first.local_addr().unwrap().port();
+        if let Ok(second) = ringmail_bench::sink::bind(SocketAddr::from(([127, 0, 0, 3], port))) {
+            return MxPort {
+                port,
+                listeners: [Some(first), Some(second)],
+            };
         }
     }
 }
 
-/// A ringmail-sink as an MX host on 127.0.0.`host`.
-fn mx_sink(host: u8, port: u16, faults: Faults) -> Sink {
-    Sink::start(SocketAddr::from(([127, 0, 0, host], port)), faults)
+/// A ringmail-sink as an MX host on 127.0.0.`host` (2 or 3), on the shared MX port.
+fn mx_sink(host: u8, mx: &mut MxPort, faults: Faults) -> Sink {
+    let listener = mx.listeners[usize::from(host - 2)]
+        .take()
+        .expect("one sink per MX host");
+    Sink::serve(listener, faults)
 }
 
 fn zone() -> Zone {
@@ -40,9 +50,12 @@ fn zone() -> Zone {
         .mx("nullmx.test", 0, ".")
 }
 
-fn relay(dns: &DnsServer, port: u16, extra: &[&str]) -> Server {
+/// The relay under test, sending to the MX port of `mx`. Listeners no sink took are
+/// closed here: an MX host without a sink refuses connections, as a down host does.
+fn relay(dns: &DnsServer, mx: MxPort, extra: &[&str]) -> Server {
     let dns = dns.addr.to_string();
-    let port = port.to_string();
+    let port = mx.port.to_string();
+    drop(mx);
     let mut args = vec!["--dns", &dns, "--mx-port", &port, "--cores", "1"];
     args.extend_from_slice(extra);
     Server::start(&args)
@@ -72,10 +85,10 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 #[test]
 fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
     let dns = DnsServer::start(zone());
-    let port = mx_port();
+    let mut mx = mx_port();
     let up = mx_sink(
         2,
-        port,
+        &mut mx,
         Faults {
             verify: true,
             ..Faults::default()
@@ -85,7 +98,7 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
     // hold the largest message record: small messages and few recipients).
     let server = relay(
         &dns,
-        port,
+        mx,
         &[
             "--segment-size",
             "1048576",
@@ -157,17 +170,17 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
 #[test]
 fn permanent_failures_bounce_to_the_sender_and_null_mx_bounces_at_once() {
     let dns = DnsServer::start(zone());
-    let port = mx_port();
+    let mut mx = mx_port();
     let refusing = mx_sink(
         2,
-        port,
+        &mut mx,
         Faults {
             permfail_permille: 1000,
             ..Faults::default()
         },
     );
-    let sender_mx = mx_sink(3, port, Faults::default());
-    let server = relay(&dns, port, &[]);
+    let sender_mx = mx_sink(3, &mut mx, Faults::default());
+    let server = relay(&dns, mx, &[]);
     send(
         &server,
         "alice@src.test",
@@ -193,16 +206,16 @@ fn permanent_failures_bounce_to_the_sender_and_null_mx_bounces_at_once() {
 #[test]
 fn a_temporary_failure_is_retried_and_the_schedule_survives_a_restart() {
     let dns = DnsServer::start(zone());
-    let port = mx_port();
+    let mut mx = mx_port();
     let sink = mx_sink(
         2,
-        port,
+        &mut mx,
         Faults {
             tempfail_first: 1,
             ..Faults::default()
         },
     );
-    let mut server = relay(&dns, port, &["--retry-first", "2"]);
+    let mut server = relay(&dns, mx, &["--retry-first", "2"]);
     let id = send(
         &server,
         "alice@src.test",
@@ -233,16 +246,16 @@ fn a_temporary_failure_is_retried_and_the_schedule_survives_a_restart() {
 #[test]
 fn queue_flush_retries_deferred_mail_now() {
     let dns = DnsServer::start(zone());
-    let port = mx_port();
+    let mut mx = mx_port();
     let sink = mx_sink(
         2,
-        port,
+        &mut mx,
         Faults {
             tempfail_first: 1,
             ..Faults::default()
         },
     );
-    let server = relay(&dns, port, &["--retry-first", "3600"]);
+    let server = relay(&dns, mx, &["--retry-first", "3600"]);
     send(
         &server,
         "alice@src.test",
@@ -276,17 +289,17 @@ fn queue_flush_retries_deferred_mail_now() {
 #[test]
 fn mail_that_stays_undeliverable_expires_and_bounces() {
     let dns = DnsServer::start(zone());
-    let port = mx_port();
+    let mut mx = mx_port();
     let _busy = mx_sink(
         2,
-        port,
+        &mut mx,
         Faults {
             tempfail_permille: 1000,
             ..Faults::default()
         },
     );
-    let sender_mx = mx_sink(3, port, Faults::default());
-    let server = relay(&dns, port, &["--retry-first", "1", "--queue-age-max", "3"]);
+    let sender_mx = mx_sink(3, &mut mx, Faults::default());
+    let server = relay(&dns, mx, &["--retry-first", "1", "--queue-age-max", "3"]);
     send(
         &server,
         "alice@src.test",
@@ -305,9 +318,9 @@ fn mail_that_stays_undeliverable_expires_and_bounces() {
 #[test]
 fn a_destination_rate_limit_spaces_the_deliveries() {
     let dns = DnsServer::start(zone());
-    let port = mx_port();
-    let sink = mx_sink(2, port, Faults::default());
-    let server = relay(&dns, port, &["--destination-rate", "10"]);
+    let mut mx = mx_port();
+    let sink = mx_sink(2, &mut mx, Faults::default());
+    let server = relay(&dns, mx, &["--destination-rate", "10"]);
     let t = Instant::now();
     for i in 0..25 {
         send(
@@ -327,7 +340,8 @@ fn a_destination_rate_limit_spaces_the_deliveries() {
     );
 }
 
-/// A slow MX in test threads: answers each message 150 ms after its text, and keeps
+/// A slow MX in test threads: answers each message 150 ms after its text (the first
+/// only once a second transaction is open), and keeps
 /// the highest number of transactions it saw open at once.
 fn slow_mx() -> (
     SocketAddr,
@@ -373,6 +387,13 @@ fn slow_mx() -> (
                             if r.read_line(&mut text).unwrap_or(0) == 0 {
                                 return;
                             }
+                        }
+                        // The first transaction is held until a second one is open, so
+                        // that the cap is reached whatever the timing; every one is then
+                        // held a little, the window in which a third would show up.
+                        let deadline = Instant::now() + Duration::from_secs(20);
+                        while max.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(5));
                         }
                         std::thread::sleep(Duration::from_millis(150));
                         active.fetch_sub(1, Ordering::SeqCst);

@@ -278,6 +278,23 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<OwnedFd> {
     Ok(socket.into())
 }
 
+/// Binds `n` listeners on `addr` (SO_REUSEPORT: the kernel spreads connections over
+/// them) and returns the address they share. Port 0 is resolved once, by the first
+/// listener, and the others bind to the port it got: binding each to port 0 would give
+/// every executor a port of its own, and clients would reach only one of them.
+pub fn listen_all(addr: SocketAddr, n: usize) -> std::io::Result<(SocketAddr, Vec<OwnedFd>)> {
+    let first = listen(addr)?;
+    let bound = socket2::SockRef::from(&first)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("listener without an IP address"))?;
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(listen(bound)?);
+    }
+    Ok((bound, all))
+}
+
 /// Fails when another socket listens on `addr`. Our own listeners use SO_REUSEPORT, which
 /// would silently share the port with another server that set it too; this probe does
 /// not set it, so any listener makes it fail, while TIME_WAIT leftovers do not.

@@ -560,16 +560,17 @@ mod tests {
             let ring = Ring::start().unwrap();
             let (l, lfd) = listener();
             let addr = l.local_addr().unwrap();
+            // The client stays silent until the server has seen its receive time out and
+            // its other receive cancelled, and says so: no data can race them.
+            let (go, wait_go) = std::sync::mpsc::channel::<()>();
             let client = std::thread::spawn(move || {
                 let mut c = std::net::TcpStream::connect(addr).unwrap();
                 let local = c.local_addr().unwrap();
                 let mut got = [0u8; 5];
                 c.read_exact(&mut got).unwrap();
                 assert_eq!(&got, b"hello");
-                // Stay silent past the server's short timeout and its cancelled receive.
-                std::thread::sleep(Duration::from_millis(300));
+                wait_go.recv().unwrap();
                 c.write_all(b"after").unwrap();
-                std::thread::sleep(Duration::from_millis(100));
                 local
             });
             let (fd, peer) = ring.accept(lfd).await.unwrap();
@@ -605,6 +606,17 @@ mod tests {
             )
             .await;
             assert!(dropped);
+            // The cancel is itself a request: until its completion freed the orphaned
+            // receive, that receive could still take the client's bytes.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while ring.ops.borrow().iter().any(|op| op.is_some()) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cancel never completed"
+                );
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            go.send(()).unwrap();
             let (res, buf) = ring
                 .recv(fd.as_raw_fd(), buf, Duration::from_secs(10))
                 .await;

@@ -240,8 +240,10 @@ impl Client {
                 }
             }
             // Done: nothing more to read. Body: the driver must send the message
-            // first; replies after the 354 stay buffered until `body_sent`.
-            if matches!(self.st, St::Done | St::Body) {
+            // first; replies after the 354 stay buffered until `body_sent`. Ready: the
+            // driver starts a transaction on the event; bytes after it wait for that,
+            // or a stale `Ready` would send it to `start` on a finished client.
+            if matches!(self.st, St::Done | St::Body | St::Ready) {
                 break;
             }
         }

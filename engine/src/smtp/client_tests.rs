@@ -422,3 +422,20 @@ fn an_endless_multiline_reply_is_refused() {
     let ev = c.feed("250-x\r\n".repeat(300).as_bytes());
     assert!(matches!(&ev[..], [Event::Failed(_)]), "{ev:?}");
 }
+
+/// Found by fuzzing (fuzz/corpus/smtp_client/ready-then-more): a server that sends
+/// more after its EHLO reply, in the same segment, must not make `Ready` stale. The
+/// unsolicited reply used to be taken at once (failing the session), so the driver,
+/// which starts the transaction on `Ready`, called `start` on a finished client and
+/// its assertion took the executor down.
+#[test]
+fn bytes_after_the_ehlo_reply_wait_for_the_transaction() {
+    let mut c = Client::new("me.test");
+    feed(&mut c, "220 mx.test ESMTP\r\n", false);
+    let (_, ev) = feed(&mut c, "250 mx.test\r\n421 4.3.2 going down\r\n", false);
+    assert_eq!(ev, vec![Event::Ready]);
+    // The driver's turn; the early 421 then answers MAIL: the recipient is deferred.
+    assert_eq!(c.start(&tx(&["x@d"])), None);
+    let (_, ev) = feed(&mut c, "", false);
+    assert_eq!(codes(&ev), [('T', 421)], "{ev:?}");
+}

@@ -96,12 +96,15 @@ enum State {
     Closed,
 }
 
-/// Why a message that was read to its end is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a message that was read to its end is refused. When several apply, the
+/// last (in this order) is answered: which limit the reader notices first depends on
+/// how the input was split into reads, and the reply must not. A malformed text says
+/// more about the message than its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Refusal {
-    BareNewline,
-    LineTooLong,
     TooBig,
+    LineTooLong,
+    BareNewline,
 }
 
 impl Refusal {
@@ -790,7 +793,7 @@ impl Session {
     /// Marks the message refused; it is still read to its end, then answered.
     fn refuse(&mut self, why: Refusal) {
         let mail = self.mail.as_mut().unwrap();
-        if mail.refusal.is_none() {
+        if mail.refusal < Some(why) {
             mail.refusal = Some(why);
             mail.body = Vec::new();
         }

@@ -481,3 +481,27 @@ fn internationalised_domains_at_rcpt() {
     let (codes, replies) = reply_codes(local_ascii, false, input);
     assert_eq!(codes, "220|250|250|250|250|553", "{replies}");
 }
+
+/// Found by fuzzing (fuzz/corpus/smtp_session/two-limits): a message over both the
+/// size and the line limit was refused for whichever the reads happened to reach first
+/// (550 whole, 552 byte by byte). The reply must not depend on the splits.
+#[test]
+fn a_message_over_two_limits_gets_one_reply_however_it_is_split() {
+    let limits = Limits {
+        data_line_bytes_max: 80,
+        message_bytes_max: 256,
+        ..Limits::default()
+    };
+    let text = format!(
+        "{}{}\r\n",
+        format!("{}\r\n", "a".repeat(70)).repeat(3),
+        "b".repeat(200)
+    );
+    check_with(
+        limits,
+        true,
+        format!("{TX}{text}.\r\nQUIT\r\n").as_bytes(),
+        "220|250|250|250|354|550|221",
+        &[],
+    );
+}
