@@ -20,4 +20,4 @@ pub mod segment;
 
 pub use log::{LogConfig, LogError, ShardLog, Ticket};
 pub use record::Kind;
-pub use segment::{Location, Mode, RecoveryReport, Tail};
+pub use segment::{Location, Mode, RecoveryOptions, RecoveryReport, Tail};
