@@ -158,13 +158,14 @@ fn model_recover(
     Ok((tail, report))
 }
 
-
 type Replayed = Vec<(Location, Kind, Vec<u8>)>;
 
 fn run_model(dir: &Path, mode: Mode) -> (Replayed, Tail, RecoveryReport) {
     let mut out = Vec::new();
-    let (tail, report) =
-        model_recover(dir, 0, mode, |l, r| out.push((l, r.kind, r.payload.to_vec()))).unwrap();
+    let (tail, report) = model_recover(dir, 0, mode, |l, r| {
+        out.push((l, r.kind, r.payload.to_vec()))
+    })
+    .unwrap();
     (out, tail, report)
 }
 
@@ -345,7 +346,9 @@ fn a_corrupt_record_in_a_sealed_segment_is_reported_and_the_rest_of_it_skipped()
         .map(|i| (Kind::Message, payload(i, 700 + 50 * i)))
         .collect();
     let end1 = write_segment(d.path(), 1, None, &sealed, 8192);
-    let newest: Vec<_> = (20..23).map(|i| (Kind::RcptUpdate, payload(i, 40))).collect();
+    let newest: Vec<_> = (20..23)
+        .map(|i| (Kind::RcptUpdate, payload(i, 40)))
+        .collect();
     write_segment(d.path(), 2, Some(end1), &newest, 0);
     // Damage the payload of the sixth record, which crosses the end of the first
     // buffer (which starts after the segment header), past that end.
@@ -407,7 +410,10 @@ fn a_record_larger_than_the_buffer_gets_a_buffer_of_its_size_then_the_usual_one(
 #[test]
 fn a_corrupt_length_field_allocates_no_more_than_the_segment_holds() {
     let d = tempfile::tempdir().unwrap();
-    let records = vec![(Kind::Message, payload(1, 100)), (Kind::Message, payload(2, 50))];
+    let records = vec![
+        (Kind::Message, payload(1, 100)),
+        (Kind::Message, payload(2, 50)),
+    ];
     let end = write_segment(d.path(), 1, None, &records, 0);
     let path = segment::segment_path(d.path(), 1);
     let mut bytes = fs::read(&path).unwrap();
@@ -450,11 +456,22 @@ fn thirty_two_mib_of_small_records_are_recovered_through_a_buffer_of_a_few_mib()
 enum Damage {
     None,
     /// Flip bit `bit` of the byte at `at` (a fraction of the segment) of segment `seg`.
-    Flip { seg: usize, at: f64, bit: u8 },
+    Flip {
+        seg: usize,
+        at: f64,
+        bit: u8,
+    },
     /// Cut segment `seg` at `at`.
-    Cut { seg: usize, at: f64 },
+    Cut {
+        seg: usize,
+        at: f64,
+    },
     /// Zero `len` bytes of segment `seg` from `at`.
-    Zero { seg: usize, at: f64, len: usize },
+    Zero {
+        seg: usize,
+        at: f64,
+        len: usize,
+    },
 }
 
 fn damage() -> impl Strategy<Value = Damage> {
