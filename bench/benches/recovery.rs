@@ -1,12 +1,14 @@
 //! Rebuilding the queue index from the log at start (and for `queue list`): records
 //! replayed per second, for 20 000 queued 4 KiB messages, against the limit of just
-//! reading the same segment files.
+//! reading the same segment files (from the page cache), and the streaming record walk
+//! alone (CRC checks, no index), with the page cache kept and, as recovery does by
+//! default, dropped behind the reader (then every pass reads from the disk).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use glommio::LocalExecutor;
 use ringmail::queue;
 use ringmail_store::message::{self, Envelope, Recipient};
-use ringmail_store::segment::{self, Mode};
+use ringmail_store::segment::{self, Mode, RecoveryOptions};
 use ringmail_store::{Kind, LogConfig, ShardLog, Tail};
 use std::time::Duration;
 
@@ -62,6 +64,24 @@ fn bench(c: &mut Criterion) {
             n
         })
     });
+    for (name, drop_cache_behind) in [
+        ("walk_records_cache_kept", false),
+        ("walk_records_cache_dropped_behind", true),
+    ] {
+        let opts = RecoveryOptions {
+            drop_cache_behind,
+            ..RecoveryOptions::default()
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut n = 0u64;
+                segment::recover_shard_with(&shard_dir, 0, Mode::ReadOnly, opts, |_, _| n += 1)
+                    .unwrap();
+                assert_eq!(n, MESSAGES);
+                n
+            })
+        });
+    }
     g.bench_function("replay_into_queue_index", |b| {
         b.iter(|| {
             let r = queue::recover(&data, 0, Mode::ReadOnly).unwrap();

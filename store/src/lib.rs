@@ -5,7 +5,8 @@
 //! to a body later holds a [`Location`]. The writer ([`log::ShardLog`]) runs on the
 //! shard's glommio executor and makes batches durable with one `fdatasync` each (group
 //! commit). Recovery ([`segment::recover_shard`]) is plain synchronous code shared by the
-//! server at start and by the offline commands.
+//! server at start and by the offline commands; it streams each segment through a
+//! bounded buffer, so its memory is bounded by the largest record, not by a segment.
 //!
 //! Architecture invariant: a record is reported durable only after the `fdatasync` that
 //! covers it returned; bytes of a batch that failed are cut off (or fenced off by the
@@ -20,4 +21,4 @@ pub mod segment;
 
 pub use log::{LogConfig, LogError, ShardLog, Ticket};
 pub use record::Kind;
-pub use segment::{Location, Mode, RecoveryReport, Tail};
+pub use segment::{Location, Mode, RecoveryOptions, RecoveryReport, Tail};
