@@ -1,5 +1,6 @@
-//! The DNS resolver of a shard: UDP through glommio (no tokio on shard threads, as
-//! DESIGN.md asks), one query in flight per lookup, name servers tried in order,
+//! The DNS resolver of a shard: UDP through glommio (no tokio on shard threads:
+//! ARCHITECTURE.md, "Bird's eye"), one query in flight per question and shard
+//! (concurrent lookups of it share the answer), name servers tried in order,
 //! answers cached by TTL. A truncated UDP answer (TC bit) is asked again over TCP
 //! (RFC 7766), within the same deadline.
 

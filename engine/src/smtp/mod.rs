@@ -1,5 +1,5 @@
 //! SMTP protocol cores, sans-IO: no sockets, files, clocks or executors in here (the
-//! glommio driver is `crate::ingest`). See DESIGN.md, "Protocol cores are sans-IO".
+//! glommio driver is `crate::ingest`). See ARCHITECTURE.md, "Bird's eye".
 
 pub mod address;
 pub mod client;

@@ -10,8 +10,8 @@
 //! session needs more input (RFC 2920 §3.2).
 //!
 //! Architecture invariant: no sockets, files, clocks or executors in here. Every limit is
-//! enforced inside, with the reply DESIGN.md names; a bad client gets a reply, never a
-//! panic.
+//! enforced inside, with the reply docs/contracts.md ("Limits") names; a bad client gets
+//! a reply, never a panic.
 
 use super::address::{
     is_local_domain, parse_domain, parse_path, valid_xtext, DomainError, Mailbox, PathError,
