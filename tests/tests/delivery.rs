@@ -299,3 +299,76 @@ fn refusals_and_unreachable_hosts() {
         "{r:?}"
     );
 }
+
+/// An MX that refuses every RCPT (550, then 450) yet answers 354 to the pipelined
+/// DATA, as some do. Returns the text it received after its 354, up to and
+/// including the end marker (or whatever came before the connection closed).
+fn refusing_mx() -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn);
+        w.write_all(b"220 refusing.test ESMTP\r\n").unwrap();
+        let mut rcpts = 0;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if !matches!(r.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                return Vec::new();
+            }
+            let cmd = String::from_utf8_lossy(&line).to_ascii_uppercase();
+            let reply: &[u8] = if cmd.starts_with("EHLO") {
+                b"250-refusing.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
+            } else if cmd.starts_with("RCPT") {
+                rcpts += 1;
+                if rcpts == 1 {
+                    b"550 5.1.1 no such user\r\n"
+                } else {
+                    b"450 4.2.1 mailbox busy\r\n"
+                }
+            } else if cmd.starts_with("DATA") {
+                w.write_all(b"354 go ahead\r\n").unwrap();
+                let mut text = Vec::new();
+                while !(text == b".\r\n" || text.ends_with(b"\r\n.\r\n")) {
+                    if !matches!(r.read_until(b'\n', &mut text), Ok(n) if n > 0) {
+                        return text;
+                    }
+                }
+                w.write_all(b"554 5.5.1 no valid recipients\r\n").unwrap();
+                return text;
+            } else {
+                b"250 2.0.0 ok\r\n"
+            };
+            w.write_all(reply).unwrap();
+        }
+    });
+    (addr, t)
+}
+
+#[test]
+fn a_354_after_every_rcpt_was_refused_ends_the_attempt_at_once() {
+    let (addr, mx) = refusing_mx();
+    let started = std::time::Instant::now();
+    let o = run(
+        "127.0.0.1:9".parse().unwrap(),
+        addr.port(),
+        Destination::Route("127.0.0.2".into(), addr.port()),
+        tx(&["x@example.test", "y@example.test"]),
+    );
+    let elapsed = started.elapsed();
+    assert_eq!(
+        mx.join().unwrap(),
+        b".\r\n",
+        "an empty message, not a command as text"
+    );
+    assert_eq!(kinds(&o), [('F', 550), ('T', 450)], "by their RCPT replies");
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "no wait for a reply timeout: {elapsed:?}"
+    );
+}

@@ -166,6 +166,9 @@ enum St {
     /// The body is going out (driver's turn), then the final reply.
     Body,
     Final,
+    /// Every recipient was refused yet the pipelined DATA got 354: the bare end
+    /// marker went out, waiting for its reply (whatever it is, nobody was delivered).
+    EmptyData,
     /// Waiting for the reply to a RSET after every recipient was refused.
     Rset,
     Quit,
@@ -379,7 +382,7 @@ impl Client {
     pub fn connection_lost(&mut self) -> Option<Event> {
         let in_tx = matches!(
             self.st,
-            St::Envelope { .. } | St::Data | St::Body | St::Final | St::Rset
+            St::Envelope { .. } | St::Data | St::Body | St::Final | St::EmptyData | St::Rset
         );
         self.st = St::Done;
         if !in_tx {
@@ -510,6 +513,14 @@ impl Client {
                     .iter()
                     .any(|r| matches!(r, Some(RcptResult::Delivered(_))));
                 if !accepted {
+                    if reply.code == 354 {
+                        // RFC 2920 §3.1: the server took the pipelined DATA although
+                        // no RCPT succeeded. End the data at once with an empty
+                        // message (anything else would be taken as its text).
+                        self.out.extend_from_slice(b".\r\n");
+                        self.st = St::EmptyData;
+                        return;
+                    }
                     // The reply to a pipelined DATA after every RCPT failed; the
                     // transaction is over (RSET leaves the session clean).
                     self.out.extend_from_slice(b"RSET\r\n");
@@ -541,7 +552,9 @@ impl Client {
                 }
             }
             St::Body | St::Final => self.finish(reply, events),
-            St::Rset => self.end_tx(events),
+            // The empty message ends the transaction like a RSET would; a server that
+            // "delivered" it delivered it to nobody, so the RCPT replies stand.
+            St::Rset | St::EmptyData => self.end_tx(events),
             St::Ready => {
                 // An unsolicited reply: most likely 421 before closing.
                 self.fail(reply, events);

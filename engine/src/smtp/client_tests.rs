@@ -422,3 +422,57 @@ fn an_endless_multiline_reply_is_refused() {
     let ev = c.feed("250-x\r\n".repeat(300).as_bytes());
     assert!(matches!(&ev[..], [Event::Failed(_)]), "{ev:?}");
 }
+
+#[test]
+fn a_354_after_every_recipient_was_refused_gets_an_empty_message() {
+    // RFC 2920 §3.1: the pipelined DATA may still be answered 354 by a server that
+    // refused every RCPT. The client ends the data at once with the bare dot (never
+    // a command as message text), and the recipients keep their RCPT replies, even
+    // when the server takes the empty message.
+    both(|bw| {
+        for dot_reply in ["554 5.5.1 no valid recipients\r\n", "250 2.0.0 ok, empty\r\n"] {
+            let mut c = ready(PIPELINING_EHLO, bw);
+            c.start(&tx(&["x@d", "y@d"]));
+            feed(&mut c, "", bw);
+            let (out, ev) = feed(
+                &mut c,
+                "250 ok\r\n550 5.1.1 no\r\n450 4.2.1 busy\r\n354 go ahead\r\n",
+                bw,
+            );
+            assert_eq!(out, ".\r\n", "the empty message, and nothing else");
+            assert!(ev.is_empty(), "{ev:?}");
+            let (out, ev) = feed(&mut c, dot_reply, bw);
+            assert_eq!(out, "");
+            assert_eq!(codes(&ev), [('F', 550), ('T', 450)], "after {dot_reply:?}");
+            assert_eq!(ev.last(), Some(&Event::Ready));
+            assert!(c.reusable(), "the transaction is over, the session clean");
+        }
+        // A refused MAIL followed by a 354 to the pipelined DATA: the same.
+        let mut c = ready(PIPELINING_EHLO, bw);
+        c.start(&tx(&["x@d"]));
+        feed(&mut c, "", bw);
+        let (out, _) = feed(
+            &mut c,
+            "451 4.3.0 later\r\n503 5.5.1 need MAIL\r\n354 go\r\n",
+            bw,
+        );
+        assert_eq!(out, ".\r\n");
+        let (_, ev) = feed(&mut c, "503 5.5.1 no recipients\r\n", bw);
+        assert_eq!(codes(&ev), [('T', 451)]);
+    });
+}
+
+#[test]
+fn no_bdat_when_every_recipient_was_refused() {
+    both(|bw| {
+        let mut c = ready(FULL_EHLO, bw);
+        c.start(&tx(&["x@d", "y@d"]));
+        let (out, _) = feed(&mut c, "", bw);
+        assert!(!out.contains("BDAT") && !out.contains("DATA"), "{out}");
+        let (out, ev) = feed(&mut c, "250 ok\r\n550 5.1.1 no\r\n551 5.1.6 moved\r\n", bw);
+        assert_eq!(out, "RSET\r\n");
+        assert!(ev.is_empty(), "no SendBody: {ev:?}");
+        let (_, ev) = feed(&mut c, "250 ok\r\n", bw);
+        assert_eq!(codes(&ev), [('F', 550), ('F', 551)]);
+    });
+}
