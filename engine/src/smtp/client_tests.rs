@@ -430,7 +430,10 @@ fn a_354_after_every_recipient_was_refused_gets_an_empty_message() {
     // a command as message text), and the recipients keep their RCPT replies, even
     // when the server takes the empty message.
     both(|bw| {
-        for dot_reply in ["554 5.5.1 no valid recipients\r\n", "250 2.0.0 ok, empty\r\n"] {
+        for dot_reply in [
+            "554 5.5.1 no valid recipients\r\n",
+            "250 2.0.0 ok, empty\r\n",
+        ] {
             let mut c = ready(PIPELINING_EHLO, bw);
             c.start(&tx(&["x@d", "y@d"]));
             feed(&mut c, "", bw);
