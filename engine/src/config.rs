@@ -38,6 +38,9 @@ pub struct Config {
     pub segment_bytes_max: u64,
     /// Messages per second per destination domain and shard (None: no limit).
     pub destination_rate: Option<f64>,
+    /// Per-reply deadlines and the ceiling of one delivery attempt (no flag or TOML
+    /// key yet).
+    pub delivery_timeouts: crate::delivery::attempt::DeliveryTimeouts,
 }
 
 impl Default for Config {
@@ -63,6 +66,7 @@ impl Default for Config {
             deliveries_per_shard_max: 1000,
             segment_bytes_max: 64 << 20,
             destination_rate: None,
+            delivery_timeouts: Default::default(),
         }
     }
 }

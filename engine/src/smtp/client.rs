@@ -151,6 +151,39 @@ pub enum Event {
     Closed,
 }
 
+/// The reply the client is waiting for, so the driver can give it its own deadline
+/// (RFC 5321 §4.5.3.2 times each command's reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaiting {
+    Greeting,
+    /// EHLO or HELO.
+    Hello,
+    Mail,
+    Rcpt,
+    /// DATA initiation: the 354.
+    Data,
+    /// The reply to the end of the message (the final dot, or BDAT LAST).
+    EndOfData,
+    Rset,
+    Quit,
+}
+
+impl Awaiting {
+    /// As a reason names it: `the reply to DATA`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Awaiting::Greeting => "the greeting",
+            Awaiting::Hello => "the reply to EHLO/HELO",
+            Awaiting::Mail => "the reply to MAIL",
+            Awaiting::Rcpt => "the reply to RCPT",
+            Awaiting::Data => "the reply to DATA",
+            Awaiting::EndOfData => "the reply to the end of the message",
+            Awaiting::Rset => "the reply to RSET",
+            Awaiting::Quit => "the reply to QUIT",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum St {
     Greeting,
@@ -192,6 +225,8 @@ pub struct Client {
     size: u64,
     /// The server said 421: it is closing the connection.
     closing: bool,
+    /// Complete replies taken so far (the driver restarts a reply's clock on each).
+    replies: u64,
 }
 
 /// Longest reply line accepted (RFC 5321 says 512; some servers send more).
@@ -214,6 +249,7 @@ impl Client {
             pending_rcpts: Vec::new(),
             size: 0,
             closing: false,
+            replies: 0,
         }
     }
 
@@ -235,7 +271,10 @@ impl Client {
         let mut events = Vec::new();
         loop {
             match take_reply(&mut self.inbuf) {
-                Ok(Some((reply, lines))) => self.on_reply(reply, lines, &mut events),
+                Ok(Some((reply, lines))) => {
+                    self.replies += 1;
+                    self.on_reply(reply, lines, &mut events)
+                }
                 Ok(None) => break,
                 Err(reply) => {
                     self.fail(reply, &mut events);
@@ -249,6 +288,27 @@ impl Client {
             }
         }
         events
+    }
+
+    /// The reply the client waits for now; None when it waits for nothing from the
+    /// server (idle, done, or the driver's turn to send the message text).
+    pub fn awaiting(&self) -> Option<Awaiting> {
+        Some(match self.st {
+            St::Greeting => Awaiting::Greeting,
+            St::Ehlo | St::Helo => Awaiting::Hello,
+            St::Envelope { got: 0 } => Awaiting::Mail,
+            St::Envelope { .. } => Awaiting::Rcpt,
+            St::Data => Awaiting::Data,
+            St::Final | St::EmptyData => Awaiting::EndOfData,
+            St::Rset => Awaiting::Rset,
+            St::Quit => Awaiting::Quit,
+            St::Ready | St::Body | St::Done => return None,
+        })
+    }
+
+    /// Complete replies received on this connection so far.
+    pub fn replies(&self) -> u64 {
+        self.replies
     }
 
     /// Ready for another transaction on this connection: idle, nothing unread, and
@@ -378,8 +438,18 @@ impl Client {
         }
     }
 
-    /// The connection broke (or timed out): every unanswered recipient is deferred.
+    /// The connection broke: every unanswered recipient is deferred.
     pub fn connection_lost(&mut self) -> Option<Event> {
+        self.abort(Reply::local(
+            451,
+            (4, 4, 2),
+            "connection lost during the transaction",
+        ))
+    }
+
+    /// The driver gives up on the connection (a timeout, say) for `reason`, a 4xx:
+    /// every recipient without a final answer is deferred with it.
+    pub fn abort(&mut self, reason: Reply) -> Option<Event> {
         let in_tx = matches!(
             self.st,
             St::Envelope { .. } | St::Data | St::Body | St::Final | St::EmptyData | St::Rset
@@ -388,7 +458,7 @@ impl Client {
         if !in_tx {
             return None;
         }
-        let lost = Reply::local(451, (4, 4, 2), "connection lost during the transaction");
+        let lost = reason;
         let results = self
             .results
             .drain(..)

@@ -1,7 +1,7 @@
 //! Byte-level tests of the SMTP client core: every reply path, fed whole and byte by
 //! byte.
 
-use super::client::{Client, DotStuffer, Event, RcptResult, Transaction, TxRcpt};
+use super::client::{Awaiting, Client, DotStuffer, Event, RcptResult, Reply, Transaction, TxRcpt};
 
 const FULL_EHLO: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n";
 const PIPELINING_EHLO: &str = "250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n";
@@ -477,5 +477,43 @@ fn no_bdat_when_every_recipient_was_refused() {
         assert!(ev.is_empty(), "no SendBody: {ev:?}");
         let (_, ev) = feed(&mut c, "250 ok\r\n", bw);
         assert_eq!(codes(&ev), [('F', 550), ('F', 551)]);
+    });
+}
+
+#[test]
+fn the_reply_awaited_is_known_at_each_step_and_an_abort_defers_with_its_reason() {
+    // The driver times each reply by what it answers (RFC 5321 §4.5.3.2).
+    both(|bw| {
+        let mut c = Client::new("me.test");
+        assert_eq!(c.awaiting(), Some(Awaiting::Greeting));
+        feed(&mut c, "220 mx\r\n", bw);
+        assert_eq!(c.awaiting(), Some(Awaiting::Hello));
+        feed(&mut c, PIPELINING_EHLO, bw);
+        assert_eq!(c.awaiting(), None, "idle");
+        let before = c.replies();
+        c.start(&tx(&["x@d", "y@d"]));
+        assert_eq!(c.awaiting(), Some(Awaiting::Mail));
+        feed(&mut c, "250 ok\r\n", bw);
+        assert_eq!(c.awaiting(), Some(Awaiting::Rcpt));
+        feed(&mut c, "250 ok\r\n250 ok\r\n", bw);
+        assert_eq!(c.awaiting(), Some(Awaiting::Data));
+        assert_eq!(c.replies(), before + 3, "one count per complete reply");
+        feed(&mut c, "354 go\r\n", bw);
+        assert_eq!(c.awaiting(), None, "the driver's turn: the text");
+        c.body_sent();
+        assert_eq!(c.awaiting(), Some(Awaiting::EndOfData));
+        // A partial reply is not a reply.
+        feed(&mut c, "25", bw);
+        assert_eq!(c.replies(), before + 4);
+        let why = Reply {
+            code: 451,
+            text: "timed out".into(),
+            enhanced: Some((4, 4, 2)),
+        };
+        let Some(Event::Done(r)) = c.abort(why.clone()) else {
+            panic!()
+        };
+        assert_eq!(r, vec![RcptResult::Deferred(why.clone()); 2]);
+        assert!(!c.reusable());
     });
 }
