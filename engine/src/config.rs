@@ -45,6 +45,9 @@ pub struct Config {
     pub segment_bytes_max: u64,
     /// Messages per second per destination domain and shard (None: no limit).
     pub destination_rate: Option<f64>,
+    /// Per-reply deadlines and the ceiling of one delivery attempt (no flag or TOML
+    /// key yet).
+    pub delivery_timeouts: crate::delivery::attempt::DeliveryTimeouts,
 }
 
 impl Default for Config {
@@ -70,6 +73,7 @@ impl Default for Config {
             deliveries_per_shard_max: 1000,
             segment_bytes_max: 64 << 20,
             destination_rate: None,
+            delivery_timeouts: Default::default(),
         }
     }
 }
@@ -651,6 +655,64 @@ settings! {
     rule seconds(),
     get |c| Some(c.retry.max_age.as_secs()),
     set |c, v| c.retry.max_age = secs(v);
+
+    /// Seconds a delivery may wait for a TCP connection to an MX host.
+    #[arg(long)]
+    delivery_connect_timeout: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.delivery_timeouts.connect.as_secs()),
+    set |c, v| c.delivery_timeouts.connect = secs(v);
+
+    /// Seconds a delivery waits for the remote greeting (RFC 5321 §4.5.3.2.1: 5 min).
+    #[arg(long)]
+    delivery_greeting_timeout: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.delivery_timeouts.greeting.as_secs()),
+    set |c, v| c.delivery_timeouts.greeting = secs(v);
+
+    /// Seconds a delivery waits for the reply to EHLO/HELO, MAIL and other commands
+    /// (RFC 5321 §4.5.3.2.2: 5 min).
+    #[arg(long)]
+    delivery_command_timeout: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.delivery_timeouts.command.as_secs()),
+    set |c, v| c.delivery_timeouts.command = secs(v);
+
+    /// Seconds a delivery waits for the reply to each RCPT (RFC 5321 §4.5.3.2.3: 5 min).
+    #[arg(long)]
+    delivery_rcpt_timeout: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.delivery_timeouts.rcpt.as_secs()),
+    set |c, v| c.delivery_timeouts.rcpt = secs(v);
+
+    /// Seconds a delivery waits for the reply to DATA (RFC 5321 §4.5.3.2.4: 2 min).
+    #[arg(long)]
+    delivery_data_init_timeout: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.delivery_timeouts.data_init.as_secs()),
+    set |c, v| c.delivery_timeouts.data_init = secs(v);
+
+    /// Seconds one send of message text may take (RFC 5321 §4.5.3.2.5: 3 min).
+    #[arg(long)]
+    delivery_data_block_timeout: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.delivery_timeouts.data_block.as_secs()),
+    set |c, v| c.delivery_timeouts.data_block = secs(v);
+
+    /// Seconds a delivery waits for the reply to the end of the message (RFC 5321
+    /// §4.5.3.2.6: 10 min).
+    #[arg(long)]
+    delivery_data_done_timeout: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.delivery_timeouts.data_done.as_secs()),
+    set |c, v| c.delivery_timeouts.data_done = secs(v);
+
+    /// Seconds one delivery attempt may take in all, every host and address together.
+    #[arg(long)]
+    delivery_attempt_timeout: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.delivery_timeouts.attempt.as_secs()),
+    set |c, v| c.delivery_timeouts.attempt = secs(v);
 
     /// Size in bytes at which a log segment is sealed; it must hold the largest message
     /// record (`message-size-max` plus envelope room).

@@ -1,7 +1,9 @@
 //! One delivery attempt end to end: DNS from a server in the test process, fake MX
 //! hosts on 127.0.0.2/127.0.0.3 (ringmail-sink, or nothing listening), real SMTP.
 
-use ringmail::delivery::attempt::{attempt, AttemptConfig, Destination, Outcome, Pool};
+use ringmail::delivery::attempt::{
+    attempt, AttemptConfig, DeliveryTimeouts, Destination, Outcome, Pool,
+};
 use ringmail::dns::resolver::Resolver;
 use ringmail::net::Ring;
 use ringmail::queue::MessageText;
@@ -66,8 +68,7 @@ fn run_message(
         let cfg = AttemptConfig {
             helo: "ringmail.test".into(),
             mx_port: port,
-            connect_timeout: Duration::from_secs(2),
-            reply_timeout: Duration::from_secs(5),
+            timeouts: short_timeouts(),
         };
         let pool = Pool::new(100, Duration::from_secs(5));
         attempt(
@@ -357,8 +358,7 @@ fn equal_preference_mx_hosts_share_the_mail() {
         let cfg = AttemptConfig {
             helo: "ringmail.test".into(),
             mx_port: port,
-            connect_timeout: Duration::from_secs(2),
-            reply_timeout: Duration::from_secs(5),
+            timeouts: short_timeouts(),
         };
         let pool = Pool::new(100, Duration::from_secs(5));
         let message = MessageText {
@@ -504,4 +504,278 @@ fn a_non_ascii_local_part_to_a_server_without_smtputf8_fails_with_5_6_7() {
         "{:?}",
         got.commands
     );
+}
+
+/// An MX that refuses every RCPT (550, then 450) yet answers 354 to the pipelined
+/// DATA, as some do. Returns the text it received after its 354, up to and
+/// including the end marker (or whatever came before the connection closed).
+fn refusing_mx() -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn);
+        w.write_all(b"220 refusing.test ESMTP\r\n").unwrap();
+        let mut rcpts = 0;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if !matches!(r.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                return Vec::new();
+            }
+            let cmd = String::from_utf8_lossy(&line).to_ascii_uppercase();
+            let reply: &[u8] = if cmd.starts_with("EHLO") {
+                b"250-refusing.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
+            } else if cmd.starts_with("RCPT") {
+                rcpts += 1;
+                if rcpts == 1 {
+                    b"550 5.1.1 no such user\r\n"
+                } else {
+                    b"450 4.2.1 mailbox busy\r\n"
+                }
+            } else if cmd.starts_with("DATA") {
+                w.write_all(b"354 go ahead\r\n").unwrap();
+                let mut text = Vec::new();
+                while !(text == b".\r\n" || text.ends_with(b"\r\n.\r\n")) {
+                    if !matches!(r.read_until(b'\n', &mut text), Ok(n) if n > 0) {
+                        return text;
+                    }
+                }
+                w.write_all(b"554 5.5.1 no valid recipients\r\n").unwrap();
+                return text;
+            } else {
+                b"250 2.0.0 ok\r\n"
+            };
+            w.write_all(reply).unwrap();
+        }
+    });
+    (addr, t)
+}
+
+#[test]
+fn a_354_after_every_rcpt_was_refused_ends_the_attempt_at_once() {
+    let (addr, mx) = refusing_mx();
+    let started = std::time::Instant::now();
+    let o = run(
+        "127.0.0.1:9".parse().unwrap(),
+        addr.port(),
+        Destination::Route("127.0.0.2".into(), addr.port()),
+        tx(&["x@example.test", "y@example.test"]),
+    );
+    let elapsed = started.elapsed();
+    assert_eq!(
+        mx.join().unwrap(),
+        b".\r\n",
+        "an empty message, not a command as text"
+    );
+    assert_eq!(kinds(&o), [('F', 550), ('T', 450)], "by their RCPT replies");
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "no wait for a reply timeout: {elapsed:?}"
+    );
+}
+
+/// An MX that sends its greeting one byte every 100 ms (each read gets a byte long
+/// before any idle timer fires), then answers like `plain_mx`. Returns whether the
+/// client closed the connection while the greeting was still trickling.
+fn trickling_mx() -> (SocketAddr, std::thread::JoinHandle<bool>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut w = conn.try_clone().unwrap();
+        // The pace is the behaviour under test, not a synchronisation.
+        for b in b"220 trickle.test ESMTP\r\n" {
+            std::thread::sleep(Duration::from_millis(100));
+            if w.write_all(std::slice::from_ref(b)).is_err() {
+                return true;
+            }
+        }
+        let mut r = BufReader::new(conn);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if !matches!(r.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                return false;
+            }
+            let cmd = String::from_utf8_lossy(&line).to_ascii_uppercase();
+            let reply: &[u8] = if cmd.starts_with("DATA") {
+                w.write_all(b"354 go ahead\r\n").unwrap();
+                let mut text = Vec::new();
+                while !text.ends_with(b"\r\n.\r\n") {
+                    if !matches!(r.read_until(b'\n', &mut text), Ok(n) if n > 0) {
+                        return false;
+                    }
+                }
+                b"250 2.0.0 taken\r\n"
+            } else if cmd.starts_with("QUIT") {
+                let _ = w.write_all(b"221 bye\r\n");
+                return false;
+            } else {
+                b"250 ok\r\n"
+            };
+            if w.write_all(reply).is_err() {
+                return false;
+            }
+        }
+    });
+    (addr, t)
+}
+
+/// An MX that takes MAIL and RCPT but never answers the (pipelined) DATA. Returns
+/// whether it then saw the client close the connection.
+fn silent_at_data_mx() -> (SocketAddr, std::thread::JoinHandle<bool>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        // Bounds the test if the client never gives up.
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn);
+        w.write_all(b"220 silent.test ESMTP\r\n").unwrap();
+        let mut line = Vec::new();
+        let mut in_data = false;
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            if in_data {
+                continue;
+            }
+            let cmd = String::from_utf8_lossy(&line).to_ascii_uppercase();
+            if cmd.starts_with("DATA") {
+                in_data = true;
+                continue;
+            }
+            let reply: &[u8] = if cmd.starts_with("EHLO") {
+                b"250-silent.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
+            } else {
+                b"250 2.0.0 ok\r\n"
+            };
+            w.write_all(reply).unwrap();
+        }
+    });
+    (addr, t)
+}
+
+fn deferred_reason(o: &Outcome) -> String {
+    let texts: Vec<String> = o
+        .results
+        .iter()
+        .map(|r| match r {
+            RcptResult::Deferred(x) => x.to_line(),
+            other => panic!("not deferred: {other:?}"),
+        })
+        .collect();
+    texts[0].clone()
+}
+
+#[test]
+fn a_greeting_that_trickles_in_times_out_per_reply_not_per_read() {
+    let (addr, mx) = trickling_mx();
+    let t = DeliveryTimeouts {
+        greeting: Duration::from_millis(300),
+        ..short_timeouts()
+    };
+    let (o, idle) = run_timed(addr.port(), tx(&["x@example.test"]), t);
+    let why = deferred_reason(&o);
+    assert!(
+        why.contains("timed out") && why.contains("greeting"),
+        "{why}"
+    );
+    assert!(mx.join().unwrap(), "the client closed the connection");
+    assert_eq!(idle, 0);
+}
+
+#[test]
+fn a_server_that_never_answers_data_defers_and_the_connection_is_closed() {
+    let (addr, mx) = silent_at_data_mx();
+    let t = DeliveryTimeouts {
+        data_init: Duration::from_millis(300),
+        ..short_timeouts()
+    };
+    let (o, idle) = run_timed(addr.port(), tx(&["x@example.test", "y@example.test"]), t);
+    assert_eq!(kinds(&o), [('T', 451), ('T', 451)]);
+    let why = deferred_reason(&o);
+    assert!(why.contains("timed out") && why.contains("DATA"), "{why}");
+    assert_eq!(idle, 0, "a timed-out connection is never pooled");
+    assert!(mx.join().unwrap(), "the server saw the connection close");
+}
+
+#[test]
+fn the_whole_attempt_has_a_ceiling() {
+    // Every reply would be within its own limit; the attempt as a whole is not.
+    let (addr, mx) = trickling_mx();
+    let t = DeliveryTimeouts {
+        attempt: Duration::from_millis(400),
+        ..short_timeouts()
+    };
+    let (o, idle) = run_timed(addr.port(), tx(&["x@example.test"]), t);
+    let why = deferred_reason(&o);
+    assert!(
+        why.contains("timed out") && why.contains("attempt"),
+        "{why}"
+    );
+    assert!(mx.join().unwrap());
+    assert_eq!(idle, 0);
+}
+
+/// Limits of a few seconds (the test sets the one it exercises lower).
+fn short_timeouts() -> DeliveryTimeouts {
+    DeliveryTimeouts {
+        connect: Duration::from_secs(2),
+        greeting: Duration::from_secs(5),
+        command: Duration::from_secs(5),
+        rcpt: Duration::from_secs(5),
+        data_init: Duration::from_secs(5),
+        data_block: Duration::from_secs(5),
+        data_done: Duration::from_secs(5),
+        attempt: Duration::from_secs(30),
+    }
+}
+
+/// One attempt to the MX on 127.0.0.2:`port` with `timeouts`; also returns the
+/// connections left in the pool.
+fn run_timed(port: u16, tx: Transaction, timeouts: DeliveryTimeouts) -> (Outcome, usize) {
+    glommio::LocalExecutor::default().run(async move {
+        let ring = Ring::start().unwrap();
+        let resolver = Resolver::new(
+            vec!["127.0.0.1:9".parse().unwrap()],
+            Duration::from_millis(500),
+            2,
+        );
+        let cfg = AttemptConfig {
+            helo: "ringmail.test".into(),
+            mx_port: port,
+            timeouts,
+        };
+        let pool = Pool::new(100, Duration::from_secs(5));
+        let o = attempt(
+            &ring,
+            &pool,
+            &resolver,
+            &cfg,
+            &Destination::Route("127.0.0.2".into(), port),
+            &tx,
+            &MessageText {
+                prefix: Vec::new(),
+                body: std::rc::Rc::new(MESSAGE.to_vec()),
+            },
+        )
+        .await;
+        (o, pool.idle_connections())
+    })
 }

@@ -2,19 +2,21 @@
 //! over the domain's MX hosts in order (or a fixed route), with the sans-IO client
 //! core on the executor's io_uring.
 //!
-//! Not built yet around it: per-destination queues, connection reuse, rate limits and
-//! the scheduler that calls this with the retry policy.
+//! Every wait has a deadline (`DeliveryTimeouts`): one per reply, and one for the
+//! whole attempt, so no server holds a delivery slot longer than that.
 
 use crate::dns::resolver::Resolver;
 use crate::dns::Route;
 use crate::net::{Ring, SendBuf};
 use crate::queue::MessageText;
 use crate::smtp::address::ascii_address;
-use crate::smtp::client::{Client, DotStuffer, Event, RcptResult, Reply, Transaction, TxRcpt};
+use crate::smtp::client::{
+    Awaiting, Client, DotStuffer, Event, RcptResult, Reply, Transaction, TxRcpt,
+};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
 pub struct AttemptConfig {
@@ -22,9 +24,102 @@ pub struct AttemptConfig {
     pub helo: String,
     /// Port of MX hosts (25; tests use a high port).
     pub mx_port: u16,
-    pub connect_timeout: Duration,
-    /// Longest wait for any reply.
-    pub reply_timeout: Duration,
+    pub timeouts: DeliveryTimeouts,
+}
+
+/// How long an attempt waits. Each reply limit is a deadline for the whole reply,
+/// from the command (or the connection) to its last line: a server trickling a
+/// byte at a time runs out of time like a silent one. The defaults are RFC 5321
+/// §4.5.3.2's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryTimeouts {
+    /// One TCP connection (per address of each host).
+    pub connect: Duration,
+    pub greeting: Duration,
+    /// EHLO/HELO, MAIL, RSET and QUIT.
+    pub command: Duration,
+    pub rcpt: Duration,
+    /// DATA until its 354.
+    pub data_init: Duration,
+    /// Each send of the message text (and of commands) taking no bytes at all.
+    pub data_block: Duration,
+    /// The end of the message (final dot or BDAT LAST) until its reply: long, as the
+    /// server may scan the message before answering.
+    pub data_done: Duration,
+    /// Everything of one attempt together: every MX host and address, connections
+    /// and replies. 15 minutes: the longest single wait above (10 minutes for the
+    /// final reply) plus a normal transaction's few seconds, with room for a large
+    /// message on a slow link (50 MB in 10 minutes is under 1 Mbit/s); a server
+    /// that needs longer is broken or tarpitting, and holding a delivery slot for it
+    /// for hours starves the rest of the queue. The recipients are then deferred
+    /// and retried on the usual schedule.
+    pub attempt: Duration,
+}
+
+impl Default for DeliveryTimeouts {
+    fn default() -> Self {
+        let min = |m: u64| Duration::from_secs(60 * m);
+        DeliveryTimeouts {
+            connect: Duration::from_secs(10),
+            greeting: min(5),
+            command: min(5),
+            rcpt: min(5),
+            data_init: min(2),
+            data_block: min(3),
+            data_done: min(10),
+            attempt: min(15),
+        }
+    }
+}
+
+impl DeliveryTimeouts {
+    fn reply(&self, what: Awaiting) -> Duration {
+        match what {
+            Awaiting::Greeting => self.greeting,
+            Awaiting::Hello | Awaiting::Mail | Awaiting::Rset | Awaiting::Quit => self.command,
+            Awaiting::Rcpt => self.rcpt,
+            Awaiting::Data => self.data_init,
+            Awaiting::EndOfData => self.data_done,
+        }
+    }
+}
+
+/// The attempt's ceiling and the clock of the reply awaited now: every wait ends at
+/// the earlier of the two, and a timeout is reported by the one that ran out.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    attempt: Instant,
+    attempt_limit: Duration,
+}
+
+impl Deadlines {
+    /// How long an operation may wait now, `left` of its own `limit`, and the reason
+    /// to give if it times out.
+    fn wait(&self, left: Duration, limit: Duration, what: &str) -> (Duration, String) {
+        let attempt_left = self.attempt.saturating_duration_since(Instant::now());
+        if attempt_left <= left {
+            (
+                attempt_left.max(Duration::from_millis(1)),
+                format!(
+                    "timed out: the attempt's limit of {:?} ran out (waiting for {what})",
+                    self.attempt_limit
+                ),
+            )
+        } else {
+            (
+                left.max(Duration::from_millis(1)),
+                format!("timed out: {what} did not come within {limit:?}"),
+            )
+        }
+    }
+
+    fn passed(&self) -> bool {
+        Instant::now() >= self.attempt
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::TimedOut
 }
 
 /// Where the domain's mail goes.
@@ -123,6 +218,10 @@ pub async fn attempt(
     tx: &Transaction,
     message: &MessageText,
 ) -> Outcome {
+    let deadlines = Deadlines {
+        attempt: Instant::now() + cfg.timeouts.attempt,
+        attempt_limit: cfg.timeouts.attempt,
+    };
     let (hosts, port) = match dest {
         Destination::Route(host, port) => (vec![host.clone()], *port),
         Destination::Literal(ip) => (vec![ip.to_string()], cfg.mx_port),
@@ -175,12 +274,20 @@ pub async fn attempt(
             },
         };
         for ip in addrs {
+            if deadlines.passed() {
+                last = format!(
+                    "{last}; timed out: the attempt's limit of {:?} ran out",
+                    cfg.timeouts.attempt
+                );
+                break;
+            }
             let addr = SocketAddr::new(ip, port);
             // A pooled connection the server has meanwhile closed fails before any
             // result: then a fresh one is tried before the next address.
-            let mut res = session(ring, pool, cfg, addr, tx, ascii, message, true).await;
+            let mut res =
+                session(ring, pool, cfg, &deadlines, addr, tx, ascii, message, true).await;
             if let Err((_, true)) = res {
-                res = session(ring, pool, cfg, addr, tx, ascii, message, false).await;
+                res = session(ring, pool, cfg, &deadlines, addr, tx, ascii, message, false).await;
             }
             match res.map_err(|(why, _)| why) {
                 Ok(results) => {
@@ -259,21 +366,43 @@ async fn session(
     ring: &Rc<Ring>,
     pool: &Pool,
     cfg: &AttemptConfig,
+    deadlines: &Deadlines,
     addr: SocketAddr,
     tx: &Transaction,
     ascii: Option<&Transaction>,
     message: &MessageText,
     may_reuse: bool,
 ) -> Result<Vec<RcptResult>, (String, bool)> {
+    let t = &cfg.timeouts;
+    // Sends: the data-block limit per send, within the attempt's ceiling.
+    let send_wait = || {
+        deadlines.wait(
+            t.data_block,
+            t.data_block,
+            "the server to take what was sent",
+        )
+    };
+    let send_error = |e: std::io::Error, why: String| {
+        if is_timeout(&e) {
+            why
+        } else {
+            format!("send: {e}")
+        }
+    };
     let pooled = if may_reuse { pool.take(addr) } else { None };
     let reused = pooled.is_some();
     let (fd, mut c, used) = match pooled {
         Some(i) => (i.fd, i.client, i.used),
         None => {
-            let fd = ring
-                .connect(addr, cfg.connect_timeout)
-                .await
-                .map_err(|e| (format!("connect: {e}"), false))?;
+            let (wait, why) = deadlines.wait(t.connect, t.connect, "the connection");
+            let fd = ring.connect(addr, wait).await.map_err(|e| {
+                let why = if is_timeout(&e) {
+                    why
+                } else {
+                    format!("connect: {e}")
+                };
+                (why, false)
+            })?;
             (fd, Client::new(&cfg.helo), 0)
         }
     };
@@ -300,9 +429,10 @@ async fn session(
         }
         let out = c.output().to_vec();
         c.clear_output();
-        ring.send_all(raw, &out, cfg.reply_timeout)
+        let (wait, why) = send_wait();
+        ring.send_all(raw, &out, wait)
             .await
-            .map_err(|e| fail(format!("send: {e}"), false))?;
+            .map_err(|e| fail(send_error(e, why), false))?;
     }
     let mut buf = Vec::with_capacity(16 << 10);
     // Anything received on this connection in this session: a pooled connection
@@ -310,19 +440,38 @@ async fn session(
     // after it, the message may have been taken, so never resend at once.
     let mut received = false;
     let mut finished = false;
+    // The reply awaited now must be complete by this time: restarted when a reply
+    // was taken or commands were sent, never by bytes that only trickle in.
+    let mut reply_clock = (c.replies(), Instant::now());
     loop {
-        let (res, b) = ring
-            .recv(raw, std::mem::take(&mut buf), cfg.reply_timeout)
-            .await;
+        let what = c.awaiting().unwrap_or(Awaiting::Quit);
+        let limit = t.reply(what);
+        let left = (reply_clock.1 + limit).saturating_duration_since(Instant::now());
+        let (wait, why) = deadlines.wait(left, limit, what.describe());
+        let (res, b) = ring.recv(raw, std::mem::take(&mut buf), wait).await;
         buf = b;
         let mut events: std::collections::VecDeque<Event> = match res {
             Ok(n) if n > 0 => {
                 received = true;
                 c.feed(&buf[..n]).into()
             }
-            // Closed, reset or silent: whatever was not answered is deferred.
-            _ => {
-                return match (results, c.connection_lost()) {
+            // Closed, reset or silent: whatever was not answered is deferred (the
+            // connection is dropped, so closed, and never pooled).
+            res => {
+                let timed_out = matches!(&res, Err(e) if is_timeout(e));
+                let lost = if timed_out {
+                    c.abort(Reply {
+                        code: 451,
+                        text: why.clone(),
+                        enhanced: Some((4, 4, 2)),
+                    })
+                } else {
+                    c.connection_lost()
+                };
+                if timed_out && results.is_none() && !matches!(lost, Some(Event::Done(_))) {
+                    return Err(fail(why, received));
+                }
+                return match (results, lost) {
                     (Some(r), _) => Ok(r),
                     (None, Some(Event::Done(_))) if reused && !received => {
                         Err(fail("pooled connection closed".into(), received))
@@ -349,9 +498,11 @@ async fn session(
                 }
                 Event::Ready => finished = results.is_some(),
                 Event::SendBody { bdat } => {
-                    send_body(ring, raw, &mut c, message, bdat, cfg.reply_timeout)
+                    let (wait, why) = send_wait();
+                    within(deadlines, send_body(ring, raw, &mut c, message, bdat, wait))
                         .await
-                        .map_err(|e| fail(format!("send: {e}"), received))?;
+                        .map_err(|e| fail(send_error(e, why), received))?;
+                    reply_clock = (c.replies(), Instant::now());
                     if !bdat {
                         // Replies that arrived with the 354 are read now.
                         events.extend(c.body_sent());
@@ -385,18 +536,39 @@ async fn session(
             } else {
                 // Done with this connection: a polite QUIT, without waiting for 221.
                 c.quit();
-                let _ = ring.send_all(raw, c.output(), cfg.reply_timeout).await;
+                let (wait, _) = send_wait();
+                let _ = ring.send_all(raw, c.output(), wait).await;
             }
             return Ok(r);
+        }
+        if c.replies() != reply_clock.0 {
+            reply_clock = (c.replies(), Instant::now());
         }
         if !c.output().is_empty() {
             let out = c.output().to_vec();
             c.clear_output();
-            if let Err(e) = ring.send_all(raw, &out, cfg.reply_timeout).await {
-                return results.ok_or_else(|| fail(format!("send: {e}"), received));
+            let (wait, why) = send_wait();
+            if let Err(e) = ring.send_all(raw, &out, wait).await {
+                return results.ok_or_else(|| fail(send_error(e, why), received));
             }
+            reply_clock = (c.replies(), Instant::now());
         }
     }
+}
+
+/// Runs `op` (a send of the message, which may take many kernel sends, each with
+/// its own stall limit) no longer than the attempt's ceiling allows. Dropping the
+/// send early is safe: the ring keeps the buffer of a cancelled request.
+async fn within(
+    deadlines: &Deadlines,
+    op: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    let left = deadlines.attempt.saturating_duration_since(Instant::now());
+    futures_lite::future::or(op, async {
+        glommio::timer::sleep(left).await;
+        Err(std::io::ErrorKind::TimedOut.into())
+    })
+    .await
 }
 
 /// Below this size a message is copied behind the command into one send; above it,

@@ -113,7 +113,11 @@ pub fn build(
         m.push_str("Your message could not be delivered yet to one or more recipients.\r\nThe mail system will keep trying; you do not need to send it again.\r\n\r\n");
     }
     for r in &reports {
-        m.push_str(&format!("<{}>: {}\r\n", r.rcpt, r.diagnostic));
+        m.push_str(&fold(
+            &format!("<{}>:", r.rcpt),
+            &quoted(&r.diagnostic, false),
+            "    ",
+        ));
     }
     m.push_str("\r\n");
 
@@ -139,7 +143,11 @@ pub fn build(
         if let Some(mta) = &r.remote_mta {
             m.push_str(&format!("Remote-MTA: dns; {mta}\r\n"));
         }
-        m.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", r.diagnostic));
+        m.push_str(&fold(
+            "Diagnostic-Code: smtp;",
+            &quoted(&r.diagnostic, true),
+            " ",
+        ));
         m.push_str(&format!("Last-Attempt-Date: {date}\r\n"));
     }
     m.push_str("\r\n");
@@ -170,6 +178,83 @@ pub fn build(
     }
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     Some(out)
+}
+
+/// Most characters of a remote reply quoted in a bounce: enough for any real
+/// diagnostic, while a server that answers with pages of text cannot make the
+/// bounce (and every line in it) as long as it likes.
+pub const QUOTED_CHARS_MAX: usize = 1000;
+/// Lines are folded at this width (RFC 5322 §2.1.1's "should").
+const LINE_WIDTH: usize = 78;
+/// Longer words are cut into pieces, which keeps every line under RFC 5322's hard
+/// limit of 998 octets (a word is folded onto a line of its own, after the indent).
+const WORD_BYTES_MAX: usize = 900;
+
+/// The remote reply as quoted: its lines joined by single spaces, controls gone (a
+/// stray CR or LF would end the line early), capped with a note saying how much was
+/// cut. `ascii`: for a `message/delivery-status` field, which is US-ASCII (RFC 3464
+/// §2.1.2); other characters become `?`.
+fn quoted(text: &str, ascii: bool) -> String {
+    let joined = text
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let total = joined.chars().count();
+    let mut out: String = joined
+        .chars()
+        .take(QUOTED_CHARS_MAX)
+        .map(|c| if ascii && !c.is_ascii() { '?' } else { c })
+        .collect();
+    if total > QUOTED_CHARS_MAX {
+        out.truncate(out.trim_end().len());
+        out.push_str(&format!(
+            " [{} more characters of the reply not shown]",
+            total - QUOTED_CHARS_MAX
+        ));
+    }
+    out
+}
+
+/// `first` and the words of `text`, folded at `LINE_WIDTH` with each further line
+/// starting with `indent` (whitespace, so a header unfolds to the text again);
+/// every line ends with CRLF.
+fn fold(first: &str, text: &str, indent: &str) -> String {
+    let mut out = String::new();
+    let mut line = first.to_string();
+    let mut line_has_word = !first.is_empty();
+    let pieces = text.split(' ').filter(|w| !w.is_empty()).flat_map(|w| {
+        let mut rest = w;
+        std::iter::from_fn(move || {
+            if rest.is_empty() {
+                return None;
+            }
+            let mut end = rest.len().min(WORD_BYTES_MAX);
+            while !rest.is_char_boundary(end) {
+                end -= 1;
+            }
+            let (piece, tail) = rest.split_at(end);
+            rest = tail;
+            Some(piece)
+        })
+    });
+    for word in pieces {
+        let width = line.chars().count() + 1 + word.chars().count();
+        if line_has_word && width > LINE_WIDTH && line.len() > indent.len() {
+            out.push_str(&line);
+            out.push_str("\r\n");
+            line = indent.to_string();
+            line_has_word = false;
+        }
+        if line_has_word {
+            line.push(' ');
+        }
+        line.push_str(word);
+        line_has_word = true;
+    }
+    out.push_str(&line);
+    out.push_str("\r\n");
+    out
 }
 
 #[cfg(test)]
@@ -278,5 +363,138 @@ mod tests {
             t.contains("Final-Recipient: rfc822; c@d")
                 && !t.contains("Final-Recipient: rfc822; b@d")
         );
+    }
+
+    /// A multi-line reply of 5000 characters, as a server may send it (the client
+    /// core joins the lines; a raw CR or LF must not break the bounce either).
+    fn long_reply() -> String {
+        let mut r = String::from("550 5.7.1");
+        let mut i = 0;
+        while r.len() < 5000 {
+            r.push_str(&format!(" policy line {i} says no"));
+            if i % 7 == 6 {
+                r.push_str("\r\n550-5.7.1");
+            }
+            i += 1;
+        }
+        r
+    }
+
+    fn lines_of(t: &str) -> Vec<&str> {
+        assert!(t.ends_with("\r\n"));
+        let lines: Vec<&str> = t[..t.len() - 2].split("\r\n").collect();
+        for l in &lines {
+            assert!(
+                !l.contains('\r') && !l.contains('\n'),
+                "bare CR or LF: {l:?}"
+            );
+        }
+        lines
+    }
+
+    /// RFC 5322 §2.2.3 unfolding of the field `name` in a header block.
+    fn unfolded(lines: &[&str], name: &str) -> String {
+        let start = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name}"));
+        let mut v = lines[start][name.len() + 2..].to_string();
+        for l in &lines[start + 1..] {
+            if !l.starts_with([' ', '\t']) {
+                break;
+            }
+            v.push_str(l);
+        }
+        v
+    }
+
+    #[test]
+    fn a_long_remote_reply_is_folded_and_capped() {
+        let mut f = failure("b@dst.test", 0);
+        f.diagnostic = long_reply();
+        assert!(f.diagnostic.len() >= 5000);
+        let m = build(
+            "mx.ringmail.test",
+            &original(Ret::Hdrs),
+            &[f],
+            "Sat, 28 Nov 2026 02:00:00 +0000",
+        )
+        .unwrap();
+        let t = String::from_utf8(m.clone()).unwrap();
+        let lines = lines_of(&t);
+        for l in &lines {
+            assert!(l.len() <= 78, "{} characters: {l:?}", l.len());
+        }
+        let diag = unfolded(&lines, "Diagnostic-Code");
+        let (quote, note) = diag
+            .strip_prefix("smtp; ")
+            .unwrap()
+            .split_once(" [")
+            .expect("a note that the reply was cut");
+        assert!(quote.starts_with("550 5.7.1 policy line 0 says no"));
+        assert!(quote.len() <= QUOTED_CHARS_MAX && quote.len() > QUOTED_CHARS_MAX - 20);
+        assert!(
+            note.ends_with("more characters of the reply not shown]"),
+            "{note}"
+        );
+        assert!(
+            !quote.contains("  ") && !quote.contains("\r"),
+            "the reply's lines are joined by single spaces"
+        );
+        // The text for people quotes the same, folded too.
+        assert!(t.contains("<b@dst.test>: 550 5.7.1 policy line 0 says no"));
+        let people = t.replace("\r\n    ", " ");
+        assert!(people.contains(&format!("<b@dst.test>: {quote} [{note}\r\n")));
+
+        // An independent parser agrees on the structure and on the field's value.
+        let script = "import email, email.policy, sys\n\
+            m = email.message_from_bytes(sys.stdin.buffer.read(), policy=email.policy.default)\n\
+            parts = m.get_payload()\n\
+            print(','.join(p.get_content_type() for p in parts))\n\
+            blocks = parts[1].get_payload()\n\
+            print(len(blocks), blocks[1]['Action'], blocks[1]['Status'])\n\
+            print(blocks[1]['Diagnostic-Code'])\n\
+            print(sum(len(p.defects) for p in m.walk()))\n";
+        let mut py = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (the tests need it, see README)");
+        use std::io::Write;
+        py.stdin.take().unwrap().write_all(&m).unwrap();
+        let out = py.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let out = String::from_utf8(out.stdout).unwrap();
+        let got: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            got[0],
+            "text/plain,message/delivery-status,text/rfc822-headers"
+        );
+        assert_eq!(got[1], "2 failed 5.1.1");
+        assert_eq!(got[2], diag);
+        assert_eq!(got[3], "0", "no defects");
+    }
+
+    #[test]
+    fn a_reply_without_spaces_or_in_utf8_still_keeps_the_line_limits() {
+        let mut f = failure("b@dst.test", 0);
+        f.diagnostic = format!("550 5.7.1 {} ünïcödé done", "x".repeat(3000));
+        let t = String::from_utf8(build("h", &original(Ret::Hdrs), &[f], "D").unwrap()).unwrap();
+        let lines = lines_of(&t);
+        for l in &lines {
+            assert!(l.len() <= 998, "{} octets", l.len());
+        }
+        let diag = unfolded(&lines, "Diagnostic-Code");
+        assert!(
+            diag.is_ascii(),
+            "delivery-status fields are US-ASCII: {diag}"
+        );
+        // Short replies are quoted whole, on one line, as before.
+        let t =
+            String::from_utf8(build("h", &original(Ret::Hdrs), &[failure("b@d", 0)], "D").unwrap())
+                .unwrap();
+        assert!(t.contains("\r\nDiagnostic-Code: smtp; 550 5.1.1 no such user\r\n"));
+        assert!(t.contains("\r\n<b@d>: 550 5.1.1 no such user\r\n"));
     }
 }

@@ -139,8 +139,7 @@ impl Delivery {
             attempt: AttemptConfig {
                 helo: cfg.hostname.clone(),
                 mx_port: cfg.mx_port,
-                connect_timeout: Duration::from_secs(10),
-                reply_timeout: Duration::from_secs(300),
+                timeouts: cfg.delivery_timeouts,
             },
             retry: cfg.retry,
             cfg,

@@ -151,6 +151,39 @@ pub enum Event {
     Closed,
 }
 
+/// The reply the client is waiting for, so the driver can give it its own deadline
+/// (RFC 5321 §4.5.3.2 times each command's reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaiting {
+    Greeting,
+    /// EHLO or HELO.
+    Hello,
+    Mail,
+    Rcpt,
+    /// DATA initiation: the 354.
+    Data,
+    /// The reply to the end of the message (the final dot, or BDAT LAST).
+    EndOfData,
+    Rset,
+    Quit,
+}
+
+impl Awaiting {
+    /// As a reason names it: `the reply to DATA`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Awaiting::Greeting => "the greeting",
+            Awaiting::Hello => "the reply to EHLO/HELO",
+            Awaiting::Mail => "the reply to MAIL",
+            Awaiting::Rcpt => "the reply to RCPT",
+            Awaiting::Data => "the reply to DATA",
+            Awaiting::EndOfData => "the reply to the end of the message",
+            Awaiting::Rset => "the reply to RSET",
+            Awaiting::Quit => "the reply to QUIT",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum St {
     Greeting,
@@ -166,6 +199,9 @@ enum St {
     /// The body is going out (driver's turn), then the final reply.
     Body,
     Final,
+    /// Every recipient was refused yet the pipelined DATA got 354: the bare end
+    /// marker went out, waiting for its reply (whatever it is, nobody was delivered).
+    EmptyData,
     /// Waiting for the reply to a RSET after every recipient was refused.
     Rset,
     Quit,
@@ -189,6 +225,8 @@ pub struct Client {
     size: u64,
     /// The server said 421: it is closing the connection.
     closing: bool,
+    /// Complete replies taken so far (the driver restarts a reply's clock on each).
+    replies: u64,
 }
 
 /// Longest reply line accepted (RFC 5321 says 512; some servers send more).
@@ -211,6 +249,7 @@ impl Client {
             pending_rcpts: Vec::new(),
             size: 0,
             closing: false,
+            replies: 0,
         }
     }
 
@@ -232,7 +271,10 @@ impl Client {
         let mut events = Vec::new();
         loop {
             match take_reply(&mut self.inbuf) {
-                Ok(Some((reply, lines))) => self.on_reply(reply, lines, &mut events),
+                Ok(Some((reply, lines))) => {
+                    self.replies += 1;
+                    self.on_reply(reply, lines, &mut events)
+                }
                 Ok(None) => break,
                 Err(reply) => {
                     self.fail(reply, &mut events);
@@ -248,6 +290,27 @@ impl Client {
             }
         }
         events
+    }
+
+    /// The reply the client waits for now; None when it waits for nothing from the
+    /// server (idle, done, or the driver's turn to send the message text).
+    pub fn awaiting(&self) -> Option<Awaiting> {
+        Some(match self.st {
+            St::Greeting => Awaiting::Greeting,
+            St::Ehlo | St::Helo => Awaiting::Hello,
+            St::Envelope { got: 0 } => Awaiting::Mail,
+            St::Envelope { .. } => Awaiting::Rcpt,
+            St::Data => Awaiting::Data,
+            St::Final | St::EmptyData => Awaiting::EndOfData,
+            St::Rset => Awaiting::Rset,
+            St::Quit => Awaiting::Quit,
+            St::Ready | St::Body | St::Done => return None,
+        })
+    }
+
+    /// Complete replies received on this connection so far.
+    pub fn replies(&self) -> u64 {
+        self.replies
     }
 
     /// Ready for another transaction on this connection: idle, nothing unread, and
@@ -377,17 +440,27 @@ impl Client {
         }
     }
 
-    /// The connection broke (or timed out): every unanswered recipient is deferred.
+    /// The connection broke: every unanswered recipient is deferred.
     pub fn connection_lost(&mut self) -> Option<Event> {
+        self.abort(Reply::local(
+            451,
+            (4, 4, 2),
+            "connection lost during the transaction",
+        ))
+    }
+
+    /// The driver gives up on the connection (a timeout, say) for `reason`, a 4xx:
+    /// every recipient without a final answer is deferred with it.
+    pub fn abort(&mut self, reason: Reply) -> Option<Event> {
         let in_tx = matches!(
             self.st,
-            St::Envelope { .. } | St::Data | St::Body | St::Final | St::Rset
+            St::Envelope { .. } | St::Data | St::Body | St::Final | St::EmptyData | St::Rset
         );
         self.st = St::Done;
         if !in_tx {
             return None;
         }
-        let lost = Reply::local(451, (4, 4, 2), "connection lost during the transaction");
+        let lost = reason;
         let results = self
             .results
             .drain(..)
@@ -512,6 +585,14 @@ impl Client {
                     .iter()
                     .any(|r| matches!(r, Some(RcptResult::Delivered(_))));
                 if !accepted {
+                    if reply.code == 354 {
+                        // RFC 2920 §3.1: the server took the pipelined DATA although
+                        // no RCPT succeeded. End the data at once with an empty
+                        // message (anything else would be taken as its text).
+                        self.out.extend_from_slice(b".\r\n");
+                        self.st = St::EmptyData;
+                        return;
+                    }
                     // The reply to a pipelined DATA after every RCPT failed; the
                     // transaction is over (RSET leaves the session clean).
                     self.out.extend_from_slice(b"RSET\r\n");
@@ -543,7 +624,9 @@ impl Client {
                 }
             }
             St::Body | St::Final => self.finish(reply, events),
-            St::Rset => self.end_tx(events),
+            // The empty message ends the transaction like a RSET would; a server that
+            // "delivered" it delivered it to nobody, so the RCPT replies stand.
+            St::Rset | St::EmptyData => self.end_tx(events),
             St::Ready => {
                 // An unsolicited reply: most likely 421 before closing.
                 self.fail(reply, events);

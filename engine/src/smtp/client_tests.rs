@@ -1,7 +1,7 @@
 //! Byte-level tests of the SMTP client core: every reply path, fed whole and byte by
 //! byte.
 
-use super::client::{Client, DotStuffer, Event, RcptResult, Transaction, TxRcpt};
+use super::client::{Awaiting, Client, DotStuffer, Event, RcptResult, Reply, Transaction, TxRcpt};
 
 const FULL_EHLO: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n";
 const PIPELINING_EHLO: &str = "250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n";
@@ -438,4 +438,99 @@ fn bytes_after_the_ehlo_reply_wait_for_the_transaction() {
     assert_eq!(c.start(&tx(&["x@d"])), None);
     let (_, ev) = feed(&mut c, "", false);
     assert_eq!(codes(&ev), [('T', 421)], "{ev:?}");
+}
+
+#[test]
+fn a_354_after_every_recipient_was_refused_gets_an_empty_message() {
+    // RFC 2920 §3.1: the pipelined DATA may still be answered 354 by a server that
+    // refused every RCPT. The client ends the data at once with the bare dot (never
+    // a command as message text), and the recipients keep their RCPT replies, even
+    // when the server takes the empty message.
+    both(|bw| {
+        for dot_reply in [
+            "554 5.5.1 no valid recipients\r\n",
+            "250 2.0.0 ok, empty\r\n",
+        ] {
+            let mut c = ready(PIPELINING_EHLO, bw);
+            c.start(&tx(&["x@d", "y@d"]));
+            feed(&mut c, "", bw);
+            let (out, ev) = feed(
+                &mut c,
+                "250 ok\r\n550 5.1.1 no\r\n450 4.2.1 busy\r\n354 go ahead\r\n",
+                bw,
+            );
+            assert_eq!(out, ".\r\n", "the empty message, and nothing else");
+            assert!(ev.is_empty(), "{ev:?}");
+            let (out, ev) = feed(&mut c, dot_reply, bw);
+            assert_eq!(out, "");
+            assert_eq!(codes(&ev), [('F', 550), ('T', 450)], "after {dot_reply:?}");
+            assert_eq!(ev.last(), Some(&Event::Ready));
+            assert!(c.reusable(), "the transaction is over, the session clean");
+        }
+        // A refused MAIL followed by a 354 to the pipelined DATA: the same.
+        let mut c = ready(PIPELINING_EHLO, bw);
+        c.start(&tx(&["x@d"]));
+        feed(&mut c, "", bw);
+        let (out, _) = feed(
+            &mut c,
+            "451 4.3.0 later\r\n503 5.5.1 need MAIL\r\n354 go\r\n",
+            bw,
+        );
+        assert_eq!(out, ".\r\n");
+        let (_, ev) = feed(&mut c, "503 5.5.1 no recipients\r\n", bw);
+        assert_eq!(codes(&ev), [('T', 451)]);
+    });
+}
+
+#[test]
+fn no_bdat_when_every_recipient_was_refused() {
+    both(|bw| {
+        let mut c = ready(FULL_EHLO, bw);
+        c.start(&tx(&["x@d", "y@d"]));
+        let (out, _) = feed(&mut c, "", bw);
+        assert!(!out.contains("BDAT") && !out.contains("DATA"), "{out}");
+        let (out, ev) = feed(&mut c, "250 ok\r\n550 5.1.1 no\r\n551 5.1.6 moved\r\n", bw);
+        assert_eq!(out, "RSET\r\n");
+        assert!(ev.is_empty(), "no SendBody: {ev:?}");
+        let (_, ev) = feed(&mut c, "250 ok\r\n", bw);
+        assert_eq!(codes(&ev), [('F', 550), ('F', 551)]);
+    });
+}
+
+#[test]
+fn the_reply_awaited_is_known_at_each_step_and_an_abort_defers_with_its_reason() {
+    // The driver times each reply by what it answers (RFC 5321 §4.5.3.2).
+    both(|bw| {
+        let mut c = Client::new("me.test");
+        assert_eq!(c.awaiting(), Some(Awaiting::Greeting));
+        feed(&mut c, "220 mx\r\n", bw);
+        assert_eq!(c.awaiting(), Some(Awaiting::Hello));
+        feed(&mut c, PIPELINING_EHLO, bw);
+        assert_eq!(c.awaiting(), None, "idle");
+        let before = c.replies();
+        c.start(&tx(&["x@d", "y@d"]));
+        assert_eq!(c.awaiting(), Some(Awaiting::Mail));
+        feed(&mut c, "250 ok\r\n", bw);
+        assert_eq!(c.awaiting(), Some(Awaiting::Rcpt));
+        feed(&mut c, "250 ok\r\n250 ok\r\n", bw);
+        assert_eq!(c.awaiting(), Some(Awaiting::Data));
+        assert_eq!(c.replies(), before + 3, "one count per complete reply");
+        feed(&mut c, "354 go\r\n", bw);
+        assert_eq!(c.awaiting(), None, "the driver's turn: the text");
+        c.body_sent();
+        assert_eq!(c.awaiting(), Some(Awaiting::EndOfData));
+        // A partial reply is not a reply.
+        feed(&mut c, "25", bw);
+        assert_eq!(c.replies(), before + 4);
+        let why = Reply {
+            code: 451,
+            text: "timed out".into(),
+            enhanced: Some((4, 4, 2)),
+        };
+        let Some(Event::Done(r)) = c.abort(why.clone()) else {
+            panic!()
+        };
+        assert_eq!(r, vec![RcptResult::Deferred(why.clone()); 2]);
+        assert!(!c.reusable());
+    });
 }
