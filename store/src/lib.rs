@@ -19,6 +19,6 @@ pub mod message;
 pub mod record;
 pub mod segment;
 
-pub use log::{LogConfig, LogError, ShardLog, Ticket};
+pub use log::{FaultPoint, Faults, LogConfig, LogError, ShardLog, Ticket};
 pub use record::Kind;
 pub use segment::{Location, Mode, RecoveryOptions, RecoveryReport, Tail};

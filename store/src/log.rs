@@ -6,12 +6,13 @@
 //! `fdatasync`, while the next batch fills. Every message of a batch is covered by that
 //! one sync, so the sync rate, not the message rate, is what the disk must sustain.
 //!
-//! Runs on a glommio executor and never blocks it: reads, writes, syncs, opens and
-//! truncations of segment files go through io_uring (or glommio's own blocking
-//! threads), and the calls io_uring cannot do (the directory sync of a segment roll,
-//! unlinking a half-made segment, `statvfs`, creating the shard directory) run on
-//! glommio's blocking thread pool, so a slow disk stalls this writer, not every
-//! session of the core.
+//! Runs on a glommio executor and never blocks it: reads, writes, syncs and opens of
+//! segment files go through io_uring; the calls io_uring cannot do (the directory sync
+//! of a segment roll, `statvfs`, creating and syncing the shard directory) go to
+//! glommio's blocking thread, as does glommio's own `truncate`. That is one thread per
+//! executor (glommio 0.9), shared by every shard log on the executor: a slow directory
+//! sync stalls the other writers' rolls, cuts and free-space checks queued behind it,
+//! but not the sessions of the core, nor the writes and syncs of batches.
 //!
 //! Segments are written with direct I/O (`O_DIRECT`, glommio's `DmaFile`): the batch
 //! goes from one aligned buffer to the disk without a copy into the page cache, which
@@ -30,10 +31,14 @@
 //!   records. If even the fence cannot be written, the shard halts: every later
 //!   append fails ([`LogError::Io`], "stopped taking mail") until a restart, and the
 //!   failed batch may be replayed after it (as a message killed between its sync and
-//!   its 250 may be).
+//!   its 250 may be). A fence whose header and name are durable fences even when
+//!   opening it then fails: the shard goes on, and the next batch opens it.
 //! - A roll (segment full, or a fence) creates the new segment, syncs its header, then
 //!   syncs the directory, all before any batch is written into it: no record in a
 //!   segment is acknowledged before the segment's name is durable.
+//! - Once a roll out of a segment has begun, nothing more is written into that segment,
+//!   even if the roll fails: the new header, which caps the old segment, may already be
+//!   on disk. Every later batch retries the roll first (see `Flusher::roll`).
 
 use crate::record::{self, Kind};
 use crate::segment::{self, Location, SegmentHeader, Tail, SEGMENT_HEADER_BYTES};
@@ -103,18 +108,40 @@ impl Default for LogConfig {
 /// synced, on the thread that synced it.
 pub type DirSyncHook = Arc<dyn Fn(u64) + Send + Sync>;
 
-/// Test hooks for the error and ordering paths: the next `writes` batch writes, the
-/// next `syncs` batch syncs, the next `truncates` cuts of a failed batch and the next
-/// `creates` segment creations fail with `errno`; `after_dir_sync` observes each
-/// directory sync of a segment roll.
+/// Where an injected fault fired (see [`Faults::on_fault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    Write,
+    Sync,
+    Truncate,
+    Create,
+    Open,
+}
+
+/// Test hooks for the error and ordering paths, all failing with `errno`: the next
+/// `writes` batch writes, the next `syncs` batch syncs and the next `truncates` cuts of
+/// a failed batch fail; the next `creates` segment creations fail once the file exists,
+/// before its header is written; the next `opens` segment creations fail after the
+/// header and the directory entry are durable, where opening the file for direct I/O
+/// (or its block-size check) can fail. `on_fault` runs on the executor each time one of
+/// these fires. `after_dir_sync` observes each directory sync of a segment roll and
+/// `after_parent_sync` the sync of the shard directory's own entry at open (pass the
+/// hooks to [`ShardLog::open_with_faults`] to see that one). `free_bytes`, when set,
+/// is what the free-space check reports; `space_checks` counts those checks.
 #[derive(Default)]
 pub struct Faults {
     pub writes: Cell<u32>,
     pub syncs: Cell<u32>,
     pub truncates: Cell<u32>,
     pub creates: Cell<u32>,
+    pub opens: Cell<u32>,
     pub errno: Cell<i32>,
+    #[allow(clippy::type_complexity)]
+    pub on_fault: RefCell<Option<Rc<dyn Fn(FaultPoint)>>>,
     pub after_dir_sync: RefCell<Option<DirSyncHook>>,
+    pub after_parent_sync: RefCell<Option<Arc<dyn Fn() + Send + Sync>>>,
+    pub free_bytes: Cell<Option<u64>>,
+    pub space_checks: Cell<u32>,
 }
 
 impl std::fmt::Debug for Faults {
@@ -124,19 +151,39 @@ impl std::fmt::Debug for Faults {
             .field("syncs", &self.syncs)
             .field("truncates", &self.truncates)
             .field("creates", &self.creates)
+            .field("opens", &self.opens)
             .field("errno", &self.errno)
+            .field("on_fault", &self.on_fault.borrow().is_some())
             .field("after_dir_sync", &self.after_dir_sync.borrow().is_some())
+            .field(
+                "after_parent_sync",
+                &self.after_parent_sync.borrow().is_some(),
+            )
+            .field("free_bytes", &self.free_bytes)
+            .field("space_checks", &self.space_checks)
             .finish()
     }
 }
 
 impl Faults {
-    fn take(counter: &Cell<u32>, errno: i32) -> io::Result<()> {
+    fn fire(&self, point: FaultPoint) -> io::Result<()> {
+        let counter = match point {
+            FaultPoint::Write => &self.writes,
+            FaultPoint::Sync => &self.syncs,
+            FaultPoint::Truncate => &self.truncates,
+            FaultPoint::Create => &self.creates,
+            FaultPoint::Open => &self.opens,
+        };
         match counter.get() {
             0 => Ok(()),
             n => {
                 counter.set(n - 1);
-                Err(io::Error::from_raw_os_error(errno))
+                // Cloned out first: the hook may append, or set further faults.
+                let hook = self.on_fault.borrow().clone();
+                if let Some(hook) = hook {
+                    hook(point);
+                }
+                Err(io::Error::from_raw_os_error(self.errno.get()))
             }
         }
     }
@@ -269,9 +316,40 @@ impl ShardLog {
     /// Opens the shard's newest segment after recovery (or creates the first one) and
     /// starts the flusher task on the current executor.
     pub async fn open(dir: &Path, shard: u32, tail: Tail, cfg: LogConfig) -> io::Result<ShardLog> {
+        Self::open_with_faults(dir, shard, tail, cfg, Faults::default()).await
+    }
+
+    /// [`ShardLog::open`] with failure injection and hooks set from the start.
+    pub async fn open_with_faults(
+        dir: &Path,
+        shard: u32,
+        tail: Tail,
+        cfg: LogConfig,
+        faults: Faults,
+    ) -> io::Result<ShardLog> {
+        // The shard directory's own name lives in its parent (DATA, whose manifest was
+        // synced before the directory existed): sync it, or a crash could lose the
+        // directory and every segment acknowledged in it. Cheap enough to do at every
+        // open, which also covers a directory made by a run that crashed before this.
         let owned = dir.to_path_buf();
-        off_executor(move || std::fs::create_dir_all(owned)).await?;
-        let faults = Rc::new(Faults::default());
+        let hook = faults.after_parent_sync.borrow().clone();
+        off_executor(move || {
+            std::fs::create_dir_all(&owned)?;
+            if let Some(parent) = owned.parent() {
+                let parent = if parent.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    parent
+                };
+                segment::sync_dir(parent)?;
+            }
+            if let Some(hook) = hook {
+                hook();
+            }
+            Ok::<(), io::Error>(())
+        })
+        .await?;
+        let faults = Rc::new(faults);
         let seg = match tail.seq {
             Some(seq) => {
                 let file = OpenOptions::new()
@@ -291,7 +369,9 @@ impl ShardLog {
                 }
                 Segment::new(file, seq, tail.valid_len, block[..want].to_vec())
             }
-            None => create_segment(dir, shard, 1, None, &faults).await?,
+            None => create_segment(dir, shard, 1, None, &faults)
+                .await
+                .map_err(|f| f.error)?,
         };
         let log = ShardLog {
             inner: Rc::new(RefCell::new(Inner {
@@ -312,6 +392,7 @@ impl ShardLog {
             cfg,
             seg,
             batch_avg: 0,
+            sealed: false,
             log: log.clone(),
         };
         glommio::spawn_local(flusher.run()).detach();
@@ -387,6 +468,9 @@ struct Flusher {
     seg: Segment,
     /// Moving average of batch sizes (bytes), for `ZERO_AHEAD_BATCH_MAX`.
     batch_avg: u64,
+    /// A roll out of `seg` began and did not finish: nothing more is written into it
+    /// (see `Flusher::roll`).
+    sealed: bool,
     log: ShardLog,
 }
 
@@ -428,10 +512,10 @@ impl Flusher {
         if let Some(why) = self.log.halted.borrow().as_ref() {
             return Err(LogError::Io(why.clone()));
         }
-        if full {
+        if full || self.sealed {
             // Nothing of this batch is written yet: if the roll fails, only this batch
             // fails, and the next one tries to roll again.
-            self.roll(self.seg.len).await?;
+            self.roll().await.map_err(|f| LogError::from(f.error))?;
         }
         let start = self.seg.len;
         let len = batch.len() as u64;
@@ -457,9 +541,9 @@ impl Flusher {
         self.seg.wait_zeroing(align_up(end)).await;
         let faults = self.log.faults.clone();
         let result = async {
-            Faults::take(&faults.writes, faults.errno.get())?;
+            faults.fire(FaultPoint::Write)?;
             write_all(&self.seg.file, buf, base).await?;
-            Faults::take(&faults.syncs, faults.errno.get())?;
+            faults.fire(FaultPoint::Sync)?;
             self.seg.file.fdatasync().await?;
             Ok::<(), io::Error>(())
         }
@@ -495,7 +579,7 @@ impl Flusher {
         self.seg.zeroed.set(start);
         let faults = self.log.faults.clone();
         let cut = async {
-            Faults::take(&faults.truncates, faults.errno.get())?;
+            faults.fire(FaultPoint::Truncate)?;
             self.seg.file.truncate(start).await?;
             self.seg.file.fdatasync().await?;
             Ok::<(), io::Error>(())
@@ -506,15 +590,28 @@ impl Flusher {
         };
         tracing::error!(shard = self.shard, seq = self.seg.seq, error = %cut_err,
             "cannot cut a failed batch off its segment: fencing it off with a new segment");
-        if let Err(fence_err) = self.roll(start).await {
-            let why = format!(
-                "shard {} stopped taking mail: the bytes of a failed write could be neither \
-                 cut off segment {} ({cut_err}) nor fenced off ({fence_err}); restart once \
-                 the disk is fixed",
-                self.shard, self.seg.seq
-            );
-            tracing::error!("{why}");
-            *self.log.halted.borrow_mut() = Some(why);
+        debug_assert_eq!(start, self.seg.len);
+        match self.roll().await {
+            Ok(()) => {}
+            Err(f) if f.durable => {
+                // The fence's header and name are on disk: the failed bytes are fenced
+                // off, only the handle is missing. The next batch opens it (see
+                // `roll`).
+                tracing::error!(shard = self.shard, seq = self.seg.seq + 1, error = %f.error,
+                    "fenced a failed batch off, but cannot open the fence yet");
+            }
+            Err(f) => {
+                let why = format!(
+                    "shard {} stopped taking mail: the bytes of a failed write could be \
+                     neither cut off segment {} ({cut_err}) nor fenced off ({}); restart \
+                     once the disk is fixed",
+                    self.shard,
+                    self.seg.seq,
+                    LogError::from(f.error)
+                );
+                tracing::error!("{why}");
+                *self.log.halted.borrow_mut() = Some(why);
+            }
         }
     }
 
@@ -539,11 +636,12 @@ impl Flusher {
             return;
         }
         seg.zeroing_from.set(Some(from));
-        let (path, zeroed, zeroing_from, done) = (
+        let (path, zeroed, zeroing_from, done, faults) = (
             segment::segment_path(&self.dir, seg.seq),
             seg.zeroed.clone(),
             seg.zeroing_from.clone(),
             seg.zeroing_done.clone(),
+            self.log.faults.clone(),
         );
         glommio::spawn_local(async move {
             // A file handle of its own: the kernel reports a write-back error once per
@@ -553,16 +651,25 @@ impl Flusher {
             // Never compete with messages for the last of the space.
             let fd = file.as_ref().map(|f| f.as_raw_fd());
             let low = match fd {
-                Some(fd) => off_executor(move || free_bytes(fd))
-                    .await
-                    .is_some_and(|free| free < 4 * ZERO_AHEAD_BYTES),
+                Some(fd) => {
+                    faults.space_checks.set(faults.space_checks.get() + 1);
+                    let free = match faults.free_bytes.get() {
+                        Some(fake) => Some(fake),
+                        None => off_executor(move || free_bytes(fd)).await,
+                    };
+                    free.is_some_and(|free| free < 4 * ZERO_AHEAD_BYTES)
+                }
                 None => false,
             };
             if low {
-                // Not a failure: the next batch looks again.
+                // Not a failure, but the answer holds for the rest of this segment: the
+                // check runs on the executor's one blocking thread and the next batch
+                // may wait for it, so asking again per batch would add a wait per batch
+                // on a nearly full disk. The next segment asks again.
                 if let Some(f) = file {
                     let _ = f.close().await;
                 }
+                zeroed.set(u64::MAX);
                 zeroing_from.set(None);
                 done.notify(usize::MAX);
                 return;
@@ -595,17 +702,26 @@ impl Flusher {
         .detach();
     }
 
-    /// Seals the current segment at `valid_len` and continues in a new one, whose
+    /// Seals the current segment at its length and continues in a new one, whose
     /// header and directory entry are durable when this returns.
-    async fn roll(&mut self, valid_len: u64) -> Result<(), LogError> {
+    ///
+    /// The rule after a roll that failed: the old segment stays sealed, and every later
+    /// batch first retries the roll. The new segment's header, which caps the old one at
+    /// `seg.len`, may be on disk from the first attempt on (written but its sync failed,
+    /// or synced and only the open failed), so a batch written past `seg.len` could be
+    /// cut off by recovery after it was acknowledged. Nothing changes `seg.len` while
+    /// sealed, so every retry writes the same header bytes into the same file.
+    async fn roll(&mut self) -> Result<(), CreateFailed> {
+        self.sealed = true;
         let next = create_segment(
             &self.dir,
             self.shard,
             self.seg.seq + 1,
-            Some(valid_len),
+            Some(self.seg.len),
             &self.log.faults,
         )
         .await?;
+        self.sealed = false;
         let old = std::mem::replace(&mut self.seg, next);
         // The old file closes when its last user (a zeroing task, maybe) lets go.
         drop(old);
@@ -613,9 +729,9 @@ impl Flusher {
     }
 }
 
-/// Runs a blocking file-system call (directory sync, unlink, statvfs, mkdir) on
-/// glommio's blocking thread pool: on the executor a slow disk would stall every
-/// session of the core, not only this writer.
+/// Runs a blocking file-system call (directory sync, statvfs, mkdir) on the executor's
+/// one blocking thread (shared with the other shard logs of this executor): on the
+/// executor itself a slow disk would stall every session of the core.
 async fn off_executor<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
     glommio::executor().spawn_blocking(f).await
 }
@@ -639,21 +755,34 @@ async fn write_all(file: &DmaFile, buf: DmaBuffer, pos: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// A segment creation that failed. `durable`: its header and directory entry had been
+/// synced before the failure, so the file fences off the previous segment's bytes past
+/// the length it records even though it could not be opened.
+struct CreateFailed {
+    error: io::Error,
+    durable: bool,
+}
+
+/// Creates segment `seq`, or makes it durable again: a failed earlier attempt leaves
+/// its file in place, never deleted, as it may already be (or be about to become) the
+/// fence of a failed batch. Deleting it durably would need a directory sync that can
+/// fail too; keeping it is safe, because the writer never writes into the previous
+/// segment again (see `Flusher::roll`) and every retry writes the same header.
+/// Recovery drops the file if its header never reached the disk.
 async fn create_segment(
     dir: &Path,
     shard: u32,
     seq: u64,
     prev_valid_len: Option<u64>,
     faults: &Faults,
-) -> io::Result<Segment> {
-    let result = try_create_segment(dir, shard, seq, prev_valid_len, faults).await;
-    if result.is_err() {
-        // Leave no half-made segment behind: the next roll creates it anew (it could
-        // not, with create_new, and the shard would refuse mail until a restart).
-        let path = segment::segment_path(dir, seq);
-        let _ = off_executor(move || std::fs::remove_file(path)).await;
-    }
-    result
+) -> Result<Segment, CreateFailed> {
+    let durable = Cell::new(false);
+    try_create_segment(dir, shard, seq, prev_valid_len, faults, &durable)
+        .await
+        .map_err(|error| CreateFailed {
+            error,
+            durable: durable.get(),
+        })
 }
 
 async fn try_create_segment(
@@ -662,8 +791,8 @@ async fn try_create_segment(
     seq: u64,
     prev_valid_len: Option<u64>,
     faults: &Faults,
+    durable: &Cell<bool>,
 ) -> io::Result<Segment> {
-    Faults::take(&faults.creates, faults.errno.get())?;
     let path = segment::segment_path(dir, seq);
     // The first block (header, then zeros) is written through the page cache, and
     // only then is the file opened for direct I/O: glommio probes a device for polled
@@ -677,11 +806,14 @@ async fn try_create_segment(
     .encode();
     let mut block = vec![0u8; BLOCK as usize];
     block[..header.len()].copy_from_slice(&header);
+    // Not `create_new`: the file may be left from a failed attempt at this very roll;
+    // the header written below is the same, byte for byte.
     let created = OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
         .buffered_open(&path)
         .await?;
+    faults.fire(FaultPoint::Create)?;
     if created.write_at(block, 0).await? < BLOCK as usize {
         return Err(io::Error::from_raw_os_error(libc::ENOSPC));
     }
@@ -700,6 +832,8 @@ async fn try_create_segment(
         Ok::<(), io::Error>(())
     })
     .await?;
+    durable.set(true);
+    faults.fire(FaultPoint::Open)?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -5,8 +5,10 @@ use glommio::LocalExecutor;
 use proptest::prelude::*;
 use ringmail_store::record::{self, Kind};
 use ringmail_store::segment::{self, recover_shard, Mode, SegmentHeader, SEGMENT_HEADER_BYTES};
-use ringmail_store::{LogConfig, LogError, ShardLog};
+use ringmail_store::{FaultPoint, Faults, LogConfig, LogError, ShardLog};
+use std::cell::RefCell;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::Duration;
@@ -401,6 +403,18 @@ fn a_failed_batch_that_cannot_be_cut_off_is_fenced_before_its_error_is_answered(
             .append(Kind::Message, |o| o.extend_from_slice(&payload(1, 10)))
             .unwrap();
         results.push(log.durable(t).await.map(|_| ()));
+        let valid_len = log_end(&dir) as u64;
+        // What the fence's header says, read back when its directory entry is synced.
+        let events: Arc<Mutex<Vec<Fenced>>> = Arc::default();
+        let (hook_events, hook_dir) = (events.clone(), dir.clone());
+        *log.faults().after_dir_sync.borrow_mut() = Some(Arc::new(move |seq| {
+            let bytes = std::fs::read(segment::segment_path(&hook_dir, seq)).unwrap();
+            let header = SegmentHeader::decode(&bytes);
+            hook_events
+                .lock()
+                .unwrap()
+                .push(Fenced::DirSynced { seq, header });
+        }));
         log.faults().errno.set(libc::EIO);
         log.faults().syncs.set(1);
         log.faults().truncates.set(1);
@@ -412,14 +426,37 @@ fn a_failed_batch_that_cannot_be_cut_off_is_fenced_before_its_error_is_answered(
             })
             .collect();
         for t in failed {
-            results.push(log.durable(t).await.map(|_| ()));
+            let r = log.durable(t).await.map(|_| ());
+            events.lock().unwrap().push(Fenced::Answered(r.clone()));
+            results.push(r);
         }
         // The crash: no close, no later batch; the executor and the writer are gone.
-        results
+        let events = events.lock().unwrap().clone();
+        (results, valid_len, events)
     });
+    let (results, valid_len, events) = results;
     assert_eq!(results[0], Ok(()));
     assert!(matches!(results[1], Err(LogError::Io(_))), "{results:?}");
     assert!(matches!(results[2], Err(LogError::Io(_))), "{results:?}");
+    // The fence's header (capping segment 1 where the failed batch began) and its
+    // directory entry were synced before the first waiter heard of the failure.
+    let fence = SegmentHeader {
+        shard: 0,
+        seq: 2,
+        prev_valid_len: Some(valid_len),
+    };
+    assert_eq!(
+        events.first(),
+        Some(&Fenced::DirSynced {
+            seq: 2,
+            header: Some(fence)
+        }),
+        "{events:?}"
+    );
+    assert!(
+        matches!(events.get(1), Some(Fenced::Answered(Err(_)))),
+        "{events:?}"
+    );
     assert_eq!(replay(d.path(), Mode::Repair), vec![payload(1, 10)]);
     // And the writer continues after the fence.
     write(d.path(), LogConfig::default(), &[vec![payload(4, 40)]]);
@@ -429,9 +466,20 @@ fn a_failed_batch_that_cannot_be_cut_off_is_fenced_before_its_error_is_answered(
     );
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fenced {
+    DirSynced {
+        seq: u64,
+        header: Option<SegmentHeader>,
+    },
+    Answered(Result<(), LogError>),
+}
+
 /// When even the fence cannot be made durable, the shard stops acknowledging: the
 /// failed batch and everything after it fail, with an error that says why, and
-/// nothing appended after the failure reaches the log.
+/// nothing appended after the failure reaches the log. The record behind the failing
+/// batch is appended from the fault path itself, so it is queued while the flusher is
+/// inside the failing batch whatever the scheduling.
 #[test]
 fn a_fence_that_cannot_be_written_stops_the_shard() {
     let d = tempfile::tempdir().unwrap();
@@ -449,16 +497,21 @@ fn a_fence_that_cannot_be_written_stops_the_shard() {
         log.faults().syncs.set(1);
         log.faults().truncates.set(1);
         log.faults().creates.set(1);
+        let behind = Rc::new(RefCell::new(None));
+        let (hook_log, hook_behind) = (log.clone(), behind.clone());
+        *log.faults().on_fault.borrow_mut() = Some(Rc::new(move |point| {
+            if point == FaultPoint::Sync {
+                let t = hook_log
+                    .append(Kind::Message, |o| o.extend_from_slice(&payload(3, 30)))
+                    .unwrap();
+                *hook_behind.borrow_mut() = Some(t);
+            }
+        }));
         let t = log
             .append(Kind::Message, |o| o.extend_from_slice(&payload(2, 20)))
             .unwrap();
-        // Let the flusher take the failing batch, then queue one behind it.
-        glommio::yield_if_needed().await;
-        glommio::executor().yield_task_queue_now().await;
-        let behind = log
-            .append(Kind::Message, |o| o.extend_from_slice(&payload(3, 30)))
-            .unwrap();
         let failed = log.durable(t).await.map(|_| ());
+        let behind = behind.borrow_mut().take().expect("the sync fault fired");
         let queued = log.durable(behind).await.map(|_| ());
         let later = log
             .append(Kind::Message, |o| o.extend_from_slice(&payload(4, 40)))
@@ -473,12 +526,208 @@ fn a_fence_that_cannot_be_written_stops_the_shard() {
             other => panic!("expected the shard to have stopped, got {other:?}"),
         }
     }
-    assert!(
-        !segment::segment_path(d.path(), 2).exists(),
-        "no half-made fence is left behind"
-    );
     let replayed = replay(d.path(), Mode::ReadOnly);
     assert!(!replayed.contains(&payload(3, 30)) && !replayed.contains(&payload(4, 40)));
+    // The fence failed once its file existed: after a restart recovery drops the torn
+    // fence and the writer goes on where the log ends.
+    let (_, report) = recover_shard(d.path(), 0, Mode::Repair, |_, _| {}).unwrap();
+    assert!(
+        report
+            .damaged
+            .iter()
+            .any(|m| m.starts_with("segment 2: header torn")),
+        "{report:?}"
+    );
+    write(d.path(), LogConfig::default(), &[vec![payload(5, 50)]]);
+    let after = replay(d.path(), Mode::ReadOnly);
+    assert_eq!(after[..replayed.len()], replayed[..]);
+    assert_eq!(after[replayed.len()..], [payload(5, 50)]);
+}
+
+/// A batch that does not fit rolls the segment; the new segment's header (capping the
+/// old one where it ends) and its name are durable, and then opening it fails (EMFILE,
+/// say). The old segment is sealed from then on: a later, smaller batch that would fit
+/// in it goes into the new segment instead, or a power loss that kept the new
+/// segment's header would cut that acknowledged batch off.
+#[test]
+fn no_batch_is_written_into_a_segment_after_a_roll_out_of_it_failed() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let cfg = LogConfig {
+        segment_bytes_max: 8 << 10,
+    };
+    let durable_fence: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+    let (results, small_seq) = LocalExecutor::default().run({
+        let durable_fence = durable_fence.clone();
+        async move {
+            let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
+            let log = ShardLog::open(&dir, 0, tail, cfg).await.unwrap();
+            let hook_dir = dir.clone();
+            // What segment 2 holds once its header and name are synced: what a power
+            // loss from then on brings back, whatever later unsynced changes did.
+            *log.faults().after_dir_sync.borrow_mut() = Some(Arc::new(move |seq| {
+                if seq == 2 {
+                    let bytes = std::fs::read(segment::segment_path(&hook_dir, 2)).unwrap();
+                    durable_fence.lock().unwrap().get_or_insert(bytes);
+                }
+            }));
+            let one = |p: Vec<u8>| {
+                let t = log
+                    .append(Kind::Message, |o| o.extend_from_slice(&p))
+                    .unwrap();
+                let log = log.clone();
+                async move { log.durable(t).await }
+            };
+            let mut results = Vec::new();
+            results.push(one(payload(1, 3000)).await.map(|_| ()));
+            log.faults().errno.set(libc::EMFILE);
+            log.faults().opens.set(1);
+            results.push(one(payload(2, 6000)).await.map(|_| ()));
+            let small = one(payload(3, 100)).await;
+            results.push(small.clone().map(|_| ()));
+            // The crash: no close.
+            (results, small.map(|loc| loc.seq))
+        }
+    });
+    assert_eq!(results[0], Ok(()));
+    assert!(matches!(results[1], Err(LogError::Io(_))), "{results:?}");
+    assert_eq!(results[2], Ok(()));
+    assert_eq!(
+        small_seq,
+        Ok(2),
+        "acknowledged into the segment rolled out of"
+    );
+    // The power loss: segment 2 as it was made durable comes back unless it was made
+    // durable again since.
+    let fence = segment::segment_path(d.path(), 2);
+    if !fence.exists() {
+        let bytes = durable_fence
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("segment 2 was synced");
+        std::fs::write(&fence, bytes).unwrap();
+    }
+    assert_eq!(
+        replay(d.path(), Mode::Repair),
+        vec![payload(1, 3000), payload(3, 100)]
+    );
+}
+
+/// A fence whose header and directory entry are durable fences the failed batch off
+/// even if opening it then fails: it must not be deleted (the failed batch would
+/// come back after a crash) and the shard need not stop; the next batch opens it.
+#[test]
+fn a_durable_fence_stands_when_only_opening_it_fails() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let (failed, at_crash, next) = LocalExecutor::default().run(async move {
+        let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
+        let log = ShardLog::open(&dir, 0, tail, LogConfig::default())
+            .await
+            .unwrap();
+        let one = |p: Vec<u8>| {
+            let t = log
+                .append(Kind::Message, |o| o.extend_from_slice(&p))
+                .unwrap();
+            let log = log.clone();
+            async move { log.durable(t).await }
+        };
+        one(payload(1, 10)).await.unwrap();
+        log.faults().errno.set(libc::EMFILE);
+        log.faults().syncs.set(1);
+        log.faults().truncates.set(1);
+        log.faults().opens.set(1);
+        let failed = one(payload(2, 20)).await.map(|_| ());
+        // A crash right after the 4xx: what recovery would replay.
+        let at_crash = replay(&dir, Mode::ReadOnly);
+        let next = match log.append(Kind::Message, |o| o.extend_from_slice(&payload(3, 30))) {
+            Ok(t) => log.durable(t).await.map(|loc| loc.seq),
+            Err(e) => Err(e),
+        };
+        (failed, at_crash, next)
+    });
+    assert!(matches!(failed, Err(LogError::Io(_))), "{failed:?}");
+    assert_eq!(
+        at_crash,
+        vec![payload(1, 10)],
+        "the refused batch came back"
+    );
+    assert_eq!(next, Ok(2));
+    assert_eq!(
+        replay(d.path(), Mode::Repair),
+        vec![payload(1, 10), payload(3, 30)]
+    );
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opened {
+    ParentSynced { thread: ThreadId },
+    DirSynced { seq: u64 },
+}
+
+/// The manifest syncs DATA, but a new shard directory's own name lives in DATA too:
+/// it must be synced (off the executor) before anything is acknowledged in it.
+#[test]
+fn a_new_shard_directory_is_synced_in_its_parent_before_its_first_segment() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = segment::shard_dir(d.path(), 0);
+    let events: Arc<Mutex<Vec<Opened>>> = Arc::default();
+    let faults = Faults::default();
+    let hook_events = events.clone();
+    *faults.after_parent_sync.borrow_mut() = Some(Arc::new(move || {
+        let thread = std::thread::current().id();
+        hook_events
+            .lock()
+            .unwrap()
+            .push(Opened::ParentSynced { thread });
+    }));
+    let hook_events = events.clone();
+    *faults.after_dir_sync.borrow_mut() = Some(Arc::new(move |seq| {
+        hook_events.lock().unwrap().push(Opened::DirSynced { seq });
+    }));
+    let executor_thread = LocalExecutor::default().run(async move {
+        let log =
+            ShardLog::open_with_faults(&dir, 0, Default::default(), LogConfig::default(), faults)
+                .await
+                .unwrap();
+        log.close().await;
+        std::thread::current().id()
+    });
+    let events = events.lock().unwrap().clone();
+    match events[..] {
+        [Opened::ParentSynced { thread }, Opened::DirSynced { seq: 1 }] => {
+            assert_ne!(thread, executor_thread, "parent synced on the executor")
+        }
+        _ => panic!("expected the parent synced, then segment 1: {events:?}"),
+    }
+}
+
+/// On a nearly full disk the writer stops zeroing ahead; the free-space check that
+/// decides so runs on the executor's one blocking thread, and the next batch may wait
+/// for it, so it must not run again for every batch.
+#[test]
+fn low_free_space_is_checked_once_per_segment_not_per_batch() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let faults = Faults::default();
+    faults.free_bytes.set(Some(1 << 20));
+    let checks = LocalExecutor::default().run(async move {
+        let log =
+            ShardLog::open_with_faults(&dir, 0, Default::default(), LogConfig::default(), faults)
+                .await
+                .unwrap();
+        for i in 0..20 {
+            let t = log
+                .append(Kind::Message, |o| o.extend_from_slice(&payload(i, 100)))
+                .unwrap();
+            log.durable(t).await.unwrap();
+        }
+        log.close().await;
+        log.faults().space_checks.get()
+    });
+    assert_eq!(checks, 1);
+    assert_eq!(replay(d.path(), Mode::ReadOnly).len(), 20);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
