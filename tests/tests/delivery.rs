@@ -572,7 +572,12 @@ fn utf8_headers_need_smtputf8_and_ascii_ones_do_not() {
     let (mx, got) = recording_mx();
     let mut t = tx(&["user@b.test"]);
     t.smtputf8 = true;
-    let o = run(dns.addr, mx.port(), Destination::Literal([127, 0, 0, 2].into()), t);
+    let o = run(
+        dns.addr,
+        mx.port(),
+        Destination::Literal([127, 0, 0, 2].into()),
+        t,
+    );
     assert_eq!(kinds(&o), [('D', 250)]);
     assert_eq!(recorded(got).messages.len(), 1);
 }
@@ -597,7 +602,8 @@ fn a_utf8_from_header_to_a_server_without_smtputf8_bounces_with_5_6_7() {
     let dns = idn_zone();
     let (mx, got) = recording_mx();
     let (dns_addr, port) = (dns.addr.to_string(), mx.port().to_string());
-    let server = ringmail_tests::Server::start(&["--dns", &dns_addr, "--mx-port", &port, "--cores", "1"]);
+    let server =
+        ringmail_tests::Server::start(&["--dns", &dns_addr, "--mx-port", &port, "--cores", "1"]);
     let mut c = server.connect();
     c.reply();
     c.send(

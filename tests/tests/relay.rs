@@ -467,8 +467,15 @@ fn a_route_back_to_ourselves_bounces_with_5_4_6_instead_of_looping() {
     let twin = Server::start(&["--cores", "1"]);
     let route = format!("loop.test={}", twin.addr);
     let server = Server::start(&["--cores", "1", "--route", &route]);
-    send(&server, "a@src.test", "x@loop.test", "Subject: hi\r\n\r\nbody\r\n");
-    wait_until("the bounce", 30, || server.log_text().contains("bounce queued"));
+    send(
+        &server,
+        "a@src.test",
+        "x@loop.test",
+        "Subject: hi\r\n\r\nbody\r\n",
+    );
+    wait_until("the bounce", 30, || {
+        server.log_text().contains("bounce queued")
+    });
     let log = server.log_text();
     assert!(
         log.contains("status=bounced (554 5.4.6 mail for 127.0.0.1 loops back to myself)"),

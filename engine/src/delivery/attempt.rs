@@ -298,7 +298,11 @@ fn ascii_transaction(tx: &Transaction, message: &MessageText) -> Option<AsciiFor
 }
 
 /// The form of the transaction this server takes.
-fn for_server<'a>(c: &Client, tx: &'a Transaction, ascii: Option<&'a AsciiForm>) -> &'a Transaction {
+fn for_server<'a>(
+    c: &Client,
+    tx: &'a Transaction,
+    ascii: Option<&'a AsciiForm>,
+) -> &'a Transaction {
     match ascii {
         Some(a) if !c.extensions().smtputf8 => {
             a.used.set(true);
@@ -421,7 +425,11 @@ async fn session(
                 // Postfix's wording and status: permanent for the destination, as
                 // every host of it would lead back here.
                 Event::Failed(_) if c.loops_back() => {
-                    let r = local(554, (5, 4, 6), format!("mail for {nexthop} loops back to myself"));
+                    let r = local(
+                        554,
+                        (5, 4, 6),
+                        format!("mail for {nexthop} loops back to myself"),
+                    );
                     return Ok(all(tx, RcptResult::Failed(r)));
                 }
                 Event::Failed(reply) => {

@@ -389,7 +389,11 @@ impl Delivery {
                 .await
             }
             Err(r) => Outcome {
-                results: tx.rcpts.iter().map(|_| RcptResult::Failed(r.clone())).collect(),
+                results: tx
+                    .rcpts
+                    .iter()
+                    .map(|_| RcptResult::Failed(r.clone()))
+                    .collect(),
                 relay: None,
             },
         };

@@ -556,7 +556,10 @@ mod tests {
     fn nodata_through_a_cname_keeps_the_negative_ttl() {
         use hickory_proto::rr::rdata::SOA;
         let mut m = Message::new(4, MessageType::Response, OpCode::Query);
-        m.add_query(Query::query(Name::from_ascii("www.test.").unwrap(), RecordType::MX));
+        m.add_query(Query::query(
+            Name::from_ascii("www.test.").unwrap(),
+            RecordType::MX,
+        ));
         m.add_answer(cname("www.test.", "c.test."));
         let soa = SOA::new(
             Name::from_ascii("ns.test.").unwrap(),

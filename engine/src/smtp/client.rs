@@ -226,11 +226,19 @@ impl Client {
 
     /// Ends the session when the reply's first line names our own host.
     fn greeted_by_myself(&mut self, lines: &[String], events: &mut Vec<Event>) -> bool {
-        let name = lines.first().and_then(|l| l.split_ascii_whitespace().next());
-        let mine = name.is_some_and(|n| n.trim_end_matches('.').eq_ignore_ascii_case(&self.helo_name));
+        let name = lines
+            .first()
+            .and_then(|l| l.split_ascii_whitespace().next());
+        let mine = name.is_some_and(|n| {
+            n.trim_end_matches('.')
+                .eq_ignore_ascii_case(&self.helo_name)
+        });
         if mine {
             self.loops = true;
-            let text = format!("the server greeted me with my own hostname {}", self.helo_name);
+            let text = format!(
+                "the server greeted me with my own hostname {}",
+                self.helo_name
+            );
             self.fail(Reply::local(554, (5, 4, 6), &text), events);
         }
         mine

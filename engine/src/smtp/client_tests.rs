@@ -445,9 +445,7 @@ fn bytes_after_the_ehlo_reply_wait_for_the_transaction() {
 /// 5.4.6) and the client says it loops back.
 #[test]
 fn a_server_with_our_own_name_is_a_loop() {
-    let looped = |ev: &[Event]| {
-        matches!(ev, [Event::Failed(r)] if r.code == 554 && r.enhanced == Some((5, 4, 6)))
-    };
+    let looped = |ev: &[Event]| matches!(ev, [Event::Failed(r)] if r.code == 554 && r.enhanced == Some((5, 4, 6)));
     both(|bw| {
         let mut c = Client::new("me.test");
         let (out, ev) = feed(&mut c, "220 ME.test ESMTP ringmail\r\n", bw);

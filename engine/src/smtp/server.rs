@@ -14,8 +14,7 @@
 //! panic.
 
 use super::address::{
-    is_local_domain, parse_domain, parse_path, valid_xtext, Domain, DomainError, Mailbox,
-    PathError,
+    is_local_domain, parse_domain, parse_path, valid_xtext, Domain, DomainError, Mailbox, PathError,
 };
 use ringmail_store::message::{notify, BodyType, Recipient, Ret};
 
