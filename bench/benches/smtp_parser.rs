@@ -51,6 +51,7 @@ fn bench(c: &mut Criterion) {
     let cfg = Rc::new(Config {
         hostname: "mx.example".into(),
         local_domains: vec!["localhost".into()],
+        own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         limits: Limits::default(),
     });
     let mut g = c.benchmark_group("smtp_server_core");

@@ -97,6 +97,7 @@ pub fn serve(
     let cfg = Rc::new(Config {
         hostname: "ringmail-sink.test".into(),
         local_domains: vec![],
+        own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         limits: Limits {
             message_bytes_max: 1 << 30,
             rcpt_count_max: 100_000,

@@ -93,8 +93,28 @@ impl Config {
                 .iter()
                 .map(|d| d.to_ascii_lowercase())
                 .collect(),
+            own_addresses: self.own_addresses(),
             limits: self.limits.clone(),
         }
+    }
+
+    /// The addresses mail to this host arrives at (Postfix's inet_interfaces): the
+    /// loopback addresses, and the listen address, or every interface's when it
+    /// listens on all of them. A literal of one of them is this host.
+    pub fn own_addresses(&self) -> Vec<IpAddr> {
+        let mut own: Vec<IpAddr> = vec![
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::Ipv6Addr::LOCALHOST.into(),
+        ];
+        let listen = self.smtp.ip().to_canonical();
+        if listen.is_unspecified() {
+            own.extend(interface_addresses());
+        } else {
+            own.push(listen);
+        }
+        own.sort();
+        own.dedup();
+        own
     }
 
     /// Every setting in its range, and the ones that bound each other consistent. The
@@ -620,6 +640,14 @@ settings! {
     get |c| Some(c.limits.rcpt_count_max),
     set |c, v| c.limits.rcpt_count_max = v;
 
+    /// A message that arrives with this many `Received:` headers is refused (554
+    /// 5.4.6): it is looping (Postfix's hopcount_limit).
+    #[arg(long)]
+    hop_count_max: usize, aliases [],
+    rule between(1, 1000),
+    get |c| Some(c.limits.hop_count_max),
+    set |c, v| c.limits.hop_count_max = v;
+
     /// Seconds an SMTP client may stay silent before it is disconnected.
     #[arg(long)]
     idle_timeout: u64, aliases [],
@@ -908,6 +936,43 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     s.parse::<IpAddr>()
         .map(IpNet::from)
         .map_err(|_| format!("{s:?} is not a network (e.g. 192.0.2.0/24)"))
+}
+
+/// The addresses of this host's interfaces (getifaddrs); none if it fails.
+fn interface_addresses() -> Vec<IpAddr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` on success; it is freed below, once.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut p = list;
+    while !p.is_null() {
+        // SAFETY: `p` is a node of the list getifaddrs returned, not yet freed; an
+        // address is read as the type its family says.
+        unsafe {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                match (*a).sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(a as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(a as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr).to_canonical());
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+    }
+    // SAFETY: the list from the successful getifaddrs above.
+    unsafe { libc::freeifaddrs(list) };
+    out
 }
 
 fn system_hostname() -> String {

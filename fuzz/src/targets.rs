@@ -148,11 +148,13 @@ pub fn smtp_session(data: &[u8]) {
             message_bytes_max: 256,
             rcpt_count_max: 3,
             error_count_max: 4,
+            hop_count_max: 3,
         }
     };
     let cfg = Rc::new(Config {
         hostname: "mx.fuzz.test".into(),
         local_domains: vec!["local.test".into()],
+        own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         limits,
     });
     let relay = head[0] & 2 == 0;

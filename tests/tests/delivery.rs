@@ -779,3 +779,120 @@ fn run_timed(port: u16, tx: Transaction, timeouts: DeliveryTimeouts) -> (Outcome
         (o, pool.idle_connections())
     })
 }
+
+fn idn_zone() -> DnsServer {
+    DnsServer::start(
+        Zone::default()
+            .mx("xn--bcher-kva.test", 10, "mx.xn--bcher-kva.test")
+            .a("mx.xn--bcher-kva.test", "127.0.0.2"),
+    )
+}
+
+/// One recipient with a UTF-8 local part does not sink the others: the ones with
+/// an ASCII form go in the ASCII transaction, only it fails with 5.6.7.
+#[test]
+fn only_the_recipient_without_an_ascii_form_fails_without_smtputf8() {
+    let dns = idn_zone();
+    let (mx, got) = recording_mx();
+    let mut t = tx(&["üser@bücher.test", "user@bücher.test", "other@bücher.test"]);
+    t.smtputf8 = true;
+    let o = run(
+        dns.addr,
+        mx.port(),
+        Destination::Mx("bücher.test".into()),
+        t,
+    );
+    assert_eq!(kinds(&o), [('F', 553), ('D', 250), ('D', 250)]);
+    let RcptResult::Failed(r) = &o.results[0] else {
+        panic!()
+    };
+    assert_eq!(r.enhanced, Some((5, 6, 7)), "{r:?}");
+    let got = recorded(got);
+    let rcpts: Vec<&String> = got
+        .commands
+        .iter()
+        .filter(|c| c.starts_with("RCPT"))
+        .collect();
+    assert_eq!(
+        rcpts,
+        [
+            "RCPT TO:<user@xn--bcher-kva.test>",
+            "RCPT TO:<other@xn--bcher-kva.test>"
+        ],
+        "{:?}",
+        got.commands
+    );
+}
+
+/// UTF-8 headers (RFC 6532) make the message internationalised whatever its
+/// envelope: it never goes to a server without SMTPUTF8 (5.6.7), while the same
+/// message with ASCII headers, SMTPUTF8 or not, does.
+#[test]
+fn utf8_headers_need_smtputf8_and_ascii_ones_do_not() {
+    let dns = idn_zone();
+    let utf8 = "From: Jöran <a@src.test>\r\nSubject: hi\r\n\r\nbody\r\n".as_bytes();
+    let (mx, got) = recording_mx();
+    let mut t = tx(&["user@bücher.test"]);
+    t.smtputf8 = true;
+    let dest = || Destination::Mx("bücher.test".into());
+    let o = run_message(dns.addr, mx.port(), dest(), t.clone(), b"", utf8.to_vec());
+    assert_eq!(kinds(&o), [('F', 553)]);
+    let RcptResult::Failed(r) = &o.results[0] else {
+        panic!()
+    };
+    assert_eq!(r.enhanced, Some((5, 6, 7)), "{r:?}");
+    assert!(!recorded(got).commands.iter().any(|c| c.starts_with("MAIL")));
+    // All ASCII, envelope and headers, with the SMTPUTF8 keyword: it is not needed.
+    let (mx, got) = recording_mx();
+    let mut t = tx(&["user@b.test"]);
+    t.smtputf8 = true;
+    let o = run(
+        dns.addr,
+        mx.port(),
+        Destination::Literal([127, 0, 0, 2].into()),
+        t,
+    );
+    assert_eq!(kinds(&o), [('D', 250)]);
+    assert_eq!(recorded(got).messages.len(), 1);
+}
+
+fn wait_for_log(server: &ringmail_tests::Server, what: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = server.log_text();
+        if log.contains(what) {
+            return log;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {what:?} in {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// End to end: a message with a UTF-8 `From:` and an envelope that has an ASCII
+/// form is not sent to a server without SMTPUTF8 with raw UTF-8 headers: it fails
+/// 553 5.6.7 and bounces.
+#[test]
+fn a_utf8_from_header_to_a_server_without_smtputf8_bounces_with_5_6_7() {
+    let dns = idn_zone();
+    let (mx, got) = recording_mx();
+    let (dns_addr, port) = (dns.addr.to_string(), mx.port().to_string());
+    let server =
+        ringmail_tests::Server::start(&["--dns", &dns_addr, "--mx-port", &port, "--cores", "1"]);
+    let mut c = server.connect();
+    c.reply();
+    c.send(
+        "EHLO client.test\r\nMAIL FROM:<a@src.test> SMTPUTF8\r\nRCPT TO:<user@bücher.test>\r\nDATA\r\n"
+            .as_bytes(),
+    );
+    assert_eq!(c.codes(4), [250, 250, 250, 354], "{}", server.log_text());
+    c.send("From: Jöran <a@src.test>\r\nSubject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n".as_bytes());
+    assert!(ringmail_tests::queued_id(&c.reply()).is_some());
+    let got = recorded(got);
+    assert!(
+        !got.commands.iter().any(|c| c.starts_with("MAIL")),
+        "{:?}",
+        got.commands
+    );
+    let log = wait_for_log(&server, "bounce queued");
+    assert!(log.contains("status=bounced (553 5.6.7"), "{log}");
+}

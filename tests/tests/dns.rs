@@ -190,3 +190,35 @@ async fn join_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> Vec<F:
     .await;
     out.into_iter().map(|o| o.expect("ready")).collect()
 }
+
+/// The lookup that asks for a merged question is dropped before its answer (its
+/// delivery attempt was cancelled): the lookup waiting on it wakes, asks itself,
+/// and gets the answer, instead of waiting forever or sharing a cancellation.
+#[test]
+fn a_waiter_asks_itself_when_the_asking_lookup_is_dropped() {
+    let server = DnsServer::start(zone());
+    let r = Resolver::new(vec![server.addr], ANSWERED, 1);
+    use std::future::Future;
+    let got = run(async {
+        let mut asker = Box::pin(r.lookup("mx1.example.test", RecordType::A));
+        let mut waiter = Box::pin(r.lookup("mx1.example.test", RecordType::A));
+        // One poll each: the first is on the wire, the second waits for it.
+        std::future::poll_fn(|cx| {
+            assert!(asker.as_mut().poll(cx).is_pending(), "no answer yet");
+            assert!(waiter.as_mut().poll(cx).is_pending(), "merged, waiting");
+            std::task::Poll::Ready(())
+        })
+        .await;
+        drop(asker);
+        glommio::timer::timeout(Duration::from_secs(30), async { Ok(waiter.await) })
+            .await
+            .expect("the waiter woke")
+    });
+    assert_eq!(
+        got.unwrap(),
+        Answer::Addrs(vec!["127.0.0.2".parse().unwrap()])
+    );
+    // The waiter's own query, and the dropped one's if it left before the drop.
+    let q = server.queries.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&q), "{q} queries");
+}

@@ -437,3 +437,49 @@ fn concurrent_deliveries_are_capped_per_shard() {
     wait_until("ten deliveries", 30, || done.load(Ordering::SeqCst) == 10);
     assert_eq!(max.load(Ordering::SeqCst), 2, "two at a time, no more");
 }
+
+/// `x@[127.0.0.1]` (in any spelling) from a relay client would be delivered to this
+/// host and queued again, forever: refused at RCPT.
+#[test]
+fn a_literal_of_the_server_itself_is_refused_at_rcpt() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.reply();
+    c.send(
+        b"EHLO client.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<x@[127.0.0.1]>\r\n\
+          RCPT TO:<x@[IPv6:::1]>\r\nRCPT TO:<x@[IPv6:::ffff:127.0.0.1]>\r\n",
+    );
+    assert_eq!(c.codes(2), [250, 250]);
+    for _ in 0..3 {
+        let r = c.reply();
+        assert!(
+            r.starts_with("553 5.1.3") && r.contains("loops back to myself"),
+            "{r}"
+        );
+    }
+}
+
+/// A route to a server that greets with our own name (here a second instance with
+/// the same host name, as a copied configuration gives) is a loop: the mail
+/// bounces with 554 5.4.6 and is never handed over.
+#[test]
+fn a_route_back_to_ourselves_bounces_with_5_4_6_instead_of_looping() {
+    let twin = Server::start(&["--cores", "1"]);
+    let route = format!("loop.test={}", twin.addr);
+    let server = Server::start(&["--cores", "1", "--route", &route]);
+    send(
+        &server,
+        "a@src.test",
+        "x@loop.test",
+        "Subject: hi\r\n\r\nbody\r\n",
+    );
+    wait_until("the bounce", 30, || {
+        server.log_text().contains("bounce queued")
+    });
+    let log = server.log_text();
+    assert!(
+        log.contains("status=bounced (554 5.4.6 mail for 127.0.0.1 loops back to myself)"),
+        "{log}"
+    );
+    assert!(twin.queue().is_empty(), "{}", twin.log_text());
+}

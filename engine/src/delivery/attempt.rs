@@ -259,8 +259,13 @@ pub async fn attempt(
             }
         },
     };
-    let ascii = ascii_transaction(tx);
+    let ascii = ascii_transaction(tx, message);
     let ascii = ascii.as_ref();
+    let nexthop = match dest {
+        Destination::Route(host, _) => host.clone(),
+        Destination::Literal(ip) => crate::smtp::address::Domain::Literal(*ip).to_string(),
+        Destination::Mx(domain) => domain.clone(),
+    };
     let mut last = String::from("no address for any MX host");
     for host in &hosts {
         let addrs = match host.parse::<IpAddr>() {
@@ -284,15 +289,23 @@ pub async fn attempt(
             let addr = SocketAddr::new(ip, port);
             // A pooled connection the server has meanwhile closed fails before any
             // result: then a fresh one is tried before the next address.
-            let mut res =
-                session(ring, pool, cfg, &deadlines, addr, tx, ascii, message, true).await;
+            let mut res = session(
+                ring, pool, cfg, &deadlines, addr, tx, ascii, message, true, &nexthop,
+            )
+            .await;
             if let Err((_, true)) = res {
-                res = session(ring, pool, cfg, &deadlines, addr, tx, ascii, message, false).await;
+                res = session(
+                    ring, pool, cfg, &deadlines, addr, tx, ascii, message, false, &nexthop,
+                )
+                .await;
             }
             match res.map_err(|(why, _)| why) {
                 Ok(results) => {
                     return Outcome {
-                        results,
+                        results: match ascii.filter(|a| a.used.take()) {
+                            Some(a) => a.expand(tx, results),
+                            None => results,
+                        },
                         relay: Some(format!("{host}[{ip}]:{port}")),
                     }
                 }
@@ -311,39 +324,88 @@ pub async fn attempt(
     }
 }
 
-/// `tx` for a server without SMTPUTF8 (RFC 6531 §3.7.4.2 leaves it to the
-/// client): when SMTPUTF8 is asked for only because of an internationalised
-/// domain, the domains go as A-labels and the message goes without SMTPUTF8. None
-/// when a local part is not ASCII (no form of it exists without SMTPUTF8: the
-/// client core then fails the recipients with 553 5.6.7), or when no address
-/// changes (the message itself needs SMTPUTF8).
-fn ascii_transaction(tx: &Transaction) -> Option<Transaction> {
-    if !tx.smtputf8 {
+/// `tx` as an ASCII message, for a server without SMTPUTF8. RFC 6531 §3.2 and §3.5:
+/// an internationalised message (UTF-8 in the envelope or in the headers, RFC 6532)
+/// goes only to a server that offers SMTPUTF8, else it fails (5.6.7). An A-label is
+/// the same domain, so where the only UTF-8 is in envelope domains the message can
+/// go as ASCII; a UTF-8 local part has no such form, so only its recipient fails.
+struct AsciiForm {
+    tx: Transaction,
+    /// Indices (in the original transaction) of the recipients `tx` carries.
+    kept: Vec<usize>,
+    /// This form was the one sent in the last session.
+    used: std::cell::Cell<bool>,
+}
+
+impl AsciiForm {
+    /// The results of `self.tx` as results of `tx`: the recipients left out fail.
+    fn expand(&self, tx: &Transaction, results: Vec<RcptResult>) -> Vec<RcptResult> {
+        let mut out: Vec<Option<RcptResult>> = vec![None; tx.rcpts.len()];
+        for (&i, r) in self.kept.iter().zip(results) {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .zip(&tx.rcpts)
+            .map(|(r, rcpt)| {
+                r.unwrap_or_else(|| {
+                    RcptResult::Failed(local(
+                        553,
+                        (5, 6, 7),
+                        format!(
+                            "<{}>: a non-ASCII local part needs SMTPUTF8, and the server does not offer it",
+                            rcpt.to
+                        ),
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// None when the message needs SMTPUTF8 whatever its envelope (UTF-8 headers or
+/// trace prefix, a sender with a UTF-8 local part, no recipient with an ASCII form),
+/// or when it was not sent with SMTPUTF8 (then it goes as it is).
+fn ascii_transaction(tx: &Transaction, message: &MessageText) -> Option<AsciiForm> {
+    if !tx.smtputf8
+        || !message.prefix.is_ascii()
+        || crate::smtp::headers::scan(&message.body[..]).non_ascii
+    {
         return None;
     }
     let from = match tx.from.is_empty() {
         true => String::new(),
         false => ascii_address(&tx.from)?,
     };
-    let rcpts = tx
+    let (kept, rcpts): (Vec<usize>, Vec<TxRcpt>) = tx
         .rcpts
         .iter()
-        .map(|r| {
-            Some(TxRcpt {
-                to: ascii_address(&r.to)?,
-                // A UTF-8 ORCPT cannot go without SMTPUTF8; DSNs then name the
-                // recipient as sent.
-                orcpt: r.orcpt.clone().filter(|o| o.is_ascii()),
-                notify: r.notify.clone(),
-            })
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let to = ascii_address(&r.to)?;
+            Some((
+                i,
+                TxRcpt {
+                    to,
+                    // A UTF-8 ORCPT cannot go without SMTPUTF8; DSNs then name the
+                    // recipient as sent.
+                    orcpt: r.orcpt.clone().filter(|o| o.is_ascii()),
+                    notify: r.notify.clone(),
+                },
+            ))
         })
-        .collect::<Option<Vec<TxRcpt>>>()?;
-    let unchanged = from == tx.from && rcpts.iter().zip(&tx.rcpts).all(|(a, b)| a.to == b.to);
-    (!unchanged).then(|| Transaction {
-        from,
-        rcpts,
-        smtputf8: false,
-        ..tx.clone()
+        .unzip();
+    if rcpts.is_empty() {
+        return None;
+    }
+    Some(AsciiForm {
+        tx: Transaction {
+            from,
+            rcpts,
+            smtputf8: false,
+            ..tx.clone()
+        },
+        kept,
+        used: std::cell::Cell::new(false),
     })
 }
 
@@ -351,10 +413,13 @@ fn ascii_transaction(tx: &Transaction) -> Option<Transaction> {
 fn for_server<'a>(
     c: &Client,
     tx: &'a Transaction,
-    ascii: Option<&'a Transaction>,
+    ascii: Option<&'a AsciiForm>,
 ) -> &'a Transaction {
     match ascii {
-        Some(a) if !c.extensions().smtputf8 => a,
+        Some(a) if !c.extensions().smtputf8 => {
+            a.used.set(true);
+            &a.tx
+        }
         _ => tx,
     }
 }
@@ -369,10 +434,14 @@ async fn session(
     deadlines: &Deadlines,
     addr: SocketAddr,
     tx: &Transaction,
-    ascii: Option<&Transaction>,
+    ascii: Option<&AsciiForm>,
     message: &MessageText,
     may_reuse: bool,
+    nexthop: &str,
 ) -> Result<Vec<RcptResult>, (String, bool)> {
+    if let Some(a) = ascii {
+        a.used.set(false);
+    }
     let t = &cfg.timeouts;
     // Sends: the data-block limit per send, within the attempt's ceiling.
     let send_wait = || {
@@ -509,6 +578,16 @@ async fn session(
                     }
                 }
                 Event::Done(r) => results = Some(r),
+                // Postfix's wording and status: permanent for the destination, as
+                // every host of it would lead back here.
+                Event::Failed(_) if c.loops_back() => {
+                    let r = local(
+                        554,
+                        (5, 4, 6),
+                        format!("mail for {nexthop} loops back to myself"),
+                    );
+                    return Ok(all(tx, RcptResult::Failed(r)));
+                }
                 Event::Failed(reply) => {
                     return match results {
                         Some(r) => Ok(r),

@@ -6,7 +6,7 @@
 //! It also runs compaction every few seconds (`Spool::compact`) and applies the
 //! per-destination rate limit.
 
-use super::attempt::{attempt, AttemptConfig, Destination};
+use super::attempt::{attempt, AttemptConfig, Destination, Outcome};
 use super::dsn;
 use crate::config::Config;
 use crate::dns::resolver::Resolver;
@@ -51,6 +51,41 @@ pub struct Delivery {
     /// Attempts running on this executor, all destinations together.
     running: Cell<usize>,
     stopping: Cell<bool>,
+    /// `Config::own_addresses`, looked up once.
+    own_addresses: Vec<std::net::IpAddr>,
+}
+
+/// Where mail for `domain` (a `domain_of` key) goes, or why it can go nowhere (a
+/// permanent failure: waiting would only bounce it days later). A smarthost (`*`)
+/// takes literals too, as Postfix's relayhost does: where it is set, direct port 25
+/// is not an option.
+fn destination(
+    routes: &[(String, String, u16)],
+    own: &[std::net::IpAddr],
+    domain: &str,
+) -> Result<Destination, Reply> {
+    let route = routes
+        .iter()
+        .find(|(d, _, _)| d != "*" && domain_key(d) == domain)
+        .or_else(|| routes.iter().find(|(d, _, _)| d == "*"));
+    let fail = |code, e, text: String| Reply {
+        code,
+        text,
+        enhanced: Some(e),
+    };
+    match (route, parse_domain(domain)) {
+        (Some((_, host, port)), _) => Ok(Destination::Route(host.clone(), *port)),
+        // Local literals never get here: one of ours that is not local would be
+        // delivered back to this host, and again.
+        (None, Ok(Domain::Literal(ip))) if own.contains(&ip) => Err(fail(
+            554,
+            (5, 4, 6),
+            format!("mail for {domain} loops back to myself"),
+        )),
+        (None, Ok(Domain::Literal(ip))) => Ok(Destination::Literal(ip)),
+        (None, Ok(Domain::Name(_))) => Ok(Destination::Mx(domain.to_string())),
+        (None, Err(e)) => Err(fail(550, (5, 1, 2), format!("{domain}: {e}"))),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -135,6 +170,7 @@ impl Delivery {
     pub fn new(cfg: Rc<Config>, ring: Rc<Ring>, spools: Vec<Rc<Spool>>) -> Rc<Delivery> {
         let resolver = Resolver::new(cfg.dns.clone(), Duration::from_secs(3), 2);
         let rate = RefCell::new(RateLimit::new(cfg.destination_rate));
+        let own_addresses = cfg.own_addresses();
         Rc::new(Delivery {
             attempt: AttemptConfig {
                 helo: cfg.hostname.clone(),
@@ -154,6 +190,7 @@ impl Delivery {
             per_destination: RefCell::new(HashMap::new()),
             running: Cell::new(0),
             stopping: Cell::new(false),
+            own_addresses,
         })
     }
 
@@ -230,20 +267,8 @@ impl Delivery {
         is_local_domain(&self.cfg.local_domains, domain)
     }
 
-    /// `domain` is a `domain_of` key. A smarthost (`*`) takes literals too, as
-    /// Postfix's relayhost does: where it is set, direct port 25 is not an option.
-    fn destination(&self, domain: &str) -> Destination {
-        let route = self
-            .cfg
-            .routes
-            .iter()
-            .find(|(d, _, _)| d != "*" && domain_key(d) == domain)
-            .or_else(|| self.cfg.routes.iter().find(|(d, _, _)| d == "*"));
-        match (route, parse_domain(domain)) {
-            (Some((_, host, port)), _) => Destination::Route(host.clone(), *port),
-            (None, Ok(Domain::Literal(ip))) => Destination::Literal(ip),
-            (None, _) => Destination::Mx(domain.to_string()),
-        }
+    fn destination(&self, domain: &str) -> Result<Destination, Reply> {
+        destination(&self.cfg.routes, &self.own_addresses, domain)
     }
 
     fn scan(self: &Rc<Self>) {
@@ -349,16 +374,28 @@ impl Delivery {
             },
             envid: env.envid.clone(),
         };
-        let outcome = attempt(
-            &self.ring,
-            &self.pool,
-            &self.resolver,
-            &self.attempt,
-            &self.destination(domain),
-            &tx,
-            &message,
-        )
-        .await;
+        let outcome = match self.destination(domain) {
+            Ok(dest) => {
+                attempt(
+                    &self.ring,
+                    &self.pool,
+                    &self.resolver,
+                    &self.attempt,
+                    &dest,
+                    &tx,
+                    &message,
+                )
+                .await
+            }
+            Err(r) => Outcome {
+                results: tx
+                    .rcpts
+                    .iter()
+                    .map(|_| RcptResult::Failed(r.clone()))
+                    .collect(),
+                relay: None,
+            },
+        };
         let now = now_ms();
         let relay = outcome.relay.clone().unwrap_or_else(|| "none".into());
         let delay_s = now.saturating_sub(env.received_at_ms) as f64 / 1000.0;
@@ -513,6 +550,26 @@ impl Delivery {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    /// A destination routing cannot reach fails for good at once instead of being
+    /// deferred until the queue lifetime ends: a malformed or undeliverable literal, a
+    /// name without an A-label, a literal of this host's own address (a loop).
+    #[test]
+    fn undeliverable_destinations_fail_permanently() {
+        let own: Vec<std::net::IpAddr> = vec![[127, 0, 0, 1].into()];
+        let code = |d: &str| destination(&[], &own, d).map_err(|r| (r.code, r.enhanced));
+        assert!(matches!(code("[192.0.2.1]"), Ok(Destination::Literal(_))));
+        assert!(matches!(code("example.test"), Ok(Destination::Mx(_))));
+        for bad in ["[0.0.0.0]", "[IPv6:ff02::1]", "[1.2.3]", "\u{301}a.test"] {
+            assert_eq!(code(bad).err(), Some((550, Some((5, 1, 2)))), "{bad}");
+        }
+        assert_eq!(code("[127.0.0.1]").err(), Some((554, Some((5, 4, 6)))));
+        let routes = vec![("*".to_string(), "smart.test".to_string(), 25)];
+        assert!(matches!(
+            destination(&routes, &own, "[0.0.0.0]"),
+            Ok(Destination::Route(..))
+        ));
+    }
 
     #[test]
     fn idle_rate_buckets_are_evicted_once_full_again() {

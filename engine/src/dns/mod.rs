@@ -153,7 +153,12 @@ pub fn parse(
             )))
         }
     };
-    let ttl = if ttl == u32::MAX { negative_ttl } else { ttl };
+    // No record taken is a negative answer, cached no longer than the zone says
+    // (RFC 2308 §5), even when a CNAME chain with a longer TTL led to it.
+    let ttl = match answer {
+        Answer::NoData => ttl.min(negative_ttl),
+        _ => ttl,
+    };
     Ok((answer, ttl))
 }
 
@@ -543,6 +548,43 @@ mod tests {
             parse(3, "n0.test", RecordType::A, &r),
             Err(DnsError::Malformed(_))
         ));
+    }
+
+    /// NODATA at the end of a CNAME chain is a negative answer: cached for the SOA's
+    /// negative TTL, not for the (longer) TTL of the chain that led there.
+    #[test]
+    fn nodata_through_a_cname_keeps_the_negative_ttl() {
+        use hickory_proto::rr::rdata::SOA;
+        let mut m = Message::new(4, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(
+            Name::from_ascii("www.test.").unwrap(),
+            RecordType::MX,
+        ));
+        m.add_answer(cname("www.test.", "c.test."));
+        let soa = SOA::new(
+            Name::from_ascii("ns.test.").unwrap(),
+            Name::from_ascii("root.test.").unwrap(),
+            1,
+            3600,
+            600,
+            86400,
+            30,
+        );
+        m.add_authority(rec("test.", 30, RData::SOA(soa)));
+        let r = m.to_vec().unwrap();
+        assert_eq!(
+            parse(4, "www.test", RecordType::MX, &r).unwrap(),
+            (Answer::NoData, 30)
+        );
+        // A chain shorter-lived than the negative TTL bounds it still.
+        let mut short = cname("www.test.", "c.test.");
+        short.ttl = 10;
+        m.answers = vec![short];
+        let r = m.to_vec().unwrap();
+        assert_eq!(
+            parse(4, "www.test", RecordType::MX, &r).unwrap(),
+            (Answer::NoData, 10)
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use crate::config::Config;
 use crate::net::Ring;
 use crate::queue::Spool;
+use crate::smtp::address::ascii_address;
 use crate::smtp::{self, received::received_header, Session, Step, Transaction};
 use event_listener::Event;
 use ringmail_store::message::{format_id, Envelope};
@@ -222,7 +223,9 @@ impl Ingest {
             .unwrap_or_default();
         let date = chrono::Utc::now().to_rfc2822();
         let single = match tx.recipients.as_slice() {
-            [one] => Some(one.address.as_str()),
+            // The A-label form: an SMTPUTF8 message whose only UTF-8 is in domains
+            // may go on as ASCII, and this header with it.
+            [one] => Some(ascii_address(&one.address).unwrap_or_else(|| one.address.clone())),
             _ => None,
         };
         let prefix = received_header(
@@ -231,7 +234,7 @@ impl Ingest {
             &self.cfg.hostname,
             tx.protocol,
             &id_text,
-            single,
+            single.as_deref(),
             &date,
         );
         let size = tx.body.len();

@@ -227,6 +227,8 @@ pub struct Client {
     closing: bool,
     /// Complete replies taken so far (the driver restarts a reply's clock on each).
     replies: u64,
+    /// The server greeted with our own name: this is a mail loop.
+    loops: bool,
 }
 
 /// Longest reply line accepted (RFC 5321 says 512; some servers send more).
@@ -250,7 +252,35 @@ impl Client {
             size: 0,
             closing: false,
             replies: 0,
+            loops: false,
         }
+    }
+
+    /// The server named itself (greeting or EHLO/HELO reply) with the name this
+    /// client gives: it is this host, and the session ended with `Failed` (Postfix's
+    /// loop detection). Delivery to it would come back here.
+    pub fn loops_back(&self) -> bool {
+        self.loops
+    }
+
+    /// Ends the session when the reply's first line names our own host.
+    fn greeted_by_myself(&mut self, lines: &[String], events: &mut Vec<Event>) -> bool {
+        let name = lines
+            .first()
+            .and_then(|l| l.split_ascii_whitespace().next());
+        let mine = name.is_some_and(|n| {
+            n.trim_end_matches('.')
+                .eq_ignore_ascii_case(&self.helo_name)
+        });
+        if mine {
+            self.loops = true;
+            let text = format!(
+                "the server greeted me with my own hostname {}",
+                self.helo_name
+            );
+            self.fail(Reply::local(554, (5, 4, 6), &text), events);
+        }
+        mine
     }
 
     pub fn extensions(&self) -> &Extensions {
@@ -490,12 +520,18 @@ impl Client {
                 if reply.code != 220 {
                     return self.fail(reply, events);
                 }
+                if self.greeted_by_myself(&lines, events) {
+                    return;
+                }
                 self.out
                     .extend_from_slice(format!("EHLO {}\r\n", self.helo_name).as_bytes());
                 self.st = St::Ehlo;
             }
             St::Ehlo => {
                 if reply.code == 250 {
+                    if self.greeted_by_myself(&lines, events) {
+                        return;
+                    }
                     self.ext = Extensions::parse(&lines);
                     self.st = St::Ready;
                     events.push(Event::Ready);
@@ -511,6 +547,9 @@ impl Client {
             St::Helo => {
                 if reply.code != 250 {
                     return self.fail(reply, events);
+                }
+                if self.greeted_by_myself(&lines, events) {
+                    return;
                 }
                 self.ext = Extensions::default();
                 self.st = St::Ready;

@@ -534,3 +534,34 @@ fn the_reply_awaited_is_known_at_each_step_and_an_abort_defers_with_its_reason()
         assert!(!c.reusable());
     });
 }
+
+/// A server that names itself with our own name (in the greeting, or in the
+/// EHLO/HELO reply) is this host: the session ends before any transaction (554
+/// 5.4.6) and the client says it loops back.
+#[test]
+fn a_server_with_our_own_name_is_a_loop() {
+    let looped = |ev: &[Event]| matches!(ev, [Event::Failed(r)] if r.code == 554 && r.enhanced == Some((5, 4, 6)));
+    both(|bw| {
+        let mut c = Client::new("me.test");
+        let (out, ev) = feed(&mut c, "220 ME.test ESMTP ringmail\r\n", bw);
+        assert_eq!(out, "");
+        assert!(looped(&ev), "{ev:?}");
+        assert!(c.loops_back());
+
+        let mut c = Client::new("me.test");
+        feed(&mut c, "220 relay.test ESMTP\r\n", bw);
+        let (out, ev) = feed(&mut c, "250-me.test.\r\n250 PIPELINING\r\n", bw);
+        assert_eq!(out, "");
+        assert!(looped(&ev), "{ev:?}");
+        assert!(c.loops_back());
+
+        let mut c = Client::new("me.test");
+        feed(&mut c, "220 old.test\r\n", bw);
+        feed(&mut c, "502 no\r\n", bw);
+        let (_, ev) = feed(&mut c, "250 me.test\r\n", bw);
+        assert!(looped(&ev), "{ev:?}");
+
+        let c = ready(FULL_EHLO, bw);
+        assert!(!c.loops_back(), "mx.test is another host");
+    });
+}

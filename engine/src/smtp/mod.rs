@@ -3,6 +3,7 @@
 
 pub mod address;
 pub mod client;
+pub mod headers;
 pub mod received;
 pub mod server;
 

@@ -14,7 +14,7 @@
 //! a reply, never a panic.
 
 use super::address::{
-    is_local_domain, parse_domain, parse_path, valid_xtext, DomainError, Mailbox, PathError,
+    is_local_domain, parse_domain, parse_path, valid_xtext, Domain, DomainError, Mailbox, PathError,
 };
 use ringmail_store::message::{notify, BodyType, Recipient, Ret};
 
@@ -30,6 +30,9 @@ pub struct Limits {
     pub rcpt_count_max: usize,
     /// Errors after which the session is closed (Postfix's hard_error_limit).
     pub error_count_max: u32,
+    /// A message with this many `Received:` headers is refused: it is looping
+    /// (Postfix's hopcount_limit).
+    pub hop_count_max: usize,
 }
 
 impl Default for Limits {
@@ -40,6 +43,7 @@ impl Default for Limits {
             message_bytes_max: 50 << 20,
             rcpt_count_max: 1000,
             error_count_max: 20,
+            hop_count_max: 50,
         }
     }
 }
@@ -50,6 +54,9 @@ pub struct Config {
     pub hostname: String,
     /// Domains whose recipients are accepted from anyone (lower case).
     pub local_domains: Vec<String>,
+    /// Addresses of this host (loopback, the listen address or every interface's):
+    /// mail to a literal of one of them would come straight back here.
+    pub own_addresses: Vec<std::net::IpAddr>,
     pub limits: Limits,
 }
 
@@ -454,6 +461,23 @@ impl Session {
                 "501 5.1.7 Bad sender address syntax: not an address literal (RFC 5321 4.1.3)\r\n",
             ),
         };
+        // A bounce goes to the sender's domain: one that routing cannot take would
+        // wait out the queue lifetime there, so it is refused now, as at RCPT.
+        if let Some(d) = from.domain() {
+            match parse_domain(d) {
+                Ok(_) => {}
+                Err(e @ (DomainError::Undeliverable | DomainError::Name)) => {
+                    let r = format!(
+                        "553 5.1.7 <{}>: Sender domain is {e}\r\n",
+                        sanitize(&from.address)
+                    );
+                    return self.error(&r);
+                }
+                Err(DomainError::Literal) => return self.error(
+                    "501 5.1.7 Bad sender address syntax: not an address literal (RFC 5321 4.1.3)\r\n",
+                ),
+            }
+        }
         let mut mail = Mail {
             from,
             ..Mail::default()
@@ -596,6 +620,17 @@ impl Session {
             // a name with an A-label to look up. Without one the mail could only
             // wait out the queue lifetime, so it is refused now.
             Some(d) => match parse_domain(d) {
+                Ok(Domain::Literal(ip))
+                    if self.cfg.own_addresses.contains(&ip)
+                        && !is_local_domain(&self.cfg.local_domains, d) =>
+                {
+                    // Relayed, it would be delivered back here, and again, forever.
+                    let r = format!(
+                        "553 5.1.3 <{}>: mail for {d} loops back to myself\r\n",
+                        sanitize(&to.address)
+                    );
+                    return self.error(&r);
+                }
                 Ok(_) => is_local_domain(&self.cfg.local_domains, d),
                 Err(e @ (DomainError::Undeliverable | DomainError::Name)) => {
                     let r = format!(
@@ -712,7 +747,7 @@ impl Session {
                 self.error(r.reply());
                 None
             }
-            (None, true) => Some(self.hand_out()),
+            (None, true) => self.finish_message(),
             (None, false) => {
                 let n = self.mail.as_ref().unwrap().size;
                 let r = format!("250 2.0.0 Ok: {n} octets received\r\n");
@@ -807,8 +842,22 @@ impl Session {
                 self.error(r.reply());
                 None
             }
-            None => Some(self.hand_out()),
+            None => self.finish_message(),
         }
+    }
+
+    /// The message was read whole and within the limits: refused if it has looped
+    /// (too many `Received:` headers), else handed out. Only the header section is
+    /// read, once, when the text is complete, so the answer does not depend on how
+    /// the input was split.
+    fn finish_message(&mut self) -> Option<Step> {
+        let hops = super::headers::scan(&self.mail.as_ref().unwrap().body).received;
+        if hops >= self.cfg.limits.hop_count_max {
+            self.mail = None;
+            self.error("554 5.4.6 Too many hops\r\n");
+            return None;
+        }
+        Some(self.hand_out())
     }
 
     fn hand_out(&mut self) -> Step {

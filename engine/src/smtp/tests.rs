@@ -9,6 +9,7 @@ fn config(limits: Limits) -> Rc<Config> {
     Rc::new(Config {
         hostname: "mx.test".into(),
         local_domains: vec!["local.test".into()],
+        own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         limits,
     })
 }
@@ -438,6 +439,7 @@ fn address_literals_at_rcpt() {
     let cfg = Rc::new(Config {
         hostname: "mx.test".into(),
         local_domains: vec!["local.test".into(), "[IPv6:2001:db8::1]".into()],
+        own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         limits: Limits::default(),
     });
     let input = "EHLO c\r\nMAIL FROM:<a@c.test>\r\n\
@@ -466,6 +468,7 @@ fn internationalised_domains_at_rcpt() {
     let cfg = Rc::new(Config {
         hostname: "mx.test".into(),
         local_domains: vec!["bücher.test".into()],
+        own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         limits: Limits::default(),
     });
     let input = "EHLO c\r\nMAIL FROM:<a@c.test> SMTPUTF8\r\n\
@@ -476,6 +479,7 @@ fn internationalised_domains_at_rcpt() {
     assert_eq!(codes, "220|250|250|250|250|553", "{replies}");
     let local_ascii = Rc::new(Config {
         local_domains: vec!["xn--bcher-kva.test".into()],
+        own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         ..(*cfg).clone()
     });
     let (codes, replies) = reply_codes(local_ascii, false, input);
@@ -504,4 +508,99 @@ fn a_message_over_two_limits_gets_one_reply_however_it_is_split() {
         "220|250|250|250|354|550|221",
         &[],
     );
+}
+
+/// A message that arrives with `hop-count-max` (50) `Received:` headers is looping:
+/// refused at its end with 554 5.4.6, by DATA and by BDAT, however it is split;
+/// one fewer passes, and `Received:` lines of the body do not count.
+#[test]
+fn too_many_hops_is_refused_at_the_end_of_the_message() {
+    let hops = |n: usize| "Received: from x by y; Sat, 1 Jan 2000 00:00:00 +0000\r\n".repeat(n);
+    for (n, code) in [(49, "250"), (50, "554"), (51, "554")] {
+        let text = format!("{}Subject: hi\r\n\r\n{}body\r\n", hops(n), hops(60));
+        let data = format!("{TX}{text}.\r\nNOOP\r\n");
+        let stored: &[&[u8]] = if code == "250" {
+            &[text.as_bytes()]
+        } else {
+            &[]
+        };
+        let expected = format!("220|250|250|250|354|{code}|250");
+        check_with(Limits::default(), true, data.as_bytes(), &expected, stored);
+        let bdat = format!(
+            "EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nBDAT {} LAST\r\n{text}NOOP\r\n",
+            text.len()
+        );
+        let expected = format!("220|250|250|250|{code}|250");
+        check_with(Limits::default(), true, bdat.as_bytes(), &expected, stored);
+    }
+    let out = run(
+        config(Limits::default()),
+        true,
+        &[format!("{TX}{}\r\n.\r\n", hops(51)).as_bytes()],
+    );
+    assert!(
+        out.replies.ends_with("554 5.4.6 Too many hops\r\n"),
+        "{}",
+        out.replies
+    );
+    let limits = Limits {
+        hop_count_max: 2,
+        ..Limits::default()
+    };
+    let two = format!("{TX}{}\r\n.\r\n", hops(2));
+    check_with(limits, true, two.as_bytes(), "220|250|250|250|354|554", &[]);
+}
+
+/// A literal of this host's own addresses (loopback, listen address) is never
+/// relayed, in any spelling: it would come straight back. Listed as a local domain
+/// it is local.
+#[test]
+fn a_literal_of_our_own_address_is_refused_at_rcpt() {
+    let input = "EHLO c\r\nMAIL FROM:<a@c.test>\r\n\
+        RCPT TO:<x@[127.0.0.1]>\r\n\
+        RCPT TO:<x@[IPv6:::1]>\r\n\
+        RCPT TO:<x@[IPv6:::ffff:127.0.0.1]>\r\n\
+        RCPT TO:<x@[192.0.2.7]>\r\n\
+        RCPT TO:<x@[127.0.0.2]>\r\n";
+    let mut cfg = Config {
+        hostname: "mx.test".into(),
+        local_domains: vec!["local.test".into()],
+        own_addresses: vec![
+            [127, 0, 0, 1].into(),
+            std::net::Ipv6Addr::LOCALHOST.into(),
+            [192, 0, 2, 7].into(),
+        ],
+        limits: Limits::default(),
+    };
+    let (codes, replies) = reply_codes(Rc::new(cfg.clone()), true, input);
+    assert_eq!(codes, "220|250|250|553|553|553|553|250", "{replies}");
+    assert!(
+        replies.contains("553 5.1.3 <x@[127.0.0.1]>: mail for [127.0.0.1] loops back to myself"),
+        "{replies}"
+    );
+    cfg.local_domains.push("[192.0.2.7]".into());
+    let (codes, replies) = reply_codes(Rc::new(cfg), false, input);
+    assert_eq!(codes, "220|250|250|553|553|553|250|554", "{replies}");
+}
+
+/// The sender's domain must be one a bounce can go to: a literal of an address
+/// mail cannot be sent to, or a name without an A-label, is refused at MAIL.
+#[test]
+fn a_sender_domain_routing_cannot_take_is_refused_at_mail() {
+    let cfg = config(Limits::default());
+    for (from, code) in [
+        ("<x@[0.0.0.0]>", "553 5.1.7"),
+        ("<x@[IPv6:ff02::1]>", "553 5.1.7"),
+        ("<x@[255.255.255.255]>", "553 5.1.7"),
+        ("<x@\u{301}a.test> SMTPUTF8", "553 5.1.7"),
+        ("<x@[1.2.3]>", "501 5.1.7"),
+        ("<x@[192.0.2.1]>", "250 2.1.0"),
+        ("<x@c.test>", "250 2.1.0"),
+        ("<>", "250 2.1.0"),
+    ] {
+        let input = format!("EHLO c\r\nMAIL FROM:{from}\r\n");
+        let out = run(cfg.clone(), true, &[input.as_bytes()]);
+        let last = out.replies.lines().last().unwrap_or_default().to_string();
+        assert!(last.starts_with(code), "{from}: {}", out.replies);
+    }
 }
