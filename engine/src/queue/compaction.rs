@@ -181,7 +181,9 @@ impl Spool {
 mod tests {
     use super::*;
     use crate::queue::replay::list;
-    use crate::queue::testutil::{env, fresh_data, one_deferred, rcpt_states, update};
+    use crate::queue::testutil::{
+        env, fresh_data, fresh_data_with, one_deferred, rcpt_states, update,
+    };
     use ringmail_store::LogConfig;
     use std::collections::HashMap;
     use std::sync::Mutex;
@@ -305,6 +307,55 @@ mod tests {
             let spool = Spool::open(&data, 0, small).await.unwrap();
             assert_eq!(spool.len(), 0);
             assert!(spool.next_id().await.unwrap() > *ids.last().unwrap());
+            spool.close().await;
+        });
+    }
+
+    /// A long DATA session takes an id early and commits late, after later ids whose
+    /// segments compaction then deletes: the restart must continue after those too,
+    /// on a shard ≥ 1 as well (its message ids carry the shard, checkpoints do not).
+    #[test]
+    fn ids_never_repeat_after_an_out_of_order_commit_and_compaction() {
+        let (_d, data) = fresh_data_with(2);
+        let small = LogConfig {
+            segment_bytes_max: 8 << 10,
+        };
+        let body = vec![b'x'; 2000];
+        let data2 = data.clone();
+        let given = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 1, small).await.unwrap();
+            let slow = spool.next_id().await.unwrap();
+            let mut given = vec![slow];
+            let mut fast = Vec::new();
+            for _ in 0..10 {
+                let id = spool.next_id().await.unwrap();
+                spool.enqueue(env(id, 1), b"", body.clone()).await.unwrap();
+                fast.push(id);
+            }
+            // Too big to share a segment: it opens one of its own, so no record of a
+            // later id survives the compaction below.
+            let big = vec![b'x'; 7000];
+            spool.enqueue(env(slow, 1), b"", big).await.unwrap();
+            for &id in &fast {
+                spool
+                    .record(update(id, 0, RcptStatus::Delivered, 1))
+                    .await
+                    .unwrap();
+            }
+            assert!(
+                spool.compact().await.unwrap() >= 2,
+                "the fast ones' segments go"
+            );
+            given.extend(fast);
+            spool.close().await;
+            given
+        });
+        let highest = *given.iter().max().unwrap();
+        glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data, 1, small).await.unwrap();
+            assert_eq!(spool.len(), 1, "the slow one is still queued");
+            let id = spool.next_id().await.unwrap();
+            assert!(id > highest, "{id:X} was handed out before the restart");
             spool.close().await;
         });
     }

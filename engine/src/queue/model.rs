@@ -98,6 +98,9 @@ impl QueuedMessage {
 
 /// The id counter lives in the low 56 bits; the shard in the top 8 (shards ≤ 256).
 pub(super) const COUNTER_BITS: u32 = 56;
+pub(super) const COUNTER_MASK: u64 = (1 << COUNTER_BITS) - 1;
+/// One past the last counter: a checkpoint never reserves beyond it.
+pub(super) const COUNTER_LIMIT: u64 = 1 << COUNTER_BITS;
 
 pub fn make_id(shard: u32, counter: u64) -> u64 {
     debug_assert!(counter < 1 << COUNTER_BITS);

@@ -1,6 +1,6 @@
 //! Rebuilding a shard's queue from its log: at start, and offline for `queue list`.
 
-use super::model::QueuedMessage;
+use super::model::{QueuedMessage, COUNTER_MASK};
 use ringmail_store::message::RcptUpdate;
 use ringmail_store::segment::{self, recover_shard, Mode};
 use ringmail_store::{Kind, RecoveryReport};
@@ -14,20 +14,23 @@ pub struct Recovered {
     pub index: BTreeMap<u64, QueuedMessage>,
     pub tail: ringmail_store::Tail,
     pub report: RecoveryReport,
-    /// The highest id ever used in the shard, queued or not: ids are never reused.
-    pub max_id: Option<u64>,
+    /// The highest id *counter* (the low `COUNTER_BITS` of an id) ever used or
+    /// reserved in the shard, queued or not: ids are never reused. A counter, not an
+    /// id, because checkpoints hold bare counters: mixing the two in one maximum let
+    /// any message id of a shard ≥ 1 outrank every checkpoint.
+    pub max_counter: Option<u64>,
 }
 
 /// Replays a shard's log into a message index.
 pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
     let dir = segment::shard_dir(data, shard);
     let mut index: BTreeMap<u64, QueuedMessage> = BTreeMap::new();
-    let mut max_id: Option<u64> = None;
+    let mut max_counter: Option<u64> = None;
     let mut bad = 0u64;
     let (tail, mut report) = recover_shard(&dir, shard, mode, |loc, rec| match rec.kind {
         Kind::Message => match QueuedMessage::from_record(loc, rec.payload) {
             Ok((m, reports)) => {
-                max_id = max_id.max(Some(m.id));
+                max_counter = max_counter.max(Some(m.id & COUNTER_MASK));
                 match index.get_mut(&m.id) {
                     // Ids are never reused: this is a copy written by compaction.
                     // Only the place changes; the recipients keep the state replayed
@@ -82,7 +85,7 @@ pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
         Kind::Checkpoint => match rec.payload {
             [1, rest @ ..] if rest.len() == 8 => {
                 let next = u64::from_le_bytes(rest.try_into().unwrap());
-                max_id = max_id.max(next.checked_sub(1));
+                max_counter = max_counter.max(next.checked_sub(1));
             }
             _ => bad += 1,
         },
@@ -96,7 +99,7 @@ pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
         index,
         tail,
         report,
-        max_id,
+        max_counter,
     })
 }
 

@@ -3,7 +3,9 @@
 //! the scheduler takes due work from.
 
 use super::cache::{Loaded, MessageText, CACHE_BYTES_MAX};
-use super::model::{encode_id_checkpoint, make_id, QueuedMessage, RcptStatus, COUNTER_BITS};
+use super::model::{
+    encode_id_checkpoint, make_id, QueuedMessage, RcptStatus, COUNTER_BITS, COUNTER_LIMIT,
+};
 use super::replay::{recover, Recovered};
 use ringmail_store::message::{self, Envelope, RcptUpdate};
 use ringmail_store::segment::{self, Mode};
@@ -81,6 +83,15 @@ pub struct Bounce {
 /// Ids are reserved this many at a time; a restart skips what was left of the block.
 pub(super) const ID_BLOCK: u64 = 4096;
 
+/// Where the block after one ending at `reserved` ends: never past the last counter
+/// (equal to `reserved` once there is none left).
+fn next_block(reserved: u64) -> u64 {
+    reserved
+        .saturating_add(ID_BLOCK)
+        .min(COUNTER_LIMIT)
+        .max(reserved)
+}
+
 impl Spool {
     /// Recovers the shard (repairing a torn tail) and opens its log for appending.
     pub async fn open(data: &Path, shard: u32, cfg: LogConfig) -> io::Result<Spool> {
@@ -88,7 +99,7 @@ impl Spool {
             index,
             tail,
             report,
-            max_id,
+            max_counter,
         } = recover(data, shard, Mode::Repair)?;
         if report.truncated_bytes > 0 || !report.damaged.is_empty() {
             tracing::warn!(shard, truncated_bytes = report.truncated_bytes, damaged = ?report.damaged, "recovery repaired the log");
@@ -100,10 +111,10 @@ impl Spool {
             queued = index.len(),
             "shard recovered"
         );
-        let counter = max_id.map_or(1, |id| (id & ((1 << COUNTER_BITS) - 1)) + 1);
+        let counter = max_counter.map_or(1, |c| c + 1);
         let log = ShardLog::open(&segment::shard_dir(data, shard), shard, tail, cfg).await?;
         // The first block of ids, durable before any of it is handed out.
-        let reserved = counter + ID_BLOCK;
+        let reserved = next_block(counter);
         let ticket = log
             .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, reserved))
             .map_err(|e| io::Error::other(e.to_string()))?;
@@ -147,14 +158,19 @@ impl Spool {
     /// a durable checkpoint has reserved, so no id is ever given twice, not even
     /// one whose message was answered 451 and never logged. Waits only when a block
     /// is used up before the next one's checkpoint (appended at half-way) is durable.
+    /// Fails (SMTP answers 451) once the shard's 2^56 counters are used up: an id
+    /// past them would carry into the shard bits and name another shard's message.
     pub async fn next_id(&self) -> Result<u64, LogError> {
         loop {
             let c = self.next_counter.get();
             let reserved = self.reserved.get();
             if c < reserved {
                 self.next_counter.set(c + 1);
-                if reserved - c <= ID_BLOCK / 2 && self.pending_reservation.borrow().is_none() {
-                    let target = reserved + ID_BLOCK;
+                let target = next_block(reserved);
+                if target > reserved
+                    && reserved - c <= ID_BLOCK / 2
+                    && self.pending_reservation.borrow().is_none()
+                {
                     // An append fails only when the log is closing: the next call
                     // tries again, and the block's end waits for it.
                     if let Ok(t) = self
@@ -166,20 +182,35 @@ impl Spool {
                 }
                 return Ok(make_id(self.shard, c));
             }
+            let target = next_block(reserved);
+            if target == reserved {
+                return Err(LogError::Io(format!(
+                    "shard {} has used all {COUNTER_BITS}-bit queue ids",
+                    self.shard
+                )));
+            }
             let pending = self.pending_reservation.borrow_mut().take();
-            let (ticket, target) = match pending {
-                Some(p) => p,
-                None => {
-                    let target = reserved + ID_BLOCK;
-                    let t = self
-                        .log
-                        .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))?;
-                    (t, target)
-                }
+            let reached = match pending {
+                Some((ticket, t)) => match self.log.durable(ticket).await {
+                    Ok(_) => t,
+                    // The batch that carried it failed, maybe thousands of ids ago:
+                    // its error is stale and the disk may be healthy again, so one
+                    // fresh checkpoint decides.
+                    Err(_) => self.reserve(target).await?,
+                },
+                None => self.reserve(target).await?,
             };
-            self.log.durable(ticket).await?;
-            self.reserved.set(self.reserved.get().max(target));
+            self.reserved.set(self.reserved.get().max(reached));
         }
+    }
+
+    /// Makes a checkpoint reserving every counter below `target` durable.
+    async fn reserve(&self, target: u64) -> Result<u64, LogError> {
+        let t = self
+            .log
+            .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))?;
+        self.log.durable(t).await?;
+        Ok(target)
     }
 
     /// Writes the message once (envelope, trace prefix, body) and returns when it is
@@ -402,7 +433,7 @@ impl Spool {
 mod tests {
     use super::*;
     use crate::queue::replay::list;
-    use crate::queue::testutil::{env, fresh_data, rcpt_states, update};
+    use crate::queue::testutil::{env, fresh_data, fresh_data_with, rcpt_states, update};
     use ringmail_store::message::Recipient;
 
     #[test]
@@ -572,9 +603,23 @@ mod tests {
     #[test]
     fn ids_never_repeat_after_a_failed_batch_and_a_restart() {
         let (_d, data) = fresh_data();
+        ids_never_repeat(data, 0);
+    }
+
+    /// Message ids carry the shard in their top bits and checkpoints do not: on a
+    /// shard ≥ 1 the two must still compare as counters.
+    #[test]
+    fn ids_never_repeat_after_a_failed_batch_and_a_restart_on_shard_1() {
+        let (_d, data) = fresh_data_with(2);
+        ids_never_repeat(data, 1);
+    }
+
+    fn ids_never_repeat(data: std::path::PathBuf, shard: u32) {
         let data2 = data.clone();
         let given = glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            let spool = Spool::open(&data2, shard, LogConfig::default())
+                .await
+                .unwrap();
             let mut given = Vec::new();
             let a = spool.next_id().await.unwrap();
             spool
@@ -599,17 +644,84 @@ mod tests {
             spool.close().await;
             given
         });
+        assert!(given.iter().all(|id| id >> COUNTER_BITS == shard as u64));
         let highest = *given.iter().max().unwrap();
-        let mut sorted = given.clone();
-        sorted.dedup();
-        assert_eq!(sorted.len(), given.len(), "ids repeat within a run");
+        let distinct: std::collections::HashSet<u64> = given.iter().copied().collect();
+        assert_eq!(distinct.len(), given.len(), "ids repeat within a run");
         glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data, 0, LogConfig::default()).await.unwrap();
+            let spool = Spool::open(&data, shard, LogConfig::default())
+                .await
+                .unwrap();
             for _ in 0..3 {
                 let id = spool.next_id().await.unwrap();
                 assert!(id > highest, "{id:X} was handed out before the restart");
             }
             spool.close().await;
+        });
+    }
+
+    /// The half-way checkpoint rides along with a batch; if that batch fails, the
+    /// block's end must not hand out the old error while the disk works again.
+    #[test]
+    fn a_failed_half_way_checkpoint_is_written_again_at_the_blocks_end() {
+        let (_d, data) = fresh_data();
+        let data2 = data.clone();
+        let highest = glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
+            // Up to the id whose taking appends the next block's checkpoint.
+            let mut last = 0;
+            while spool.pending_reservation.borrow().is_none() {
+                last = spool.next_id().await.unwrap();
+            }
+            spool.log().faults().errno.set(libc::EIO);
+            spool.log().faults().syncs.set(1);
+            assert!(spool
+                .enqueue(env(last, 1), b"", b"x\r\n".to_vec())
+                .await
+                .is_err());
+            // The disk is healthy again; the rest of the block and well past its end.
+            for _ in 0..ID_BLOCK {
+                last = spool.next_id().await.expect("a stale error");
+            }
+            spool.close().await;
+            last
+        });
+        glommio::LocalExecutor::default().run(async move {
+            let spool = Spool::open(&data, 0, LogConfig::default()).await.unwrap();
+            assert!(spool.next_id().await.unwrap() > highest);
+            spool.close().await;
+        });
+    }
+
+    #[test]
+    fn next_id_fails_once_the_counters_are_used_up() {
+        let (_d, data) = fresh_data_with(2);
+        let data2 = data.clone();
+        glommio::LocalExecutor::default().run(async move {
+            // A shard that has reserved all but its last three counters.
+            let spool = Spool::open(&data2, 1, LogConfig::default()).await.unwrap();
+            spool.reserve(COUNTER_LIMIT - 3).await.unwrap();
+            spool.close().await;
+        });
+        glommio::LocalExecutor::default().run(async move {
+            for run in 0..2 {
+                let spool = Spool::open(&data, 1, LogConfig::default()).await.unwrap();
+                let mut got = Vec::new();
+                while let Ok(id) = spool.next_id().await {
+                    got.push(id);
+                    assert!(got.len() <= 3, "{id:X} is past the last counter");
+                }
+                // Only the first run gets the last three; a restart gets none.
+                let want: Vec<u64> = match run {
+                    0 => (COUNTER_LIMIT - 3..COUNTER_LIMIT)
+                        .map(|c| make_id(1, c))
+                        .collect(),
+                    _ => vec![],
+                };
+                assert_eq!(got, want, "run {run}");
+                assert!(spool.next_id().await.is_err(), "stays exhausted");
+                spool.close().await;
+            }
         });
     }
 }

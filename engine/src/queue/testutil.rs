@@ -22,9 +22,14 @@ pub(crate) fn env(id: u64, rcpts: usize) -> Envelope {
 
 /// A fresh data directory with a one-shard manifest.
 pub(crate) fn fresh_data() -> (tempfile::TempDir, std::path::PathBuf) {
+    fresh_data_with(1)
+}
+
+/// A fresh data directory with a manifest of `shards` shards.
+pub(crate) fn fresh_data_with(shards: u32) -> (tempfile::TempDir, std::path::PathBuf) {
     let d = tempfile::tempdir().unwrap();
     let data = d.path().to_path_buf();
-    ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+    ringmail_store::manifest::open_or_create(&data, shards).unwrap();
     (d, data)
 }
 
