@@ -113,18 +113,32 @@ fn recorded(got: std::thread::JoinHandle<Recorded>) -> Recorded {
         .expect("the MX thread")
 }
 
-/// `plain_mx` that also records the commands: one connection on 127.0.0.2 (any
-/// port), no SMTPUTF8, no 8BITMIME; done when the client closes or quits.
-fn recording_mx() -> (SocketAddr, std::thread::JoinHandle<Recorded>) {
-    use std::io::{BufRead, BufReader, Write};
+/// A scripted MX on 127.0.0.2 (any port) for one connection: `script` gets the
+/// connection's reader and writer, whose reads time out after `read_timeout` (which
+/// bounds the test if the client never comes or never closes); what it returns is
+/// what the thread yields.
+fn scripted_mx<T: Send + 'static>(
+    read_timeout: Duration,
+    script: impl FnOnce(std::io::BufReader<std::net::TcpStream>, std::net::TcpStream) -> T
+        + Send
+        + 'static,
+) -> (SocketAddr, std::thread::JoinHandle<T>) {
     let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let t = std::thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut w = conn.try_clone().unwrap();
-        let mut r = BufReader::new(conn);
+        conn.set_read_timeout(Some(read_timeout)).unwrap();
+        let w = conn.try_clone().unwrap();
+        script(std::io::BufReader::new(conn), w)
+    });
+    (addr, t)
+}
+
+/// `plain_mx` that also records the commands: one connection on 127.0.0.2 (any
+/// port), no SMTPUTF8, no 8BITMIME; done when the client closes or quits.
+fn recording_mx() -> (SocketAddr, std::thread::JoinHandle<Recorded>) {
+    use std::io::{BufRead, Write};
+    scripted_mx(Duration::from_secs(10), move |mut r, mut w| {
         w.write_all(b"220 plain.test ESMTP\r\n").unwrap();
         let mut got = Recorded::default();
         let mut line = Vec::new();
@@ -156,8 +170,7 @@ fn recording_mx() -> (SocketAddr, std::thread::JoinHandle<Recorded>) {
             };
             w.write_all(reply).unwrap();
         }
-    });
-    (addr, t)
+    })
 }
 
 /// RFC 5321 §4.5.2 in reverse: the text before the end marker, one dot taken off
@@ -510,15 +523,8 @@ fn a_non_ascii_local_part_to_a_server_without_smtputf8_fails_with_5_6_7() {
 /// DATA, as some do. Returns the text it received after its 354, up to and
 /// including the end marker (or whatever came before the connection closed).
 fn refusing_mx() -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let t = std::thread::spawn(move || {
-        let (conn, _) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut w = conn.try_clone().unwrap();
-        let mut r = BufReader::new(conn);
+    use std::io::{BufRead, Write};
+    scripted_mx(Duration::from_secs(10), move |mut r, mut w| {
         w.write_all(b"220 refusing.test ESMTP\r\n").unwrap();
         let mut rcpts = 0;
         let mut line = Vec::new();
@@ -552,8 +558,7 @@ fn refusing_mx() -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
             };
             w.write_all(reply).unwrap();
         }
-    });
-    (addr, t)
+    })
 }
 
 #[test]
@@ -583,14 +588,8 @@ fn a_354_after_every_rcpt_was_refused_ends_the_attempt_at_once() {
 /// before any idle timer fires), then answers like `plain_mx`. Returns whether the
 /// client closed the connection while the greeting was still trickling.
 fn trickling_mx() -> (SocketAddr, std::thread::JoinHandle<bool>) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let t = std::thread::spawn(move || {
-        let (conn, _) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut w = conn.try_clone().unwrap();
+    use std::io::{BufRead, Write};
+    scripted_mx(Duration::from_secs(10), move |mut r, mut w| {
         // The pace is the behaviour under test, not a synchronisation.
         for b in b"220 trickle.test ESMTP\r\n" {
             std::thread::sleep(Duration::from_millis(100));
@@ -598,7 +597,6 @@ fn trickling_mx() -> (SocketAddr, std::thread::JoinHandle<bool>) {
                 return true;
             }
         }
-        let mut r = BufReader::new(conn);
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -625,23 +623,15 @@ fn trickling_mx() -> (SocketAddr, std::thread::JoinHandle<bool>) {
                 return false;
             }
         }
-    });
-    (addr, t)
+    })
 }
 
 /// An MX that takes MAIL and RCPT but never answers the (pipelined) DATA. Returns
 /// whether it then saw the client close the connection.
 fn silent_at_data_mx() -> (SocketAddr, std::thread::JoinHandle<bool>) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let t = std::thread::spawn(move || {
-        let (conn, _) = listener.accept().unwrap();
-        // Bounds the test if the client never gives up.
-        conn.set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut w = conn.try_clone().unwrap();
-        let mut r = BufReader::new(conn);
+    use std::io::{BufRead, Write};
+    // Bounds the test if the client never gives up.
+    scripted_mx(Duration::from_secs(20), move |mut r, mut w| {
         w.write_all(b"220 silent.test ESMTP\r\n").unwrap();
         let mut line = Vec::new();
         let mut in_data = false;
@@ -667,8 +657,7 @@ fn silent_at_data_mx() -> (SocketAddr, std::thread::JoinHandle<bool>) {
             };
             w.write_all(reply).unwrap();
         }
-    });
-    (addr, t)
+    })
 }
 
 fn deferred_reason(o: &Outcome) -> String {
