@@ -13,12 +13,14 @@
 //! next segment's header) before the batch is answered, so they are never replayed. A
 //! shard that can do neither stops taking records until a restart.
 
+pub mod handle;
 pub mod log;
 pub mod manifest;
 pub mod message;
 pub mod record;
 pub mod segment;
 
+pub use handle::{Handle, PinGuard, Pins, Resolved};
 pub use log::{FaultPoint, Faults, LogConfig, LogError, ShardLog, Ticket};
 pub use record::Kind;
 pub use segment::{Location, Mode, RecoveryOptions, RecoveryReport, Tail};
