@@ -504,6 +504,13 @@ const COPY_BYTES_PER_ROUND: u64 = 64 << 20;
 /// No snapshot is written before the log grew by this much since the last one.
 const SNAPSHOT_LOG_BYTES_MIN: u64 = 4 << 10;
 
+/// A checkpoint on its way to the disk: the task that waits for it.
+type Reservation = glommio::task::JoinHandle<Result<Location, LogError>>;
+
+/// The durable snapshot: its replay position, its size in bytes, and
+/// `Shard::appended` when it was taken.
+type SnapState = ((u64, u64), u64, u64);
+
 /// One shard's store, on its executor.
 pub struct Shard {
     shard: u32,
@@ -517,7 +524,7 @@ pub struct Shard {
     /// runs out so it rides along with a batch that is being written anyway.
     /// (A task, so that the ticket is let go as soon as its batch is written: a held
     /// ticket would keep snapshots from moving past the batch.)
-    pending_reservation: RefCell<Option<(glommio::task::JoinHandle<Result<Location, LogError>>, u64)>>,
+    pending_reservation: RefCell<Option<(Reservation, u64)>>,
     map: RefCell<HashMap<u64, Entry>>,
     /// Bytes of referenced message records per segment.
     live: RefCell<BTreeMap<u32, u64>>,
@@ -525,7 +532,7 @@ pub struct Shard {
     /// Record bytes appended through this shard since it opened.
     appended: Cell<u64>,
     /// The durable snapshot: its replay position, its size, and `appended` then.
-    snap: Cell<Option<((u64, u64), u64, u64)>>,
+    snap: Cell<Option<SnapState>>,
     snapshotting: Cell<bool>,
 }
 
@@ -645,12 +652,12 @@ impl Shard {
                 {
                     // An append fails only when the log is closing: the next call
                     // tries again, and the block's end waits for it.
-                    if let Ok(t) = self.append(Kind::Checkpoint, |out| {
-                        encode_id_checkpoint(out, target)
-                    }) {
+                    if let Ok(t) =
+                        self.append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))
+                    {
                         let log = self.log.clone();
-                        let task = glommio::spawn_local(async move { log.durable(t).await })
-                            .detach();
+                        let task =
+                            glommio::spawn_local(async move { log.durable(t).await }).detach();
                         *self.pending_reservation.borrow_mut() = Some((task, target));
                     }
                 }
@@ -996,6 +1003,8 @@ async fn off_executor<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static)
 
 /// Segments before `below` with their valid lengths (sealed: the next header says).
 fn list_sealed(dir: &Path, below: u64) -> io::Result<Vec<(u64, u64)>> {
+    #[cfg(test)]
+    tests::note_thread(dir);
     let mut seqs: Vec<u64> = std::fs::read_dir(dir)?
         .filter_map(|e| {
             e.ok()?
@@ -1023,8 +1032,73 @@ fn list_sealed(dir: &Path, below: u64) -> io::Result<Vec<(u64, u64)>> {
 
 /// Deletes segments, then makes the deletions durable.
 fn delete_segments(dir: &Path, seqs: &[u64]) -> io::Result<()> {
+    #[cfg(test)]
+    tests::note_thread(dir);
     for seq in seqs {
         std::fs::remove_file(segment::segment_path(dir, *seq))?;
     }
     segment::sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::thread::ThreadId;
+
+    /// The threads compaction's file-system calls ran on, per shard directory.
+    static FS_THREADS: Mutex<Vec<(PathBuf, ThreadId)>> = Mutex::new(Vec::new());
+
+    pub(super) fn note_thread(dir: &Path) {
+        FS_THREADS
+            .lock()
+            .unwrap()
+            .push((dir.to_path_buf(), std::thread::current().id()));
+    }
+
+    #[test]
+    fn compaction_does_its_file_system_calls_off_the_executor_thread() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().to_path_buf();
+        crate::manifest::open_or_create(&data, 1).unwrap();
+        let dir = segment::shard_dir(&data, 0);
+        let cfg = LogConfig {
+            segment_bytes_max: 8 << 10,
+        };
+        let (executor, done) = glommio::LocalExecutor::default().run(async move {
+            let shard = Shard::open(&data, 0, cfg, &mut []).await.unwrap();
+            for _ in 0..10 {
+                let id = shard.next_id().await.unwrap();
+                let env = message::Envelope {
+                    id,
+                    ..Default::default()
+                };
+                let body = vec![b'x'; 2000];
+                let t = shard
+                    .append_message(id, body.len(), |out| message::encode(out, &env, b"", &body))
+                    .unwrap();
+                shard.durable_message(&t).await.unwrap();
+                assert_eq!(shard.drop_ref(id), 0);
+            }
+            let s = shard.prepare_snapshot(&[]).unwrap();
+            shard.write_snapshot(s).await.unwrap();
+            let done = shard.compact().await.unwrap();
+            shard.close().await;
+            (std::thread::current().id(), done)
+        });
+        assert!(done.deleted >= 2, "segments were deleted: {done:?}");
+        let threads: Vec<ThreadId> = FS_THREADS
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(d, _)| *d == dir)
+            .map(|(_, t)| *t)
+            .collect();
+        // One listing, one deletion.
+        assert_eq!(threads.len(), 2, "{threads:?}");
+        assert!(
+            threads.iter().all(|t| *t != executor),
+            "a file-system call ran on the executor thread"
+        );
+    }
 }

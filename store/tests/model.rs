@@ -82,7 +82,10 @@ impl Index for Counts {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { len: usize, seed: u8 },
+    Append {
+        len: usize,
+        seed: u8,
+    },
     AddRef(usize),
     DropRef(usize),
     Snapshot,
@@ -167,7 +170,10 @@ fn check(shard: &Shard, ix: &Counts, model: &Model, data: &Path) {
     for id in &model.dropped {
         assert_eq!(shard.resolve(*id), None);
     }
-    assert_eq!(shard.len(), model.messages.values().filter(|m| m.1 > 0).count());
+    assert_eq!(
+        shard.len(),
+        model.messages.values().filter(|m| m.1 > 0).count()
+    );
 }
 
 fn run(ops: Vec<Op>) {
@@ -333,7 +339,10 @@ fn run(ops: Vec<Op>) {
             );
         }
         if let Some(max) = model.messages.keys().max() {
-            assert!(shard.next_id().await.unwrap() > *max, "ids are never reused");
+            assert!(
+                shard.next_id().await.unwrap() > *max,
+                "ids are never reused"
+            );
         }
         shard.close().await;
     });
@@ -410,30 +419,28 @@ fn recovery_replays_only_what_the_snapshot_does_not_hold() {
         shard.write_snapshot(s).await.unwrap();
     });
     let mut ix = Counts::default();
-    let rec = ringmail_store::shard::recover(
-        &data,
-        0,
-        ringmail_store::Mode::ReadOnly,
-        &mut [&mut ix],
-    )
-    .unwrap();
+    let rec =
+        ringmail_store::shard::recover(&data, 0, ringmail_store::Mode::ReadOnly, &mut [&mut ix])
+            .unwrap();
     assert_eq!(ix.0.len(), 40);
     assert_eq!(rec.map.len(), 40);
-    assert!(rec.report.records <= 1, "replayed {} records", rec.report.records);
+    assert!(
+        rec.report.records <= 1,
+        "replayed {} records",
+        rec.report.records
+    );
     let mut f = std::fs::OpenOptions::new()
         .append(true)
-        .open(ringmail_store::shard::snapshot_path(&segment::shard_dir(&data, 0)))
+        .open(ringmail_store::shard::snapshot_path(&segment::shard_dir(
+            &data, 0,
+        )))
         .unwrap();
     f.write_all(b"junk").unwrap();
     // A damaged snapshot is reported, and the whole log replayed instead.
     let mut ix = Counts::default();
-    let rec = ringmail_store::shard::recover(
-        &data,
-        0,
-        ringmail_store::Mode::ReadOnly,
-        &mut [&mut ix],
-    )
-    .unwrap();
+    let rec =
+        ringmail_store::shard::recover(&data, 0, ringmail_store::Mode::ReadOnly, &mut [&mut ix])
+            .unwrap();
     assert!(rec.report.damaged.iter().any(|d| d.contains("snapshot")));
     assert_eq!(ix.0.len(), 40);
 }

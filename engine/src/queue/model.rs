@@ -203,7 +203,10 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], &'static str> {
         let end = self.pos.checked_add(n).ok_or("length out of range")?;
-        let s = self.b.get(self.pos..end).ok_or("truncated queue snapshot item")?;
+        let s = self
+            .b
+            .get(self.pos..end)
+            .ok_or("truncated queue snapshot item")?;
         self.pos = end;
         Ok(s)
     }

@@ -328,8 +328,8 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::replay::list;
     use crate::queue::model::make_id;
+    use crate::queue::replay::list;
     use crate::queue::testutil::{env, fresh_data, fresh_data_with, rcpt_states, update};
     use ringmail_store::message::Recipient;
     use ringmail_store::segment;
