@@ -256,7 +256,7 @@ pub fn dns_answer(data: &[u8]) {
 
 /// The record decoder and the payload decoders behind it. Input: one mode byte, then
 /// bytes. Mode 0: the bytes as a segment (records one after another, as recovery reads
-/// them). Otherwise the bytes are framed as a valid record of kind `mode % 4` first, so
+/// them). Otherwise the bytes are framed as a valid record of kind `mode % 5` first, so
 /// the payload decoders get inputs whose CRC checks out.
 pub fn record_decode(data: &[u8]) {
     use ringmail_store::message::{self, RcptUpdate};
@@ -265,7 +265,7 @@ pub fn record_decode(data: &[u8]) {
         return;
     };
     let payloads = |kind: Kind, payload: &[u8]| match kind {
-        Kind::Message => {
+        Kind::Message | Kind::Copy => {
             if let Ok(d) = message::decode(payload) {
                 let _ = format!("{d:?}");
             }
@@ -273,13 +273,15 @@ pub fn record_decode(data: &[u8]) {
         Kind::RcptUpdate => {
             let _ = RcptUpdate::decode(payload);
         }
-        Kind::Checkpoint => {}
+        Kind::Checkpoint => {
+            let _ = ringmail_store::shard::decode_id_checkpoint(payload);
+        }
     };
     let framed;
     let segment: &[u8] = if mode == 0 {
         bytes
     } else {
-        let kind = Kind::from_u8(mode % 4).unwrap_or(Kind::Message);
+        let kind = Kind::from_u8(mode % 5).unwrap_or(Kind::Message);
         let mut out = Vec::new();
         record::encode_into(&mut out, kind, bytes);
         let got = record::decode(&out).expect("a record just encoded decodes");

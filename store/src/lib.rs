@@ -19,8 +19,10 @@ pub mod manifest;
 pub mod message;
 pub mod record;
 pub mod segment;
+pub mod shard;
 
 pub use handle::{Handle, PinGuard, Pins, Resolved};
 pub use log::{FaultPoint, Faults, LogConfig, LogError, ShardLog, Ticket};
 pub use record::Kind;
 pub use segment::{Location, Mode, RecoveryOptions, RecoveryReport, Tail};
+pub use shard::{Index, Replayed, Shard};

@@ -194,6 +194,9 @@ struct Slot {
     /// Segment and start offset the batch was written at, once durable.
     done: RefCell<Option<Result<(u64, u64), LogError>>>,
     event: Event,
+    /// Tickets of this batch still held: their holders may not have applied the
+    /// records' effects yet (see [`ShardLog::replay_start`]).
+    tickets: Cell<u32>,
 }
 
 impl Slot {
@@ -201,15 +204,35 @@ impl Slot {
         Rc::new(Slot {
             done: RefCell::new(None),
             event: Event::new(),
+            tickets: Cell::new(0),
         })
     }
 }
 
-/// A record appended but not yet known to be durable.
+/// A record appended but not yet known to be durable. Its holder keeps it until it
+/// has applied the record's effect to its in-memory state: while it lives, a snapshot
+/// does not move the replay start past the record's batch.
 pub struct Ticket {
     slot: Rc<Slot>,
     offset_in_batch: u64,
     len: u32,
+}
+
+impl Ticket {
+    /// Bytes of the record, framing included.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.slot.tickets.set(self.slot.tickets.get() - 1);
+    }
 }
 
 /// Direct I/O block: offsets and lengths of segment writes are multiples of this.
@@ -310,6 +333,11 @@ pub struct ShardLog {
     running: Rc<Cell<bool>>,
     /// Batches written (each one write and one fdatasync), failed ones included.
     batches: Rc<Cell<u64>>,
+    /// Batches in order from the oldest one that may still have tickets held, the
+    /// open batch last (see [`ShardLog::replay_start`]).
+    inflight: Rc<RefCell<std::collections::VecDeque<Rc<Slot>>>>,
+    /// (segment, offset) just past the last durable batch.
+    durable_end: Rc<Cell<(u64, u64)>>,
 }
 
 impl ShardLog {
@@ -373,10 +401,13 @@ impl ShardLog {
                 .await
                 .map_err(|f| f.error)?,
         };
+        let first = Slot::new();
         let log = ShardLog {
+            inflight: Rc::new(RefCell::new([first.clone()].into())),
+            durable_end: Rc::new(Cell::new((seg.seq, seg.len))),
             inner: Rc::new(RefCell::new(Inner {
                 batch: Vec::with_capacity(1 << 20),
-                slot: Slot::new(),
+                slot: first,
                 closing: false,
             })),
             wake: Rc::new(Event::new()),
@@ -412,6 +443,7 @@ impl ShardLog {
         let start = inner.batch.len();
         record::encode_with(&mut inner.batch, kind, write);
         let len = (inner.batch.len() - start) as u32;
+        inner.slot.tickets.set(inner.slot.tickets.get() + 1);
         let ticket = Ticket {
             slot: inner.slot.clone(),
             offset_in_batch: start as u64,
@@ -424,6 +456,12 @@ impl ShardLog {
 
     /// Waits until the ticket's record is on stable storage; returns where it is.
     pub async fn durable(&self, t: Ticket) -> Result<Location, LogError> {
+        self.durable_ref(&t).await
+    }
+
+    /// [`ShardLog::durable`] for a holder that keeps the ticket until it applied the
+    /// record (see [`ShardLog::replay_start`]).
+    pub async fn durable_ref(&self, t: &Ticket) -> Result<Location, LogError> {
         loop {
             let listener = t.slot.event.listen();
             if let Some(done) = t.slot.done.borrow().as_ref() {
@@ -435,6 +473,39 @@ impl ShardLog {
             }
             listener.await;
         }
+    }
+
+    /// Where replay must start for a snapshot of the in-memory state taken now: the
+    /// start of the oldest durable batch some of whose tickets are still held (their
+    /// holders may not have applied them), else the end of what is durable (a batch
+    /// not written yet lands after it). Failed batches do not count: their records
+    /// are never replayed, and their holders apply nothing. Never moves backwards.
+    pub fn replay_start(&self) -> (u64, u64) {
+        let open = self.inner.borrow().slot.clone();
+        let mut q = self.inflight.borrow_mut();
+        while let Some(s) = q.front() {
+            if s.tickets.get() == 0 && !Rc::ptr_eq(s, &open) {
+                q.pop_front();
+            } else {
+                break;
+            }
+        }
+        for s in q.iter() {
+            if s.tickets.get() == 0 {
+                continue;
+            }
+            match &*s.done.borrow() {
+                Some(Ok(at)) => return *at,
+                Some(Err(_)) => continue,
+                None => break,
+            }
+        }
+        self.durable_end.get()
+    }
+
+    /// (segment, offset) just past the last durable batch.
+    pub fn durable_end(&self) -> (u64, u64) {
+        self.durable_end.get()
     }
 
     /// Batches written so far (one fdatasync each), for tests and statistics.
@@ -485,14 +556,20 @@ impl Flusher {
                 } else {
                     let cap = inner.batch.capacity();
                     let batch = std::mem::replace(&mut inner.batch, Vec::with_capacity(cap));
-                    let slot = std::mem::replace(&mut inner.slot, Slot::new());
+                    let next = Slot::new();
+                    self.log.inflight.borrow_mut().push_back(next.clone());
+                    let slot = std::mem::replace(&mut inner.slot, next);
                     (batch, Some(slot), inner.closing)
                 }
             };
             match slot {
                 Some(slot) => {
                     self.log.batches.set(self.log.batches.get() + 1);
+                    let len = batch.len() as u64;
                     let result = self.write_batch(batch).await;
+                    if let Ok((seq, start)) = result {
+                        self.log.durable_end.set((seq, start + len));
+                    }
                     *slot.done.borrow_mut() = Some(result);
                     slot.event.notify(usize::MAX);
                 }

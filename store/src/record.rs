@@ -24,6 +24,10 @@ pub enum Kind {
     /// The shard's id counter, written before compaction deletes old segments, so
     /// that ids stay unique when the messages that carried them are gone.
     Checkpoint = 3,
+    /// A live message's record copied forward by compaction: the payload of its
+    /// `Message` record as it was. Replay moves the message's handle here; a copy of a
+    /// message no longer referenced is garbage.
+    Copy = 4,
 }
 
 impl Kind {
@@ -32,6 +36,7 @@ impl Kind {
             1 => Some(Kind::Message),
             2 => Some(Kind::RcptUpdate),
             3 => Some(Kind::Checkpoint),
+            4 => Some(Kind::Copy),
             _ => None,
         }
     }

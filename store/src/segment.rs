@@ -125,6 +125,10 @@ pub struct RecoveryOptions {
     /// history once and must not push the rest of the machine's cache out with it.
     /// (The server reads segments with direct I/O afterwards, never through the cache.)
     pub drop_cache_behind: bool,
+    /// (segment, offset) replay starts at: a snapshot holds the effect of everything
+    /// before it. Segments before it are not read (their headers still are: each caps
+    /// the segment before it).
+    pub start: (u64, u64),
 }
 
 impl Default for RecoveryOptions {
@@ -132,6 +136,7 @@ impl Default for RecoveryOptions {
         RecoveryOptions {
             buffer_bytes: RECOVERY_BUFFER_BYTES,
             drop_cache_behind: true,
+            start: (0, 0),
         }
     }
 }
@@ -224,15 +229,24 @@ pub fn recover_shard_with(
                 .push(format!("segment {seq}: bad header, skipped"));
             continue;
         };
+        if seq < opts.start.0 && !newest {
+            continue;
+        }
         let path = segment_path(dir, seq);
         let mut r = SegmentReader::open(&path, opts, std::mem::take(&mut buf))?;
         let file_len = r.len;
+        // Only the very next segment knows this one's valid length (compaction may
+        // have deleted it; then this segment lies before the replay start anyway).
         let cap = files
             .get(i + 1)
+            .filter(|(next, _, _)| *next == seq + 1)
             .and_then(|(_, h, _)| h.and_then(|h| h.prev_valid_len))
             .unwrap_or(file_len)
             .min(file_len);
         let mut pos = SEGMENT_HEADER_BYTES;
+        if seq == opts.start.0 {
+            pos = pos.max(opts.start.1.min(cap));
+        }
         let mut clean_end = false;
         while pos < cap {
             let head_len = (cap - pos).min(record::RECORD_HEADER_BYTES as u64) as usize;

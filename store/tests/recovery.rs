@@ -188,6 +188,7 @@ fn small_buffer(bytes: usize) -> RecoveryOptions {
     RecoveryOptions {
         buffer_bytes: bytes,
         drop_cache_behind: true,
+        ..RecoveryOptions::default()
     }
 }
 

@@ -4,7 +4,7 @@
 use super::spool::Spool;
 use ringmail_store::message::{self, Envelope};
 use ringmail_store::segment;
-use ringmail_store::Location;
+use ringmail_store::{PinGuard, Resolved};
 use std::io;
 use std::rc::Rc;
 
@@ -63,10 +63,13 @@ impl Spool {
                 .set(self.cached_bytes.get() - l.message.len());
         }
     }
-    /// The raw record at `loc`.
-    pub(super) async fn read_record(&self, loc: Location) -> io::Result<glommio::io::ReadResult> {
-        let file = glommio::io::DmaFile::open(segment::segment_path(&self.dir, loc.seq)).await?;
-        let bytes = file.read_at(loc.offset, loc.len as usize).await;
+    /// The raw record `r` names; its segment is pinned while it is read, so
+    /// compaction cannot delete it underneath.
+    pub(super) async fn read_record(&self, r: Resolved) -> io::Result<glommio::io::ReadResult> {
+        let _pin = PinGuard::new(self.store.pins(), r.seq);
+        let path = segment::segment_path(self.store.dir(), r.seq);
+        let file = glommio::io::DmaFile::open(path).await?;
+        let bytes = file.read_at(r.offset, r.len as usize).await;
         let _ = file.close().await;
         Ok(bytes?)
     }
@@ -77,19 +80,11 @@ impl Spool {
         if let Some(l) = self.cache.borrow().get(&id) {
             return Ok(l.clone());
         }
-        let location = || {
-            self.get(id)
-                .map(|m| m.location)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such queued message"))
-        };
-        let loc = location()?;
-        let bytes = match self.read_record(loc).await {
-            Ok(b) => b,
-            // Compaction copied the message forward and deleted its old segment
-            // while this read was on its way: read the new copy.
-            Err(_) if location()? != loc => self.read_record(location()?).await?,
-            Err(e) => return Err(e),
-        };
+        let r = self
+            .store
+            .resolve(id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such queued message"))?;
+        let bytes = self.read_record(r).await?;
         let rec = decode_record(id, &bytes)?;
         let d = message::decode(rec.payload)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;

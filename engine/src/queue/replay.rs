@@ -1,46 +1,44 @@
-//! Rebuilding a shard's queue from its log: at start, and offline for `queue list`.
+//! The queue's index on the store: what replay and snapshots rebuild, at start and
+//! offline for `queue list`.
 
-use super::model::{QueuedMessage, COUNTER_MASK};
+use super::model::QueuedMessage;
 use ringmail_store::message::RcptUpdate;
-use ringmail_store::segment::{self, recover_shard, Mode};
+use ringmail_store::segment::Mode;
+use ringmail_store::shard::{self, Index, Replayed};
 use ringmail_store::{Kind, RecoveryReport};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 
-/// What replaying a shard's log gives.
-pub struct Recovered {
-    /// Messages still queued (some recipient not delivered or failed yet).
-    pub index: BTreeMap<u64, QueuedMessage>,
-    pub tail: ringmail_store::Tail,
-    pub report: RecoveryReport,
-    /// The highest id *counter* (the low `COUNTER_BITS` of an id) ever used or
-    /// reserved in the shard, queued or not: ids are never reused. A counter, not an
-    /// id, because checkpoints hold bare counters: mixing the two in one maximum let
-    /// any message id of a shard ≥ 1 outrank every checkpoint.
-    pub max_counter: Option<u64>,
+/// Messages still queued (some recipient not delivered or failed yet). Each holds
+/// one reference to its message in the store.
+#[derive(Default)]
+pub struct QueueIndex {
+    pub(super) messages: BTreeMap<u64, QueuedMessage>,
 }
 
-/// Replays a shard's log into a message index.
-pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
-    let dir = segment::shard_dir(data, shard);
-    let mut index: BTreeMap<u64, QueuedMessage> = BTreeMap::new();
-    let mut max_counter: Option<u64> = None;
-    let mut bad = 0u64;
-    let (tail, mut report) = recover_shard(&dir, shard, mode, |loc, rec| match rec.kind {
-        Kind::Message => match QueuedMessage::from_record(loc, rec.payload) {
-            Ok((m, reports)) => {
-                max_counter = max_counter.max(Some(m.id & COUNTER_MASK));
-                match index.get_mut(&m.id) {
-                    // Ids are never reused: this is a copy written by compaction.
-                    // Only the place changes; the recipients keep the state replayed
-                    // so far (the copy's own updates follow it, but a crash may have
-                    // torn them off while the old segment still holds the state).
-                    Some(queued) => queued.location = m.location,
-                    None => {
-                        index.insert(m.id, m);
-                    }
-                }
+impl QueueIndex {
+    fn apply(&mut self, u: &RcptUpdate) {
+        if let Some(m) = self.messages.get_mut(&u.id) {
+            m.apply(u);
+            if m.is_done() {
+                self.messages.remove(&u.id);
+            }
+        }
+    }
+}
+
+impl Index for QueueIndex {
+    fn replay(&mut self, rec: Replayed<'_>) -> Result<(), &'static str> {
+        match rec {
+            Replayed::Message { decoded, .. } => {
+                let id = decoded.envelope.id;
+                // Known already: a copy written by an older version's compaction, or
+                // a record the snapshot holds. Only the place changed (the store's
+                // business); the recipients keep the state replayed so far.
+                self.messages
+                    .entry(id)
+                    .or_insert_with(|| QueuedMessage::of_decoded(decoded));
                 // A bounce and the failures it reports are one durable step: the
                 // bounce record carries them, and is written first in the batch
                 // that also holds their own failure records. The log does not make a
@@ -51,55 +49,68 @@ pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
                 // to recipients not final yet, whether or not their own records
                 // survived. Such a recipient is failed, not retried, and so cannot
                 // be bounced a second time; applying a failure twice (the records
-                // did survive, or compaction copied the bounce) changes nothing.
-                for u in &reports {
-                    if let Some(o) = index.get_mut(&u.id) {
-                        if o.rcpt
+                // did survive, or a snapshot holds it) changes nothing.
+                for u in &decoded.reports {
+                    let open = self.messages.get(&u.id).is_some_and(|o| {
+                        o.rcpt
                             .get(u.rcpt as usize)
                             .is_some_and(|r| !r.status.is_final())
-                        {
-                            o.apply(u);
-                            if o.is_done() {
-                                index.remove(&u.id);
-                            }
-                        }
+                    });
+                    if open {
+                        self.apply(u);
                     }
                 }
+                Ok(())
             }
-            Err(_) => bad += 1,
-        },
-        // An update always follows its message in the same shard's log.
-        Kind::RcptUpdate => match RcptUpdate::decode(rec.payload) {
-            Ok(u) => {
-                // An update for a message not in the index belongs to one that is
-                // done, or whose segment compaction removed: nothing to apply.
-                if let Some(m) = index.get_mut(&u.id) {
-                    m.apply(&u);
-                    if m.is_done() {
-                        index.remove(&u.id);
-                    }
-                }
+            // An update always follows its message in the same shard's log. One for a
+            // message not in the index belongs to one that is done: nothing to apply.
+            // Updates carry the whole state of their recipient, so replaying one
+            // over a snapshot that holds it already changes nothing.
+            Replayed::Record {
+                kind: Kind::RcptUpdate,
+                payload,
+                ..
+            } => {
+                self.apply(&RcptUpdate::decode(payload)?);
+                Ok(())
             }
-            Err(_) => bad += 1,
-        },
-        Kind::Checkpoint => match rec.payload {
-            [1, rest @ ..] if rest.len() == 8 => {
-                let next = u64::from_le_bytes(rest.try_into().unwrap());
-                max_counter = max_counter.max(next.checked_sub(1));
-            }
-            _ => bad += 1,
-        },
-    })?;
-    if bad > 0 {
-        report.damaged.push(format!(
-            "{bad} records did not decode or named no queued message"
-        ));
+            Replayed::Record { .. } => Ok(()),
+        }
     }
+
+    fn refs(&self, each: &mut dyn FnMut(u64)) {
+        self.messages.keys().for_each(|id| each(*id));
+    }
+
+    fn snapshot(&self, out: &mut dyn FnMut(&[u8])) {
+        let mut b = Vec::with_capacity(256);
+        for m in self.messages.values() {
+            b.clear();
+            m.encode(&mut b);
+            out(&b);
+        }
+    }
+
+    fn load(&mut self, item: &[u8]) -> Result<(), &'static str> {
+        let m = QueuedMessage::decode(item)?;
+        self.messages.insert(m.id, m);
+        Ok(())
+    }
+}
+
+/// What replaying a shard's log gives the queue.
+pub struct Recovered {
+    pub index: BTreeMap<u64, QueuedMessage>,
+    pub report: RecoveryReport,
+}
+
+/// Replays a shard's store into a queue index.
+pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
+    let mut ix = QueueIndex::default();
+    let rec = shard::recover(data, shard, mode, &mut [&mut ix])?;
     Ok(Recovered {
-        index,
-        tail,
-        report,
-        max_counter,
+        index: ix.messages,
+        report: rec.report,
     })
 }
 
@@ -108,7 +119,7 @@ pub fn list(data: &Path) -> io::Result<Vec<QueuedMessage>> {
     let manifest = ringmail_store::manifest::read(data)?;
     let mut all = Vec::new();
     for shard in 0..manifest.shards {
-        let Recovered { index, report, .. } = recover(data, shard, Mode::ReadOnly)?;
+        let Recovered { index, report } = recover(data, shard, Mode::ReadOnly)?;
         for d in &report.damaged {
             eprintln!("ringmail: shard {shard}: {d}");
         }

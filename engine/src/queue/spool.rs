@@ -1,15 +1,14 @@
 //! One shard's queue on its executor: the write path (messages and recipient
 //! updates made durable before they enter the index) and the ready queue and timers
-//! the scheduler takes due work from.
+//! the scheduler takes due work from. The log, the handles, the id counter and
+//! compaction are the store's ([`Shard`]); the queue is one index on it, holding one
+//! reference per message while a recipient is not final.
 
 use super::cache::{Loaded, MessageText, CACHE_BYTES_MAX};
-use super::model::{
-    encode_id_checkpoint, make_id, QueuedMessage, RcptStatus, COUNTER_BITS, COUNTER_LIMIT,
-};
-use super::replay::{recover, Recovered};
+use super::model::{QueuedMessage, RcptStatus};
+use super::replay::QueueIndex;
 use ringmail_store::message::{self, Envelope, RcptUpdate};
-use ringmail_store::segment::{self, Mode};
-use ringmail_store::{Kind, Location, LogConfig, LogError, ShardLog, Ticket};
+use ringmail_store::{Kind, LogConfig, LogError, Shard, ShardLog};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -19,17 +18,8 @@ use std::rc::Rc;
 /// One shard's queue, owned by the executor that serves the shard.
 pub struct Spool {
     pub shard: u32,
-    pub(super) dir: std::path::PathBuf,
-    pub(super) log: ShardLog,
-    pub(super) next_counter: Cell<u64>,
-    /// Counters below this are covered by a durable checkpoint: only those are handed
-    /// out, so a restart (which continues after the highest checkpoint) never gives
-    /// an id again, whatever became of the message that had it.
-    pub(super) reserved: Cell<u64>,
-    /// The checkpoint reserving the next block, appended before the current block
-    /// runs out so it rides along with a batch that is being written anyway.
-    pending_reservation: RefCell<Option<(Ticket, u64)>>,
-    pub(super) index: RefCell<BTreeMap<u64, QueuedMessage>>,
+    pub(super) store: Shard,
+    pub(super) index: RefCell<QueueIndex>,
     /// Messages that may have a recipient due now, in arrival order (an id may be
     /// stale or repeated: `take_due` checks). The scheduler never scans the index.
     pub(super) ready: RefCell<std::collections::VecDeque<u64>>,
@@ -42,35 +32,6 @@ pub struct Spool {
     /// reading them back (segments are written with direct I/O: no page cache).
     pub(super) cache: RefCell<HashMap<u64, Loaded>>,
     pub(super) cached_bytes: Cell<usize>,
-    /// Messages with a recipient update written but not applied yet: compaction does
-    /// not copy them (its snapshot of their state would miss the update).
-    pub(super) updating: RefCell<HashMap<u64, usize>>,
-}
-
-/// Counts a recipient update of a message as in flight while it lives: also when
-/// the future writing it is dropped half-way (shutdown), so the count cannot stick.
-struct Updating<'a> {
-    map: &'a RefCell<HashMap<u64, usize>>,
-    id: u64,
-}
-
-impl<'a> Updating<'a> {
-    fn new(map: &'a RefCell<HashMap<u64, usize>>, id: u64) -> Updating<'a> {
-        *map.borrow_mut().entry(id).or_default() += 1;
-        Updating { map, id }
-    }
-}
-
-impl Drop for Updating<'_> {
-    fn drop(&mut self) {
-        let mut map = self.map.borrow_mut();
-        if let Some(n) = map.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.id);
-            }
-        }
-    }
 }
 
 /// A bounce to queue with the outcomes it reports: its envelope and its text (the
@@ -80,50 +41,15 @@ pub struct Bounce {
     pub text: Vec<u8>,
 }
 
-/// Ids are reserved this many at a time; a restart skips what was left of the block.
-pub(super) const ID_BLOCK: u64 = 4096;
-
-/// Where the block after one ending at `reserved` ends: never past the last counter
-/// (equal to `reserved` once there is none left).
-fn next_block(reserved: u64) -> u64 {
-    reserved
-        .saturating_add(ID_BLOCK)
-        .min(COUNTER_LIMIT)
-        .max(reserved)
-}
-
 impl Spool {
     /// Recovers the shard (repairing a torn tail) and opens its log for appending.
     pub async fn open(data: &Path, shard: u32, cfg: LogConfig) -> io::Result<Spool> {
-        let Recovered {
-            index,
-            tail,
-            report,
-            max_counter,
-        } = recover(data, shard, Mode::Repair)?;
-        if report.truncated_bytes > 0 || !report.damaged.is_empty() {
-            tracing::warn!(shard, truncated_bytes = report.truncated_bytes, damaged = ?report.damaged, "recovery repaired the log");
-        }
-        tracing::info!(
-            shard,
-            segments = report.segments,
-            records = report.records,
-            queued = index.len(),
-            "shard recovered"
-        );
-        let counter = max_counter.map_or(1, |c| c + 1);
-        let log = ShardLog::open(&segment::shard_dir(data, shard), shard, tail, cfg).await?;
-        // The first block of ids, durable before any of it is handed out.
-        let reserved = next_block(counter);
-        let ticket = log
-            .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, reserved))
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        log.durable(ticket)
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut ix = QueueIndex::default();
+        let store = Shard::open(data, shard, cfg, &mut [&mut ix]).await?;
+        tracing::info!(shard, queued = ix.messages.len(), "queue recovered");
         let mut ready = std::collections::VecDeque::new();
         let mut waiting: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for m in index.values() {
+        for m in ix.messages.values() {
             // Ready if any recipient is queued; otherwise due at the earliest deferral.
             if m.rcpt.iter().any(|r| r.status == RcptStatus::Queued) {
                 ready.push_back(m.id);
@@ -139,78 +65,20 @@ impl Spool {
         }
         Ok(Spool {
             shard,
-            dir: segment::shard_dir(data, shard),
-            log,
-            next_counter: Cell::new(counter),
-            reserved: Cell::new(reserved),
-            pending_reservation: RefCell::new(None),
-            index: RefCell::new(index),
+            store,
+            index: RefCell::new(ix),
             ready: RefCell::new(ready),
             waiting: RefCell::new(waiting),
             wake: event_listener::Event::new(),
             cache: RefCell::new(HashMap::new()),
             cached_bytes: Cell::new(0),
-            updating: RefCell::new(HashMap::new()),
         })
     }
 
-    /// Takes the next queue id of this shard. Ids are handed out only from a block
-    /// a durable checkpoint has reserved, so no id is ever given twice, not even
-    /// one whose message was answered 451 and never logged. Waits only when a block
-    /// is used up before the next one's checkpoint (appended at half-way) is durable.
-    /// Fails (SMTP answers 451) once the shard's 2^56 counters are used up: an id
-    /// past them would carry into the shard bits and name another shard's message.
+    /// Takes the next queue id of this shard (see `Shard::next_id`: never given
+    /// twice; fails, and SMTP answers 451, once the shard's ids are used up).
     pub async fn next_id(&self) -> Result<u64, LogError> {
-        loop {
-            let c = self.next_counter.get();
-            let reserved = self.reserved.get();
-            if c < reserved {
-                self.next_counter.set(c + 1);
-                let target = next_block(reserved);
-                if target > reserved
-                    && reserved - c <= ID_BLOCK / 2
-                    && self.pending_reservation.borrow().is_none()
-                {
-                    // An append fails only when the log is closing: the next call
-                    // tries again, and the block's end waits for it.
-                    if let Ok(t) = self
-                        .log
-                        .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))
-                    {
-                        *self.pending_reservation.borrow_mut() = Some((t, target));
-                    }
-                }
-                return Ok(make_id(self.shard, c));
-            }
-            let target = next_block(reserved);
-            if target == reserved {
-                return Err(LogError::Io(format!(
-                    "shard {} has used all {COUNTER_BITS}-bit queue ids",
-                    self.shard
-                )));
-            }
-            let pending = self.pending_reservation.borrow_mut().take();
-            let reached = match pending {
-                Some((ticket, t)) => match self.log.durable(ticket).await {
-                    Ok(_) => t,
-                    // The batch that carried it failed, maybe thousands of ids ago:
-                    // its error is stale and the disk may be healthy again, so one
-                    // fresh checkpoint decides.
-                    Err(_) => self.reserve(target).await?,
-                },
-                None => self.reserve(target).await?,
-            };
-            self.reserved.set(self.reserved.get().max(reached));
-        }
-    }
-
-    /// Makes a checkpoint reserving every counter below `target` durable.
-    async fn reserve(&self, target: u64) -> Result<u64, LogError> {
-        let t = self
-            .log
-            .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))?;
-        self.log.durable(t).await?;
-        Ok(target)
+        self.store.next_id().await
     }
 
     /// Writes the message once (envelope, trace prefix, body) and returns when it is
@@ -221,20 +89,30 @@ impl Spool {
         prefix: &[u8],
         body: Vec<u8>,
     ) -> Result<(), LogError> {
-        let ticket = self.log.append(Kind::Message, |out| {
+        let ticket = self.store.append_message(env.id, body.len(), |out| {
             message::encode(out, &env, prefix, &body)
         })?;
-        let location = self.log.durable(ticket).await?;
-        self.admit(env, prefix, body, location);
+        self.store.durable_message(&ticket).await?;
+        // The reference the store handed out is the queue's from here on.
+        self.admit(env, prefix, body);
+        drop(ticket);
         Ok(())
     }
 
     /// Puts a durable message into the index and the ready queue.
-    fn admit(&self, env: Envelope, prefix: &[u8], body: Vec<u8>, location: Location) {
+    fn admit(&self, env: Envelope, prefix: &[u8], body: Vec<u8>) {
         let size = prefix.len() + body.len();
-        let m = if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
+        let d = message::Decoded {
+            envelope: env,
+            prefix,
+            body: &body,
+            body_offset: 0,
+            reports: Vec::new(),
+        };
+        let m = QueuedMessage::of_decoded(&d);
+        let env = d.envelope;
+        if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
             self.cached_bytes.set(self.cached_bytes.get() + size);
-            let m = QueuedMessage::new(env.clone(), &body, location);
             let loaded = Loaded {
                 env,
                 message: MessageText {
@@ -243,12 +121,9 @@ impl Spool {
                 },
             };
             self.cache.borrow_mut().insert(m.id, loaded);
-            m
-        } else {
-            QueuedMessage::new(env, &body, location)
-        };
+        }
         let id = m.id;
-        self.index.borrow_mut().insert(id, m);
+        self.index.borrow_mut().messages.insert(id, m);
         self.ready.borrow_mut().push_back(id);
         self.wake.notify(usize::MAX);
     }
@@ -266,7 +141,7 @@ impl Spool {
     /// `bounce` reports the failures among `updates`. It goes first in the batch, as
     /// one record that also carries those failures, so the failures and their bounce
     /// are one durable step: replay applies a bounce's failures even if a crash tore
-    /// off the failure records after it (see `replay::recover`). A failed batch is
+    /// off the failure records after it (see `replay::QueueIndex`). A failed batch is
     /// cut off whole: then neither is in the queue and the recipients stay as they
     /// were.
     pub async fn record_outcomes(
@@ -281,48 +156,54 @@ impl Spool {
                     .filter(|u| u.status == RcptStatus::Failed)
                     .cloned()
                     .collect();
-                Some(self.log.append(Kind::Message, |out| {
+                Some(self.store.append_message(b.env.id, b.text.len(), |out| {
                     message::encode_with_reports(out, &b.env, &failures, b"", &b.text)
                 })?)
             }
             None => None,
         };
+        // Kept until applied: a snapshot taken meanwhile replays from before them.
         let mut tickets = Vec::with_capacity(updates.len());
         for u in &updates {
-            tickets.push(self.log.append(Kind::RcptUpdate, |out| u.encode(out))?);
+            tickets.push(self.store.append(Kind::RcptUpdate, |out| u.encode(out))?);
         }
-        let in_flight: Vec<Updating> = updates
-            .iter()
-            .map(|u| Updating::new(&self.updating, u.id))
-            .collect();
-        let bounce_location = match bounce_ticket {
-            Some(t) => Some(self.log.durable(t).await),
+        let bounce_stored = match &bounce_ticket {
+            Some(t) => Some(self.store.durable_message(t).await),
             None => None,
         };
         let mut durable = Ok(());
-        for t in tickets {
-            if let Err(e) = self.log.durable(t).await {
+        for t in &tickets {
+            if let Err(e) = self.store.durable(t).await {
                 durable = Err(e);
             }
         }
-        drop(in_flight);
-        durable?;
-        if let (Some(b), Some(location)) = (bounce, bounce_location) {
-            self.admit(b.env, b"", b.text, location?);
+        if let Err(e) = durable {
+            if let (Some(Ok(_)), Some(b)) = (&bounce_stored, &bounce) {
+                self.store.drop_ref(b.env.id);
+            }
+            return Err(e);
+        }
+        if let (Some(b), Some(stored)) = (bounce, bounce_stored) {
+            stored?;
+            self.admit(b.env, b"", b.text);
         }
         for u in &updates {
             self.apply(u);
         }
+        drop(tickets);
+        drop(bounce_ticket);
         Ok(())
     }
 
-    /// Applies a durable recipient update to the index.
+    /// Applies a durable recipient update to the index; a message that is done
+    /// leaves it and lets its reference go.
     fn apply(&self, u: &RcptUpdate) {
         let mut index = self.index.borrow_mut();
-        if let Some(m) = index.get_mut(&u.id) {
+        if let Some(m) = index.messages.get_mut(&u.id) {
             m.apply(u);
             if m.is_done() {
-                index.remove(&u.id);
+                index.messages.remove(&u.id);
+                self.store.drop_ref(u.id);
                 self.uncache(u.id);
             }
         }
@@ -347,6 +228,7 @@ impl Spool {
             }
         }
         let index = self.index.borrow();
+        let index = &index.messages;
         let mut ready = self.ready.borrow_mut();
         let mut out = Vec::new();
         while out.len() < max {
@@ -361,7 +243,7 @@ impl Spool {
                     RcptStatus::Deferred => r.next_attempt_ms <= now_ms,
                     _ => false,
                 })
-                .map(|(i, r)| (i as u32, r.to.clone()))
+                .map(|(i, r)| (i as u32, r.to.to_string()))
                 .collect();
             if !due.is_empty() {
                 out.push((id, due));
@@ -392,8 +274,8 @@ impl Spool {
 
     /// Makes every deferred recipient due now (`queue flush`).
     pub fn flush(&self) {
-        for m in self.index.borrow_mut().values_mut() {
-            for r in &mut m.rcpt {
+        for m in self.index.borrow_mut().messages.values_mut() {
+            for r in m.rcpt.iter_mut() {
                 if r.status == RcptStatus::Deferred {
                     r.next_attempt_ms = 0;
                 }
@@ -408,33 +290,50 @@ impl Spool {
 
     /// A copy of one queued message's state.
     pub fn get(&self, id: u64) -> Option<QueuedMessage> {
-        self.index.borrow().get(&id).cloned()
+        self.index.borrow().messages.get(&id).cloned()
+    }
+
+    /// Where a queued message's record is now.
+    pub fn resolve(&self, id: u64) -> Option<ringmail_store::Resolved> {
+        self.store.resolve(id)
     }
 
     pub fn len(&self) -> usize {
-        self.index.borrow().len()
+        self.index.borrow().messages.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.borrow().is_empty()
+        self.index.borrow().messages.is_empty()
     }
 
     pub fn log(&self) -> &ShardLog {
-        &self.log
+        self.store.log()
     }
 
-    /// Syncs and closes the log (shutdown).
+    /// The shard's store.
+    pub fn store(&self) -> &Shard {
+        &self.store
+    }
+
+    /// Syncs and closes the log, then writes a snapshot, so the next start replays
+    /// nothing but what the snapshot does not hold (shutdown).
     pub async fn close(&self) {
-        self.log.close().await;
+        self.store.close().await;
+        if let Err(e) = self.snapshot().await {
+            tracing::warn!(shard = self.shard, error = %e, "cannot write the shutdown snapshot");
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::model::make_id;
     use crate::queue::replay::list;
     use crate::queue::testutil::{env, fresh_data, fresh_data_with, rcpt_states, update};
     use ringmail_store::message::Recipient;
+    use ringmail_store::segment;
+    use ringmail_store::shard::{COUNTER_BITS, COUNTER_LIMIT, ID_BLOCK};
 
     #[test]
     fn the_outcomes_of_one_attempt_cost_one_sync_and_all_replay() {
@@ -534,8 +433,14 @@ mod tests {
             spool.record_outcomes(updates, Some(bounce)).await.unwrap();
             assert!(spool.get(m).is_none(), "done");
             assert!(spool.get(b).is_some(), "the bounce is queued");
-            let at = spool.get(b).unwrap().location;
-            spool.close().await;
+            let r = spool.resolve(b).unwrap();
+            let at = ringmail_store::Location {
+                seq: r.seq,
+                offset: r.offset,
+                len: r.len,
+            };
+            // A crash, not a shutdown: no snapshot holds the batch.
+            spool.log().close().await;
             (m, b, at)
         });
         let seg = segment::segment_path(&segment::shard_dir(&data, 0), bounce_at.seq);
@@ -670,7 +575,7 @@ mod tests {
             let spool = Spool::open(&data2, 0, LogConfig::default()).await.unwrap();
             // Up to the id whose taking appends the next block's checkpoint.
             let mut last = 0;
-            while spool.pending_reservation.borrow().is_none() {
+            while !spool.store().reservation_pending() {
                 last = spool.next_id().await.unwrap();
             }
             spool.log().faults().errno.set(libc::EIO);
@@ -700,7 +605,7 @@ mod tests {
         glommio::LocalExecutor::default().run(async move {
             // A shard that has reserved all but its last three counters.
             let spool = Spool::open(&data2, 1, LogConfig::default()).await.unwrap();
-            spool.reserve(COUNTER_LIMIT - 3).await.unwrap();
+            spool.store().reserve(COUNTER_LIMIT - 3).await.unwrap();
             spool.close().await;
         });
         glommio::LocalExecutor::default().run(async move {

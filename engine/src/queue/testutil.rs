@@ -1,10 +1,7 @@
 //! Fixtures shared by the queue's tests.
 
 use super::model::{QueuedMessage, RcptStatus};
-use super::spool::Spool;
 use ringmail_store::message::{Envelope, RcptUpdate, Recipient};
-use ringmail_store::LogConfig;
-use std::path::Path;
 
 pub(crate) fn env(id: u64, rcpts: usize) -> Envelope {
     Envelope {
@@ -35,28 +32,6 @@ pub(crate) fn fresh_data_with(shards: u32) -> (tempfile::TempDir, std::path::Pat
 
 pub(crate) fn rcpt_states(m: &QueuedMessage) -> Vec<(RcptStatus, u32)> {
     m.rcpt.iter().map(|r| (r.status, r.attempts)).collect()
-}
-
-/// A spool with one message to two recipients, the first delivered (if
-/// `delivered`) and the second deferred after two attempts.
-pub(crate) async fn one_deferred(data: &Path, delivered: bool) -> (Spool, u64) {
-    let spool = Spool::open(data, 0, LogConfig::default()).await.unwrap();
-    let id = spool.next_id().await.unwrap();
-    spool
-        .enqueue(env(id, 2), b"", b"body\r\n".to_vec())
-        .await
-        .unwrap();
-    if delivered {
-        spool
-            .record(update(id, 0, RcptStatus::Delivered, 1))
-            .await
-            .unwrap();
-    }
-    spool
-        .record(update(id, 1, RcptStatus::Deferred, 2))
-        .await
-        .unwrap();
-    (spool, id)
 }
 
 pub(crate) fn update(id: u64, rcpt: u32, status: RcptStatus, attempts: u32) -> RcptUpdate {

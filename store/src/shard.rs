@@ -1,0 +1,1104 @@
+//! One shard's message store: the log, the id counter, the handle map, references,
+//! snapshots and compaction by liveness.
+//!
+//! A stored message is named by its [`Handle`] (shard and id) for its whole life; the
+//! shard maps each id to where its record is now ([`Resolved`]). A message lives while
+//! something refers to it: each index built on the log (the queue: a message with a
+//! recipient not delivered or failed yet; the mailboxes later) holds references, and
+//! a message whose count reaches zero is garbage. References are never logged on
+//! their own: they are derived from the indexes, which are rebuilt from the log (and
+//! the snapshot), so recovery recomputes the counts exactly.
+//!
+//! Recovery loads the newest snapshot (the map of referenced messages, the id
+//! reservation and every index's section) and replays the log from the snapshot's
+//! position only, so it scales with what is live plus what was written since, not
+//! with history. Replay over a snapshot that already holds some of the records after
+//! its position must be idempotent: an index applies records as "last writer wins",
+//! and a message record for a known id is a location update.
+//!
+//! Compaction only looks at segments wholly before the durable snapshot's position:
+//! everything in them is either a message record (live while referenced) or a record
+//! whose effect the snapshot holds. A segment without a live message and without a
+//! reader pin is deleted; one whose live share is below a third has its live records
+//! copied forward (as [`Kind::Copy`] records, the payload as it is) and is deleted once
+//! the copies are durable. Segments mostly full of mail that stays are left alone, so
+//! old mail is not copied again and again.
+
+use crate::handle::{Handle, Pins, Resolved};
+use crate::log::{LogConfig, LogError, ShardLog, Ticket};
+use crate::message;
+use crate::record::{self, Kind, RECORD_HEADER_BYTES};
+use crate::segment::{self, Location, Mode, RecoveryOptions, RecoveryReport, Tail};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// The id counter lives in the low 56 bits; the shard in the top 8 (shards ≤ 256).
+pub const COUNTER_BITS: u32 = Handle::SHARD_SHIFT;
+pub const COUNTER_MASK: u64 = (1 << COUNTER_BITS) - 1;
+/// One past the last counter: a checkpoint never reserves beyond it.
+pub const COUNTER_LIMIT: u64 = 1 << COUNTER_BITS;
+/// Ids are reserved this many at a time; a restart skips what was left of the block.
+pub const ID_BLOCK: u64 = 4096;
+
+pub fn make_id(shard: u32, counter: u64) -> u64 {
+    debug_assert!(counter < 1 << COUNTER_BITS);
+    ((shard as u64) << COUNTER_BITS) | counter
+}
+
+/// The payload of a `Checkpoint` record of the id counter: every counter below
+/// `next` may have been handed out (replay continues at `next` or later).
+pub fn encode_id_checkpoint(out: &mut Vec<u8>, next: u64) {
+    out.push(1);
+    out.extend_from_slice(&next.to_le_bytes());
+}
+
+/// The `next` of a `Checkpoint` payload.
+pub fn decode_id_checkpoint(payload: &[u8]) -> Option<u64> {
+    match payload {
+        [1, rest @ ..] if rest.len() == 8 => Some(u64::from_le_bytes(rest.try_into().unwrap())),
+        _ => None,
+    }
+}
+
+/// Where the block after one ending at `reserved` ends: never past the last counter
+/// (equal to `reserved` once there is none left).
+fn next_block(reserved: u64) -> u64 {
+    reserved
+        .saturating_add(ID_BLOCK)
+        .min(COUNTER_LIMIT)
+        .max(reserved)
+}
+
+/// What an index is handed at replay.
+pub enum Replayed<'a> {
+    /// A message record (not a compaction copy: the store applies those itself).
+    /// The id may be known already (replay over a snapshot, or a copy written by an
+    /// older version as a plain message record): then only its place changed.
+    Message {
+        resolved: Resolved,
+        decoded: &'a message::Decoded<'a>,
+    },
+    /// Any other record the store does not consume itself (recipient updates; the
+    /// mailbox records later).
+    Record {
+        at: Location,
+        kind: Kind,
+        payload: &'a [u8],
+    },
+}
+
+/// An in-memory index built on the log (the queue; the mailboxes later). Recovery
+/// feeds it the snapshot's section and then every record after the snapshot's
+/// position, in one pass shared by all indexes.
+pub trait Index {
+    /// Applies one replayed record. Must be idempotent over a snapshot that already
+    /// holds the record's effect. An error is counted as damage.
+    fn replay(&mut self, rec: Replayed<'_>) -> Result<(), &'static str>;
+    /// Calls `each` once per reference the index holds (an id may come several times).
+    fn refs(&self, each: &mut dyn FnMut(u64));
+    /// The index's snapshot section, as items (each handed to `load` again).
+    fn snapshot(&self, out: &mut dyn FnMut(&[u8]));
+    /// One item of the index's section of the snapshot.
+    fn load(&mut self, item: &[u8]) -> Result<(), &'static str>;
+}
+
+/// What the handle map keeps per referenced message: 32 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: u32,
+    /// Bytes of the record, framing included.
+    pub len: u32,
+    pub offset: u64,
+    /// The body's range, counted from the start of the record.
+    pub body_offset: u32,
+    pub body_len: u32,
+    pub refs: u32,
+}
+
+impl Entry {
+    fn resolved(&self, id: u64) -> Resolved {
+        Resolved {
+            handle: Handle::of_id(id),
+            seq: self.seq as u64,
+            offset: self.offset,
+            len: self.len,
+            body_offset: self.body_offset,
+            body_len: self.body_len,
+        }
+    }
+
+    fn of(r: &Resolved, refs: u32) -> Entry {
+        Entry {
+            seq: u32::try_from(r.seq).expect("segment sequence numbers fit 32 bits"),
+            len: r.len,
+            offset: r.offset,
+            body_offset: r.body_offset,
+            body_len: r.body_len,
+            refs,
+        }
+    }
+}
+
+/// What replaying a shard gives.
+pub struct Recovered {
+    /// Referenced messages, with their counts.
+    pub map: HashMap<u64, Entry>,
+    pub tail: Tail,
+    pub report: RecoveryReport,
+    /// The first id counter never used or reserved in the shard.
+    pub next_counter: u64,
+    /// The snapshot recovery started from: its position and size.
+    pub snapshot: Option<((u64, u64), u64)>,
+}
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"RMSNAP01";
+const SNAPSHOT_HEADER_BYTES: usize = 8 + 4 + 8 + 8 + 8 + 4;
+const TAG_ENTRY: u8 = 1;
+const TAG_INDEX: u8 = 2;
+const TAG_END: u8 = 0xFF;
+
+pub fn snapshot_path(dir: &Path) -> PathBuf {
+    dir.join("snapshot")
+}
+
+fn snapshot_temp_path(dir: &Path) -> PathBuf {
+    dir.join("snapshot.tmp")
+}
+
+/// Frames one snapshot item like a record: `len u32 | crc32c u32 | tag | payload`.
+fn put_item(out: &mut Vec<u8>, tag: u8, payload: &[u8]) {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&[tag]), payload);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.push(tag);
+    out.extend_from_slice(payload);
+}
+
+struct SnapshotHeader {
+    shard: u32,
+    at: (u64, u64),
+    reserved: u64,
+}
+
+fn encode_snapshot_header(h: &SnapshotHeader) -> [u8; SNAPSHOT_HEADER_BYTES] {
+    let mut b = [0u8; SNAPSHOT_HEADER_BYTES];
+    b[0..8].copy_from_slice(SNAPSHOT_MAGIC);
+    b[8..12].copy_from_slice(&h.shard.to_le_bytes());
+    b[12..20].copy_from_slice(&h.at.0.to_le_bytes());
+    b[20..28].copy_from_slice(&h.at.1.to_le_bytes());
+    b[28..36].copy_from_slice(&h.reserved.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..36]);
+    b[36..40].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn decode_snapshot_header(b: &[u8; SNAPSHOT_HEADER_BYTES]) -> Option<SnapshotHeader> {
+    let u64at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    if &b[0..8] != SNAPSHOT_MAGIC
+        || crc32c::crc32c(&b[..36]) != u32::from_le_bytes(b[36..40].try_into().unwrap())
+    {
+        return None;
+    }
+    Some(SnapshotHeader {
+        shard: u32::from_le_bytes(b[8..12].try_into().unwrap()),
+        at: (u64at(12), u64at(20)),
+        reserved: u64at(28),
+    })
+}
+
+/// Reads the items of a snapshot file one at a time (memory: the largest item).
+struct ItemReader<R> {
+    r: R,
+    buf: Vec<u8>,
+}
+
+impl<R: Read> ItemReader<R> {
+    /// The next item, `None` at a clean end of file; an error for a torn or corrupt one.
+    fn next(&mut self) -> io::Result<Option<(u8, &[u8])>> {
+        let mut head = [0u8; RECORD_HEADER_BYTES];
+        let mut got = 0;
+        while got < head.len() {
+            match self.r.read(&mut head[got..])? {
+                0 if got == 0 => return Ok(None),
+                0 => return Err(bad("torn snapshot item")),
+                n => got += n,
+            }
+        }
+        let len = u32::from_le_bytes(head[0..4].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(head[4..8].try_into().unwrap());
+        if len > record::RECORD_PAYLOAD_BYTES_MAX {
+            return Err(bad("snapshot item length out of range"));
+        }
+        self.buf.clear();
+        self.buf.resize(len, 0);
+        self.r.read_exact(&mut self.buf)?;
+        if crc32c::crc32c_append(crc32c::crc32c(&[head[8]]), &self.buf) != crc {
+            return Err(bad("snapshot item checksum mismatch"));
+        }
+        Ok(Some((head[8], &self.buf)))
+    }
+}
+
+fn bad(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+fn decode_entry(p: &[u8]) -> Option<(u64, Entry)> {
+    if p.len() != 32 {
+        return None;
+    }
+    let u32at = |i: usize| u32::from_le_bytes(p[i..i + 4].try_into().unwrap());
+    let u64at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().unwrap());
+    Some((
+        u64at(0),
+        Entry {
+            seq: u32at(8),
+            len: u32at(12),
+            offset: u64at(16),
+            body_offset: u32at(24),
+            body_len: u32at(28),
+            refs: 0,
+        },
+    ))
+}
+
+fn encode_entry(out: &mut Vec<u8>, id: u64, e: &Entry) {
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&e.seq.to_le_bytes());
+    out.extend_from_slice(&e.len.to_le_bytes());
+    out.extend_from_slice(&e.offset.to_le_bytes());
+    out.extend_from_slice(&e.body_offset.to_le_bytes());
+    out.extend_from_slice(&e.body_len.to_le_bytes());
+}
+
+/// Checks a snapshot file whole (a streaming pass) before anything of it is loaded,
+/// so that a damaged one is set aside without leaving half of it in the indexes.
+fn check_snapshot(path: &Path, shard: u32) -> io::Result<Option<SnapshotHeader>> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => io::BufReader::with_capacity(1 << 20, f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut head = [0u8; SNAPSHOT_HEADER_BYTES];
+    f.read_exact(&mut head)?;
+    let h = decode_snapshot_header(&head).ok_or_else(|| bad("bad snapshot header"))?;
+    if h.shard != shard {
+        return Err(bad("snapshot of another shard"));
+    }
+    let mut items = ItemReader {
+        r: f,
+        buf: Vec::new(),
+    };
+    let mut count = 0u64;
+    while let Some((tag, payload)) = items.next()? {
+        if tag == TAG_END {
+            let want = payload.try_into().ok().map(u64::from_le_bytes);
+            if want != Some(count) || items.next()?.is_some() {
+                return Err(bad("snapshot item count mismatch"));
+            }
+            return Ok(Some(h));
+        }
+        count += 1;
+    }
+    Err(bad("snapshot without its end"))
+}
+
+/// Replays a shard: the snapshot (if any), then the log from the snapshot's position,
+/// feeding every index; then derives the reference counts from the indexes.
+pub fn recover(
+    data: &Path,
+    shard: u32,
+    mode: Mode,
+    indexes: &mut [&mut dyn Index],
+) -> io::Result<Recovered> {
+    recover_with(data, shard, mode, RecoveryOptions::default(), indexes)
+}
+
+/// [`recover`] with explicit read options (`opts.start` is set from the snapshot).
+pub fn recover_with(
+    data: &Path,
+    shard: u32,
+    mode: Mode,
+    mut opts: RecoveryOptions,
+    indexes: &mut [&mut dyn Index],
+) -> io::Result<Recovered> {
+    let dir = segment::shard_dir(data, shard);
+    let mut map: HashMap<u64, Entry> = HashMap::new();
+    let mut max_counter: Option<u64> = None;
+    let mut damaged = Vec::new();
+    let mut snapshot = None;
+    let path = snapshot_path(&dir);
+    match check_snapshot(&path, shard) {
+        Ok(None) => {}
+        Ok(Some(h)) => {
+            let mut items = ItemReader {
+                r: io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?),
+                buf: Vec::new(),
+            };
+            let mut head = [0u8; SNAPSHOT_HEADER_BYTES];
+            items.r.read_exact(&mut head)?;
+            let mut bad_items = 0u64;
+            while let Some((tag, payload)) = items.next()? {
+                match tag {
+                    TAG_ENTRY => match decode_entry(payload) {
+                        Some((id, e)) => {
+                            map.insert(id, e);
+                        }
+                        None => bad_items += 1,
+                    },
+                    TAG_INDEX => {
+                        let ok = match payload.split_first() {
+                            Some((&n, item)) => indexes
+                                .get_mut(n as usize)
+                                .is_some_and(|ix| ix.load(item).is_ok()),
+                            None => false,
+                        };
+                        if !ok {
+                            bad_items += 1;
+                        }
+                    }
+                    TAG_END => break,
+                    _ => bad_items += 1,
+                }
+            }
+            if bad_items > 0 {
+                damaged.push(format!("snapshot: {bad_items} items did not decode"));
+            }
+            max_counter = h.reserved.checked_sub(1);
+            opts.start = h.at;
+            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+            snapshot = Some((h.at, size));
+        }
+        Err(e) => {
+            // Without it the log is replayed from its start; segments it made
+            // deletable may be gone, and with them what they held.
+            damaged.push(format!(
+                "snapshot unreadable ({e}): replaying the whole log; messages whose \
+                 segments compaction deleted after that snapshot are lost"
+            ));
+            if mode == Mode::Repair {
+                std::fs::rename(&path, path.with_extension("damaged"))?;
+            }
+        }
+    }
+    let mut bad_records = 0u64;
+    let (tail, mut report) =
+        segment::recover_shard_with(&dir, shard, mode, opts, |loc, rec| match rec.kind {
+            Kind::Message => match message::decode(rec.payload) {
+                Ok(d) => {
+                    let id = d.envelope.id;
+                    max_counter = max_counter.max(Some(id & COUNTER_MASK));
+                    let resolved = Resolved {
+                        handle: Handle::of_id(id),
+                        seq: loc.seq,
+                        offset: loc.offset,
+                        len: loc.len,
+                        body_offset: (RECORD_HEADER_BYTES + d.body_offset) as u32,
+                        body_len: d.body.len() as u32,
+                    };
+                    map.insert(id, Entry::of(&resolved, 0));
+                    for ix in indexes.iter_mut() {
+                        if ix
+                            .replay(Replayed::Message {
+                                resolved,
+                                decoded: &d,
+                            })
+                            .is_err()
+                        {
+                            bad_records += 1;
+                        }
+                    }
+                }
+                Err(_) => bad_records += 1,
+            },
+            // A copy of a message that is not known (any more) is garbage: it was
+            // copied while live and its references went away before the snapshot.
+            Kind::Copy => match message::decode(rec.payload) {
+                Ok(d) => {
+                    if let Some(e) = map.get_mut(&d.envelope.id) {
+                        e.seq = loc.seq as u32;
+                        e.offset = loc.offset;
+                        e.len = loc.len;
+                    }
+                }
+                Err(_) => bad_records += 1,
+            },
+            Kind::Checkpoint => match decode_id_checkpoint(rec.payload) {
+                Some(next) => max_counter = max_counter.max(next.checked_sub(1)),
+                None => bad_records += 1,
+            },
+            kind => {
+                for ix in indexes.iter_mut() {
+                    if ix
+                        .replay(Replayed::Record {
+                            at: loc,
+                            kind,
+                            payload: rec.payload,
+                        })
+                        .is_err()
+                    {
+                        bad_records += 1;
+                    }
+                }
+            }
+        })?;
+    // References are what the indexes hold, whatever the snapshot or the records said.
+    let mut unknown = 0u64;
+    for ix in indexes.iter() {
+        ix.refs(&mut |id| match map.get_mut(&id) {
+            Some(e) => e.refs += 1,
+            None => unknown += 1,
+        });
+    }
+    map.retain(|_, e| e.refs > 0);
+    report.damaged.extend(damaged);
+    if bad_records > 0 {
+        report.damaged.push(format!(
+            "{bad_records} records did not decode or named no stored message"
+        ));
+    }
+    if unknown > 0 {
+        report.damaged.push(format!(
+            "{unknown} references to messages whose records are gone"
+        ));
+    }
+    Ok(Recovered {
+        map,
+        tail,
+        report,
+        next_counter: max_counter.map_or(1, |c| c + 1),
+        snapshot,
+    })
+}
+
+/// A message record appended but not yet durable (see [`Shard::append_message`]).
+pub struct MessageTicket {
+    pub ticket: Ticket,
+    id: u64,
+    body_len: u32,
+}
+
+/// A snapshot serialised and waiting to be written (see [`Shard::prepare_snapshot`]).
+pub struct PreparedSnapshot {
+    at: (u64, u64),
+    bytes: Vec<u8>,
+    /// `Shard::appended` when it was taken.
+    appended: u64,
+}
+
+/// What one compaction round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    pub deleted: usize,
+    pub copied: usize,
+    pub copied_bytes: u64,
+}
+
+/// Live share below which a segment's live records are copied forward: copying then
+/// costs at most half of what deleting the segment frees.
+const COPY_SHARE_DIVISOR: u64 = 3;
+/// At most this many bytes of live messages are copied forward per compaction.
+const COPY_BYTES_PER_ROUND: u64 = 64 << 20;
+/// No snapshot is written before the log grew by this much since the last one.
+const SNAPSHOT_LOG_BYTES_MIN: u64 = 4 << 10;
+
+/// A checkpoint on its way to the disk: the task that waits for it.
+type Reservation = glommio::task::JoinHandle<Result<Location, LogError>>;
+
+/// The durable snapshot: its replay position, its size in bytes, and
+/// `Shard::appended` when it was taken.
+type SnapState = ((u64, u64), u64, u64);
+
+/// One shard's store, on its executor.
+pub struct Shard {
+    shard: u32,
+    dir: PathBuf,
+    log: ShardLog,
+    next_counter: Cell<u64>,
+    /// Counters below this are covered by a durable checkpoint: only those are handed
+    /// out, so a restart never gives an id again, whatever became of its message.
+    reserved: Cell<u64>,
+    /// The checkpoint reserving the next block, appended before the current block
+    /// runs out so it rides along with a batch that is being written anyway.
+    /// (A task, so that the ticket is let go as soon as its batch is written: a held
+    /// ticket would keep snapshots from moving past the batch.)
+    pending_reservation: RefCell<Option<(Reservation, u64)>>,
+    map: RefCell<HashMap<u64, Entry>>,
+    /// Bytes of referenced message records per segment.
+    live: RefCell<BTreeMap<u32, u64>>,
+    pins: Pins,
+    /// Record bytes appended through this shard since it opened.
+    appended: Cell<u64>,
+    /// The durable snapshot: its replay position, its size, and `appended` then.
+    snap: Cell<Option<SnapState>>,
+    snapshotting: Cell<bool>,
+}
+
+impl Shard {
+    /// Recovers the shard (repairing a torn tail), feeding `indexes`, and opens its
+    /// log for appending.
+    pub async fn open(
+        data: &Path,
+        shard: u32,
+        cfg: LogConfig,
+        indexes: &mut [&mut dyn Index],
+    ) -> io::Result<Shard> {
+        let rec = recover(data, shard, Mode::Repair, indexes)?;
+        if rec.report.truncated_bytes > 0 || !rec.report.damaged.is_empty() {
+            tracing::warn!(shard, truncated_bytes = rec.report.truncated_bytes, damaged = ?rec.report.damaged, "recovery repaired the log");
+        }
+        tracing::info!(
+            shard,
+            segments = rec.report.segments,
+            records = rec.report.records,
+            messages = rec.map.len(),
+            snapshot = rec.snapshot.is_some(),
+            "shard recovered"
+        );
+        Self::open_recovered(data, shard, cfg, rec).await
+    }
+
+    async fn open_recovered(
+        data: &Path,
+        shard: u32,
+        cfg: LogConfig,
+        rec: Recovered,
+    ) -> io::Result<Shard> {
+        let dir = segment::shard_dir(data, shard);
+        let log = ShardLog::open(&dir, shard, rec.tail, cfg).await?;
+        let counter = rec.next_counter;
+        // The first block of ids, durable before any of it is handed out.
+        let reserved = next_block(counter);
+        let ticket = log
+            .append(Kind::Checkpoint, |out| encode_id_checkpoint(out, reserved))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        log.durable(ticket)
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut live = BTreeMap::new();
+        for e in rec.map.values() {
+            *live.entry(e.seq).or_default() += e.len as u64;
+        }
+        Ok(Shard {
+            shard,
+            dir,
+            log,
+            next_counter: Cell::new(counter),
+            reserved: Cell::new(reserved),
+            pending_reservation: RefCell::new(None),
+            map: RefCell::new(rec.map),
+            live: RefCell::new(live),
+            pins: Pins::default(),
+            appended: Cell::new(0),
+            snap: Cell::new(rec.snapshot.map(|(at, size)| (at, size, 0))),
+            snapshotting: Cell::new(false),
+        })
+    }
+
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn log(&self) -> &ShardLog {
+        &self.log
+    }
+
+    /// Reader pins of this shard's segments.
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// Where message `id` is now, if something refers to it.
+    pub fn resolve(&self, id: u64) -> Option<Resolved> {
+        self.map.borrow().get(&id).map(|e| e.resolved(id))
+    }
+
+    /// References held on message `id` (0: not stored, or garbage).
+    pub fn refs(&self, id: u64) -> u32 {
+        self.map.borrow().get(&id).map_or(0, |e| e.refs)
+    }
+
+    /// Messages referenced now.
+    pub fn len(&self) -> usize {
+        self.map.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.borrow().is_empty()
+    }
+
+    /// Takes the next id of this shard. Ids are handed out only from a block a
+    /// durable checkpoint has reserved, so no id is ever given twice, not even one
+    /// whose message was answered 451 and never logged. Waits only when a block is
+    /// used up before the next one's checkpoint (appended at half-way) is durable.
+    /// Fails once the shard's 2^56 counters are used up: an id past them would carry
+    /// into the shard bits and name another shard's message.
+    pub async fn next_id(&self) -> Result<u64, LogError> {
+        loop {
+            let c = self.next_counter.get();
+            let reserved = self.reserved.get();
+            if c < reserved {
+                self.next_counter.set(c + 1);
+                let target = next_block(reserved);
+                if target > reserved
+                    && reserved - c <= ID_BLOCK / 2
+                    && self.pending_reservation.borrow().is_none()
+                {
+                    // An append fails only when the log is closing: the next call
+                    // tries again, and the block's end waits for it.
+                    if let Ok(t) =
+                        self.append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))
+                    {
+                        let log = self.log.clone();
+                        let task =
+                            glommio::spawn_local(async move { log.durable(t).await }).detach();
+                        *self.pending_reservation.borrow_mut() = Some((task, target));
+                    }
+                }
+                return Ok(make_id(self.shard, c));
+            }
+            let target = next_block(reserved);
+            if target == reserved {
+                return Err(LogError::Io(format!(
+                    "shard {} has used all {COUNTER_BITS}-bit queue ids",
+                    self.shard
+                )));
+            }
+            let pending = self.pending_reservation.borrow_mut().take();
+            let reached = match pending {
+                Some((task, t)) => match task.await {
+                    Some(Ok(_)) => t,
+                    // The batch that carried it failed, maybe thousands of ids ago:
+                    // its error is stale and the disk may be healthy again, so one
+                    // fresh checkpoint decides.
+                    _ => self.reserve(target).await?,
+                },
+                None => self.reserve(target).await?,
+            };
+            self.reserved.set(self.reserved.get().max(reached));
+        }
+    }
+
+    /// Whether a checkpoint of the next block is appended and not yet durable.
+    pub fn reservation_pending(&self) -> bool {
+        self.pending_reservation.borrow().is_some()
+    }
+
+    /// Makes a checkpoint reserving every counter below `target` durable.
+    pub async fn reserve(&self, target: u64) -> Result<u64, LogError> {
+        let t = self.append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))?;
+        self.log.durable_ref(&t).await?;
+        // Applied before the ticket goes: a snapshot past the checkpoint holds it.
+        self.reserved.set(self.reserved.get().max(target));
+        Ok(target)
+    }
+
+    /// Appends a record that is not a message (its indexes' records): keep the ticket
+    /// until its effect is applied in memory.
+    pub fn append(&self, kind: Kind, write: impl FnOnce(&mut Vec<u8>)) -> Result<Ticket, LogError> {
+        let t = self.log.append(kind, write)?;
+        self.appended.set(self.appended.get() + t.len() as u64);
+        Ok(t)
+    }
+
+    /// Appends message `id`'s record; `write` encodes the payload (see
+    /// `message::encode`), whose last `body_len` bytes are the body.
+    pub fn append_message(
+        &self,
+        id: u64,
+        body_len: usize,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<MessageTicket, LogError> {
+        Ok(MessageTicket {
+            ticket: self.append(Kind::Message, write)?,
+            id,
+            body_len: body_len as u32,
+        })
+    }
+
+    /// Waits until a message record is durable; it then is in the handle map with
+    /// one reference, the caller's (which it hands to an index, or drops).
+    pub async fn durable_message(&self, t: &MessageTicket) -> Result<Resolved, LogError> {
+        let loc = self.log.durable_ref(&t.ticket).await?;
+        let r = Resolved {
+            handle: Handle::of_id(t.id),
+            seq: loc.seq,
+            offset: loc.offset,
+            len: loc.len,
+            body_offset: loc.len - t.body_len,
+            body_len: t.body_len,
+        };
+        let old = self.map.borrow_mut().insert(t.id, Entry::of(&r, 1));
+        debug_assert!(old.is_none(), "message {:X} stored twice", t.id);
+        *self.live.borrow_mut().entry(r.seq as u32).or_default() += r.len as u64;
+        Ok(r)
+    }
+
+    /// Waits until a record is durable; the caller keeps the ticket until applied.
+    pub async fn durable(&self, t: &Ticket) -> Result<Location, LogError> {
+        self.log.durable_ref(t).await
+    }
+
+    /// One more reference to a stored message; false if it is not stored (any more).
+    pub fn add_ref(&self, id: u64) -> bool {
+        match self.map.borrow_mut().get_mut(&id) {
+            Some(e) => {
+                e.refs += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops a reference; at zero the message is garbage: it no longer resolves and
+    /// compaction reclaims its bytes. Returns the references left.
+    pub fn drop_ref(&self, id: u64) -> u32 {
+        let mut map = self.map.borrow_mut();
+        let Some(e) = map.get_mut(&id) else {
+            debug_assert!(false, "drop_ref of {id:X}, which is not referenced");
+            return 0;
+        };
+        e.refs -= 1;
+        let left = e.refs;
+        if left == 0 {
+            let e = map.remove(&id).unwrap();
+            let mut live = self.live.borrow_mut();
+            if let Some(b) = live.get_mut(&e.seq) {
+                *b -= e.len as u64;
+                if *b == 0 {
+                    live.remove(&e.seq);
+                }
+            }
+        }
+        left
+    }
+
+    /// Whether the log grew enough since the last snapshot for a new one: at least
+    /// twice the last snapshot's size, so snapshots cost at most half of the log.
+    pub fn snapshot_due(&self) -> bool {
+        let (size, then) = self.snap.get().map_or((0, 0), |(_, s, t)| (s, t));
+        self.appended.get() - then >= (2 * size).max(SNAPSHOT_LOG_BYTES_MIN)
+    }
+
+    /// Serialises a snapshot of the handle map, the id reservation and `indexes` (in
+    /// the order recovery is given them) as they are now. Synchronous, so nothing
+    /// changes while it runs; write it with [`Shard::write_snapshot`]. None while
+    /// another snapshot is being written.
+    pub fn prepare_snapshot(&self, indexes: &[&dyn Index]) -> Option<PreparedSnapshot> {
+        if self.snapshotting.get() {
+            return None;
+        }
+        let at = self.log.replay_start();
+        let map = self.map.borrow();
+        let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + map.len() * 41);
+        bytes.extend_from_slice(&encode_snapshot_header(&SnapshotHeader {
+            shard: self.shard,
+            at,
+            reserved: self.reserved.get(),
+        }));
+        let mut count = 0u64;
+        let mut item = Vec::with_capacity(64);
+        for (id, e) in map.iter() {
+            item.clear();
+            encode_entry(&mut item, *id, e);
+            put_item(&mut bytes, TAG_ENTRY, &item);
+            count += 1;
+        }
+        for (n, ix) in indexes.iter().enumerate() {
+            ix.snapshot(&mut |b| {
+                item.clear();
+                item.push(n as u8);
+                item.extend_from_slice(b);
+                put_item(&mut bytes, TAG_INDEX, &item);
+                count += 1;
+            });
+        }
+        put_item(&mut bytes, TAG_END, &count.to_le_bytes());
+        Some(PreparedSnapshot {
+            at,
+            bytes,
+            appended: self.appended.get(),
+        })
+    }
+
+    /// Writes a prepared snapshot durably (temp file, fsync, rename, directory fsync,
+    /// all off the executor); from then on compaction may reclaim what is before its
+    /// position. Skipped (Ok) while another one is being written.
+    pub async fn write_snapshot(&self, s: PreparedSnapshot) -> io::Result<()> {
+        struct Done<'a>(&'a Cell<bool>);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        if self.snapshotting.replace(true) {
+            return Ok(());
+        }
+        let _done = Done(&self.snapshotting);
+        let appended = s.appended;
+        let size = s.bytes.len() as u64;
+        let dir = self.dir.clone();
+        let bytes = s.bytes;
+        off_executor(move || -> io::Result<()> {
+            let tmp = snapshot_temp_path(&dir);
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, snapshot_path(&dir))?;
+            segment::sync_dir(&dir)
+        })
+        .await?;
+        self.snap.set(Some((s.at, size, appended)));
+        tracing::debug!(shard = self.shard, bytes = size, at = ?s.at, "snapshot written");
+        Ok(())
+    }
+
+    /// Replay position of the durable snapshot, if any.
+    pub fn snapshot_position(&self) -> Option<(u64, u64)> {
+        self.snap.get().map(|(at, _, _)| at)
+    }
+
+    /// Reclaims space (see the module doc): deletes the segments before the durable
+    /// snapshot's position that hold no live message and no reader pin, after copying
+    /// forward the live records of those whose live share is below a third.
+    pub async fn compact(&self) -> io::Result<Compacted> {
+        let mut done = Compacted::default();
+        let Some((p_seq, _)) = self.snapshot_position() else {
+            return Ok(done);
+        };
+        let dir = self.dir.clone();
+        let segs = off_executor(move || list_sealed(&dir, p_seq)).await?;
+        let mut dead = Vec::new();
+        let mut copy_from = Vec::new();
+        {
+            let live = self.live.borrow();
+            let mut budget = COPY_BYTES_PER_ROUND;
+            for &(seq, size) in &segs {
+                let l = live.get(&(seq as u32)).copied().unwrap_or(0);
+                if l == 0 {
+                    if !self.pins.is_pinned(seq) {
+                        dead.push(seq);
+                    }
+                } else if l * COPY_SHARE_DIVISOR < size && l <= budget {
+                    budget -= l;
+                    copy_from.push(seq);
+                }
+            }
+        }
+        if !copy_from.is_empty() {
+            let (n, bytes) = self.copy_forward(&copy_from).await?;
+            done.copied = n;
+            done.copied_bytes = bytes;
+            let live = self.live.borrow();
+            dead.extend(
+                copy_from
+                    .into_iter()
+                    .filter(|s| !live.contains_key(&(*s as u32)) && !self.pins.is_pinned(*s)),
+            );
+        }
+        if dead.is_empty() {
+            return Ok(done);
+        }
+        dead.sort_unstable();
+        done.deleted = dead.len();
+        let dir = self.dir.clone();
+        off_executor(move || delete_segments(&dir, &dead)).await?;
+        tracing::info!(
+            shard = self.shard,
+            deleted = done.deleted,
+            copied = done.copied,
+            "compacted"
+        );
+        Ok(done)
+    }
+
+    /// Copies the live message records of segments `seqs` to the head of the log (as
+    /// `Copy` records, payload as it is) and moves their handles there once durable.
+    async fn copy_forward(&self, seqs: &[u64]) -> io::Result<(usize, u64)> {
+        let mut todo: Vec<(u64, Entry)> = self
+            .map
+            .borrow()
+            .iter()
+            .filter(|(_, e)| seqs.contains(&(e.seq as u64)))
+            .map(|(id, e)| (*id, *e))
+            .collect();
+        todo.sort_unstable_by_key(|(_, e)| (e.seq, e.offset));
+        let log_err = |e: LogError| io::Error::other(e.to_string());
+        let mut tickets = Vec::with_capacity(todo.len());
+        let mut file: Option<(u64, glommio::io::DmaFile)> = None;
+        for (id, e) in todo {
+            if file.as_ref().is_none_or(|(s, _)| *s != e.seq as u64) {
+                if let Some((_, f)) = file.take() {
+                    let _ = f.close().await;
+                }
+                let f = glommio::io::DmaFile::open(segment::segment_path(&self.dir, e.seq as u64))
+                    .await?;
+                file = Some((e.seq as u64, f));
+            }
+            let f = &file.as_ref().unwrap().1;
+            let bytes = f.read_at(e.offset, e.len as usize).await?;
+            let rec = record::decode(&bytes).map_err(|err| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("record of {id:016X}: {err:?}"),
+                )
+            })?;
+            // From this check to the append nothing awaits: a message whose last
+            // reference went meanwhile is not copied.
+            if self.map.borrow().get(&id).map(|x| (x.seq, x.offset)) != Some((e.seq, e.offset)) {
+                continue;
+            }
+            let payload = rec.payload;
+            let t = self
+                .append(Kind::Copy, |out| out.extend_from_slice(payload))
+                .map_err(log_err)?;
+            tickets.push((id, e, t));
+        }
+        if let Some((_, f)) = file.take() {
+            let _ = f.close().await;
+        }
+        let (mut n, mut bytes) = (0, 0);
+        for (id, old, t) in tickets {
+            let loc = self.log.durable_ref(&t).await.map_err(log_err)?;
+            let mut map = self.map.borrow_mut();
+            let Some(e) = map.get_mut(&id) else { continue };
+            if (e.seq, e.offset) != (old.seq, old.offset) {
+                continue;
+            }
+            e.seq = loc.seq as u32;
+            e.offset = loc.offset;
+            let mut live = self.live.borrow_mut();
+            if let Some(b) = live.get_mut(&old.seq) {
+                *b -= old.len as u64;
+                if *b == 0 {
+                    live.remove(&old.seq);
+                }
+            }
+            *live.entry(e.seq).or_default() += e.len as u64;
+            n += 1;
+            bytes += e.len as u64;
+        }
+        Ok((n, bytes))
+    }
+
+    /// Syncs and closes the log (shutdown); snapshot first with
+    /// [`Shard::prepare_snapshot`] after this if wanted.
+    pub async fn close(&self) {
+        self.log.close().await;
+    }
+}
+
+/// Runs blocking file-system calls (directory reads, unlinks, fsyncs) on glommio's
+/// blocking thread: on the executor a slow disk would stall every session of the core.
+async fn off_executor<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    glommio::executor().spawn_blocking(f).await
+}
+
+/// Segments before `below` with their valid lengths (sealed: the next header says).
+fn list_sealed(dir: &Path, below: u64) -> io::Result<Vec<(u64, u64)>> {
+    #[cfg(test)]
+    tests::note_thread(dir);
+    let mut seqs: Vec<u64> = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()
+                .and_then(segment::parse_segment_name)
+        })
+        .filter(|s| *s < below)
+        .collect();
+    seqs.sort_unstable();
+    Ok(seqs
+        .into_iter()
+        .map(|s| {
+            // The next segment may be gone (deleted by an earlier compaction): then the
+            // file's length, which is never less than what it holds.
+            let len = segment::sealed_len(dir, s).or_else(|| {
+                std::fs::metadata(segment::segment_path(dir, s))
+                    .ok()
+                    .map(|m| m.len())
+            });
+            (s, len.unwrap_or(0))
+        })
+        .collect())
+}
+
+/// Deletes segments, then makes the deletions durable.
+fn delete_segments(dir: &Path, seqs: &[u64]) -> io::Result<()> {
+    #[cfg(test)]
+    tests::note_thread(dir);
+    for seq in seqs {
+        std::fs::remove_file(segment::segment_path(dir, *seq))?;
+    }
+    segment::sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::thread::ThreadId;
+
+    /// The threads compaction's file-system calls ran on, per shard directory.
+    static FS_THREADS: Mutex<Vec<(PathBuf, ThreadId)>> = Mutex::new(Vec::new());
+
+    pub(super) fn note_thread(dir: &Path) {
+        FS_THREADS
+            .lock()
+            .unwrap()
+            .push((dir.to_path_buf(), std::thread::current().id()));
+    }
+
+    #[test]
+    fn compaction_does_its_file_system_calls_off_the_executor_thread() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().to_path_buf();
+        crate::manifest::open_or_create(&data, 1).unwrap();
+        let dir = segment::shard_dir(&data, 0);
+        let cfg = LogConfig {
+            segment_bytes_max: 8 << 10,
+        };
+        let (executor, done) = glommio::LocalExecutor::default().run(async move {
+            let shard = Shard::open(&data, 0, cfg, &mut []).await.unwrap();
+            for _ in 0..10 {
+                let id = shard.next_id().await.unwrap();
+                let env = message::Envelope {
+                    id,
+                    ..Default::default()
+                };
+                let body = vec![b'x'; 2000];
+                let t = shard
+                    .append_message(id, body.len(), |out| message::encode(out, &env, b"", &body))
+                    .unwrap();
+                shard.durable_message(&t).await.unwrap();
+                assert_eq!(shard.drop_ref(id), 0);
+            }
+            let s = shard.prepare_snapshot(&[]).unwrap();
+            shard.write_snapshot(s).await.unwrap();
+            let done = shard.compact().await.unwrap();
+            shard.close().await;
+            (std::thread::current().id(), done)
+        });
+        assert!(done.deleted >= 2, "segments were deleted: {done:?}");
+        let threads: Vec<ThreadId> = FS_THREADS
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(d, _)| *d == dir)
+            .map(|(_, t)| *t)
+            .collect();
+        // One listing, one deletion.
+        assert_eq!(threads.len(), 2, "{threads:?}");
+        assert!(
+            threads.iter().all(|t| *t != executor),
+            "a file-system call ran on the executor thread"
+        );
+    }
+}
