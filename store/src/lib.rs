@@ -19,8 +19,9 @@ pub mod manifest;
 pub mod message;
 pub mod record;
 pub mod segment;
+pub mod stats;
 
 pub use handle::{Handle, PinGuard, Pins, Resolved};
-pub use log::{FaultPoint, Faults, LogConfig, LogError, ShardLog, Ticket};
+pub use log::{BodySource, FaultPoint, Faults, LogBytes, LogConfig, LogError, ShardLog, Ticket};
 pub use record::Kind;
 pub use segment::{Location, Mode, RecoveryOptions, RecoveryReport, Tail};
