@@ -1050,6 +1050,7 @@ fn copy_body(body: &dyn BodySource, dst: &mut [u8]) -> u32 {
     let mut crc = 0u32;
     let mut at = 0;
     body.pieces(&mut |mut piece: &[u8]| {
+        let len = piece.len();
         while !piece.is_empty() {
             let n = piece.len().min(STEP);
             let d = &mut dst[at..at + n];
@@ -1058,12 +1059,14 @@ fn copy_body(body: &dyn BodySource, dst: &mut [u8]) -> u32 {
             at += n;
             piece = &piece[n..];
         }
+        // Counted as each piece is copied, so a test can tell that a piece went
+        // straight from its producer into this buffer.
+        crate::stats::add(|c| {
+            c.body_bytes_copied += len as u64;
+            c.body_bytes_crc += len as u64;
+        });
     });
     assert_eq!(at, dst.len(), "a body source gave other than its length");
-    crate::stats::add(|c| {
-        c.body_bytes_copied += at as u64;
-        c.body_bytes_crc += at as u64;
-    });
     crc
 }
 

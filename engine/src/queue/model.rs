@@ -80,13 +80,19 @@ impl QueuedMessage {
     }
 
     pub(super) fn new(env: Envelope, body: &[u8], location: Location) -> QueuedMessage {
+        QueuedMessage::with_crc(env, body.len(), crc32c::crc32c(body), location)
+    }
+
+    /// A message whose body's CRC the write path computed already (while copying it
+    /// into the log: one pass over the body).
+    pub(super) fn with_crc(env: Envelope, size: usize, crc: u32, location: Location) -> QueuedMessage {
         QueuedMessage {
             id: env.id,
             from: env.from,
             rcpt: env.recipients.into_iter().map(QueuedRcpt::new).collect(),
             received_at_ms: env.received_at_ms,
-            size: body.len() as u64,
-            body_crc32c: crc32c::crc32c(body),
+            size: size as u64,
+            body_crc32c: crc,
             location,
             body_type: env.body_type,
             smtputf8: env.smtputf8,

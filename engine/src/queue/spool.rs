@@ -2,19 +2,18 @@
 //! updates made durable before they enter the index) and the ready queue and timers
 //! the scheduler takes due work from.
 
-use super::cache::{Loaded, MessageText, CACHE_BYTES_MAX};
+use super::cache::{BodyBytes, Loaded, MessageText, CACHE_BYTES_MAX};
 use super::model::{
     encode_id_checkpoint, make_id, QueuedMessage, RcptStatus, COUNTER_BITS, COUNTER_LIMIT,
 };
 use super::replay::{recover, Recovered};
 use ringmail_store::message::{self, Envelope, RcptUpdate};
 use ringmail_store::segment::{self, Mode};
-use ringmail_store::{Kind, Location, LogConfig, LogError, ShardLog, Ticket};
+use ringmail_store::{BodySource, Kind, Location, LogBytes, LogConfig, LogError, ShardLog, Ticket};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;
-use std::rc::Rc;
 
 /// One shard's queue, owned by the executor that serves the shard.
 pub struct Spool {
@@ -214,38 +213,45 @@ impl Spool {
     }
 
     /// Writes the message once (envelope, trace prefix, body) and returns when it is
-    /// durable; only then is it in the queue.
+    /// durable; only then is it in the queue. The body is copied once, from wherever
+    /// its producer holds it (the SMTP session's receive chunks) into the log's write
+    /// buffer, and dropped before the wait; the queue's fresh copy is that buffer.
     pub async fn enqueue(
         &self,
         env: Envelope,
         prefix: &[u8],
-        body: Vec<u8>,
+        body: impl BodySource,
     ) -> Result<(), LogError> {
-        let ticket = self.log.append(Kind::Message, |out| {
-            message::encode(out, &env, prefix, &body)
-        })?;
-        let location = self.log.durable(ticket).await?;
-        self.admit(env, prefix, body, location);
+        let body_len = body.len();
+        let (ticket, crc) = self.log.append_with_body(
+            Kind::Message,
+            |out| message::encode_head(out, &env, &[], prefix, body_len),
+            &body,
+        )?;
+        drop(body);
+        let (location, bytes) = self.log.durable_bytes(ticket).await?;
+        self.admit(env, prefix, bytes.suffix(body_len), crc, location);
         Ok(())
     }
 
-    /// Puts a durable message into the index and the ready queue.
-    fn admit(&self, env: Envelope, prefix: &[u8], body: Vec<u8>, location: Location) {
+    /// Puts a durable message into the index and the ready queue. `body`: its bytes
+    /// in the batch they were written from; `crc`: their CRC32C.
+    fn admit(&self, env: Envelope, prefix: &[u8], body: LogBytes, crc: u32, location: Location) {
         let size = prefix.len() + body.len();
         let m = if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
             self.cached_bytes.set(self.cached_bytes.get() + size);
-            let m = QueuedMessage::new(env.clone(), &body, location);
+            let m = QueuedMessage::with_crc(env.clone(), body.len(), crc, location);
             let loaded = Loaded {
                 env,
                 message: MessageText {
                     prefix: prefix.to_vec(),
-                    body: Rc::new(body),
+                    body: BodyBytes::Log(body),
                 },
             };
             self.cache.borrow_mut().insert(m.id, loaded);
             m
         } else {
-            QueuedMessage::new(env, &body, location)
+            QueuedMessage::with_crc(env, body.len(), crc, location)
         };
         let id = m.id;
         self.index.borrow_mut().insert(id, m);
@@ -281,9 +287,12 @@ impl Spool {
                     .filter(|u| u.status == RcptStatus::Failed)
                     .cloned()
                     .collect();
-                Some(self.log.append(Kind::Message, |out| {
-                    message::encode_with_reports(out, &b.env, &failures, b"", &b.text)
-                })?)
+                let (t, crc) = self.log.append_with_body(
+                    Kind::Message,
+                    |out| message::encode_head(out, &b.env, &failures, b"", b.text.len()),
+                    &b.text,
+                )?;
+                Some((t, crc))
             }
             None => None,
         };
@@ -296,7 +305,7 @@ impl Spool {
             .map(|u| Updating::new(&self.updating, u.id))
             .collect();
         let bounce_location = match bounce_ticket {
-            Some(t) => Some(self.log.durable(t).await),
+            Some((t, crc)) => Some(self.log.durable_bytes(t).await.map(|w| (w, crc))),
             None => None,
         };
         let mut durable = Ok(());
@@ -307,8 +316,9 @@ impl Spool {
         }
         drop(in_flight);
         durable?;
-        if let (Some(b), Some(location)) = (bounce, bounce_location) {
-            self.admit(b.env, b"", b.text, location?);
+        if let (Some(b), Some(written)) = (bounce, bounce_location) {
+            let ((location, bytes), crc) = written?;
+            self.admit(b.env, b"", bytes.suffix(b.text.len()), crc, location);
         }
         for u in &updates {
             self.apply(u);
