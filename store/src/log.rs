@@ -1,7 +1,11 @@
 //! The shard log writer: appends records to the newest segment with group commit.
 //!
-//! Sessions call [`ShardLog::append`], which copies the record into the open batch and
-//! returns at once, then await [`ShardLog::durable`]. One flusher task per shard takes
+//! Sessions call [`ShardLog::append`] (or [`ShardLog::append_with_body`], which copies a
+//! message body once from its producer's pieces, CRC'd in the same pass), which
+//! encodes the record in place in the open batch's aligned buffer (the very buffer
+//! the disk write is made from) and returns at once, then await
+//! [`ShardLog::durable`] (or [`ShardLog::durable_bytes`], which also hands back the
+//! record's bytes in that buffer: glommio's `write_rc_at` lets the writer keep it). One flusher task per shard takes
 //! the whole batch, writes it with one `write` and makes it durable with one
 //! `fdatasync`, while the next batch fills. Every message of a batch is covered by that
 //! one sync, so the sync rate, not the message rate, is what the disk must sustain.
@@ -256,6 +260,9 @@ impl std::fmt::Debug for LogBytes {
 /// received chunks, dot-stuffing skipped): the log copies it into the batch once.
 pub trait BodySource {
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Calls `f` with the body's bytes, in order; together they are `len` bytes.
     fn pieces(&self, f: &mut dyn FnMut(&[u8]));
 }
@@ -437,7 +444,8 @@ impl Inner {
                 ),
             };
             let lead = lead_bytes.len();
-            let want = (self.batch_avg as usize * 2).clamp(BATCH_BUF_BYTES_MIN, BATCH_BUF_BYTES_MAX);
+            let want =
+                (self.batch_avg as usize * 2).clamp(BATCH_BUF_BYTES_MIN, BATCH_BUF_BYTES_MAX);
             let size = align_up(want.max(lead + total) as u64) as usize;
             let mut buf = glommio::allocate_dma_buffer(size);
             buf.as_bytes_mut()[..lead].copy_from_slice(lead_bytes);
@@ -620,7 +628,10 @@ impl ShardLog {
     ) -> (Ticket, u32) {
         let body_len = body.len();
         let payload = head.len() + body_len;
-        assert!(payload <= record::RECORD_PAYLOAD_BYTES_MAX, "record too large");
+        assert!(
+            payload <= record::RECORD_PAYLOAD_BYTES_MAX,
+            "record too large"
+        );
         let total = record::RECORD_HEADER_BYTES + payload;
         let offset_in_batch = inner.len;
         let b = inner.reserve(total);
@@ -775,8 +786,8 @@ impl Flusher {
 
     async fn write_batch(&mut self, mut batch: Vec<BatchBuf>) -> Result<Written, LogError> {
         let len: u64 = batch.iter().map(|b| (b.used - b.lead) as u64).sum();
-        let full = self.seg.len > SEGMENT_HEADER_BYTES
-            && self.seg.len + len > self.cfg.segment_bytes_max;
+        let full =
+            self.seg.len > SEGMENT_HEADER_BYTES && self.seg.len + len > self.cfg.segment_bytes_max;
         if let Some(why) = self.log.halted.borrow().as_ref() {
             return Err(LogError::Io(why.clone()));
         }

@@ -27,7 +27,7 @@ fn text(len: usize) -> Vec<u8> {
     let mut i = 0u32;
     while t.len() < len {
         let n = (i * 37 % 90) as usize;
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             t.push(b'.');
         }
         t.extend((0..n).map(|k| b'a' + ((k as u32 + i) % 26) as u8));
@@ -168,7 +168,10 @@ fn one_message(bdat: bool, size: bool, len: usize, recv: usize) -> stats::Counte
                         received: &received,
                         passes: &passes,
                     };
-                    spool.enqueue(env, b"Received: x\r\n", checked).await.unwrap();
+                    spool
+                        .enqueue(env, b"Received: x\r\n", checked)
+                        .await
+                        .unwrap();
                     assert_eq!(passes.get(), 1, "the body was read more than once");
                     stats::add_session_copy(session_copies);
                     counted = Some(stats::get());
@@ -176,7 +179,10 @@ fn one_message(bdat: bool, size: bool, len: usize, recv: usize) -> stats::Counte
                     stored += 1;
                     // The first delivery reads the batch that went to the disk.
                     let l = spool.read_message(id).await.unwrap();
-                    assert!(matches!(l.message.body, BodyBytes::Log(_)), "a copy of its own");
+                    assert!(
+                        matches!(l.message.body, BodyBytes::Log(_)),
+                        "a copy of its own"
+                    );
                     assert!(l.message.body[..] == body[..], "the stored body differs");
                     let m = spool.get(id).unwrap();
                     assert_eq!(m.body_crc32c, crc32c::crc32c(&body));
@@ -200,7 +206,12 @@ fn one_message(bdat: bool, size: bool, len: usize, recv: usize) -> stats::Counte
 fn a_body_is_copied_once_and_crcd_once_on_its_way_to_the_disk() {
     for bdat in [false, true] {
         for size in [false, true] {
-            for (len, recv) in [(3000, 1 << 20), (3000, 7), (4 << 20, 64 << 10), (4 << 20, 1 << 20)] {
+            for (len, recv) in [
+                (3000, 1 << 20),
+                (3000, 7),
+                (4 << 20, 64 << 10),
+                (4 << 20, 1 << 20),
+            ] {
                 let c = one_message(bdat, size, len, recv);
                 let case = format!("bdat {bdat}, SIZE= {size}, {len} bytes, receives of {recv}");
                 assert_eq!(c.bodies, 1, "{case}");

@@ -184,13 +184,7 @@ impl Ingest {
             // of a body in user space is the store's, later.
             let (buf, at) = s.lend_read_buf();
             let woke = futures_lite::future::or(
-                async {
-                    Some(
-                        self.ring
-                            .recv_at(fd, buf, at, self.cfg.idle_timeout)
-                            .await,
-                    )
-                },
+                async { Some(self.ring.recv_at(fd, buf, at, self.cfg.idle_timeout).await) },
                 async {
                     if !stoppable {
                         std::future::pending::<()>().await;

@@ -85,7 +85,12 @@ impl QueuedMessage {
 
     /// A message whose body's CRC the write path computed already (while copying it
     /// into the log: one pass over the body).
-    pub(super) fn with_crc(env: Envelope, size: usize, crc: u32, location: Location) -> QueuedMessage {
+    pub(super) fn with_crc(
+        env: Envelope,
+        size: usize,
+        crc: u32,
+        location: Location,
+    ) -> QueuedMessage {
         QueuedMessage {
             id: env.id,
             from: env.from,

@@ -156,7 +156,12 @@ mod tests {
                 let mut s = Scanner::default();
                 s.feed(&text[..cut]);
                 s.feed(&text[cut..]);
-                assert_eq!(s.finish(), whole, "{:?} cut at {cut}", String::from_utf8_lossy(text));
+                assert_eq!(
+                    s.finish(),
+                    whole,
+                    "{:?} cut at {cut}",
+                    String::from_utf8_lossy(text)
+                );
             }
             let mut s = Scanner::default();
             for b in text.chunks(1) {
@@ -169,5 +174,4 @@ mod tests {
         assert_eq!(scan(texts[3]).received, 1);
         assert_eq!(scan(texts[4]).received, 0);
     }
-
 }

@@ -236,7 +236,9 @@ impl Session {
             self.input = vec![0; READ_CHUNK_BYTES];
             self.start = 0;
             self.end = 0;
-            if self.live_from.take().is_some() || self.mail.as_ref().is_some_and(|m| m.body.uses_current()) {
+            if self.live_from.take().is_some()
+                || self.mail.as_ref().is_some_and(|m| m.body.uses_current())
+            {
                 self.mail = None;
             }
         }
@@ -683,7 +685,8 @@ impl Session {
             return self.error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8\r\n");
         }
         // Receive chunks of about the right size (they never grow by copying).
-        mail.expected = declared.or((self.last_body_len > 0).then(|| self.last_body_len + self.last_body_len / 8));
+        mail.expected = declared
+            .or((self.last_body_len > 0).then(|| self.last_body_len + self.last_body_len / 8));
         self.mail = Some(mail);
         self.reply("250 2.1.0 Ok\r\n");
     }

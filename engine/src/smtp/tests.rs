@@ -312,10 +312,7 @@ fn dsn_and_esmtp_parameters_are_kept() {
     };
     assert_eq!(tx.ret, super::Ret::Hdrs);
     assert_eq!(tx.envid.as_deref(), Some("QQ+2B1"));
-    assert_eq!(
-        tx.body_type,
-        super::BodyType::EightBitMime
-    );
+    assert_eq!(tx.body_type, super::BodyType::EightBitMime);
     assert_eq!(
         tx.recipients[0].notify,
         super::notify::SUCCESS | super::notify::FAILURE
