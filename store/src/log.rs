@@ -391,8 +391,10 @@ const ZERO_AHEAD_BATCH_MAX: u64 = 256 << 10;
 const NO_BODY: &[u8] = &[];
 
 /// Batch buffers are at least this large: a buffer per record would mean a write per
-/// record. Larger records get a buffer of their own size.
-const BATCH_BUF_BYTES_MIN: usize = 64 << 10;
+/// record. Larger records get a buffer of their own size. Small, because the queue
+/// keeps a fresh message's batch buffer while the message waits for delivery: a
+/// lone 4 KiB message holds at most this much.
+const BATCH_BUF_BYTES_MIN: usize = 16 << 10;
 /// ... and, while batches are small, at most about twice the average batch: a buffer
 /// lives as long as the freshest message in it is kept for delivery, so slack in it
 /// is memory held.
