@@ -29,9 +29,16 @@ fn run(cfg: &Rc<Config>, input: &[u8]) -> usize {
     let mut s = Session::new(cfg.clone(), true);
     let mut stored = 0;
     for chunk in input.chunks(16 << 10) {
-        let buf = s.read_buf();
-        buf[..chunk.len()].copy_from_slice(chunk);
-        s.filled(chunk.len());
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            // read_buf may offer less than a whole chunk (a message's receive chunk
+            // is never grown, a new one starts).
+            let buf = s.read_buf();
+            let n = buf.len().min(rest.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            s.filled(n);
+            rest = &rest[n..];
+        }
         loop {
             match s.process() {
                 Step::NeedInput => break,

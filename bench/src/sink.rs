@@ -170,6 +170,7 @@ pub fn serve(
                                 break;
                             }
                             Step::Message(tx) => {
+                                let body = tx.body;
                                 seq += 1;
                                 let roll = (seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 1000;
                                 let roll = roll as u32;
@@ -202,19 +203,25 @@ pub fn serve(
                                     counters.accepted.fetch_add(1, Ordering::Relaxed);
                                     counters
                                         .bytes
-                                        .fetch_add(tx.body.len() as u64, Ordering::Relaxed);
-                                    counters.crc_xor.fetch_xor(
-                                        crc32c::crc32c(&tx.body) as u64,
-                                        Ordering::Relaxed,
-                                    );
+                                        .fetch_add(body.len() as u64, Ordering::Relaxed);
+                                    let mut crc = 0;
+                                    body.pieces(|p| {
+                                        crc = crc32c::crc32c_append(crc, p);
+                                        true
+                                    });
+                                    counters.crc_xor.fetch_xor(crc as u64, Ordering::Relaxed);
                                     if faults.verify {
-                                        let counter = match crate::load::session::verify(&tx.body) {
+                                        let text = body.to_vec();
+                                        let counter = match crate::load::session::verify(&text) {
                                             Some(true) => &counters.verified,
                                             Some(false) => &counters.corrupt,
                                             None => &counters.unverifiable,
                                         };
                                         counter.fetch_add(1, Ordering::Relaxed);
                                     }
+                                    // The session receives on into the body's last chunk
+                                    // once the body is dropped.
+                                    drop(body);
                                     c.session.message_stored(&format!("{seq:016X}"));
                                 }
                             }

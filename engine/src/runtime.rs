@@ -185,6 +185,19 @@ async fn executor_main(
     for spool in &spools {
         spool.close().await;
     }
+    // What ingestion did to bodies on this executor (ringmail_store::stats): one copy
+    // and one CRC pass per body byte; the benchmark reads copies per message here.
+    let c = ringmail_store::stats::get();
+    tracing::info!(
+        executor = index,
+        bodies = c.bodies,
+        body_bytes = c.body_bytes,
+        body_bytes_copied = c.body_bytes_copied,
+        body_bytes_crc = c.body_bytes_crc,
+        relocated_bytes = c.relocated_bytes,
+        tail_bytes_copied = c.tail_bytes_copied,
+        "executor stopped"
+    );
     Ok(())
 }
 

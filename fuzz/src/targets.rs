@@ -81,7 +81,7 @@ fn session(cfg: &Rc<Config>, relay: bool, chunks: &[&[u8]], stored: u64, end: u8
                 match s.process() {
                     Step::NeedInput => break,
                     Step::Message(tx) => {
-                        run.bodies.push(tx.body);
+                        run.bodies.push(tx.body.to_vec());
                         if stored >> (1 + messages % 32) & 1 == 0 {
                             s.message_stored("ID");
                         } else {

@@ -20,9 +20,10 @@ pub mod message;
 pub mod record;
 pub mod segment;
 pub mod shard;
+pub mod stats;
 
 pub use handle::{Handle, PinGuard, Pins, Resolved};
-pub use log::{FaultPoint, Faults, LogConfig, LogError, ShardLog, Ticket};
+pub use log::{BodySource, FaultPoint, Faults, LogBytes, LogConfig, LogError, ShardLog, Ticket};
 pub use record::Kind;
 pub use segment::{Location, Mode, RecoveryOptions, RecoveryReport, Tail};
 pub use shard::{Index, Replayed, Shard};

@@ -1,7 +1,11 @@
 //! The shard log writer: appends records to the newest segment with group commit.
 //!
-//! Sessions call [`ShardLog::append`], which copies the record into the open batch and
-//! returns at once, then await [`ShardLog::durable`]. One flusher task per shard takes
+//! Sessions call [`ShardLog::append`] (or [`ShardLog::append_with_body`], which copies a
+//! message body once from its producer's pieces, CRC'd in the same pass), which
+//! encodes the record in place in the open batch's aligned buffer (the very buffer
+//! the disk write is made from) and returns at once, then await
+//! [`ShardLog::durable`] (or [`ShardLog::durable_bytes`], which also hands back the
+//! record's bytes in that buffer: glommio's `write_rc_at` lets the writer keep it). One flusher task per shard takes
 //! the whole batch, writes it with one `write` and makes it durable with one
 //! `fdatasync`, while the next batch fills. Every message of a batch is covered by that
 //! one sync, so the sync rate, not the message rate, is what the disk must sustain.
@@ -191,12 +195,113 @@ impl Faults {
 
 /// The outcome of one batch, shared by every record in it.
 struct Slot {
-    /// Segment and start offset the batch was written at, once durable.
-    done: RefCell<Option<Result<(u64, u64), LogError>>>,
+    /// Where the batch was written, once durable.
+    done: RefCell<Option<Result<Rc<Written>, LogError>>>,
     event: Event,
     /// Tickets of this batch still held: their holders may not have applied the
     /// records' effects yet (see [`ShardLog::replay_start`]).
     tickets: Cell<u32>,
+}
+
+/// A durable batch: where it went, and the buffers it was written from (kept, so a
+/// fresh message can be sent on from memory without a copy of its own).
+struct Written {
+    seq: u64,
+    /// Segment offset of the batch's first record.
+    start: u64,
+    bufs: Vec<WrittenBuf>,
+}
+
+impl Written {
+    /// Record bytes of the batch.
+    fn len(&self) -> u64 {
+        self.bufs.iter().map(|b| b.len).sum()
+    }
+}
+
+struct WrittenBuf {
+    buf: Rc<DmaBuffer>,
+    /// `offset_in_batch` of the buffer's first record, and where that record starts
+    /// in the buffer.
+    first: u64,
+    lead: usize,
+    /// Record bytes in the buffer.
+    len: u64,
+}
+
+/// Bytes of a durable batch as written, shared (cheap to clone).
+#[derive(Clone)]
+pub struct LogBytes {
+    buf: Rc<DmaBuffer>,
+    range: std::ops::Range<usize>,
+}
+
+impl LogBytes {
+    /// The last `n` bytes (a record's body is its last field).
+    pub fn suffix(&self, n: usize) -> LogBytes {
+        assert!(n <= self.range.len());
+        LogBytes {
+            buf: self.buf.clone(),
+            range: self.range.end - n..self.range.end,
+        }
+    }
+}
+
+impl std::ops::Deref for LogBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf.as_bytes()[self.range.clone()]
+    }
+}
+
+impl AsRef<[u8]> for LogBytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for LogBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogBytes({} bytes)", self.range.len())
+    }
+}
+
+/// A message body as its producer holds it, maybe in pieces (the SMTP session's
+/// received chunks, dot-stuffing skipped): the log copies it into the batch once.
+pub trait BodySource {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Calls `f` with the body's bytes, in order; together they are `len` bytes.
+    fn pieces(&self, f: &mut dyn FnMut(&[u8]));
+}
+
+impl BodySource for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn pieces(&self, f: &mut dyn FnMut(&[u8])) {
+        f(self)
+    }
+}
+
+impl BodySource for Vec<u8> {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn pieces(&self, f: &mut dyn FnMut(&[u8])) {
+        f(self)
+    }
+}
+
+impl<T: BodySource + ?Sized> BodySource for &T {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn pieces(&self, f: &mut dyn FnMut(&[u8])) {
+        (**self).pieces(f)
+    }
 }
 
 impl Slot {
@@ -313,10 +418,79 @@ const ZERO_AHEAD_BYTES: u64 = 8 << 20;
 /// zeros; 100 KiB messages (batches of MiBs) +36% without.
 const ZERO_AHEAD_BATCH_MAX: u64 = 256 << 10;
 
+const NO_BODY: &[u8] = &[];
+
+/// Batch buffers are at least this large: a buffer per record would mean a write per
+/// record. Larger records get a buffer of their own size. Small, because the queue
+/// keeps a fresh message's batch buffer while the message waits for delivery: a
+/// lone 4 KiB message holds at most this much.
+const BATCH_BUF_BYTES_MIN: usize = 16 << 10;
+/// ... and, while batches are small, at most about twice the average batch: a buffer
+/// lives as long as the freshest message in it is kept for delivery, so slack in it
+/// is memory held.
+const BATCH_BUF_BYTES_MAX: usize = 4 << 20;
+
+/// One aligned buffer of the open batch. Its first byte goes to a block boundary of
+/// the segment: `lead` bytes of the block the batch starts in (what the segment
+/// already holds there), then records, then zeros up to the next block boundary.
+/// Records are encoded in place: this buffer is what the write sends to the disk.
+struct BatchBuf {
+    buf: DmaBuffer,
+    lead: usize,
+    /// Bytes in use (lead included).
+    used: usize,
+    /// `offset_in_batch` of its first record.
+    first: u64,
+}
+
 struct Inner {
-    batch: Vec<u8>,
+    /// The open batch: records go into the last buffer; a record that does not fit
+    /// starts another (each buffer is one write, the batch one fdatasync).
+    bufs: Vec<BatchBuf>,
+    /// Record bytes in the open batch.
+    len: u64,
+    /// The partial block the open batch starts in, as the segment will hold it once
+    /// the batch being written is durable (a prediction: see `Flusher::write_batch`).
+    next_tail: Vec<u8>,
+    /// Payloads of records without a body are encoded here first (small).
+    scratch: Vec<u8>,
+    /// Moving average of batch sizes, for sizing buffers.
+    batch_avg: u64,
     slot: Rc<Slot>,
     closing: bool,
+}
+
+impl Inner {
+    /// Room for a record of `total` bytes at the end of the open batch.
+    fn reserve(&mut self, total: usize) -> &mut BatchBuf {
+        let fits = self
+            .bufs
+            .last()
+            .is_some_and(|b| b.buf.len() - b.used >= total);
+        if !fits {
+            let (lead_bytes, first): (&[u8], u64) = match self.bufs.last() {
+                None => (&self.next_tail, 0),
+                Some(b) => (
+                    &b.buf.as_bytes()[align_down(b.used as u64) as usize..b.used],
+                    self.len,
+                ),
+            };
+            let lead = lead_bytes.len();
+            let want =
+                (self.batch_avg as usize * 2).clamp(BATCH_BUF_BYTES_MIN, BATCH_BUF_BYTES_MAX);
+            let size = align_up(want.max(lead + total) as u64) as usize;
+            let mut buf = glommio::allocate_dma_buffer(size);
+            buf.as_bytes_mut()[..lead].copy_from_slice(lead_bytes);
+            crate::stats::add(|c| c.tail_bytes_copied += lead as u64);
+            self.bufs.push(BatchBuf {
+                buf,
+                lead,
+                used: lead,
+                first,
+            });
+        }
+        self.bufs.last_mut().unwrap()
+    }
 }
 
 /// One shard's log writer. Cheap to clone (shared within the executor).
@@ -406,7 +580,11 @@ impl ShardLog {
             inflight: Rc::new(RefCell::new([first.clone()].into())),
             durable_end: Rc::new(Cell::new((seg.seq, seg.len))),
             inner: Rc::new(RefCell::new(Inner {
-                batch: Vec::with_capacity(1 << 20),
+                bufs: Vec::new(),
+                len: 0,
+                next_tail: seg.tail.clone(),
+                scratch: Vec::new(),
+                batch_avg: 0,
                 slot: first,
                 closing: false,
             })),
@@ -433,25 +611,96 @@ impl ShardLog {
     /// Appends a record whose payload `write` produces; returns a ticket to await
     /// durability with. The record is in memory only until then.
     pub fn append(&self, kind: Kind, write: impl FnOnce(&mut Vec<u8>)) -> Result<Ticket, LogError> {
-        let mut inner = self.inner.borrow_mut();
+        let mut inner = self.open_batch()?;
+        let mut head = std::mem::take(&mut inner.scratch);
+        head.clear();
+        write(&mut head);
+        let t = self.place(&mut inner, kind, &head, &NO_BODY);
+        inner.scratch = head;
+        drop(inner);
+        self.wake.notify(1);
+        Ok(t)
+    }
+
+    /// Appends a record whose payload is what `head` writes followed by `body`'s
+    /// bytes. The body is copied once, from its pieces straight into the batch's
+    /// aligned buffer (the one the disk write is made from), and CRC'd in the same
+    /// pass; the record's CRC is combined from the head's and the body's, so the body
+    /// is read once. Returns the ticket and the body's CRC32C.
+    pub fn append_with_body(
+        &self,
+        kind: Kind,
+        head: impl FnOnce(&mut Vec<u8>),
+        body: &dyn BodySource,
+    ) -> Result<(Ticket, u32), LogError> {
+        let mut inner = self.open_batch()?;
+        let mut h = std::mem::take(&mut inner.scratch);
+        h.clear();
+        head(&mut h);
+        let (t, crc) = self.place_with_crc(&mut inner, kind, &h, body);
+        inner.scratch = h;
+        drop(inner);
+        self.wake.notify(1);
+        Ok((t, crc))
+    }
+
+    fn open_batch(&self) -> Result<std::cell::RefMut<'_, Inner>, LogError> {
+        let inner = self.inner.borrow_mut();
         if inner.closing {
             return Err(LogError::Closed);
         }
         if let Some(why) = self.halted.borrow().as_ref() {
             return Err(LogError::Io(why.clone()));
         }
-        let start = inner.batch.len();
-        record::encode_with(&mut inner.batch, kind, write);
-        let len = (inner.batch.len() - start) as u32;
+        Ok(inner)
+    }
+
+    fn place(&self, inner: &mut Inner, kind: Kind, head: &[u8], body: &dyn BodySource) -> Ticket {
+        self.place_with_crc(inner, kind, head, body).0
+    }
+
+    fn place_with_crc(
+        &self,
+        inner: &mut Inner,
+        kind: Kind,
+        head: &[u8],
+        body: &dyn BodySource,
+    ) -> (Ticket, u32) {
+        let body_len = body.len();
+        let payload = head.len() + body_len;
+        assert!(
+            payload <= record::RECORD_PAYLOAD_BYTES_MAX,
+            "record too large"
+        );
+        let total = record::RECORD_HEADER_BYTES + payload;
+        let offset_in_batch = inner.len;
+        let b = inner.reserve(total);
+        let at = b.used;
+        let out = &mut b.buf.as_bytes_mut()[at..at + total];
+        let (hdr, rest) = out.split_at_mut(record::RECORD_HEADER_BYTES);
+        let (h, dst) = rest.split_at_mut(head.len());
+        h.copy_from_slice(head);
+        let body_crc = copy_body(body, dst);
+        let head_crc = crc32c::crc32c_append(crc32c::crc32c(&[kind as u8]), head);
+        let crc = crc32c::crc32c_combine(head_crc, body_crc, body_len);
+        hdr[0..4].copy_from_slice(&(payload as u32).to_le_bytes());
+        hdr[4..8].copy_from_slice(&crc.to_le_bytes());
+        hdr[8] = kind as u8;
+        b.used += total;
+        inner.len += total as u64;
+        if body_len > 0 {
+            crate::stats::add(|c| {
+                c.bodies += 1;
+                c.body_bytes += body_len as u64;
+            });
+        }
         inner.slot.tickets.set(inner.slot.tickets.get() + 1);
         let ticket = Ticket {
             slot: inner.slot.clone(),
-            offset_in_batch: start as u64,
-            len,
+            offset_in_batch,
+            len: total as u32,
         };
-        drop(inner);
-        self.wake.notify(1);
-        Ok(ticket)
+        (ticket, body_crc)
     }
 
     /// Waits until the ticket's record is on stable storage; returns where it is.
@@ -462,14 +711,32 @@ impl ShardLog {
     /// [`ShardLog::durable`] for a holder that keeps the ticket until it applied the
     /// record (see [`ShardLog::replay_start`]).
     pub async fn durable_ref(&self, t: &Ticket) -> Result<Location, LogError> {
+        self.durable_bytes(t).await.map(|(loc, _)| loc)
+    }
+
+    /// [`ShardLog::durable_ref`], and the record's bytes as they were written (from
+    /// the batch's own buffer: no copy, no read).
+    pub async fn durable_bytes(&self, t: &Ticket) -> Result<(Location, LogBytes), LogError> {
         loop {
             let listener = t.slot.event.listen();
             if let Some(done) = t.slot.done.borrow().as_ref() {
-                return done.clone().map(|(seq, start)| Location {
-                    seq,
-                    offset: start + t.offset_in_batch,
+                let w = done.clone()?;
+                let b = w
+                    .bufs
+                    .iter()
+                    .find(|b| (b.first..b.first + b.len).contains(&t.offset_in_batch))
+                    .expect("a record lies in one buffer of its batch");
+                let from = b.lead + (t.offset_in_batch - b.first) as usize;
+                let loc = Location {
+                    seq: w.seq,
+                    offset: w.start + t.offset_in_batch,
                     len: t.len,
-                });
+                };
+                let bytes = LogBytes {
+                    buf: b.buf.clone(),
+                    range: from..from + t.len as usize,
+                };
+                return Ok((loc, bytes));
             }
             listener.await;
         }
@@ -495,7 +762,7 @@ impl ShardLog {
                 continue;
             }
             match &*s.done.borrow() {
-                Some(Ok(at)) => return *at,
+                Some(Ok(w)) => return (w.seq, w.start),
                 Some(Err(_)) => continue,
                 None => break,
             }
@@ -551,11 +818,22 @@ impl Flusher {
             let listener = self.log.wake.listen();
             let (batch, slot, closing) = {
                 let mut inner = self.log.inner.borrow_mut();
-                if inner.batch.is_empty() {
+                if inner.bufs.is_empty() {
                     (Vec::new(), None, inner.closing)
                 } else {
-                    let cap = inner.batch.capacity();
-                    let batch = std::mem::replace(&mut inner.batch, Vec::with_capacity(cap));
+                    let batch = std::mem::take(&mut inner.bufs);
+                    let len = std::mem::take(&mut inner.len);
+                    inner.batch_avg = (inner.batch_avg * 7 + len) / 8;
+                    // The next batch starts in the block this one ends in: its
+                    // buffers begin with those bytes, as the segment will hold them
+                    // if this batch is written where it is expected to be.
+                    let last = batch.last().unwrap();
+                    let from = align_down(last.used as u64) as usize;
+                    inner.next_tail.clear();
+                    inner
+                        .next_tail
+                        .extend_from_slice(&last.buf.as_bytes()[from..last.used]);
+                    crate::stats::add(|c| c.tail_bytes_copied += (last.used - from) as u64);
                     let next = Slot::new();
                     self.log.inflight.borrow_mut().push_back(next.clone());
                     let slot = std::mem::replace(&mut inner.slot, next);
@@ -565,10 +843,18 @@ impl Flusher {
             match slot {
                 Some(slot) => {
                     self.log.batches.set(self.log.batches.get() + 1);
-                    let len = batch.len() as u64;
-                    let result = self.write_batch(batch).await;
-                    if let Ok((seq, start)) = result {
-                        self.log.durable_end.set((seq, start + len));
+                    let result = self.write_batch(batch).await.map(Rc::new);
+                    if let Ok(w) = &result {
+                        self.log.durable_end.set((w.seq, w.start + w.len()));
+                    }
+                    // Nothing is open yet: the next batch can start from what the
+                    // segment really holds (after a failure or a roll the prediction
+                    // above was wrong).
+                    {
+                        let mut inner = self.log.inner.borrow_mut();
+                        if inner.bufs.is_empty() && inner.next_tail != self.seg.tail {
+                            inner.next_tail.clone_from(&self.seg.tail);
+                        }
                     }
                     *slot.done.borrow_mut() = Some(result);
                     slot.event.notify(usize::MAX);
@@ -583,9 +869,10 @@ impl Flusher {
         self.log.stopped.notify(usize::MAX);
     }
 
-    async fn write_batch(&mut self, batch: Vec<u8>) -> Result<(u64, u64), LogError> {
-        let full = self.seg.len > SEGMENT_HEADER_BYTES
-            && self.seg.len + batch.len() as u64 > self.cfg.segment_bytes_max;
+    async fn write_batch(&mut self, mut batch: Vec<BatchBuf>) -> Result<Written, LogError> {
+        let len: u64 = batch.iter().map(|b| (b.used - b.lead) as u64).sum();
+        let full =
+            self.seg.len > SEGMENT_HEADER_BYTES && self.seg.len + len > self.cfg.segment_bytes_max;
         if let Some(why) = self.log.halted.borrow().as_ref() {
             return Err(LogError::Io(why.clone()));
         }
@@ -595,31 +882,49 @@ impl Flusher {
             self.roll().await.map_err(|f| LogError::from(f.error))?;
         }
         let start = self.seg.len;
-        let len = batch.len() as u64;
         let end = start + len;
-        // One aligned buffer: the segment's partial last block, the batch, zeros up to
-        // the next block boundary (zeros read as the clean end of the log).
-        let base = align_down(start);
-        let mut buf = self
-            .seg
-            .file
-            .alloc_dma_buffer((align_up(end) - base) as usize);
-        let bytes = buf.as_bytes_mut();
+        // The records were placed behind the bytes the segment was expected to hold
+        // in its last block. After a roll, or when the batch before failed, it holds
+        // others: then (rarely) the batch is copied once more behind the right ones.
+        let first = &batch[0];
         let tail_len = self.seg.tail.len();
-        bytes[..tail_len].copy_from_slice(&self.seg.tail);
-        bytes[tail_len..tail_len + batch.len()].copy_from_slice(&batch);
-        bytes[tail_len + batch.len()..].fill(0);
-        let new_tail = bytes[(align_down(end) - base) as usize..(end - base) as usize].to_vec();
-        drop(batch);
-        self.batch_avg = (self.batch_avg * 7 + len) / 8;
-        if self.batch_avg <= ZERO_AHEAD_BATCH_MAX {
+        if first.lead != tail_len || first.buf.as_bytes()[..first.lead] != self.seg.tail[..] {
+            batch = vec![relocate(&batch, &self.seg.tail, len)];
+        }
+        let mut bufs = Vec::with_capacity(batch.len());
+        let mut at = start;
+        for mut b in batch {
+            let records = (b.used - b.lead) as u64;
+            let base = at - b.lead as u64;
+            debug_assert_eq!(base % BLOCK, 0);
+            debug_assert_eq!(b.first, at - start);
+            let size = align_up(b.used as u64) as usize;
+            // Zeros up to the block boundary read as the clean end of the log.
+            b.buf.as_bytes_mut()[b.used..size].fill(0);
+            b.buf.trim_to_size(size);
+            bufs.push((
+                base,
+                WrittenBuf {
+                    buf: Rc::new(b.buf),
+                    first: at - start,
+                    lead: b.lead,
+                    len: records,
+                },
+            ));
+            at += records;
+        }
+        debug_assert_eq!(at, end);
+        if self.batch_avg_update(len) <= ZERO_AHEAD_BATCH_MAX {
             self.zero_ahead(align_up(end));
         }
         self.seg.wait_zeroing(align_up(end)).await;
         let faults = self.log.faults.clone();
         let result = async {
             faults.fire(FaultPoint::Write)?;
-            write_all(&self.seg.file, buf, base).await?;
+            // In order: each buffer rewrites the block the one before ended in.
+            for (base, b) in &bufs {
+                write_all(&self.seg.file, b.buf.clone(), *base).await?;
+            }
             faults.fire(FaultPoint::Sync)?;
             self.seg.file.fdatasync().await?;
             Ok::<(), io::Error>(())
@@ -627,9 +932,18 @@ impl Flusher {
         .await;
         match result {
             Ok(()) => {
+                let (base, last) = bufs.last().unwrap();
+                let bytes = last.buf.as_bytes();
+                self.seg.tail.clear();
+                self.seg.tail.extend_from_slice(
+                    &bytes[(align_down(end) - base) as usize..(end - base) as usize],
+                );
                 self.seg.len = end;
-                self.seg.tail = new_tail;
-                Ok((self.seg.seq, start))
+                Ok(Written {
+                    seq: self.seg.seq,
+                    start,
+                    bufs: bufs.into_iter().map(|(_, b)| b).collect(),
+                })
             }
             Err(e) => {
                 tracing::error!(shard = self.shard, seq = self.seg.seq, error = %e, "spool write failed");
@@ -637,6 +951,11 @@ impl Flusher {
                 Err(LogError::from(e))
             }
         }
+    }
+
+    fn batch_avg_update(&mut self, len: u64) -> u64 {
+        self.batch_avg = (self.batch_avg * 7 + len) / 8;
+        self.batch_avg
     }
 
     /// Makes sure the bytes of a batch that failed at `start` are never read back as
@@ -755,7 +1074,7 @@ impl Flusher {
                 Some(f) => {
                     let mut zeros = f.alloc_dma_buffer((to - from) as usize);
                     zeros.as_bytes_mut().fill(0);
-                    write_all(f, zeros, from).await.is_ok() && f.fdatasync().await.is_ok()
+                    write_all(f, Rc::new(zeros), from).await.is_ok() && f.fdatasync().await.is_ok()
                 }
                 None => false,
             };
@@ -820,12 +1139,61 @@ fn free_bytes(fd: std::os::fd::RawFd) -> Option<u64> {
     (unsafe { libc::fstatvfs(fd, &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+/// Copies `body` into `dst` (exactly its length) and returns its CRC32C, computed
+/// piece by piece right behind the copy, while the bytes are still in cache.
+fn copy_body(body: &dyn BodySource, dst: &mut [u8]) -> u32 {
+    const STEP: usize = 64 << 10;
+    let mut crc = 0u32;
+    let mut at = 0;
+    body.pieces(&mut |mut piece: &[u8]| {
+        let len = piece.len();
+        while !piece.is_empty() {
+            let n = piece.len().min(STEP);
+            let d = &mut dst[at..at + n];
+            d.copy_from_slice(&piece[..n]);
+            crc = crc32c::crc32c_append(crc, d);
+            at += n;
+            piece = &piece[n..];
+        }
+        // Counted as each piece is copied, so a test can tell that a piece went
+        // straight from its producer into this buffer.
+        crate::stats::add(|c| {
+            c.body_bytes_copied += len as u64;
+            c.body_bytes_crc += len as u64;
+        });
+    });
+    assert_eq!(at, dst.len(), "a body source gave other than its length");
+    crc
+}
+
+/// The batch in one buffer, behind `tail` (the bytes the segment holds in the block
+/// the batch starts in).
+fn relocate(batch: &[BatchBuf], tail: &[u8], len: u64) -> BatchBuf {
+    let used = tail.len() + len as usize;
+    let mut buf = glommio::allocate_dma_buffer(align_up(used as u64) as usize);
+    let bytes = buf.as_bytes_mut();
+    bytes[..tail.len()].copy_from_slice(tail);
+    let mut at = tail.len();
+    for b in batch {
+        let records = &b.buf.as_bytes()[b.lead..b.used];
+        bytes[at..at + records.len()].copy_from_slice(records);
+        at += records.len();
+    }
+    crate::stats::add(|c| c.relocated_bytes += len);
+    BatchBuf {
+        buf,
+        lead: tail.len(),
+        used,
+        first: 0,
+    }
+}
+
 /// Writes the whole buffer at `pos`. A regular file only writes short when the file
 /// system ran out of space (io_uring writes are not interrupted by signals), so a short
 /// write is reported as ENOSPC; the caller cuts the partial bytes off again.
-async fn write_all(file: &DmaFile, buf: DmaBuffer, pos: u64) -> io::Result<()> {
+async fn write_all(file: &DmaFile, buf: Rc<DmaBuffer>, pos: u64) -> io::Result<()> {
     let total = buf.len();
-    let written = file.write_at(buf, pos).await?;
+    let written = file.write_rc_at(buf, pos).await?;
     if written < total {
         return Err(io::Error::from_raw_os_error(libc::ENOSPC));
     }

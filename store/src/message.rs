@@ -110,6 +110,20 @@ pub fn encode_with_reports(
     prefix: &[u8],
     body: &[u8],
 ) {
+    encode_head(out, env, reports, prefix, body.len());
+    out.extend_from_slice(body);
+}
+
+/// Appends everything of a `Message` payload but the body's bytes (the body's length
+/// field included): the log writes the body after it straight from where the session
+/// received it (see `ShardLog::append_with_body`).
+pub fn encode_head(
+    out: &mut Vec<u8>,
+    env: &Envelope,
+    reports: &[RcptUpdate],
+    prefix: &[u8],
+    body_len: usize,
+) {
     out.push(if reports.is_empty() {
         VERSION
     } else {
@@ -141,7 +155,7 @@ pub fn encode_with_reports(
     }
     put_bytes(out, prefix);
     // The body goes last so a reader can find it without parsing it.
-    put_bytes(out, body);
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
 }
 
 /// A decoded `Message` payload; prefix and body borrow from the record.

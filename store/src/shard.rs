@@ -25,7 +25,7 @@
 //! old mail is not copied again and again.
 
 use crate::handle::{Handle, Pins, Resolved};
-use crate::log::{LogConfig, LogError, ShardLog, Ticket};
+use crate::log::{BodySource, LogBytes, LogConfig, LogError, ShardLog, Ticket};
 use crate::message;
 use crate::record::{self, Kind, RECORD_HEADER_BYTES};
 use crate::segment::{self, Location, Mode, RecoveryOptions, RecoveryReport, Tail};
@@ -720,6 +720,36 @@ impl Shard {
             id,
             body_len: body_len as u32,
         })
+    }
+
+    /// Appends message `id`'s record: what `head` writes (see `message::encode_head`),
+    /// then `body`, copied once from its pieces into the log's write buffer with its
+    /// CRC32C in the same pass (returned with the ticket).
+    pub fn append_message_with_body(
+        &self,
+        id: u64,
+        head: impl FnOnce(&mut Vec<u8>),
+        body: &dyn BodySource,
+    ) -> Result<(MessageTicket, u32), LogError> {
+        let (ticket, crc) = self.log.append_with_body(Kind::Message, head, body)?;
+        self.appended.set(self.appended.get() + ticket.len() as u64);
+        let t = MessageTicket {
+            ticket,
+            id,
+            body_len: body.len() as u32,
+        };
+        Ok((t, crc))
+    }
+
+    /// [`Shard::durable_message`], and the body's bytes in the buffer the batch was
+    /// written from (no copy, no read).
+    pub async fn durable_message_bytes(
+        &self,
+        t: &MessageTicket,
+    ) -> Result<(Resolved, LogBytes), LogError> {
+        let (_, bytes) = self.log.durable_bytes(&t.ticket).await?;
+        let r = self.durable_message(t).await?;
+        Ok((r, bytes.suffix(t.body_len as usize)))
     }
 
     /// Waits until a message record is durable; it then is in the handle map with

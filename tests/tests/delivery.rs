@@ -80,7 +80,7 @@ fn run_message(
             &tx,
             &MessageText {
                 prefix,
-                body: std::rc::Rc::new(message),
+                body: message.into(),
             },
         )
         .await
@@ -376,7 +376,7 @@ fn equal_preference_mx_hosts_share_the_mail() {
         let pool = Pool::new(100, Duration::from_secs(5));
         let message = MessageText {
             prefix: Vec::new(),
-            body: std::rc::Rc::new(MESSAGE.to_vec()),
+            body: MESSAGE.to_vec().into(),
         };
         let mut delivered = 0;
         for _ in 0..MESSAGES {
@@ -761,7 +761,7 @@ fn run_timed(port: u16, tx: Transaction, timeouts: DeliveryTimeouts) -> (Outcome
             &tx,
             &MessageText {
                 prefix: Vec::new(),
-                body: std::rc::Rc::new(MESSAGE.to_vec()),
+                body: MESSAGE.to_vec().into(),
             },
         )
         .await;

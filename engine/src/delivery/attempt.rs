@@ -677,7 +677,7 @@ async fn send_body(
     let body = &message.body;
     if body.len() >= SHARED_SEND_MIN && (bdat || d.pass(body)) {
         ring.send(raw, SendBuf::Owned(out), true, stall).await?;
-        ring.send(raw, SendBuf::Shared(body.clone()), !bdat, stall)
+        ring.send(raw, SendBuf::Shared(Box::new(body.clone())), !bdat, stall)
             .await?;
         if !bdat {
             ring.send(raw, SendBuf::Static(d.finish()), false, stall)

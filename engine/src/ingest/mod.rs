@@ -11,16 +11,13 @@ use crate::queue::Spool;
 use crate::smtp::address::ascii_address;
 use crate::smtp::{self, received::received_header, Session, Step, Transaction};
 use event_listener::Event;
-use ringmail_store::message::{format_id, Envelope};
-use ringmail_store::LogError;
+use ringmail_store::message::{self, format_id, Envelope};
+use ringmail_store::{BodySource, LogError};
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// Bytes asked of the kernel per receive.
-const READ_BYTES: usize = 16 << 10;
 
 /// What the sessions of one executor share.
 pub struct Ingest {
@@ -134,7 +131,7 @@ impl Ingest {
     async fn session(self: &Rc<Self>, fd: &OwnedFd, peer: SocketAddr) {
         let fd = fd.as_raw_fd();
         let mut s = Session::new(self.smtp.clone(), self.cfg.relay_allowed(peer.ip()));
-        let mut buf = Vec::with_capacity(READ_BYTES);
+        let mut copied = 0;
         loop {
             // Run the core over what was received; store finished messages in order.
             loop {
@@ -147,6 +144,8 @@ impl Ingest {
                             .await;
                         return;
                     }
+                    // `store` drops the body once it is in the log's buffer: the session
+                    // then receives on into the chunk the body ended in.
                     Step::Message(tx) => match self.store(*tx, peer).await {
                         Ok(id) => s.message_stored(&id),
                         Err(e) => s.message_failed(match e {
@@ -157,6 +156,10 @@ impl Ingest {
                         }),
                     },
                 }
+            }
+            if s.copied_bytes() > copied {
+                ringmail_store::stats::add_session_copy(s.copied_bytes() - copied);
+                copied = s.copied_bytes();
             }
             if !s.output().is_empty() {
                 if self
@@ -177,14 +180,11 @@ impl Ingest {
                 continue;
             }
             let stop = self.stop.listen();
+            // The kernel receives straight into the session's buffer: the one copy
+            // of a body in user space is the store's, later.
+            let (buf, at) = s.lend_read_buf();
             let woke = futures_lite::future::or(
-                async {
-                    Some(
-                        self.ring
-                            .recv(fd, std::mem::take(&mut buf), self.cfg.idle_timeout)
-                            .await,
-                    )
-                },
+                async { Some(self.ring.recv_at(fd, buf, at, self.cfg.idle_timeout).await) },
                 async {
                     if !stoppable {
                         std::future::pending::<()>().await;
@@ -196,17 +196,14 @@ impl Ingest {
             .await;
             match woke {
                 Some((Ok(0), _)) => return,
-                Some((Ok(n), b)) => {
-                    s.push(&b[..n]);
-                    buf = b;
+                Some((Ok(n), b)) => s.received(b, n),
+                Some((Err(e), b)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    s.received(b, 0);
+                    s.idle_timeout();
                 }
-                Some((Err(e), _)) if e.kind() == std::io::ErrorKind::TimedOut => s.idle_timeout(),
                 Some((Err(_), _)) => return,
+                // The buffer went with the cancelled receive; the session closes.
                 None => s.shutdown(),
-            }
-            if buf.capacity() == 0 {
-                // The buffer went with a cancelled receive.
-                buf = Vec::with_capacity(READ_BYTES);
             }
         }
     }
@@ -239,20 +236,10 @@ impl Ingest {
         );
         let size = tx.body.len();
         let nrcpt = tx.recipients.len();
-        let env = Envelope {
-            id,
-            received_at_ms: now.as_millis() as u64,
-            from: tx.from,
-            recipients: tx.recipients,
-            body_type: tx.body_type,
-            smtputf8: tx.smtputf8,
-            ret: tx.ret,
-            envid: tx.envid,
-            helo: tx.helo,
-            peer: peer.ip().to_string(),
-        };
+        ringmail_store::stats::add_session_copy(tx.body.copied_bytes());
+        let (env, body) = envelope(tx, id, now.as_millis() as u64, peer);
         let from = env.from.clone();
-        match spool.enqueue(env, prefix.as_bytes(), tx.body).await {
+        match spool.enqueue(env, prefix.as_bytes(), body).await {
             Ok(()) => {
                 tracing::info!(id = %id_text, from = %from, size, nrcpt, client = %peer, "queued");
                 Ok(id_text)
@@ -262,6 +249,73 @@ impl Ingest {
                 Err(e)
             }
         }
+    }
+}
+
+/// The store's envelope of a finished transaction (the SMTP core has types of its
+/// own), and its body.
+pub fn envelope(
+    tx: Transaction,
+    id: u64,
+    received_at_ms: u64,
+    peer: SocketAddr,
+) -> (Envelope, smtp::Body) {
+    let env = Envelope {
+        id,
+        received_at_ms,
+        from: tx.from,
+        recipients: tx
+            .recipients
+            .into_iter()
+            .map(|r| message::Recipient {
+                address: r.address,
+                notify: notify_bits(r.notify),
+                orcpt: r.orcpt,
+            })
+            .collect(),
+        body_type: match tx.body_type {
+            smtp::BodyType::Unspecified => message::BodyType::Unspecified,
+            smtp::BodyType::SevenBit => message::BodyType::SevenBit,
+            smtp::BodyType::EightBitMime => message::BodyType::EightBitMime,
+            smtp::BodyType::BinaryMime => message::BodyType::BinaryMime,
+        },
+        smtputf8: tx.smtputf8,
+        ret: match tx.ret {
+            smtp::Ret::Unspecified => message::Ret::Unspecified,
+            smtp::Ret::Full => message::Ret::Full,
+            smtp::Ret::Hdrs => message::Ret::Hdrs,
+        },
+        envid: tx.envid,
+        helo: tx.helo,
+        peer: peer.ip().to_string(),
+    };
+    (env, tx.body)
+}
+
+fn notify_bits(core: u8) -> u8 {
+    use message::notify as store;
+    use smtp::notify as smtp;
+    [
+        (smtp::NEVER, store::NEVER),
+        (smtp::SUCCESS, store::SUCCESS),
+        (smtp::FAILURE, store::FAILURE),
+        (smtp::DELAY, store::DELAY),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| core & bit != 0)
+    .fold(0, |bits, (_, b)| bits | b)
+}
+
+/// The store copies a body from where the session received it.
+impl BodySource for smtp::Body {
+    fn len(&self) -> usize {
+        smtp::Body::len(self)
+    }
+    fn pieces(&self, f: &mut dyn FnMut(&[u8])) {
+        smtp::Body::pieces(self, |p| {
+            f(p);
+            true
+        })
     }
 }
 
@@ -307,3 +361,6 @@ pub fn check_port_free(addr: SocketAddr) -> std::io::Result<()> {
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())
 }
+
+#[cfg(test)]
+mod copies;

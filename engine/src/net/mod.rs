@@ -34,8 +34,8 @@ const RING_ENTRIES: u32 = 4096;
 /// Bytes handed to a send, owned by the operation until the kernel is done with them.
 pub enum SendBuf {
     Owned(Vec<u8>),
-    /// A message shared with other attempts (the spool's copy): sent without a copy.
-    Shared(Rc<Vec<u8>>),
+    /// A message shared with other attempts (the spool's bytes): sent without a copy.
+    Shared(Box<dyn AsRef<[u8]>>),
     Static(&'static [u8]),
 }
 
@@ -43,7 +43,7 @@ impl SendBuf {
     fn bytes(&self) -> &[u8] {
         match self {
             SendBuf::Owned(v) => v,
-            SendBuf::Shared(v) => v,
+            SendBuf::Shared(v) => (**v).as_ref(),
             SendBuf::Static(s) => s,
         }
     }
@@ -359,6 +359,51 @@ impl Ring {
                 unsafe { buf.set_len(r as usize) };
                 Ok(r as usize)
             }
+            r if r == -libc::ECANCELED => Err(io::ErrorKind::TimedOut.into()),
+            r => Err(io::Error::from_raw_os_error(-r)),
+        };
+        (res, buf)
+    }
+
+    /// Receives into `buf[at..]` (initialized bytes the kernel overwrites: the
+    /// SMTP session's own receive buffer, so what arrives is not copied again);
+    /// `idle` bounds the wait and yields `TimedOut`. Returns the buffer, its length
+    /// unchanged.
+    pub async fn recv_at(
+        self: &Rc<Self>,
+        fd: RawFd,
+        buf: Vec<u8>,
+        at: usize,
+        idle: Duration,
+    ) -> (io::Result<usize>, Vec<u8>) {
+        assert!(at <= buf.len());
+        let op = Op {
+            buf: Some(buf),
+            timeout: Some(Box::new(
+                types::Timespec::new()
+                    .sec(idle.as_secs())
+                    .nsec(idle.subsec_nanos()),
+            )),
+            ..Op::default()
+        };
+        let (res, mut op) = self
+            .start_op(op, |op, ud| {
+                let b = op.buf.as_mut().unwrap();
+                let len = (b.len() - at).min(u32::MAX as usize) as u32;
+                let ts: *const types::Timespec = &**op.timeout.as_ref().unwrap();
+                vec![
+                    // SAFETY: at <= b.len(); the buffer lives in the op until completion.
+                    opcode::Recv::new(types::Fd(fd), unsafe { b.as_mut_ptr().add(at) }, len)
+                        .build()
+                        .flags(squeue::Flags::IO_LINK)
+                        .user_data(ud),
+                    opcode::LinkTimeout::new(ts).build().user_data(UNWATCHED),
+                ]
+            })
+            .await;
+        let buf = op.buf.take().unwrap();
+        let res = match res {
+            r if r >= 0 => Ok(r as usize),
             r if r == -libc::ECANCELED => Err(io::ErrorKind::TimedOut.into()),
             r => Err(io::Error::from_raw_os_error(-r)),
         };

@@ -4,7 +4,7 @@
 use super::spool::Spool;
 use ringmail_store::message::{self, Envelope};
 use ringmail_store::segment;
-use ringmail_store::{PinGuard, Resolved};
+use ringmail_store::{LogBytes, PinGuard, Resolved};
 use std::io;
 use std::rc::Rc;
 
@@ -16,12 +16,59 @@ pub struct Loaded {
 }
 
 /// The text sent on: the trace prefix, then the body as the client sent it (shared by
-/// every attempt that needs it at the same time; for a fresh message, the very buffer
-/// the SMTP session received it into).
+/// every attempt that needs it at the same time).
 #[derive(Clone, Debug)]
 pub struct MessageText {
     pub prefix: Vec<u8>,
-    pub body: Rc<Vec<u8>>,
+    pub body: BodyBytes,
+}
+
+/// A body's bytes, shared.
+#[derive(Clone)]
+pub enum BodyBytes {
+    /// Read back from the log, or made here.
+    Heap(Rc<Vec<u8>>),
+    /// A fresh message: the very buffer its batch was written to the disk from (the
+    /// one copy ingestion made), so the first delivery needs neither a read nor a
+    /// copy of its own.
+    Log(LogBytes),
+}
+
+impl std::ops::Deref for BodyBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            BodyBytes::Heap(v) => v,
+            BodyBytes::Log(b) => b,
+        }
+    }
+}
+
+impl AsRef<[u8]> for BodyBytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for BodyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyBytes::Heap(v) => write!(f, "Heap({} bytes)", v.len()),
+            BodyBytes::Log(b) => write!(f, "{b:?}"),
+        }
+    }
+}
+
+impl From<Vec<u8>> for BodyBytes {
+    fn from(v: Vec<u8>) -> BodyBytes {
+        BodyBytes::Heap(Rc::new(v))
+    }
+}
+
+impl From<Rc<Vec<u8>>> for BodyBytes {
+    fn from(v: Rc<Vec<u8>>) -> BodyBytes {
+        BodyBytes::Heap(v)
+    }
 }
 
 impl MessageText {
@@ -92,7 +139,7 @@ impl Spool {
             env: d.envelope,
             message: MessageText {
                 prefix: d.prefix.to_vec(),
-                body: Rc::new(d.body.to_vec()),
+                body: d.body.to_vec().into(),
             },
         })
     }

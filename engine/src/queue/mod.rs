@@ -22,7 +22,7 @@ mod spool;
 #[cfg(test)]
 mod testutil;
 
-pub use cache::{Loaded, MessageText};
+pub use cache::{BodyBytes, Loaded, MessageText};
 pub use model::{make_id, QueuedMessage, QueuedRcpt, RcptStatus};
 pub use replay::{list, recover, Recovered};
 pub use spool::{Bounce, Spool};

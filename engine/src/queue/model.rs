@@ -76,14 +76,19 @@ impl QueuedMessage {
 
     /// The queued message of a decoded `Message` record.
     pub(super) fn of_decoded(d: &message::Decoded<'_>) -> QueuedMessage {
-        let env = &d.envelope;
+        QueuedMessage::with_crc(&d.envelope, d.body.len(), crc32c::crc32c(d.body))
+    }
+
+    /// A message whose body's CRC the write path computed already (while copying it
+    /// into the log: one pass over the body).
+    pub(super) fn with_crc(env: &message::Envelope, size: usize, crc: u32) -> QueuedMessage {
         QueuedMessage {
             id: env.id,
             from: env.from.as_str().into(),
             rcpt: env.recipients.iter().map(QueuedRcpt::new).collect(),
             received_at_ms: env.received_at_ms,
-            size: d.body.len() as u64,
-            body_crc32c: crc32c::crc32c(d.body),
+            size: size as u64,
+            body_crc32c: crc,
             body_type: env.body_type,
             smtputf8: env.smtputf8,
             ret: env.ret,

@@ -4,16 +4,15 @@
 //! compaction are the store's ([`Shard`]); the queue is one index on it, holding one
 //! reference per message while a recipient is not final.
 
-use super::cache::{Loaded, MessageText, CACHE_BYTES_MAX};
+use super::cache::{BodyBytes, Loaded, MessageText, CACHE_BYTES_MAX};
 use super::model::{QueuedMessage, RcptStatus};
 use super::replay::QueueIndex;
 use ringmail_store::message::{self, Envelope, RcptUpdate};
-use ringmail_store::{Kind, LogConfig, LogError, Shard, ShardLog};
+use ringmail_store::{BodySource, Kind, LogBytes, LogConfig, LogError, Shard, ShardLog};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;
-use std::rc::Rc;
 
 /// One shard's queue, owned by the executor that serves the shard.
 pub struct Spool {
@@ -82,42 +81,41 @@ impl Spool {
     }
 
     /// Writes the message once (envelope, trace prefix, body) and returns when it is
-    /// durable; only then is it in the queue.
+    /// durable; only then is it in the queue. The body is copied once, from wherever
+    /// its producer holds it (the SMTP session's receive chunks) into the log's write
+    /// buffer, and dropped before the wait; the queue's fresh copy is that buffer.
     pub async fn enqueue(
         &self,
         env: Envelope,
         prefix: &[u8],
-        body: Vec<u8>,
+        body: impl BodySource,
     ) -> Result<(), LogError> {
-        let ticket = self.store.append_message(env.id, body.len(), |out| {
-            message::encode(out, &env, prefix, &body)
-        })?;
-        self.store.durable_message(&ticket).await?;
+        let body_len = body.len();
+        let (ticket, crc) = self.store.append_message_with_body(
+            env.id,
+            |out| message::encode_head(out, &env, &[], prefix, body_len),
+            &body,
+        )?;
+        drop(body);
+        let (_, bytes) = self.store.durable_message_bytes(&ticket).await?;
         // The reference the store handed out is the queue's from here on.
-        self.admit(env, prefix, body);
+        self.admit(env, prefix, bytes, crc);
         drop(ticket);
         Ok(())
     }
 
-    /// Puts a durable message into the index and the ready queue.
-    fn admit(&self, env: Envelope, prefix: &[u8], body: Vec<u8>) {
+    /// Puts a durable message into the index and the ready queue. `body`: its bytes
+    /// in the batch they were written from; `crc`: their CRC32C.
+    fn admit(&self, env: Envelope, prefix: &[u8], body: LogBytes, crc: u32) {
         let size = prefix.len() + body.len();
-        let d = message::Decoded {
-            envelope: env,
-            prefix,
-            body: &body,
-            body_offset: 0,
-            reports: Vec::new(),
-        };
-        let m = QueuedMessage::of_decoded(&d);
-        let env = d.envelope;
+        let m = QueuedMessage::with_crc(&env, body.len(), crc);
         if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
             self.cached_bytes.set(self.cached_bytes.get() + size);
             let loaded = Loaded {
                 env,
                 message: MessageText {
                     prefix: prefix.to_vec(),
-                    body: Rc::new(body),
+                    body: BodyBytes::Log(body),
                 },
             };
             self.cache.borrow_mut().insert(m.id, loaded);
@@ -156,9 +154,11 @@ impl Spool {
                     .filter(|u| u.status == RcptStatus::Failed)
                     .cloned()
                     .collect();
-                Some(self.store.append_message(b.env.id, b.text.len(), |out| {
-                    message::encode_with_reports(out, &b.env, &failures, b"", &b.text)
-                })?)
+                Some(self.store.append_message_with_body(
+                    b.env.id,
+                    |out| message::encode_head(out, &b.env, &failures, b"", b.text.len()),
+                    &b.text,
+                )?)
             }
             None => None,
         };
@@ -168,7 +168,7 @@ impl Spool {
             tickets.push(self.store.append(Kind::RcptUpdate, |out| u.encode(out))?);
         }
         let bounce_stored = match &bounce_ticket {
-            Some(t) => Some(self.store.durable_message(t).await),
+            Some((t, _)) => Some(self.store.durable_message_bytes(t).await),
             None => None,
         };
         let mut durable = Ok(());
@@ -183,9 +183,9 @@ impl Spool {
             }
             return Err(e);
         }
-        if let (Some(b), Some(stored)) = (bounce, bounce_stored) {
-            stored?;
-            self.admit(b.env, b"", b.text);
+        if let (Some(b), Some(stored), Some((_, crc))) = (bounce, bounce_stored, &bounce_ticket) {
+            let (_, bytes) = stored?;
+            self.admit(b.env, b"", bytes, *crc);
         }
         for u in &updates {
             self.apply(u);

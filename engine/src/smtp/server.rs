@@ -16,7 +16,9 @@
 use super::address::{
     is_local_domain, parse_domain, parse_path, valid_xtext, Domain, DomainError, Mailbox, PathError,
 };
-use ringmail_store::message::{notify, BodyType, Recipient, Ret};
+use super::body::{Body, SMALL_PART_BYTES};
+use super::types::{notify, BodyType, Recipient, Ret};
+use std::rc::Rc;
 
 /// Limits of one session. Names end in their unit.
 #[derive(Debug, Clone)]
@@ -65,7 +67,8 @@ pub struct Config {
 pub struct Transaction {
     pub from: String,
     pub recipients: Vec<Recipient>,
-    pub body: Vec<u8>,
+    /// The text, where the session received it (see `Body`).
+    pub body: Body,
     pub body_type: BodyType,
     pub smtputf8: bool,
     pub ret: Ret,
@@ -93,10 +96,12 @@ enum State {
     Data,
     /// Reading a BDAT chunk: `remaining` bytes, then the reply (or the commit if `last`).
     /// `valid`: false when there is no transaction to add it to (503 after reading it).
+    /// `gather`: the chunk is tiny, its bytes are copied together (see `Body::gather`).
     Bdat {
         remaining: usize,
         last: bool,
         valid: bool,
+        gather: bool,
     },
     /// A message was handed out; waiting for the driver's verdict.
     Storing,
@@ -134,7 +139,10 @@ struct Mail {
     ret: Ret,
     envid: Option<String>,
     recipients: Vec<Recipient>,
-    body: Vec<u8>,
+    body: Body,
+    /// How large the message is expected to be (SIZE=, or the session's last one):
+    /// receive chunks are sized by it.
+    expected: Option<usize>,
     /// Bytes of the message seen, stored or not (the size limit counts these).
     size: usize,
     refusal: Option<Refusal>,
@@ -154,10 +162,23 @@ struct DataLine {
 pub struct Session {
     cfg: std::rc::Rc<Config>,
     relay_allowed: bool,
-    /// Received bytes live in `input[start..end]`; `input` never shrinks below its length.
+    /// Received bytes live in `input[start..end]`; `input` never shrinks below its
+    /// length. While it holds text of the message being received (see `pinned`) it is
+    /// neither compacted nor grown: a full one is retired into the message's `Body`
+    /// and the next bytes go to a new chunk.
     input: Vec<u8>,
     start: usize,
     end: usize,
+    /// DATA: where the text not yet added to the body starts in `input`.
+    live_from: Option<usize>,
+    /// The receive chunk lent to the body handed out last; `input` is empty
+    /// meanwhile. Taken back (see `reclaim`) once the driver dropped the body.
+    shared: Option<Rc<Vec<u8>>>,
+    /// Size of the next receive chunk of a message without a size hint: doubles.
+    chunk_bytes: usize,
+    /// Body bytes this session copied (only when a driver kept a body past its
+    /// verdict; see `reclaim`).
+    copied: usize,
     out: Vec<u8>,
     state: State,
     helo: Option<String>,
@@ -171,9 +192,12 @@ pub struct Session {
 
 const READ_CHUNK_BYTES: usize = 16 << 10;
 
-/// The most a transaction reserves for its body up front (from SIZE= or the session's
-/// last message); larger bodies grow as they arrive.
-const BODY_RESERVE_MAX: usize = 4 << 20;
+/// The largest receive chunk: a message larger than this is received into several
+/// (they are never reallocated, so size only bounds the slack of the last one).
+const BODY_CHUNK_MAX: usize = 1 << 20;
+
+/// A receive chunk holding text is retired when less than this is left free in it.
+const CHUNK_FREE_MIN: usize = 2 << 10;
 
 impl Session {
     /// Starts a session and queues the greeting. `relay_allowed`: the client's address
@@ -185,6 +209,10 @@ impl Session {
             input: vec![0; READ_CHUNK_BYTES],
             start: 0,
             end: 0,
+            live_from: None,
+            shared: None,
+            chunk_bytes: READ_CHUNK_BYTES,
+            copied: 0,
             out: Vec::with_capacity(512),
             state: State::Command,
             helo: None,
@@ -201,9 +229,32 @@ impl Session {
 
     /// Free space to receive into; report how much was received with `filled`.
     pub fn read_buf(&mut self) -> &mut [u8] {
+        self.reclaim();
+        if self.input.is_empty() {
+            // The buffer lent to a receive never came back (the driver dropped the
+            // receive): what it held is gone, and with it the message in progress.
+            self.input = vec![0; READ_CHUNK_BYTES];
+            self.start = 0;
+            self.end = 0;
+            if self.live_from.take().is_some()
+                || self.mail.as_ref().is_some_and(|m| m.body.uses_current())
+            {
+                self.mail = None;
+            }
+        }
+        if self.pinned() {
+            if self.input.len() - self.end < CHUNK_FREE_MIN {
+                self.retire_chunk();
+            }
+            return &mut self.input[self.end..];
+        }
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            if self.input.len() > 2 * READ_CHUNK_BYTES {
+                // An idle session keeps a small buffer, not its last message's chunk.
+                self.input = vec![0; READ_CHUNK_BYTES];
+            }
         } else if self.start > 0 && self.input.len() - self.end < READ_CHUNK_BYTES / 2 {
             self.input.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -216,6 +267,91 @@ impl Session {
             self.input.resize(len, 0);
         }
         &mut self.input[self.end..]
+    }
+
+    /// Lends the receive buffer to a receive that owns its buffer until it completes
+    /// (io_uring): the kernel writes at `buf[at..]`, straight where the session keeps
+    /// the bytes. Hand it back with `received`.
+    pub fn lend_read_buf(&mut self) -> (Vec<u8>, usize) {
+        self.read_buf();
+        (std::mem::take(&mut self.input), self.end)
+    }
+
+    /// The buffer lent by `lend_read_buf` is back with `n` more bytes.
+    pub fn received(&mut self, buf: Vec<u8>, n: usize) {
+        debug_assert!(self.input.is_empty(), "received without lend_read_buf");
+        self.input = buf;
+        self.filled(n);
+    }
+
+    /// Body bytes this session copied itself (besides what `Body::copied_bytes`
+    /// counts): only when a driver kept a body past its verdict.
+    pub fn copied_bytes(&self) -> usize {
+        self.copied
+    }
+
+    /// The receive chunk holds text of the message being received: its bytes must
+    /// stay where they are.
+    fn pinned(&self) -> bool {
+        self.mail.as_ref().is_some_and(|m| {
+            m.refusal.is_none() && (self.live_from.is_some() || m.body.uses_current())
+        })
+    }
+
+    /// Moves on to a new receive chunk; the full one goes to the message's body. Only
+    /// undecided bytes move along: at most ".\r" of DATA (a line start that may be
+    /// the end), or a partial command line between BDAT chunks, never stored text.
+    fn retire_chunk(&mut self) {
+        let keep = self.start..self.end;
+        let size = self.next_chunk_bytes().max(keep.len() + CHUNK_FREE_MIN);
+        let mut fresh = vec![0u8; size];
+        fresh[..keep.len()].copy_from_slice(&self.input[keep.clone()]);
+        let old = std::mem::replace(&mut self.input, fresh);
+        let mail = self.mail.as_mut().unwrap();
+        if let Some(from) = self.live_from {
+            mail.body.add(from..self.start);
+            self.live_from = Some(0);
+        }
+        mail.body.retire(Rc::new(old));
+        self.end -= self.start;
+        self.start = 0;
+    }
+
+    /// Chunks are sized by what is still expected, else they double: a large
+    /// message costs a few allocations and no copies.
+    fn next_chunk_bytes(&mut self) -> usize {
+        let expected = self
+            .mail
+            .as_ref()
+            .and_then(|m| m.expected.map(|e| e.saturating_sub(m.size)))
+            .unwrap_or(0);
+        let size = expected
+            .saturating_add(CHUNK_FREE_MIN)
+            .max(self.chunk_bytes)
+            .clamp(READ_CHUNK_BYTES, BODY_CHUNK_MAX);
+        self.chunk_bytes = (size * 2).min(BODY_CHUNK_MAX);
+        size
+    }
+
+    /// Takes back the receive chunk lent to the last body. If the driver still holds
+    /// that body, the unread bytes after it are copied to a chunk of their own.
+    fn reclaim(&mut self) {
+        let Some(chunk) = self.shared.take() else {
+            return;
+        };
+        match Rc::try_unwrap(chunk) {
+            Ok(v) => self.input = v,
+            Err(chunk) => {
+                let keep = &chunk[self.start..self.end];
+                let mut fresh = vec![0u8; READ_CHUNK_BYTES.max(keep.len() + CHUNK_FREE_MIN)];
+                fresh[..keep.len()].copy_from_slice(keep);
+                // Counted as body bytes: they may be the next message's BDAT text.
+                self.copied += keep.len();
+                self.input = fresh;
+                self.end -= self.start;
+                self.start = 0;
+            }
+        }
     }
 
     /// `n` bytes were received into the last `read_buf`.
@@ -276,8 +412,11 @@ impl Session {
     }
 
     /// The message handed out by the last `Step::Message` is durable under `id`.
+    /// Drop the transaction's body first: the session then receives on into the
+    /// buffer the body's end is in.
     pub fn message_stored(&mut self, id: &str) {
         assert_eq!(self.state, State::Storing, "no message was being stored");
+        self.reclaim();
         let reply = format!("250 2.0.0 Ok: queued as {id}\r\n");
         self.reply(&reply);
         self.state = State::Command;
@@ -286,12 +425,16 @@ impl Session {
     /// The message could not be made durable; `reply` is the full reply line.
     pub fn message_failed(&mut self, reply: &str) {
         assert_eq!(self.state, State::Storing, "no message was being stored");
+        self.reclaim();
         self.reply(reply);
         self.state = State::Command;
     }
 
     /// Runs the state machine over the buffered input.
     pub fn process(&mut self) -> Step {
+        if self.state != State::Storing {
+            self.reclaim();
+        }
         loop {
             let step = match self.state {
                 State::Closed => return Step::Close,
@@ -303,7 +446,8 @@ impl Session {
                     remaining,
                     last,
                     valid,
-                } => self.bdat(remaining, last, valid),
+                    gather,
+                } => self.bdat(remaining, last, valid, gather),
             };
             if let Some(step) = step {
                 return step;
@@ -540,9 +684,9 @@ impl Session {
         if !mail.from.is_ascii() && !mail.smtputf8 {
             return self.error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8\r\n");
         }
-        // Room for the body at once, instead of growing (and copying) it as it comes.
-        let hint = declared.unwrap_or(self.last_body_len + self.last_body_len / 8);
-        mail.body = Vec::with_capacity(hint.min(BODY_RESERVE_MAX));
+        // Receive chunks of about the right size (they never grow by copying).
+        mail.expected = declared
+            .or((self.last_body_len > 0).then(|| self.last_body_len + self.last_body_len / 8));
         self.mail = Some(mail);
         self.reply("250 2.1.0 Ok\r\n");
     }
@@ -671,6 +815,8 @@ impl Session {
         }
         self.line = DataLine::default();
         self.state = State::Data;
+        self.mail.as_mut().unwrap().body = Body::new(true);
+        self.live_from = Some(self.start);
         self.reply("354 End data with <CR><LF>.<CR><LF>\r\n");
     }
 
@@ -701,11 +847,12 @@ impl Session {
             remaining: size,
             last,
             valid,
+            gather: size < SMALL_PART_BYTES,
         };
         None
     }
 
-    fn bdat(&mut self, remaining: usize, last: bool, valid: bool) -> Option<Step> {
+    fn bdat(&mut self, remaining: usize, last: bool, valid: bool, gather: bool) -> Option<Step> {
         let take = remaining.min(self.end - self.start);
         if take > 0 {
             let (from, to) = (self.start, self.start + take);
@@ -716,9 +863,13 @@ impl Session {
                 mail.size = mail.size.saturating_add(take);
                 if mail.size > max {
                     mail.refusal.get_or_insert(Refusal::TooBig);
-                    mail.body = Vec::new();
+                    mail.body = Body::default();
                 } else if mail.refusal.is_none() {
-                    mail.body.extend_from_slice(&self.input[from..to]);
+                    if gather {
+                        mail.body.gather(&self.input[from..to]);
+                    } else {
+                        mail.body.add(from..to);
+                    }
                 }
             }
         }
@@ -728,6 +879,7 @@ impl Session {
                 remaining,
                 last,
                 valid,
+                gather,
             };
             return Some(Step::NeedInput);
         }
@@ -747,7 +899,7 @@ impl Session {
                 self.error(r.reply());
                 None
             }
-            (None, true) => self.finish_message(),
+            (None, true) => self.finish_message(None),
             (None, false) => {
                 let n = self.mail.as_ref().unwrap().size;
                 let r = format!("250 2.0.0 Ok: {n} octets received\r\n");
@@ -771,7 +923,7 @@ impl Session {
                 self.line.cr = false;
                 if first == b'\n' {
                     self.line.len += 1;
-                    self.append_data(self.start, 1);
+                    self.count_data(1);
                     self.start += 1;
                     self.line.len = 0;
                     continue;
@@ -783,8 +935,9 @@ impl Session {
                 match (pending.get(1), pending.get(2)) {
                     (None, _) | (Some(b'\r'), None) => return Some(Step::NeedInput),
                     (Some(b'\r'), Some(b'\n')) => {
+                        let dot = self.start;
                         self.start += 3;
-                        return self.end_of_data();
+                        return self.end_of_data(dot);
                     }
                     _ => {
                         // Dot-stuffing: the dot is not part of the message but is part
@@ -799,10 +952,9 @@ impl Session {
                 None => (pending.len(), None),
                 Some(i) => (i + 1, Some(pending[i])),
             };
-            let from = self.start;
             self.start += n;
             self.line.len += n;
-            self.append_data(from, n);
+            self.count_data(n);
             match stop {
                 Some(b'\r') => self.line.cr = true,
                 Some(_) => self.refuse(Refusal::BareNewline),
@@ -811,8 +963,9 @@ impl Session {
         }
     }
 
-    /// Adds `input[from..from + n]` to the message, within the size and line limits.
-    fn append_data(&mut self, from: usize, n: usize) {
+    /// Counts `n` octets of text against the size and line limits. The text stays
+    /// where it was received: the body refers to it (`live_from`), dots and all.
+    fn count_data(&mut self, n: usize) {
         if self.line.len > self.cfg.limits.data_line_bytes_max {
             self.refuse(Refusal::LineTooLong);
         }
@@ -820,8 +973,6 @@ impl Session {
         mail.size = mail.size.saturating_add(n);
         if mail.size > self.cfg.limits.message_bytes_max {
             self.refuse(Refusal::TooBig);
-        } else if mail.refusal.is_none() {
-            mail.body.extend_from_slice(&self.input[from..from + n]);
         }
     }
 
@@ -830,30 +981,52 @@ impl Session {
         let mail = self.mail.as_mut().unwrap();
         if mail.refusal < Some(why) {
             mail.refusal = Some(why);
-            mail.body = Vec::new();
+            mail.body = Body::default();
+            self.live_from = None;
         }
     }
 
-    fn end_of_data(&mut self) -> Option<Step> {
+    /// DATA ended; its last line's dot is at `dot`.
+    fn end_of_data(&mut self, dot: usize) -> Option<Step> {
         self.state = State::Command;
         match self.mail.as_ref().unwrap().refusal {
             Some(r) => {
                 self.mail = None;
+                self.live_from = None;
                 self.error(r.reply());
                 None
             }
-            None => self.finish_message(),
+            None => self.finish_message(Some(dot)),
         }
+    }
+
+    /// The body is complete (DATA: its text ends before `data_end`). If it refers to
+    /// the receive chunk, the chunk is lent to it (`shared`).
+    fn seal_body(&mut self, data_end: Option<usize>) {
+        let mail = self.mail.as_mut().unwrap();
+        if let (Some(from), Some(end)) = (self.live_from.take(), data_end) {
+            mail.body.add(from..end);
+        }
+        if mail.body.uses_current() {
+            let chunk = Rc::new(std::mem::take(&mut self.input));
+            mail.body.retire(chunk.clone());
+            self.shared = Some(chunk);
+        }
+        mail.body.set_len(mail.size);
     }
 
     /// The message was read whole and within the limits: refused if it has looped
     /// (too many `Received:` headers), else handed out. Only the header section is
     /// read, once, when the text is complete, so the answer does not depend on how
     /// the input was split.
-    fn finish_message(&mut self) -> Option<Step> {
-        let hops = super::headers::scan(&self.mail.as_ref().unwrap().body).received;
+    fn finish_message(&mut self, data_end: Option<usize>) -> Option<Step> {
+        self.seal_body(data_end);
+        let mut scanner = super::headers::Scanner::default();
+        self.mail.as_ref().unwrap().body.pieces(|p| scanner.feed(p));
+        let hops = scanner.finish().received;
         if hops >= self.cfg.limits.hop_count_max {
             self.mail = None;
+            self.reclaim();
             self.error("554 5.4.6 Too many hops\r\n");
             return None;
         }

@@ -35,7 +35,7 @@ fn run(cfg: Rc<Config>, relay: bool, chunks: &[&[u8]]) -> Outcome {
             match s.process() {
                 Step::NeedInput => break,
                 Step::Message(tx) => {
-                    bodies.push(tx.body);
+                    bodies.push(tx.body.to_vec());
                     s.message_stored("ID");
                 }
                 Step::Close => {
@@ -310,15 +310,12 @@ fn dsn_and_esmtp_parameters_are_kept() {
     let Step::Message(tx) = s.process() else {
         panic!("no message")
     };
-    assert_eq!(tx.ret, ringmail_store::message::Ret::Hdrs);
+    assert_eq!(tx.ret, super::Ret::Hdrs);
     assert_eq!(tx.envid.as_deref(), Some("QQ+2B1"));
-    assert_eq!(
-        tx.body_type,
-        ringmail_store::message::BodyType::EightBitMime
-    );
+    assert_eq!(tx.body_type, super::BodyType::EightBitMime);
     assert_eq!(
         tx.recipients[0].notify,
-        ringmail_store::message::notify::SUCCESS | ringmail_store::message::notify::FAILURE
+        super::notify::SUCCESS | super::notify::FAILURE
     );
     assert_eq!(
         tx.recipients[0].orcpt.as_deref(),
