@@ -17,10 +17,12 @@ pub mod handle;
 pub mod log;
 pub mod manifest;
 pub mod message;
+pub mod reader;
 pub mod record;
 pub mod segment;
 
 pub use handle::{Handle, PinGuard, Pins, Resolved};
 pub use log::{FaultPoint, Faults, LogConfig, LogError, ShardLog, Ticket};
+pub use reader::{LocalPin, Owner, SegmentFiles, SharedBuf};
 pub use record::Kind;
 pub use segment::{Location, Mode, RecoveryOptions, RecoveryReport, Tail};
