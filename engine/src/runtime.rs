@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::queue::Spool;
+use crate::storeservice::StoreService;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use ringmail_store::{manifest, LogConfig};
 use std::rc::Rc;
@@ -73,24 +74,31 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         PoolPlacement::Unbound(executors)
     };
     let shards = m.shards;
+    // Cross-core reads (see `storeservice`): every executor joins before it opens
+    // its shards, and its place in the mesh is its index.
+    let mesh = crate::storeservice::mesh(executors);
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("ringmail")
         .on_all_shards(move || {
             let cfg = cfg.clone();
             let shutdown = shutdown.clone();
-            let index = next_index.fetch_add(1, Ordering::SeqCst);
+            let slot = next_index.fetch_add(1, Ordering::SeqCst);
             let ready = ready.clone();
-            let listener = listeners.lock().unwrap()[index].take();
+            let listener = listeners.lock().unwrap()[slot].take();
             async move {
                 let listener = listener.expect("one listener per executor");
+                let store = StoreService::join(mesh, &cfg.data).await?;
+                // The mesh numbers executors in its own order: shard ownership follows
+                // it, so that every executor routes a shard's requests to its owner.
+                let index = store.peer();
                 let result = executor_main(
                     index,
                     listener,
-                    executors,
                     shards,
                     Rc::new(cfg),
                     shutdown.clone(),
                     ready,
+                    store,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -127,12 +135,13 @@ pub fn serve(cfg: Config) -> Result<(), String> {
 async fn executor_main(
     index: usize,
     listener: std::os::fd::OwnedFd,
-    executors: usize,
     shards: u32,
     cfg: Rc<Config>,
     shutdown: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
+    store: StoreService,
 ) -> Result<(), String> {
+    let executors = store.executors();
     let mut spools = Vec::new();
     for shard in (0..shards).filter(|k| *k as usize % executors == index) {
         let spool = Spool::open(
@@ -185,6 +194,7 @@ async fn executor_main(
     for spool in &spools {
         spool.close().await;
     }
+    store.close().await;
     Ok(())
 }
 

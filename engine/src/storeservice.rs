@@ -172,7 +172,11 @@ impl StoreService {
     /// Registers a shard this executor owns: other executors' requests for it are
     /// answered by `owner`.
     pub fn add_owner(&self, shard: u32, owner: Rc<dyn Owner>) {
-        debug_assert_eq!(self.owner_of(shard), self.0.peer, "shard {shard} is not ours");
+        debug_assert_eq!(
+            self.owner_of(shard),
+            self.0.peer,
+            "shard {shard} is not ours"
+        );
         self.0.owners.borrow_mut().insert(shard, owner);
     }
 
@@ -194,11 +198,13 @@ impl StoreService {
                     format!("shard {} is not open on its executor", handle.shard),
                 ));
             };
-            return Ok(LocalPin::resolve(local, handle.id).map(|(resolved, pin)| Reading {
-                resolved,
-                pin: Hold::Local(Some(pin)),
-                service: self.clone(),
-            }));
+            return Ok(
+                LocalPin::resolve(local, handle.id).map(|(resolved, pin)| Reading {
+                    resolved,
+                    pin: Hold::Local(Some(pin)),
+                    service: self.clone(),
+                }),
+            );
         }
         let inner = &self.0;
         if inner.closed.get() || inner.peers[owner].gone.get() {
@@ -802,9 +808,11 @@ mod tests {
                     n += 1;
                 }
                 assert!(n >= len / PIECE_BYTES, "streamed in pieces");
-                assert!(got == body(id, len), "the bytes read differ from those stored");
+                assert!(
+                    got == body(id, len),
+                    "the bytes read differ from those stored"
+                );
                 assert!(svc.files().is_open(SHARD, seq));
-                drop(pieces);
                 drop(reading);
 
                 // The owner deleted it: this executor's cache lets go of the file.
@@ -859,7 +867,6 @@ mod tests {
                 let mut pieces = reading.pieces(0..len as u64, PIECE_BYTES).unwrap();
                 let first = pieces.next().await.unwrap().unwrap();
                 assert_eq!(&first[..], &body(id, PIECE_BYTES)[..]);
-                drop(pieces);
                 drop(reading);
                 // 3. The task reading it is cancelled while it holds the pin.
                 let pinned = Rc::new(Event::new());
