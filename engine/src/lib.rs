@@ -9,3 +9,4 @@ pub mod net;
 pub mod queue;
 pub mod runtime;
 pub mod smtp;
+pub mod storeservice;

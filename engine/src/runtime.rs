@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::queue::Spool;
+use crate::storeservice::StoreService;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use ringmail_store::{manifest, LogConfig};
 use std::rc::Rc;
@@ -13,6 +14,17 @@ use std::time::Duration;
 
 /// Bumped by SIGUSR1 (`ringmail queue flush`): executors make deferred mail due now.
 static FLUSH_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Every executor's body counters, added up as each stops (once: not the hot path).
+static BODY_STATS: std::sync::Mutex<ringmail_store::stats::Counters> =
+    std::sync::Mutex::new(ringmail_store::stats::Counters {
+        bodies: 0,
+        body_bytes: 0,
+        body_bytes_copied: 0,
+        body_bytes_crc: 0,
+        relocated_bytes: 0,
+        tail_bytes_copied: 0,
+    });
 
 /// The file `queue flush` finds the server by.
 pub fn pid_file(data: &std::path::Path) -> std::path::PathBuf {
@@ -73,24 +85,31 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         PoolPlacement::Unbound(executors)
     };
     let shards = m.shards;
+    // Cross-core reads (see `storeservice`): every executor joins before it opens
+    // its shards, and its place in the mesh is its index.
+    let mesh = crate::storeservice::mesh(executors);
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("ringmail")
         .on_all_shards(move || {
             let cfg = cfg.clone();
             let shutdown = shutdown.clone();
-            let index = next_index.fetch_add(1, Ordering::SeqCst);
+            let slot = next_index.fetch_add(1, Ordering::SeqCst);
             let ready = ready.clone();
-            let listener = listeners.lock().unwrap()[index].take();
+            let listener = listeners.lock().unwrap()[slot].take();
             async move {
                 let listener = listener.expect("one listener per executor");
+                let store = StoreService::join(mesh, &cfg.data).await?;
+                // The mesh numbers executors in its own order: shard ownership follows
+                // it, so that every executor routes a shard's requests to its owner.
+                let index = store.peer();
                 let result = executor_main(
                     index,
                     listener,
-                    executors,
                     shards,
                     Rc::new(cfg),
                     shutdown.clone(),
                     ready,
+                    store,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -117,7 +136,14 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let _ = std::fs::remove_file(&pid);
     match first_error {
         None => {
-            tracing::info!("stopped");
+            let c = *BODY_STATS.lock().unwrap_or_else(|e| e.into_inner());
+            // The benchmark reads copies per message from here (`body_copies=`).
+            tracing::info!(
+                bodies = c.bodies,
+                body_copies = c.body_copies(),
+                copies_per_body_byte = c.copies_per_body_byte(),
+                "stopped"
+            );
             Ok(())
         }
         Some(e) => Err(e),
@@ -127,12 +153,13 @@ pub fn serve(cfg: Config) -> Result<(), String> {
 async fn executor_main(
     index: usize,
     listener: std::os::fd::OwnedFd,
-    executors: usize,
     shards: u32,
     cfg: Rc<Config>,
     shutdown: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
+    store: StoreService,
 ) -> Result<(), String> {
+    let executors = store.executors();
     let mut spools = Vec::new();
     for shard in (0..shards).filter(|k| *k as usize % executors == index) {
         let spool = Spool::open(
@@ -149,7 +176,11 @@ async fn executor_main(
                 cfg.data.display()
             )
         })?;
-        spools.push(Rc::new(spool));
+        let spool = Rc::new(spool);
+        store.add_owner(shard, spool.clone());
+        let service = store.clone();
+        spool.on_segment_deleted(move |shard, seq| service.segment_deleted(shard, seq));
+        spools.push(spool);
     }
     let ring = crate::net::Ring::start()
         .map_err(|e| format!("executor {index}: cannot set up its io_uring: {e}"))?;
@@ -185,6 +216,7 @@ async fn executor_main(
     for spool in &spools {
         spool.close().await;
     }
+    store.close().await;
     // What ingestion did to bodies on this executor (ringmail_store::stats): one copy
     // and one CRC pass per body byte; the benchmark reads copies per message here.
     let c = ringmail_store::stats::get();
@@ -196,8 +228,11 @@ async fn executor_main(
         body_bytes_crc = c.body_bytes_crc,
         relocated_bytes = c.relocated_bytes,
         tail_bytes_copied = c.tail_bytes_copied,
+        body_copies = c.body_copies(),
         "executor stopped"
     );
+    let mut all = BODY_STATS.lock().unwrap_or_else(|e| e.into_inner());
+    *all = all.plus(&c);
     Ok(())
 }
 

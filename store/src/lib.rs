@@ -17,6 +17,7 @@ pub mod handle;
 pub mod log;
 pub mod manifest;
 pub mod message;
+pub mod reader;
 pub mod record;
 pub mod segment;
 pub mod shard;
@@ -24,6 +25,7 @@ pub mod stats;
 
 pub use handle::{Handle, PinGuard, Pins, Resolved};
 pub use log::{BodySource, FaultPoint, Faults, LogBytes, LogConfig, LogError, ShardLog, Ticket};
+pub use reader::{LocalPin, Owner, SegmentFiles, SharedBuf};
 pub use record::Kind;
 pub use segment::{Location, Mode, RecoveryOptions, RecoveryReport, Tail};
 pub use shard::{Index, Replayed, Shard};

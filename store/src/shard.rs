@@ -489,9 +489,11 @@ pub struct PreparedSnapshot {
 }
 
 /// What one compaction round did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Compacted {
     pub deleted: usize,
+    /// The segments deleted (readers on other executors close their files of them).
+    pub deleted_seqs: Vec<u64>,
     pub copied: usize,
     pub copied_bytes: u64,
 }
@@ -938,6 +940,7 @@ impl Shard {
         }
         dead.sort_unstable();
         done.deleted = dead.len();
+        done.deleted_seqs = dead.clone();
         let dir = self.dir.clone();
         off_executor(move || delete_segments(&dir, &dead)).await?;
         tracing::info!(
@@ -1068,6 +1071,16 @@ fn delete_segments(dir: &Path, seqs: &[u64]) -> io::Result<()> {
         std::fs::remove_file(segment::segment_path(dir, *seq))?;
     }
     segment::sync_dir(dir)
+}
+
+impl crate::reader::Owner for Shard {
+    fn resolve(&self, id: u64) -> Option<Resolved> {
+        Shard::resolve(self, id)
+    }
+
+    fn pins(&self) -> &Pins {
+        Shard::pins(self)
+    }
 }
 
 #[cfg(test)]

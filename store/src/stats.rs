@@ -29,6 +29,28 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Whole-body copies these counters come to: bytes copied (relocations included)
+    /// over the bytes of one body on average, times the bodies. One per body when the
+    /// write path does what it should.
+    pub fn body_copies(&self) -> u64 {
+        let copied = (self.body_bytes_copied + self.relocated_bytes) as u128;
+        (copied * self.bodies as u128)
+            .checked_div(self.body_bytes as u128)
+            .unwrap_or(0) as u64
+    }
+
+    /// The sum of two threads' counters.
+    pub fn plus(&self, o: &Counters) -> Counters {
+        Counters {
+            bodies: self.bodies + o.bodies,
+            body_bytes: self.body_bytes + o.body_bytes,
+            body_bytes_copied: self.body_bytes_copied + o.body_bytes_copied,
+            body_bytes_crc: self.body_bytes_crc + o.body_bytes_crc,
+            relocated_bytes: self.relocated_bytes + o.relocated_bytes,
+            tail_bytes_copied: self.tail_bytes_copied + o.tail_bytes_copied,
+        }
+    }
+
     /// Body copies per body byte appended (1.0: exactly one copy).
     pub fn copies_per_body_byte(&self) -> f64 {
         self.body_bytes_copied as f64 / self.body_bytes.max(1) as f64

@@ -13,7 +13,13 @@ impl Spool {
         if self.store.snapshot_due() {
             self.snapshot().await?;
         }
-        Ok(self.store.compact().await?.deleted)
+        let done = self.store.compact().await?;
+        if let Some(f) = &*self.on_segment_deleted.borrow() {
+            for seq in &done.deleted_seqs {
+                f(self.shard, *seq);
+            }
+        }
+        Ok(done.deleted)
     }
 
     /// Writes a snapshot of the store and the queue as they are now.

@@ -14,6 +14,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;
 
+/// Called with (shard, segment) for each segment compaction deleted.
+type SegmentDeleted = Box<dyn Fn(u32, u64)>;
+
 /// One shard's queue, owned by the executor that serves the shard.
 pub struct Spool {
     pub shard: u32,
@@ -31,6 +34,9 @@ pub struct Spool {
     /// reading them back (segments are written with direct I/O: no page cache).
     pub(super) cache: RefCell<HashMap<u64, Loaded>>,
     pub(super) cached_bytes: Cell<usize>,
+    /// Told of every segment compaction deleted (the cross-core read service, so
+    /// other executors close their files of it).
+    pub(super) on_segment_deleted: RefCell<Option<SegmentDeleted>>,
 }
 
 /// A bounce to queue with the outcomes it reports: its envelope and its text (the
@@ -71,7 +77,13 @@ impl Spool {
             wake: event_listener::Event::new(),
             cache: RefCell::new(HashMap::new()),
             cached_bytes: Cell::new(0),
+            on_segment_deleted: RefCell::new(None),
         })
+    }
+
+    /// Calls `f(shard, seq)` for every segment compaction deletes from now on.
+    pub fn on_segment_deleted(&self, f: impl Fn(u32, u64) + 'static) {
+        *self.on_segment_deleted.borrow_mut() = Some(Box::new(f));
     }
 
     /// Takes the next queue id of this shard (see `Shard::next_id`: never given
@@ -322,6 +334,17 @@ impl Spool {
         if let Err(e) = self.snapshot().await {
             tracing::warn!(shard = self.shard, error = %e, "cannot write the shutdown snapshot");
         }
+    }
+}
+
+/// Other executors read this shard's messages through the queue's store.
+impl ringmail_store::Owner for Spool {
+    fn resolve(&self, id: u64) -> Option<ringmail_store::Resolved> {
+        self.store.resolve(id)
+    }
+
+    fn pins(&self) -> &ringmail_store::Pins {
+        self.store.pins()
     }
 }
 

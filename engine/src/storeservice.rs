@@ -1,0 +1,917 @@
+//! Reads of any shard's messages from any executor.
+//!
+//! A shard's handle map and pins live on the executor that owns the shard, and no lock
+//! is shared between cores: an executor that wants a message of a shard it does not
+//! own asks the owner over glommio's channel mesh (one bounded single-producer,
+//! single-consumer channel per ordered pair of executors). The protocol:
+//!
+//! 1. reader -> owner `Resolve(req, handle)`; the owner resolves the handle and pins the
+//!    segment it names in one step (no await between, so its compaction cannot slip in)
+//!    and answers `Answer(req, Option<Resolved>)`;
+//! 2. the reader reads the bytes itself, through its own executor's
+//!    [`SegmentFiles`] (sealed segments are immutable; a resolved record is durable);
+//! 3. reader -> owner `Unpin(shard, seq)` when the [`Reading`] is dropped, however it
+//!    is dropped (a task cancelled mid-read included). A reader that gives up while
+//!    its `Resolve` is in flight sends the `Unpin` when the answer arrives.
+//!
+//! An owner that deletes a segment tells every executor (`Deleted(shard, seq)`), so
+//! their caches close the file and its disk space is freed. Reads of a shard owned by
+//! the reader's own executor skip the channels (a [`LocalPin`]).
+//!
+//! Nothing here waits on a send while handling a received message: answers and unpins
+//! go to a per-peer outbox drained by a task of their own, so two executors answering
+//! each other with full channels cannot deadlock, and a pin can be released from a
+//! destructor (which cannot await).
+
+use event_listener::{Event, EventListener};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::channels::shared_channel::ConnectedReceiver;
+use ringmail_store::reader::{Pieces, SegmentFiles, OPEN_SEGMENTS_MAX};
+use ringmail_store::{Handle, LocalPin, Owner, Resolved, SharedBuf};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::ops::Range;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// What executors send each other.
+#[derive(Debug, Clone, Copy)]
+pub enum Msg {
+    /// Resolve `handle` and pin its segment; answer with `Answer { req, .. }`.
+    Resolve { req: u64, handle: Handle },
+    /// The answer to `Resolve { req, .. }`: the segment is pinned when `found` is some.
+    Answer { req: u64, found: Option<Resolved> },
+    /// The answer to `Resolve { req, .. }` when the shard is not open on its owner
+    /// (still recovering, or closed): an error for the reader, not "no such message".
+    NotOpen { req: u64, shard: u32 },
+    /// Lets go of one pin taken by a `Resolve`.
+    Unpin { shard: u32, seq: u64 },
+    /// The owner deleted the segment: close it if it is open.
+    Deleted { shard: u32, seq: u64 },
+}
+
+/// The mesh every executor joins (one per server, built before the executors start).
+pub type Mesh = MeshBuilder<Msg, Full>;
+
+/// Slots per channel: requests of one executor to another in flight before a sender
+/// waits. Senders wait in their own task, never a reader or a handler, and the
+/// outboxes absorb bursts, so a few slots do: glommio allocates every slot of the
+/// N·(N−1) channels up front, which at 1024 slots would cost hundreds of MiB on a
+/// machine with tens of cores.
+const CHANNEL_SLOTS: usize = 32;
+
+/// How often an executor looks for deleted segments its cache still holds open (a
+/// backstop for deletions not announced with [`StoreService::segment_deleted`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+pub fn mesh(executors: usize) -> Mesh {
+    MeshBuilder::full(executors, CHANNEL_SLOTS)
+}
+
+/// A `Resolve` sent and not answered yet.
+struct Waiting {
+    answer: RefCell<Option<io::Result<Option<Resolved>>>>,
+    /// The reader gave up: unpin whatever the answer pins.
+    abandoned: Cell<bool>,
+    event: Event,
+}
+
+struct Peer {
+    outbox: RefCell<VecDeque<Msg>>,
+    wake: Event,
+    /// Its channels are closed (it shut down): nothing sent to it arrives.
+    gone: Cell<bool>,
+}
+
+struct Inner {
+    peer: usize,
+    peers: Vec<Peer>,
+    owners: RefCell<HashMap<u32, Rc<dyn Owner>>>,
+    pending: RefCell<HashMap<u64, (usize, Rc<Waiting>)>>,
+    next_req: Cell<u64>,
+    files: SegmentFiles,
+    unpinned: Event,
+    forgotten: Event,
+    closed: Cell<bool>,
+    stopped: Event,
+    senders_running: Cell<usize>,
+    served: Cell<u64>,
+    sent: Cell<u64>,
+}
+
+/// One executor's end of the cross-core read protocol (see the module comment).
+/// Executor-local; cheap to clone.
+#[derive(Clone)]
+pub struct StoreService(Rc<Inner>);
+
+impl StoreService {
+    /// Joins the mesh (waits until every executor has) and starts this executor's
+    /// tasks. `data` is the data directory whose shards are read.
+    pub async fn join(mesh: Mesh, data: &Path) -> Result<StoreService, String> {
+        let (senders, mut receivers) = mesh
+            .join()
+            .await
+            .map_err(|e| format!("cannot join the executors' channel mesh: {e}"))?;
+        let peers = senders.nr_consumers();
+        let inner = Rc::new(Inner {
+            peer: senders.peer_id(),
+            peers: (0..peers)
+                .map(|_| Peer {
+                    outbox: RefCell::new(VecDeque::new()),
+                    wake: Event::new(),
+                    gone: Cell::new(false),
+                })
+                .collect(),
+            owners: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashMap::new()),
+            next_req: Cell::new(0),
+            files: SegmentFiles::new(data, OPEN_SEGMENTS_MAX),
+            unpinned: Event::new(),
+            forgotten: Event::new(),
+            closed: Cell::new(false),
+            stopped: Event::new(),
+            senders_running: Cell::new(peers.saturating_sub(1)),
+            served: Cell::new(0),
+            sent: Cell::new(0),
+        });
+        let senders = Rc::new(senders);
+        for p in (0..peers).filter(|p| *p != inner.peer) {
+            glommio::spawn_local(send_loop(inner.clone(), senders.clone(), p)).detach();
+        }
+        for (p, rx) in receivers.streams() {
+            glommio::spawn_local(receive_loop(inner.clone(), p, rx)).detach();
+        }
+        let weak = Rc::downgrade(&inner);
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(SWEEP_EVERY).await;
+                match weak.upgrade() {
+                    Some(inner) if !inner.closed.get() => {
+                        inner.files.sweep();
+                    }
+                    _ => return,
+                }
+            }
+        })
+        .detach();
+        Ok(StoreService(inner))
+    }
+
+    /// This executor's place in the mesh. Shard `k` is owned by executor
+    /// `k % executors` (see [`StoreService::owner_of`]); the runtime assigns shards by
+    /// this index.
+    pub fn peer(&self) -> usize {
+        self.0.peer
+    }
+
+    pub fn executors(&self) -> usize {
+        self.0.peers.len()
+    }
+
+    /// The executor that owns `shard`.
+    pub fn owner_of(&self, shard: u32) -> usize {
+        shard as usize % self.0.peers.len()
+    }
+
+    /// Registers a shard this executor owns: other executors' requests for it are
+    /// answered by `owner`.
+    pub fn add_owner(&self, shard: u32, owner: Rc<dyn Owner>) {
+        debug_assert_eq!(
+            self.owner_of(shard),
+            self.0.peer,
+            "shard {shard} is not ours"
+        );
+        self.0.owners.borrow_mut().insert(shard, owner);
+    }
+
+    /// This executor's open segment files.
+    pub fn files(&self) -> &SegmentFiles {
+        &self.0.files
+    }
+
+    /// Resolves `handle` and pins its segment until the returned [`Reading`] is
+    /// dropped; `None` when the message does not exist (any more). An error when the
+    /// owning executor is gone (shutting down).
+    pub async fn open(&self, handle: Handle) -> io::Result<Option<Reading>> {
+        let owner = self.owner_of(handle.shard);
+        if owner == self.0.peer {
+            let local = self.0.owners.borrow().get(&handle.shard).cloned();
+            let Some(local) = local else {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("shard {} is not open on its executor", handle.shard),
+                ));
+            };
+            return Ok(
+                LocalPin::resolve(local, handle.id).map(|(resolved, pin)| Reading {
+                    resolved,
+                    pin: Hold::Local(Some(pin)),
+                    service: self.clone(),
+                }),
+            );
+        }
+        let inner = &self.0;
+        if inner.closed.get() || inner.peers[owner].gone.get() {
+            return Err(owner_gone(owner));
+        }
+        let req = inner.next_req.get();
+        inner.next_req.set(req + 1);
+        let waiting = Rc::new(Waiting {
+            answer: RefCell::new(None),
+            abandoned: Cell::new(false),
+            event: Event::new(),
+        });
+        inner
+            .pending
+            .borrow_mut()
+            .insert(req, (owner, waiting.clone()));
+        inner.post(owner, Msg::Resolve { req, handle });
+        // From here on a drop of this future must not leak the pin the answer brings.
+        let mut guard = AbandonOnDrop {
+            inner: &self.0,
+            owner,
+            waiting: &waiting,
+            armed: true,
+        };
+        let answer = loop {
+            let listener = waiting.event.listen();
+            let answer = waiting.answer.borrow_mut().take();
+            if let Some(a) = answer {
+                break a;
+            }
+            listener.await;
+        };
+        guard.armed = false;
+        Ok(answer?.map(|resolved| Reading {
+            resolved,
+            pin: Hold::Remote {
+                owner,
+                shard: resolved.handle.shard,
+                seq: resolved.seq,
+            },
+            service: self.clone(),
+        }))
+    }
+
+    /// Tells every executor that `shard`'s segment `seq` was deleted, so that none
+    /// keeps it open (an open file keeps its disk space). The owner calls it after the
+    /// unlink.
+    pub fn segment_deleted(&self, shard: u32, seq: u64) {
+        self.0.files.forget(shard, seq);
+        for p in (0..self.0.peers.len()).filter(|p| *p != self.0.peer) {
+            self.0.post(p, Msg::Deleted { shard, seq });
+        }
+    }
+
+    /// Fires whenever a pin of a shard owned here is released (compaction waiting to
+    /// delete a pinned segment listens, then checks [`ringmail_store::Pins`] again).
+    pub fn unpinned(&self) -> EventListener {
+        self.0.unpinned.listen()
+    }
+
+    /// Requests answered for other executors, for tests and statistics.
+    pub fn served(&self) -> u64 {
+        self.0.served.get()
+    }
+
+    /// Messages sent to other executors, for tests and statistics.
+    pub fn sent(&self) -> u64 {
+        self.0.sent.get()
+    }
+
+    /// Fires when a `Deleted` from another executor was applied to the cache.
+    pub fn forgotten(&self) -> EventListener {
+        self.0.forgotten.listen()
+    }
+
+    /// Sends what is still queued (unpins above all), then closes this executor's
+    /// channels; the peers' readers waiting on it get an error. Reads of local shards
+    /// keep working; remote ones fail.
+    pub async fn close(&self) {
+        self.0.closed.set(true);
+        for p in &self.0.peers {
+            p.wake.notify(usize::MAX);
+        }
+        loop {
+            let listener = self.0.stopped.listen();
+            if self.0.senders_running.get() == 0 {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+impl Inner {
+    fn post(&self, peer: usize, msg: Msg) {
+        let p = &self.peers[peer];
+        if p.gone.get() {
+            return;
+        }
+        p.outbox.borrow_mut().push_back(msg);
+        p.wake.notify(1);
+    }
+
+    /// Handles one message from executor `from`. Never waits.
+    fn handle(&self, from: usize, msg: Msg) {
+        match msg {
+            Msg::Resolve { req, handle } => {
+                let owner = self.owners.borrow().get(&handle.shard).cloned();
+                let Some(owner) = owner else {
+                    self.served.set(self.served.get() + 1);
+                    let shard = handle.shard;
+                    self.post(from, Msg::NotOpen { req, shard });
+                    return;
+                };
+                let found = owner
+                    .resolve(handle.id)
+                    .inspect(|r| owner.pins().pin(r.seq));
+                self.served.set(self.served.get() + 1);
+                if self.peers[from].gone.get() {
+                    // Nobody to answer: the pin would never be released.
+                    if let Some(r) = found {
+                        self.unpin(r.handle.shard, r.seq);
+                    }
+                    return;
+                }
+                self.post(from, Msg::Answer { req, found });
+            }
+            Msg::Answer { req, found } => {
+                let entry = self.pending.borrow_mut().remove(&req);
+                match entry {
+                    Some((_, w)) if !w.abandoned.get() => {
+                        *w.answer.borrow_mut() = Some(Ok(found));
+                        w.event.notify(usize::MAX);
+                    }
+                    _ => {
+                        if let Some(r) = found {
+                            self.post(
+                                from,
+                                Msg::Unpin {
+                                    shard: r.handle.shard,
+                                    seq: r.seq,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            Msg::NotOpen { req, shard } => {
+                let entry = self.pending.borrow_mut().remove(&req);
+                if let Some((_, w)) = entry {
+                    *w.answer.borrow_mut() = Some(Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("shard {shard} is not open on its executor"),
+                    )));
+                    w.event.notify(usize::MAX);
+                }
+            }
+            Msg::Unpin { shard, seq } => self.unpin(shard, seq),
+            Msg::Deleted { shard, seq } => {
+                self.files.forget(shard, seq);
+                self.forgotten.notify(usize::MAX);
+            }
+        }
+    }
+
+    fn unpin(&self, shard: u32, seq: u64) {
+        if let Some(o) = self.owners.borrow().get(&shard) {
+            o.pins().unpin(seq);
+        }
+        self.unpinned.notify(usize::MAX);
+    }
+
+    /// Executor `peer` closed its channels: whatever was sent to it is lost, and
+    /// nothing it was asked will be answered.
+    fn peer_gone(&self, peer: usize) {
+        let p = &self.peers[peer];
+        p.gone.set(true);
+        let lost: Vec<Msg> = p.outbox.borrow_mut().drain(..).collect();
+        self.release_lost(lost);
+        let failed: Vec<Rc<Waiting>> = {
+            let mut pending = self.pending.borrow_mut();
+            let reqs: Vec<u64> = pending
+                .iter()
+                .filter(|(_, (p, _))| *p == peer)
+                .map(|(r, _)| *r)
+                .collect();
+            reqs.iter()
+                .filter_map(|r| pending.remove(r))
+                .map(|(_, w)| w)
+                .collect()
+        };
+        for w in failed {
+            *w.answer.borrow_mut() = Some(Err(owner_gone(peer)));
+            w.event.notify(usize::MAX);
+        }
+    }
+
+    /// Answers that never reached their reader hold pins here: release them.
+    fn release_lost(&self, lost: impl IntoIterator<Item = Msg>) {
+        for m in lost {
+            if let Msg::Answer { found: Some(r), .. } = m {
+                self.unpin(r.handle.shard, r.seq);
+            }
+        }
+    }
+}
+
+fn owner_gone(peer: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        format!("executor {peer}, which owns the shard, is shutting down"),
+    )
+}
+
+async fn send_loop(inner: Rc<Inner>, senders: Rc<Senders<Msg>>, peer: usize) {
+    loop {
+        let listener = inner.peers[peer].wake.listen();
+        loop {
+            let next = inner.peers[peer].outbox.borrow_mut().pop_front();
+            let Some(msg) = next else { break };
+            if senders.send_to(peer, msg).await.is_err() {
+                inner.release_lost([msg]);
+                inner.peer_gone(peer);
+                break;
+            }
+            inner.sent.set(inner.sent.get() + 1);
+        }
+        if inner.closed.get() || inner.peers[peer].gone.get() {
+            break;
+        }
+        listener.await;
+    }
+    inner.senders_running.set(inner.senders_running.get() - 1);
+    if inner.senders_running.get() == 0 {
+        // Every outbox is drained: the peers' receivers may end now.
+        senders.close();
+    }
+    inner.stopped.notify(usize::MAX);
+}
+
+async fn receive_loop(inner: Rc<Inner>, peer: usize, rx: ConnectedReceiver<Msg>) {
+    while let Some(msg) = rx.recv().await {
+        inner.handle(peer, msg);
+    }
+    inner.peer_gone(peer);
+}
+
+/// Drop guard of a pending `Resolve`: marks it abandoned so that its answer's pin is
+/// given back when it arrives (or gives it back now if the answer is already here).
+struct AbandonOnDrop<'a> {
+    inner: &'a Inner,
+    owner: usize,
+    waiting: &'a Waiting,
+    /// Cleared once the answer is taken: the pin then belongs to the `Reading`.
+    armed: bool,
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.waiting.abandoned.set(true);
+        let answered = self.waiting.answer.borrow_mut().take();
+        if let Some(Ok(Some(r))) = answered {
+            self.inner.post(
+                self.owner,
+                Msg::Unpin {
+                    shard: r.handle.shard,
+                    seq: r.seq,
+                },
+            );
+        }
+    }
+}
+
+enum Hold {
+    Local(Option<LocalPin>),
+    Remote { owner: usize, shard: u32, seq: u64 },
+}
+
+/// A resolved message whose segment is pinned until this is dropped: read its record,
+/// its body, or parts of it, through the executor's segment files. The pin is released
+/// on drop, wherever the owner is.
+pub struct Reading {
+    resolved: Resolved,
+    pin: Hold,
+    service: StoreService,
+}
+
+impl Reading {
+    pub fn resolved(&self) -> &Resolved {
+        &self.resolved
+    }
+
+    /// Whether the message's shard is owned by another executor (the pin went over
+    /// the channels).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.pin, Hold::Remote { .. })
+    }
+
+    pub async fn record(&self) -> io::Result<SharedBuf> {
+        self.service.files().read_record(&self.resolved).await
+    }
+
+    pub async fn body(&self) -> io::Result<SharedBuf> {
+        self.service.files().read_body(&self.resolved).await
+    }
+
+    pub async fn body_range(&self, range: Range<u64>) -> io::Result<SharedBuf> {
+        self.service
+            .files()
+            .read_body_range(&self.resolved, range)
+            .await
+    }
+
+    /// The body's bytes `range` in pieces of at most `piece` bytes
+    /// ([`ringmail_store::reader::PIECE_BYTES`] suits sockets).
+    pub fn pieces(&self, range: Range<u64>, piece: usize) -> io::Result<Pieces<'_>> {
+        self.service.files().pieces(&self.resolved, range, piece)
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        match &mut self.pin {
+            Hold::Local(pin) => {
+                drop(pin.take());
+                self.service.0.unpinned.notify(usize::MAX);
+            }
+            Hold::Remote { owner, shard, seq } => {
+                self.service.0.post(
+                    *owner,
+                    Msg::Unpin {
+                        shard: *shard,
+                        seq: *seq,
+                    },
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
+    use glommio::LocalExecutorBuilder;
+    use ringmail_store::reader::PIECE_BYTES;
+    use ringmail_store::record::{Kind, RECORD_HEADER_BYTES};
+    use ringmail_store::segment::{self, recover_shard, Mode};
+    use ringmail_store::{LogConfig, Pins, ShardLog};
+    use std::future::Future;
+    use std::path::PathBuf;
+
+    /// The shard both tests read; with two executors it belongs to executor 1.
+    const SHARD: u32 = 1;
+    const ENVELOPE: usize = 40;
+
+    fn body(id: u64, len: usize) -> Vec<u8> {
+        (0..len as u64)
+            .map(|k| (k.wrapping_mul(0x9E37_79B9) >> 7 ^ id) as u8)
+            .collect()
+    }
+
+    /// A shard as far as readers see it, on real segment files written by the log
+    /// writer: what `ringmail_store::shard::Shard` is to the server.
+    struct TestShard {
+        dir: PathBuf,
+        log: ShardLog,
+        map: RefCell<HashMap<u64, Resolved>>,
+        pins: Pins,
+    }
+
+    impl Owner for TestShard {
+        fn resolve(&self, id: u64) -> Option<Resolved> {
+            self.map.borrow().get(&id).copied()
+        }
+        fn pins(&self) -> &Pins {
+            &self.pins
+        }
+    }
+
+    impl TestShard {
+        async fn open(data: &Path, segment_bytes_max: u64) -> Rc<TestShard> {
+            let dir = segment::shard_dir(data, SHARD);
+            let (tail, _) = recover_shard(&dir, SHARD, Mode::Repair, |_, _| {}).unwrap();
+            let log = ShardLog::open(&dir, SHARD, tail, LogConfig { segment_bytes_max })
+                .await
+                .unwrap();
+            Rc::new(TestShard {
+                dir,
+                log,
+                map: RefCell::new(HashMap::new()),
+                pins: Pins::default(),
+            })
+        }
+
+        /// Stores a message durably; `live` ones are in the handle map.
+        async fn store(&self, id: u64, len: usize, live: bool) -> Resolved {
+            let b = body(id, len);
+            let t = self
+                .log
+                .append(Kind::Message, |o| {
+                    o.extend_from_slice(&[0xAB; ENVELOPE]);
+                    o.extend_from_slice(&b);
+                })
+                .unwrap();
+            let loc = self.log.durable(t).await.unwrap();
+            let r = Resolved {
+                handle: Handle { shard: SHARD, id },
+                seq: loc.seq,
+                offset: loc.offset,
+                len: loc.len,
+                body_offset: (RECORD_HEADER_BYTES + ENVELOPE) as u32,
+                body_len: len as u32,
+            };
+            if live {
+                self.map.borrow_mut().insert(id, r);
+            }
+            r
+        }
+
+        fn path(&self, seq: u64) -> PathBuf {
+            segment::segment_path(&self.dir, seq)
+        }
+
+        fn segments(&self) -> Vec<u64> {
+            let mut v: Vec<u64> = std::fs::read_dir(&self.dir)
+                .unwrap()
+                .filter_map(|e| segment::parse_segment_name(e.unwrap().file_name().to_str()?))
+                .collect();
+            v.sort_unstable();
+            v
+        }
+
+        /// What compaction does with a segment it wants gone: nothing while a reader
+        /// pins it.
+        fn try_delete(&self, svc: &StoreService, seq: u64) -> bool {
+            if self.pins.is_pinned(seq) {
+                return false;
+            }
+            std::fs::remove_file(self.path(seq)).unwrap();
+            svc.segment_deleted(SHARD, seq);
+            true
+        }
+    }
+
+    #[derive(Debug)]
+    enum Ctl {
+        Ready { id: u64, len: usize },
+        MidRead,
+        Deleted(Vec<u64>),
+        Dropped,
+        Gone,
+        Done,
+    }
+
+    struct Link {
+        tx: ConnectedSender<Ctl>,
+        rx: ConnectedReceiver<Ctl>,
+    }
+
+    impl Link {
+        async fn send(&self, c: Ctl) {
+            self.tx.send(c).await.unwrap();
+        }
+        async fn recv(&self) -> Ctl {
+            self.rx.recv().await.expect("the other executor hung up")
+        }
+    }
+
+    /// Fails the test instead of hanging it when an event never comes.
+    async fn deadline<T>(f: impl Future<Output = T>) -> T {
+        futures_lite::future::or(f, async {
+            glommio::timer::sleep(Duration::from_secs(20)).await;
+            panic!("timed out waiting for the other executor")
+        })
+        .await
+    }
+
+    /// Runs `owner` on the executor that owns `SHARD` and `reader` on the other one,
+    /// each with its store service and a control link to the other.
+    fn two_executors<O, OF, R, RF>(owner: O, reader: R)
+    where
+        O: FnOnce(PathBuf, StoreService, Link) -> OF + Send + Clone + 'static,
+        OF: Future<Output = ()> + 'static,
+        R: FnOnce(PathBuf, StoreService, Link) -> RF + Send + Clone + 'static,
+        RF: Future<Output = ()> + 'static,
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        let mesh = mesh(2);
+        let (a_tx, a_rx) = shared_channel::new_bounded(4);
+        let (b_tx, b_rx) = shared_channel::new_bounded(4);
+        let ends: [(SharedSender<Ctl>, SharedReceiver<Ctl>); 2] = [(a_tx, b_rx), (b_tx, a_rx)];
+        let threads: Vec<_> = ends
+            .into_iter()
+            .map(|(tx, rx)| {
+                let (mesh, data) = (mesh.clone(), tmp.path().to_path_buf());
+                let (owner, reader) = (owner.clone(), reader.clone());
+                LocalExecutorBuilder::default()
+                    .spawn(move || {
+                        deadline(async move {
+                            let svc = StoreService::join(mesh, &data).await.unwrap();
+                            // Together: each end waits for its peer to connect.
+                            let (tx, rx) =
+                                futures_lite::future::zip(tx.connect(), rx.connect()).await;
+                            let link = Link { tx, rx };
+                            if svc.owner_of(SHARD) == svc.peer() {
+                                owner(data, svc.clone(), link).await;
+                            } else {
+                                reader(data, svc.clone(), link).await;
+                            }
+                            svc.close().await;
+                        })
+                    })
+                    .unwrap()
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    const BIG: u64 = 7;
+    const BIG_LEN: usize = 6 << 20;
+
+    #[test]
+    fn a_reader_on_another_core_streams_a_large_message_while_the_owner_deletes_around_it() {
+        two_executors(
+            |data, svc, link| async move {
+                let shard = TestShard::open(&data, 1 << 20).await;
+                for i in 0..12 {
+                    shard.store(100 + i, 200 << 10, false).await;
+                }
+                let big = shard.store(BIG, BIG_LEN, true).await;
+                for i in 0..12 {
+                    shard.store(200 + i, 200 << 10, false).await;
+                }
+                svc.add_owner(SHARD, shard.clone());
+                let newest = *shard.segments().last().unwrap();
+                assert!(big.seq > 1 && big.seq < newest, "segments around it");
+
+                // On the owner's own executor a read pins directly, without the mesh.
+                let sent = svc.sent();
+                {
+                    let r = svc.open(big.handle).await.unwrap().unwrap();
+                    assert!(!r.is_remote());
+                    assert!(shard.pins.is_pinned(big.seq));
+                    let head = r.body_range(0..5000).await.unwrap();
+                    assert_eq!(&head[..], &body(BIG, 5000)[..]);
+                }
+                assert!(!shard.pins.is_pinned(big.seq));
+                assert_eq!(svc.sent(), sent);
+
+                link.send(Ctl::Ready {
+                    id: BIG,
+                    len: BIG_LEN,
+                })
+                .await;
+                assert!(matches!(link.recv().await, Ctl::MidRead));
+                // The reader is half-way: delete every sealed segment that can go.
+                assert!(shard.pins.is_pinned(big.seq));
+                let (mut deleted, mut refused) = (Vec::new(), Vec::new());
+                for seq in shard.segments().into_iter().filter(|s| *s != newest) {
+                    if shard.try_delete(&svc, seq) {
+                        deleted.push(seq);
+                    } else {
+                        refused.push(seq);
+                    }
+                }
+                assert_eq!(refused, vec![big.seq]);
+                assert!(shard.path(big.seq).exists());
+                link.send(Ctl::Deleted(deleted)).await;
+
+                // Once the reader lets go, the segment can go too.
+                loop {
+                    let unpinned = svc.unpinned();
+                    if !shard.pins.is_pinned(big.seq) {
+                        break;
+                    }
+                    unpinned.await;
+                }
+                shard.map.borrow_mut().remove(&BIG);
+                assert!(shard.try_delete(&svc, big.seq));
+                assert_eq!(shard.segments(), vec![newest]);
+                link.send(Ctl::Gone).await;
+                assert!(matches!(link.recv().await, Ctl::Done));
+                shard.log.close().await;
+            },
+            |_data, svc, link| async move {
+                let Ctl::Ready { id, len } = link.recv().await else {
+                    panic!("expected Ready")
+                };
+                let reading = svc
+                    .open(Handle { shard: SHARD, id })
+                    .await
+                    .unwrap()
+                    .expect("the message lives");
+                assert!(reading.is_remote());
+                let seq = reading.resolved().seq;
+                let mut pieces = reading.pieces(0..len as u64, PIECE_BYTES).unwrap();
+                let mut got = Vec::with_capacity(len);
+                got.extend_from_slice(&pieces.next().await.unwrap().unwrap());
+                link.send(Ctl::MidRead).await;
+                let Ctl::Deleted(deleted) = link.recv().await else {
+                    panic!("expected Deleted")
+                };
+                assert!(deleted.len() >= 2, "segments around it were deleted");
+                let mut n = 1;
+                while let Some(piece) = pieces.next().await {
+                    let piece = piece.unwrap();
+                    assert!(piece.len() <= PIECE_BYTES);
+                    got.extend_from_slice(&piece);
+                    n += 1;
+                }
+                assert!(n >= len / PIECE_BYTES, "streamed in pieces");
+                assert!(
+                    got == body(id, len),
+                    "the bytes read differ from those stored"
+                );
+                assert!(svc.files().is_open(SHARD, seq));
+                drop(reading);
+
+                // The owner deleted it: this executor's cache lets go of the file.
+                assert!(matches!(link.recv().await, Ctl::Gone));
+                loop {
+                    let forgotten = svc.forgotten();
+                    if !svc.files().is_open(SHARD, seq) {
+                        break;
+                    }
+                    forgotten.await;
+                }
+                link.send(Ctl::Done).await;
+            },
+        );
+    }
+
+    #[test]
+    fn a_reader_dropped_at_any_point_releases_its_pin() {
+        const ID: u64 = 9;
+        const LEN: usize = 3 * PIECE_BYTES;
+        two_executors(
+            |data, svc, link| async move {
+                let shard = TestShard::open(&data, 1 << 20).await;
+                let r = shard.store(ID, LEN, true).await;
+                svc.add_owner(SHARD, shard.clone());
+                link.send(Ctl::Ready { id: ID, len: LEN }).await;
+                assert!(matches!(link.recv().await, Ctl::Dropped));
+                // Three requests answered (each pinned the segment), and every pin
+                // given back, even the one whose reader left before the answer came.
+                loop {
+                    let unpinned = svc.unpinned();
+                    if svc.served() == 3 && shard.pins.pinned() == 0 {
+                        break;
+                    }
+                    unpinned.await;
+                }
+                assert!(!shard.pins.is_pinned(r.seq));
+                link.send(Ctl::Done).await;
+                shard.log.close().await;
+            },
+            |_data, svc, link| async move {
+                let Ctl::Ready { id, len } = link.recv().await else {
+                    panic!("expected Ready")
+                };
+                let h = Handle { shard: SHARD, id };
+                // 1. The future is dropped while its Resolve is on its way.
+                let mut open = Box::pin(svc.open(h));
+                assert!(futures_lite::future::poll_once(&mut open).await.is_none());
+                drop(open);
+                // 2. The reading is dropped half-way through the body.
+                let reading = svc.open(h).await.unwrap().unwrap();
+                let mut pieces = reading.pieces(0..len as u64, PIECE_BYTES).unwrap();
+                let first = pieces.next().await.unwrap().unwrap();
+                assert_eq!(&first[..], &body(id, PIECE_BYTES)[..]);
+                drop(reading);
+                // 3. The task reading it is cancelled while it holds the pin.
+                let pinned = Rc::new(Event::new());
+                let has_pin = Rc::new(Cell::new(false));
+                let task = glommio::spawn_local({
+                    let (svc, pinned, has_pin) = (svc.clone(), pinned.clone(), has_pin.clone());
+                    async move {
+                        let reading = svc.open(h).await.unwrap().unwrap();
+                        reading.body_range(0..10).await.unwrap();
+                        has_pin.set(true);
+                        pinned.notify(usize::MAX);
+                        futures_lite::future::pending::<()>().await;
+                    }
+                });
+                loop {
+                    let l = pinned.listen();
+                    if has_pin.get() {
+                        break;
+                    }
+                    l.await;
+                }
+                task.cancel().await;
+                link.send(Ctl::Dropped).await;
+                assert!(matches!(link.recv().await, Ctl::Done));
+            },
+        );
+    }
+}

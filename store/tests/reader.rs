@@ -1,0 +1,159 @@
+//! Reads of resolved records through an executor's segment-file cache, on segments
+//! written by the real log writer: whole records, bodies, body ranges and pieces come
+//! back byte-identical, from sealed segments and from the one still being written; the
+//! cache stays bounded and lets go of deleted segments.
+
+use glommio::LocalExecutor;
+use ringmail_store::reader::{SegmentFiles, PIECE_BYTES};
+use ringmail_store::record::{self, Kind, RECORD_HEADER_BYTES};
+use ringmail_store::segment::{self, recover_shard, Mode};
+use ringmail_store::{Handle, LogConfig, Resolved, ShardLog};
+use std::path::Path;
+
+/// Bytes in front of the body in each test record, standing for the envelope.
+const ENVELOPE: usize = 37;
+
+fn body(i: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|k| (k.wrapping_mul(2654435761) ^ i) as u8)
+        .collect()
+}
+
+/// Appends a record (an envelope stand-in, then `body`) and waits until it is durable;
+/// returns what the owner would resolve its handle to.
+async fn store(log: &ShardLog, shard: u32, id: u64, body: &[u8]) -> Resolved {
+    let t = log
+        .append(Kind::Message, |o| {
+            o.extend_from_slice(&[0xEE; ENVELOPE]);
+            o.extend_from_slice(body);
+        })
+        .unwrap();
+    let loc = log.durable(t).await.unwrap();
+    Resolved {
+        handle: Handle { shard, id },
+        seq: loc.seq,
+        offset: loc.offset,
+        len: loc.len,
+        body_offset: (RECORD_HEADER_BYTES + ENVELOPE) as u32,
+        body_len: body.len() as u32,
+    }
+}
+
+async fn open_log(data: &Path, shard: u32, segment_bytes_max: u64) -> ShardLog {
+    let dir = segment::shard_dir(data, shard);
+    let (tail, _) = recover_shard(&dir, shard, Mode::Repair, |_, _| {}).unwrap();
+    ShardLog::open(&dir, shard, tail, LogConfig { segment_bytes_max })
+        .await
+        .unwrap()
+}
+
+#[test]
+fn reads_are_byte_identical_in_every_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().to_path_buf();
+    LocalExecutor::default().run(async move {
+        let log = open_log(&data, 3, 256 << 10).await;
+        let files = SegmentFiles::new(&data, 8);
+        let sizes = [
+            0usize,
+            1,
+            4095,
+            4096,
+            70_000,
+            1 << 20,
+            3 * PIECE_BYTES + 17,
+            5,
+        ];
+        let mut stored = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let b = body(i as u64, n);
+            let r = store(&log, 3, i as u64, &b).await;
+            stored.push((r, b));
+        }
+        let newest = stored.last().unwrap().0.seq;
+        assert!(newest >= 3, "the records span several segments");
+        for (r, b) in &stored {
+            let rec = files.read_record(r).await.unwrap();
+            let decoded = record::decode(&rec).unwrap();
+            assert_eq!(decoded.total_len, r.len as usize);
+            assert_eq!(&decoded.payload[ENVELOPE..], &b[..]);
+            assert_eq!(&files.read_body(r).await.unwrap()[..], &b[..]);
+            let n = b.len() as u64;
+            for range in [0..n, n / 3..n / 2, n.saturating_sub(1)..n, n..n] {
+                let got = files.read_body_range(r, range.clone()).await.unwrap();
+                assert_eq!(&got[..], &b[range.start as usize..range.end as usize]);
+            }
+            for piece in [1000, PIECE_BYTES] {
+                let mut pieces = files.pieces(r, 0..n, piece).unwrap();
+                let mut all = Vec::new();
+                while let Some(p) = pieces.next().await {
+                    let p = p.unwrap();
+                    assert!(!p.is_empty() && p.len() <= piece);
+                    all.extend_from_slice(&p);
+                }
+                assert_eq!(all, *b);
+            }
+        }
+        // The newest segment is still being written: what it holds below the synced
+        // length reads back while later records land behind it.
+        let (r, b) = stored.last().unwrap().clone();
+        assert_eq!(r.seq, newest);
+        for i in 0..20 {
+            store(&log, 3, 100 + i, &body(100 + i, 3000)).await;
+            assert_eq!(&files.read_body(&r).await.unwrap()[..], &b[..]);
+        }
+        // Past the body is an error, not a read of whatever follows.
+        let n = r.body_len as u64;
+        assert!(files.read_body_range(&r, 0..n + 1).await.is_err());
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 2..1;
+        assert!(files.pieces(&r, backwards, 10).is_err());
+        log.close().await;
+    });
+}
+
+#[test]
+fn the_cache_is_bounded_and_lets_deleted_segments_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().to_path_buf();
+    LocalExecutor::default().run(async move {
+        let log = open_log(&data, 0, 64 << 10).await;
+        let mut stored = Vec::new();
+        for i in 0..6 {
+            // One record per segment: each is larger than the segment bound.
+            let b = body(i, 80 << 10);
+            stored.push((store(&log, 0, i, &b).await, b));
+        }
+        let seqs: Vec<u64> = stored.iter().map(|(r, _)| r.seq).collect();
+        let mut distinct = seqs.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 6, "one segment each: {seqs:?}");
+
+        let files = SegmentFiles::new(&data, 2);
+        for (r, b) in &stored {
+            assert_eq!(&files.read_body(r).await.unwrap()[..], &b[..]);
+            assert!(files.open_files() <= 2);
+        }
+        assert_eq!(files.opens(), 6);
+        // The two most recently used are open; reading them again opens nothing.
+        for (r, _) in &stored[4..] {
+            assert!(files.is_open(0, r.seq));
+            files.read_body(r).await.unwrap();
+        }
+        assert_eq!(files.opens(), 6);
+
+        // A segment deleted under the cache (its owner compacted it) is closed by the
+        // sweep, and only that one.
+        let gone = stored[4].0.seq;
+        std::fs::remove_file(segment::segment_path(&segment::shard_dir(&data, 0), gone)).unwrap();
+        assert_eq!(files.sweep(), 1);
+        assert!(!files.is_open(0, gone));
+        assert!(files.is_open(0, stored[5].0.seq));
+        assert_eq!(files.sweep(), 0);
+        // ... and reading it now fails rather than returning stale bytes.
+        assert!(files.read_body(&stored[4].0).await.is_err());
+        files.forget(0, stored[5].0.seq);
+        assert_eq!(files.open_files(), 0);
+        log.close().await;
+    });
+}
