@@ -3,5 +3,7 @@
 
 pub mod compare;
 pub mod load;
+pub mod procstat;
+pub mod recovery;
 pub mod ring;
 pub mod sink;
