@@ -7,3 +7,4 @@ pub mod procstat;
 pub mod recovery;
 pub mod ring;
 pub mod sink;
+pub mod wamp;
