@@ -389,13 +389,21 @@ mod tests {
         let mut b = a.clone();
         b.cpu_us_per_msg = Some(80.0);
         b.copies_per_msg = Some(1.0);
-        let runs = vec![run("ingest 4k", "sink", 1.0), a, b, run("relay 4k", "ringmail", 1.0)];
+        let runs = vec![
+            run("ingest 4k", "sink", 1.0),
+            a,
+            b,
+            run("relay 4k", "ringmail", 1.0),
+        ];
         let t = cost_markdown(&runs, "ringmail");
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[2], "| ingest 4k | 100 | 1.00 |");
         assert_eq!(lines[3], "| relay 4k | n/a | n/a |");
         assert_eq!(lines.len(), 4);
-        assert_eq!(run("x", "y", 1.0).to_json()["body_copies_per_message"], Value::Null);
+        assert_eq!(
+            run("x", "y", 1.0).to_json()["body_copies_per_message"],
+            Value::Null
+        );
     }
 
     #[test]

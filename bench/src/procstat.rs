@@ -64,10 +64,7 @@ pub fn write_bytes(pid: u32) -> Option<u64> {
 pub fn body_copies(log: &str) -> Option<u64> {
     const KEY: &str = "body_copies=";
     let at = log.rfind(KEY)? + KEY.len();
-    let digits: String = log[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
+    let digits: String = log[at..].chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
 
@@ -198,6 +195,7 @@ mod tests {
     fn wait4_reports_a_childs_writes() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("f");
+        #[allow(clippy::zombie_processes)] // reaped by wait4 below
         let child = std::process::Command::new("dd")
             .args(["if=/dev/zero", "bs=1M", "count=4", "oflag=direct,sync"])
             .arg(format!("of={}", f.display()))

@@ -188,7 +188,10 @@ pub fn svg(points: &[Point], empty_rss: u64, title: &str) -> Result<String, Stri
                         .map_err(|e| e.to_string())?;
                 }
                 chart
-                    .draw_series(xy.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))
+                    .draw_series(
+                        xy.iter()
+                            .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+                    )
                     .map_err(|e| e.to_string())?
                     .label(name)
                     .legend(move |(x, y)| Circle::new((x + 8, y), 4, color.filled()));
@@ -245,11 +248,18 @@ mod tests {
         let t = markdown(&pts, empty);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 5);
-        assert!(lines[2].starts_with("| 10k | 0 | 640 | 0.05 / 0.05 s |"), "{}", lines[2]);
+        assert!(
+            lines[2].starts_with("| 10k | 0 | 640 | 0.05 / 0.05 s |"),
+            "{}",
+            lines[2]
+        );
         assert!(lines[4].starts_with("| 1M | 1M |"), "{}", lines[4]);
         assert!(lines[3].contains("| 640 | 1.50 s | 402 |"), "{}", lines[3]);
         let j = pts[1].to_json(empty);
-        assert_eq!(j["restart_after_clean_stop"]["rss_over_empty_bytes_per_message"], 640.0);
+        assert_eq!(
+            j["restart_after_clean_stop"]["rss_over_empty_bytes_per_message"],
+            640.0
+        );
         assert_eq!(j["queue_list"]["max_rss_bytes"], 402u64 << 20);
         let s = svg(&pts, empty, "test").unwrap();
         assert!(s.starts_with("<svg") && s.contains("target 5") && s.contains("target 400"));

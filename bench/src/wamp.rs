@@ -1,8 +1,10 @@
 //! The plot of `ringmail-wamp` (bin/ringmail-wamp.rs): what the server wrote so far and
 //! the data directory's size, against time.
 
-/// `samples`: (seconds, bytes written so far, data directory bytes).
-pub fn svg(samples: &[(f64, u64, u64)], title: &str) -> Result<String, String> {
+/// Seconds, bytes written so far, data directory bytes.
+pub type Sample = (f64, u64, u64);
+
+pub fn svg(samples: &[Sample], title: &str) -> Result<String, String> {
     use plotters::prelude::*;
     let e = |e: DrawingAreaErrorKind<_>| e.to_string();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
@@ -29,7 +31,8 @@ pub fn svg(samples: &[(f64, u64, u64)], title: &str) -> Result<String, String> {
             .y_desc("MiB")
             .draw()
             .map_err(|e| e.to_string())?;
-        let lines: [(&str, fn(&(f64, u64, u64)) -> u64, RGBColor); 2] = [
+        type Get = fn(&Sample) -> u64;
+        let lines: [(&str, Get, RGBColor); 2] = [
             ("written by the server", |s| s.1, BLUE),
             ("data directory", |s| s.2, RED),
         ];
@@ -59,8 +62,15 @@ pub fn svg(samples: &[(f64, u64, u64)], title: &str) -> Result<String, String> {
 mod tests {
     #[test]
     fn plots_both_lines() {
-        let s = super::svg(&[(0.0, 0, 0), (1.0, 4 << 20, 2 << 20), (2.0, 9 << 20, 3 << 20)], "t")
-            .unwrap();
+        let s = super::svg(
+            &[
+                (0.0, 0, 0),
+                (1.0, 4 << 20, 2 << 20),
+                (2.0, 9 << 20, 3 << 20),
+            ],
+            "t",
+        )
+        .unwrap();
         assert!(s.starts_with("<svg"));
         assert!(s.contains("written by the server") && s.contains("data directory"));
     }

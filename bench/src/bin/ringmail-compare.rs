@@ -305,7 +305,9 @@ fn run(a: Args) -> Result<(), String> {
             }
             // CPU of the measured stretch only: from before the load to the end of it
             // (ingest) or to the last delivery (relay).
-            let cpu = cpu0.zip(ringmail_bench::procstat::cpu_time(pid)).map(|(a, b)| b - a);
+            let cpu = cpu0
+                .zip(ringmail_bench::procstat::cpu_time(pid))
+                .map(|(a, b)| b - a);
             server.stop();
             let _ = std::fs::remove_dir_all(&data);
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();

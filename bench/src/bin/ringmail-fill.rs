@@ -65,7 +65,8 @@ fn main() {
         .as_millis() as u64;
     for shard in 0..args.shards {
         let dir = segment::shard_dir(&args.data, shard);
-        let share = |n: u64| n / args.shards as u64 + u64::from((shard as u64) < n % args.shards as u64);
+        let share =
+            |n: u64| n / args.shards as u64 + u64::from((shard as u64) < n % args.shards as u64);
         let history = share(args.history);
         let count = share(args.messages) + history;
         let first = args.history_first;
@@ -82,18 +83,23 @@ fn main() {
                 for i in next..end {
                     let done = is_history(i - 1, count, history, first);
                     let env = Envelope {
-                            id: queue::make_id(shard, i),
-                            received_at_ms: now_ms,
-                            from: "load@ringmail-load.test".into(),
-                            recipients: vec![Recipient {
-                                address: if done { "rcpt@relay.test" } else { "rcpt@localhost" }.into(),
-                                notify: 0,
-                                orcpt: None,
-                            }],
-                            helo: "ringmail-load.test".into(),
-                            peer: "127.0.0.1".into(),
-                            ..Envelope::default()
-                        };
+                        id: queue::make_id(shard, i),
+                        received_at_ms: now_ms,
+                        from: "load@ringmail-load.test".into(),
+                        recipients: vec![Recipient {
+                            address: if done {
+                                "rcpt@relay.test"
+                            } else {
+                                "rcpt@localhost"
+                            }
+                            .into(),
+                            notify: 0,
+                            orcpt: None,
+                        }],
+                        helo: "ringmail-load.test".into(),
+                        peer: "127.0.0.1".into(),
+                        ..Envelope::default()
+                    };
                     tickets.push(
                         log.append(Kind::Message, |o| {
                             message::encode(

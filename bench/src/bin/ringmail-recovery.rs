@@ -67,8 +67,18 @@ fn fill(a: &Args, data: &Path, live: u64, history: u64) -> Result<f64, String> {
     let mut cmd = Command::new(a.fill_bin.as_ref().unwrap_or(&a.bin).join("ringmail-fill"));
     cmd.arg("--data")
         .arg(data)
-        .args(["--messages", &live.to_string(), "--history", &history.to_string()])
-        .args(["--size", &a.size.to_string(), "--shards", &a.shards.to_string()]);
+        .args([
+            "--messages",
+            &live.to_string(),
+            "--history",
+            &history.to_string(),
+        ])
+        .args([
+            "--size",
+            &a.size.to_string(),
+            "--shards",
+            &a.shards.to_string(),
+        ]);
     if a.history_first {
         cmd.arg("--history-first");
     }
@@ -84,7 +94,14 @@ fn restart(bin: &Path, data: &Path) -> Result<Restart, String> {
     procstat::drop_caches()?;
     let t0 = Instant::now();
     let mut child = Command::new(bin.join("ringmail"))
-        .args(["serve", "--smtp", "127.0.0.1:0", "--hostname", "ringmail.test", "--data"])
+        .args([
+            "serve",
+            "--smtp",
+            "127.0.0.1:0",
+            "--hostname",
+            "ringmail.test",
+            "--data",
+        ])
         .arg(data)
         .env("RINGMAIL_LOG", "info")
         .stdout(Stdio::null())
@@ -109,9 +126,10 @@ fn restart(bin: &Path, data: &Path) -> Result<Restart, String> {
         tail.join("\n")
     });
     let ready = rx.recv_timeout(Duration::from_secs(600));
-    let seen = ready.as_ref().ok().and_then(|_| {
-        Some((procstat::rss(pid)?, procstat::cpu_time(pid)?))
-    });
+    let seen = ready
+        .as_ref()
+        .ok()
+        .and_then(|_| Some((procstat::rss(pid)?, procstat::cpu_time(pid)?)));
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let exit = procstat::wait4(pid)?;
@@ -119,7 +137,10 @@ fn restart(bin: &Path, data: &Path) -> Result<Restart, String> {
     let ready = ready.map_err(|_| format!("ringmail never became ready; its log:\n{log}"))?;
     let ((rss, hwm), cpu) = seen.ok_or("cannot read /proc for the server")?;
     if exit.status != 0 {
-        return Err(format!("ringmail exited with status {}; its log:\n{log}", exit.status));
+        return Err(format!(
+            "ringmail exited with status {}; its log:\n{log}",
+            exit.status
+        ));
     }
     Ok(Restart {
         seconds: ready.duration_since(t0).as_secs_f64(),
@@ -141,7 +162,10 @@ fn queue_list(bin: &Path, data: &Path) -> Result<Listing, String> {
         .map_err(|e| format!("ringmail queue list: {e}"))?;
     let exit = procstat::wait4(child.id())?;
     if exit.status != 0 {
-        return Err(format!("ringmail queue list exited with status {}", exit.status));
+        return Err(format!(
+            "ringmail queue list exited with status {}",
+            exit.status
+        ));
     }
     Ok(Listing {
         seconds: t.elapsed().as_secs_f64(),
@@ -196,7 +220,11 @@ fn run(a: Args) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(&data);
     }
     let table = recovery::markdown(&points, empty.rss_bytes);
-    let label = if a.label.is_empty() { String::new() } else { format!("{} ", a.label) };
+    let label = if a.label.is_empty() {
+        String::new()
+    } else {
+        format!("{} ", a.label)
+    };
     let report = format!(
         "{label}recovery, {} B bodies, {} shards, cold page cache before every start; an empty data directory's server: {} KiB resident, ready in {:.3} s; {:.0} s in all\n\n{table}",
         a.size,
@@ -208,17 +236,27 @@ fn run(a: Args) -> Result<(), String> {
     println!("{report}");
     std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-    let dash = if a.label.is_empty() { String::new() } else { format!("{}-", a.label) };
+    let dash = if a.label.is_empty() {
+        String::new()
+    } else {
+        format!("{}-", a.label)
+    };
     let base = a.out.join(format!("recovery-{dash}{stamp}"));
     let raw = serde_json::json!({
         "label": a.label, "body_bytes": a.size, "shards": a.shards,
         "empty": {"seconds": empty.seconds, "vm_rss_bytes": empty.rss_bytes, "vm_hwm_bytes": empty.hwm_bytes},
         "points": points.iter().map(|p| p.to_json(empty.rss_bytes)).collect::<Vec<_>>(),
     });
-    std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&raw).unwrap())
-        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        base.with_extension("json"),
+        serde_json::to_string_pretty(&raw).unwrap(),
+    )
+    .map_err(|e| e.to_string())?;
     std::fs::write(base.with_extension("md"), &report).map_err(|e| e.to_string())?;
-    let title = format!("{label}ringmail recovery, {} B bodies, cold page cache", a.size);
+    let title = format!(
+        "{label}ringmail recovery, {} B bodies, cold page cache",
+        a.size
+    );
     let svg = recovery::svg(&points, empty.rss_bytes, &title)?;
     std::fs::write(base.with_extension("svg"), svg).map_err(|e| e.to_string())?;
     eprintln!("wrote {}.{{json,md,svg}}", base.display());

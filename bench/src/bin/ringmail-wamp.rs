@@ -81,7 +81,10 @@ fn wait_for_line(log: &std::path::Path, needle: &str, limit: Duration) -> Result
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("no \"{needle}\" in {} within {limit:?}", log.display()));
+            return Err(format!(
+                "no \"{needle}\" in {} within {limit:?}",
+                log.display()
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -110,12 +113,18 @@ fn run(a: Args) -> Result<(), String> {
     let port = free_port();
     let dev_before = procstat::device_written(&a.work);
     let mut cmd = Command::new(a.bin.join("ringmail"));
-    cmd.args(["serve", "--smtp", &format!("127.0.0.1:{port}"), "--hostname", "ringmail.test"])
-        .args(["--route", &format!("*=127.0.0.1:{sink_port}"), "--data"])
-        .arg(&data)
-        .env("RINGMAIL_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
+    cmd.args([
+        "serve",
+        "--smtp",
+        &format!("127.0.0.1:{port}"),
+        "--hostname",
+        "ringmail.test",
+    ])
+    .args(["--route", &format!("*=127.0.0.1:{sink_port}"), "--data"])
+    .arg(&data)
+    .env("RINGMAIL_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
     if let Some(s) = a.segment_size {
         cmd.args(["--segment-size", &s.to_string()]);
     }
@@ -141,8 +150,18 @@ fn run(a: Args) -> Result<(), String> {
     ];
     let mut load = Command::new(tools.join("ringmail-load"));
     load.args(["smtp", "--target", &format!("127.0.0.1:{port}"), "--json"])
-        .args(["--sessions", &a.sessions.to_string(), "--messages", "1000000000"])
-        .args(["--size", &a.size.to_string(), "--max-seconds", &a.seconds.to_string()]);
+        .args([
+            "--sessions",
+            &a.sessions.to_string(),
+            "--messages",
+            "1000000000",
+        ])
+        .args([
+            "--size",
+            &a.size.to_string(),
+            "--max-seconds",
+            &a.seconds.to_string(),
+        ]);
     for (d, w) in &plan_domains {
         if *w > 0 {
             load.args(["--domain", &format!("{d}:{w}")]);
@@ -163,8 +182,10 @@ fn run(a: Args) -> Result<(), String> {
             samples.push((t0.elapsed().as_secs_f64(), w, procstat::dir_bytes(&data).0));
         }
     };
-    let alive = |p: u32| std::path::Path::new(&format!("/proc/{p}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| s.contains(") Z "));
+    let alive = |p: u32| {
+        std::path::Path::new(&format!("/proc/{p}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| s.contains(") Z "))
+    };
     while alive(load_pid) {
         sample(&mut samples);
         std::thread::sleep(Duration::from_millis(500));
@@ -194,7 +215,8 @@ fn run(a: Args) -> Result<(), String> {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(sink.id() as i32, libc::SIGTERM) };
     let sink_out = sink.wait_with_output().map_err(|e| e.to_string())?;
-    let so = ringmail_bench::compare::parse_sink_output(&String::from_utf8_lossy(&sink_out.stdout))?;
+    let so =
+        ringmail_bench::compare::parse_sink_output(&String::from_utf8_lossy(&sink_out.stdout))?;
     if exit.status != 0 {
         return Err(format!("ringmail exited with status {}", exit.status));
     }
@@ -225,7 +247,11 @@ fn run(a: Args) -> Result<(), String> {
         _ => None,
     };
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let label = if a.label.is_empty() { String::new() } else { format!("{} ", a.label) };
+    let label = if a.label.is_empty() {
+        String::new()
+    } else {
+        format!("{} ", a.label)
+    };
     let report = format!(
         "{label}write amplification: {} s of ringmail-load ({} sessions, {} B messages, {stay}% to the local domain, the sink defers {} per mille), compaction running\n\n\
 | accepted | staying (local) | relayed (sink accepted) | ingested MiB | server wrote MiB | written / ingested | device wrote MiB (all processes) | data dir at end MiB (allocated) | compaction rounds that copied |\n|---|---|---|---|---|---|---|---|---|\n\
@@ -238,7 +264,11 @@ fn run(a: Args) -> Result<(), String> {
     println!("{report}");
     std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-    let dash = if a.label.is_empty() { String::new() } else { format!("{}-", a.label) };
+    let dash = if a.label.is_empty() {
+        String::new()
+    } else {
+        format!("{}-", a.label)
+    };
     let base = a.out.join(format!("wamp-{dash}{stamp}"));
     let raw = serde_json::json!({
         "label": a.label, "seconds": a.seconds, "load_seconds": load_seconds,
@@ -250,8 +280,11 @@ fn run(a: Args) -> Result<(), String> {
         "data_allocated_bytes_end": data_allocated, "compaction_copy_rounds": copied,
         "server_cpu_seconds": (exit.user + exit.system).as_secs_f64(),
     });
-    std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&raw).unwrap())
-        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        base.with_extension("json"),
+        serde_json::to_string_pretty(&raw).unwrap(),
+    )
+    .map_err(|e| e.to_string())?;
     std::fs::write(base.with_extension("md"), &report).map_err(|e| e.to_string())?;
     let mut csv = std::fs::File::create(base.with_extension("csv")).map_err(|e| e.to_string())?;
     writeln!(csv, "seconds,server_written_bytes,data_bytes").map_err(|e| e.to_string())?;
@@ -263,8 +296,11 @@ fn run(a: Args) -> Result<(), String> {
         mib(exit.written_bytes),
         mib(ingested)
     );
-    std::fs::write(base.with_extension("svg"), ringmail_bench::wamp::svg(&samples, &title)?)
-        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        base.with_extension("svg"),
+        ringmail_bench::wamp::svg(&samples, &title)?,
+    )
+    .map_err(|e| e.to_string())?;
     eprintln!("wrote {}.{{json,md,csv,svg}}", base.display());
     Ok(())
 }
