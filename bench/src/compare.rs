@@ -17,6 +17,11 @@ pub struct Run {
     pub rate: f64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// The server's user + system CPU time over the run, per message (ringmail only).
+    pub cpu_us_per_msg: Option<f64>,
+    /// User-space copies of message bodies per message, from the server's
+    /// `body_copies=N` log counter (`procstat::body_copies`); None while it logs none.
+    pub copies_per_msg: Option<f64>,
 }
 
 impl Run {
@@ -32,6 +37,8 @@ impl Run {
             rate: o.rate,
             p50_ms: Some(o.p50_ms),
             p99_ms: Some(o.p99_ms),
+            cpu_us_per_msg: None,
+            copies_per_msg: None,
         }
     }
 
@@ -40,6 +47,8 @@ impl Run {
             "workload": self.workload, "target": self.target, "rep": self.rep,
             "messages": self.messages, "errors": self.errors, "seconds": self.seconds,
             "messages_per_sec": self.rate, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms,
+            "cpu_us_per_message": self.cpu_us_per_msg,
+            "body_copies_per_message": self.copies_per_msg,
         })
     }
 }
@@ -202,6 +211,41 @@ pub fn markdown(runs: &[Run], subject: &str, limit: &str, peers: &[&str]) -> Str
     out
 }
 
+/// What each message cost `subject`: medians of its CPU time and body copies per
+/// message, by workload ("n/a" where the server did not report it).
+pub fn cost_markdown(runs: &[Run], subject: &str) -> String {
+    let mut out = String::from(
+        "| workload | CPU µs per message | body copies per message |\n|---|---|---|\n",
+    );
+    let mut order: Vec<&str> = Vec::new();
+    for r in runs.iter().filter(|r| r.target == subject) {
+        if !order.contains(&r.workload.as_str()) {
+            order.push(&r.workload);
+        }
+    }
+    for w in order {
+        let of = |get: fn(&Run) -> Option<f64>| {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.target == subject && r.workload == w)
+                .filter_map(get)
+                .collect();
+            v
+        };
+        let cpu = of(|r| r.cpu_us_per_msg);
+        let copies = of(|r| r.copies_per_msg);
+        let fmt = |v: Vec<f64>, digits: usize| {
+            if v.is_empty() {
+                "n/a".to_string()
+            } else {
+                format!("{:.*}", digits, median(v))
+            }
+        };
+        out.push_str(&format!("| {w} | {} | {} |\n", fmt(cpu, 0), fmt(copies, 2)));
+    }
+    out
+}
+
 /// A grouped bar chart of the medians (messages/s), one group per workload.
 pub fn svg_chart(runs: &[Run], targets: &[&str], title: &str) -> Result<String, String> {
     use plotters::prelude::*;
@@ -333,7 +377,33 @@ mod tests {
             rate,
             p50_ms: None,
             p99_ms: None,
+            cpu_us_per_msg: None,
+            copies_per_msg: None,
         }
+    }
+
+    #[test]
+    fn cost_table() {
+        let mut a = run("ingest 4k", "ringmail", 50.0);
+        a.cpu_us_per_msg = Some(120.0);
+        let mut b = a.clone();
+        b.cpu_us_per_msg = Some(80.0);
+        b.copies_per_msg = Some(1.0);
+        let runs = vec![
+            run("ingest 4k", "sink", 1.0),
+            a,
+            b,
+            run("relay 4k", "ringmail", 1.0),
+        ];
+        let t = cost_markdown(&runs, "ringmail");
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[2], "| ingest 4k | 100 | 1.00 |");
+        assert_eq!(lines[3], "| relay 4k | n/a | n/a |");
+        assert_eq!(lines.len(), 4);
+        assert_eq!(
+            run("x", "y", 1.0).to_json()["body_copies_per_message"],
+            Value::Null
+        );
     }
 
     #[test]

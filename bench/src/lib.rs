@@ -3,5 +3,8 @@
 
 pub mod compare;
 pub mod load;
+pub mod procstat;
+pub mod recovery;
 pub mod ring;
 pub mod sink;
+pub mod wamp;

@@ -265,14 +265,14 @@ fn run(a: Args) -> Result<(), String> {
     let started = Instant::now();
     for w in &workloads {
         for rep in 0..reps {
-            let mut record = |target: &str, o: compare::LoadOutput| {
+            let record = |runs: &mut Vec<Run>, target: &str, o: compare::LoadOutput| {
                 eprintln!(
                     "{:>26} {:>9} rep {rep}: {:>8.0} msg/s ({} messages, {} errors)",
                     w.name, target, o.rate, o.messages, o.errors
                 );
                 runs.push(Run::from_load(w.name, target, rep, &o));
             };
-            record("sink", load(&a.bin, limit_port, w, w.messages)?);
+            record(&mut runs, "sink", load(&a.bin, limit_port, w, w.messages)?);
             let port = free_port();
             let data = work.path().join("ringmail-data");
             let _ = std::fs::remove_dir_all(&data);
@@ -295,15 +295,38 @@ fn run(a: Args) -> Result<(), String> {
                 log_file.into(),
             )?;
             wait_port(port)?;
+            let pid = server.0.id();
+            let cpu0 = ringmail_bench::procstat::cpu_time(pid);
             let t = Instant::now();
             let mut o = load(&a.bin, port, w, w.messages)?;
             if w.relay {
                 wait_drained("ringmail", || ringmail_delivered(&log, o.messages))?;
                 o.rate = o.messages as f64 / t.elapsed().as_secs_f64();
             }
+            // CPU of the measured stretch only: from before the load to the end of it
+            // (ingest) or to the last delivery (relay).
+            let cpu = cpu0
+                .zip(ringmail_bench::procstat::cpu_time(pid))
+                .map(|(a, b)| b - a);
             server.stop();
             let _ = std::fs::remove_dir_all(&data);
-            record("ringmail", o);
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            let per = |x: f64| x / o.messages.max(1) as f64;
+            let mut r = Run::from_load(w.name, "ringmail", rep, &o);
+            r.cpu_us_per_msg = cpu.map(|c| per(c.as_secs_f64() * 1e6));
+            r.copies_per_msg =
+                ringmail_bench::procstat::body_copies(&log_text).map(|n| per(n as f64));
+            eprintln!(
+                "{:>26} {:>9} rep {rep}: {:>8.0} msg/s ({} messages, {} errors), {} µs CPU/msg, {} copies/msg",
+                w.name,
+                "ringmail",
+                o.rate,
+                o.messages,
+                o.errors,
+                r.cpu_us_per_msg.map_or("n/a".into(), |v| format!("{v:.0}")),
+                r.copies_per_msg.map_or("n/a".into(), |v| format!("{v:.2}")),
+            );
+            runs.push(r);
             if let Some((smtp_port, dir)) = &pf {
                 let t = Instant::now();
                 let mut o = load(&a.bin, *smtp_port, w, (w.messages / 10).max(100))?;
@@ -311,7 +334,7 @@ fn run(a: Args) -> Result<(), String> {
                     wait_drained("postfix", || postfix_queue_empty(dir))?;
                     o.rate = o.messages as f64 / t.elapsed().as_secs_f64();
                 }
-                record("postfix", o);
+                record(&mut runs, "postfix", o);
             }
         }
     }
@@ -341,8 +364,9 @@ fn run(a: Args) -> Result<(), String> {
     };
     let table = compare::markdown(&runs, "ringmail", "sink", &peers);
     let vtable = compare::markdown(&validation, "ringmail-load", "smtp-source", &[]);
+    let costs = compare::cost_markdown(&runs, "ringmail");
     let report = format!(
-        "ringmail-load, 32 sessions, medians of {reps} interleaved run(s), messages/s; {:.0} s in all\nPeers: {}\n\n{table}\nValidation: smtp-source vs ringmail-load, both into Postfix's smtp-sink (4 KiB, 32 sessions)\n\n{vtable}",
+        "ringmail-load, 32 sessions, medians of {reps} interleaved run(s), messages/s; {:.0} s in all\nPeers: {}\n\n{table}\nringmail's cost per message (CPU: user + system of the server while measured; copies: its body_copies= log counter)\n\n{costs}\nValidation: smtp-source vs ringmail-load, both into Postfix's smtp-sink (4 KiB, 32 sessions)\n\n{vtable}",
         started.elapsed().as_secs_f64(),
         peer_versions()
     );
@@ -441,6 +465,8 @@ fn validate(bin: &Path, reps: usize, scale: u64) -> Result<Vec<Run>, String> {
                 rate,
                 p50_ms: None,
                 p99_ms: None,
+                cpu_us_per_msg: None,
+                copies_per_msg: None,
             });
             let w = Workload {
                 relay: false,

@@ -3,11 +3,17 @@
 //! queue list` or a restart on a large queue) without minutes of SMTP load first.
 //!
 //!     ringmail-fill --data DIR --messages 1000000 --size 512 --shards 2
+//!
+//! `--history N` adds N messages that were relayed and are done (a remote recipient
+//! and a `Delivered` update each): a log whose history is longer than what is live.
+//! They are spread evenly among the queued ones, as a server that relays while mail
+//! stays queued would have written them, so no prefix of the log is finished;
+//! `--history-first` puts them all before the queued ones instead.
 
 use clap::Parser;
 use glommio::LocalExecutor;
 use ringmail::queue;
-use ringmail_store::message::{self, Envelope, Recipient};
+use ringmail_store::message::{self, Envelope, RcptStatus, RcptUpdate, Recipient};
 use ringmail_store::segment;
 use ringmail_store::{Kind, LogConfig, ShardLog, Tail};
 
@@ -27,6 +33,22 @@ struct Args {
     /// Messages per group commit.
     #[arg(long, default_value_t = 2000)]
     batch: u64,
+    /// Delivered (finished) messages in all, besides the queued ones.
+    #[arg(long, default_value_t = 0)]
+    history: u64,
+    /// Write the delivered history before every queued message instead of among them.
+    #[arg(long)]
+    history_first: bool,
+}
+
+/// Whether message `i` (0-based) of `total` in a shard is history rather than queued:
+/// `history` of them, evenly spread (Bresenham), or the first `history` ones.
+fn is_history(i: u64, total: u64, history: u64, first: bool) -> bool {
+    if first {
+        i < history
+    } else {
+        (i + 1) * history / total > i * history / total
+    }
 }
 
 fn main() {
@@ -43,8 +65,11 @@ fn main() {
         .as_millis() as u64;
     for shard in 0..args.shards {
         let dir = segment::shard_dir(&args.data, shard);
-        let count = args.messages / args.shards as u64
-            + u64::from((shard as u64) < args.messages % args.shards as u64);
+        let share =
+            |n: u64| n / args.shards as u64 + u64::from((shard as u64) < n % args.shards as u64);
+        let history = share(args.history);
+        let count = share(args.messages) + history;
+        let first = args.history_first;
         let body = body.clone();
         let batch = args.batch.max(1);
         LocalExecutor::default().run(async move {
@@ -54,21 +79,28 @@ fn main() {
             let mut next = 1;
             while next <= count {
                 let end = (next + batch).min(count + 1);
-                let tickets: Vec<_> = (next..end)
-                    .map(|i| {
-                        let env = Envelope {
-                            id: queue::make_id(shard, i),
-                            received_at_ms: now_ms,
-                            from: "load@ringmail-load.test".into(),
-                            recipients: vec![Recipient {
-                                address: "rcpt@localhost".into(),
-                                notify: 0,
-                                orcpt: None,
-                            }],
-                            helo: "ringmail-load.test".into(),
-                            peer: "127.0.0.1".into(),
-                            ..Envelope::default()
-                        };
+                let mut tickets = Vec::new();
+                for i in next..end {
+                    let done = is_history(i - 1, count, history, first);
+                    let env = Envelope {
+                        id: queue::make_id(shard, i),
+                        received_at_ms: now_ms,
+                        from: "load@ringmail-load.test".into(),
+                        recipients: vec![Recipient {
+                            address: if done {
+                                "rcpt@relay.test"
+                            } else {
+                                "rcpt@localhost"
+                            }
+                            .into(),
+                            notify: 0,
+                            orcpt: None,
+                        }],
+                        helo: "ringmail-load.test".into(),
+                        peer: "127.0.0.1".into(),
+                        ..Envelope::default()
+                    };
+                    tickets.push(
                         log.append(Kind::Message, |o| {
                             message::encode(
                                 o,
@@ -77,9 +109,20 @@ fn main() {
                                 &body,
                             )
                         })
-                        .unwrap()
-                    })
-                    .collect();
+                        .unwrap(),
+                    );
+                    if done {
+                        let update = RcptUpdate {
+                            id: env.id,
+                            rcpt: 0,
+                            status: RcptStatus::Delivered,
+                            attempts: 1,
+                            next_attempt_ms: 0,
+                            reply: "250 2.0.0 Ok".into(),
+                        };
+                        tickets.push(log.append(Kind::RcptUpdate, |o| update.encode(o)).unwrap());
+                    }
+                }
                 for t in tickets {
                     log.durable(t).await.unwrap();
                 }
@@ -87,5 +130,21 @@ fn main() {
             }
             log.close().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_history;
+
+    #[test]
+    fn history_is_spread_evenly_or_first() {
+        let spread: Vec<bool> = (0..10).map(|i| is_history(i, 10, 5, false)).collect();
+        assert_eq!(spread.iter().filter(|h| **h).count(), 5);
+        assert!(spread.windows(2).all(|w| w[0] != w[1]), "{spread:?}");
+        assert_eq!((0..7).filter(|&i| is_history(i, 7, 0, false)).count(), 0);
+        assert_eq!((0..7).filter(|&i| is_history(i, 7, 7, false)).count(), 7);
+        let first: Vec<bool> = (0..4).map(|i| is_history(i, 4, 2, true)).collect();
+        assert_eq!(first, [true, true, false, false]);
     }
 }
