@@ -748,15 +748,8 @@ impl ShardLog {
     /// not written yet lands after it). Failed batches do not count: their records
     /// are never replayed, and their holders apply nothing. Never moves backwards.
     pub fn replay_start(&self) -> (u64, u64) {
-        let open = self.inner.borrow().slot.clone();
-        let mut q = self.inflight.borrow_mut();
-        while let Some(s) = q.front() {
-            if s.tickets.get() == 0 && !Rc::ptr_eq(s, &open) {
-                q.pop_front();
-            } else {
-                break;
-            }
-        }
+        self.prune_inflight();
+        let q = self.inflight.borrow();
         for s in q.iter() {
             if s.tickets.get() == 0 {
                 continue;
@@ -768,6 +761,26 @@ impl ShardLog {
             }
         }
         self.durable_end.get()
+    }
+
+    /// Lets go of the batches at the front whose tickets are all dropped: nothing
+    /// holds their effects back any more, and each keeps its written buffers alive
+    /// (megabytes a batch under load) for as long as it is listed.
+    fn prune_inflight(&self) {
+        let open = self.inner.borrow().slot.clone();
+        let mut q = self.inflight.borrow_mut();
+        while let Some(s) = q.front() {
+            if s.tickets.get() == 0 && !Rc::ptr_eq(s, &open) {
+                q.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Batches listed for [`ShardLog::replay_start`] (for tests).
+    pub fn batches_tracked(&self) -> usize {
+        self.inflight.borrow().len()
     }
 
     /// (segment, offset) just past the last durable batch.
@@ -847,6 +860,9 @@ impl Flusher {
                     if let Ok(w) = &result {
                         self.log.durable_end.set((w.seq, w.start + w.len()));
                     }
+                    // Not only when a snapshot asks: every listed batch holds its
+                    // buffers, and snapshots may be minutes apart.
+                    self.log.prune_inflight();
                     // Nothing is open yet: the next batch can start from what the
                     // segment really holds (after a failure or a roll the prediction
                     // above was wrong).

@@ -104,16 +104,18 @@ pub trait Index {
     fn load(&mut self, item: &[u8]) -> Result<(), &'static str>;
 }
 
-/// What the handle map keeps per referenced message: 32 bytes.
+/// What the handle map keeps per referenced message: 24 bytes (with its 8-byte key,
+/// 32 a slot: the budget for the map and the counts is 100 bytes a message,
+/// and a hash table's slots are up to half empty right after it grows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     pub seq: u32,
     /// Bytes of the record, framing included.
     pub len: u32,
     pub offset: u64,
-    /// The body's range, counted from the start of the record.
+    /// Where the body starts, counted from the start of the record. The body is the
+    /// record's last field, so it runs to the record's end: its length is not kept.
     pub body_offset: u32,
-    pub body_len: u32,
     pub refs: u32,
 }
 
@@ -125,17 +127,26 @@ impl Entry {
             offset: self.offset,
             len: self.len,
             body_offset: self.body_offset,
-            body_len: self.body_len,
+            body_len: self.body_len(),
         }
     }
 
+    /// Body bytes (from `body_offset` to the record's end).
+    pub fn body_len(&self) -> u32 {
+        self.len - self.body_offset
+    }
+
     fn of(r: &Resolved, refs: u32) -> Entry {
+        assert_eq!(
+            r.body_offset as u64 + r.body_len as u64,
+            r.len as u64,
+            "a message's body ends its record"
+        );
         Entry {
             seq: u32::try_from(r.seq).expect("segment sequence numbers fit 32 bits"),
             len: r.len,
             offset: r.offset,
             body_offset: r.body_offset,
-            body_len: r.body_len,
             refs,
         }
     }
@@ -258,10 +269,10 @@ fn decode_entry(p: &[u8]) -> Option<(u64, Entry)> {
             len: u32at(12),
             offset: u64at(16),
             body_offset: u32at(24),
-            body_len: u32at(28),
             refs: 0,
         },
     ))
+    .filter(|(_, e)| e.body_offset <= e.len && u32at(28) == e.body_len())
 }
 
 fn encode_entry(out: &mut Vec<u8>, id: u64, e: &Entry) {
@@ -270,7 +281,7 @@ fn encode_entry(out: &mut Vec<u8>, id: u64, e: &Entry) {
     out.extend_from_slice(&e.len.to_le_bytes());
     out.extend_from_slice(&e.offset.to_le_bytes());
     out.extend_from_slice(&e.body_offset.to_le_bytes());
-    out.extend_from_slice(&e.body_len.to_le_bytes());
+    out.extend_from_slice(&e.body_len().to_le_bytes());
 }
 
 /// Checks a snapshot file whole (a streaming pass) before anything of it is loaded,
@@ -453,6 +464,9 @@ pub fn recover_with(
         });
     }
     map.retain(|_, e| e.refs > 0);
+    // Replay may have seen many more messages than live on (the history after the
+    // snapshot): the table keeps its peak size unless told.
+    map.shrink_to_fit();
     report.damaged.extend(damaged);
     if bad_records > 0 {
         report.damaged.push(format!(

@@ -832,3 +832,31 @@ fn segment_rolls_sync_the_directory_off_the_executor_before_acknowledging_into_t
     let acked: Vec<Vec<u8>> = acked.into_iter().map(|(_, p)| p).collect();
     assert_eq!(replay(d.path(), Mode::Repair), acked);
 }
+
+/// A written batch keeps its buffers alive while it is listed for the snapshot's
+/// replay start: once its tickets are gone it must be let go without waiting for a
+/// snapshot to ask, or every batch since the last snapshot stays in memory.
+#[test]
+fn finished_batches_are_let_go_without_a_snapshot() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    LocalExecutor::default().run(async move {
+        let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
+        let log = ShardLog::open(&dir, 0, tail, LogConfig::default())
+            .await
+            .unwrap();
+        for i in 0..200 {
+            let t = log
+                .append(Kind::Message, |o| o.extend_from_slice(&payload(i, 5000)))
+                .unwrap();
+            log.durable(t).await.unwrap();
+        }
+        // The open batch, and at most the last written one (let go by the next).
+        assert!(
+            log.batches_tracked() <= 2,
+            "{} batches held",
+            log.batches_tracked()
+        );
+        log.close().await;
+    });
+}
