@@ -4,7 +4,9 @@
 # (mail that stays), compaction running; the server's bytes written (wait4 ru_oublock,
 # as /proc/PID/io write_bytes) over the message bytes it accepted, and the data
 # directory at the end. See ringmail-wamp --help (--seconds, --stay-percent,
-# --defer-permille, --segment-size, --cores, --label).
+# --defer-permille, --segment-size, --zero-ahead, --cores, --label). With a server that
+# counts them, the bytes written by cause (records, copies, snapshots, tail blocks,
+# padding, zeros ahead) are reported too.
 # Writes bench/results/wamp-[LABEL-]<time>.{json,md,csv,svg}.
 #
 #   bench/wamp.sh                                   # builds release first

@@ -68,6 +68,24 @@ pub fn body_copies(log: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The numeric `key=N` fields of the server's last process-wide `stopped` line (not
+/// the `executor stopped` ones): its counters of bytes written by cause
+/// (`log_record_bytes`, `zero_bytes`, ...; see ringmail_store::stats). None when the
+/// log has no such line (the server was killed, or predates the counters).
+pub fn stopped_counters(log: &str) -> Option<std::collections::BTreeMap<String, u64>> {
+    let line = log.lines().rev().find(|l| {
+        l.contains(" stopped") && !l.contains("executor stopped") && l.contains("written_bytes=")
+    })?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
 /// Sectors written from the text of /sys/block/DEV/stat (the 7th field), in bytes.
 pub fn block_stat_written(stat: &str) -> Option<u64> {
     let n: u64 = stat.split_whitespace().nth(6)?.parse().ok()?;
@@ -180,6 +198,22 @@ mod tests {
             Some(2000)
         );
         assert_eq!(body_copies("body_copies=\n"), None);
+    }
+
+    #[test]
+    fn reads_the_process_stopped_counters() {
+        let log = "INFO ringmail::runtime: executor stopped executor=0 log_record_bytes=5 written_bytes=9\n\
+                   INFO ringmail::runtime: stopped bodies=2 copies_per_body_byte=1 log_record_bytes=100 zero_bytes=40 written_bytes=140\n";
+        let c = stopped_counters(log).unwrap();
+        assert_eq!(c["log_record_bytes"], 100);
+        assert_eq!(c["zero_bytes"], 40);
+        assert_eq!(c["written_bytes"], 140);
+        assert!(!c.contains_key("executor"));
+        assert_eq!(
+            stopped_counters("INFO executor stopped written_bytes=1\n"),
+            None
+        );
+        assert_eq!(stopped_counters("INFO stopped bodies=1\n"), None);
     }
 
     #[test]

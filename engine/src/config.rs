@@ -43,6 +43,8 @@ pub struct Config {
     pub deliveries_per_shard_max: usize,
     /// A log segment is sealed at this size (compaction deletes whole segments).
     pub segment_bytes_max: u64,
+    /// Zeros ahead of the log writer while batches are small (`log-zero-ahead`).
+    pub log_zero_ahead: bool,
     /// Messages per second per destination domain and shard (None: no limit).
     pub destination_rate: Option<f64>,
     /// Per-reply deadlines and the ceiling of one delivery attempt (no flag or TOML
@@ -72,6 +74,7 @@ impl Default for Config {
             connections_per_destination_max: 16,
             deliveries_per_shard_max: 1000,
             segment_bytes_max: 64 << 20,
+            log_zero_ahead: ZERO_AHEAD_DEFAULT,
             destination_rate: None,
             delivery_timeouts: Default::default(),
         }
@@ -150,6 +153,10 @@ impl Config {
 }
 
 /// Segments smaller than this would roll on every batch.
+/// `log-zero-ahead` unless set: see bench/RESULTS.md ("Write amplification") for the
+/// throughput and bytes written with each.
+const ZERO_AHEAD_DEFAULT: bool = true;
+
 pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
 /// Above this a segment is slow to compact and to copy forward, and gains nothing.
 pub const SEGMENT_BYTES_MAX: u64 = 4 << 30;
@@ -316,6 +323,7 @@ macro_rules! toml_type {
 }
 
 toml_type! {
+    bool => "boolean",
     u16 => "integer",
     u64 => "integer",
     usize => "integer",
@@ -750,6 +758,17 @@ settings! {
     get |c| Some(c.segment_bytes_max),
     set |c, v| c.segment_bytes_max = v;
 
+    /// Fill each log segment with synced zeros ahead of the writer while batches are
+    /// small (under 256 KiB on average): a sync then overwrites allocated blocks
+    /// instead of appending, which skips the file system's journal commit, but every
+    /// byte of the segment is written twice (see bench/RESULTS.md, "Write
+    /// amplification").
+    #[arg(long)]
+    log_zero_ahead: bool, aliases [],
+    rule anything("true or false"),
+    get |c| Some(c.log_zero_ahead),
+    set |c, v| c.log_zero_ahead = v;
+
     /// Most messages per second to one destination domain, per shard; unset: no limit.
     #[arg(long)]
     destination_rate: f64, aliases [],
@@ -1038,7 +1057,7 @@ mod tests {
 
     #[test]
     fn every_setting_is_read_from_the_file_by_its_flag_name() {
-        let s = Settings::from_toml(
+        let s = Settings::from_toml(&format!(
             "data = \"/tmp/d\"\ncores = 2\nhostname = \"mx.example.test\"\n\
              smtp = \"127.0.0.1:2626\"\nlocal-domain = [\"a.test\"]\n\
              relay-network = [\"10.0.0.0/8\", \"192.0.2.1\"]\ndns = [\"127.0.0.1:5353\"]\n\
@@ -1046,8 +1065,9 @@ mod tests {
              line-length-max = 1024\ndata-line-length-max = 2000\nrecipients-max = 200\n\
              idle-timeout = 7\nconnections-max = 3\nretry-first = 5\nretry-max = 50\n\
              queue-age-max = 500\nsegment-size = 2097152\ndestination-rate = 10.5\n\
-             destination-connections = 4\ndeliveries-max = 9\n",
-        )
+             destination-connections = 4\ndeliveries-max = 9\nlog-zero-ahead = {}\n",
+            !ZERO_AHEAD_DEFAULT
+        ))
         .unwrap();
         let c = Settings::layered(None, s).unwrap().to_config().unwrap();
         assert_eq!(c.data, PathBuf::from("/tmp/d"));
@@ -1074,6 +1094,17 @@ mod tests {
         assert_eq!(c.destination_rate, Some(10.5));
         assert_eq!(c.connections_per_destination_max, 4);
         assert_eq!(c.deliveries_per_shard_max, 9);
+        assert_eq!(c.log_zero_ahead, !ZERO_AHEAD_DEFAULT);
+    }
+
+    #[test]
+    fn zero_ahead_is_a_flag_with_a_value() {
+        for v in [false, true] {
+            let s = flags(&["--log-zero-ahead", &v.to_string()]);
+            let c = Settings::layered(None, s).unwrap().to_config().unwrap();
+            assert_eq!(c.log_zero_ahead, v);
+        }
+        assert_eq!(Config::default().log_zero_ahead, ZERO_AHEAD_DEFAULT);
     }
 
     #[test]

@@ -17,14 +17,7 @@ static FLUSH_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 
 /// Every executor's body counters, added up as each stops (once: not the hot path).
 static BODY_STATS: std::sync::Mutex<ringmail_store::stats::Counters> =
-    std::sync::Mutex::new(ringmail_store::stats::Counters {
-        bodies: 0,
-        body_bytes: 0,
-        body_bytes_copied: 0,
-        body_bytes_crc: 0,
-        relocated_bytes: 0,
-        tail_bytes_copied: 0,
-    });
+    std::sync::Mutex::new(ringmail_store::stats::Counters::ZERO);
 
 /// The file `queue flush` finds the server by.
 pub fn pid_file(data: &std::path::Path) -> std::path::PathBuf {
@@ -137,11 +130,21 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     match first_error {
         None => {
             let c = *BODY_STATS.lock().unwrap_or_else(|e| e.into_inner());
-            // The benchmark reads copies per message from here (`body_copies=`).
+            // The benchmarks read copies per message (`body_copies=`) and the bytes
+            // written by cause (ringmail-wamp) from here.
             tracing::info!(
                 bodies = c.bodies,
                 body_copies = c.body_copies(),
                 copies_per_body_byte = c.copies_per_body_byte(),
+                log_record_bytes = c.log_record_bytes,
+                copied_bytes = c.copied_bytes,
+                snapshot_bytes = c.snapshot_bytes,
+                log_tail_bytes = c.log_tail_bytes,
+                log_pad_bytes = c.log_pad_bytes,
+                zero_bytes = c.zero_bytes,
+                segment_header_bytes = c.segment_header_bytes,
+                store_bytes = c.store_bytes(),
+                written_bytes = c.written_bytes(),
                 "stopped"
             );
             Ok(())
@@ -167,6 +170,7 @@ async fn executor_main(
             shard,
             LogConfig {
                 segment_bytes_max: cfg.segment_bytes_max,
+                zero_ahead: cfg.log_zero_ahead,
             },
         )
         .await
@@ -229,6 +233,13 @@ async fn executor_main(
         relocated_bytes = c.relocated_bytes,
         tail_bytes_copied = c.tail_bytes_copied,
         body_copies = c.body_copies(),
+        log_record_bytes = c.log_record_bytes,
+        copied_bytes = c.copied_bytes,
+        snapshot_bytes = c.snapshot_bytes,
+        log_tail_bytes = c.log_tail_bytes,
+        log_pad_bytes = c.log_pad_bytes,
+        zero_bytes = c.zero_bytes,
+        segment_header_bytes = c.segment_header_bytes,
         "executor stopped"
     );
     let mut all = BODY_STATS.lock().unwrap_or_else(|e| e.into_inner());

@@ -598,9 +598,17 @@ mod tests {
         async fn open(data: &Path, segment_bytes_max: u64) -> Rc<TestShard> {
             let dir = segment::shard_dir(data, SHARD);
             let (tail, _) = recover_shard(&dir, SHARD, Mode::Repair, |_, _| {}).unwrap();
-            let log = ShardLog::open(&dir, SHARD, tail, LogConfig { segment_bytes_max })
-                .await
-                .unwrap();
+            let log = ShardLog::open(
+                &dir,
+                SHARD,
+                tail,
+                LogConfig {
+                    segment_bytes_max,
+                    ..LogConfig::default()
+                },
+            )
+            .await
+            .unwrap();
             Rc::new(TestShard {
                 dir,
                 log,

@@ -901,6 +901,9 @@ impl Shard {
             segment::sync_dir(&dir)
         })
         .await?;
+        // Counted here, on the executor: the write ran on the blocking thread, whose
+        // counters nobody reads.
+        crate::stats::add(|c| c.snapshot_bytes += size);
         self.snap.set(Some((s.at, size, appended)));
         tracing::debug!(shard = self.shard, bytes = size, at = ?s.at, "snapshot written");
         Ok(())
@@ -1006,6 +1009,7 @@ impl Shard {
             let t = self
                 .append(Kind::Copy, |out| out.extend_from_slice(payload))
                 .map_err(log_err)?;
+            crate::stats::add(|c| c.copied_bytes += e.len as u64);
             tickets.push((id, e, t));
         }
         if let Some((_, f)) = file.take() {
@@ -1121,6 +1125,7 @@ mod tests {
         let dir = segment::shard_dir(&data, 0);
         let cfg = LogConfig {
             segment_bytes_max: 8 << 10,
+            ..LogConfig::default()
         };
         let (executor, done) = glommio::LocalExecutor::default().run(async move {
             let shard = Shard::open(&data, 0, cfg, &mut []).await.unwrap();

@@ -1,7 +1,10 @@
-//! What the write path did to message bodies on this thread (each executor is one
-//! thread): how many body bytes were copied in user space and how many were CRC'd,
-//! so a test can assert "one copy, one CRC pass" and the benchmark can report copies
-//! per message. Counters are per thread, not shared atomics, so counting costs the
+//! What the write path did on this thread (each executor is one thread): how many
+//! body bytes were copied in user space and how many were CRC'd, so a test can assert
+//! "one copy, one CRC pass" and the benchmark can report copies per message; and what
+//! the store wrote to disk, by cause, so write amplification can be split into the
+//! store's own (records, copies forward, snapshots) and the log's constant factors
+//! (rewritten tail blocks, block padding, zeros ahead, segment headers). Counters are
+//! per thread, not shared atomics, so counting costs the
 //! hot path no cache-line traffic between cores; the engine logs each executor's
 //! totals when it stops (the `executor stopped` line).
 
@@ -26,9 +29,62 @@ pub struct Counters {
     /// Bytes of a partial last block copied in front of the next write (at most one
     /// block per batch buffer; they may belong to a body).
     pub tail_bytes_copied: u64,
+    /// Record bytes in the batches the log wrote (compaction's copies included),
+    /// failed writes included: what the store asked to make durable.
+    pub log_record_bytes: u64,
+    /// Bytes of the partial last block written again in front of a batch buffer (the
+    /// `lead` of each buffer written): already durable, written again because direct
+    /// writes cover whole blocks.
+    pub log_tail_bytes: u64,
+    /// Zeros after a buffer's last record up to its block boundary (overwritten by the
+    /// next batch, which then counts them again as tail bytes).
+    pub log_pad_bytes: u64,
+    /// Zeros written ahead of the writer (`log-zero-ahead`), whole segments' worth
+    /// while it is on: every byte of a segment is then written twice.
+    pub zero_bytes: u64,
+    /// The first block of each new segment (header and zeros).
+    pub segment_header_bytes: u64,
+    /// Record bytes compaction copied forward (a part of `log_record_bytes`).
+    pub copied_bytes: u64,
+    /// Bytes of snapshot files written.
+    pub snapshot_bytes: u64,
 }
 
 impl Counters {
+    /// All zero (a `const` for statics).
+    pub const ZERO: Counters = Counters {
+        bodies: 0,
+        body_bytes: 0,
+        body_bytes_copied: 0,
+        body_bytes_crc: 0,
+        relocated_bytes: 0,
+        tail_bytes_copied: 0,
+        log_record_bytes: 0,
+        log_tail_bytes: 0,
+        log_pad_bytes: 0,
+        zero_bytes: 0,
+        segment_header_bytes: 0,
+        copied_bytes: 0,
+        snapshot_bytes: 0,
+    };
+
+    /// What the store itself chose to write: records (copies forward included) and
+    /// snapshots. Over the bytes ingested, the store's write amplification.
+    pub fn store_bytes(&self) -> u64 {
+        self.log_record_bytes + self.snapshot_bytes
+    }
+
+    /// Everything the store submitted to the disk: the above plus the log's constant
+    /// factors (tail blocks written again, block padding, zeros ahead, segment
+    /// headers). Should come close to the process's block-layer write count.
+    pub fn written_bytes(&self) -> u64 {
+        self.store_bytes()
+            + self.log_tail_bytes
+            + self.log_pad_bytes
+            + self.zero_bytes
+            + self.segment_header_bytes
+    }
+
     /// Whole-body copies these counters come to: bytes copied (relocations included)
     /// over the bytes of one body on average, times the bodies. One per body when the
     /// write path does what it should.
@@ -48,6 +104,13 @@ impl Counters {
             body_bytes_crc: self.body_bytes_crc + o.body_bytes_crc,
             relocated_bytes: self.relocated_bytes + o.relocated_bytes,
             tail_bytes_copied: self.tail_bytes_copied + o.tail_bytes_copied,
+            log_record_bytes: self.log_record_bytes + o.log_record_bytes,
+            log_tail_bytes: self.log_tail_bytes + o.log_tail_bytes,
+            log_pad_bytes: self.log_pad_bytes + o.log_pad_bytes,
+            zero_bytes: self.zero_bytes + o.zero_bytes,
+            segment_header_bytes: self.segment_header_bytes + o.segment_header_bytes,
+            copied_bytes: self.copied_bytes + o.copied_bytes,
+            snapshot_bytes: self.snapshot_bytes + o.snapshot_bytes,
         }
     }
 

@@ -63,7 +63,10 @@ proptest! {
         segment_kib in 1u64..16,
     ) {
         let d = tempfile::tempdir().unwrap();
-        let cfg = LogConfig { segment_bytes_max: segment_kib << 10 };
+        let cfg = LogConfig {
+        segment_bytes_max: segment_kib << 10,
+        ..LogConfig::default()
+    };
         let mut model: Vec<Vec<u8>> = Vec::new();
         for run in &runs {
             let groups: Vec<Vec<Vec<u8>>> = run
@@ -84,6 +87,7 @@ fn large_and_small_batches_mixed_replay_exactly() {
     let d = tempfile::tempdir().unwrap();
     let cfg = LogConfig {
         segment_bytes_max: 3 << 20,
+        ..LogConfig::default()
     };
     let mut model: Vec<Vec<u8>> = Vec::new();
     let mut group = |sizes: &[usize]| -> Vec<Vec<u8>> {
@@ -555,6 +559,7 @@ fn no_batch_is_written_into_a_segment_after_a_roll_out_of_it_failed() {
     let dir = d.path().to_path_buf();
     let cfg = LogConfig {
         segment_bytes_max: 8 << 10,
+        ..LogConfig::default()
     };
     let durable_fence: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
     let (results, small_seq) = LocalExecutor::default().run({
@@ -756,6 +761,7 @@ fn segment_rolls_sync_the_directory_off_the_executor_before_acknowledging_into_t
         let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
         let cfg = LogConfig {
             segment_bytes_max: 24 << 10,
+            ..LogConfig::default()
         };
         let log = ShardLog::open(&dir, 0, tail, cfg).await.unwrap();
         const HOLD: Duration = Duration::from_millis(300);

@@ -128,6 +128,7 @@ fn body(id: u64, len: usize, seed: u8) -> Vec<u8> {
 fn cfg() -> LogConfig {
     LogConfig {
         segment_bytes_max: 8 << 10,
+        ..LogConfig::default()
     }
 }
 

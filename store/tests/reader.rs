@@ -42,9 +42,17 @@ async fn store(log: &ShardLog, shard: u32, id: u64, body: &[u8]) -> Resolved {
 async fn open_log(data: &Path, shard: u32, segment_bytes_max: u64) -> ShardLog {
     let dir = segment::shard_dir(data, shard);
     let (tail, _) = recover_shard(&dir, shard, Mode::Repair, |_, _| {}).unwrap();
-    ShardLog::open(&dir, shard, tail, LogConfig { segment_bytes_max })
-        .await
-        .unwrap()
+    ShardLog::open(
+        &dir,
+        shard,
+        tail,
+        LogConfig {
+            segment_bytes_max,
+            ..LogConfig::default()
+        },
+    )
+    .await
+    .unwrap()
 }
 
 #[test]

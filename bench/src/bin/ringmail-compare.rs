@@ -291,6 +291,12 @@ fn run(a: Args) -> Result<(), String> {
                         "--data",
                     ])
                     .arg(&data)
+                    // Extra server flags, for A/B runs of a setting.
+                    .args(
+                        std::env::var("RINGMAIL_ARGS")
+                            .unwrap_or_default()
+                            .split_whitespace(),
+                    )
                     .env("RINGMAIL_LOG", "info"),
                 log_file.into(),
             )?;

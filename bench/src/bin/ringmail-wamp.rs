@@ -8,6 +8,12 @@
 //! included) over the message bytes it accepted, the data directory at the end, and
 //! the device's own write counter over the run (every process: a noisy upper bound on a
 //! shared machine). Behind `bench/wamp.sh`.
+//!
+//! When the server logs its counters of bytes written by cause at a clean stop (the
+//! `stopped` line: ringmail_store::stats), they are reported next to the block-layer
+//! total: the store's own amplification (records, copies forward, snapshots) over
+//! the ingested bytes, and the log's constant factors (tail blocks written again,
+//! block padding, zeros ahead, segment headers) that make up the rest.
 
 use clap::Parser;
 use ringmail_bench::load::session::{message, recipients, Plan};
@@ -38,6 +44,9 @@ struct Args {
     /// Passed to ringmail serve as --segment-size (default: the server's).
     #[arg(long)]
     segment_size: Option<u64>,
+    /// Passed to ringmail serve as --log-zero-ahead (default: the server's).
+    #[arg(long)]
+    zero_ahead: Option<bool>,
     /// Passed to ringmail serve as --cores (default: all).
     #[arg(long)]
     cores: Option<usize>,
@@ -96,6 +105,20 @@ fn count_in(log: &std::path::Path, needle: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Compaction rounds that copied something forward: the store's `compacted` lines
+/// with `copied=` above 0.
+fn copy_rounds(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("compacted"))
+        .filter(|l| {
+            l.split_whitespace()
+                .find_map(|kv| kv.strip_prefix("copied="))
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+        .count() as u64
+}
+
 fn run(a: Args) -> Result<(), String> {
     let tools = a.tools_bin.clone().unwrap_or_else(|| a.bin.clone());
     let _ = std::fs::remove_dir_all(&a.work);
@@ -127,6 +150,9 @@ fn run(a: Args) -> Result<(), String> {
     .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
     if let Some(s) = a.segment_size {
         cmd.args(["--segment-size", &s.to_string()]);
+    }
+    if let Some(z) = a.zero_ahead {
+        cmd.args(["--log-zero-ahead", &z.to_string()]);
     }
     if let Some(c) = a.cores {
         cmd.args(["--cores", &c.to_string()]);
@@ -240,7 +266,8 @@ fn run(a: Args) -> Result<(), String> {
         ingested += message(seq, a.size, &plan.from, &to).len() as u64;
         stayed += u64::from(to.ends_with("@localhost"));
     }
-    let copied = count_in(&log, "copied live messages forward");
+    let copied = copy_rounds(&std::fs::read_to_string(&log).unwrap_or_default());
+    let counters = procstat::stopped_counters(&std::fs::read_to_string(&log).unwrap_or_default());
     let ratio = exit.written_bytes as f64 / ingested.max(1) as f64;
     let dev = match (dev_before, dev_after) {
         (Some(b), Some(e)) => Some(e.saturating_sub(b)),
@@ -261,6 +288,10 @@ fn run(a: Args) -> Result<(), String> {
         dev.map_or("n/a".into(), |d| format!("{:.0}", mib(d))),
         mib(data_apparent), mib(data_allocated),
     );
+    let report = match &counters {
+        Some(c) => format!("{report}\n{}", breakdown(c, ingested, exit.written_bytes)),
+        None => format!("{report}\n(the server logged no counters of bytes written by cause)\n"),
+    };
     println!("{report}");
     std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
@@ -279,6 +310,8 @@ fn run(a: Args) -> Result<(), String> {
         "device_written_bytes": dev, "data_bytes_end": data_apparent,
         "data_allocated_bytes_end": data_allocated, "compaction_copy_rounds": copied,
         "server_cpu_seconds": (exit.user + exit.system).as_secs_f64(),
+        "zero_ahead": a.zero_ahead,
+        "written_by_cause": counters,
     });
     std::fs::write(
         base.with_extension("json"),
@@ -303,4 +336,44 @@ fn run(a: Args) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     eprintln!("wrote {}.{{json,md,csv,svg}}", base.display());
     Ok(())
+}
+
+/// The server's counters of bytes written by cause, each in MiB and over the ingested
+/// bytes: the store's own writes first, then the log's constant factors, then their
+/// sum against the block layer's count (what the counters do not explain is the file
+/// system's doing on the process's behalf, or other files).
+fn breakdown(
+    c: &std::collections::BTreeMap<String, u64>,
+    ingested: u64,
+    proc_written: u64,
+) -> String {
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let x = |b: u64| b as f64 / ingested.max(1) as f64;
+    let copied = get("copied_bytes");
+    let records = get("log_record_bytes");
+    let store = records + get("snapshot_bytes");
+    let counted = store
+        + get("log_tail_bytes")
+        + get("log_pad_bytes")
+        + get("zero_bytes")
+        + get("segment_header_bytes");
+    let mut out = String::from("| written by cause | MiB | / ingested |\n|---|---|---|\n");
+    let mut row = |name: &str, b: u64| {
+        out.push_str(&format!("| {name} | {:.0} | {:.2} |\n", mib(b), x(b)));
+    };
+    row("records (new)", records.saturating_sub(copied));
+    row("records copied forward by compaction", copied);
+    row("snapshots", get("snapshot_bytes"));
+    row("**store** (records + copies + snapshots)", store);
+    row(
+        "tail block written again before each buffer",
+        get("log_tail_bytes"),
+    );
+    row("padding to the block boundary", get("log_pad_bytes"));
+    row("zeros ahead of the writer", get("zero_bytes"));
+    row("segment headers", get("segment_header_bytes"));
+    row("**counted in all** (device-level, by the store)", counted);
+    row("block layer (wait4), for comparison", proc_written);
+    out
 }

@@ -44,6 +44,7 @@ mod tests {
     fn small() -> LogConfig {
         LogConfig {
             segment_bytes_max: 8 << 10,
+            ..LogConfig::default()
         }
     }
 
