@@ -1083,4 +1083,160 @@ mod tests {
         sender.join().unwrap();
         leaver.join().unwrap();
     }
+
+    /// The test on the real store: a reader on one executor streams a
+    /// multi-MiB message from a queue (`Spool`) owned by the other, while the owner
+    /// snapshots and compacts around it. The message's segment is mostly garbage, so
+    /// compaction copies it forward: the handle then resolves to the new place, and
+    /// the old segment, still pinned by the reader, survives until the reader lets go
+    /// and a later compaction deletes it.
+    #[test]
+    fn a_reader_streams_a_message_from_a_real_spool_while_its_owner_compacts() {
+        use crate::queue::{RcptStatus, Spool};
+        use ringmail_store::message::{Envelope, RcptUpdate, Recipient};
+
+        const BIG_LEN: usize = 2 << 20;
+        const SMALL: usize = 100 << 10;
+        two_executors(
+            |data, svc, link| async move {
+                ringmail_store::manifest::open_or_create(&data, 2).unwrap();
+                let cfg = LogConfig {
+                    segment_bytes_max: 8 << 20,
+                };
+                let spool = Rc::new(Spool::open(&data, SHARD, cfg).await.unwrap());
+                let deleted = Rc::new(RefCell::new(Vec::new()));
+                {
+                    let (svc, deleted) = (svc.clone(), deleted.clone());
+                    spool.on_segment_deleted(move |shard, seq| {
+                        deleted.borrow_mut().push(seq);
+                        svc.segment_deleted(shard, seq);
+                    });
+                }
+                svc.add_owner(SHARD, spool.clone());
+                let enqueue = |n: usize| {
+                    let spool = spool.clone();
+                    async move {
+                        let id = spool.next_id().await.unwrap();
+                        let env = Envelope {
+                            id,
+                            from: "a@src.test".into(),
+                            recipients: vec![Recipient {
+                                address: "b@dst.test".into(),
+                                ..Recipient::default()
+                            }],
+                            ..Envelope::default()
+                        };
+                        spool.enqueue(env, b"", body(id, n)).await.unwrap();
+                        id
+                    }
+                };
+                // A segment of garbage, garbage before and after the big one in its
+                // segment, then another segment of garbage and the newest.
+                let mut small = Vec::new();
+                for _ in 0..110 {
+                    small.push(enqueue(SMALL).await);
+                }
+                let big = enqueue(BIG_LEN).await;
+                for _ in 0..120 {
+                    small.push(enqueue(SMALL).await);
+                }
+                let old = spool.resolve(big).unwrap();
+                let delivered = small
+                    .iter()
+                    .map(|id| RcptUpdate {
+                        id: *id,
+                        rcpt: 0,
+                        status: RcptStatus::Delivered,
+                        attempts: 1,
+                        next_attempt_ms: 0,
+                        reply: "250 ok".into(),
+                    })
+                    .collect();
+                spool.record_outcomes(delivered, None).await.unwrap();
+                assert_eq!(spool.len(), 1, "only the big one is still queued");
+                let path = segment::segment_path(spool.store().dir(), old.seq);
+                assert!(spool.log().durable_end().0 >= old.seq + 2, "segments after it");
+
+                link.send(Ctl::Ready {
+                    id: big,
+                    len: BIG_LEN,
+                })
+                .await;
+                assert!(matches!(link.recv().await, Ctl::MidRead));
+                assert!(spool.store().pins().is_pinned(old.seq));
+                spool.snapshot().await.unwrap();
+                spool.compact().await.unwrap();
+                let now = spool.resolve(big).unwrap();
+                assert_ne!(now.seq, old.seq, "copied forward: its segment was sparse");
+                assert_eq!(now.handle, old.handle, "handles never change");
+                assert_eq!(now.body_len, old.body_len);
+                let first = deleted.borrow().clone();
+                assert!(
+                    first.iter().any(|s| *s < old.seq) && first.iter().any(|s| *s > old.seq),
+                    "garbage segments deleted around it: {first:?}"
+                );
+                assert!(!first.contains(&old.seq), "a pinned segment stays");
+                assert!(path.exists());
+                link.send(Ctl::Deleted(first)).await;
+
+                assert!(matches!(link.recv().await, Ctl::Dropped));
+                loop {
+                    let unpinned = svc.unpinned();
+                    if spool.store().pins().pinned() == 0 {
+                        break;
+                    }
+                    unpinned.await;
+                }
+                spool.snapshot().await.unwrap();
+                spool.compact().await.unwrap();
+                assert!(deleted.borrow().contains(&old.seq), "deleted once unpinned");
+                assert!(!path.exists());
+                assert_eq!(spool.resolve(big), Some(now));
+                link.send(Ctl::Gone).await;
+                assert!(matches!(link.recv().await, Ctl::Done));
+                spool.close().await;
+            },
+            |_data, svc, link| async move {
+                let Ctl::Ready { id, len } = link.recv().await else {
+                    panic!("expected Ready")
+                };
+                let h = Handle::of_id(id);
+                assert_eq!(h.shard, SHARD);
+                let reading = svc.open(h).await.unwrap().expect("queued");
+                assert!(reading.is_remote());
+                let old = *reading.resolved();
+                let want = body(id, len);
+                let mut pieces = reading.pieces(0..len as u64, PIECE_BYTES).unwrap();
+                let mut got = Vec::with_capacity(len);
+                got.extend_from_slice(&pieces.next().await.unwrap().unwrap());
+                link.send(Ctl::MidRead).await;
+                let Ctl::Deleted(deleted) = link.recv().await else {
+                    panic!("expected Deleted")
+                };
+                while let Some(piece) = pieces.next().await {
+                    got.extend_from_slice(&piece.unwrap());
+                }
+                assert!(got == want, "the bytes streamed differ from those stored");
+                for seq in deleted {
+                    assert!(!svc.files().is_open(SHARD, seq) || seq == old.seq);
+                }
+                // Opened again, the handle resolves to the copy.
+                let again = svc.open(h).await.unwrap().expect("still queued");
+                assert_ne!(again.resolved().seq, old.seq);
+                assert!(again.body().await.unwrap()[..] == want[..]);
+                drop(reading);
+                drop(again);
+                link.send(Ctl::Dropped).await;
+                assert!(matches!(link.recv().await, Ctl::Gone));
+                loop {
+                    let forgotten = svc.forgotten();
+                    if !svc.files().is_open(SHARD, old.seq) {
+                        break;
+                    }
+                    forgotten.await;
+                }
+                link.send(Ctl::Done).await;
+            },
+        );
+    }
 }
