@@ -1155,7 +1155,10 @@ mod tests {
                 spool.record_outcomes(delivered, None).await.unwrap();
                 assert_eq!(spool.len(), 1, "only the big one is still queued");
                 let path = segment::segment_path(spool.store().dir(), old.seq);
-                assert!(spool.log().durable_end().0 >= old.seq + 2, "segments after it");
+                assert!(
+                    spool.log().durable_end().0 >= old.seq + 2,
+                    "segments after it"
+                );
 
                 link.send(Ctl::Ready {
                     id: big,

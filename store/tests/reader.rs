@@ -175,7 +175,13 @@ fn a_read_past_the_end_of_the_file_fails_wherever_it_starts() {
         assert_eq!(&inside[..], &bytes[4500..]);
         let head = files.read(2, 1, 0, 4990).await.unwrap();
         assert_eq!(&head[..], &bytes[..]);
-        for (pos, len) in [(4500, 500), (4500, 491), (100, 4891), (4096, 895), (0, 4991)] {
+        for (pos, len) in [
+            (4500, 500),
+            (4500, 491),
+            (100, 4891),
+            (4096, 895),
+            (0, 4991),
+        ] {
             let e = files.read(2, 1, pos, len).await.unwrap_err();
             assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{pos}+{len}");
         }
