@@ -83,12 +83,19 @@ struct Peer {
     wake: Event,
     /// Its channels are closed (it shut down): nothing sent to it arrives.
     gone: Cell<bool>,
+    /// Our sender to it has stopped (we closed, or it is gone): nothing posted to it
+    /// would leave the outbox.
+    stopped: Cell<bool>,
 }
 
 struct Inner {
     peer: usize,
     peers: Vec<Peer>,
     owners: RefCell<HashMap<u32, Rc<dyn Owner>>>,
+    /// Pins of shards owned here that each peer holds: (peer, shard, seq) -> count.
+    /// A peer that goes away with pins still held (its readers outlived its channels)
+    /// gets them released here, else the segments could never be deleted.
+    remote_pins: RefCell<HashMap<(usize, u32, u64), u32>>,
     pending: RefCell<HashMap<u64, (usize, Rc<Waiting>)>>,
     next_req: Cell<u64>,
     files: SegmentFiles,
@@ -122,9 +129,11 @@ impl StoreService {
                     outbox: RefCell::new(VecDeque::new()),
                     wake: Event::new(),
                     gone: Cell::new(false),
+                    stopped: Cell::new(false),
                 })
                 .collect(),
             owners: RefCell::new(HashMap::new()),
+            remote_pins: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
             next_req: Cell::new(0),
             files: SegmentFiles::new(data, OPEN_SEGMENTS_MAX),
@@ -281,6 +290,12 @@ impl StoreService {
         self.0.sent.get()
     }
 
+    /// Messages waiting in this executor's outboxes, for tests.
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.0.peers.iter().map(|p| p.outbox.borrow().len()).sum()
+    }
+
     /// Fires when a `Deleted` from another executor was applied to the cache.
     pub fn forgotten(&self) -> EventListener {
         self.0.forgotten.listen()
@@ -307,7 +322,9 @@ impl StoreService {
 impl Inner {
     fn post(&self, peer: usize, msg: Msg) {
         let p = &self.peers[peer];
-        if p.gone.get() {
+        if p.gone.get() || p.stopped.get() {
+            // Nothing would carry it. An unpin is not lost: the owner releases the
+            // pins of a peer whose channels closed (`Inner::peer_gone`).
             return;
         }
         p.outbox.borrow_mut().push_back(msg);
@@ -325,17 +342,21 @@ impl Inner {
                     self.post(from, Msg::NotOpen { req, shard });
                     return;
                 };
-                let found = owner
-                    .resolve(handle.id)
-                    .inspect(|r| owner.pins().pin(r.seq));
                 self.served.set(self.served.get() + 1);
-                if self.peers[from].gone.get() {
-                    // Nobody to answer: the pin would never be released.
-                    if let Some(r) = found {
-                        self.unpin(r.handle.shard, r.seq);
-                    }
+                let peer = &self.peers[from];
+                if peer.gone.get() || peer.stopped.get() {
+                    // No answer can reach it, so no pin: its request fails when it
+                    // sees our channels close.
                     return;
                 }
+                let found = owner.resolve(handle.id).inspect(|r| {
+                    owner.pins().pin(r.seq);
+                    *self
+                        .remote_pins
+                        .borrow_mut()
+                        .entry((from, r.handle.shard, r.seq))
+                        .or_default() += 1;
+                });
                 self.post(from, Msg::Answer { req, found });
             }
             Msg::Answer { req, found } => {
@@ -368,7 +389,7 @@ impl Inner {
                     w.event.notify(usize::MAX);
                 }
             }
-            Msg::Unpin { shard, seq } => self.unpin(shard, seq),
+            Msg::Unpin { shard, seq } => self.unpin_for(from, shard, seq),
             Msg::Deleted { shard, seq } => {
                 self.files.forget(shard, seq);
                 self.forgotten.notify(usize::MAX);
@@ -376,9 +397,28 @@ impl Inner {
         }
     }
 
-    fn unpin(&self, shard: u32, seq: u64) {
+    /// Releases one pin that `peer` holds, if it still holds it (a peer's pins are
+    /// released wholesale when it goes away, and an unpin may arrive after that).
+    fn unpin_for(&self, peer: usize, shard: u32, seq: u64) {
+        {
+            let mut held = self.remote_pins.borrow_mut();
+            let key = (peer, shard, seq);
+            match held.get_mut(&key) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    held.remove(&key);
+                }
+                None => return,
+            }
+        }
+        self.unpin(shard, seq, 1);
+    }
+
+    fn unpin(&self, shard: u32, seq: u64, n: u32) {
         if let Some(o) = self.owners.borrow().get(&shard) {
-            o.pins().unpin(seq);
+            for _ in 0..n {
+                o.pins().unpin(seq);
+            }
         }
         self.unpinned.notify(usize::MAX);
     }
@@ -388,8 +428,19 @@ impl Inner {
     fn peer_gone(&self, peer: usize) {
         let p = &self.peers[peer];
         p.gone.set(true);
-        let lost: Vec<Msg> = p.outbox.borrow_mut().drain(..).collect();
-        self.release_lost(lost);
+        // Answers still queued for it are lost with it; so are the readers holding
+        // the pins it was sent: release them all.
+        p.outbox.borrow_mut().clear();
+        let held: Vec<((usize, u32, u64), u32)> = {
+            let mut held = self.remote_pins.borrow_mut();
+            let keys: Vec<_> = held.keys().filter(|k| k.0 == peer).copied().collect();
+            keys.into_iter()
+                .map(|k| (k, held.remove(&k).expect("present")))
+                .collect()
+        };
+        for ((_, shard, seq), n) in held {
+            self.unpin(shard, seq, n);
+        }
         let failed: Vec<Rc<Waiting>> = {
             let mut pending = self.pending.borrow_mut();
             let reqs: Vec<u64> = pending
@@ -408,12 +459,10 @@ impl Inner {
         }
     }
 
-    /// Answers that never reached their reader hold pins here: release them.
-    fn release_lost(&self, lost: impl IntoIterator<Item = Msg>) {
-        for m in lost {
-            if let Msg::Answer { found: Some(r), .. } = m {
-                self.unpin(r.handle.shard, r.seq);
-            }
+    /// An answer that never reached its reader holds a pin here: release it.
+    fn release_lost(&self, peer: usize, lost: Msg) {
+        if let Msg::Answer { found: Some(r), .. } = lost {
+            self.unpin_for(peer, r.handle.shard, r.seq);
         }
     }
 }
@@ -431,8 +480,8 @@ async fn send_loop(inner: Rc<Inner>, senders: Rc<Senders<Msg>>, peer: usize) {
         loop {
             let next = inner.peers[peer].outbox.borrow_mut().pop_front();
             let Some(msg) = next else { break };
-            if senders.send_to(peer, msg).await.is_err() {
-                inner.release_lost([msg]);
+            if send(&senders, peer, msg).await.is_err() {
+                inner.release_lost(peer, msg);
                 inner.peer_gone(peer);
                 break;
             }
@@ -443,12 +492,48 @@ async fn send_loop(inner: Rc<Inner>, senders: Rc<Senders<Msg>>, peer: usize) {
         }
         listener.await;
     }
+    inner.peers[peer].stopped.set(true);
+    inner.peers[peer].outbox.borrow_mut().clear();
     inner.senders_running.set(inner.senders_running.get() - 1);
     if inner.senders_running.get() == 0 {
         // Every outbox is drained: the peers' receivers may end now.
         senders.close();
     }
     inner.stopped.notify(usize::MAX);
+}
+
+/// How long a send waits for room before it looks again whether the receiver is
+/// still there.
+const SEND_RECHECK: Duration = Duration::from_millis(50);
+
+/// Sends `msg` to `peer`, waiting for room; an error when the peer's receiver is
+/// gone. glommio's own `send` waits for room only, and a receiver that went away
+/// with the channel full never makes room: that send would never end (and `close`
+/// with it). So: try, and while the channel is full wait for room, looking again at
+/// least every [`SEND_RECHECK`] whether the receiver went away.
+async fn send(senders: &Senders<Msg>, peer: usize, msg: Msg) -> Result<(), ()> {
+    loop {
+        match senders.try_send_to(peer, msg) {
+            Ok(()) => return Ok(()),
+            Err(glommio::GlommioError::WouldBlock(_)) => {}
+            Err(_) => return Err(()),
+        }
+        // `send_to` either sends in the poll that finds room, or sends nothing, so
+        // giving up on it loses nothing (and `msg` is `Copy`).
+        let room = futures_lite::future::or(
+            async { Some(senders.send_to(peer, msg).await.is_ok()) },
+            async {
+                glommio::timer::sleep(SEND_RECHECK).await;
+                None
+            },
+        )
+        .await;
+        match room {
+            Some(true) => return Ok(()),
+            Some(false) => return Err(()),
+            None => {}
+        }
+    }
 }
 
 async fn receive_loop(inner: Rc<Inner>, peer: usize, rx: ConnectedReceiver<Msg>) {
@@ -670,6 +755,7 @@ mod tests {
     #[derive(Debug)]
     enum Ctl {
         Ready { id: u64, len: usize },
+        Closed,
         MidRead,
         Deleted(Vec<u64>),
         Dropped,
@@ -919,6 +1005,248 @@ mod tests {
                 task.cancel().await;
                 link.send(Ctl::Dropped).await;
                 assert!(matches!(link.recv().await, Ctl::Done));
+            },
+        );
+    }
+
+    /// A reader whose executor closes its store service while it still holds a
+    /// reading: the unpin it posts on drop has no way out any more, so the owner
+    /// releases what that executor held when its channels close.
+    #[test]
+    fn pins_of_readers_on_an_executor_that_closed_are_released_by_the_owner() {
+        const ID: u64 = 11;
+        const LEN: usize = 70_000;
+        two_executors(
+            |data, svc, link| async move {
+                let shard = TestShard::open(&data, 1 << 20).await;
+                let r = shard.store(ID, LEN, true).await;
+                svc.add_owner(SHARD, shard.clone());
+                link.send(Ctl::Ready { id: ID, len: LEN }).await;
+                assert!(matches!(link.recv().await, Ctl::Closed));
+                loop {
+                    let unpinned = svc.unpinned();
+                    if !shard.pins.is_pinned(r.seq) {
+                        break;
+                    }
+                    unpinned.await;
+                }
+                assert_eq!(shard.pins.pinned(), 0);
+                link.send(Ctl::Done).await;
+                shard.log.close().await;
+            },
+            |_data, svc, link| async move {
+                let Ctl::Ready { id, len } = link.recv().await else {
+                    panic!("expected Ready")
+                };
+                let h = Handle { shard: SHARD, id };
+                let kept = svc.open(h).await.unwrap().unwrap();
+                let other = svc.open(h).await.unwrap().unwrap();
+                assert_eq!(&kept.body().await.unwrap()[..], &body(id, len)[..]);
+                drop(other);
+                svc.close().await;
+                assert_eq!(svc.queued(), 0);
+                // Its unpin would sit in an outbox nobody drains.
+                drop(kept);
+                assert_eq!(svc.queued(), 0, "nothing posted after close");
+                assert!(svc.open(h).await.is_err(), "closed: remote reads fail");
+                link.send(Ctl::Closed).await;
+                assert!(matches!(link.recv().await, Ctl::Done));
+            },
+        );
+    }
+
+    /// glommio's `send` waits for room forever when the receiver went away with the
+    /// channel full; ours ends with an error, so `close` cannot hang on a dead peer.
+    #[test]
+    fn a_send_to_a_peer_that_left_with_its_channel_full_fails() {
+        let mesh = mesh(2);
+        let (full_tx, full_rx) = std::sync::mpsc::channel::<()>();
+        let leaver = LocalExecutorBuilder::default()
+            .spawn({
+                let mesh = mesh.clone();
+                move || async move {
+                    let (senders, receivers) = mesh.join().await.unwrap();
+                    // Receives nothing; leaves once the other filled the channel.
+                    full_rx.recv().unwrap();
+                    drop((senders, receivers));
+                }
+            })
+            .unwrap();
+        let sender = LocalExecutorBuilder::default()
+            .spawn(move || {
+                deadline(async move {
+                    let (senders, _receivers) = mesh.join().await.unwrap();
+                    let peer = 1 - senders.peer_id();
+                    let msg = Msg::Unpin { shard: 0, seq: 1 };
+                    let mut n = 0;
+                    while senders.try_send_to(peer, msg).is_ok() {
+                        n += 1;
+                    }
+                    assert_eq!(n, CHANNEL_SLOTS);
+                    full_tx.send(()).unwrap();
+                    assert!(send(&senders, peer, msg).await.is_err());
+                })
+            })
+            .unwrap();
+        sender.join().unwrap();
+        leaver.join().unwrap();
+    }
+
+    /// The test on the real store: a reader on one executor streams a
+    /// multi-MiB message from a queue (`Spool`) owned by the other, while the owner
+    /// snapshots and compacts around it. The message's segment is mostly garbage, so
+    /// compaction copies it forward: the handle then resolves to the new place, and
+    /// the old segment, still pinned by the reader, survives until the reader lets go
+    /// and a later compaction deletes it.
+    #[test]
+    fn a_reader_streams_a_message_from_a_real_spool_while_its_owner_compacts() {
+        use crate::queue::{RcptStatus, Spool};
+        use ringmail_store::message::{Envelope, RcptUpdate, Recipient};
+
+        const BIG_LEN: usize = 2 << 20;
+        const SMALL: usize = 100 << 10;
+        two_executors(
+            |data, svc, link| async move {
+                ringmail_store::manifest::open_or_create(&data, 2).unwrap();
+                let cfg = LogConfig {
+                    segment_bytes_max: 8 << 20,
+                };
+                let spool = Rc::new(Spool::open(&data, SHARD, cfg).await.unwrap());
+                let deleted = Rc::new(RefCell::new(Vec::new()));
+                {
+                    let (svc, deleted) = (svc.clone(), deleted.clone());
+                    spool.on_segment_deleted(move |shard, seq| {
+                        deleted.borrow_mut().push(seq);
+                        svc.segment_deleted(shard, seq);
+                    });
+                }
+                svc.add_owner(SHARD, spool.clone());
+                let enqueue = |n: usize| {
+                    let spool = spool.clone();
+                    async move {
+                        let id = spool.next_id().await.unwrap();
+                        let env = Envelope {
+                            id,
+                            from: "a@src.test".into(),
+                            recipients: vec![Recipient {
+                                address: "b@dst.test".into(),
+                                ..Recipient::default()
+                            }],
+                            ..Envelope::default()
+                        };
+                        spool.enqueue(env, b"", body(id, n)).await.unwrap();
+                        id
+                    }
+                };
+                // A segment of garbage, garbage before and after the big one in its
+                // segment, then another segment of garbage and the newest.
+                let mut small = Vec::new();
+                for _ in 0..110 {
+                    small.push(enqueue(SMALL).await);
+                }
+                let big = enqueue(BIG_LEN).await;
+                for _ in 0..120 {
+                    small.push(enqueue(SMALL).await);
+                }
+                let old = spool.resolve(big).unwrap();
+                let delivered = small
+                    .iter()
+                    .map(|id| RcptUpdate {
+                        id: *id,
+                        rcpt: 0,
+                        status: RcptStatus::Delivered,
+                        attempts: 1,
+                        next_attempt_ms: 0,
+                        reply: "250 ok".into(),
+                    })
+                    .collect();
+                spool.record_outcomes(delivered, None).await.unwrap();
+                assert_eq!(spool.len(), 1, "only the big one is still queued");
+                let path = segment::segment_path(spool.store().dir(), old.seq);
+                assert!(
+                    spool.log().durable_end().0 >= old.seq + 2,
+                    "segments after it"
+                );
+
+                link.send(Ctl::Ready {
+                    id: big,
+                    len: BIG_LEN,
+                })
+                .await;
+                assert!(matches!(link.recv().await, Ctl::MidRead));
+                assert!(spool.store().pins().is_pinned(old.seq));
+                spool.snapshot().await.unwrap();
+                spool.compact().await.unwrap();
+                let now = spool.resolve(big).unwrap();
+                assert_ne!(now.seq, old.seq, "copied forward: its segment was sparse");
+                assert_eq!(now.handle, old.handle, "handles never change");
+                assert_eq!(now.body_len, old.body_len);
+                let first = deleted.borrow().clone();
+                assert!(
+                    first.iter().any(|s| *s < old.seq) && first.iter().any(|s| *s > old.seq),
+                    "garbage segments deleted around it: {first:?}"
+                );
+                assert!(!first.contains(&old.seq), "a pinned segment stays");
+                assert!(path.exists());
+                link.send(Ctl::Deleted(first)).await;
+
+                assert!(matches!(link.recv().await, Ctl::Dropped));
+                loop {
+                    let unpinned = svc.unpinned();
+                    if spool.store().pins().pinned() == 0 {
+                        break;
+                    }
+                    unpinned.await;
+                }
+                spool.snapshot().await.unwrap();
+                spool.compact().await.unwrap();
+                assert!(deleted.borrow().contains(&old.seq), "deleted once unpinned");
+                assert!(!path.exists());
+                assert_eq!(spool.resolve(big), Some(now));
+                link.send(Ctl::Gone).await;
+                assert!(matches!(link.recv().await, Ctl::Done));
+                spool.close().await;
+            },
+            |_data, svc, link| async move {
+                let Ctl::Ready { id, len } = link.recv().await else {
+                    panic!("expected Ready")
+                };
+                let h = Handle::of_id(id);
+                assert_eq!(h.shard, SHARD);
+                let reading = svc.open(h).await.unwrap().expect("queued");
+                assert!(reading.is_remote());
+                let old = *reading.resolved();
+                let want = body(id, len);
+                let mut pieces = reading.pieces(0..len as u64, PIECE_BYTES).unwrap();
+                let mut got = Vec::with_capacity(len);
+                got.extend_from_slice(&pieces.next().await.unwrap().unwrap());
+                link.send(Ctl::MidRead).await;
+                let Ctl::Deleted(deleted) = link.recv().await else {
+                    panic!("expected Deleted")
+                };
+                while let Some(piece) = pieces.next().await {
+                    got.extend_from_slice(&piece.unwrap());
+                }
+                assert!(got == want, "the bytes streamed differ from those stored");
+                for seq in deleted {
+                    assert!(!svc.files().is_open(SHARD, seq) || seq == old.seq);
+                }
+                // Opened again, the handle resolves to the copy.
+                let again = svc.open(h).await.unwrap().expect("still queued");
+                assert_ne!(again.resolved().seq, old.seq);
+                assert!(again.body().await.unwrap()[..] == want[..]);
+                drop(reading);
+                drop(again);
+                link.send(Ctl::Dropped).await;
+                assert!(matches!(link.recv().await, Ctl::Gone));
+                loop {
+                    let forgotten = svc.forgotten();
+                    if !svc.files().is_open(SHARD, old.seq) {
+                        break;
+                    }
+                    forgotten.await;
+                }
+                link.send(Ctl::Done).await;
             },
         );
     }

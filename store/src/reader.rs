@@ -295,17 +295,24 @@ impl SegmentFiles {
     /// caller holds a pin of the segment, and the range is durable (part of a resolved
     /// record). Read [`PIECE_BYTES`] at a time, so glommio's own read buffer stays
     /// small whatever `len` is.
+    ///
+    /// Every read starts on a block boundary: glommio's `read_at` reports
+    /// `min(bytes read from the aligned start, asked)`, so a read that starts inside
+    /// a block and runs past the end of the file would come back at full length, its
+    /// tail not from the file. From an aligned start the length it reports is exact,
+    /// and a range past the end of the file is an error, never bytes made up.
     pub async fn read(&self, shard: u32, seq: u64, pos: u64, len: usize) -> io::Result<SharedBuf> {
         let file = self.file(shard, seq).await?;
         let mut out = AlignedBuf::zeroed(len);
         let mut done = 0;
         while done < len {
             let at = pos + done as u64;
+            let block = at & !(BUF_ALIGN as u64 - 1);
+            let skip = (at - block) as usize;
             // Piece ends on a block boundary, so no block is read twice.
-            let end = ((at + PIECE_BYTES as u64) & !(BUF_ALIGN as u64 - 1)).max(at + 1);
-            let n = ((end - at) as usize).min(len - done);
-            let got = file.read_at(at, n).await?;
-            if got.len() < n {
+            let n = (PIECE_BYTES - skip).min(len - done);
+            let got = file.read_at(block, skip + n).await?;
+            if got.len() < skip + n {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!(
@@ -317,7 +324,7 @@ impl SegmentFiles {
             }
             // The one copy of a read: glommio's buffer belongs to the executor's
             // allocator and cannot leave it.
-            out.as_mut_slice()[done..done + n].copy_from_slice(&got);
+            out.as_mut_slice()[done..done + n].copy_from_slice(&got[skip..skip + n]);
             done += n;
         }
         Ok(out.freeze())

@@ -1,19 +1,26 @@
 //! Model-based test of the store (`Shard`): random appends, reference adds and drops,
-//! snapshots, compactions, reader pins and restarts, clean or crashed (a torn tail
+//! snapshots, compactions, reader pins, reads from a second executor while the
+//! operations after them run (compactions included), and restarts, clean or crashed (a torn tail
 //! after the last durable batch, a crash between copy-forward and delete while a
 //! reader pins the old segment, a crash between a snapshot and the records after it),
 //! checked against a plain in-memory model: every referenced message reads back
 //! byte-identical at the place its handle resolves to, an unreferenced message never
 //! resolves again, and handles never change.
 
+use event_listener::Event;
+use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender};
 use proptest::prelude::*;
 use ringmail_store::message::{self, Envelope};
+use ringmail_store::reader::SegmentFiles;
 use ringmail_store::shard::{Index, Replayed, Shard};
+use ringmail_store::Resolved;
 use ringmail_store::{record, segment, Handle, Kind, LogConfig};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::rc::Rc;
 
 /// The test's index: how many references it holds per message. Its records (logged
 /// as `RcptUpdate` kind, which the store hands on unread) carry the absolute count,
@@ -93,6 +100,9 @@ enum Op {
     /// Pins the segment of a referenced message for the rest of the run (a reader
     /// that was reading when the process died).
     Pin(usize),
+    /// A reader on another executor reads a referenced message (resolving and
+    /// pinning it through the owner, over a channel) while the next operations run.
+    Read(usize),
     Restart(Crash),
 }
 
@@ -114,6 +124,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Snapshot),
         3 => Just(Op::Compact),
         1 => any::<usize>().prop_map(Op::Pin),
+        3 => any::<usize>().prop_map(Op::Read),
         1 => prop_oneof![Just(Crash::Clean), Just(Crash::Kill), Just(Crash::TornTail)]
             .prop_map(Op::Restart),
     ]
@@ -177,16 +188,203 @@ fn check(shard: &Shard, ix: &Counts, model: &Model, data: &Path) {
     );
 }
 
+/// Reader -> owner.
+enum ToOwner {
+    Resolve(u64),
+    Unpin(u64),
+    /// A read resolved and pinned this segment, read its first piece, and waits for
+    /// the owner's go to read the rest.
+    Started(u64),
+    /// A read finished: the body was byte-identical, or what went wrong.
+    Done(u64, Result<(), String>),
+}
+
+/// What the owner hands the reader: a message to read and the body it must find.
+struct Job {
+    id: u64,
+    body: Vec<u8>,
+}
+
+/// The reader executor: for each job, resolve and pin through the owner, read the
+/// body in small pieces with its own segment files (so a read spans many awaits, and
+/// the owner's operations run meanwhile), compare, unpin.
+async fn reader(
+    data: std::path::PathBuf,
+    jobs: ConnectedReceiver<Job>,
+    answers: ConnectedReceiver<Option<Resolved>>,
+    go: ConnectedReceiver<()>,
+    tx: ConnectedSender<ToOwner>,
+) {
+    let files = SegmentFiles::new(&data, 8);
+    while let Some(job) = jobs.recv().await {
+        let send = |m| tx.send(m);
+        send(ToOwner::Resolve(job.id)).await.ok().unwrap();
+        let found = answers.recv().await.expect("the owner answers");
+        let result = match found {
+            None => Err(format!("{:X} referenced but not resolved", job.id)),
+            Some(r) => {
+                let mut got = Vec::new();
+                let mut err = None;
+                match files.pieces(&r, 0..r.body_len as u64, READ_PIECE) {
+                    Ok(mut pieces) => {
+                        let mut first = true;
+                        while let Some(p) = pieces.next().await {
+                            if std::mem::take(&mut first) && pieces.remaining() > 0 {
+                                send(ToOwner::Started(r.seq)).await.ok().unwrap();
+                                go.recv().await.expect("the owner says go");
+                            }
+                            match p {
+                                Ok(p) => got.extend_from_slice(&p),
+                                Err(e) => err = Some(e.to_string()),
+                            }
+                        }
+                    }
+                    Err(e) => err = Some(e.to_string()),
+                }
+                send(ToOwner::Unpin(r.seq)).await.ok().unwrap();
+                match err {
+                    Some(e) => Err(format!("{:X}: {e}", job.id)),
+                    None if got != job.body => Err(format!("{:X} read back different", job.id)),
+                    None => Ok(()),
+                }
+            }
+        };
+        send(ToOwner::Done(job.id, result)).await.ok().unwrap();
+    }
+}
+
+/// The owner's end: answers the reader from the shard open now.
+struct Serving {
+    shard: RefCell<Option<Rc<Shard>>>,
+    done: RefCell<Vec<(u64, Result<(), String>)>>,
+    started: RefCell<Option<u64>>,
+    event: Event,
+}
+
+async fn serve(
+    s: Rc<Serving>,
+    rx: ConnectedReceiver<ToOwner>,
+    answers: ConnectedSender<Option<Resolved>>,
+) {
+    while let Some(m) = rx.recv().await {
+        match m {
+            ToOwner::Resolve(id) => {
+                let shard = s.shard.borrow().clone().expect("no read across a restart");
+                // Resolve and pin in one step: nothing awaits between.
+                let r = shard.resolve(id);
+                if let Some(r) = r {
+                    shard.pins().pin(r.seq);
+                }
+                answers.send(r).await.ok().unwrap();
+            }
+            ToOwner::Unpin(seq) => {
+                let shard = s.shard.borrow().clone().expect("no read across a restart");
+                shard.pins().unpin(seq);
+            }
+            ToOwner::Started(seq) => {
+                *s.started.borrow_mut() = Some(seq);
+                s.event.notify(usize::MAX);
+            }
+            ToOwner::Done(id, result) => {
+                s.done.borrow_mut().push((id, result));
+                s.event.notify(usize::MAX);
+            }
+        }
+    }
+}
+
+/// Whether the reader reads `id`'s body in one piece (then it never waits for a go).
+fn body_is_one_piece(model: &Model, id: u64) -> bool {
+    model.messages[&id].0.len() <= READ_PIECE
+}
+
+const READ_PIECE: usize = 701;
+
+/// Waits until the reader has pinned and started; returns the segment it pinned.
+async fn started(s: &Serving) -> u64 {
+    loop {
+        let listener = s.event.listen();
+        if let Some(seq) = s.started.borrow_mut().take() {
+            return seq;
+        }
+        if let Some((_, Err(e))) = s.done.borrow().iter().find(|d| d.1.is_err()) {
+            panic!("a read from the other executor failed: {e}");
+        }
+        listener.await;
+    }
+}
+
+/// Checks the reads that finished; with `all`, waits for every one still going.
+async fn reads_done(s: &Serving, reading: &mut BTreeMap<u64, u32>, all: bool) {
+    loop {
+        let listener = s.event.listen();
+        for (id, result) in s.done.borrow_mut().drain(..) {
+            if let Err(e) = result {
+                panic!("a read from the other executor failed: {e}");
+            }
+            let n = reading.get_mut(&id).expect("a read was started");
+            *n -= 1;
+            if *n == 0 {
+                reading.remove(&id);
+            }
+        }
+        if !all || reading.is_empty() {
+            return;
+        }
+        listener.await;
+    }
+}
+
 fn run(ops: Vec<Op>) {
     let d = tempfile::tempdir().unwrap();
     let data = d.path().to_path_buf();
     ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+    let (jobs_tx, jobs_rx) = shared_channel::new_bounded(128);
+    let (ans_tx, ans_rx) = shared_channel::new_bounded(4);
+    let (own_tx, own_rx) = shared_channel::new_bounded(16);
+    let (go_tx, go_rx) = shared_channel::new_bounded(1);
+    let reader_thread = glommio::LocalExecutorBuilder::default()
+        .spawn({
+            let data = data.clone();
+            move || async move {
+                let ((jobs, answers, tx), go, ()) = zip3(
+                    zip3(jobs_rx.connect(), ans_rx.connect(), own_tx.connect()),
+                    go_rx.connect(),
+                    async {},
+                )
+                .await;
+                reader(data, jobs, answers, go, tx).await;
+            }
+        })
+        .unwrap();
     glommio::LocalExecutor::default().run(async move {
+        let ((jobs, answers, from_reader), go, ()) = zip3(
+            zip3(jobs_tx.connect(), ans_tx.connect(), own_rx.connect()),
+            go_tx.connect(),
+            async {},
+        )
+        .await;
+        // A read that has pinned its segment and waits to finish until the next
+        // operation (a compaction, say) is done: its segment.
+        let mut held: Option<u64> = None;
+        let dir = segment::shard_dir(&data, 0);
+        let serving = Rc::new(Serving {
+            shard: RefCell::new(None),
+            done: RefCell::new(Vec::new()),
+            started: RefCell::new(None),
+            event: Event::new(),
+        });
+        glommio::spawn_local(serve(serving.clone(), from_reader, answers)).detach();
+        // Messages being read now, with how many reads of each: the model keeps a
+        // reference to them until the reads are done.
+        let mut reading: BTreeMap<u64, u32> = BTreeMap::new();
         let mut model = Model {
             messages: BTreeMap::new(),
             dropped: Vec::new(),
         };
-        let (mut shard, mut ix) = open(&data).await;
+        let (shard, mut ix) = open(&data).await;
+        let mut shard = Rc::new(shard);
+        *serving.shard.borrow_mut() = Some(shard.clone());
         let mut compactions_since_drop: BTreeMap<u64, u32> = BTreeMap::new();
         let live = |model: &Model| -> Vec<u64> {
             model
@@ -197,6 +395,7 @@ fn run(ops: Vec<Op>) {
                 .collect()
         };
         for op in ops {
+            reads_done(&serving, &mut reading, false).await;
             match op {
                 Op::Append { len, seed } => {
                     let id = shard.next_id().await.unwrap();
@@ -216,12 +415,15 @@ fn run(ops: Vec<Op>) {
                     model.messages.insert(id, (b, 1));
                 }
                 Op::AddRef(i) | Op::DropRef(i) => {
-                    let ids = live(&model);
+                    let add = matches!(op, Op::AddRef(_));
+                    let ids: Vec<u64> = live(&model)
+                        .into_iter()
+                        .filter(|id| add || !reading.contains_key(id))
+                        .collect();
                     if ids.is_empty() {
                         continue;
                     }
                     let id = ids[i % ids.len()];
-                    let add = matches!(op, Op::AddRef(_));
                     let n = model.messages[&id].1;
                     let n = if add { n + 1 } else { n - 1 };
                     let t = shard
@@ -269,7 +471,44 @@ fn run(ops: Vec<Op>) {
                         shard.pins().pin(shard.resolve(*id).unwrap().seq);
                     }
                 }
+                Op::Read(i) => {
+                    let ids = live(&model);
+                    if ids.is_empty() {
+                        continue;
+                    }
+                    let id = ids[i % ids.len()];
+                    *reading.entry(id).or_default() += 1;
+                    let body = model.messages[&id].0.clone();
+                    if held.take().is_some() {
+                        go.send(()).await.ok().unwrap();
+                    }
+                    jobs.send(Job { id, body }).await.ok().unwrap();
+                    if !body_is_one_piece(&model, id) {
+                        let seq = started(&serving).await;
+                        // Compact under the reader (and let the next operation run
+                        // under it too).
+                        let s = shard.prepare_snapshot(&[&ix]).unwrap();
+                        shard.write_snapshot(s).await.unwrap();
+                        shard.compact().await.unwrap();
+                        for n in compactions_since_drop.values_mut() {
+                            *n += 1;
+                        }
+                        assert!(
+                            segment::segment_path(&dir, seq).exists(),
+                            "segment {seq} deleted under a reader"
+                        );
+                        held = Some(seq);
+                        check(&shard, &ix, &model, &data);
+                        continue;
+                    }
+                }
                 Op::Restart(crash) => {
+                    // The reader's pins are this process's: no read spans a restart.
+                    if held.take().is_some() {
+                        go.send(()).await.ok().unwrap();
+                    }
+                    reads_done(&serving, &mut reading, true).await;
+                    *serving.shard.borrow_mut() = None;
                     shard.close().await;
                     match crash {
                         Crash::Clean => {
@@ -291,12 +530,27 @@ fn run(ops: Vec<Op>) {
                     }
                     drop(shard);
                     let (s, i) = open(&data).await;
-                    shard = s;
+                    shard = Rc::new(s);
+                    *serving.shard.borrow_mut() = Some(shard.clone());
                     ix = i;
                 }
             }
             check(&shard, &ix, &model, &data);
+            if let Some(seq) = held.take() {
+                // The operation ran while the reader held its pin.
+                assert!(
+                    segment::segment_path(&dir, seq).exists(),
+                    "segment {seq} deleted under a reader"
+                );
+                go.send(()).await.ok().unwrap();
+            }
         }
+        if held.take().is_some() {
+            go.send(()).await.ok().unwrap();
+        }
+        reads_done(&serving, &mut reading, true).await;
+        *serving.shard.borrow_mut() = None;
+        drop(jobs);
         // And once more after a crash at the very end.
         shard.close().await;
         drop(shard);
@@ -347,6 +601,43 @@ fn run(ops: Vec<Op>) {
         }
         shard.close().await;
     });
+    reader_thread.join().unwrap();
+}
+
+/// Connects three channel ends at once (each waits for its peer to connect).
+async fn zip3<A, B, C>(
+    a: impl std::future::Future<Output = A>,
+    b: impl std::future::Future<Output = B>,
+    c: impl std::future::Future<Output = C>,
+) -> (A, B, C) {
+    let mut a = std::pin::pin!(a);
+    let mut b = std::pin::pin!(b);
+    let mut c = std::pin::pin!(c);
+    let (mut ra, mut rb, mut rc) = (None, None, None);
+    std::future::poll_fn(|cx| {
+        use std::task::Poll;
+        if ra.is_none() {
+            if let Poll::Ready(v) = a.as_mut().poll(cx) {
+                ra = Some(v);
+            }
+        }
+        if rb.is_none() {
+            if let Poll::Ready(v) = b.as_mut().poll(cx) {
+                rb = Some(v);
+            }
+        }
+        if rc.is_none() {
+            if let Poll::Ready(v) = c.as_mut().poll(cx) {
+                rc = Some(v);
+            }
+        }
+        if ra.is_some() && rb.is_some() && rc.is_some() {
+            Poll::Ready((ra.take().unwrap(), rb.take().unwrap(), rc.take().unwrap()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 proptest! {

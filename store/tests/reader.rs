@@ -165,3 +165,33 @@ fn the_cache_is_bounded_and_lets_deleted_segments_go() {
         log.close().await;
     });
 }
+
+/// A read that starts inside a block and runs past the end of the file is an error:
+/// glommio pads such a read to the length asked, so a check of the length it reports
+/// alone lets bytes that are not in the file through.
+#[test]
+fn a_read_past_the_end_of_the_file_fails_wherever_it_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().to_path_buf();
+    let dir = segment::shard_dir(&data, 2);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes = body(1, 4990);
+    std::fs::write(segment::segment_path(&dir, 1), &bytes).unwrap();
+    LocalExecutor::default().run(async move {
+        let files = SegmentFiles::new(&data, 4);
+        let inside = files.read(2, 1, 4500, 490).await.unwrap();
+        assert_eq!(&inside[..], &bytes[4500..]);
+        let head = files.read(2, 1, 0, 4990).await.unwrap();
+        assert_eq!(&head[..], &bytes[..]);
+        for (pos, len) in [
+            (4500, 500),
+            (4500, 491),
+            (100, 4891),
+            (4096, 895),
+            (0, 4991),
+        ] {
+            let e = files.read(2, 1, pos, len).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{pos}+{len}");
+        }
+    });
+}
