@@ -227,6 +227,8 @@ struct WrittenBuf {
     lead: usize,
     /// Record bytes in the buffer.
     len: u64,
+    /// Bytes allocated for the buffer (trimming it to the write's size frees none).
+    alloc: usize,
 }
 
 /// Bytes of a durable batch as written, shared (cheap to clone).
@@ -234,6 +236,7 @@ struct WrittenBuf {
 pub struct LogBytes {
     buf: Rc<DmaBuffer>,
     range: std::ops::Range<usize>,
+    alloc: usize,
 }
 
 impl LogBytes {
@@ -243,7 +246,20 @@ impl LogBytes {
         LogBytes {
             buf: self.buf.clone(),
             range: self.range.end - n..self.range.end,
+            alloc: self.alloc,
         }
+    }
+
+    /// What keeping these bytes holds in memory: the whole buffer they are in, as
+    /// allocated, shared with every other record of that buffer.
+    pub fn buffer_bytes(&self) -> usize {
+        self.alloc
+    }
+
+    /// The same for every `LogBytes` of one buffer while any of them lives, so a
+    /// holder can count a shared buffer once.
+    pub fn buffer_id(&self) -> usize {
+        Rc::as_ptr(&self.buf) as usize
     }
 }
 
@@ -735,6 +751,7 @@ impl ShardLog {
                 let bytes = LogBytes {
                     buf: b.buf.clone(),
                     range: from..from + t.len as usize,
+                    alloc: b.alloc,
                 };
                 return Ok((loc, bytes));
             }
@@ -931,6 +948,7 @@ impl Flusher {
             debug_assert_eq!(base % BLOCK, 0);
             debug_assert_eq!(b.first, at - start);
             let size = align_up(b.used as u64) as usize;
+            let alloc = b.buf.len();
             // Zeros up to the block boundary read as the clean end of the log.
             b.buf.as_bytes_mut()[b.used..size].fill(0);
             b.buf.trim_to_size(size);
@@ -941,6 +959,7 @@ impl Flusher {
                     first: at - start,
                     lead: b.lead,
                     len: records,
+                    alloc,
                 },
             ));
             at += records;
