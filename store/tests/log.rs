@@ -899,7 +899,12 @@ fn under_load_only_the_batch_at_a_roll_or_after_a_failure_is_relocated() {
         }
         log.close().await;
         let c = ringmail_store::stats::get();
-        (c.relocated_bytes, (RECORDS * PAYLOAD) as u64, segs.len() as u64, ok)
+        (
+            c.relocated_bytes,
+            (RECORDS * PAYLOAD) as u64,
+            segs.len() as u64,
+            ok,
+        )
     });
     assert!(rolls >= 10, "the load rolls segments: {rolls}");
     assert!(ok.len() < RECORDS, "the injected failures failed batches");

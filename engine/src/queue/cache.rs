@@ -113,7 +113,9 @@ impl Spool {
         if let BodyBytes::Log(b) = &l.message.body {
             let mut buffers = self.cached_buffers.borrow_mut();
             let id = b.buffer_id();
-            let e = buffers.get_mut(&id).expect("a cached body's buffer is counted");
+            let e = buffers
+                .get_mut(&id)
+                .expect("a cached body's buffer is counted");
             e.0 -= 1;
             if e.0 == 0 {
                 freed += e.1;

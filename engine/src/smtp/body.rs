@@ -205,7 +205,8 @@ impl Body {
         }
     }
 
-    /// [`Body::retire`] for a full receive chunk. If less than half of it is text
+    /// [`Body::retire`] for a full receive chunk. If less than half of it from where
+    /// the text starts is text
     /// (BDAT ranges among command lines a client padded it with), the text is copied
     /// out (counted) and the chunk let go: otherwise what a body holds would be
     /// bounded only by what the client sends. Returns whether it copied.
@@ -216,13 +217,16 @@ impl Body {
                 .rev()
                 .take_while(|p| !matches!(p, Part::Chunk(i, _) if *i != CURRENT))
         };
-        let text: usize = current()
-            .map(|p| match p {
-                Part::Chunk(_, r) => r.len(),
-                Part::Gathered(_) => 0,
-            })
-            .sum();
-        if text == 0 || text * 2 >= chunk.capacity() {
+        let (mut text, mut first) = (0, chunk.len());
+        for p in current() {
+            if let Part::Chunk(_, r) = p {
+                text += r.len();
+                first = first.min(r.start);
+            }
+        }
+        // Bytes before the text (a message before it, its commands) are one chunk's
+        // worth at most, not what makes memory grow with padding: judged from there.
+        if text == 0 || text * 2 >= chunk.len() - first {
             self.retire(chunk);
             return false;
         }
