@@ -5,7 +5,6 @@ use super::spool::Spool;
 use ringmail_store::message::{self, Envelope};
 use ringmail_store::segment;
 use ringmail_store::{LogBytes, PinGuard, Resolved};
-use std::collections::HashMap;
 use std::io;
 use std::rc::Rc;
 
@@ -135,7 +134,7 @@ impl Spool {
     /// a cached body is in, at its allocated size, and the prefixes.
     #[cfg(test)]
     pub(crate) fn cache_held_bytes(&self) -> usize {
-        let mut buffers = HashMap::new();
+        let mut buffers = std::collections::HashMap::new();
         let mut prefixes = 0;
         for l in self.cache.borrow().values() {
             prefixes += l.message.prefix.len();
