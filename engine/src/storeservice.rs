@@ -1110,6 +1110,7 @@ mod tests {
                 ringmail_store::manifest::open_or_create(&data, 2).unwrap();
                 let cfg = LogConfig {
                     segment_bytes_max: 8 << 20,
+                    ..LogConfig::default()
                 };
                 let spool = Rc::new(Spool::open(&data, SHARD, cfg).await.unwrap());
                 let deleted = Rc::new(RefCell::new(Vec::new()));

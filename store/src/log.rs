@@ -232,6 +232,8 @@ struct WrittenBuf {
     lead: usize,
     /// Record bytes in the buffer.
     len: u64,
+    /// Bytes allocated for the buffer (trimming it to the write's size frees none).
+    alloc: usize,
 }
 
 /// Bytes of a durable batch as written, shared (cheap to clone).
@@ -239,6 +241,7 @@ struct WrittenBuf {
 pub struct LogBytes {
     buf: Rc<DmaBuffer>,
     range: std::ops::Range<usize>,
+    alloc: usize,
 }
 
 impl LogBytes {
@@ -248,7 +251,20 @@ impl LogBytes {
         LogBytes {
             buf: self.buf.clone(),
             range: self.range.end - n..self.range.end,
+            alloc: self.alloc,
         }
+    }
+
+    /// What keeping these bytes holds in memory: the whole buffer they are in, as
+    /// allocated, shared with every other record of that buffer.
+    pub fn buffer_bytes(&self) -> usize {
+        self.alloc
+    }
+
+    /// The same for every `LogBytes` of one buffer while any of them lives, so a
+    /// holder can count a shared buffer once.
+    pub fn buffer_id(&self) -> usize {
+        Rc::as_ptr(&self.buf) as usize
     }
 }
 
@@ -740,6 +756,7 @@ impl ShardLog {
                 let bytes = LogBytes {
                     buf: b.buf.clone(),
                     range: from..from + t.len as usize,
+                    alloc: b.alloc,
                 };
                 return Ok((loc, bytes));
             }
@@ -839,12 +856,24 @@ impl Flusher {
                 if inner.bufs.is_empty() {
                     (Vec::new(), None, inner.closing)
                 } else {
-                    let batch = std::mem::take(&mut inner.bufs);
+                    let mut batch = std::mem::take(&mut inner.bufs);
                     let len = std::mem::take(&mut inner.len);
                     inner.batch_avg = (inner.batch_avg * 7 + len) / 8;
+                    // The records were placed behind the bytes the segment was
+                    // expected to hold in its last block. After a roll, or when the
+                    // batch before failed, it will hold others: then (rarely) the batch
+                    // is copied once more behind the right ones, now, so that the
+                    // prediction below is made from the batch as it will be written
+                    // and the batch filling meanwhile lands right. Deciding this only
+                    // when writing would leave every later batch under load
+                    // mispredicted, and copied again, until the log went idle.
+                    let tail = self.tail_before(len);
+                    if !starts_behind(&batch[0], &tail) {
+                        batch = vec![relocate(&batch, &tail, len)];
+                    }
                     // The next batch starts in the block this one ends in: its
                     // buffers begin with those bytes, as the segment will hold them
-                    // if this batch is written where it is expected to be.
+                    // once this batch is written.
                     let last = batch.last().unwrap();
                     let from = align_down(last.used as u64) as usize;
                     inner.next_tail.clear();
@@ -890,26 +919,46 @@ impl Flusher {
         self.log.stopped.notify(usize::MAX);
     }
 
+    /// Whether a batch of `len` record bytes goes into a new segment (see `roll`).
+    fn rolls_for(&self, len: u64) -> bool {
+        self.sealed
+            || (self.seg.len > SEGMENT_HEADER_BYTES
+                && self.seg.len + len > self.cfg.segment_bytes_max)
+    }
+
+    /// The bytes the segment will hold in the block a batch of `len` record bytes
+    /// starts in, when it is written next: after a roll, the new segment's header
+    /// (the same bytes every attempt at the roll writes).
+    fn tail_before(&self, len: u64) -> std::borrow::Cow<'_, [u8]> {
+        if self.rolls_for(len) {
+            let header = SegmentHeader {
+                shard: self.shard,
+                seq: self.seg.seq + 1,
+                prev_valid_len: Some(self.seg.len),
+            }
+            .encode();
+            std::borrow::Cow::Owned(header.to_vec())
+        } else {
+            std::borrow::Cow::Borrowed(&self.seg.tail)
+        }
+    }
+
     async fn write_batch(&mut self, mut batch: Vec<BatchBuf>) -> Result<Written, LogError> {
         let len: u64 = batch.iter().map(|b| (b.used - b.lead) as u64).sum();
-        let full =
-            self.seg.len > SEGMENT_HEADER_BYTES && self.seg.len + len > self.cfg.segment_bytes_max;
         if let Some(why) = self.log.halted.borrow().as_ref() {
             return Err(LogError::Io(why.clone()));
         }
-        if full || self.sealed {
+        if self.rolls_for(len) {
             // Nothing of this batch is written yet: if the roll fails, only this batch
             // fails, and the next one tries to roll again.
             self.roll().await.map_err(|f| LogError::from(f.error))?;
         }
         let start = self.seg.len;
         let end = start + len;
-        // The records were placed behind the bytes the segment was expected to hold
-        // in its last block. After a roll, or when the batch before failed, it holds
-        // others: then (rarely) the batch is copied once more behind the right ones.
-        let first = &batch[0];
-        let tail_len = self.seg.tail.len();
-        if first.lead != tail_len || first.buf.as_bytes()[..first.lead] != self.seg.tail[..] {
+        // `run` placed the batch behind these bytes already (see `tail_before`); this
+        // only guards against a roll that wrote another header than predicted.
+        if !starts_behind(&batch[0], &self.seg.tail) {
+            debug_assert!(false, "a batch was taken behind the wrong tail");
             batch = vec![relocate(&batch, &self.seg.tail, len)];
         }
         let mut bufs = Vec::with_capacity(batch.len());
@@ -920,6 +969,7 @@ impl Flusher {
             debug_assert_eq!(base % BLOCK, 0);
             debug_assert_eq!(b.first, at - start);
             let size = align_up(b.used as u64) as usize;
+            let alloc = b.buf.len();
             // Zeros up to the block boundary read as the clean end of the log.
             b.buf.as_bytes_mut()[b.used..size].fill(0);
             crate::stats::add(|c| {
@@ -935,6 +985,7 @@ impl Flusher {
                     first: at - start,
                     lead: b.lead,
                     len: records,
+                    alloc,
                 },
             ));
             at += records;
@@ -1191,6 +1242,11 @@ fn copy_body(body: &dyn BodySource, dst: &mut [u8]) -> u32 {
     });
     assert_eq!(at, dst.len(), "a body source gave other than its length");
     crc
+}
+
+/// Whether a batch's first buffer was placed behind exactly `tail`.
+fn starts_behind(first: &BatchBuf, tail: &[u8]) -> bool {
+    first.lead == tail.len() && first.buf.as_bytes()[..first.lead] == *tail
 }
 
 /// The batch in one buffer, behind `tail` (the bytes the segment holds in the block

@@ -866,3 +866,90 @@ fn finished_batches_are_let_go_without_a_snapshot() {
         log.close().await;
     });
 }
+
+/// Gives the other tasks of the executor (the flusher) a turn.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// A batch that rolls into a new segment, or follows a failed one, was placed behind
+/// other bytes than the segment will hold: it is copied once more (relocated). Under
+/// a load that keeps the next batch filling while one is written, only that batch may
+/// be: the one filling meanwhile must be predicted from the batch as written, or it
+/// is relocated too, and so is every later one until the log goes idle.
+#[test]
+fn under_load_only_the_batch_at_a_roll_or_after_a_failure_is_relocated() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    const RECORDS: usize = 4000;
+    const PAYLOAD: usize = 1000;
+    // Appends in flight: a batch holds at most this many records.
+    const WINDOW: usize = 8;
+    const FAIL_AT: [usize; 3] = [1000, 2200, 3100];
+    let (relocated, written, rolls, ok) = LocalExecutor::default().run(async move {
+        let (tail, _) = recover_shard(&dir, 0, Mode::Repair, |_, _| {}).unwrap();
+        let cfg = LogConfig {
+            segment_bytes_max: 256 << 10,
+            ..LogConfig::default()
+        };
+        let log = ShardLog::open(&dir, 0, tail, cfg).await.unwrap();
+        log.faults().errno.set(libc::EIO);
+        ringmail_store::stats::reset();
+        let mut inflight = std::collections::VecDeque::new();
+        let mut ok = Vec::new();
+        let mut segs = std::collections::BTreeSet::new();
+        let mut settle = |r: Result<ringmail_store::segment::Location, LogError>, p: Vec<u8>| {
+            if let Ok(loc) = r {
+                segs.insert(loc.seq);
+                ok.push(p);
+            }
+        };
+        for i in 0..RECORDS {
+            if FAIL_AT.contains(&i) {
+                log.faults().writes.set(1);
+            }
+            let p = payload(i, PAYLOAD);
+            let t = log
+                .append(Kind::Message, |o| o.extend_from_slice(&p))
+                .unwrap();
+            inflight.push_back((t, p));
+            if inflight.len() >= WINDOW {
+                let (t, p) = inflight.pop_front().unwrap();
+                settle(log.durable(t).await, p);
+            }
+            yield_now().await;
+        }
+        for (t, p) in inflight {
+            settle(log.durable(t).await, p);
+        }
+        log.close().await;
+        let c = ringmail_store::stats::get();
+        (
+            c.relocated_bytes,
+            (RECORDS * PAYLOAD) as u64,
+            segs.len() as u64,
+            ok,
+        )
+    });
+    assert!(rolls >= 10, "the load rolls segments: {rolls}");
+    assert!(ok.len() < RECORDS, "the injected failures failed batches");
+    assert_eq!(replay(d.path(), Mode::ReadOnly), ok);
+    // A batch or two per roll and per failure, nothing proportional to the bytes
+    // written after them.
+    let batch_max = (WINDOW * (record::RECORD_HEADER_BYTES + PAYLOAD)) as u64 + 4096;
+    let bound = 2 * batch_max * (rolls + FAIL_AT.len() as u64);
+    assert!(
+        relocated <= bound,
+        "relocated {relocated} bytes of {written} written ({rolls} segments): bound {bound}"
+    );
+}

@@ -105,9 +105,10 @@ impl BodySource for Checked<'_> {
     }
 }
 
-/// Sends one message through a session into a spool, as ingest does, receiving in
-/// pieces of `recv` bytes; returns the counters of the store's write path.
-fn one_message(bdat: bool, size: bool, len: usize, recv: usize) -> stats::Counters {
+/// Sends two messages, pipelined, through one session into a spool, as ingest does,
+/// receiving in pieces of `recv` bytes; returns the counters of the store's write
+/// path for each.
+fn two_messages(bdat: bool, size: bool, len: usize, recv: usize) -> Vec<stats::Counters> {
     let (_dir, data) = {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().to_path_buf();
@@ -116,24 +117,26 @@ fn one_message(bdat: bool, size: bool, len: usize, recv: usize) -> stats::Counte
     };
     let body = text(len);
     let mut input = b"EHLO c.test\r\n".to_vec();
-    input.extend_from_slice(
-        match size {
-            true => format!("MAIL FROM:<a@b.test> SIZE={}\r\n", body.len()),
-            false => "MAIL FROM:<a@b.test>\r\n".to_string(),
+    for _ in 0..2 {
+        input.extend_from_slice(
+            match size {
+                true => format!("MAIL FROM:<a@b.test> SIZE={}\r\n", body.len()),
+                false => "MAIL FROM:<a@b.test>\r\n".to_string(),
+            }
+            .as_bytes(),
+        );
+        input.extend_from_slice(b"RCPT TO:<x@local.test>\r\n");
+        if bdat {
+            let half = body.len() / 2;
+            input.extend_from_slice(format!("BDAT {half}\r\n").as_bytes());
+            input.extend_from_slice(&body[..half]);
+            input.extend_from_slice(format!("BDAT {} LAST\r\n", body.len() - half).as_bytes());
+            input.extend_from_slice(&body[half..]);
+        } else {
+            input.extend_from_slice(b"DATA\r\n");
+            input.extend_from_slice(&dot_stuffed(&body));
+            input.extend_from_slice(b".\r\n");
         }
-        .as_bytes(),
-    );
-    input.extend_from_slice(b"RCPT TO:<x@local.test>\r\n");
-    if bdat {
-        let half = body.len() / 2;
-        input.extend_from_slice(format!("BDAT {half}\r\n").as_bytes());
-        input.extend_from_slice(&body[..half]);
-        input.extend_from_slice(format!("BDAT {} LAST\r\n", body.len() - half).as_bytes());
-        input.extend_from_slice(&body[half..]);
-    } else {
-        input.extend_from_slice(b"DATA\r\n");
-        input.extend_from_slice(&dot_stuffed(&body));
-        input.extend_from_slice(b".\r\n");
     }
     input.extend_from_slice(b"QUIT\r\n");
     let peer: SocketAddr = "127.0.0.2:40000".parse().unwrap();
@@ -142,7 +145,7 @@ fn one_message(bdat: bool, size: bool, len: usize, recv: usize) -> stats::Counte
         let mut s = Session::new(config(), true);
         let received = Received::default();
         let mut rest = &input[..];
-        let mut counted = None;
+        let mut counted = Vec::new();
         let mut stored = 0;
         loop {
             match s.process() {
@@ -174,7 +177,7 @@ fn one_message(bdat: bool, size: bool, len: usize, recv: usize) -> stats::Counte
                         .unwrap();
                     assert_eq!(passes.get(), 1, "the body was read more than once");
                     stats::add_session_copy(session_copies);
-                    counted = Some(stats::get());
+                    counted.push(stats::get());
                     s.message_stored("ID");
                     stored += 1;
                     // The first delivery reads the batch that went to the disk.
@@ -191,14 +194,16 @@ fn one_message(bdat: bool, size: bool, len: usize, recv: usize) -> stats::Counte
                 Step::Close => break,
             }
         }
-        assert_eq!(stored, 1, "{}", String::from_utf8_lossy(s.output()));
+        assert_eq!(stored, 2, "{}", String::from_utf8_lossy(s.output()));
         assert_eq!(s.copied_bytes(), 0);
         spool.close().await;
         // What is on disk is what was sent.
         let listed = crate::queue::list(&data).unwrap();
-        assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].body_crc32c, crc32c::crc32c(&body));
-        counted.unwrap()
+        assert_eq!(listed.len(), 2);
+        assert!(listed
+            .iter()
+            .all(|m| m.body_crc32c == crc32c::crc32c(&body)));
+        counted
     })
 }
 
@@ -212,14 +217,17 @@ fn a_body_is_copied_once_and_crcd_once_on_its_way_to_the_disk() {
                 (4 << 20, 64 << 10),
                 (4 << 20, 1 << 20),
             ] {
-                let c = one_message(bdat, size, len, recv);
-                let case = format!("bdat {bdat}, SIZE= {size}, {len} bytes, receives of {recv}");
-                assert_eq!(c.bodies, 1, "{case}");
-                assert!(c.body_bytes as usize >= len, "{case}");
-                assert_eq!(c.body_bytes_copied, c.body_bytes, "{case}: copies {c:?}");
-                assert_eq!(c.body_bytes_crc, c.body_bytes, "{case}: CRC passes {c:?}");
-                assert_eq!(c.relocated_bytes, 0, "{case}");
-                assert!(c.tail_bytes_copied < 2 * 4096, "{case}: {c:?}");
+                for (n, c) in two_messages(bdat, size, len, recv).into_iter().enumerate() {
+                    let case = format!(
+                        "bdat {bdat}, SIZE= {size}, {len} bytes, receives of {recv}, message {n}"
+                    );
+                    assert_eq!(c.bodies, 1, "{case}");
+                    assert!(c.body_bytes as usize >= len, "{case}");
+                    assert_eq!(c.body_bytes_copied, c.body_bytes, "{case}: copies {c:?}");
+                    assert_eq!(c.body_bytes_crc, c.body_bytes, "{case}: CRC passes {c:?}");
+                    assert_eq!(c.relocated_bytes, 0, "{case}");
+                    assert!(c.tail_bytes_copied < 2 * 4096, "{case}: {c:?}");
+                }
             }
         }
     }

@@ -99,16 +99,53 @@ pub(super) fn decode_record(
     })
 }
 
-/// Bytes of messages a shard keeps in memory for delivery; past it, delivery reads
-/// them from the log.
+/// Memory a shard's cache of fresh messages may hold (see `Spool::cached_bytes`);
+/// past it, delivery reads them from the log.
 pub(super) const CACHE_BYTES_MAX: usize = 128 << 20;
 
 impl Spool {
     pub(super) fn uncache(&self, id: u64) {
-        if let Some(l) = self.cache.borrow_mut().remove(&id) {
-            self.cached_bytes
-                .set(self.cached_bytes.get() - l.message.len());
+        let Some(l) = self.cache.borrow_mut().remove(&id) else {
+            return;
+        };
+        let mut freed = l.message.prefix.len();
+        if let BodyBytes::Log(b) = &l.message.body {
+            let mut buffers = self.cached_buffers.borrow_mut();
+            let id = b.buffer_id();
+            let e = buffers
+                .get_mut(&id)
+                .expect("a cached body's buffer is counted");
+            e.0 -= 1;
+            if e.0 == 0 {
+                freed += e.1;
+                buffers.remove(&id);
+            }
         }
+        self.cached_bytes.set(self.cached_bytes.get() - freed);
+    }
+
+    /// Sets the cache's budget (tests use a small one).
+    #[cfg(test)]
+    pub(crate) fn set_cache_bytes_max(&self, bytes: usize) {
+        self.cache_bytes_max.set(bytes);
+    }
+
+    /// Memory the cache holds, counted from its entries: every distinct log buffer
+    /// a cached body is in, at its allocated size, and the prefixes.
+    #[cfg(test)]
+    pub(crate) fn cache_held_bytes(&self) -> usize {
+        let mut buffers = std::collections::HashMap::new();
+        let mut prefixes = 0;
+        for l in self.cache.borrow().values() {
+            prefixes += l.message.prefix.len();
+            match &l.message.body {
+                BodyBytes::Log(b) => {
+                    buffers.insert(b.buffer_id(), b.buffer_bytes());
+                }
+                BodyBytes::Heap(v) => prefixes += v.capacity(),
+            }
+        }
+        prefixes + buffers.values().sum::<usize>()
     }
     /// The raw record `r` names; its segment is pinned while it is read, so
     /// compaction cannot delete it underneath.

@@ -76,7 +76,11 @@ impl QueuedMessage {
 
     /// The queued message of a decoded `Message` record.
     pub(super) fn of_decoded(d: &message::Decoded<'_>) -> QueuedMessage {
-        QueuedMessage::with_crc(&d.envelope, d.body.len(), crc32c::crc32c(d.body))
+        QueuedMessage::with_crc(
+            &d.envelope,
+            d.body.len(),
+            ringmail_store::stats::body_crc32c(d.body),
+        )
     }
 
     /// A message whose body's CRC the write path computed already (while copying it

@@ -33,7 +33,14 @@ pub struct Spool {
     /// deferred, so the first delivery attempt sends the bytes it received without
     /// reading them back (segments are written with direct I/O: no page cache).
     pub(super) cache: RefCell<HashMap<u64, Loaded>>,
+    /// Memory the cache holds: each log buffer a cached message refers to, counted
+    /// once at its allocated size however many cached messages share it (a lone
+    /// message keeps its whole batch buffer alive), plus the trace prefixes.
     pub(super) cached_bytes: Cell<usize>,
+    /// Log buffers cached messages refer to, by `LogBytes::buffer_id`: (messages,
+    /// bytes charged for it).
+    pub(super) cached_buffers: RefCell<HashMap<usize, (u32, usize)>>,
+    pub(super) cache_bytes_max: Cell<usize>,
     /// Told of every segment compaction deleted (the cross-core read service, so
     /// other executors close their files of it).
     pub(super) on_segment_deleted: RefCell<Option<SegmentDeleted>>,
@@ -77,6 +84,8 @@ impl Spool {
             wake: event_listener::Event::new(),
             cache: RefCell::new(HashMap::new()),
             cached_bytes: Cell::new(0),
+            cached_buffers: RefCell::new(HashMap::new()),
+            cache_bytes_max: Cell::new(CACHE_BYTES_MAX),
             on_segment_deleted: RefCell::new(None),
         })
     }
@@ -119,10 +128,18 @@ impl Spool {
     /// Puts a durable message into the index and the ready queue. `body`: its bytes
     /// in the batch they were written from; `crc`: their CRC32C.
     fn admit(&self, env: Envelope, prefix: &[u8], body: LogBytes, crc: u32) {
-        let size = prefix.len() + body.len();
         let m = QueuedMessage::with_crc(&env, body.len(), crc);
-        if self.cached_bytes.get() + size <= CACHE_BYTES_MAX {
+        self.uncache(m.id);
+        let buffer = body.buffer_id();
+        let new_buffer = !self.cached_buffers.borrow().contains_key(&buffer);
+        let size = prefix.len() + if new_buffer { body.buffer_bytes() } else { 0 };
+        if self.cached_bytes.get() + size <= self.cache_bytes_max.get() {
             self.cached_bytes.set(self.cached_bytes.get() + size);
+            self.cached_buffers
+                .borrow_mut()
+                .entry(buffer)
+                .or_insert((0, body.buffer_bytes()))
+                .0 += 1;
             let loaded = Loaded {
                 env,
                 message: MessageText {
@@ -357,6 +374,66 @@ mod tests {
     use ringmail_store::message::Recipient;
     use ringmail_store::segment;
     use ringmail_store::shard::{COUNTER_BITS, COUNTER_LIMIT, ID_BLOCK};
+
+    /// A cached message keeps its whole batch buffer alive, however small it is:
+    /// when most messages of each batch leave at once and one stays, what the cache
+    /// holds is a buffer per stayer, many times its bytes. The budget counts that.
+    #[test]
+    fn the_cache_budget_counts_the_batch_buffers_its_messages_keep_alive() {
+        use std::rc::Rc;
+        let (_d, data) = fresh_data();
+        glommio::LocalExecutor::default().run(async move {
+            const BUDGET: usize = 256 << 10;
+            const PER_BATCH: usize = 16;
+            let spool = Rc::new(Spool::open(&data, 0, LogConfig::default()).await.unwrap());
+            spool.set_cache_bytes_max(BUDGET);
+            let mut stayers = 0;
+            for round in 0..48 {
+                let mut ids = Vec::new();
+                for _ in 0..PER_BATCH {
+                    ids.push(spool.next_id().await.unwrap());
+                }
+                // Concurrent, as sessions are: they share a batch.
+                let tasks: Vec<_> = ids
+                    .iter()
+                    .map(|&id| {
+                        let spool = spool.clone();
+                        glommio::spawn_local(async move {
+                            let body = vec![b'a' + (round % 26) as u8; 1000];
+                            spool.enqueue(env(id, 1), b"Received: x\r\n", body).await
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                for &id in &ids[1..] {
+                    spool
+                        .record(update(id, 0, RcptStatus::Delivered, 1))
+                        .await
+                        .unwrap();
+                }
+                stayers += 1;
+                let held = spool.cache_held_bytes();
+                assert!(
+                    held <= BUDGET,
+                    "round {round}: the cache holds {held} bytes, budget {BUDGET}"
+                );
+                assert_eq!(spool.cached_bytes.get(), held, "round {round}");
+            }
+            assert_eq!(spool.index.borrow().messages.len(), stayers);
+            assert!(
+                !spool.cache.borrow().is_empty(),
+                "fresh messages are still cached"
+            );
+            // What is not cached is read from the log, byte for byte.
+            let ids: Vec<u64> = spool.index.borrow().messages.keys().copied().collect();
+            for id in ids {
+                let l = spool.read_message(id).await.unwrap();
+                assert_eq!(l.message.body.len(), 1000);
+            }
+        });
+    }
 
     #[test]
     fn the_outcomes_of_one_attempt_cost_one_sync_and_all_replay() {

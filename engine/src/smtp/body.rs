@@ -17,6 +17,9 @@ pub(super) const CURRENT: usize = usize::MAX;
 /// BDAT chunks smaller than this are gathered into a buffer of their own (a copy,
 /// counted): a range per tiny chunk would cost more memory than the bytes.
 pub(super) const SMALL_PART_BYTES: usize = 512;
+/// The largest gathered buffer. A run of tiny chunks gathers into buffers that
+/// double up to this (never reallocated: that would copy again), so their slack is
+/// at most what the run holds; a lone tiny chunk gets a buffer of its own size.
 const GATHER_BYTES: usize = 16 << 10;
 
 #[derive(Debug, Clone)]
@@ -34,8 +37,11 @@ pub struct Body {
     /// DATA text as sent: a dot that starts a line is dot-stuffing, skipped on read.
     dot_stuffed: bool,
     len: usize,
-    /// Body bytes the session copied (gathered small BDAT chunks).
+    /// Body bytes the session copied (gathered small BDAT chunks, ranges copied out
+    /// of a chunk that was mostly other bytes).
     copied: usize,
+    /// Bytes allocated for `chunks` and the gathered buffers.
+    held: usize,
 }
 
 impl std::fmt::Debug for Body {
@@ -56,6 +62,7 @@ impl From<Vec<u8>> for Body {
             dot_stuffed: false,
             len,
             copied: 0,
+            held: 0,
         }
     }
 }
@@ -81,6 +88,14 @@ impl Body {
     /// chunks).
     pub fn copied_bytes(&self) -> usize {
         self.copied
+    }
+
+    /// Memory the body holds: its retired chunks and gathered buffers as allocated,
+    /// and its lists of them.
+    pub fn held_bytes(&self) -> usize {
+        self.held
+            + self.parts.capacity() * std::mem::size_of::<Part>()
+            + self.chunks.capacity() * std::mem::size_of::<Rc<Vec<u8>>>()
     }
 
     /// Calls `f` with the text's bytes in order, in pieces, until it returns false.
@@ -146,14 +161,17 @@ impl Body {
     /// Adds a copy of `bytes` (a tiny BDAT chunk).
     pub(super) fn gather(&mut self, bytes: &[u8]) {
         self.copied += bytes.len();
+        let mut run = 0;
         if let Some(Part::Gathered(v)) = self.parts.last_mut() {
             if v.len() + bytes.len() <= v.capacity() {
                 v.extend_from_slice(bytes);
                 return;
             }
+            run = v.capacity();
         }
-        let mut v = Vec::with_capacity(GATHER_BYTES.max(bytes.len()));
+        let mut v = Vec::with_capacity(bytes.len().max((run * 2).min(GATHER_BYTES)));
         v.extend_from_slice(bytes);
+        self.held += v.capacity();
         self.parts.push(Part::Gathered(v));
     }
 
@@ -182,8 +200,49 @@ impl Body {
             }
         }
         if any {
+            self.held += chunk.capacity();
             self.chunks.push(chunk);
         }
+    }
+
+    /// [`Body::retire`] for a full receive chunk. If less than half of it from where
+    /// the text starts is text
+    /// (BDAT ranges among command lines a client padded it with), the text is copied
+    /// out (counted) and the chunk let go: otherwise what a body holds would be
+    /// bounded only by what the client sends. Returns whether it copied.
+    pub(super) fn retire_full(&mut self, chunk: Rc<Vec<u8>>) -> bool {
+        let current = || {
+            self.parts
+                .iter()
+                .rev()
+                .take_while(|p| !matches!(p, Part::Chunk(i, _) if *i != CURRENT))
+        };
+        let (mut text, mut first) = (0, chunk.len());
+        for p in current() {
+            if let Part::Chunk(_, r) = p {
+                text += r.len();
+                first = first.min(r.start);
+            }
+        }
+        // Bytes before the text (a message before it, its commands) are one chunk's
+        // worth at most, not what makes memory grow with padding: judged from there.
+        if text == 0 || text * 2 >= chunk.len() - first {
+            self.retire(chunk);
+            return false;
+        }
+        for p in self.parts.iter_mut().rev() {
+            match p {
+                Part::Chunk(CURRENT, r) => {
+                    let v = chunk[r.clone()].to_vec();
+                    self.copied += v.len();
+                    self.held += v.capacity();
+                    *p = Part::Gathered(v);
+                }
+                Part::Chunk(_, _) => break,
+                Part::Gathered(_) => {}
+            }
+        }
+        true
     }
 
     pub(super) fn set_len(&mut self, len: usize) {

@@ -312,9 +312,21 @@ impl Session {
             mail.body.add(from..self.start);
             self.live_from = Some(0);
         }
-        mail.body.retire(Rc::new(old));
+        if mail.body.retire_full(Rc::new(old)) {
+            // The chunk was mostly command lines, not text: it says nothing about
+            // the message's size, so the next one need not be larger.
+            self.chunk_bytes = READ_CHUNK_BYTES;
+        }
         self.end -= self.start;
         self.start = 0;
+    }
+
+    /// Memory the session holds for the message being received and its input: the
+    /// receive chunk and what the message's body holds. Bounded by a multiple of the
+    /// text received, however the client splits and pads it.
+    pub fn held_bytes(&self) -> usize {
+        let body = self.mail.as_ref().map_or(0, |m| m.body.held_bytes());
+        self.input.capacity() + body
     }
 
     /// Chunks are sized by what is still expected, else they double: a large
@@ -626,6 +638,9 @@ impl Session {
             from,
             ..Mail::default()
         };
+        // Chunks grow while one message is received; a new one starts small again
+        // (its size hint, if any, sizes them).
+        self.chunk_bytes = READ_CHUNK_BYTES;
         let mut seen: Vec<String> = Vec::new();
         let mut declared = None;
         for param in params.split(' ').filter(|p| !p.is_empty()) {

@@ -601,3 +601,91 @@ fn a_sender_domain_routing_cannot_take_is_refused_at_mail() {
         assert!(last.starts_with(code), "{from}: {}", out.replies);
     }
 }
+
+/// Pushes `bytes` and runs the session until it needs input; a message is stored.
+fn feed(s: &mut Session, bytes: &[u8], bodies: &mut Vec<Vec<u8>>) {
+    s.push(bytes);
+    loop {
+        match s.process() {
+            Step::NeedInput => break,
+            Step::Message(tx) => {
+                bodies.push(tx.body.to_vec());
+                drop(tx);
+                s.message_stored("ID");
+            }
+            Step::Close => panic!("closed: {}", String::from_utf8_lossy(s.output())),
+        }
+    }
+    s.clear_output();
+}
+
+/// Alternating ranges and tiny BDAT chunks, each pair padded with NOOPs: the body
+/// must not hold a gather buffer per tiny chunk, nor every receive chunk the padding
+/// filled (they held a range each): what the session holds stays within a small
+/// multiple of the text, not of what the client sent.
+#[test]
+fn a_hostile_bdat_sequence_holds_memory_in_proportion_to_its_text() {
+    let mut s = Session::new(config(Limits::default()), true);
+    let mut bodies = Vec::new();
+    feed(
+        &mut s,
+        b"EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@local.test>\r\n",
+        &mut bodies,
+    );
+    let mut want = Vec::new();
+    let mut sent = 0;
+    for i in 0..2000usize {
+        let range = vec![b'a' + (i % 26) as u8; 512];
+        let mut input = b"BDAT 512\r\n".to_vec();
+        input.extend_from_slice(&range);
+        input.extend_from_slice(b"BDAT 1\r\nz");
+        input.extend_from_slice(&b"NOOP\r\n".repeat(100));
+        sent += input.len();
+        want.extend_from_slice(&range);
+        want.push(b'z');
+        feed(&mut s, &input, &mut bodies);
+        let held = s.held_bytes();
+        let bound = want.len() * 3 / 2 + (256 << 10);
+        assert!(
+            held <= bound,
+            "after {} text bytes ({sent} sent) the session holds {held}, bound {bound}",
+            want.len()
+        );
+    }
+    feed(&mut s, b"BDAT 0 LAST\r\n", &mut bodies);
+    assert_eq!(bodies, vec![want]);
+}
+
+/// A large message grows the receive chunks; the next, small one starts small again.
+#[test]
+fn receive_chunks_start_small_again_after_a_large_message() {
+    let mut s = Session::new(config(Limits::default()), true);
+    let mut bodies = Vec::new();
+    let line = [&[b'x'; 98][..], b"\r\n"].concat();
+    feed(
+        &mut s,
+        b"EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@local.test>\r\nDATA\r\n",
+        &mut bodies,
+    );
+    for _ in 0..40_000 {
+        feed(&mut s, &line, &mut bodies);
+    }
+    feed(&mut s, b".\r\n", &mut bodies);
+    assert_eq!(bodies.len(), 1);
+    feed(
+        &mut s,
+        b"MAIL FROM:<a@c.test> SIZE=20000\r\nRCPT TO:<x@local.test>\r\nDATA\r\n",
+        &mut bodies,
+    );
+    let mut max_held = 0;
+    for _ in 0..200 {
+        feed(&mut s, &line, &mut bodies);
+        max_held = max_held.max(s.held_bytes());
+    }
+    feed(&mut s, b".\r\n", &mut bodies);
+    assert_eq!(bodies.len(), 2);
+    assert!(
+        max_held <= 128 << 10,
+        "a 20000-byte message held {max_held} bytes"
+    );
+}
