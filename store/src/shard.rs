@@ -33,6 +33,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// The id counter lives in the low 56 bits; the shard in the top 8 (shards ≤ 256).
 pub const COUNTER_BITS: u32 = Handle::SHARD_SHIFT;
@@ -535,7 +536,8 @@ pub struct Shard {
     next_counter: Cell<u64>,
     /// Counters below this are covered by a durable checkpoint: only those are handed
     /// out, so a restart never gives an id again, whatever became of its message.
-    reserved: Cell<u64>,
+    /// Shared with the task that waits for the half-way checkpoint.
+    reserved: Rc<Cell<u64>>,
     /// The checkpoint reserving the next block, appended before the current block
     /// runs out so it rides along with a batch that is being written anyway.
     /// (A task, so that the ticket is let go as soon as its batch is written: a held
@@ -602,7 +604,7 @@ impl Shard {
             dir,
             log,
             next_counter: Cell::new(counter),
-            reserved: Cell::new(reserved),
+            reserved: Rc::new(Cell::new(reserved)),
             pending_reservation: RefCell::new(None),
             map: RefCell::new(rec.map),
             live: RefCell::new(live),
@@ -672,8 +674,18 @@ impl Shard {
                         self.append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))
                     {
                         let log = self.log.clone();
-                        let task =
-                            glommio::spawn_local(async move { log.durable(t).await }).detach();
+                        let reserved = self.reserved.clone();
+                        let task = glommio::spawn_local(async move {
+                            let r = log.durable_ref(&t).await;
+                            // Raised before the ticket goes: a snapshot whose position
+                            // passes the checkpoint must hold its reservation.
+                            if r.is_ok() {
+                                reserved.set(reserved.get().max(target));
+                            }
+                            drop(t);
+                            r
+                        })
+                        .detach();
                         *self.pending_reservation.borrow_mut() = Some((task, target));
                     }
                 }
