@@ -327,6 +327,11 @@ pub fn recover_shard_with(
     Ok((tail, report))
 }
 
+/// Segment `seq`'s header, `None` when it does not decode.
+pub fn read_header(dir: &Path, seq: u64) -> io::Result<Option<SegmentHeader>> {
+    Ok(SegmentHeader::decode(&read_head(&segment_path(dir, seq))?))
+}
+
 /// Up to the first `SEGMENT_HEADER_BYTES` of a file (fewer when it is shorter).
 fn read_head(path: &Path) -> io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(SEGMENT_HEADER_BYTES as usize);

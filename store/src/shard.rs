@@ -33,6 +33,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// The id counter lives in the low 56 bits; the shard in the top 8 (shards ≤ 256).
 pub const COUNTER_BITS: u32 = Handle::SHARD_SHIFT;
@@ -98,10 +99,23 @@ pub trait Index {
     fn replay(&mut self, rec: Replayed<'_>) -> Result<(), &'static str>;
     /// Calls `each` once per reference the index holds (an id may come several times).
     fn refs(&self, each: &mut dyn FnMut(u64));
-    /// The index's snapshot section, as items (each handed to `load` again).
-    fn snapshot(&self, out: &mut dyn FnMut(&[u8]));
+    /// Part of the index's snapshot section: the items (each handed to `load` again)
+    /// after `cursor` (`None`: from the first), in a stable order, each passed to
+    /// `out` until it returns false (its chunk is full). Returns the cursor to go on
+    /// from, `None` once the last item was passed. The index may change between
+    /// calls (the snapshot is written while sessions run): an item may then be
+    /// missed or come in its newer state, which is safe, as everything after the
+    /// snapshot's position is replayed over it.
+    fn snapshot_chunk(
+        &self,
+        cursor: Option<u64>,
+        out: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Option<u64>;
     /// One item of the index's section of the snapshot.
     fn load(&mut self, item: &[u8]) -> Result<(), &'static str>;
+    /// Forgets what `load` gave it: the snapshot turned out damaged half-way, and
+    /// recovery goes on from an older one.
+    fn clear(&mut self);
 }
 
 /// What the handle map keeps per referenced message: 24 bytes (with its 8-byte key,
@@ -162,6 +176,9 @@ pub struct Recovered {
     pub next_counter: u64,
     /// The snapshot recovery started from: its position and size.
     pub snapshot: Option<((u64, u64), u64)>,
+    /// The replay position of the snapshot kept beside it (`snapshot.prev`), when
+    /// recovery started from the newest and the older one's header reads.
+    pub older_snapshot: Option<(u64, u64)>,
 }
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"RMSNAP01";
@@ -174,9 +191,25 @@ pub fn snapshot_path(dir: &Path) -> PathBuf {
     dir.join("snapshot")
 }
 
+/// The snapshot before the newest: recovery falls back to it when the newest is
+/// damaged, and compaction keeps every segment from its position on.
+pub fn older_snapshot_path(dir: &Path) -> PathBuf {
+    dir.join("snapshot.prev")
+}
+
 fn snapshot_temp_path(dir: &Path) -> PathBuf {
     dir.join("snapshot.tmp")
 }
+
+/// Created by the operator in a shard directory to start even though no snapshot
+/// can be loaded and compaction deleted segments (see [`recover`]).
+pub fn replay_whole_log_path(dir: &Path) -> PathBuf {
+    dir.join("replay-whole-log")
+}
+
+/// Snapshot bytes serialised before they are written out: memory is bounded by it,
+/// and the executor runs sessions between chunks.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
 /// Frames one snapshot item like a record: `len u32 | crc32c u32 | tag | payload`.
 fn put_item(out: &mut Vec<u8>, tag: u8, payload: &[u8]) {
@@ -284,36 +317,110 @@ fn encode_entry(out: &mut Vec<u8>, id: u64, e: &Entry) {
     out.extend_from_slice(&e.body_len().to_le_bytes());
 }
 
-/// Checks a snapshot file whole (a streaming pass) before anything of it is loaded,
-/// so that a damaged one is set aside without leaving half of it in the indexes.
-fn check_snapshot(path: &Path, shard: u32) -> io::Result<Option<SnapshotHeader>> {
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => io::BufReader::with_capacity(1 << 20, f),
+/// Whether a snapshot read failed on its bytes (torn, corrupt): recovery then falls
+/// back to an older one. Any other error (EIO, EACCES, EMFILE) says nothing about
+/// the file, and fails the recovery instead of costing it the snapshot.
+fn is_damage(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// Loads a snapshot file in one streaming pass, straight into `map` and `indexes`:
+/// `Ok(None)` when there is none; on an error the caller clears what was loaded.
+/// Returns its header, its size and the items that did not decode.
+fn load_snapshot(
+    path: &Path,
+    shard: u32,
+    map: &mut HashMap<u64, Entry>,
+    indexes: &mut [&mut dyn Index],
+) -> io::Result<Option<(SnapshotHeader, u64, u64)>> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    let size = f.metadata()?.len();
+    let mut r = io::BufReader::with_capacity(1 << 20, f);
     let mut head = [0u8; SNAPSHOT_HEADER_BYTES];
-    f.read_exact(&mut head)?;
+    r.read_exact(&mut head)?;
     let h = decode_snapshot_header(&head).ok_or_else(|| bad("bad snapshot header"))?;
     if h.shard != shard {
         return Err(bad("snapshot of another shard"));
     }
-    let mut items = ItemReader {
-        r: f,
-        buf: Vec::new(),
-    };
-    let mut count = 0u64;
+    let mut items = ItemReader { r, buf: Vec::new() };
+    let (mut count, mut bad_items) = (0u64, 0u64);
     while let Some((tag, payload)) = items.next()? {
-        if tag == TAG_END {
-            let want = payload.try_into().ok().map(u64::from_le_bytes);
-            if want != Some(count) || items.next()?.is_some() {
-                return Err(bad("snapshot item count mismatch"));
+        match tag {
+            TAG_ENTRY => match decode_entry(payload) {
+                Some((id, e)) => {
+                    map.insert(id, e);
+                }
+                None => bad_items += 1,
+            },
+            TAG_INDEX => {
+                let ok = match payload.split_first() {
+                    Some((&n, item)) => indexes
+                        .get_mut(n as usize)
+                        .is_some_and(|ix| ix.load(item).is_ok()),
+                    None => false,
+                };
+                if !ok {
+                    bad_items += 1;
+                }
             }
-            return Ok(Some(h));
+            TAG_END => {
+                let want = payload.try_into().ok().map(u64::from_le_bytes);
+                if want != Some(count) || items.next()?.is_some() {
+                    return Err(bad("snapshot item count mismatch"));
+                }
+                return Ok(Some((h, size, bad_items)));
+            }
+            _ => bad_items += 1,
         }
         count += 1;
     }
     Err(bad("snapshot without its end"))
+}
+
+/// The replay position in a snapshot file's header, if it reads.
+fn snapshot_position_of(path: &Path) -> Option<(u64, u64)> {
+    let mut head = [0u8; SNAPSHOT_HEADER_BYTES];
+    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    decode_snapshot_header(&head).map(|h| h.at)
+}
+
+/// Whether compaction deleted segments of the shard: one is missing between the
+/// oldest and the newest, or the oldest had a predecessor.
+fn log_compacted(dir: &Path) -> io::Result<Option<String>> {
+    let mut seqs: Vec<u64> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()
+                    .and_then(segment::parse_segment_name)
+            })
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    seqs.sort_unstable();
+    let Some(&first) = seqs.first() else {
+        return Ok(None);
+    };
+    if let Some(w) = seqs.windows(2).find(|w| w[1] != w[0] + 1) {
+        return Ok(Some(format!(
+            "segments {} to {} are deleted",
+            w[0] + 1,
+            w[1] - 1
+        )));
+    }
+    if segment::read_header(dir, first)?.is_some_and(|h| h.prev_valid_len.is_some()) {
+        return Ok(Some(format!("the segments before {first} are deleted")));
+    }
+    Ok(None)
 }
 
 /// Replays a shard: the snapshot (if any), then the log from the snapshot's position,
@@ -340,66 +447,106 @@ pub fn recover_with(
     let mut max_counter: Option<u64> = None;
     let mut damaged = Vec::new();
     let mut snapshot = None;
-    let path = snapshot_path(&dir);
-    match check_snapshot(&path, shard) {
-        Ok(None) => {}
-        Ok(Some(h)) => {
-            let mut items = ItemReader {
-                r: io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?),
-                buf: Vec::new(),
-            };
-            let mut head = [0u8; SNAPSHOT_HEADER_BYTES];
-            items.r.read_exact(&mut head)?;
-            let mut bad_items = 0u64;
-            while let Some((tag, payload)) = items.next()? {
-                match tag {
-                    TAG_ENTRY => match decode_entry(payload) {
-                        Some((id, e)) => {
-                            map.insert(id, e);
-                        }
-                        None => bad_items += 1,
-                    },
-                    TAG_INDEX => {
-                        let ok = match payload.split_first() {
-                            Some((&n, item)) => indexes
-                                .get_mut(n as usize)
-                                .is_some_and(|ix| ix.load(item).is_ok()),
-                            None => false,
-                        };
-                        if !ok {
-                            bad_items += 1;
-                        }
-                    }
-                    TAG_END => break,
-                    _ => bad_items += 1,
+    let mut older_snapshot = None;
+    // The newest snapshot, else the one before it: compaction kept every segment
+    // from the older one's position on, so falling back loses nothing.
+    let candidates = [snapshot_path(&dir), older_snapshot_path(&dir)];
+    let mut unusable: Vec<(&PathBuf, String)> = Vec::new();
+    for (n, path) in candidates.iter().enumerate() {
+        match load_snapshot(path, shard, &mut map, indexes) {
+            Ok(None) => {}
+            Ok(Some((h, size, bad_items))) => {
+                if bad_items > 0 {
+                    damaged.push(format!(
+                        "{}: {bad_items} items did not decode",
+                        path.display()
+                    ));
                 }
+                max_counter = h.reserved.checked_sub(1);
+                opts.start = h.at;
+                snapshot = Some((h.at, size));
+                if n == 0 {
+                    older_snapshot = snapshot_position_of(&candidates[1]).filter(|p| *p <= h.at);
+                }
+                break;
             }
-            if bad_items > 0 {
-                damaged.push(format!("snapshot: {bad_items} items did not decode"));
+            Err(e) if is_damage(&e) => {
+                map.clear();
+                for ix in indexes.iter_mut() {
+                    ix.clear();
+                }
+                unusable.push((path, e.to_string()));
             }
-            max_counter = h.reserved.checked_sub(1);
-            opts.start = h.at;
-            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-            snapshot = Some((h.at, size));
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot read {}: {e}", path.display()),
+                ))
+            }
         }
-        Err(e) => {
-            // Without it the log is replayed from its start; segments it made
-            // deletable may be gone, and with them what they held.
-            damaged.push(format!(
-                "snapshot unreadable ({e}): replaying the whole log; messages whose \
-                 segments compaction deleted after that snapshot are lost"
-            ));
-            if mode == Mode::Repair {
-                std::fs::rename(&path, path.with_extension("damaged"))?;
+    }
+    // Without a snapshot the log is replayed from its start: exact unless compaction
+    // deleted segments, whose messages (live ones included) and recipient updates
+    // would then be lost or undone. The server does not start so; the operator can
+    // restore a snapshot or accept duplicates (see `replay_whole_log_path`).
+    let from_start = snapshot.is_none();
+    if from_start {
+        if let Some(gap) = log_compacted(&dir)? {
+            let files = if unusable.is_empty() {
+                "no snapshot file".to_string()
+            } else {
+                unusable
+                    .iter()
+                    .map(|(p, e)| format!("{} ({e})", p.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let allow = replay_whole_log_path(&dir);
+            if mode == Mode::Repair && !allow.exists() {
+                return Err(io::Error::other(format!(
+                    "shard {shard}: no snapshot can be loaded ({files}) and the log in {} \
+                     has been compacted ({gap}): replaying it from the start could lose \
+                     queued mail and deliver mail again. Restore a snapshot, or create {} \
+                     to replay the log from its start anyway (stored copies are kept; \
+                     some mail may be delivered twice)",
+                    dir.display(),
+                    allow.display()
+                )));
             }
+            damaged.push(format!(
+                "no snapshot can be loaded ({files}) and the log has been compacted \
+                 ({gap}): replayed from its start, copies of messages kept, updates \
+                 in deleted segments missing"
+            ));
+        }
+    }
+    for (path, e) in &unusable {
+        damaged.push(format!("{}: damaged ({e}), not used", path.display()));
+        if mode == Mode::Repair {
+            let mut set_aside = path.as_os_str().to_owned();
+            set_aside.push(".damaged");
+            std::fs::rename(path, set_aside)?;
         }
     }
     let mut bad_records = 0u64;
     let (tail, mut report) =
         segment::recover_shard_with(&dir, shard, mode, opts, |loc, rec| match rec.kind {
-            Kind::Message => match message::decode(rec.payload) {
+            // Over a snapshot, a copy of a message it does not know is garbage: the
+            // message's record lies before the snapshot's position (copies are made
+            // of live messages only), so its references went away before the
+            // snapshot. From the log's start it is unknown only because compaction
+            // deleted the original: then it is a message (a duplicate beats a loss).
+            Kind::Message | Kind::Copy => match message::decode(rec.payload) {
                 Ok(d) => {
                     let id = d.envelope.id;
+                    if rec.kind == Kind::Copy && (!from_start || map.contains_key(&id)) {
+                        if let Some(e) = map.get_mut(&id) {
+                            e.seq = loc.seq as u32;
+                            e.offset = loc.offset;
+                            e.len = loc.len;
+                        }
+                        return;
+                    }
                     max_counter = max_counter.max(Some(id & COUNTER_MASK));
                     let resolved = Resolved {
                         handle: Handle::of_id(id),
@@ -420,18 +567,6 @@ pub fn recover_with(
                         {
                             bad_records += 1;
                         }
-                    }
-                }
-                Err(_) => bad_records += 1,
-            },
-            // A copy of a message that is not known (any more) is garbage: it was
-            // copied while live and its references went away before the snapshot.
-            Kind::Copy => match message::decode(rec.payload) {
-                Ok(d) => {
-                    if let Some(e) = map.get_mut(&d.envelope.id) {
-                        e.seq = loc.seq as u32;
-                        e.offset = loc.offset;
-                        e.len = loc.len;
                     }
                 }
                 Err(_) => bad_records += 1,
@@ -484,6 +619,7 @@ pub fn recover_with(
         report,
         next_counter: max_counter.map_or(1, |c| c + 1),
         snapshot,
+        older_snapshot,
     })
 }
 
@@ -492,14 +628,6 @@ pub struct MessageTicket {
     pub ticket: Ticket,
     id: u64,
     body_len: u32,
-}
-
-/// A snapshot serialised and waiting to be written (see [`Shard::prepare_snapshot`]).
-pub struct PreparedSnapshot {
-    at: (u64, u64),
-    bytes: Vec<u8>,
-    /// `Shard::appended` when it was taken.
-    appended: u64,
 }
 
 /// What one compaction round did.
@@ -535,7 +663,8 @@ pub struct Shard {
     next_counter: Cell<u64>,
     /// Counters below this are covered by a durable checkpoint: only those are handed
     /// out, so a restart never gives an id again, whatever became of its message.
-    reserved: Cell<u64>,
+    /// Shared with the task that waits for the half-way checkpoint.
+    reserved: Rc<Cell<u64>>,
     /// The checkpoint reserving the next block, appended before the current block
     /// runs out so it rides along with a batch that is being written anyway.
     /// (A task, so that the ticket is let go as soon as its batch is written: a held
@@ -549,6 +678,10 @@ pub struct Shard {
     appended: Cell<u64>,
     /// The durable snapshot: its replay position, its size, and `appended` then.
     snap: Cell<Option<SnapState>>,
+    /// The replay position of the snapshot kept beside the durable one
+    /// (`snapshot.prev`): compaction deletes only segments wholly before it, so a
+    /// recovery that finds the newest damaged replays from it over a complete log.
+    older: Cell<Option<(u64, u64)>>,
     snapshotting: Cell<bool>,
 }
 
@@ -602,13 +735,14 @@ impl Shard {
             dir,
             log,
             next_counter: Cell::new(counter),
-            reserved: Cell::new(reserved),
+            reserved: Rc::new(Cell::new(reserved)),
             pending_reservation: RefCell::new(None),
             map: RefCell::new(rec.map),
             live: RefCell::new(live),
             pins: Pins::default(),
             appended: Cell::new(0),
             snap: Cell::new(rec.snapshot.map(|(at, size)| (at, size, 0))),
+            older: Cell::new(rec.older_snapshot),
             snapshotting: Cell::new(false),
         })
     }
@@ -672,8 +806,18 @@ impl Shard {
                         self.append(Kind::Checkpoint, |out| encode_id_checkpoint(out, target))
                     {
                         let log = self.log.clone();
-                        let task =
-                            glommio::spawn_local(async move { log.durable(t).await }).detach();
+                        let reserved = self.reserved.clone();
+                        let task = glommio::spawn_local(async move {
+                            let r = log.durable_ref(&t).await;
+                            // Raised before the ticket goes: a snapshot whose position
+                            // passes the checkpoint must hold its reservation.
+                            if r.is_ok() {
+                                reserved.set(reserved.get().max(target));
+                            }
+                            drop(t);
+                            r
+                        })
+                        .detach();
                         *self.pending_reservation.borrow_mut() = Some((task, target));
                     }
                 }
@@ -827,56 +971,24 @@ impl Shard {
 
     /// Whether the log grew enough since the last snapshot for a new one: at least
     /// twice the last snapshot's size, so snapshots cost at most half of the log.
+    /// Also while only one snapshot is kept: compaction waits for a second.
     pub fn snapshot_due(&self) -> bool {
-        let (size, then) = self.snap.get().map_or((0, 0), |(_, s, t)| (s, t));
-        self.appended.get() - then >= (2 * size).max(SNAPSHOT_LOG_BYTES_MIN)
+        let Some((_, size, then)) = self.snap.get() else {
+            return self.appended.get() >= SNAPSHOT_LOG_BYTES_MIN;
+        };
+        self.older.get().is_none()
+            || self.appended.get() - then >= (2 * size).max(SNAPSHOT_LOG_BYTES_MIN)
     }
 
-    /// Serialises a snapshot of the handle map, the id reservation and `indexes` (in
-    /// the order recovery is given them) as they are now. Synchronous, so nothing
-    /// changes while it runs; write it with [`Shard::write_snapshot`]. None while
-    /// another snapshot is being written.
-    pub fn prepare_snapshot(&self, indexes: &[&dyn Index]) -> Option<PreparedSnapshot> {
-        if self.snapshotting.get() {
-            return None;
-        }
-        let at = self.log.replay_start();
-        let map = self.map.borrow();
-        let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + map.len() * 41);
-        bytes.extend_from_slice(&encode_snapshot_header(&SnapshotHeader {
-            shard: self.shard,
-            at,
-            reserved: self.reserved.get(),
-        }));
-        let mut count = 0u64;
-        let mut item = Vec::with_capacity(64);
-        for (id, e) in map.iter() {
-            item.clear();
-            encode_entry(&mut item, *id, e);
-            put_item(&mut bytes, TAG_ENTRY, &item);
-            count += 1;
-        }
-        for (n, ix) in indexes.iter().enumerate() {
-            ix.snapshot(&mut |b| {
-                item.clear();
-                item.push(n as u8);
-                item.extend_from_slice(b);
-                put_item(&mut bytes, TAG_INDEX, &item);
-                count += 1;
-            });
-        }
-        put_item(&mut bytes, TAG_END, &count.to_le_bytes());
-        Some(PreparedSnapshot {
-            at,
-            bytes,
-            appended: self.appended.get(),
-        })
-    }
-
-    /// Writes a prepared snapshot durably (temp file, fsync, rename, directory fsync,
-    /// all off the executor); from then on compaction may reclaim what is before its
-    /// position. Skipped (Ok) while another one is being written.
-    pub async fn write_snapshot(&self, s: PreparedSnapshot) -> io::Result<()> {
+    /// Writes a snapshot of the handle map, the id reservation and `indexes` (in the
+    /// order recovery is given them), then keeps the one it replaces as the older
+    /// snapshot. Its position is fixed first; then it is serialised a chunk at a
+    /// time, each written off the executor, so memory is bounded by a chunk (and the
+    /// list of ids, 8 bytes a message) and sessions run meanwhile: a message that
+    /// goes or moves meanwhile is written as it is then, or not at all, which replay
+    /// from the position makes right. Returns false, writing nothing, while another
+    /// snapshot is being written.
+    pub async fn snapshot(&self, indexes: &[&RefCell<dyn Index>]) -> io::Result<bool> {
         struct Done<'a>(&'a Cell<bool>);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
@@ -884,29 +996,65 @@ impl Shard {
             }
         }
         if self.snapshotting.replace(true) {
-            return Ok(());
+            return Ok(false);
         }
         let _done = Done(&self.snapshotting);
-        let appended = s.appended;
-        let size = s.bytes.len() as u64;
-        let dir = self.dir.clone();
-        let bytes = s.bytes;
-        off_executor(move || -> io::Result<()> {
-            let tmp = snapshot_temp_path(&dir);
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            drop(f);
-            std::fs::rename(&tmp, snapshot_path(&dir))?;
-            segment::sync_dir(&dir)
-        })
-        .await?;
-        // Counted here, on the executor: the write ran on the blocking thread, whose
+        // Synchronous up to the first await: the position, the reservation and the
+        // ids are of one instant, and every record after the position is replayed.
+        let at = self.log.replay_start();
+        let reserved = self.reserved.get();
+        let appended = self.appended.get();
+        let ids: Vec<u64> = self.map.borrow().keys().copied().collect();
+        let mut out = SnapshotOut::create(&self.dir).await?;
+        out.buf
+            .extend_from_slice(&encode_snapshot_header(&SnapshotHeader {
+                shard: self.shard,
+                at,
+                reserved,
+            }));
+        let mut count = 0u64;
+        let mut item = Vec::with_capacity(64);
+        for chunk in ids.chunks(SNAPSHOT_CHUNK_BYTES / 41) {
+            {
+                let map = self.map.borrow();
+                for id in chunk {
+                    if let Some(e) = map.get(id) {
+                        item.clear();
+                        encode_entry(&mut item, *id, e);
+                        put_item(&mut out.buf, TAG_ENTRY, &item);
+                        count += 1;
+                    }
+                }
+            }
+            out.flush_if_full().await?;
+        }
+        drop(ids);
+        for (n, ix) in indexes.iter().enumerate() {
+            let mut cursor = None;
+            loop {
+                cursor = ix.borrow().snapshot_chunk(cursor, &mut |b| {
+                    item.clear();
+                    item.push(n as u8);
+                    item.extend_from_slice(b);
+                    put_item(&mut out.buf, TAG_INDEX, &item);
+                    count += 1;
+                    out.buf.len() < SNAPSHOT_CHUNK_BYTES
+                });
+                out.flush_if_full().await?;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+        }
+        put_item(&mut out.buf, TAG_END, &count.to_le_bytes());
+        let size = out.finish().await?;
+        // Counted here, on the executor: the writes ran on the blocking thread, whose
         // counters nobody reads.
         crate::stats::add(|c| c.snapshot_bytes += size);
-        self.snap.set(Some((s.at, size, appended)));
-        tracing::debug!(shard = self.shard, bytes = size, at = ?s.at, "snapshot written");
-        Ok(())
+        self.older.set(self.snap.get().map(|(p, _, _)| p));
+        self.snap.set(Some((at, size, appended)));
+        tracing::debug!(shard = self.shard, bytes = size, at = ?at, "snapshot written");
+        Ok(true)
     }
 
     /// Replay position of the durable snapshot, if any.
@@ -914,12 +1062,18 @@ impl Shard {
         self.snap.get().map(|(at, _, _)| at)
     }
 
-    /// Reclaims space (see the module doc): deletes the segments before the durable
+    /// Replay position of the older snapshot kept beside it: compaction reclaims
+    /// only segments wholly before it.
+    pub fn compaction_position(&self) -> Option<(u64, u64)> {
+        self.older.get()
+    }
+
+    /// Reclaims space (see the module doc): deletes the segments before the older
     /// snapshot's position that hold no live message and no reader pin, after copying
     /// forward the live records of those whose live share is below a third.
     pub async fn compact(&self) -> io::Result<Compacted> {
         let mut done = Compacted::default();
-        let Some((p_seq, _)) = self.snapshot_position() else {
+        let Some((p_seq, _)) = self.compaction_position() else {
             return Ok(done);
         };
         let dir = self.dir.clone();
@@ -1039,10 +1193,76 @@ impl Shard {
         Ok((n, bytes))
     }
 
-    /// Syncs and closes the log (shutdown); snapshot first with
-    /// [`Shard::prepare_snapshot`] after this if wanted.
+    /// Syncs and closes the log (shutdown); snapshot with [`Shard::snapshot`] after
+    /// this if wanted.
     pub async fn close(&self) {
         self.log.close().await;
+    }
+}
+
+/// A snapshot file being written: the chunk serialised so far and the temp file.
+struct SnapshotOut {
+    dir: PathBuf,
+    file: Option<std::fs::File>,
+    buf: Vec<u8>,
+    written: u64,
+}
+
+impl SnapshotOut {
+    async fn create(dir: &Path) -> io::Result<SnapshotOut> {
+        let tmp = snapshot_temp_path(dir);
+        let file = off_executor(move || std::fs::File::create(tmp)).await?;
+        Ok(SnapshotOut {
+            dir: dir.to_path_buf(),
+            file: Some(file),
+            buf: Vec::with_capacity(SNAPSHOT_CHUNK_BYTES + (64 << 10)),
+            written: 0,
+        })
+    }
+
+    /// Writes the chunk out (off the executor) once it is full.
+    async fn flush_if_full(&mut self) -> io::Result<()> {
+        if self.buf.len() >= SNAPSHOT_CHUNK_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        let mut f = self.file.take().expect("snapshot file open");
+        let buf = std::mem::take(&mut self.buf);
+        let (f, mut buf) = off_executor(move || -> io::Result<_> {
+            f.write_all(&buf)?;
+            Ok((f, buf))
+        })
+        .await?;
+        self.written += buf.len() as u64;
+        buf.clear();
+        self.buf = buf;
+        self.file = Some(f);
+        Ok(())
+    }
+
+    /// Makes the file durable and the newest snapshot; the one it replaces becomes
+    /// the older one. A crash between the renames leaves the older one only, which
+    /// recovery loads. Returns the file's size.
+    async fn finish(mut self) -> io::Result<u64> {
+        self.flush().await?;
+        let f = self.file.take().expect("snapshot file open");
+        let dir = self.dir.clone();
+        off_executor(move || -> io::Result<()> {
+            f.sync_all()?;
+            drop(f);
+            let newest = snapshot_path(&dir);
+            match std::fs::rename(&newest, older_snapshot_path(&dir)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::fs::rename(snapshot_temp_path(&dir), newest)?;
+            segment::sync_dir(&dir)
+        })
+        .await?;
+        Ok(self.written)
     }
 }
 
@@ -1142,8 +1362,9 @@ mod tests {
                 shard.durable_message(&t).await.unwrap();
                 assert_eq!(shard.drop_ref(id), 0);
             }
-            let s = shard.prepare_snapshot(&[]).unwrap();
-            shard.write_snapshot(s).await.unwrap();
+            // Two: compaction keeps what the older one needs.
+            assert!(shard.snapshot(&[]).await.unwrap());
+            assert!(shard.snapshot(&[]).await.unwrap());
             let done = shard.compact().await.unwrap();
             shard.close().await;
             (std::thread::current().id(), done)

@@ -3,7 +3,8 @@
 //! records every outcome in the log before acting on it: delivered, failed (with a
 //! bounce to the sender) or deferred until the retry policy's next time.
 //!
-//! It also runs compaction every few seconds (`Spool::compact`) and applies the
+//! It also starts one task per spool that snapshots and compacts it every few
+//! seconds (`Spool::compact`), beside the scheduling, and applies the
 //! per-destination rate limit.
 
 use super::attempt::{attempt, AttemptConfig, Destination, Outcome};
@@ -25,7 +26,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Longest sleep between looks at the queue (deferred mail also wakes it on time).
 const SCAN_INTERVAL: Duration = Duration::from_millis(100);
-/// How often finished segments are looked for and deleted.
+/// How often each spool's upkeep task snapshots (when due) and compacts, and idle
+/// rate-limit entries are dropped.
 const COMPACTION_INTERVAL: Duration = Duration::from_secs(2);
 /// Messages taken off a spool's ready queue per pass.
 const TAKE_PER_PASS: usize = 64;
@@ -51,6 +53,8 @@ pub struct Delivery {
     /// Attempts running on this executor, all destinations together.
     running: Cell<usize>,
     stopping: Cell<bool>,
+    /// Wakes the upkeep tasks at `stop`.
+    stopped: event_listener::Event,
     /// `Config::own_addresses`, looked up once.
     own_addresses: Vec<std::net::IpAddr>,
 }
@@ -190,12 +194,14 @@ impl Delivery {
             per_destination: RefCell::new(HashMap::new()),
             running: Cell::new(0),
             stopping: Cell::new(false),
+            stopped: event_listener::Event::new(),
             own_addresses,
         })
     }
 
     pub fn stop(&self) {
         self.stopping.set(true);
+        self.stopped.notify(usize::MAX);
     }
 
     /// Waits (bounded) for running attempts to record their outcomes, so a shutdown
@@ -210,6 +216,11 @@ impl Delivery {
     /// Hands out due work until stopped: woken by new mail, a finished attempt, a
     /// flush, or the next deferred time.
     pub async fn run(self: Rc<Self>) {
+        let upkeep: Vec<_> = self
+            .spools
+            .iter()
+            .map(|s| glommio::spawn_local(self.clone().upkeep(s.clone())))
+            .collect();
         while !self.stopping.get() {
             let listeners: Vec<_> = self.spools.iter().map(|s| s.wake.listen()).collect();
             let finished = self.finished.listen();
@@ -218,11 +229,6 @@ impl Delivery {
             if self.last_compaction.get().elapsed() >= COMPACTION_INTERVAL {
                 self.last_compaction.set(std::time::Instant::now());
                 self.rate.borrow_mut().evict_idle(std::time::Instant::now());
-                for spool in &self.spools {
-                    if let Err(e) = spool.compact().await {
-                        tracing::warn!(shard = spool.shard, error = %e, "compaction failed");
-                    }
-                }
             }
             let now = now_ms();
             let next = self.spools.iter().filter_map(|s| s.next_wakeup_ms()).min();
@@ -254,6 +260,34 @@ impl Delivery {
                 },
             )
             .await;
+        }
+        // Not stopped mid-way: a shutdown closes the logs after this returns.
+        for t in upkeep {
+            t.await;
+        }
+    }
+
+    /// Snapshots and compaction of one spool, on their own timer and task: a round
+    /// may read and copy up to 64 MiB, during which scheduling goes on.
+    async fn upkeep(self: Rc<Self>, spool: Rc<Spool>) {
+        loop {
+            let stopped = self.stopped.listen();
+            if self.stopping.get() {
+                return;
+            }
+            futures_lite::future::or(
+                async {
+                    glommio::timer::sleep(COMPACTION_INTERVAL).await;
+                },
+                stopped,
+            )
+            .await;
+            if self.stopping.get() {
+                return;
+            }
+            if let Err(e) = spool.compact().await {
+                tracing::warn!(shard = spool.shard, error = %e, "compaction failed");
+            }
         }
     }
 

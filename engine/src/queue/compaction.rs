@@ -1,7 +1,7 @@
 //! Reclaiming log space: the queue's side of it. The store decides what to delete
 //! and what to copy (by liveness, see `ringmail_store::shard`); the queue snapshots
-//! its index first, as the store can only reclaim what lies before the newest
-//! snapshot's replay position.
+//! its index first, as the store can only reclaim what lies before the older of
+//! the two snapshots it keeps.
 
 use super::spool::Spool;
 use std::io;
@@ -10,7 +10,12 @@ impl Spool {
     /// Writes a snapshot when the log grew enough since the last one, then lets the
     /// store reclaim segments. Returns the number of segments deleted.
     pub async fn compact(&self) -> io::Result<usize> {
-        if self.store.snapshot_due() {
+        // Twice when only one snapshot is kept (the shard's first, or after a damaged
+        // one): the store reclaims only what lies before the older of the two.
+        for _ in 0..2 {
+            if !self.store.snapshot_due() {
+                break;
+            }
             self.snapshot().await?;
         }
         let done = self.store.compact().await?;
@@ -22,13 +27,9 @@ impl Spool {
         Ok(done.deleted)
     }
 
-    /// Writes a snapshot of the store and the queue as they are now.
+    /// Writes a snapshot of the store and the queue (streamed: sessions go on).
     pub async fn snapshot(&self) -> io::Result<()> {
-        let prepared = self.store.prepare_snapshot(&[&*self.index.borrow()]);
-        match prepared {
-            Some(s) => self.store.write_snapshot(s).await,
-            None => Ok(()),
-        }
+        self.store.snapshot(&[&self.index]).await.map(|_| ())
     }
 }
 

@@ -82,19 +82,32 @@ impl Index for QueueIndex {
         self.messages.keys().for_each(|id| each(*id));
     }
 
-    fn snapshot(&self, out: &mut dyn FnMut(&[u8])) {
+    fn snapshot_chunk(
+        &self,
+        cursor: Option<u64>,
+        out: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Option<u64> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = cursor.map_or(Unbounded, Excluded);
         let mut b = Vec::with_capacity(256);
-        for m in self.messages.values() {
+        for (id, m) in self.messages.range((from, Unbounded)) {
             b.clear();
             m.encode(&mut b);
-            out(&b);
+            if !out(&b) {
+                return Some(*id);
+            }
         }
+        None
     }
 
     fn load(&mut self, item: &[u8]) -> Result<(), &'static str> {
         let m = QueuedMessage::decode(item)?;
         self.messages.insert(m.id, m);
         Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.messages.clear();
     }
 }
 
