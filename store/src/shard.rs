@@ -1327,6 +1327,14 @@ mod tests {
     use std::sync::Mutex;
     use std::thread::ThreadId;
 
+    /// The map's share of the memory budget (< 100 B a message with the
+    /// counts): 24 bytes an entry, 32 a slot with its key.
+    #[test]
+    fn a_handle_map_entry_is_24_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
+        assert_eq!(std::mem::size_of::<(u64, Entry)>(), 32);
+    }
+
     /// The threads compaction's file-system calls ran on, per shard directory.
     static FS_THREADS: Mutex<Vec<(PathBuf, ThreadId)>> = Mutex::new(Vec::new());
 
