@@ -683,6 +683,8 @@ pub struct Shard {
     /// recovery that finds the newest damaged replays from it over a complete log.
     older: Cell<Option<(u64, u64)>>,
     snapshotting: Cell<bool>,
+    /// `appended` when `snapshot_due` was last asked (see there).
+    appended_when_asked: Cell<u64>,
 }
 
 impl Shard {
@@ -744,6 +746,7 @@ impl Shard {
             snap: Cell::new(rec.snapshot.map(|(at, size)| (at, size, 0))),
             older: Cell::new(rec.older_snapshot),
             snapshotting: Cell::new(false),
+            appended_when_asked: Cell::new(0),
         })
     }
 
@@ -971,13 +974,23 @@ impl Shard {
 
     /// Whether the log grew enough since the last snapshot for a new one: at least
     /// twice the last snapshot's size, so snapshots cost at most half of the log.
-    /// Also while only one snapshot is kept: compaction waits for a second.
+    /// Also while only one snapshot is kept: compaction waits for a second. And once
+    /// the log has gone quiet (nothing appended since the last time this was asked,
+    /// compaction asks every round) with records after the newest snapshot while the
+    /// older one lies segments behind it: compaction stops at the older snapshot, so
+    /// without this the segments between the two would stay until mail flows again.
+    /// One snapshot per quiet spell: the next one needs new records.
     pub fn snapshot_due(&self) -> bool {
-        let Some((_, size, then)) = self.snap.get() else {
-            return self.appended.get() >= SNAPSHOT_LOG_BYTES_MIN;
+        let appended = self.appended.get();
+        let quiet = self.appended_when_asked.replace(appended) == appended;
+        let Some((at, size, then)) = self.snap.get() else {
+            return appended >= SNAPSHOT_LOG_BYTES_MIN;
         };
-        self.older.get().is_none()
-            || self.appended.get() - then >= (2 * size).max(SNAPSHOT_LOG_BYTES_MIN)
+        let Some(older) = self.older.get() else {
+            return true;
+        };
+        appended - then >= (2 * size).max(SNAPSHOT_LOG_BYTES_MIN)
+            || (quiet && appended > then && older.0 < at.0)
     }
 
     /// Writes a snapshot of the handle map, the id reservation and `indexes` (in the

@@ -305,6 +305,21 @@ impl Delivery {
         destination(&self.cfg.routes, &self.own_addresses, domain)
     }
 
+    /// Lets the memory copy of a message go once all that is left of it is local
+    /// recipients: they wait in the queue for the mailbox store, and the cache is for
+    /// the mail flowing now (kept, they would fill it for good).
+    fn release_if_only_local_left(&self, spool: &Spool, id: u64) {
+        let Some(m) = spool.get(id) else { return };
+        let remote_left = m.rcpt.iter().enumerate().any(|(i, r)| {
+            !r.status.is_final()
+                && (self.in_flight.borrow().contains(&(id, i as u32))
+                    || domain_of(&r.to).is_none_or(|d| !self.is_local(&d)))
+        });
+        if !remote_left {
+            spool.uncache(id);
+        }
+    }
+
     fn scan(self: &Rc<Self>) {
         let now = now_ms();
         for spool in &self.spools {
@@ -321,6 +336,9 @@ impl Delivery {
                         continue;
                     }
                     by_domain.entry(domain).or_default().push(i);
+                }
+                if by_domain.is_empty() {
+                    self.release_if_only_local_left(spool, id);
                 }
                 let mut busy = false;
                 for (domain, rcpts) in by_domain {
@@ -353,6 +371,7 @@ impl Delivery {
                         for i in &rcpts {
                             me.in_flight.borrow_mut().remove(&(id, *i));
                         }
+                        me.release_if_only_local_left(&spool, id);
                         let mut per = me.per_destination.borrow_mut();
                         if let Some(n) = per.get_mut(&domain) {
                             *n -= 1;
@@ -603,6 +622,41 @@ mod tests {
             destination(&routes, &own, "[0.0.0.0]"),
             Ok(Destination::Route(..))
         ));
+    }
+
+    /// Mail for local users waits in the queue (for the mailbox store); its memory
+    /// copy must not stay with it, or it fills the cache meant for mail in flight.
+    #[test]
+    fn a_message_with_only_local_recipients_left_leaves_the_cache() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().to_path_buf();
+        ringmail_store::manifest::open_or_create(&data, 1).unwrap();
+        glommio::LocalExecutor::default().run(async move {
+            let spool = Rc::new(
+                Spool::open(&data, 0, ringmail_store::LogConfig::default())
+                    .await
+                    .unwrap(),
+            );
+            let cfg = Rc::new(Config::default());
+            let ring = crate::net::Ring::start().unwrap();
+            let delivery = Delivery::new(cfg, ring, vec![spool.clone()]);
+            let id = spool.next_id().await.unwrap();
+            let env = Envelope {
+                id,
+                from: "a@src.test".into(),
+                recipients: vec![Recipient {
+                    address: "user@localhost".into(),
+                    ..Recipient::default()
+                }],
+                ..Envelope::default()
+            };
+            spool.enqueue(env, b"", b"hi\r\n".to_vec()).await.unwrap();
+            assert_eq!(spool.cached_messages(), 1);
+            delivery.scan();
+            assert_eq!(spool.cached_messages(), 0, "a local message stays cached");
+            assert!(spool.get(id).is_some(), "and stays queued");
+            spool.close().await;
+        });
     }
 
     #[test]

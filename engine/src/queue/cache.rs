@@ -104,7 +104,8 @@ pub(super) fn decode_record(
 pub(super) const CACHE_BYTES_MAX: usize = 128 << 20;
 
 impl Spool {
-    pub(super) fn uncache(&self, id: u64) {
+    /// Drops the memory copy of a message (delivery then reads it from the log).
+    pub fn uncache(&self, id: u64) {
         let Some(l) = self.cache.borrow_mut().remove(&id) else {
             return;
         };

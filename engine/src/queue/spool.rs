@@ -327,6 +327,11 @@ impl Spool {
         self.store.resolve(id)
     }
 
+    /// Messages kept in memory for their first delivery.
+    pub fn cached_messages(&self) -> usize {
+        self.cache.borrow().len()
+    }
+
     pub fn len(&self) -> usize {
         self.index.borrow().messages.len()
     }
