@@ -132,21 +132,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let c = *BODY_STATS.lock().unwrap_or_else(|e| e.into_inner());
             // The benchmarks read copies per message (`body_copies=`) and the bytes
             // written by cause (ringmail-wamp) from here.
-            tracing::info!(
-                bodies = c.bodies,
-                body_copies = c.body_copies(),
-                copies_per_body_byte = c.copies_per_body_byte(),
-                log_record_bytes = c.log_record_bytes,
-                copied_bytes = c.copied_bytes,
-                snapshot_bytes = c.snapshot_bytes,
-                log_tail_bytes = c.log_tail_bytes,
-                log_pad_bytes = c.log_pad_bytes,
-                zero_bytes = c.zero_bytes,
-                segment_header_bytes = c.segment_header_bytes,
-                store_bytes = c.store_bytes(),
-                written_bytes = c.written_bytes(),
-                "stopped"
-            );
+            log_counters(None, &c);
             Ok(())
         }
         Some(e) => Err(e),
@@ -222,10 +208,23 @@ async fn executor_main(
     }
     store.close().await;
     // What ingestion did to bodies on this executor (ringmail_store::stats): one copy
-    // and one CRC pass per body byte; the benchmark reads copies per message here.
+    // and one CRC pass per body byte, and what the log wrote by cause.
     let c = ringmail_store::stats::get();
+    log_counters(Some(index), &c);
+    let mut all = BODY_STATS.lock().unwrap_or_else(|e| e.into_inner());
+    *all = all.plus(&c);
+    Ok(())
+}
+
+/// Logs the store's counters: an executor's when it stops, the whole process's at
+/// the end (`executor` None: the `stopped` line the benchmarks read).
+fn log_counters(executor: Option<usize>, c: &ringmail_store::stats::Counters) {
+    let what = match executor {
+        Some(_) => "executor stopped",
+        None => "stopped",
+    };
     tracing::info!(
-        executor = index,
+        executor,
         bodies = c.bodies,
         body_bytes = c.body_bytes,
         body_bytes_copied = c.body_bytes_copied,
@@ -233,6 +232,7 @@ async fn executor_main(
         relocated_bytes = c.relocated_bytes,
         tail_bytes_copied = c.tail_bytes_copied,
         body_copies = c.body_copies(),
+        copies_per_body_byte = c.copies_per_body_byte(),
         log_record_bytes = c.log_record_bytes,
         copied_bytes = c.copied_bytes,
         snapshot_bytes = c.snapshot_bytes,
@@ -240,11 +240,10 @@ async fn executor_main(
         log_pad_bytes = c.log_pad_bytes,
         zero_bytes = c.zero_bytes,
         segment_header_bytes = c.segment_header_bytes,
-        "executor stopped"
+        store_bytes = c.store_bytes(),
+        written_bytes = c.written_bytes(),
+        "{what}"
     );
-    let mut all = BODY_STATS.lock().unwrap_or_else(|e| e.into_inner());
-    *all = all.plus(&c);
-    Ok(())
 }
 
 /// Waits (briefly) for the SMTP port to be free. After a crash the kernel tears the dead

@@ -11,6 +11,8 @@
 //! The failures and their bounce are one record, so they reach the disk together or
 //! not at all.
 
+use crate::codec::{put_bytes, put_opt, Reader};
+
 const VERSION: u8 = 1;
 const VERSION_WITH_REPORTS: u8 = 2;
 
@@ -171,10 +173,7 @@ pub struct Decoded<'a> {
 }
 
 pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
-    let mut r = Reader {
-        buf: payload,
-        pos: 0,
-    };
+    let mut r = Reader::new(payload, "message record truncated");
     let version = r.u8()?;
     if version != VERSION && version != VERSION_WITH_REPORTS {
         return Err("unknown message record version");
@@ -226,8 +225,8 @@ pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
     }
     let prefix = r.bytes()?;
     let body = r.bytes()?;
-    let body_offset = r.pos - body.len();
-    if r.pos != payload.len() {
+    let body_offset = r.pos() - body.len();
+    if !r.at_end() {
         return Err("trailing bytes in message record");
     }
     Ok(Decoded {
@@ -302,10 +301,7 @@ impl RcptUpdate {
     }
 
     pub fn decode(payload: &[u8]) -> Result<RcptUpdate, &'static str> {
-        let mut r = Reader {
-            buf: payload,
-            pos: 0,
-        };
+        let mut r = Reader::new(payload, "recipient update truncated");
         if r.u8()? != VERSION {
             return Err("unknown recipient update version");
         }
@@ -323,66 +319,10 @@ impl RcptUpdate {
             next_attempt_ms: r.u64()?,
             reply: r.string()?,
         };
-        if r.pos != payload.len() {
+        if !r.at_end() {
             return Err("trailing bytes in recipient update");
         }
         Ok(u)
-    }
-}
-
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    out.extend_from_slice(b);
-}
-
-fn put_opt(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        None => out.push(0),
-        Some(s) => {
-            out.push(1);
-            put_bytes(out, s.as_bytes());
-        }
-    }
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
-        let end = self.pos.checked_add(n).ok_or("length overflow")?;
-        let s = self
-            .buf
-            .get(self.pos..end)
-            .ok_or("message record truncated")?;
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, &'static str> {
-        Ok(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Result<u32, &'static str> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
-    }
-    fn u64(&mut self) -> Result<u64, &'static str> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
-    }
-    fn bytes(&mut self) -> Result<&'a [u8], &'static str> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
-    fn string(&mut self) -> Result<String, &'static str> {
-        let b = self.bytes()?;
-        String::from_utf8(b.to_vec()).map_err(|_| "string is not UTF-8")
-    }
-    fn opt(&mut self) -> Result<Option<String>, &'static str> {
-        match self.u8()? {
-            0 => Ok(None),
-            1 => Ok(Some(self.string()?)),
-            _ => Err("bad option tag"),
-        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! messages, and the budget is 400 bytes of memory per stored message with
 //! the queue's data included.
 
+use ringmail_store::codec::{put_bytes, put_opt, Reader};
 use ringmail_store::message::{self, RcptUpdate};
 
 pub use ringmail_store::message::RcptStatus;
@@ -110,11 +111,11 @@ impl QueuedMessage {
         out.push(self.body_type as u8);
         out.push(self.smtputf8 as u8);
         out.push(self.ret as u8);
-        put_str(out, &self.from);
+        put_bytes(out, self.from.as_bytes());
         put_opt(out, self.envid.as_deref());
         out.extend_from_slice(&(self.rcpt.len() as u32).to_le_bytes());
         for r in self.rcpt.iter() {
-            put_str(out, &r.to);
+            put_bytes(out, r.to.as_bytes());
             out.extend_from_slice(&r.next_attempt_ms.to_le_bytes());
             put_opt(out, r.orcpt.as_deref());
             put_opt(out, r.last_reply.as_deref());
@@ -125,7 +126,7 @@ impl QueuedMessage {
     }
 
     pub(super) fn decode(b: &[u8]) -> Result<QueuedMessage, &'static str> {
-        let mut r = Reader { b, pos: 0 };
+        let mut r = Reader::new(b, "truncated queue snapshot item");
         if r.u8()? != 1 {
             return Err("unknown queue snapshot item version");
         }
@@ -147,8 +148,8 @@ impl QueuedMessage {
             2 => message::Ret::Hdrs,
             _ => return Err("bad RET"),
         };
-        let from = r.str()?;
-        let envid = r.opt()?;
+        let from = r.str()?.into();
+        let envid = r.opt_str()?.map(Into::into);
         let n = r.u32()? as usize;
         if n > b.len() {
             return Err("recipient count out of range");
@@ -156,10 +157,10 @@ impl QueuedMessage {
         let mut rcpt = Vec::with_capacity(n);
         for _ in 0..n {
             rcpt.push(QueuedRcpt {
-                to: r.str()?,
+                to: r.str()?.into(),
                 next_attempt_ms: r.u64()?,
-                orcpt: r.opt()?,
-                last_reply: r.opt()?,
+                orcpt: r.opt_str()?.map(Into::into),
+                last_reply: r.opt_str()?.map(Into::into),
                 attempts: r.u32()?,
                 status: match r.u8()? {
                     0 => RcptStatus::Queued,
@@ -171,7 +172,7 @@ impl QueuedMessage {
                 notify: r.u8()?,
             });
         }
-        if r.pos != b.len() {
+        if !r.at_end() {
             return Err("trailing bytes in queue snapshot item");
         }
         Ok(QueuedMessage {
@@ -186,58 +187,5 @@ impl QueuedMessage {
             smtputf8,
             ret,
         })
-    }
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn put_opt(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        None => out.push(0),
-        Some(s) => {
-            out.push(1);
-            put_str(out, s);
-        }
-    }
-}
-
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
-}
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], &'static str> {
-        let end = self.pos.checked_add(n).ok_or("length out of range")?;
-        let s = self
-            .b
-            .get(self.pos..end)
-            .ok_or("truncated queue snapshot item")?;
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, &'static str> {
-        Ok(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Result<u32, &'static str> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
-    }
-    fn u64(&mut self) -> Result<u64, &'static str> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
-    }
-    fn str(&mut self) -> Result<Box<str>, &'static str> {
-        let n = self.u32()? as usize;
-        let s = std::str::from_utf8(self.take(n)?).map_err(|_| "string not UTF-8")?;
-        Ok(s.into())
-    }
-    fn opt(&mut self) -> Result<Option<Box<str>>, &'static str> {
-        match self.u8()? {
-            0 => Ok(None),
-            1 => Ok(Some(self.str()?)),
-            _ => Err("bad option tag"),
-        }
     }
 }
