@@ -167,6 +167,21 @@ struct Model {
     dropped: Vec<u64>,
 }
 
+/// Stores `body` as a new message and waits until it is durable; the one reference
+/// the store hands out is the caller's.
+async fn store_message(shard: &Shard, body: &[u8]) -> u64 {
+    let id = shard.next_id().await.unwrap();
+    let env = Envelope {
+        id,
+        ..Envelope::default()
+    };
+    let t = shard
+        .append_message(id, body.len(), |out| message::encode(out, &env, b"", body))
+        .unwrap();
+    shard.durable_message(&t).await.unwrap();
+    id
+}
+
 async fn open(data: &Path) -> (Shard, Counts) {
     let mut ix = Counts::default();
     let shard = Shard::open(data, 0, cfg(), &mut [&mut ix]).await.unwrap();
@@ -751,16 +766,7 @@ fn recovery_replays_only_what_the_snapshot_does_not_hold() {
     glommio::LocalExecutor::default().run(async move {
         let (shard, mut ix) = open(&data2).await;
         for _ in 0..40 {
-            let id = shard.next_id().await.unwrap();
-            let env = Envelope {
-                id,
-                ..Envelope::default()
-            };
-            let b = vec![1u8; 1000];
-            let t = shard
-                .append_message(id, b.len(), |out| message::encode(out, &env, b"", &b))
-                .unwrap();
-            shard.durable_message(&t).await.unwrap();
+            let id = store_message(&shard, &vec![1u8; 1000]).await;
             ix.0.insert(id, 1);
         }
         shard.close().await;
@@ -860,16 +866,7 @@ async fn yield_now() {
 async fn fill_and_drop(shard: &Shard, ix: &mut Counts, n: usize) -> Vec<u64> {
     let mut ids = Vec::new();
     for _ in 0..n {
-        let id = shard.next_id().await.unwrap();
-        let env = Envelope {
-            id,
-            ..Envelope::default()
-        };
-        let b = vec![3u8; 2000];
-        let t = shard
-            .append_message(id, b.len(), |out| message::encode(out, &env, b"", &b))
-            .unwrap();
-        shard.durable_message(&t).await.unwrap();
+        let id = store_message(shard, &vec![3u8; 2000]).await;
         ix.0.insert(id, 1);
         ids.push(id);
     }
@@ -979,16 +976,7 @@ fn a_quiet_log_gets_one_more_snapshot_so_compaction_catches_up() {
             let shard = &shard;
             async move {
                 for _ in 0..n {
-                    let id = shard.next_id().await.unwrap();
-                    let env = Envelope {
-                        id,
-                        ..Envelope::default()
-                    };
-                    let b = vec![7u8; size];
-                    let t = shard
-                        .append_message(id, b.len(), |out| message::encode(out, &env, b"", &b))
-                        .unwrap();
-                    shard.durable_message(&t).await.unwrap();
+                    let id = store_message(shard, &vec![7u8; size]).await;
                     shard.drop_ref(id);
                 }
             }
