@@ -329,39 +329,12 @@ impl Ring {
         idle: Duration,
     ) -> (io::Result<usize>, Vec<u8>) {
         buf.clear();
-        let op = Op {
-            buf: Some(buf),
-            timeout: Some(Box::new(
-                types::Timespec::new()
-                    .sec(idle.as_secs())
-                    .nsec(idle.subsec_nanos()),
-            )),
-            ..Op::default()
-        };
-        let (res, mut op) = self
-            .start_op(op, |op, ud| {
-                let b = op.buf.as_mut().unwrap();
-                let cap = b.capacity().min(u32::MAX as usize) as u32;
-                let ts: *const types::Timespec = &**op.timeout.as_ref().unwrap();
-                vec![
-                    opcode::Recv::new(types::Fd(fd), b.as_mut_ptr(), cap)
-                        .build()
-                        .flags(squeue::Flags::IO_LINK)
-                        .user_data(ud),
-                    opcode::LinkTimeout::new(ts).build().user_data(UNWATCHED),
-                ]
-            })
-            .await;
-        let mut buf = op.buf.take().unwrap();
-        let res = match res {
-            r if r >= 0 => {
-                // SAFETY: the kernel wrote `r` bytes into the buffer's spare capacity.
-                unsafe { buf.set_len(r as usize) };
-                Ok(r as usize)
-            }
-            r if r == -libc::ECANCELED => Err(io::ErrorKind::TimedOut.into()),
-            r => Err(io::Error::from_raw_os_error(-r)),
-        };
+        let cap = buf.capacity();
+        let (res, mut buf) = self.recv_into(fd, buf, 0, cap, idle).await;
+        if let Ok(n) = res {
+            // SAFETY: the kernel wrote `n` bytes into the buffer's spare capacity.
+            unsafe { buf.set_len(n) };
+        }
         (res, buf)
     }
 
@@ -377,6 +350,22 @@ impl Ring {
         idle: Duration,
     ) -> (io::Result<usize>, Vec<u8>) {
         assert!(at <= buf.len());
+        let len = buf.len() - at;
+        self.recv_into(fd, buf, at, len, idle).await
+    }
+
+    /// One `IORING_OP_RECV` of at most `len` bytes into the allocation of `buf` from
+    /// offset `at`, with a linked idle timeout. The caller guarantees
+    /// `at + len <= buf.capacity()`; the buffer's length is left as it is.
+    async fn recv_into(
+        self: &Rc<Self>,
+        fd: RawFd,
+        buf: Vec<u8>,
+        at: usize,
+        len: usize,
+        idle: Duration,
+    ) -> (io::Result<usize>, Vec<u8>) {
+        assert!(at + len <= buf.capacity());
         let op = Op {
             buf: Some(buf),
             timeout: Some(Box::new(
@@ -389,10 +378,11 @@ impl Ring {
         let (res, mut op) = self
             .start_op(op, |op, ud| {
                 let b = op.buf.as_mut().unwrap();
-                let len = (b.len() - at).min(u32::MAX as usize) as u32;
+                let len = len.min(u32::MAX as usize) as u32;
                 let ts: *const types::Timespec = &**op.timeout.as_ref().unwrap();
                 vec![
-                    // SAFETY: at <= b.len(); the buffer lives in the op until completion.
+                    // SAFETY: at + len is within the allocation; the buffer lives in
+                    // the op until the completion.
                     opcode::Recv::new(types::Fd(fd), unsafe { b.as_mut_ptr().add(at) }, len)
                         .build()
                         .flags(squeue::Flags::IO_LINK)
