@@ -377,10 +377,8 @@ fn run(a: Args) -> Result<(), String> {
         peer_versions()
     );
     println!("{report}");
-    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
-    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
     let raw: Vec<_> = runs.iter().chain(&validation).map(Run::to_json).collect();
-    let base = a.out.join(format!("compare-{stamp}"));
+    let base = ringmail_bench::results_base(&a.out, "compare", "")?;
     std::fs::write(
         base.with_extension("json"),
         serde_json::to_string_pretty(&raw).unwrap(),

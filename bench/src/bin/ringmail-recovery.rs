@@ -250,14 +250,7 @@ fn run(a: Args) -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     println!("{report}");
-    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
-    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-    let dash = if a.label.is_empty() {
-        String::new()
-    } else {
-        format!("{}-", a.label)
-    };
-    let base = a.out.join(format!("recovery-{dash}{stamp}"));
+    let base = ringmail_bench::results_base(&a.out, "recovery", &a.label)?;
     let raw = serde_json::json!({
         "label": a.label, "body_bytes": a.size, "shards": a.shards, "reps": a.reps.max(1),
         "empty": {"seconds": empty.seconds, "vm_rss_bytes": empty.rss_bytes, "vm_hwm_bytes": empty.hwm_bytes},

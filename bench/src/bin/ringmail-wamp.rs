@@ -293,14 +293,7 @@ fn run(a: Args) -> Result<(), String> {
         None => format!("{report}\n(the server logged no counters of bytes written by cause)\n"),
     };
     println!("{report}");
-    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
-    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-    let dash = if a.label.is_empty() {
-        String::new()
-    } else {
-        format!("{}-", a.label)
-    };
-    let base = a.out.join(format!("wamp-{dash}{stamp}"));
+    let base = ringmail_bench::results_base(&a.out, "wamp", &a.label)?;
     let raw = serde_json::json!({
         "label": a.label, "seconds": a.seconds, "load_seconds": load_seconds,
         "sessions": a.sessions, "message_bytes": a.size, "stay_percent": stay,
