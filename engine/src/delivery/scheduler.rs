@@ -309,11 +309,13 @@ impl Delivery {
     /// recipients: they wait in the queue for the mailbox store, and the cache is for
     /// the mail flowing now (kept, they would fill it for good).
     fn release_if_only_local_left(&self, spool: &Spool, id: u64) {
-        let Some(m) = spool.get(id) else { return };
-        let remote_left = m.rcpt.iter().enumerate().any(|(i, r)| {
-            !r.status.is_final()
-                && (self.in_flight.borrow().contains(&(id, i as u32))
-                    || domain_of(&r.to).is_none_or(|d| !self.is_local(&d)))
+        // After most attempts the message is done and gone from the cache already.
+        if !spool.is_cached(id) {
+            return;
+        }
+        let remote_left = spool.any_pending_rcpt(id, |i, to| {
+            self.in_flight.borrow().contains(&(id, i))
+                || domain_of(to).is_none_or(|d| !self.is_local(&d))
         });
         if !remote_left {
             spool.uncache(id);

@@ -332,6 +332,23 @@ impl Spool {
         self.cache.borrow().len()
     }
 
+    /// Whether message `id` is kept in memory.
+    pub fn is_cached(&self, id: u64) -> bool {
+        self.cache.borrow().contains_key(&id)
+    }
+
+    /// Whether some recipient of queued message `id` that is not final yet satisfies
+    /// `f(index, address)` (false when the message is not queued). Looks in place:
+    /// no copy of the message.
+    pub fn any_pending_rcpt(&self, id: u64, mut f: impl FnMut(u32, &str) -> bool) -> bool {
+        self.index.borrow().messages.get(&id).is_some_and(|m| {
+            m.rcpt
+                .iter()
+                .enumerate()
+                .any(|(i, r)| !r.status.is_final() && f(i as u32, &r.to))
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.index.borrow().messages.len()
     }
