@@ -276,6 +276,7 @@ pub fn record_decode(data: &[u8]) {
         Kind::Checkpoint => {
             let _ = ringmail_store::shard::decode_id_checkpoint(payload);
         }
+        Kind::Mail | Kind::Account => {}
     };
     let framed;
     let segment: &[u8] = if mode == 0 {

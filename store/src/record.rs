@@ -28,6 +28,11 @@ pub enum Kind {
     /// `Message` record as it was. Replay moves the message's handle here; a copy of a
     /// message no longer referenced is garbage.
     Copy = 4,
+    /// A change to a user's mailboxes (see `mailbox` and docs/mailboxes.md): an op
+    /// byte, then the op's fields.
+    Mail = 5,
+    /// A change to the accounts, aliases or catch-alls (shard 0 only; see `accounts`).
+    Account = 6,
 }
 
 impl Kind {
@@ -37,6 +42,8 @@ impl Kind {
             2 => Some(Kind::RcptUpdate),
             3 => Some(Kind::Checkpoint),
             4 => Some(Kind::Copy),
+            5 => Some(Kind::Mail),
+            6 => Some(Kind::Account),
             _ => None,
         }
     }
