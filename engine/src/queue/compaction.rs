@@ -4,6 +4,8 @@
 //! the two snapshots it keeps.
 
 use super::spool::Spool;
+use ringmail_store::Index;
+use std::cell::RefCell;
 use std::io;
 
 impl Spool {
@@ -29,7 +31,9 @@ impl Spool {
 
     /// Writes a snapshot of the store and the queue (streamed: sessions go on).
     pub async fn snapshot(&self) -> io::Result<()> {
-        self.store.snapshot(&[&self.index]).await.map(|_| ())
+        let mut all: Vec<&RefCell<dyn Index>> = vec![&self.index];
+        all.extend(self.others.iter().map(|o| &**o));
+        self.store.snapshot(&all).await.map(|_| ())
     }
 }
 

@@ -8,11 +8,12 @@ use super::cache::{BodyBytes, Loaded, MessageText, CACHE_BYTES_MAX};
 use super::model::{QueuedMessage, RcptStatus};
 use super::replay::QueueIndex;
 use ringmail_store::message::{self, Envelope, RcptUpdate};
-use ringmail_store::{BodySource, Kind, LogBytes, LogConfig, LogError, Shard, ShardLog};
+use ringmail_store::{BodySource, Index, Kind, LogBytes, LogConfig, LogError, Shard, ShardLog};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;
+use std::rc::Rc;
 
 /// Called with (shard, segment) for each segment compaction deleted.
 type SegmentDeleted = Box<dyn Fn(u32, u64)>;
@@ -44,6 +45,9 @@ pub struct Spool {
     /// Told of every segment compaction deleted (the cross-core read service, so
     /// other executors close their files of it).
     pub(super) on_segment_deleted: RefCell<Option<SegmentDeleted>>,
+    /// The shard's other indexes (mailboxes, accounts): recovered and snapshotted
+    /// with the queue, in this order after it.
+    pub(super) others: Vec<Rc<RefCell<dyn Index>>>,
 }
 
 /// A bounce to queue with the outcomes it reports: its envelope and its text (the
@@ -56,8 +60,27 @@ pub struct Bounce {
 impl Spool {
     /// Recovers the shard (repairing a torn tail) and opens its log for appending.
     pub async fn open(data: &Path, shard: u32, cfg: LogConfig) -> io::Result<Spool> {
+        Self::open_with(data, shard, cfg, Vec::new()).await
+    }
+
+    /// [`Spool::open`], recovering `others` (the shard's other indexes) in the same
+    /// pass; every snapshot holds them too.
+    pub async fn open_with(
+        data: &Path,
+        shard: u32,
+        cfg: LogConfig,
+        others: Vec<Rc<RefCell<dyn Index>>>,
+    ) -> io::Result<Spool> {
         let mut ix = QueueIndex::default();
-        let store = Shard::open(data, shard, cfg, &mut [&mut ix]).await?;
+        let store = {
+            let mut borrowed: Vec<_> = others.iter().map(|o| o.borrow_mut()).collect();
+            let mut indexes: Vec<&mut dyn Index> = vec![&mut ix];
+            for b in borrowed.iter_mut() {
+                let b: &mut dyn Index = &mut **b;
+                indexes.push(b);
+            }
+            Shard::open(data, shard, cfg, &mut indexes).await?
+        };
         tracing::info!(shard, queued = ix.messages.len(), "queue recovered");
         let mut ready = std::collections::VecDeque::new();
         let mut waiting: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
@@ -87,6 +110,7 @@ impl Spool {
             cached_buffers: RefCell::new(HashMap::new()),
             cache_bytes_max: Cell::new(CACHE_BYTES_MAX),
             on_segment_deleted: RefCell::new(None),
+            others,
         })
     }
 
