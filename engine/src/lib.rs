@@ -5,6 +5,7 @@ pub mod config;
 pub mod delivery;
 pub mod dns;
 pub mod ingest;
+pub mod mailbox;
 pub mod net;
 pub mod queue;
 pub mod runtime;

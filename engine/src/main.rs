@@ -33,6 +33,26 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Inspect users' mailboxes (works offline, also after the server was killed).
+    Mailbox {
+        #[command(subcommand)]
+        command: MailboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MailboxCommand {
+    /// List a user's messages: every mailbox, or one.
+    List {
+        address: String,
+        #[arg(long)]
+        mailbox: Option<String>,
+        #[arg(long, default_value = "./ringmail-data")]
+        data: PathBuf,
+        /// JSON Lines, one message a line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -97,6 +117,15 @@ fn main() -> ExitCode {
         Command::Queue {
             command: QueueCommand::Flush { data },
         } => queue_flush(data),
+        Command::Mailbox {
+            command:
+                MailboxCommand::List {
+                    address,
+                    mailbox,
+                    data,
+                    json,
+                },
+        } => mailbox_list(data, &address, mailbox.as_deref(), json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -133,6 +162,21 @@ fn queue_flush(data: PathBuf) -> Result<(), String> {
     }
     println!("asked ringmail (pid {pid}) to retry deferred mail now");
     Ok(())
+}
+
+fn mailbox_list(
+    data: PathBuf,
+    address: &str,
+    mailbox: Option<&str>,
+    json: bool,
+) -> Result<(), String> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    ringmail::mailbox::list::run(&data, address, mailbox, json, &mut out)?;
+    match out.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.to_string()),
+        _ => Ok(()),
+    }
 }
 
 fn queue_list(data: PathBuf, json: bool) -> Result<(), String> {

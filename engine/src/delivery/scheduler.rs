@@ -9,6 +9,7 @@
 
 use super::attempt::{attempt, AttemptConfig, Destination, Outcome};
 use super::dsn;
+use super::local::Local;
 use crate::config::Config;
 use crate::dns::resolver::Resolver;
 use crate::net::Ring;
@@ -31,6 +32,8 @@ const SCAN_INTERVAL: Duration = Duration::from_millis(100);
 const COMPACTION_INTERVAL: Duration = Duration::from_secs(2);
 /// Messages taken off a spool's ready queue per pass.
 const TAKE_PER_PASS: usize = 64;
+/// The destination key of local recipients (no domain name is empty).
+const LOCAL_KEY: &str = "";
 
 pub struct Delivery {
     cfg: Rc<Config>,
@@ -57,6 +60,9 @@ pub struct Delivery {
     stopped: event_listener::Event,
     /// `Config::own_addresses`, looked up once.
     own_addresses: Vec<std::net::IpAddr>,
+    /// Delivery into local users' mailboxes; without it (tests of the relay alone)
+    /// local recipients stay queued.
+    local: Option<Local>,
 }
 
 /// Where mail for `domain` (a `domain_of` key) goes, or why it can go nowhere (a
@@ -171,7 +177,12 @@ impl RateLimit {
 }
 
 impl Delivery {
-    pub fn new(cfg: Rc<Config>, ring: Rc<Ring>, spools: Vec<Rc<Spool>>) -> Rc<Delivery> {
+    pub fn new(
+        cfg: Rc<Config>,
+        ring: Rc<Ring>,
+        spools: Vec<Rc<Spool>>,
+        local: Option<Local>,
+    ) -> Rc<Delivery> {
         let resolver = Resolver::new(cfg.dns.clone(), Duration::from_secs(3), 2);
         let rate = RefCell::new(RateLimit::new(cfg.destination_rate));
         let own_addresses = cfg.own_addresses();
@@ -196,6 +207,7 @@ impl Delivery {
             stopping: Cell::new(false),
             stopped: event_listener::Event::new(),
             own_addresses,
+            local,
         })
     }
 
@@ -306,11 +318,12 @@ impl Delivery {
     }
 
     /// Lets the memory copy of a message go once all that is left of it is local
-    /// recipients: they wait in the queue for the mailbox store, and the cache is for
+    /// recipients without a mailbox store: they wait in the queue, and the cache is for
     /// the mail flowing now (kept, they would fill it for good).
     fn release_if_only_local_left(&self, spool: &Spool, id: u64) {
         // After most attempts the message is done and gone from the cache already.
-        if !spool.is_cached(id) {
+        // With the mailbox store, local recipients do not wait.
+        if self.local.is_some() || !spool.is_cached(id) {
             return;
         }
         let remote_left = spool.any_pending_rcpt(id, |i, to| {
@@ -333,11 +346,18 @@ impl Delivery {
                     let Some(domain) = domain_of(&to) else {
                         continue;
                     };
-                    // Local recipients wait for the mailbox store; they stay queued.
-                    if self.is_local(&domain) || self.in_flight.borrow().contains(&(id, i)) {
+                    if self.in_flight.borrow().contains(&(id, i)) {
                         continue;
                     }
-                    by_domain.entry(domain).or_default().push(i);
+                    // Without the mailbox store, local recipients stay queued.
+                    let local = self.is_local(&domain);
+                    if local && self.local.is_none() {
+                        continue;
+                    }
+                    // All of a message's local recipients are one delivery, whatever
+                    // their domains: it parses the message once.
+                    let key = if local { LOCAL_KEY.to_string() } else { domain };
+                    by_domain.entry(key).or_default().push(i);
                 }
                 if by_domain.is_empty() {
                     self.release_if_only_local_left(spool, id);
@@ -350,9 +370,12 @@ impl Delivery {
                         .get(&domain)
                         .copied()
                         .unwrap_or(0);
-                    if running >= self.cfg.connections_per_destination_max
+                    // Local deliveries are bounded by the shard's limit only: no
+                    // connection to a remote host is at stake.
+                    let local = domain == LOCAL_KEY;
+                    if (!local && running >= self.cfg.connections_per_destination_max)
                         || self.running.get() >= self.cfg.deliveries_per_shard_max
-                        || !self.take_token(&domain)
+                        || (!local && !self.take_token(&domain))
                     {
                         busy = true;
                         continue;
@@ -430,6 +453,10 @@ impl Delivery {
             envid: env.envid.clone(),
         };
         let outcome = match self.destination(domain) {
+            _ if domain == LOCAL_KEY => match &self.local {
+                Some(local) => local.deliver(spool, &env, &message, rcpts).await,
+                None => return,
+            },
             Ok(dest) => {
                 attempt(
                     &self.ring,
@@ -641,7 +668,7 @@ mod tests {
             );
             let cfg = Rc::new(Config::default());
             let ring = crate::net::Ring::start().unwrap();
-            let delivery = Delivery::new(cfg, ring, vec![spool.clone()]);
+            let delivery = Delivery::new(cfg, ring, vec![spool.clone()], None);
             let id = spool.next_id().await.unwrap();
             let env = Envelope {
                 id,

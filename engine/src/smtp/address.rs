@@ -312,6 +312,19 @@ pub fn ascii_address(address: &str) -> Option<String> {
     }
 }
 
+/// Encodes `s` as xtext (RFC 3461 §4): `+`, `=`, controls, space and non-ASCII
+/// bytes as `+XX`.
+pub fn xtext_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &c in s.as_bytes() {
+        match c {
+            33..=42 | 44..=60 | 62..=126 => out.push(c as char),
+            _ => out.push_str(&format!("+{c:02X}")),
+        }
+    }
+    out
+}
+
 /// Checks an xtext value (RFC 3461 §4): printable ASCII except `+` and `=`, with
 /// `+XX` hex escapes.
 pub fn valid_xtext(s: &str) -> bool {
@@ -468,6 +481,12 @@ mod tests {
         assert_eq!(ascii_address("üser@b.test"), None);
         // Not valid IDNA (a label may not start with a combining mark).
         assert_eq!(parse_domain("\u{301}a.test"), Err(DomainError::Name));
+    }
+
+    #[test]
+    fn xtext_encoding_is_valid_xtext_and_escapes_plus_and_equals() {
+        assert_eq!(xtext_encode("a+b=c@d.test"), "a+2Bb+3Dc@d.test");
+        assert!(valid_xtext(&xtext_encode("ü +=x")));
     }
 
     #[test]

@@ -1,0 +1,287 @@
+//! One home shard's mailboxes on their executor: every change goes through
+//! [`Home::change`] (check and reserve in the index, append the record, wait until it
+//! is durable, apply, then references and notifications), so the index only ever
+//! holds durable state and the log holds every change.
+
+use super::service::MailService;
+use super::Latency;
+use crate::queue::Spool;
+use crate::storeservice::StoreService;
+use ringmail_store::accounts::Directory;
+use ringmail_store::mailbox::{Change, Committed, MailError, MailIndex, NewEntry, Notice, Quota};
+use ringmail_store::mailcache::MailCache;
+use ringmail_store::{Handle, Kind, LogError};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// A message to put into a user's INBOX: the entry refers to a message already
+/// stored (on any shard), whose reference the deliverer took for the entry.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub user: u64,
+    /// The stored message's handle id.
+    pub message: u64,
+    /// RFC822.SIZE as served (per-entry prefix included).
+    pub size: u32,
+    pub internal_date: i64,
+    /// `mime::Meta`, encoded (goes to the cache file).
+    pub meta: Vec<u8>,
+    /// When the message was received, for the delivery latency figures.
+    pub received_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliverError {
+    /// The user is over quota (a temporary failure: 452 4.2.2).
+    OverQuota,
+    /// No such user any more (deleted since RCPT: 550 5.1.1).
+    NoUser,
+    /// The mailbox store failed (temporary).
+    Store(String),
+}
+
+/// Why a change was not made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeError {
+    /// The index refused it (the request was wrong, or a rule said no).
+    Refused(MailError),
+    /// The log failed; nothing changed.
+    Store(String),
+}
+
+impl From<LogError> for ChangeError {
+    fn from(e: LogError) -> Self {
+        ChangeError::Store(e.to_string())
+    }
+}
+
+pub struct Home {
+    shard: u32,
+    spool: Rc<Spool>,
+    index: Rc<RefCell<MailIndex>>,
+    cache: MailCache,
+    store: StoreService,
+    svc: MailService,
+    directory: Arc<arc_swap::ArcSwap<Directory>>,
+    /// Subscribers per (user, mailbox): (executor, subscription id).
+    subs: RefCell<HashMap<(u64, u32), Vec<(usize, u64)>>>,
+    latency: Rc<RefCell<Latency>>,
+}
+
+impl Home {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        spool: Rc<Spool>,
+        index: Rc<RefCell<MailIndex>>,
+        cache: MailCache,
+        store: StoreService,
+        svc: MailService,
+        directory: Arc<arc_swap::ArcSwap<Directory>>,
+        latency: Rc<RefCell<Latency>>,
+    ) -> Home {
+        Home {
+            shard: spool.shard,
+            spool,
+            index,
+            cache,
+            store,
+            svc,
+            directory,
+            subs: RefCell::new(HashMap::new()),
+            latency,
+        }
+    }
+
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    /// The index, to read (never hold the borrow across an await).
+    pub fn index(&self) -> std::cell::Ref<'_, MailIndex> {
+        self.index.borrow()
+    }
+
+    pub fn cache(&self) -> &MailCache {
+        &self.cache
+    }
+
+    /// Makes one change: `begin` checks it against the index and reserves its UIDs
+    /// and modseq; its record is appended and made durable; then it is applied, the
+    /// references it gave up are dropped and the subscribers told. On a failure
+    /// nothing is applied and the references it took are given back.
+    pub async fn change(
+        &self,
+        user: u64,
+        begin: impl FnOnce(&mut MailIndex) -> Result<Change, MailError>,
+    ) -> Result<Committed, ChangeError> {
+        let change = begin(&mut self.index.borrow_mut()).map_err(ChangeError::Refused)?;
+        // References for entries the change adds that refer to messages already
+        // referenced (copies): taken now, before a concurrent expunge of the source
+        // can drop the last one.
+        let added: Vec<u64> = change.add_refs().to_vec();
+        for id in &added {
+            self.add_ref(*id);
+        }
+        let appended = self
+            .spool
+            .store()
+            .append(Kind::Mail, |out| change.encode(out));
+        let ticket = match appended {
+            Ok(t) => t,
+            Err(e) => return Err(self.undo(change, &added, e)),
+        };
+        if let Err(e) = self.spool.store().durable(&ticket).await {
+            return Err(self.undo(change, &added, e));
+        }
+        let committed = self.index.borrow_mut().commit(change);
+        // Held until applied: a snapshot taken meanwhile replays from before it.
+        drop(ticket);
+        for id in &committed.drop_refs {
+            self.drop_ref(*id);
+        }
+        self.publish_usage(user);
+        self.notify(&committed.notices);
+        Ok(committed)
+    }
+
+    fn undo(&self, change: Change, added: &[u64], e: LogError) -> ChangeError {
+        self.index.borrow_mut().abort(change);
+        for id in added {
+            self.drop_ref(*id);
+        }
+        ChangeError::Store(e.to_string())
+    }
+
+    /// Puts a delivered message into the user's INBOX; its UID.
+    pub async fn deliver(&self, d: Delivery) -> Result<u32, DeliverError> {
+        let quota = {
+            let dir = self.directory.load();
+            let Some(u) = dir.user_by_id(d.user) else {
+                return Err(DeliverError::NoUser);
+            };
+            Quota {
+                bytes: u.quota_bytes,
+                messages: u.quota_messages,
+            }
+        };
+        let cache = self.cache.append(d.message, &d.meta);
+        let entry = NewEntry {
+            message: d.message,
+            size: d.size,
+            internal_date: d.internal_date,
+            flags: 0,
+            keywords: Vec::new(),
+            cache,
+        };
+        let user = d.user;
+        let committed = self
+            .change(user, |ix| ix.begin_append(user, "INBOX", entry, quota))
+            .await
+            .map_err(|e| match e {
+                ChangeError::Refused(MailError::OverQuota) => DeliverError::OverQuota,
+                ChangeError::Refused(e) => DeliverError::Store(format!("{e:?}")),
+                ChangeError::Store(e) => DeliverError::Store(e),
+            })?;
+        self.latency
+            .borrow_mut()
+            .record(super::now_ms().saturating_sub(d.received_at_ms));
+        let uid = committed
+            .notices
+            .iter()
+            .find_map(|n| match n {
+                Notice::Appended { uid, .. } => Some(*uid),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Ok(uid)
+    }
+
+    /// Drops the mailboxes of users the directory no longer has (deleted while
+    /// their home was down, or just now).
+    pub async fn drop_orphans(&self) {
+        let orphans: Vec<u64> = {
+            let dir = self.directory.load();
+            self.index
+                .borrow()
+                .users()
+                .filter(|u| dir.user_by_id(*u).is_none())
+                .collect()
+        };
+        for user in orphans {
+            match self.change(user, |ix| ix.begin_drop_account(user)).await {
+                Ok(c) => tracing::info!(
+                    shard = self.shard,
+                    user,
+                    messages = c.drop_refs.len(),
+                    "dropped the mailboxes of a deleted account"
+                ),
+                Err(e) => tracing::warn!(shard = self.shard, user, error = ?e, "cannot drop the mailboxes of a deleted account"),
+            }
+        }
+    }
+
+    fn publish_usage(&self, user: u64) {
+        let usage = self.index.borrow().usage(user);
+        if let Some(u) = self.directory.load().usage(user) {
+            u.set(usage.bytes, usage.messages);
+        }
+    }
+
+    /// One more reference to a stored message, wherever it is.
+    fn add_ref(&self, id: u64) {
+        let h = Handle::of_id(id);
+        if h.shard == self.shard {
+            self.spool.store().add_ref(id);
+        } else {
+            self.store.add_ref(h);
+        }
+    }
+
+    fn drop_ref(&self, id: u64) {
+        let h = Handle::of_id(id);
+        if h.shard == self.shard {
+            self.spool.store().drop_ref(id);
+        } else {
+            self.store.drop_ref(h);
+        }
+    }
+
+    pub(super) fn subscribe(&self, user: u64, mailbox: u32, peer: usize, sub: u64) {
+        self.subs
+            .borrow_mut()
+            .entry((user, mailbox))
+            .or_default()
+            .push((peer, sub));
+    }
+
+    pub(super) fn unsubscribe(&self, user: u64, mailbox: u32, peer: usize, sub: u64) {
+        let mut subs = self.subs.borrow_mut();
+        if let Some(v) = subs.get_mut(&(user, mailbox)) {
+            v.retain(|s| *s != (peer, sub));
+            if v.is_empty() {
+                subs.remove(&(user, mailbox));
+            }
+        }
+    }
+
+    fn notify(&self, notices: &[Notice]) {
+        let subs = self.subs.borrow();
+        if subs.is_empty() {
+            return;
+        }
+        let mut by_sub: HashMap<(usize, u64), Vec<Notice>> = HashMap::new();
+        for n in notices {
+            if let Some(v) = subs.get(&(n.user(), n.mailbox())) {
+                for s in v {
+                    by_sub.entry(*s).or_default().push(n.clone());
+                }
+            }
+        }
+        drop(subs);
+        for ((peer, sub), notices) in by_sub {
+            self.svc.notify(peer, sub, notices);
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! `ringmail mailbox list ADDRESS [--mailbox NAME] [--json]`: a user's entries, read
+//! from the log and snapshots without a server (read-only recovery of shard 0 for
+//! the account, then of the user's home shard), so it works offline and after a
+//! SIGKILL as well as beside a running server.
+
+use ringmail_store::accounts::{home_shard, AccountIndex};
+use ringmail_store::mailbox::{flag, MailIndex};
+use ringmail_store::shard::recover;
+use ringmail_store::Mode;
+use std::io::{self, Write};
+use std::path::Path;
+
+/// One line of `mailbox list --json` (docs/contracts.md).
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    mailbox: &'a str,
+    uid: u32,
+    size: u32,
+    flags: Vec<String>,
+    internal_date: String,
+}
+
+/// The IMAP names of the system flags set in `bits`, in a fixed order.
+pub fn flag_names(bits: u8) -> Vec<&'static str> {
+    [
+        (flag::SEEN, "\\Seen"),
+        (flag::ANSWERED, "\\Answered"),
+        (flag::FLAGGED, "\\Flagged"),
+        (flag::DELETED, "\\Deleted"),
+        (flag::DRAFT, "\\Draft"),
+    ]
+    .into_iter()
+    .filter(|(b, _)| bits & b != 0)
+    .map(|(_, n)| n)
+    .collect()
+}
+
+pub fn run(
+    data: &Path,
+    address: &str,
+    only: Option<&str>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), String> {
+    let manifest = ringmail_store::manifest::read(data)
+        .map_err(|e| format!("data directory {}: {e}", data.display()))?;
+    let mut accounts = AccountIndex::default();
+    let rec = recover(data, 0, Mode::ReadOnly, &mut [&mut accounts])
+        .map_err(|e| format!("shard 0: {e}"))?;
+    for d in &rec.report.damaged {
+        eprintln!("ringmail: shard 0: {d}");
+    }
+    let dir = accounts.directory();
+    let user = dir
+        .user(address)
+        .ok_or_else(|| format!("no such user: {address}"))?;
+    let home = home_shard(user.id, manifest.shards);
+    let mut index = MailIndex::default();
+    let rec = recover(data, home, Mode::ReadOnly, &mut [&mut index])
+        .map_err(|e| format!("shard {home}: {e}"))?;
+    for d in &rec.report.damaged {
+        eprintln!("ringmail: shard {home}: {d}");
+    }
+    let mailboxes = index.mailboxes(user.id);
+    if let Some(name) = only {
+        if index.mailbox(user.id, name).is_none() {
+            return Err(format!("{address} has no mailbox {name}"));
+        }
+    }
+    let write = |out: &mut dyn Write, line: &str| -> Result<(), String> {
+        writeln!(out, "{line}").map_err(|e: io::Error| e.to_string())
+    };
+    if !json {
+        write(
+            out,
+            &format!("{:<24} {:>8} {:>10} {:<20} FLAGS", "MAILBOX", "UID", "SIZE", "DATE"),
+        )?;
+    }
+    for mb in mailboxes {
+        if only.is_some_and(|n| index.mailbox(user.id, n).map(|m| m.id()) != Some(mb.id())) {
+            continue;
+        }
+        for e in mb.entries() {
+            let mut flags: Vec<String> = flag_names(e.flags).into_iter().map(String::from).collect();
+            flags.extend(mb.keyword_names(e).into_iter().map(String::from));
+            let date = chrono::DateTime::from_timestamp(e.internal_date, 0)
+                .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_default();
+            if json {
+                let line = Line {
+                    mailbox: mb.name(),
+                    uid: e.uid,
+                    size: e.size,
+                    flags,
+                    internal_date: date,
+                };
+                write(out, &serde_json::to_string(&line).map_err(|e| e.to_string())?)?;
+            } else {
+                write(
+                    out,
+                    &format!(
+                        "{:<24} {:>8} {:>10} {:<20} {}",
+                        mb.name(),
+                        e.uid,
+                        e.size,
+                        date,
+                        flags.join(" ")
+                    ),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! How any executor reaches a user's home shard, and how change notifications reach
+//! sessions on any executor.
+//!
+//! A user's mailbox index lives on one shard (`home_shard`), owned by one executor;
+//! sessions and deliveries run wherever they were accepted. Nothing of the index is
+//! shared or locked: work for a home shard is *sent* to its executor as a job (a
+//! `Send` closure that builds the work's future there, on the executor that owns the
+//! index) and the result comes back over a one-shot channel. A job to a shard of the
+//! caller's own executor runs in place, without a channel.
+//!
+//! The channels are unbounded multi-producer queues (`futures-channel`): posting never
+//! waits, so two executors sending each other work cannot deadlock, and a destructor
+//! can post (an unsubscribe). glommio wakes a sleeping executor for a wake from another
+//! thread through its eventfd, so a job is picked up at once, not at the next timer.
+//!
+//! Change notifications: a session subscribes to (user, mailbox) on the home shard;
+//! every committed change there is posted to each subscriber's executor and queued on
+//! its [`Subscription`], in commit order (one FIFO channel per executor pair).
+
+use super::home::Home;
+use futures_channel::{mpsc, oneshot};
+use futures_lite::future::LocalBoxFuture;
+use futures_lite::StreamExt;
+use ringmail_store::mailbox::Notice;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+/// Work for another executor: runs there, given that executor's service.
+type Job = Box<dyn FnOnce(&MailService) + Send>;
+
+/// The channels between every pair of executors, built before they start.
+pub struct Mesh {
+    senders: Vec<mpsc::UnboundedSender<Job>>,
+    receivers: Mutex<Vec<Option<mpsc::UnboundedReceiver<Job>>>>,
+}
+
+pub fn mesh(executors: usize) -> Arc<Mesh> {
+    let (senders, receivers) = (0..executors)
+        .map(|_| {
+            let (tx, rx) = mpsc::unbounded();
+            (tx, Some(rx))
+        })
+        .unzip();
+    Arc::new(Mesh {
+        senders,
+        receivers: Mutex::new(receivers),
+    })
+}
+
+struct Inner {
+    peer: usize,
+    shards: u32,
+    peers: Vec<mpsc::UnboundedSender<Job>>,
+    /// The home shards this executor owns, once open.
+    homes: RefCell<HashMap<u32, Rc<Home>>>,
+    home_opened: event_listener::Event,
+    /// This executor's subscriptions, by id.
+    subs: RefCell<HashMap<u64, Rc<Queue>>>,
+    next_sub: Cell<u64>,
+}
+
+/// One executor's end. Executor-local; cheap to clone.
+#[derive(Clone)]
+pub struct MailService(Rc<Inner>);
+
+impl MailService {
+    /// This executor's end of `mesh`, as executor `peer` of `mesh`'s executors, over
+    /// `shards` shards (shard `k` is owned by executor `k % executors`).
+    pub fn join(mesh: &Mesh, peer: usize, shards: u32) -> MailService {
+        let rx = mesh.receivers.lock().unwrap()[peer]
+            .take()
+            .expect("each executor joins once");
+        let svc = MailService(Rc::new(Inner {
+            peer,
+            shards,
+            peers: mesh.senders.clone(),
+            homes: RefCell::new(HashMap::new()),
+            home_opened: event_listener::Event::new(),
+            subs: RefCell::new(HashMap::new()),
+            next_sub: Cell::new(0),
+        }));
+        // The receive loop holds a weak end: dropping the service ends it.
+        let weak = Rc::downgrade(&svc.0);
+        glommio::spawn_local(async move {
+            let mut rx = rx;
+            while let Some(job) = rx.next().await {
+                match weak.upgrade() {
+                    Some(inner) => job(&MailService(inner)),
+                    None => return,
+                }
+            }
+        })
+        .detach();
+        svc
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.0.shards
+    }
+
+    fn owner_of(&self, shard: u32) -> usize {
+        shard as usize % self.0.peers.len()
+    }
+
+    /// Registers a home shard this executor owns; jobs waiting for it run now.
+    pub fn add_home(&self, home: Rc<Home>) {
+        self.0.homes.borrow_mut().insert(home.shard(), home);
+        self.0.home_opened.notify(usize::MAX);
+    }
+
+    /// The home shards of this executor.
+    pub fn homes(&self) -> Vec<Rc<Home>> {
+        self.0.homes.borrow().values().cloned().collect()
+    }
+
+    /// The open home shard `shard` of this executor (waits while it is recovering).
+    async fn home(&self, shard: u32) -> Rc<Home> {
+        loop {
+            let listener = self.0.home_opened.listen();
+            if let Some(h) = self.0.homes.borrow().get(&shard) {
+                return h.clone();
+            }
+            listener.await;
+        }
+    }
+
+    /// Runs `f` on the home shard of `user`, on its executor, and returns what it
+    /// returns. An error when that executor is gone (shutting down).
+    pub async fn on_home<R, F>(&self, user: u64, f: F) -> io::Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(Rc<Home>) -> LocalBoxFuture<'static, R> + Send + 'static,
+    {
+        let shard = ringmail_store::accounts::home_shard(user, self.0.shards);
+        let owner = self.owner_of(shard);
+        if owner == self.0.peer {
+            let home = self.home(shard).await;
+            return Ok(f(home).await);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.post(
+            owner,
+            Box::new(move |svc: &MailService| {
+                let svc = svc.clone();
+                glommio::spawn_local(async move {
+                    let home = svc.home(shard).await;
+                    // The asker may have given up: nothing to do then.
+                    let _ = tx.send(f(home).await);
+                })
+                .detach();
+            }),
+        );
+        rx.await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("executor {owner} (home of shard {shard}) is gone"),
+            )
+        })
+    }
+
+    fn post(&self, peer: usize, job: Job) {
+        // Fails only when that executor stopped: its work and notices go with it.
+        let _ = self.0.peers[peer].unbounded_send(job);
+    }
+
+    /// Subscribes to the changes of `user`'s mailbox `mailbox` (an id of the index):
+    /// every change committed after this returns is queued on the subscription.
+    pub async fn subscribe(&self, user: u64, mailbox: u32) -> io::Result<Subscription> {
+        let id = self.0.next_sub.get();
+        self.0.next_sub.set(id + 1);
+        let queue = Rc::new(Queue::default());
+        self.0.subs.borrow_mut().insert(id, queue.clone());
+        let peer = self.0.peer;
+        let registered = self
+            .on_home(user, move |home| {
+                Box::pin(async move { home.subscribe(user, mailbox, peer, id) })
+            })
+            .await;
+        if let Err(e) = registered {
+            self.0.subs.borrow_mut().remove(&id);
+            return Err(e);
+        }
+        Ok(Subscription {
+            svc: self.clone(),
+            id,
+            user,
+            mailbox,
+            queue,
+        })
+    }
+
+    /// Queues `notices` on subscription `sub` of executor `peer` (called by a home).
+    pub(super) fn notify(&self, peer: usize, sub: u64, notices: Vec<Notice>) {
+        if peer == self.0.peer {
+            self.deliver_notices(sub, notices);
+        } else {
+            self.post(
+                peer,
+                Box::new(move |svc: &MailService| svc.deliver_notices(sub, notices)),
+            );
+        }
+    }
+
+    fn deliver_notices(&self, sub: u64, notices: Vec<Notice>) {
+        let queue = self.0.subs.borrow().get(&sub).cloned();
+        if let Some(q) = queue {
+            q.notices.borrow_mut().extend(notices);
+            q.event.notify(usize::MAX);
+        }
+    }
+
+    /// Subscriptions live on this executor, for tests.
+    pub fn subscriptions(&self) -> usize {
+        self.0.subs.borrow().len()
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    notices: RefCell<VecDeque<Notice>>,
+    event: event_listener::Event,
+}
+
+/// A session's subscription to one mailbox's changes (see [`MailService::subscribe`]).
+/// Dropped, it unsubscribes.
+pub struct Subscription {
+    svc: MailService,
+    id: u64,
+    user: u64,
+    mailbox: u32,
+    queue: Rc<Queue>,
+}
+
+impl Subscription {
+    /// The changes queued so far (empty if none).
+    pub fn take(&self) -> Vec<Notice> {
+        self.queue.notices.borrow_mut().drain(..).collect()
+    }
+
+    /// Waits for at least one change, then returns every one queued.
+    pub async fn next(&self) -> Vec<Notice> {
+        loop {
+            let listener = self.queue.event.listen();
+            let got = self.take();
+            if !got.is_empty() {
+                return got;
+            }
+            listener.await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.svc.0.subs.borrow_mut().remove(&self.id);
+        let (user, mailbox, peer, id) = (self.user, self.mailbox, self.svc.0.peer, self.id);
+        let shard = ringmail_store::accounts::home_shard(user, self.svc.0.shards);
+        let owner = self.svc.owner_of(shard);
+        let unsubscribe = move |svc: &MailService| {
+            if let Some(h) = svc.0.homes.borrow().get(&shard) {
+                h.unsubscribe(user, mailbox, peer, id);
+            }
+        };
+        if owner == peer {
+            unsubscribe(&self.svc);
+        } else {
+            self.svc.post(owner, Box::new(unsubscribe));
+        }
+    }
+}
