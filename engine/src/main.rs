@@ -87,6 +87,16 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print one message as the mailbox serves it (its bytes, unchanged).
+    Show {
+        address: String,
+        #[arg(long)]
+        uid: u32,
+        #[arg(long, default_value = "INBOX")]
+        mailbox: String,
+        #[arg(long, default_value = "./ringmail-data")]
+        data: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -126,6 +136,19 @@ fn main() -> ExitCode {
                     json,
                 },
         } => mailbox_list(data, &address, mailbox.as_deref(), json),
+        Command::Mailbox {
+            command:
+                MailboxCommand::Show {
+                    address,
+                    uid,
+                    mailbox,
+                    data,
+                },
+        } => ringmail::mailbox::list::show(&data, &address, &mailbox, uid).and_then(|m| {
+            std::io::stdout()
+                .write_all(&m)
+                .map_err(|e| e.to_string())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

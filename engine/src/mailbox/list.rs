@@ -42,28 +42,10 @@ pub fn run(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<(), String> {
-    let manifest = ringmail_store::manifest::read(data)
-        .map_err(|e| format!("data directory {}: {e}", data.display()))?;
-    let mut accounts = AccountIndex::default();
-    let rec = recover(data, 0, Mode::ReadOnly, &mut [&mut accounts])
-        .map_err(|e| format!("shard 0: {e}"))?;
-    for d in &rec.report.damaged {
-        eprintln!("ringmail: shard 0: {d}");
-    }
-    let dir = accounts.directory();
-    let user = dir
-        .user(address)
-        .ok_or_else(|| format!("no such user: {address}"))?;
-    let home = home_shard(user.id, manifest.shards);
-    let mut index = MailIndex::default();
-    let rec = recover(data, home, Mode::ReadOnly, &mut [&mut index])
-        .map_err(|e| format!("shard {home}: {e}"))?;
-    for d in &rec.report.damaged {
-        eprintln!("ringmail: shard {home}: {d}");
-    }
-    let mailboxes = index.mailboxes(user.id);
+    let (user, _, index) = load_user(data, address)?;
+    let mailboxes = index.mailboxes(user);
     if let Some(name) = only {
-        if index.mailbox(user.id, name).is_none() {
+        if index.mailbox(user, name).is_none() {
             return Err(format!("{address} has no mailbox {name}"));
         }
     }
@@ -77,7 +59,7 @@ pub fn run(
         )?;
     }
     for mb in mailboxes {
-        if only.is_some_and(|n| index.mailbox(user.id, n).map(|m| m.id()) != Some(mb.id())) {
+        if only.is_some_and(|n| index.mailbox(user, n).map(|m| m.id()) != Some(mb.id())) {
             continue;
         }
         for e in mb.entries() {
@@ -111,4 +93,53 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// The account and the home shard's index of `address`, recovered read-only.
+fn load_user(data: &Path, address: &str) -> Result<(u64, String, MailIndex), String> {
+    let manifest = ringmail_store::manifest::read(data)
+        .map_err(|e| format!("data directory {}: {e}", data.display()))?;
+    let mut accounts = AccountIndex::default();
+    recover(data, 0, Mode::ReadOnly, &mut [&mut accounts]).map_err(|e| format!("shard 0: {e}"))?;
+    let dir = accounts.directory();
+    let user = dir
+        .user(address)
+        .ok_or_else(|| format!("no such user: {address}"))?;
+    let home = home_shard(user.id, manifest.shards);
+    let mut index = MailIndex::default();
+    recover(data, home, Mode::ReadOnly, &mut [&mut index]).map_err(|e| format!("shard {home}: {e}"))?;
+    Ok((user.id, user.address.to_string(), index))
+}
+
+/// The message of entry `uid` of `address`'s mailbox `mailbox`, as a mailbox serves
+/// it (per-entry prefix, trace prefix, body): `ringmail mailbox show`.
+pub fn show(data: &Path, address: &str, mailbox: &str, uid: u32) -> Result<Vec<u8>, String> {
+    let (user, canonical, index) = load_user(data, address)?;
+    let mb = index
+        .mailbox(user, mailbox)
+        .ok_or_else(|| format!("{address} has no mailbox {mailbox}"))?;
+    let e = mb
+        .entries()
+        .iter()
+        .find(|e| e.uid == uid)
+        .ok_or_else(|| format!("{mailbox} has no message with UID {uid}"))?;
+    let handle = ringmail_store::Handle::of_id(e.message);
+    let rec = recover(data, handle.shard, Mode::ReadOnly, &mut [])
+        .map_err(|e| format!("shard {}: {e}", handle.shard))?;
+    let at = rec
+        .map
+        .get(&e.message)
+        .ok_or_else(|| format!("the message of UID {uid} is not in shard {}", handle.shard))?;
+    let dir = ringmail_store::segment::shard_dir(data, handle.shard);
+    let file = std::fs::File::open(ringmail_store::segment::segment_path(&dir, at.seq as u64))
+        .map_err(|e| e.to_string())?;
+    let mut record = vec![0; at.len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut record, at.offset)
+        .map_err(|e| e.to_string())?;
+    let payload = &record[ringmail_store::record::RECORD_HEADER_BYTES..];
+    let d = ringmail_store::message::decode(payload).map_err(|e| e.to_string())?;
+    let mut out = crate::delivery::local::entry_prefix(&d.envelope.from, &canonical).into_bytes();
+    out.extend_from_slice(d.prefix);
+    out.extend_from_slice(d.body);
+    Ok(out)
 }

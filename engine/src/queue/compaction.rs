@@ -21,6 +21,15 @@ impl Spool {
             self.snapshot().await?;
         }
         let done = self.store.compact().await?;
+        if done.deleted > 0 || done.copied > 0 {
+            tracing::info!(
+                shard = self.shard,
+                deleted = done.deleted,
+                copied = done.copied,
+                copied_bytes = done.copied_bytes,
+                "compacted"
+            );
+        }
         if let Some(f) = &*self.on_segment_deleted.borrow() {
             for seq in &done.deleted_seqs {
                 f(self.shard, *seq);
