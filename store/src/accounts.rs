@@ -669,8 +669,13 @@ mod tests {
         let mut whole = AccountIndex::default();
         replay_all(&mut whole, &recs);
         let want = state(&whole);
-        assert!(want.iter().any(|s| s.starts_with("4 bob@a.test ")), "{want:?}");
-        assert!(want.iter().any(|s| s.starts_with("1 alice@a.test $argon2id$new ")));
+        assert!(
+            want.iter().any(|s| s.starts_with("4 bob@a.test ")),
+            "{want:?}"
+        );
+        assert!(want
+            .iter()
+            .any(|s| s.starts_with("1 alice@a.test $argon2id$new ")));
         assert!(!want.iter().any(|s| s.starts_with("2 ")), "{want:?}");
         // A snapshot holds the state after `taken` records, but its position may be
         // any earlier `from`: everything from there is replayed over it.
@@ -685,7 +690,11 @@ mod tests {
                         ix.load(it).unwrap();
                     }
                     replay_all(&mut ix, &recs[from..]);
-                    assert_eq!(state(&ix), want, "snapshot after {taken}, replay from {from}");
+                    assert_eq!(
+                        state(&ix),
+                        want,
+                        "snapshot after {taken}, replay from {from}"
+                    );
                 }
             }
         }
@@ -738,7 +747,10 @@ mod tests {
             r.encode(&mut b);
             assert_eq!(AccountRecord::decode(&b), Ok(r.clone()));
             for cut in 0..b.len() {
-                assert!(AccountRecord::decode(&b[..cut]).is_err(), "{r:?} cut at {cut}");
+                assert!(
+                    AccountRecord::decode(&b[..cut]).is_err(),
+                    "{r:?} cut at {cut}"
+                );
             }
             b.push(0);
             assert!(AccountRecord::decode(&b).is_err());
@@ -758,7 +770,10 @@ mod tests {
         ix.apply(&add(2, "bob@a.test"));
         ix.apply(&add(3, "postmaster@a.test"));
         ix.apply(&add(5, "Jörg@a.test"));
-        ix.apply(&alias("team@a.test", &["alice@a.test", "BOB@a.test", "bob@a.test"]));
+        ix.apply(&alias(
+            "team@a.test",
+            &["alice@a.test", "BOB@a.test", "bob@a.test"],
+        ));
         ix.apply(&alias("@a.test", &["postmaster@a.test"]));
         // An alias that is also a user's address: the user wins.
         ix.apply(&alias("bob@a.test", &["alice@a.test"]));
@@ -770,7 +785,11 @@ mod tests {
         assert_eq!(d.user("alice@a.test").unwrap().address, "alice@a.test");
         // Non-ASCII letters are compared as given.
         assert_eq!(d.resolve("JöRG@a.test"), Resolution::Users(vec![5]));
-        assert_eq!(d.resolve("JÖRG@a.test"), Resolution::Users(vec![3]), "catch-all");
+        assert_eq!(
+            d.resolve("JÖRG@a.test"),
+            Resolution::Users(vec![3]),
+            "catch-all"
+        );
         // Exact user > alias > catch-all.
         assert_eq!(d.resolve("bob@a.test"), Resolution::Users(vec![2]));
         assert_eq!(d.resolve("team@a.test"), Resolution::Users(vec![1, 2]));
@@ -784,7 +803,10 @@ mod tests {
         ix.apply(&AccountRecord::DeleteAlias {
             from: "@a.test".into(),
         });
-        assert_eq!(ix.directory(8).resolve("someone@a.test"), Resolution::Unknown);
+        assert_eq!(
+            ix.directory(8).resolve("someone@a.test"),
+            Resolution::Unknown
+        );
     }
 
     #[test]
@@ -828,7 +850,10 @@ mod tests {
     #[test]
     fn home_shard_is_the_splitmix64_finaliser_and_spreads_users() {
         // splitmix64's first output for seed 0 is 0xe220a8397b1dcdaf.
-        assert_eq!(home_shard(0, u32::MAX), (0xe220_a839_7b1d_cdafu64 % u64::from(u32::MAX)) as u32);
+        assert_eq!(
+            home_shard(0, u32::MAX),
+            (0xe220_a839_7b1d_cdafu64 % u64::from(u32::MAX)) as u32
+        );
         let mut counts = [0u32; 4];
         for id in 0..4000 {
             counts[home_shard(id, 4) as usize] += 1;
