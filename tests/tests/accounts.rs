@@ -158,7 +158,11 @@ fn an_account_added_offline_is_known_when_the_server_starts() {
             "anyone@b.test",
         ],
     );
-    assert_eq!(codes(&r), ["250", "250", "550", "250", "250", "250"], "{r:?}");
+    assert_eq!(
+        codes(&r),
+        ["250", "250", "550", "250", "250", "250"],
+        "{r:?}"
+    );
     assert_eq!(
         r[2],
         "550 5.1.1 <nobody@a.test>: Recipient address rejected: User unknown in local recipient table"
@@ -181,10 +185,18 @@ fn changes_while_the_server_runs_take_effect_at_once() {
     assert_eq!(codes(&r), ["250", "250", "550"], "{r:?}");
 
     // An alias with two targets.
-    cli_ok(&data, &["alias", "add", "team@a.test", "bob@a.test", "carol@a.test"], "");
+    cli_ok(
+        &data,
+        &["alias", "add", "team@a.test", "bob@a.test", "carol@a.test"],
+        "",
+    );
     // A catch-all of b.test (which had no accounts, so it took everything before).
     cli_ok(&data, &["alias", "add", "@b.test", "bob@a.test"], "");
-    let r = rcpt_replies(&server, "", &["team@a.test", "whoever@b.test", "dave@a.test"]);
+    let r = rcpt_replies(
+        &server,
+        "",
+        &["team@a.test", "whoever@b.test", "dave@a.test"],
+    );
     assert_eq!(codes(&r), ["250", "250", "550"], "{r:?}");
     let aliases = cli_ok(&data, &["alias", "list", "--json"], "");
     let aliases: Vec<serde_json::Value> = aliases
@@ -202,16 +214,31 @@ fn changes_while_the_server_runs_take_effect_at_once() {
     // A quota the announced size would exceed: 452, the others still take it.
     cli_ok(
         &data,
-        &["user", "quota", "carol@a.test", "--bytes", "100", "--messages", "0"],
+        &[
+            "user",
+            "quota",
+            "carol@a.test",
+            "--bytes",
+            "100",
+            "--messages",
+            "0",
+        ],
         "",
     );
-    let r = rcpt_replies(&server, "SIZE=200", &["carol@a.test", "team@a.test", "bob@a.test"]);
+    let r = rcpt_replies(
+        &server,
+        "SIZE=200",
+        &["carol@a.test", "team@a.test", "bob@a.test"],
+    );
     assert_eq!(codes(&r), ["452", "250", "250"], "{r:?}");
     assert_eq!(r[0], "452 4.2.2 <carol@a.test>: Mailbox full");
 
     // The list, online, has both, with carol's quota.
     let listed = users(&data);
-    let addresses: Vec<&str> = listed.iter().map(|u| u["address"].as_str().unwrap()).collect();
+    let addresses: Vec<&str> = listed
+        .iter()
+        .map(|u| u["address"].as_str().unwrap())
+        .collect();
     assert_eq!(addresses, ["bob@a.test", "carol@a.test"]);
     assert_eq!(listed[1]["quota_bytes"], 100);
 
@@ -236,20 +263,38 @@ fn changes_while_the_server_runs_take_effect_at_once() {
 fn an_address_outside_the_local_domains_is_refused_offline_and_online() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let out = cli(&data, &["user", "add", "x@elsewhere.test", "--password-stdin"], "pw\n");
+    let out = cli(
+        &data,
+        &["user", "add", "x@elsewhere.test", "--password-stdin"],
+        "pw\n",
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("elsewhere.test is not a local domain"), "{err}");
+    assert!(
+        err.contains("elsewhere.test is not a local domain"),
+        "{err}"
+    );
     // An empty password gets no account either.
-    let out = cli(&data, &["user", "add", "x@a.test", "--password-stdin"], "\n");
+    let out = cli(
+        &data,
+        &["user", "add", "x@a.test", "--password-stdin"],
+        "\n",
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty password"));
     assert!(users(&data).is_empty());
     let server = Server::start_in(Some(tmp), data.clone(), &DOMAINS);
-    let out = cli(&data, &["user", "add", "x@elsewhere.test", "--password-stdin"], "pw\n");
+    let out = cli(
+        &data,
+        &["user", "add", "x@elsewhere.test", "--password-stdin"],
+        "pw\n",
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("elsewhere.test is not a local domain"), "{err}");
+    assert!(
+        err.contains("elsewhere.test is not a local domain"),
+        "{err}"
+    );
     let out = cli(&data, &["alias", "add", "team@a.test", "nobody@a.test"], "");
     assert!(String::from_utf8_lossy(&out.stderr).contains("nobody@a.test is not a user"));
     assert!(users(&data).is_empty());
