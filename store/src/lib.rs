@@ -16,6 +16,7 @@
 pub mod codec;
 pub mod handle;
 pub mod log;
+pub mod mailbox;
 pub mod manifest;
 pub mod message;
 pub mod reader;
