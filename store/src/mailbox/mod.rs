@@ -632,3 +632,6 @@ pub fn normalize_name(name: &str) -> Result<String, MailError> {
         Ok(name.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests;
