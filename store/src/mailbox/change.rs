@@ -92,6 +92,16 @@ impl Change {
         self.mailbox
     }
 
+    /// The mailboxes the change creates: (id, name).
+    pub fn created(&self) -> Vec<(u32, &str)> {
+        match &self.rec.op {
+            Op::Create { def, .. } => vec![(def.id, &*def.name)],
+            Op::EnsureDefaults { defs } => defs.iter().map(|d| (d.id, &*d.name)).collect(),
+            Op::Rename { inbox: Some(m), .. } => vec![(m.to.id, &*m.to.name)],
+            _ => Vec::new(),
+        }
+    }
+
     /// The MODSEQ the change's entries get.
     pub fn modseq(&self) -> Option<u64> {
         self.modseq
@@ -759,9 +769,11 @@ impl MailIndex {
             modseq: u.modseq,
         };
         u.pending_names.push(def.name.clone());
+        let uidvalidity = def.uidvalidity;
         let mut c = Change::new(self.rec(user, Op::Create { def, replaces }));
         c.names = vec![name.into()];
         c.mailbox = id;
+        c.uidvalidity = uidvalidity;
         Ok(self.enqueue(c))
     }
 
