@@ -14,6 +14,7 @@ use ringmail_store::{Handle, Kind, LogError};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// A message to put into a user's INBOX: the entry refers to a message already
@@ -40,6 +41,33 @@ pub enum DeliverError {
     NoUser,
     /// The mailbox store failed (temporary).
     Store(String),
+}
+
+/// What a change did (read off it before it was applied).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Done {
+    /// UIDs of the new entries (APPENDUID, COPYUID).
+    pub new_uids: Vec<u32>,
+    /// The source UIDs of a copy or move; an expunge's; a STORE's changed ones.
+    pub source_uids: Vec<u32>,
+    /// UIDs an UNCHANGEDSINCE STORE left alone (MODIFIED).
+    pub modified: Vec<u32>,
+    pub uidvalidity: u32,
+    pub mailbox: u32,
+    pub modseq: Option<u64>,
+}
+
+impl Done {
+    fn of(c: &Change) -> Done {
+        Done {
+            new_uids: c.new_uids().to_vec(),
+            source_uids: c.source_uids().to_vec(),
+            modified: c.modified().to_vec(),
+            uidvalidity: c.uidvalidity(),
+            mailbox: c.mailbox(),
+            modseq: c.modseq(),
+        }
+    }
 }
 
 /// Why a change was not made.
@@ -108,15 +136,23 @@ impl Home {
     }
 
     /// Makes one change: `begin` checks it against the index and reserves its UIDs
-    /// and modseq; its record is appended and made durable; then it is applied, the
-    /// references it gave up are dropped and the subscribers told. On a failure
-    /// nothing is applied and the references it took are given back.
+    /// and modseq; its record is appended (at once: records go to the log in the
+    /// order changes begin) and made durable; then it is applied (the index applies a
+    /// user's changes in the order they began, so a commit may apply others held
+    /// back by this one, and this one may be applied by a later commit), the
+    /// references given up are dropped and the subscribers told. On a failure
+    /// nothing of it is applied and the references it took are given back.
     pub async fn change(
         &self,
-        user: u64,
         begin: impl FnOnce(&mut MailIndex) -> Result<Change, MailError>,
-    ) -> Result<Committed, ChangeError> {
+    ) -> Result<Done, ChangeError> {
         let change = begin(&mut self.index.borrow_mut()).map_err(ChangeError::Refused)?;
+        let done = Done::of(&change);
+        if change.is_noop() {
+            let c = self.index.borrow_mut().commit(change);
+            self.finish(c);
+            return Ok(done);
+        }
         // References for entries the change adds that refer to messages already
         // referenced (copies): taken now, before a concurrent expunge of the source
         // can drop the last one.
@@ -135,22 +171,33 @@ impl Home {
         if let Err(e) = self.spool.store().durable(&ticket).await {
             return Err(self.undo(change, &added, e));
         }
-        let committed = self.index.borrow_mut().commit(change);
+        let c = self.index.borrow_mut().commit(change);
         // Held until applied: a snapshot taken meanwhile replays from before it.
         drop(ticket);
-        for id in &committed.drop_refs {
+        self.finish(c);
+        Ok(done)
+    }
+
+    /// After changes were applied: their references go, usage figures and
+    /// subscribers learn of them.
+    fn finish(&self, c: Committed) {
+        for id in &c.drop_refs {
             self.drop_ref(*id);
         }
-        self.publish_usage(user);
-        self.notify(&committed.notices);
-        Ok(committed)
+        let mut users: Vec<u64> = c.notices.iter().map(|n| n.user).collect();
+        users.dedup();
+        for u in users {
+            self.publish_usage(u);
+        }
+        self.notify(&c.notices);
     }
 
     fn undo(&self, change: Change, added: &[u64], e: LogError) -> ChangeError {
-        self.index.borrow_mut().abort(change);
+        let c = self.index.borrow_mut().abort(change);
         for id in added {
             self.drop_ref(*id);
         }
+        self.finish(c);
         ChangeError::Store(e.to_string())
     }
 
@@ -162,8 +209,8 @@ impl Home {
                 return Err(DeliverError::NoUser);
             };
             Quota {
-                bytes: u.quota_bytes,
-                messages: u.quota_messages,
+                bytes: u.quota.bytes,
+                messages: u.quota.messages,
             }
         };
         let cache = self.cache.append(d.message, &d.meta);
@@ -176,8 +223,8 @@ impl Home {
             cache,
         };
         let user = d.user;
-        let committed = self
-            .change(user, |ix| ix.begin_append(user, "INBOX", entry, quota))
+        let done = self
+            .change(|ix| ix.begin_append(user, "INBOX", entry, quota))
             .await
             .map_err(|e| match e {
                 ChangeError::Refused(MailError::OverQuota) => DeliverError::OverQuota,
@@ -187,15 +234,7 @@ impl Home {
         self.latency
             .borrow_mut()
             .record(super::now_ms().saturating_sub(d.received_at_ms));
-        let uid = committed
-            .notices
-            .iter()
-            .find_map(|n| match n {
-                Notice::Appended { uid, .. } => Some(*uid),
-                _ => None,
-            })
-            .unwrap_or(0);
-        Ok(uid)
+        Ok(done.new_uids.first().copied().unwrap_or(0))
     }
 
     /// Drops the mailboxes of users the directory no longer has (deleted while
@@ -210,11 +249,11 @@ impl Home {
                 .collect()
         };
         for user in orphans {
-            match self.change(user, |ix| ix.begin_drop_account(user)).await {
-                Ok(c) => tracing::info!(
+            match self.change(|ix| ix.begin_drop_account(user)).await {
+                Ok(_) => tracing::info!(
                     shard = self.shard,
                     user,
-                    messages = c.drop_refs.len(),
+                    mailboxes_of = user,
                     "dropped the mailboxes of a deleted account"
                 ),
                 Err(e) => tracing::warn!(shard = self.shard, user, error = ?e, "cannot drop the mailboxes of a deleted account"),
@@ -224,8 +263,9 @@ impl Home {
 
     fn publish_usage(&self, user: u64) {
         let usage = self.index.borrow().usage(user);
-        if let Some(u) = self.directory.load().usage(user) {
-            u.set(usage.bytes, usage.messages);
+        if let Some(u) = self.directory.load().user_by_id(user) {
+            u.usage.bytes.store(usage.bytes, Ordering::Relaxed);
+            u.usage.messages.store(usage.messages, Ordering::Relaxed);
         }
     }
 
@@ -273,7 +313,7 @@ impl Home {
         }
         let mut by_sub: HashMap<(usize, u64), Vec<Notice>> = HashMap::new();
         for n in notices {
-            if let Some(v) = subs.get(&(n.user(), n.mailbox())) {
+            if let Some(v) = subs.get(&(n.user, n.mailbox)) {
                 for s in v {
                     by_sub.entry(*s).or_default().push(n.clone());
                 }

@@ -101,10 +101,11 @@ fn load_user(data: &Path, address: &str) -> Result<(u64, String, MailIndex), Str
         .map_err(|e| format!("data directory {}: {e}", data.display()))?;
     let mut accounts = AccountIndex::default();
     recover(data, 0, Mode::ReadOnly, &mut [&mut accounts]).map_err(|e| format!("shard 0: {e}"))?;
-    let dir = accounts.directory();
+    let dir = accounts.directory(0);
     let user = dir
         .user(address)
-        .ok_or_else(|| format!("no such user: {address}"))?;
+        .ok_or_else(|| format!("no such user: {address}"))?
+        .clone();
     let home = home_shard(user.id, manifest.shards);
     let mut index = MailIndex::default();
     recover(data, home, Mode::ReadOnly, &mut [&mut index]).map_err(|e| format!("shard {home}: {e}"))?;
