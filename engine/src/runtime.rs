@@ -172,6 +172,25 @@ async fn executor_main(
         spool.on_segment_deleted(move |shard, seq| service.segment_deleted(shard, seq));
         spools.push(spool);
     }
+    // References across shards (docs/mailboxes.md): the owners count what this
+    // executor's shards refer to. Mail is taken meanwhile; only the shards' snapshots
+    // and compaction wait until every executor has sent its own.
+    let mut foreign: std::collections::HashMap<u32, Vec<u64>> = Default::default();
+    for spool in &spools {
+        for (target, ids) in spool.take_foreign() {
+            if target >= shards {
+                tracing::warn!(
+                    shard = spool.shard,
+                    target,
+                    refs = ids.len(),
+                    "references to a shard that does not exist"
+                );
+                continue;
+            }
+            foreign.entry(target).or_default().extend(ids);
+        }
+    }
+    store.exchange_refs(foreign);
     let ring = crate::net::Ring::start()
         .map_err(|e| format!("executor {index}: cannot set up its io_uring: {e}"))?;
     let ingest = Ingest::new(cfg.clone(), spools.clone(), ring.clone());

@@ -200,7 +200,10 @@ async fn open_unsettled(data: &Path, model: &Model) -> World {
 /// What the store service does at start: A's foreign references go to B, then both
 /// settle.
 fn exchange(w: &World, model: &Model) {
-    assert!(w.b.take_foreign().is_empty(), "B refers to nothing elsewhere");
+    assert!(
+        w.b.take_foreign().is_empty(),
+        "B refers to nothing elsewhere"
+    );
     let mut foreign = w.a.take_foreign();
     let to_b = foreign.remove(&B).unwrap_or_default();
     assert!(foreign.is_empty(), "A refers to B only: {foreign:?}");
@@ -308,15 +311,27 @@ fn check(w: &World, model: &Model, data: &Path) {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { len: usize, seed: u8 },
-    Local { i: usize, add: bool },
-    Foreign { i: usize, add: bool },
+    Append {
+        len: usize,
+        seed: u8,
+    },
+    Local {
+        i: usize,
+        add: bool,
+    },
+    Foreign {
+        i: usize,
+        add: bool,
+    },
     SnapshotA,
     SnapshotB,
     CompactB,
     /// Both shards restart (one process). `early`: B's index drops a reference
     /// before A's foreign references reach B.
-    Restart { clean: bool, early: Option<usize> },
+    Restart {
+        clean: bool,
+        early: Option<usize>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -421,10 +436,7 @@ proptest! {
 fn a_message_only_another_shard_refers_to_survives_compaction_and_restarts() {
     let mut ops = Vec::new();
     for k in 0..30 {
-        ops.push(Op::Append {
-            len: 1500,
-            seed: k,
-        });
+        ops.push(Op::Append { len: 1500, seed: k });
     }
     // The 11th message: A takes a reference, B gives up its own.
     ops.push(Op::Foreign { i: 10, add: true });
