@@ -263,7 +263,9 @@ impl StoreService {
 
     /// One more reference to `handle`'s message, held by an index of this
     /// executor's. Applied now when this executor owns the shard, else sent to its
-    /// owner ahead of anything posted to it later.
+    /// owner ahead of anything posted to it later. Only after
+    /// [`StoreService::exchange_refs`]: a drop before it could reach an owner that
+    /// has not counted the reference it gives up.
     pub fn add_ref(&self, handle: Handle) {
         self.0.route_ref(true, handle);
     }
