@@ -173,6 +173,8 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     }
 }
 
+// Each argument is a separate piece of the executor's start-up context, used once.
+#[allow(clippy::too_many_arguments)]
 async fn executor_main(
     index: usize,
     listener: std::os::fd::OwnedFd,
