@@ -2,7 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use ringmail::config::Settings;
-use ringmail::{queue, runtime};
+use ringmail::{accounts, queue, runtime};
 use ringmail_store::message::format_id;
 use std::io::Write;
 use std::path::PathBuf;
@@ -32,6 +32,93 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// Manage accounts: through the running server's control socket, or offline.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Manage aliases and catch-alls (FROM `@domain`), like `user`.
+    Alias {
+        #[command(subcommand)]
+        command: AliasCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add an account; the password is read as one line from stdin.
+    Add {
+        address: String,
+        /// Read the password from stdin (the only way: never on the command line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// Mailbox size limit in bytes (0: unlimited).
+        #[arg(long, default_value_t = 0)]
+        quota_bytes: u64,
+        /// Message count limit (0: unlimited).
+        #[arg(long, default_value_t = 0)]
+        quota_messages: u64,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// Delete an account (its mailboxes are dropped by their home shard).
+    Del {
+        address: String,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// Set an account's password, read as one line from stdin.
+    Passwd {
+        address: String,
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// Set an account's limits (0: unlimited).
+    Quota {
+        address: String,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long)]
+        messages: u64,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// List the accounts.
+    List {
+        /// JSON Lines, one account a line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AliasCommand {
+    /// Add (or replace) an alias: FROM is an address, or `@domain` for the domain's
+    /// catch-all; each TO an existing account.
+    Add {
+        from: String,
+        #[arg(required = true)]
+        to: Vec<String>,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// Delete an alias or catch-all.
+    Del {
+        from: String,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// List aliases and catch-alls.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
     },
 }
 
@@ -97,6 +184,8 @@ fn main() -> ExitCode {
         Command::Queue {
             command: QueueCommand::Flush { data },
         } => queue_flush(data),
+        Command::User { command } => user(command),
+        Command::Alias { command } => alias(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,6 +199,140 @@ fn main() -> ExitCode {
 fn serve(a: ServeArgs) -> Result<(), String> {
     let cfg = Settings::layered(a.config.as_deref(), a.settings)?.to_config()?;
     runtime::serve(cfg)
+}
+
+/// The settings an account command runs with: those `serve` would (the local
+/// domains decide which addresses are valid; the data directory where they go).
+fn account_config(a: ServeArgs) -> Result<ringmail::config::Config, String> {
+    Settings::layered(a.config.as_deref(), a.settings)?.to_config()
+}
+
+fn password() -> Result<String, String> {
+    accounts::cli::read_password(&mut std::io::stdin().lock())
+}
+
+fn user(c: UserCommand) -> Result<(), String> {
+    use accounts::Request;
+    let (server, req, json) = match c {
+        UserCommand::Add {
+            address,
+            quota_bytes,
+            quota_messages,
+            server,
+            ..
+        } => {
+            let phc = accounts::cli::hash_password(&password()?)?;
+            let req = Request::UserAdd {
+                address,
+                phc,
+                quota_bytes,
+                quota_messages,
+            };
+            (server, req, false)
+        }
+        UserCommand::Del { address, server } => (server, Request::UserDel { address }, false),
+        UserCommand::Passwd {
+            address, server, ..
+        } => {
+            let phc = accounts::cli::hash_password(&password()?)?;
+            (server, Request::UserPasswd { address, phc }, false)
+        }
+        UserCommand::Quota {
+            address,
+            bytes,
+            messages,
+            server,
+        } => {
+            let req = Request::UserQuota {
+                address,
+                quota_bytes: bytes,
+                quota_messages: messages,
+            };
+            (server, req, false)
+        }
+        UserCommand::List { json, server } => (server, Request::UserList, json),
+    };
+    let cfg = account_config(*server)?;
+    let reply = accounts::cli::run(&cfg, &req)?;
+    let users = match req {
+        Request::UserList => reply["users"].as_array().cloned().unwrap_or_default(),
+        Request::UserAdd { address, .. } => {
+            println!("added {address} (id {})", reply["id"]);
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
+    print_lines(|out| {
+        if json {
+            for u in &users {
+                writeln!(out, "{u}")?;
+            }
+        } else {
+            writeln!(
+                out,
+                "{:<40} {:>20} {:>14} {:>14}",
+                "Address", "Id", "Quota bytes", "Quota messages"
+            )?;
+            for u in &users {
+                writeln!(
+                    out,
+                    "{:<40} {:>20} {:>14} {:>14}",
+                    u["address"].as_str().unwrap_or(""),
+                    u["id"],
+                    u["quota_bytes"],
+                    u["quota_messages"]
+                )?;
+            }
+            writeln!(out, "-- {} account(s)", users.len())?;
+        }
+        Ok(())
+    })
+}
+
+fn alias(c: AliasCommand) -> Result<(), String> {
+    use accounts::Request;
+    let (server, req, json) = match c {
+        AliasCommand::Add { from, to, server } => {
+            (server, Request::AliasAdd { from, targets: to }, false)
+        }
+        AliasCommand::Del { from, server } => (server, Request::AliasDel { from }, false),
+        AliasCommand::List { json, server } => (server, Request::AliasList, json),
+    };
+    let cfg = account_config(*server)?;
+    let reply = accounts::cli::run(&cfg, &req)?;
+    if req != Request::AliasList {
+        return Ok(());
+    }
+    let aliases = reply["aliases"].as_array().cloned().unwrap_or_default();
+    print_lines(|out| {
+        for a in &aliases {
+            if json {
+                writeln!(out, "{a}")?;
+            } else {
+                let targets: Vec<&str> = a["targets"]
+                    .as_array()
+                    .map(|t| t.iter().filter_map(|t| t.as_str()).collect())
+                    .unwrap_or_default();
+                writeln!(
+                    out,
+                    "{} -> {}",
+                    a["from"].as_str().unwrap_or(""),
+                    targets.join(", ")
+                )?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error of ours.
+fn print_lines(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<(), String> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match f(&mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|e| e.to_string()),
+    }
 }
 
 fn queue_flush(data: PathBuf) -> Result<(), String> {

@@ -1,12 +1,15 @@
 //! The thread-per-core runtime: one pinned glommio executor per core, each listening on
 //! the SMTP address and owning its shards outright; signals and orderly shutdown.
 
+use crate::accounts::{Accounts, DirectoryCell};
 use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::queue::Spool;
 use crate::storeservice::StoreService;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+use ringmail_store::accounts::AccountIndex;
 use ringmail_store::{manifest, LogConfig};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +27,33 @@ pub fn pid_file(data: &std::path::Path) -> std::path::PathBuf {
     data.join("ringmail.pid")
 }
 
+/// Shards a new data directory is created with: one per executor.
+pub fn shard_count(cfg: &Config) -> u32 {
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cfg.cores
+        .unwrap_or(available)
+        .clamp(1, manifest::SHARDS_MAX as usize) as u32
+}
+
+/// Creates the data directory if needed and takes its lock (`DATA/lock`), or says
+/// clearly that another server (or an offline account change) holds it.
+pub fn lock_data(data: &std::path::Path) -> Result<std::fs::File, String> {
+    std::fs::create_dir_all(data)
+        .map_err(|e| format!("cannot create data directory {}: {e}", data.display()))?;
+    match crate::accounts::try_lock(data) {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err(format!(
+            "data directory {} is in use: another ringmail holds {}",
+            data.display(),
+            crate::accounts::lock_path(data).display()
+        )),
+        Err(e) => Err(format!(
+            "cannot lock {}: {e}",
+            crate::accounts::lock_path(data).display()
+        )),
+    }
+}
+
 /// How often an executor looks at the process-wide shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 
@@ -34,11 +64,11 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     raise_open_files_limit();
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = cfg.cores.unwrap_or(available);
-    let m = manifest::open_or_create(
-        &cfg.data,
-        cores.clamp(1, manifest::SHARDS_MAX as usize) as u32,
-    )
-    .map_err(|e| format!("data directory {}: {e}", cfg.data.display()))?;
+    // One writer per log: held until the process ends (the kernel drops it then,
+    // however the process ends).
+    let _lock = lock_data(&cfg.data)?;
+    let m = manifest::open_or_create(&cfg.data, shard_count(&cfg))
+        .map_err(|e| format!("data directory {}: {e}", cfg.data.display()))?;
     let executors = cores.min(m.shards as usize);
     if executors < cores {
         tracing::warn!(
@@ -81,6 +111,8 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     // Cross-core reads (see `storeservice`): every executor joins before it opens
     // its shards, and its place in the mesh is its index.
     let mesh = crate::storeservice::mesh(executors);
+    // Loaded by executor 0 from shard 0, then swapped after every account change.
+    let directory = DirectoryCell::new();
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("ringmail")
         .on_all_shards(move || {
@@ -89,6 +121,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let slot = next_index.fetch_add(1, Ordering::SeqCst);
             let ready = ready.clone();
             let listener = listeners.lock().unwrap()[slot].take();
+            let directory = directory.clone();
             async move {
                 let listener = listener.expect("one listener per executor");
                 let store = StoreService::join(mesh, &cfg.data).await?;
@@ -103,6 +136,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
                     shutdown.clone(),
                     ready,
                     store,
+                    directory,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -139,6 +173,8 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     }
 }
 
+// Each argument is a separate piece of the executor's start-up context, used once.
+#[allow(clippy::too_many_arguments)]
 async fn executor_main(
     index: usize,
     listener: std::os::fd::OwnedFd,
@@ -147,17 +183,33 @@ async fn executor_main(
     shutdown: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
     store: StoreService,
+    directory: Arc<DirectoryCell>,
 ) -> Result<(), String> {
     let executors = store.executors();
     let mut spools = Vec::new();
+    let mut accounts = None;
     for shard in (0..shards).filter(|k| *k as usize % executors == index) {
-        let spool = Spool::open(
+        let mut others: Vec<Rc<RefCell<dyn ringmail_store::Index>>> = Vec::new();
+        // The account index comes first among shard 0's other indexes: snapshot
+        // sections are numbered by place, and the offline reader
+        // (`accounts::cli`) counts on it.
+        if shard == 0 {
+            let ix = Rc::new(RefCell::new(AccountIndex::default()));
+            others.push(ix.clone());
+            accounts = Some(Rc::new(Accounts::new(
+                ix,
+                &cfg.local_domains,
+                Some(directory.clone()),
+            )));
+        }
+        let spool = Spool::open_with(
             &cfg.data,
             shard,
             LogConfig {
                 segment_bytes_max: cfg.segment_bytes_max,
                 zero_ahead: cfg.log_zero_ahead,
             },
+            others,
         )
         .await
         .map_err(|e| {
@@ -191,12 +243,34 @@ async fn executor_main(
         }
     }
     store.exchange_refs(foreign);
+    // Shard 0's accounts: published for every executor, and changed through the
+    // control socket from now on.
+    let control = match &accounts {
+        Some(a) => {
+            a.publish();
+            let spool0 = spools
+                .iter()
+                .find(|s| s.shard == 0)
+                .expect("shard 0 is here");
+            Some(crate::accounts::control::Control::start(
+                &cfg.data,
+                a.clone(),
+                spool0.clone(),
+            )?)
+        }
+        None => None,
+    };
     let ring = crate::net::Ring::start()
         .map_err(|e| format!("executor {index}: cannot set up its io_uring: {e}"))?;
-    let ingest = Ingest::new(cfg.clone(), spools.clone(), ring.clone());
+    let check: Rc<dyn crate::smtp::LocalRecipients> = Rc::new(crate::accounts::RcptCheck {
+        cell: directory.clone(),
+    });
+    let ingest = Ingest::with_recipients(cfg.clone(), spools.clone(), ring.clone(), Some(check));
     let delivery = crate::delivery::scheduler::Delivery::new(cfg.clone(), ring, spools.clone());
     let delivery_task = glommio::spawn_local(delivery.clone().run());
-    if ready.fetch_add(1, Ordering::SeqCst) + 1 == executors {
+    // No RCPT for a local domain is answered before shard 0's accounts are known.
+    let loaded = directory.wait_loaded(&shutdown).await;
+    if loaded && ready.fetch_add(1, Ordering::SeqCst) + 1 == executors {
         tracing::info!(smtp = %cfg.smtp, executors, shards, data = %cfg.data.display(), "ringmail ready");
     }
 
@@ -216,8 +290,13 @@ async fn executor_main(
             ingest.begin_shutdown();
         })
     };
-    ingest.clone().accept_loop(listener).await;
+    if loaded {
+        ingest.clone().accept_loop(listener).await;
+    }
     watcher.await;
+    if let Some(c) = &control {
+        c.close().await;
+    }
     ingest.drained(cfg.shutdown_grace).await;
     delivery.stop();
     delivery_task.await;

@@ -276,7 +276,17 @@ pub fn record_decode(data: &[u8]) {
         Kind::Checkpoint => {
             let _ = ringmail_store::shard::decode_id_checkpoint(payload);
         }
-        Kind::Mail | Kind::Account => {}
+        Kind::Account => {
+            use ringmail_store::accounts::AccountRecord;
+            // What decodes encodes back to the same bytes (replay and snapshots
+            // rely on one spelling per record).
+            if let Ok(r) = AccountRecord::decode(payload) {
+                let mut again = Vec::new();
+                r.encode(&mut again);
+                assert_eq!(again, payload, "account record re-encodes differently");
+            }
+        }
+        Kind::Mail => {}
     };
     let framed;
     let segment: &[u8] = if mode == 0 {

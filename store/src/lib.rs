@@ -13,6 +13,7 @@
 //! next segment's header) before the batch is answered, so they are never replayed. A
 //! shard that can do neither stops taking records until a restart.
 
+pub mod accounts;
 pub mod codec;
 pub mod handle;
 pub mod log;

@@ -31,10 +31,22 @@ pub struct Ingest {
     stopping: Cell<bool>,
     stop: Event,
     idle: Event,
+    /// The account directory's RCPT check for local domains (none: all accepted).
+    recipients: Option<Rc<dyn smtp::LocalRecipients>>,
 }
 
 impl Ingest {
     pub fn new(cfg: Rc<Config>, spools: Vec<Rc<Spool>>, ring: Rc<Ring>) -> Rc<Ingest> {
+        Self::with_recipients(cfg, spools, ring, None)
+    }
+
+    /// [`Ingest::new`], checking local recipients against `recipients`.
+    pub fn with_recipients(
+        cfg: Rc<Config>,
+        spools: Vec<Rc<Spool>>,
+        ring: Rc<Ring>,
+        recipients: Option<Rc<dyn smtp::LocalRecipients>>,
+    ) -> Rc<Ingest> {
         assert!(!spools.is_empty(), "an executor serves at least one shard");
         Rc::new(Ingest {
             ring,
@@ -46,6 +58,7 @@ impl Ingest {
             stopping: Cell::new(false),
             stop: Event::new(),
             idle: Event::new(),
+            recipients,
         })
     }
 
@@ -131,6 +144,9 @@ impl Ingest {
     async fn session(self: &Rc<Self>, fd: &OwnedFd, peer: SocketAddr) {
         let fd = fd.as_raw_fd();
         let mut s = Session::new(self.smtp.clone(), self.cfg.relay_allowed(peer.ip()));
+        if let Some(r) = &self.recipients {
+            s.set_local_recipients(r.clone());
+        }
         let mut copied = 0;
         loop {
             // Run the core over what was received; store finished messages in order.

@@ -62,6 +62,27 @@ pub struct Config {
     pub limits: Limits,
 }
 
+/// What the account directory says about a recipient in a local domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalVerdict {
+    Accept,
+    /// No user, alias or catch-all has it: `550 5.1.1`.
+    Unknown,
+    /// Its mailbox is at or over quota, or the announced size would take it over:
+    /// `452 4.2.2`.
+    Full,
+}
+
+/// The account directory as RCPT asks it. The driver supplies it
+/// ([`Session::set_local_recipients`]); without one every recipient of a local
+/// domain is accepted. `postmaster` is never asked about: it is always accepted
+/// (RFC 5321 §4.5.1).
+pub trait LocalRecipients {
+    /// `address` as the client gave it, whose `domain` is local; `declared`: the
+    /// MAIL command's SIZE=, if any.
+    fn check(&self, address: &str, domain: &str, declared: Option<u64>) -> LocalVerdict;
+}
+
 /// A message the client finished sending, to be made durable by the driver.
 #[derive(Debug, Default)]
 pub struct Transaction {
@@ -143,6 +164,8 @@ struct Mail {
     /// How large the message is expected to be (SIZE=, or the session's last one):
     /// receive chunks are sized by it.
     expected: Option<usize>,
+    /// The SIZE= of the MAIL command (quotas are checked against it at RCPT).
+    declared: Option<usize>,
     /// Bytes of the message seen, stored or not (the size limit counts these).
     size: usize,
     refusal: Option<Refusal>,
@@ -188,6 +211,7 @@ pub struct Session {
     errors: u32,
     /// Size of the last message of this session: the next one is likely alike.
     last_body_len: usize,
+    recipients: Option<Rc<dyn LocalRecipients>>,
 }
 
 const READ_CHUNK_BYTES: usize = 16 << 10;
@@ -221,10 +245,16 @@ impl Session {
             line: DataLine::default(),
             errors: 0,
             last_body_len: 0,
+            recipients: None,
         };
         let greeting = format!("220 {} ESMTP ringmail\r\n", s.cfg.hostname);
         s.reply(&greeting);
         s
+    }
+
+    /// Recipients of local domains are checked against `r` from now on.
+    pub fn set_local_recipients(&mut self, r: Rc<dyn LocalRecipients>) {
+        self.recipients = Some(r);
     }
 
     /// Free space to receive into; report how much was received with `filled`.
@@ -700,6 +730,7 @@ impl Session {
             return self.error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8\r\n");
         }
         // Receive chunks of about the right size (they never grow by copying).
+        mail.declared = declared;
         mail.expected = declared
             .or((self.last_body_len > 0).then(|| self.last_body_len + self.last_body_len / 8));
         self.mail = Some(mail);
@@ -811,6 +842,27 @@ impl Session {
                 sanitize(&to.address)
             );
             return self.error(&r);
+        }
+        if let (true, Some(d), Some(check)) = (local, to.domain(), &self.recipients) {
+            let local_part = &to.address[..to.address.len() - d.len() - 1];
+            if !local_part.eq_ignore_ascii_case("postmaster") {
+                let declared = self.mail.as_ref().unwrap().declared.map(|s| s as u64);
+                match check.check(&to.address, d, declared) {
+                    LocalVerdict::Accept => {}
+                    LocalVerdict::Unknown => {
+                        let r = format!(
+                            "550 5.1.1 <{}>: Recipient address rejected: User unknown in local recipient table\r\n",
+                            sanitize(&to.address)
+                        );
+                        return self.error(&r);
+                    }
+                    LocalVerdict::Full => {
+                        // Temporary: the client keeps the mail and retries.
+                        let r = format!("452 4.2.2 <{}>: Mailbox full\r\n", sanitize(&to.address));
+                        return self.reply(&r);
+                    }
+                }
+            }
         }
         self.mail.as_mut().unwrap().recipients.push(rcpt);
         self.reply("250 2.1.5 Ok\r\n");

@@ -689,3 +689,77 @@ fn receive_chunks_start_small_again_after_a_large_message() {
         "a 20000-byte message held {max_held} bytes"
     );
 }
+
+/// A directory of one domain: `bob` exists, `full` is at its quota, `small` takes at
+/// most 100 more bytes; it records what it was asked.
+struct Directory(std::cell::RefCell<Vec<(String, String, Option<u64>)>>);
+
+impl super::server::LocalRecipients for Directory {
+    fn check(
+        &self,
+        address: &str,
+        domain: &str,
+        declared: Option<u64>,
+    ) -> super::server::LocalVerdict {
+        use super::server::LocalVerdict::*;
+        self.0
+            .borrow_mut()
+            .push((address.into(), domain.into(), declared));
+        match address.split('@').next().unwrap() {
+            "bob" => Accept,
+            "full" => Full,
+            "small" if declared.unwrap_or(0) > 100 => Full,
+            "small" => Accept,
+            _ => Unknown,
+        }
+    }
+}
+
+#[test]
+fn local_recipients_are_checked_against_the_directory_and_postmaster_always_passes() {
+    let dir = Rc::new(Directory(Default::default()));
+    let mut s = Session::new(config(Limits::default()), false);
+    s.set_local_recipients(dir.clone());
+    s.push(
+        b"EHLO c\r\nMAIL FROM:<a@c.test> SIZE=500\r\nRCPT TO:<bob@local.test>\r\n\
+          RCPT TO:<nobody@LOCAL.test>\r\nRCPT TO:<full@local.test>\r\n\
+          RCPT TO:<small@local.test>\r\nRCPT TO:<PostMaster@local.test>\r\n\
+          RCPT TO:<Postmaster>\r\nRCPT TO:<x@remote.test>\r\nRSET\r\n\
+          MAIL FROM:<a@c.test>\r\nRCPT TO:<small@local.test>\r\n",
+    );
+    assert!(matches!(s.process(), Step::NeedInput));
+    let out = String::from_utf8(s.output().to_vec()).unwrap();
+    let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with("250-")).collect();
+    assert_eq!(
+        lines[3..],
+        [
+            "250 2.1.5 Ok",
+            "550 5.1.1 <nobody@LOCAL.test>: Recipient address rejected: User unknown in local recipient table",
+            "452 4.2.2 <full@local.test>: Mailbox full",
+            "452 4.2.2 <small@local.test>: Mailbox full",
+            "250 2.1.5 Ok",
+            "250 2.1.5 Ok",
+            // Not local, and this client may not relay: the directory is not asked.
+            "554 5.7.1 <x@remote.test>: Relay access denied",
+            "250 2.0.0 Ok",
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+        ],
+        "{out}"
+    );
+    let asked = dir.0.borrow();
+    let asked: Vec<_> = asked
+        .iter()
+        .map(|(a, d, s)| (a.as_str(), d.as_str(), *s))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            ("bob@local.test", "local.test", Some(500)),
+            ("nobody@LOCAL.test", "LOCAL.test", Some(500)),
+            ("full@local.test", "local.test", Some(500)),
+            ("small@local.test", "local.test", Some(500)),
+            ("small@local.test", "local.test", None),
+        ]
+    );
+}
