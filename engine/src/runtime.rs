@@ -173,6 +173,8 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     }
 }
 
+// Each argument is a separate piece of the executor's start-up context, used once.
+#[allow(clippy::too_many_arguments)]
 async fn executor_main(
     index: usize,
     listener: std::os::fd::OwnedFd,
@@ -222,6 +224,25 @@ async fn executor_main(
         spool.on_segment_deleted(move |shard, seq| service.segment_deleted(shard, seq));
         spools.push(spool);
     }
+    // References across shards (docs/mailboxes.md): the owners count what this
+    // executor's shards refer to. Mail is taken meanwhile; only the shards' snapshots
+    // and compaction wait until every executor has sent its own.
+    let mut foreign: std::collections::HashMap<u32, Vec<u64>> = Default::default();
+    for spool in &spools {
+        for (target, ids) in spool.take_foreign() {
+            if target >= shards {
+                tracing::warn!(
+                    shard = spool.shard,
+                    target,
+                    refs = ids.len(),
+                    "references to a shard that does not exist"
+                );
+                continue;
+            }
+            foreign.entry(target).or_default().extend(ids);
+        }
+    }
+    store.exchange_refs(foreign);
     // Shard 0's accounts: published for every executor, and changed through the
     // control socket from now on.
     let control = match &accounts {

@@ -18,6 +18,25 @@
 //! their caches close the file and its disk space is freed. Reads of a shard owned by
 //! the reader's own executor skip the channels (a [`LocalPin`]).
 //!
+//! References across shards (docs/mailboxes.md, "Message handles and references
+//! across shards") go over the same channels: a shard's count of references to its
+//! messages includes those other shards' indexes hold, which are never logged.
+//!
+//! - At start every executor opens its shards, then hands the references they
+//!   recovered to other shards' messages to [`StoreService::exchange_refs`]: those
+//!   for shards owned here are applied at once, the others posted to their owners
+//!   (`Refs`), then `RefsDone` to every peer. An owner settles its shards
+//!   ([`Owner::settle`]: what nobody refers to becomes garbage, compaction may run)
+//!   once it exchanged its own and every peer said done ([`StoreService::settled`]).
+//!   Peers open their shards at different speeds: references for a shard not open
+//!   yet are held and applied when it is ([`StoreService::add_owner`]).
+//! - At run time [`StoreService::add_ref`] and [`StoreService::drop_ref`] apply to a
+//!   shard of this executor directly and go to another owner through the per-peer
+//!   outbox, which is FIFO: an add sent before a drop of the same handle is applied
+//!   first. Consecutive references of one kind to one peer share a `Refs` message
+//!   (up to [`REFS_PER_MSG`]), so a million foreign references at start are
+//!   150 000 channel sends, not a million.
+//!
 //! Nothing here waits on a send while handling a received message: answers and unpins
 //! go to a per-peer outbox drained by a task of their own, so two executors answering
 //! each other with full channels cannot deadlock, and a pin can be released from a
@@ -50,7 +69,21 @@ pub enum Msg {
     Unpin { shard: u32, seq: u64 },
     /// The owner deleted the segment: close it if it is open.
     Deleted { shard: u32, seq: u64 },
+    /// References taken (`add`) or given up on the first `n` of `ids`, messages of
+    /// shards the receiver owns, to be applied in this order.
+    Refs {
+        add: bool,
+        n: u8,
+        ids: [u64; REFS_PER_MSG],
+    },
+    /// The sender has sent every reference its shards recovered to the receiver's
+    /// messages.
+    RefsDone,
 }
+
+/// References one `Refs` message carries: as many as fit in the room the largest
+/// message (`Answer`) takes anyway.
+pub const REFS_PER_MSG: usize = 7;
 
 /// The mesh every executor joins (one per server, built before the executors start).
 pub type Mesh = MeshBuilder<Msg, Full>;
@@ -106,6 +139,22 @@ struct Inner {
     senders_running: Cell<usize>,
     served: Cell<u64>,
     sent: Cell<u64>,
+    /// References for shards owned here that are not open yet: (add, id), in the
+    /// order they came, applied by `add_owner`.
+    held_refs: RefCell<HashMap<u32, Vec<(bool, u64)>>>,
+    /// Peers that sent `RefsDone`.
+    refs_done: RefCell<Vec<bool>>,
+    /// This executor's own shards' foreign references are exchanged.
+    exchanged: Cell<bool>,
+    settled: Cell<bool>,
+    /// Fires when references from a peer were applied or held, at `RefsDone`, and
+    /// when this executor settles.
+    refs_event: Event,
+    /// References applied or held that came from peers, for tests and statistics.
+    refs_received: Cell<u64>,
+    /// Added references whose message is not stored: a damaged shard, reported
+    /// when it settles.
+    refs_to_nothing: Cell<u64>,
 }
 
 /// One executor's end of the cross-core read protocol (see the module comment).
@@ -144,6 +193,13 @@ impl StoreService {
             senders_running: Cell::new(peers.saturating_sub(1)),
             served: Cell::new(0),
             sent: Cell::new(0),
+            held_refs: RefCell::new(HashMap::new()),
+            refs_done: RefCell::new(vec![false; peers]),
+            exchanged: Cell::new(false),
+            settled: Cell::new(false),
+            refs_event: Event::new(),
+            refs_received: Cell::new(0),
+            refs_to_nothing: Cell::new(0),
         });
         let senders = Rc::new(senders);
         for p in (0..peers).filter(|p| *p != inner.peer) {
@@ -185,14 +241,98 @@ impl StoreService {
     }
 
     /// Registers a shard this executor owns: other executors' requests for it are
-    /// answered by `owner`.
+    /// answered by `owner`, and the references that came for it before it was open
+    /// are applied now.
     pub fn add_owner(&self, shard: u32, owner: Rc<dyn Owner>) {
         debug_assert_eq!(
             self.owner_of(shard),
             self.0.peer,
             "shard {shard} is not ours"
         );
-        self.0.owners.borrow_mut().insert(shard, owner);
+        self.0.owners.borrow_mut().insert(shard, owner.clone());
+        let held = self.0.held_refs.borrow_mut().remove(&shard);
+        for (add, id) in held.into_iter().flatten() {
+            self.0.apply_ref(add, id);
+        }
+        if self.0.settled.get() {
+            // Every reference to it is here already: every peer said done, and ours
+            // were exchanged (held, had it not been open).
+            owner.settle();
+        }
+    }
+
+    /// One more reference to `handle`'s message, held by an index of this
+    /// executor's. Applied now when this executor owns the shard, else sent to its
+    /// owner ahead of anything posted to it later. Only after
+    /// [`StoreService::exchange_refs`]: a drop before it could reach an owner that
+    /// has not counted the reference it gives up.
+    pub fn add_ref(&self, handle: Handle) {
+        self.0.route_ref(true, handle);
+    }
+
+    /// Gives up a reference to `handle`'s message (see [`StoreService::add_ref`]).
+    pub fn drop_ref(&self, handle: Handle) {
+        self.0.route_ref(false, handle);
+    }
+
+    /// Hands the owners the references this executor's shards recovered to other
+    /// shards' messages (target shard -> ids, see `Shard::take_foreign`), then tells
+    /// every peer it is done. Called once, after every shard of this executor is
+    /// open (`add_owner`).
+    pub fn exchange_refs(&self, foreign: HashMap<u32, Vec<u64>>) {
+        let inner = &self.0;
+        assert!(!inner.exchanged.get(), "foreign references exchanged twice");
+        for (shard, ids) in foreign {
+            for id in ids {
+                debug_assert_eq!(Handle::of_id(id).shard, shard);
+                inner.route_ref(true, Handle::of_id(id));
+            }
+        }
+        for p in (0..inner.peers.len()).filter(|p| *p != inner.peer) {
+            inner.post(p, Msg::RefsDone);
+        }
+        inner.exchanged.set(true);
+        inner.maybe_settle();
+    }
+
+    /// Whether this executor's shards are settled (see the module comment).
+    pub fn is_settled(&self) -> bool {
+        self.0.settled.get()
+    }
+
+    /// Resolves once this executor's shards are settled: it exchanged its foreign
+    /// references and every peer said done. Never, if a peer goes away before.
+    pub async fn settled(&self) {
+        loop {
+            let listener = self.0.refs_event.listen();
+            if self.0.settled.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// References that came from peers (applied, or held for a shard not open yet).
+    pub fn refs_received(&self) -> u64 {
+        self.0.refs_received.get()
+    }
+
+    /// Fires when references from a peer arrived, a peer said done, or this
+    /// executor settled.
+    pub fn refs_changed(&self) -> EventListener {
+        self.0.refs_event.listen()
+    }
+
+    /// References held for shards of this executor that are not open yet, for tests.
+    #[cfg(test)]
+    fn held_refs(&self) -> usize {
+        self.0.held_refs.borrow().values().map(Vec::len).sum()
+    }
+
+    /// Peers that said done, for tests.
+    #[cfg(test)]
+    fn peers_done(&self) -> usize {
+        self.0.refs_done.borrow().iter().filter(|d| **d).count()
     }
 
     /// This executor's open segment files.
@@ -320,6 +460,105 @@ impl StoreService {
 }
 
 impl Inner {
+    /// A reference taken or given up by this executor: applied here if it owns the
+    /// shard, else queued for the owner.
+    fn route_ref(&self, add: bool, handle: Handle) {
+        debug_assert_eq!(Handle::of_id(handle.id), handle);
+        let owner = handle.shard as usize % self.peers.len();
+        if owner == self.peer {
+            self.apply_ref(add, handle.id);
+        } else {
+            self.post_ref(owner, add, handle.id);
+        }
+    }
+
+    /// Queues a reference for `peer`, in the last `Refs` of its outbox if that is of
+    /// the same kind and has room: nothing was queued after it, so order holds.
+    fn post_ref(&self, peer: usize, add: bool, id: u64) {
+        let p = &self.peers[peer];
+        if p.gone.get() || p.stopped.get() {
+            return;
+        }
+        if let Some(Msg::Refs { add: a, n, ids }) = p.outbox.borrow_mut().back_mut() {
+            if *a == add && (*n as usize) < REFS_PER_MSG {
+                ids[*n as usize] = id;
+                *n += 1;
+                return;
+            }
+        }
+        let mut ids = [0; REFS_PER_MSG];
+        ids[0] = id;
+        self.post(peer, Msg::Refs { add, n: 1, ids });
+    }
+
+    /// Applies a reference to a message of a shard owned here, or holds it until
+    /// the shard is open.
+    fn apply_ref(&self, add: bool, id: u64) {
+        let shard = Handle::of_id(id).shard;
+        let owner = self.owners.borrow().get(&shard).cloned();
+        match owner {
+            Some(o) if add => {
+                if !o.add_ref(id) {
+                    self.refs_to_nothing.set(self.refs_to_nothing.get() + 1);
+                }
+            }
+            Some(o) => {
+                o.drop_ref(id);
+            }
+            None => self
+                .held_refs
+                .borrow_mut()
+                .entry(shard)
+                .or_default()
+                .push((add, id)),
+        }
+    }
+
+    /// Settles every shard owned here once this executor exchanged its references
+    /// and every peer said done.
+    fn maybe_settle(&self) {
+        if self.settled.get() || !self.exchanged.get() {
+            return;
+        }
+        let all_done = self
+            .refs_done
+            .borrow()
+            .iter()
+            .enumerate()
+            .all(|(p, done)| *done || p == self.peer);
+        if !all_done {
+            return;
+        }
+        self.settled.set(true);
+        let owners: Vec<(u32, Rc<dyn Owner>)> = self
+            .owners
+            .borrow()
+            .iter()
+            .map(|(k, o)| (*k, o.clone()))
+            .collect();
+        for (_, o) in &owners {
+            o.settle();
+        }
+        let lost = self.refs_to_nothing.get();
+        if lost > 0 {
+            tracing::warn!(
+                executor = self.peer,
+                references = lost,
+                "references from other shards to messages whose records are gone"
+            );
+        }
+        let unopened: Vec<u32> = self.held_refs.borrow().keys().copied().collect();
+        if !unopened.is_empty() {
+            tracing::warn!(executor = self.peer, shards = ?unopened, "references held for shards that are not open");
+        }
+        tracing::info!(
+            executor = self.peer,
+            shards = owners.len(),
+            "references across shards settled"
+        );
+        self.refs_event.notify(usize::MAX);
+    }
+
     fn post(&self, peer: usize, msg: Msg) {
         let p = &self.peers[peer];
         if p.gone.get() || p.stopped.get() {
@@ -393,6 +632,24 @@ impl Inner {
             Msg::Deleted { shard, seq } => {
                 self.files.forget(shard, seq);
                 self.forgotten.notify(usize::MAX);
+            }
+            Msg::Refs { add, n, ids } => {
+                let ids = &ids[..(n as usize).min(REFS_PER_MSG)];
+                for &id in ids {
+                    if Handle::of_id(id).shard as usize % self.peers.len() == self.peer {
+                        self.apply_ref(add, id);
+                    } else {
+                        debug_assert!(false, "a reference to {id:X} sent to the wrong owner");
+                    }
+                }
+                self.refs_received
+                    .set(self.refs_received.get() + ids.len() as u64);
+                self.refs_event.notify(usize::MAX);
+            }
+            Msg::RefsDone => {
+                self.refs_done.borrow_mut()[from] = true;
+                self.refs_event.notify(usize::MAX);
+                self.maybe_settle();
             }
         }
     }
@@ -668,6 +925,8 @@ mod tests {
         log: ShardLog,
         map: RefCell<HashMap<u64, Resolved>>,
         pins: Pins,
+        /// References from other executors (the read tests take none).
+        refs: RefCell<HashMap<u64, u32>>,
     }
 
     impl Owner for TestShard {
@@ -676,6 +935,22 @@ mod tests {
         }
         fn pins(&self) -> &Pins {
             &self.pins
+        }
+        fn add_ref(&self, id: u64) -> bool {
+            let stored = self.map.borrow().contains_key(&id);
+            if stored {
+                *self.refs.borrow_mut().entry(id).or_default() += 1;
+            }
+            stored
+        }
+        fn drop_ref(&self, id: u64) -> u32 {
+            let mut refs = self.refs.borrow_mut();
+            let n = refs.entry(id).or_default();
+            *n = n.saturating_sub(1);
+            *n
+        }
+        fn settle(&self) -> usize {
+            0
         }
     }
 
@@ -699,6 +974,7 @@ mod tests {
                 log,
                 map: RefCell::new(HashMap::new()),
                 pins: Pins::default(),
+                refs: RefCell::new(HashMap::new()),
             })
         }
 
@@ -761,6 +1037,8 @@ mod tests {
         Dropped,
         Gone,
         Done,
+        Ids(Vec<u64>),
+        Exchanged,
     }
 
     struct Link {
@@ -796,6 +1074,17 @@ mod tests {
         RF: Future<Output = ()> + 'static,
     {
         let tmp = tempfile::tempdir().unwrap();
+        two_executors_in(tmp.path(), owner, reader);
+    }
+
+    /// [`two_executors`] on the data directory `data` (a restart: run it again).
+    fn two_executors_in<O, OF, R, RF>(data: &Path, owner: O, reader: R)
+    where
+        O: FnOnce(PathBuf, StoreService, Link) -> OF + Send + Clone + 'static,
+        OF: Future<Output = ()> + 'static,
+        R: FnOnce(PathBuf, StoreService, Link) -> RF + Send + Clone + 'static,
+        RF: Future<Output = ()> + 'static,
+    {
         let mesh = mesh(2);
         let (a_tx, a_rx) = shared_channel::new_bounded(4);
         let (b_tx, b_rx) = shared_channel::new_bounded(4);
@@ -803,7 +1092,7 @@ mod tests {
         let threads: Vec<_> = ends
             .into_iter()
             .map(|(tx, rx)| {
-                let (mesh, data) = (mesh.clone(), tmp.path().to_path_buf());
+                let (mesh, data) = (mesh.clone(), data.to_path_buf());
                 let (owner, reader) = (owner.clone(), reader.clone());
                 LocalExecutorBuilder::default()
                     .spawn(move || {
@@ -1113,6 +1402,8 @@ mod tests {
                     ..LogConfig::default()
                 };
                 let spool = Rc::new(Spool::open(&data, SHARD, cfg).await.unwrap());
+                // The reader's executor has no shard, so no references to send.
+                spool.store().settle_foreign();
                 let deleted = Rc::new(RefCell::new(Vec::new()));
                 {
                     let (svc, deleted) = (svc.clone(), deleted.clone());
@@ -1248,6 +1539,344 @@ mod tests {
                     forgotten.await;
                 }
                 link.send(Ctl::Done).await;
+            },
+        );
+    }
+
+    /// Every slot of every channel is allocated up front: batching references must
+    /// not make the message larger than an `Answer` made it already.
+    #[test]
+    fn a_refs_message_is_no_larger_than_an_answer() {
+        assert_eq!(
+            std::mem::size_of::<Msg>(),
+            std::mem::size_of::<(u64, Option<Resolved>)>() + 8,
+            "the answer and a tag"
+        );
+    }
+
+    /// A mailbox index as far as references go: per message (of any shard) the
+    /// references it holds. Its records (`Kind::Mail`, the test's own payload) carry
+    /// the absolute count, so replaying one twice changes nothing.
+    #[derive(Default)]
+    struct RefIndex(std::collections::BTreeMap<u64, u32>);
+
+    fn ref_record(id: u64, n: u32) -> Vec<u8> {
+        let mut b = id.to_le_bytes().to_vec();
+        b.extend_from_slice(&n.to_le_bytes());
+        b
+    }
+
+    fn decode_ref(p: &[u8]) -> Result<(u64, u32), &'static str> {
+        if p.len() != 12 {
+            return Err("bad reference record");
+        }
+        Ok((
+            u64::from_le_bytes(p[..8].try_into().unwrap()),
+            u32::from_le_bytes(p[8..].try_into().unwrap()),
+        ))
+    }
+
+    impl RefIndex {
+        fn set(&mut self, id: u64, n: u32) {
+            if n == 0 {
+                self.0.remove(&id);
+            } else {
+                self.0.insert(id, n);
+            }
+        }
+    }
+
+    impl ringmail_store::Index for RefIndex {
+        fn replay(&mut self, rec: ringmail_store::Replayed<'_>) -> Result<(), &'static str> {
+            if let ringmail_store::Replayed::Record {
+                kind: Kind::Mail,
+                payload,
+                ..
+            } = rec
+            {
+                let (id, n) = decode_ref(payload)?;
+                self.set(id, n);
+            }
+            Ok(())
+        }
+        fn refs(&self, each: &mut dyn FnMut(u64)) {
+            for (id, n) in &self.0 {
+                (0..*n).for_each(|_| each(*id));
+            }
+        }
+        fn snapshot_chunk(
+            &self,
+            cursor: Option<u64>,
+            out: &mut dyn FnMut(&[u8]) -> bool,
+        ) -> Option<u64> {
+            use std::ops::Bound::{Excluded, Unbounded};
+            for (id, n) in self
+                .0
+                .range((cursor.map_or(Unbounded, Excluded), Unbounded))
+            {
+                if !out(&ref_record(*id, *n)) {
+                    return Some(*id);
+                }
+            }
+            None
+        }
+        fn load(&mut self, item: &[u8]) -> Result<(), &'static str> {
+            let (id, n) = decode_ref(item)?;
+            self.0.insert(id, n);
+            Ok(())
+        }
+        fn clear(&mut self) {
+            self.0.clear();
+        }
+    }
+
+    /// This executor's shard (shard k is executor k's with two) as a spool with a
+    /// [`RefIndex`].
+    async fn open_refs_spool(
+        data: &Path,
+        svc: &StoreService,
+    ) -> (Rc<crate::queue::Spool>, Rc<RefCell<RefIndex>>) {
+        let ix = Rc::new(RefCell::new(RefIndex::default()));
+        let others: Vec<Rc<RefCell<dyn ringmail_store::Index>>> = vec![ix.clone()];
+        let spool =
+            crate::queue::Spool::open_with(data, svc.peer() as u32, LogConfig::default(), others)
+                .await
+                .unwrap();
+        (Rc::new(spool), ix)
+    }
+
+    /// Logs the index's count of `id` and applies it once durable.
+    async fn log_ref(spool: &crate::queue::Spool, ix: &RefCell<RefIndex>, id: u64, n: u32) {
+        let t = spool
+            .store()
+            .append(Kind::Mail, |out| out.extend_from_slice(&ref_record(id, n)))
+            .unwrap();
+        spool.store().durable(&t).await.unwrap();
+        ix.borrow_mut().set(id, n);
+    }
+
+    async fn enqueue_one(spool: &crate::queue::Spool) -> u64 {
+        use ringmail_store::message::{Envelope, Recipient};
+        let id = spool.next_id().await.unwrap();
+        let env = Envelope {
+            id,
+            from: "a@src.test".into(),
+            recipients: vec![Recipient {
+                address: "b@localhost".into(),
+                ..Recipient::default()
+            }],
+            ..Envelope::default()
+        };
+        spool.enqueue(env, b"", body(id, 500)).await.unwrap();
+        id
+    }
+
+    async fn deliver(spool: &crate::queue::Spool, id: u64) {
+        spool
+            .record(ringmail_store::message::RcptUpdate {
+                id,
+                rcpt: 0,
+                status: crate::queue::RcptStatus::Delivered,
+                attempts: 1,
+                next_attempt_ms: 0,
+                reply: "250 ok".into(),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Waits until `f` holds, looking again whenever references change.
+    async fn until_refs(svc: &StoreService, f: impl Fn() -> bool) {
+        loop {
+            let l = svc.refs_changed();
+            if f() {
+                return;
+            }
+            l.await;
+        }
+    }
+
+    /// First run, on both executors alike: each stores two messages, hands one to
+    /// the other executor's index (adding the reference first, as the owner does
+    /// before it hands a delivery on) and delivers both from its queue, so only the
+    /// other shard refers to the kept one. Then the logs close without a snapshot
+    /// (a kill): the next start replays the queue's and the index's records.
+    async fn first_run(data: PathBuf, svc: StoreService, link: Link) {
+        let (spool, ix) = open_refs_spool(&data, &svc).await;
+        svc.add_owner(spool.shard, spool.clone());
+        svc.exchange_refs(spool.take_foreign());
+        svc.settled().await;
+        let keep = enqueue_one(&spool).await;
+        let gone = enqueue_one(&spool).await;
+        assert!(spool.store().add_ref(keep));
+        link.send(Ctl::Ids(vec![keep, gone])).await;
+        let Ctl::Ids(theirs) = link.recv().await else {
+            panic!("expected Ids")
+        };
+        log_ref(&spool, &ix, theirs[0], 1).await;
+        link.send(Ctl::Done).await;
+        assert!(matches!(link.recv().await, Ctl::Done));
+        deliver(&spool, keep).await;
+        deliver(&spool, gone).await;
+        assert_eq!(spool.store().refs(keep), 1, "the other shard's");
+        assert_eq!(spool.resolve(gone), None);
+        spool.store().close().await;
+    }
+
+    #[test]
+    fn foreign_references_are_exchanged_at_start_and_applied_in_order_across_executors() {
+        let tmp = tempfile::tempdir().unwrap();
+        ringmail_store::manifest::open_or_create(tmp.path(), 2).unwrap();
+        two_executors_in(tmp.path(), first_run, first_run);
+        two_executors_in(
+            tmp.path(),
+            // Executor 1 opens its shard only after executor 0's references to it
+            // arrived: they are held, and applied when it opens.
+            |data, svc, link| async move {
+                assert!(matches!(link.recv().await, Ctl::Exchanged));
+                until_refs(&svc, || svc.peers_done() == 1).await;
+                assert_eq!(svc.held_refs(), 1, "executor 0's reference, held");
+                assert!(!svc.is_settled());
+                let (spool, ix) = open_refs_spool(&data, &svc).await;
+                assert_eq!(ix.borrow().0.len(), 1, "shard 0's kept message");
+                let (&theirs, _) = ix.borrow().0.iter().next().map(|(a, b)| (a, *b)).unwrap();
+                assert_eq!(Handle::of_id(theirs).shard, 0);
+                // Unsettled: both of its messages are still there, at no reference.
+                let unreferenced: Vec<u64> = {
+                    let m = spool.store();
+                    let mut v: Vec<u64> = (0..4)
+                        .map(|k| ringmail_store::shard::make_id(1, k))
+                        .filter(|id| m.resolve(*id).is_some())
+                        .collect();
+                    v.sort_unstable();
+                    v
+                };
+                assert_eq!(unreferenced.len(), 2, "{unreferenced:X?}");
+                svc.add_owner(1, spool.clone());
+                assert_eq!(svc.held_refs(), 0);
+                let kept: Vec<u64> = unreferenced
+                    .iter()
+                    .copied()
+                    .filter(|id| spool.store().refs(*id) == 1)
+                    .collect();
+                assert_eq!(kept.len(), 1, "executor 0's reference applied to one");
+                let kept = kept[0];
+                let gone = *unreferenced.iter().find(|id| **id != kept).unwrap();
+                let foreign = spool.take_foreign();
+                assert_eq!(foreign.get(&0), Some(&vec![theirs]));
+                svc.exchange_refs(foreign);
+                // Its own references exchanged and executor 0 done: settled.
+                assert!(svc.is_settled());
+                svc.settled().await;
+                assert_eq!(spool.resolve(gone), None, "nobody refers to it");
+                assert!(spool.resolve(kept).is_some());
+                link.send(Ctl::Ids(vec![kept])).await;
+                // Executor 0 copies the entry 50 times over and expunges the old
+                // one each time (add, then drop), then expunges the last: the count
+                // never reaches zero early, and at the end it does. (Received so
+                // far: the one from the start, then those 100, then the last.)
+                assert!(matches!(link.recv().await, Ctl::Done));
+                until_refs(&svc, || svc.refs_received() > 100).await;
+                assert_eq!(spool.store().refs(kept), 1, "added before dropped");
+                link.send(Ctl::Done).await;
+                until_refs(&svc, || svc.refs_received() > 101).await;
+                assert_eq!(spool.resolve(kept), None, "the last reference went");
+                link.send(Ctl::Done).await;
+                spool.close().await;
+            },
+            |data, svc, link| async move {
+                let (spool, ix) = open_refs_spool(&data, &svc).await;
+                svc.add_owner(0, spool.clone());
+                let foreign = spool.take_foreign();
+                assert_eq!(foreign.get(&1).map(Vec::len), Some(1));
+                svc.exchange_refs(foreign);
+                assert!(!svc.is_settled(), "executor 1 has not said done");
+                link.send(Ctl::Exchanged).await;
+                svc.settled().await;
+                let mine: Vec<u64> = (0..4)
+                    .map(|k| ringmail_store::shard::make_id(0, k))
+                    .filter(|id| spool.resolve(*id).is_some())
+                    .collect();
+                assert_eq!(mine.len(), 1, "the message shard 1 refers to, only");
+                assert_eq!(spool.store().refs(mine[0]), 1);
+                let Ctl::Ids(kept) = link.recv().await else {
+                    panic!("expected Ids")
+                };
+                let h = Handle::of_id(kept[0]);
+                assert_eq!(ix.borrow().0.get(&h.id), Some(&1));
+                for _ in 0..50 {
+                    svc.add_ref(h);
+                    svc.drop_ref(h);
+                }
+                link.send(Ctl::Done).await;
+                assert!(matches!(link.recv().await, Ctl::Done));
+                log_ref(&spool, &ix, h.id, 0).await;
+                svc.drop_ref(h);
+                assert!(matches!(link.recv().await, Ctl::Done));
+                spool.close().await;
+            },
+        );
+    }
+
+    /// Start-up with a million references from one shard to the other's messages:
+    /// they travel [`REFS_PER_MSG`] to a message.
+    #[test]
+    fn a_million_foreign_references_settle_quickly() {
+        const N: u32 = 1_000_000;
+        let tmp = tempfile::tempdir().unwrap();
+        ringmail_store::manifest::open_or_create(tmp.path(), 2).unwrap();
+        two_executors_in(
+            tmp.path(),
+            |data, svc, link| async move {
+                let (spool, _ix) = open_refs_spool(&data, &svc).await;
+                svc.add_owner(1, spool.clone());
+                svc.exchange_refs(spool.take_foreign());
+                let id = enqueue_one(&spool).await;
+                link.send(Ctl::Ids(vec![id])).await;
+                assert!(matches!(link.recv().await, Ctl::Done));
+                spool.store().close().await;
+            },
+            |data, svc, link| async move {
+                let (spool, ix) = open_refs_spool(&data, &svc).await;
+                svc.add_owner(0, spool.clone());
+                svc.exchange_refs(spool.take_foreign());
+                let Ctl::Ids(id) = link.recv().await else {
+                    panic!("expected Ids")
+                };
+                log_ref(&spool, &ix, id[0], N).await;
+                link.send(Ctl::Done).await;
+                spool.store().close().await;
+            },
+        );
+        two_executors_in(
+            tmp.path(),
+            |data, svc, link| async move {
+                let (spool, _ix) = open_refs_spool(&data, &svc).await;
+                svc.add_owner(1, spool.clone());
+                svc.exchange_refs(spool.take_foreign());
+                svc.settled().await;
+                assert_eq!(svc.refs_received(), N as u64);
+                let id = ringmail_store::shard::make_id(1, 1);
+                assert_eq!(spool.store().refs(id), N + 1, "the queue's and shard 0's");
+                link.send(Ctl::Done).await;
+                spool.close().await;
+            },
+            |data, svc, link| async move {
+                let (spool, _ix) = open_refs_spool(&data, &svc).await;
+                svc.add_owner(0, spool.clone());
+                let foreign = spool.take_foreign();
+                let start = std::time::Instant::now();
+                svc.exchange_refs(foreign);
+                assert!(matches!(link.recv().await, Ctl::Done));
+                let took = start.elapsed();
+                eprintln!("{N} foreign references exchanged and settled in {took:?}");
+                let messages = svc.sent();
+                assert!(
+                    messages <= (N as u64).div_ceil(REFS_PER_MSG as u64) + 2,
+                    "{messages} messages for {N} references"
+                );
+                svc.settled().await;
+                spool.close().await;
             },
         );
     }

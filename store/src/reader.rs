@@ -34,10 +34,21 @@ use std::sync::Arc;
 /// the answer and the pin. The owner must move a handle's entry to a record's new copy
 /// before it deletes the old segment, so a handle never resolves into a segment that
 /// is being deleted.
+///
+/// The owner also keeps the counts of references other shards' indexes hold to its
+/// messages (docs/mailboxes.md, "Message handles and references across shards"):
+/// the engine's store service applies them here as they arrive.
 pub trait Owner {
     /// Where message `id` is now, if it lives (and is durable).
     fn resolve(&self, id: u64) -> Option<Resolved>;
     fn pins(&self) -> &Pins;
+    /// One more reference to message `id`; false if it is not stored (any more).
+    fn add_ref(&self, id: u64) -> bool;
+    /// One reference fewer; the references left.
+    fn drop_ref(&self, id: u64) -> u32;
+    /// Every shard's references to this one were applied: drop what nobody refers
+    /// to (see `Shard::settle_foreign`). Returns the messages dropped.
+    fn settle(&self) -> usize;
 }
 
 /// Bytes of a body read at a time by [`Pieces`]: large enough that a read costs far

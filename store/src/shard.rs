@@ -168,8 +168,14 @@ impl Entry {
 
 /// What replaying a shard gives.
 pub struct Recovered {
-    /// Referenced messages, with their counts.
+    /// Every message replay found, with the references this shard's indexes hold
+    /// (zero for one only another shard's index may refer to: kept until the shard
+    /// settles, see [`Shard::settle_foreign`]).
     pub map: HashMap<u64, Entry>,
+    /// The references this shard's indexes hold to other shards' messages: target
+    /// shard -> ids (an id once per reference). The owners count them
+    /// (docs/mailboxes.md, "Message handles and references across shards").
+    pub foreign: HashMap<u32, Vec<u64>>,
     pub tail: Tail,
     pub report: RecoveryReport,
     /// The first id counter never used or reserved in the shard.
@@ -591,17 +597,24 @@ pub fn recover_with(
             }
         })?;
     // References are what the indexes hold, whatever the snapshot or the records said.
+    // Those to other shards' messages are counted by their owners; messages with no
+    // reference from here stay in the map, as another shard's index may hold one
+    // (the shard drops them once it knows, `Shard::settle_foreign`).
     let mut unknown = 0u64;
+    let mut foreign: HashMap<u32, Vec<u64>> = HashMap::new();
     for ix in indexes.iter() {
-        ix.refs(&mut |id| match map.get_mut(&id) {
-            Some(e) => e.refs += 1,
-            None => unknown += 1,
+        ix.refs(&mut |id| {
+            let target = Handle::of_id(id).shard;
+            if target != shard {
+                foreign.entry(target).or_default().push(id);
+                return;
+            }
+            match map.get_mut(&id) {
+                Some(e) => e.refs += 1,
+                None => unknown += 1,
+            }
         });
     }
-    map.retain(|_, e| e.refs > 0);
-    // Replay may have seen many more messages than live on (the history after the
-    // snapshot): the table keeps its peak size unless told.
-    map.shrink_to_fit();
     report.damaged.extend(damaged);
     if bad_records > 0 {
         report.damaged.push(format!(
@@ -615,6 +628,7 @@ pub fn recover_with(
     }
     Ok(Recovered {
         map,
+        foreign,
         tail,
         report,
         next_counter: max_counter.map_or(1, |c| c + 1),
@@ -685,6 +699,13 @@ pub struct Shard {
     snapshotting: Cell<bool>,
     /// `appended` when `snapshot_due` was last asked (see there).
     appended_when_asked: Cell<u64>,
+    /// Until every shard's foreign references to this one were counted (see
+    /// [`Shard::settle_foreign`]), a count of zero is no proof of garbage: entries at
+    /// zero stay, and nothing is snapshotted or compacted.
+    unsettled: Cell<bool>,
+    /// What this shard's indexes refer to on other shards, from recovery, until the
+    /// store service takes it ([`Shard::take_foreign`]).
+    foreign: RefCell<HashMap<u32, Vec<u64>>>,
 }
 
 impl Shard {
@@ -705,6 +726,8 @@ impl Shard {
             segments = rec.report.segments,
             records = rec.report.records,
             messages = rec.map.len(),
+            unreferenced = rec.map.values().filter(|e| e.refs == 0).count(),
+            foreign_refs = rec.foreign.values().map(Vec::len).sum::<usize>(),
             snapshot = rec.snapshot.is_some(),
             "shard recovered"
         );
@@ -747,6 +770,8 @@ impl Shard {
             older: Cell::new(rec.older_snapshot),
             snapshotting: Cell::new(false),
             appended_when_asked: Cell::new(0),
+            unsettled: Cell::new(true),
+            foreign: RefCell::new(rec.foreign),
         })
     }
 
@@ -767,7 +792,8 @@ impl Shard {
         &self.pins
     }
 
-    /// Where message `id` is now, if something refers to it.
+    /// Where message `id` is now, if something refers to it (before the shard
+    /// settles: if it is stored).
     pub fn resolve(&self, id: u64) -> Option<Resolved> {
         self.map.borrow().get(&id).map(|e| e.resolved(id))
     }
@@ -777,7 +803,7 @@ impl Shard {
         self.map.borrow().get(&id).map_or(0, |e| e.refs)
     }
 
-    /// Messages referenced now.
+    /// Messages referenced now (before the shard settles: stored, referenced or not).
     pub fn len(&self) -> usize {
         self.map.borrow().len()
     }
@@ -938,7 +964,57 @@ impl Shard {
         self.log.durable_ref(t).await
     }
 
+    /// The references this shard's indexes held to other shards' messages at
+    /// recovery (target shard -> ids), for the owners to count; empty once taken.
+    pub fn take_foreign(&self) -> HashMap<u32, Vec<u64>> {
+        std::mem::take(&mut *self.foreign.borrow_mut())
+    }
+
+    /// Whether the shard still waits for other shards' references (see
+    /// [`Shard::settle_foreign`]).
+    pub fn is_settled(&self) -> bool {
+        !self.unsettled.get()
+    }
+
+    /// Every other shard's references to this one are counted now (their indexes
+    /// were recovered and their foreign references applied): what nobody refers to is
+    /// garbage. Drops those entries, and from now on a count reaching zero does, and
+    /// snapshots and compaction run. Returns the messages dropped (0 when settled
+    /// already).
+    pub fn settle_foreign(&self) -> usize {
+        if !self.unsettled.replace(false) {
+            return 0;
+        }
+        let mut map = self.map.borrow_mut();
+        let mut live = self.live.borrow_mut();
+        let before = map.len();
+        map.retain(|_, e| {
+            if e.refs > 0 {
+                return true;
+            }
+            if let Some(b) = live.get_mut(&e.seq) {
+                *b -= e.len as u64;
+                if *b == 0 {
+                    live.remove(&e.seq);
+                }
+            }
+            false
+        });
+        // Replay may have seen many more messages than live on (the history after
+        // the snapshot): the table keeps its peak size unless told.
+        map.shrink_to_fit();
+        let dropped = before - map.len();
+        tracing::info!(
+            shard = self.shard,
+            dropped,
+            messages = map.len(),
+            "references settled"
+        );
+        dropped
+    }
+
     /// One more reference to a stored message; false if it is not stored (any more).
+    /// Before the shard settles a message at zero references is still stored.
     pub fn add_ref(&self, id: u64) -> bool {
         match self.map.borrow_mut().get_mut(&id) {
             Some(e) => {
@@ -950,16 +1026,17 @@ impl Shard {
     }
 
     /// Drops a reference; at zero the message is garbage: it no longer resolves and
-    /// compaction reclaims its bytes. Returns the references left.
+    /// compaction reclaims its bytes. Returns the references left. Before the shard
+    /// settles a message at zero stays (another shard's reference may be on its way).
     pub fn drop_ref(&self, id: u64) -> u32 {
         let mut map = self.map.borrow_mut();
-        let Some(e) = map.get_mut(&id) else {
+        let Some(e) = map.get_mut(&id).filter(|e| e.refs > 0) else {
             debug_assert!(false, "drop_ref of {id:X}, which is not referenced");
             return 0;
         };
         e.refs -= 1;
         let left = e.refs;
-        if left == 0 {
+        if left == 0 && !self.unsettled.get() {
             let e = map.remove(&id).unwrap();
             let mut live = self.live.borrow_mut();
             if let Some(b) = live.get_mut(&e.seq) {
@@ -983,6 +1060,9 @@ impl Shard {
     pub fn snapshot_due(&self) -> bool {
         let appended = self.appended.get();
         let quiet = self.appended_when_asked.replace(appended) == appended;
+        if self.unsettled.get() {
+            return false;
+        }
         let Some((at, size, then)) = self.snap.get() else {
             return appended >= SNAPSHOT_LOG_BYTES_MIN;
         };
@@ -1000,7 +1080,8 @@ impl Shard {
     /// list of ids, 8 bytes a message) and sessions run meanwhile: a message that
     /// goes or moves meanwhile is written as it is then, or not at all, which replay
     /// from the position makes right. Returns false, writing nothing, while another
-    /// snapshot is being written.
+    /// snapshot is being written or the shard is not settled (its map then holds
+    /// messages that may be garbage, and compaction waits anyway).
     pub async fn snapshot(&self, indexes: &[&RefCell<dyn Index>]) -> io::Result<bool> {
         struct Done<'a>(&'a Cell<bool>);
         impl Drop for Done<'_> {
@@ -1008,7 +1089,7 @@ impl Shard {
                 self.0.set(false);
             }
         }
-        if self.snapshotting.replace(true) {
+        if self.unsettled.get() || self.snapshotting.replace(true) {
             return Ok(false);
         }
         let _done = Done(&self.snapshotting);
@@ -1084,8 +1165,12 @@ impl Shard {
     /// Reclaims space (see the module doc): deletes the segments before the older
     /// snapshot's position that hold no live message and no reader pin, after copying
     /// forward the live records of those whose live share is below a third.
+    /// Nothing before the shard settles.
     pub async fn compact(&self) -> io::Result<Compacted> {
         let mut done = Compacted::default();
+        if self.unsettled.get() {
+            return Ok(done);
+        }
         let Some((p_seq, _)) = self.compaction_position() else {
             return Ok(done);
         };
@@ -1332,6 +1417,18 @@ impl crate::reader::Owner for Shard {
     fn pins(&self) -> &Pins {
         Shard::pins(self)
     }
+
+    fn add_ref(&self, id: u64) -> bool {
+        Shard::add_ref(self, id)
+    }
+
+    fn drop_ref(&self, id: u64) -> u32 {
+        Shard::drop_ref(self, id)
+    }
+
+    fn settle(&self) -> usize {
+        self.settle_foreign()
+    }
 }
 
 #[cfg(test)]
@@ -1370,6 +1467,7 @@ mod tests {
         };
         let (executor, done) = glommio::LocalExecutor::default().run(async move {
             let shard = Shard::open(&data, 0, cfg, &mut []).await.unwrap();
+            shard.settle_foreign();
             for _ in 0..10 {
                 let id = shard.next_id().await.unwrap();
                 let env = message::Envelope {

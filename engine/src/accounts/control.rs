@@ -36,8 +36,12 @@ impl Control {
         let path = socket_path(data);
         let tmp = data.join(format!("control.sock.{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
-        let listener =
-            UnixListener::bind(&tmp).map_err(|e| format!("cannot bind {}: {e}", tmp.display()))?;
+        let listener = UnixListener::bind(&tmp).map_err(|e| {
+            format!(
+                "cannot bind {}: {e} (a Unix socket path holds at most 107 bytes)",
+                tmp.display()
+            )
+        })?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| {

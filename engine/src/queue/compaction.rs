@@ -62,6 +62,14 @@ mod tests {
         }
     }
 
+    /// A spool as the runtime has it once the executors exchanged their references
+    /// (these tests have no other shard's index, so none come).
+    async fn open_settled(data: &Path, shard: u32) -> Spool {
+        let spool = Spool::open(data, shard, small()).await.unwrap();
+        spool.store().settle_foreign();
+        spool
+    }
+
     fn seg_count(data: &Path) -> usize {
         std::fs::read_dir(segment::shard_dir(data, 0))
             .unwrap()
@@ -84,7 +92,7 @@ mod tests {
         let body = vec![b'x'; 2000];
         let data2 = data.clone();
         let ids = glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data2, 0, small()).await.unwrap();
+            let spool = open_settled(&data2, 0).await;
             let mut ids = Vec::new();
             for _ in 0..20 {
                 let id = spool.next_id().await.unwrap();
@@ -122,7 +130,7 @@ mod tests {
         // A restart finds an empty queue and still does not reuse an id.
         assert!(list(&data).unwrap().is_empty());
         glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data, 0, small()).await.unwrap();
+            let spool = open_settled(&data, 0).await;
             assert_eq!(spool.len(), 0);
             assert!(spool.next_id().await.unwrap() > *ids.last().unwrap());
             spool.close().await;
@@ -138,7 +146,7 @@ mod tests {
         let body = vec![b'x'; 2000];
         let data2 = data.clone();
         let given = glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data2, 1, small()).await.unwrap();
+            let spool = open_settled(&data2, 1).await;
             let slow = spool.next_id().await.unwrap();
             let mut given = vec![slow];
             let mut fast = Vec::new();
@@ -166,7 +174,7 @@ mod tests {
         });
         let highest = *given.iter().max().unwrap();
         glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data, 1, small()).await.unwrap();
+            let spool = open_settled(&data, 1).await;
             assert_eq!(spool.len(), 1, "the slow one is still queued");
             let id = spool.next_id().await.unwrap();
             assert!(id > highest, "{id:X} was handed out before the restart");
@@ -181,7 +189,7 @@ mod tests {
         let data2 = data.clone();
         let body2 = pinned_body.clone();
         let pinned = glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data2, 0, small()).await.unwrap();
+            let spool = open_settled(&data2, 0).await;
             // The first message: one recipient delivered, one deferred for long.
             let pinned = spool.next_id().await.unwrap();
             spool
@@ -245,7 +253,7 @@ mod tests {
         );
         assert_eq!(m.rcpt[1].last_reply.as_deref(), Some("deferred reply"));
         glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data, 0, small()).await.unwrap();
+            let spool = open_settled(&data, 0).await;
             let l = spool.read_message(pinned).await.unwrap();
             assert_eq!(&l.message.body[..], &pinned_body[..]);
             assert!(
@@ -264,7 +272,7 @@ mod tests {
         let (_d, data) = fresh_data();
         let data2 = data.clone();
         let (id, old) = glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data2, 0, small()).await.unwrap();
+            let spool = open_settled(&data2, 0).await;
             let id = spool.next_id().await.unwrap();
             spool
                 .enqueue(env(id, 2), b"", vec![b'k'; 500])
@@ -309,7 +317,7 @@ mod tests {
             [(RcptStatus::Delivered, 1), (RcptStatus::Deferred, 2)]
         );
         glommio::LocalExecutor::default().run(async move {
-            let spool = Spool::open(&data, 0, small()).await.unwrap();
+            let spool = open_settled(&data, 0).await;
             assert_ne!(spool.resolve(id).unwrap().seq, old.seq, "the copy is read");
             let l = spool.read_message(id).await.unwrap();
             assert_eq!(&l.message.body[..], &vec![b'k'; 500][..]);

@@ -385,6 +385,12 @@ impl Spool {
         self.store.log()
     }
 
+    /// What the shard's indexes referred to on other shards at recovery (target
+    /// shard -> ids), for the store service to hand to the owners; empty once taken.
+    pub fn take_foreign(&self) -> HashMap<u32, Vec<u64>> {
+        self.store.take_foreign()
+    }
+
     /// The shard's store.
     pub fn store(&self) -> &Shard {
         &self.store
@@ -408,6 +414,18 @@ impl ringmail_store::Owner for Spool {
 
     fn pins(&self) -> &ringmail_store::Pins {
         self.store.pins()
+    }
+
+    fn add_ref(&self, id: u64) -> bool {
+        self.store.add_ref(id)
+    }
+
+    fn drop_ref(&self, id: u64) -> u32 {
+        self.store.drop_ref(id)
+    }
+
+    fn settle(&self) -> usize {
+        self.store.settle_foreign()
     }
 }
 
