@@ -14,6 +14,7 @@ use crate::mailbox::{DeliverError, Delivery, MailService};
 use crate::queue::{MessageText, Spool};
 use crate::smtp::address::xtext_encode;
 use crate::smtp::client::{RcptResult, Reply};
+use crate::accounts::DirectoryCell;
 use ringmail_store::accounts::{Directory, Resolution};
 use ringmail_store::message::Envelope;
 use std::collections::HashMap;
@@ -21,7 +22,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 pub struct Local {
-    pub directory: Arc<arc_swap::ArcSwap<Directory>>,
+    pub directory: Arc<DirectoryCell>,
     pub mail: MailService,
 }
 
@@ -52,7 +53,7 @@ impl Local {
         message: &MessageText,
         rcpts: &[u32],
     ) -> Outcome {
-        let dir = self.directory.load_full();
+        let dir = self.directory.load();
         let text = message.to_vec();
         let mut meta = Vec::new();
         ringmail_store::mime::analyze(&text).encode(&mut meta);

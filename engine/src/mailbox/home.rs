@@ -4,10 +4,10 @@
 //! holds durable state and the log holds every change.
 
 use super::service::MailService;
+use crate::accounts::DirectoryCell;
 use super::Latency;
 use crate::queue::Spool;
 use crate::storeservice::StoreService;
-use ringmail_store::accounts::Directory;
 use ringmail_store::mailbox::{Change, Committed, MailError, MailIndex, NewEntry, Notice, Quota};
 use ringmail_store::mailcache::MailCache;
 use ringmail_store::{Handle, Kind, LogError};
@@ -92,7 +92,7 @@ pub struct Home {
     cache: MailCache,
     store: StoreService,
     svc: MailService,
-    directory: Arc<arc_swap::ArcSwap<Directory>>,
+    directory: Arc<DirectoryCell>,
     /// Subscribers per (user, mailbox): (executor, subscription id).
     subs: RefCell<HashMap<(u64, u32), Vec<(usize, u64)>>>,
     latency: Rc<RefCell<Latency>>,
@@ -106,7 +106,7 @@ impl Home {
         cache: MailCache,
         store: StoreService,
         svc: MailService,
-        directory: Arc<arc_swap::ArcSwap<Directory>>,
+        directory: Arc<DirectoryCell>,
         latency: Rc<RefCell<Latency>>,
     ) -> Home {
         Home {
@@ -213,7 +213,8 @@ impl Home {
                 messages: u.quota.messages,
             }
         };
-        let cache = self.cache.append(d.message, &d.meta);
+        // Derived data: without it the frontends parse the message again.
+        let cache = self.cache.append(d.message, &d.meta).unwrap_or(u64::MAX);
         let entry = NewEntry {
             message: d.message,
             size: d.size,

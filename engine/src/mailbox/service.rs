@@ -10,18 +10,23 @@
 //!
 //! The channels are unbounded multi-producer queues (`futures-channel`): posting never
 //! waits, so two executors sending each other work cannot deadlock, and a destructor
-//! can post (an unsubscribe). glommio wakes a sleeping executor for a wake from another
-//! thread through its eventfd, so a job is picked up at once, not at the next timer.
+//! can post (an unsubscribe). Answers travel the same way, as jobs back to the asker,
+//! which then wakes the waiting task locally. Why: a wake from another thread reaches
+//! a *busy* glommio executor only when its preemption timer fires (100 ms and more,
+//! measured in `auth::tests`), unless the woken task sits in a `Latency::Matters`
+//! queue, for which glommio preempts the running tasks; so each executor's receive
+//! loop runs in such a queue, and no task in a default queue is woken from afar.
 //!
 //! Change notifications: a session subscribes to (user, mailbox) on the home shard;
 //! every committed change there is posted to each subscriber's executor and queued on
 //! its [`Subscription`], in commit order (one FIFO channel per executor pair).
 
 use super::home::Home;
-use futures_channel::{mpsc, oneshot};
+use futures_channel::mpsc;
 use futures_lite::future::LocalBoxFuture;
 use futures_lite::StreamExt;
 use ringmail_store::mailbox::Notice;
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -60,7 +65,20 @@ struct Inner {
     /// This executor's subscriptions, by id.
     subs: RefCell<HashMap<u64, Rc<Queue>>>,
     next_sub: Cell<u64>,
+    /// Answers awaited from other executors, by request id.
+    pending: RefCell<HashMap<u64, Rc<Pending>>>,
+    next_req: Cell<u64>,
 }
+
+/// An answer on its way back; `None` in it: the answering executor went away.
+#[derive(Default)]
+struct Pending {
+    answer: RefCell<Option<Option<Box<dyn Any + Send>>>>,
+    event: event_listener::Event,
+}
+
+/// How long a job from another executor may wait behind the running tasks.
+const JOB_LATENCY: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// One executor's end. Executor-local; cheap to clone.
 #[derive(Clone)]
@@ -81,20 +99,48 @@ impl MailService {
             home_opened: event_listener::Event::new(),
             subs: RefCell::new(HashMap::new()),
             next_sub: Cell::new(0),
+            pending: RefCell::new(HashMap::new()),
+            next_req: Cell::new(0),
         }));
-        // The receive loop holds a weak end: dropping the service ends it.
+        // The receive loop holds a weak end: dropping the service ends it. Its queue
+        // (and so that of the tasks its jobs spawn) is one glommio preempts for.
         let weak = Rc::downgrade(&svc.0);
-        glommio::spawn_local(async move {
-            let mut rx = rx;
-            while let Some(job) = rx.next().await {
-                match weak.upgrade() {
-                    Some(inner) => job(&MailService(inner)),
-                    None => return,
+        let queue = glommio::executor().create_task_queue(
+            glommio::Shares::default(),
+            glommio::Latency::Matters(JOB_LATENCY),
+            "mail-jobs",
+        );
+        glommio::spawn_local_into(
+            async move {
+                let mut rx = rx;
+                while let Some(job) = rx.next().await {
+                    match weak.upgrade() {
+                        Some(inner) => job(&MailService(inner)),
+                        None => return,
+                    }
                 }
-            }
-        })
+            },
+            queue,
+        )
+        .expect("the task queue was just created")
         .detach();
         svc
+    }
+
+    /// Fails every answer still awaited (the executor is stopping).
+    pub fn close(&self) {
+        self.0.homes.borrow_mut().clear();
+        for (_, p) in self.0.pending.borrow_mut().drain() {
+            *p.answer.borrow_mut() = Some(None);
+            p.event.notify(usize::MAX);
+        }
+    }
+
+    fn complete(&self, req: u64, answer: Box<dyn Any + Send>) {
+        if let Some(p) = self.0.pending.borrow_mut().remove(&req) {
+            *p.answer.borrow_mut() = Some(Some(answer));
+            p.event.notify(usize::MAX);
+        }
     }
 
     pub fn shards(&self) -> u32 {
@@ -140,25 +186,44 @@ impl MailService {
             let home = self.home(shard).await;
             return Ok(f(home).await);
         }
-        let (tx, rx) = oneshot::channel();
-        self.post(
-            owner,
-            Box::new(move |svc: &MailService| {
-                let svc = svc.clone();
-                glommio::spawn_local(async move {
-                    let home = svc.home(shard).await;
-                    // The asker may have given up: nothing to do then.
-                    let _ = tx.send(f(home).await);
-                })
-                .detach();
-            }),
-        );
-        rx.await.map_err(|_| {
+        let req = self.0.next_req.get();
+        self.0.next_req.set(req + 1);
+        let pending = Rc::new(Pending::default());
+        self.0.pending.borrow_mut().insert(req, pending.clone());
+        let asker = self.0.peer;
+        let sent = self.0.peers[owner].unbounded_send(Box::new(move |svc: &MailService| {
+            let svc = svc.clone();
+            glommio::spawn_local(async move {
+                let home = svc.home(shard).await;
+                let r: Box<dyn Any + Send> = Box::new(f(home).await);
+                svc.post(asker, Box::new(move |svc: &MailService| svc.complete(req, r)));
+            })
+            .detach();
+        }));
+        let gone = || {
             io::Error::new(
                 io::ErrorKind::NotConnected,
                 format!("executor {owner} (home of shard {shard}) is gone"),
             )
-        })
+        };
+        if sent.is_err() {
+            self.0.pending.borrow_mut().remove(&req);
+            return Err(gone());
+        }
+        // Dropped before the answer came (the asker gave up): forget the request.
+        let _forget = Forget(self, req);
+        let answer = loop {
+            let listener = pending.event.listen();
+            let got = pending.answer.borrow_mut().take();
+            if let Some(a) = got {
+                break a;
+            }
+            listener.await;
+        };
+        match answer {
+            Some(a) => Ok(*a.downcast::<R>().expect("the answer of the job asked")),
+            None => Err(gone()),
+        }
     }
 
     fn post(&self, peer: usize, job: Job) {
@@ -215,6 +280,14 @@ impl MailService {
     /// Subscriptions live on this executor, for tests.
     pub fn subscriptions(&self) -> usize {
         self.0.subs.borrow().len()
+    }
+}
+
+struct Forget<'a>(&'a MailService, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0 .0.pending.borrow_mut().remove(&self.1);
     }
 }
 
