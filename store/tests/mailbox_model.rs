@@ -214,6 +214,11 @@ impl Model {
     }
 
     fn restarted(&mut self) {
+        // A blank account may have been in memory only; if a record made it, the
+        // next change finds it (and the model takes it up again).
+        self.users.retain(|_, u| {
+            !(u.subs.is_empty() && u.boxes.len() == 1 && u.boxes[&1].entries.is_empty())
+        });
         self.burnt_uid = self.max_uid.clone();
         self.burnt_modseq = self.max_modseq.clone();
     }

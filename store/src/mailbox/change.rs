@@ -540,6 +540,9 @@ impl MailIndex {
     ) -> Result<Change, MailError> {
         let u = self.user_mut(user)?;
         let mb = u.by_id(mailbox_id).ok_or(MailError::NoSuchMailbox)?;
+        if mb.noselect {
+            return Err(MailError::NoSelect);
+        }
         let mut present: Vec<u32> = uids
             .iter()
             .copied()
