@@ -16,8 +16,10 @@
 pub mod codec;
 pub mod handle;
 pub mod log;
+pub mod mailcache;
 pub mod manifest;
 pub mod message;
+pub mod mime;
 pub mod reader;
 pub mod record;
 pub mod segment;
