@@ -224,7 +224,11 @@ pub fn parse(raw: &[u8]) -> Vec<Address> {
                 addr = Some(Address {
                     name,
                     adl,
-                    mailbox: Some(if local.is_empty() { MISSING_MAILBOX.to_vec() } else { local }),
+                    mailbox: Some(if local.is_empty() {
+                        MISSING_MAILBOX.to_vec()
+                    } else {
+                        local
+                    }),
                     host: Some(match host {
                         Some(h) if !h.is_empty() => h,
                         _ => MISSING_DOMAIN.to_vec(),
@@ -237,8 +241,16 @@ pub fn parse(raw: &[u8]) -> Vec<Address> {
                 addr = Some(Address {
                     name: None,
                     adl: None,
-                    mailbox: Some(if tight.is_empty() { MISSING_MAILBOX.to_vec() } else { tight }),
-                    host: Some(if d.is_empty() { MISSING_DOMAIN.to_vec() } else { d }),
+                    mailbox: Some(if tight.is_empty() {
+                        MISSING_MAILBOX.to_vec()
+                    } else {
+                        tight
+                    }),
+                    host: Some(if d.is_empty() {
+                        MISSING_DOMAIN.to_vec()
+                    } else {
+                        d
+                    }),
                 });
             }
             _ if any => {

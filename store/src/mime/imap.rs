@@ -7,7 +7,9 @@
 /// (only in literal8, which a FETCH of ENVELOPE cannot use): it is sent as 0x80, as
 /// Dovecot does, so an 8-bit client sees a replacement and the octet count stays.
 pub fn string(out: &mut Vec<u8>, s: &[u8]) {
-    if s.iter().all(|&b| (1..0x80).contains(&b) && b != b'\r' && b != b'\n') {
+    if s.iter()
+        .all(|&b| (1..0x80).contains(&b) && b != b'\r' && b != b'\n')
+    {
         out.push(b'"');
         for &b in s {
             if b == b'"' || b == b'\\' {

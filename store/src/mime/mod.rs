@@ -312,7 +312,8 @@ fn content<'a>(headers: &'a [Header<'a>], name: &str) -> Option<Ct<'a>> {
 impl Ctx<'_> {
     /// `v` as an offset into the message, at least `min`.
     fn clamp(&self, v: u64, min: u64) -> u64 {
-        v.min(self.raw.len() as u64).max(min.min(self.raw.len() as u64))
+        v.min(self.raw.len() as u64)
+            .max(min.min(self.raw.len() as u64))
     }
 
     /// The first `name` header's raw value, unfolded.
@@ -345,7 +346,14 @@ impl Ctx<'_> {
         if reply_to.is_empty() {
             reply_to = from.clone();
         }
-        for l in [&from, &sender, &reply_to, &list("To"), &list("Cc"), &list("Bcc")] {
+        for l in [
+            &from,
+            &sender,
+            &reply_to,
+            &list("To"),
+            &list("Cc"),
+            &list("Bcc"),
+        ] {
             out.push(b' ');
             addresses(&mut out, l);
         }
@@ -448,7 +456,8 @@ impl Ctx<'_> {
                         message: None,
                     });
                     number.pop();
-                    let empty = b"(\"text\" \"plain\" (\"charset\" \"us-ascii\") NIL NIL \"7bit\" 0 0";
+                    let empty =
+                        b"(\"text\" \"plain\" (\"charset\" \"us-ascii\") NIL NIL \"7bit\" 0 0";
                     body.extend_from_slice(empty);
                     body.push(b')');
                     bs.extend_from_slice(empty);
@@ -570,7 +579,10 @@ impl Ctx<'_> {
         out.push(b' ');
         imap::nstring(out, self.raw_value(headers, "Content-ID").as_deref());
         out.push(b' ');
-        imap::nstring(out, self.raw_value(headers, "Content-Description").as_deref());
+        imap::nstring(
+            out,
+            self.raw_value(headers, "Content-Description").as_deref(),
+        );
         out.push(b' ');
         let enc = self
             .raw_value(headers, "Content-Transfer-Encoding")
@@ -581,7 +593,10 @@ impl Ctx<'_> {
     }
 
     fn lines(&self, span: Span) -> usize {
-        self.raw[span.range()].iter().filter(|&&b| b == b'\n').count()
+        self.raw[span.range()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
     }
 
     /// body-ext-1part after the fields: MD5, then disposition, language, location.
