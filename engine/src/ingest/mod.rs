@@ -5,10 +5,11 @@
 //! accepted it: read, feed the core, write its replies, and make finished messages
 //! durable in one of this executor's spools before the core may answer 250.
 
+use crate::accounts::DirectoryCell;
 use crate::config::Config;
 use crate::net::Ring;
 use crate::queue::Spool;
-use crate::smtp::address::ascii_address;
+use crate::smtp::address::{ascii_address, is_local_domain};
 use crate::smtp::{self, received::received_header, Session, Step, Transaction};
 use event_listener::Event;
 use ringmail_store::message::{self, format_id, Envelope};
@@ -17,6 +18,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What the sessions of one executor share.
@@ -33,20 +35,26 @@ pub struct Ingest {
     idle: Event,
     /// The account directory's RCPT check for local domains (none: all accepted).
     recipients: Option<Rc<dyn smtp::LocalRecipients>>,
+    /// The account directory, to expand aliases as a message is queued.
+    directory: Option<Arc<DirectoryCell>>,
 }
 
 impl Ingest {
     pub fn new(cfg: Rc<Config>, spools: Vec<Rc<Spool>>, ring: Rc<Ring>) -> Rc<Ingest> {
-        Self::with_recipients(cfg, spools, ring, None)
+        Self::with_accounts(cfg, spools, ring, None)
     }
 
-    /// [`Ingest::new`], checking local recipients against `recipients`.
-    pub fn with_recipients(
+    /// [`Ingest::new`], checking local recipients against the account directory at
+    /// RCPT and queueing them as the users they lead to (aliases expanded).
+    pub fn with_accounts(
         cfg: Rc<Config>,
         spools: Vec<Rc<Spool>>,
         ring: Rc<Ring>,
-        recipients: Option<Rc<dyn smtp::LocalRecipients>>,
+        directory: Option<Arc<DirectoryCell>>,
     ) -> Rc<Ingest> {
+        let recipients = directory.clone().map(|cell| {
+            Rc::new(crate::accounts::RcptCheck { cell }) as Rc<dyn smtp::LocalRecipients>
+        });
         assert!(!spools.is_empty(), "an executor serves at least one shard");
         Rc::new(Ingest {
             ring,
@@ -59,6 +67,7 @@ impl Ingest {
             stop: Event::new(),
             idle: Event::new(),
             recipients,
+            directory,
         })
     }
 
@@ -253,7 +262,15 @@ impl Ingest {
         let size = tx.body.len();
         let nrcpt = tx.recipients.len();
         ringmail_store::stats::add_session_copy(tx.body.copied_bytes());
-        let (env, body) = envelope(tx, id, now.as_millis() as u64, peer);
+        let (mut env, body) = envelope(tx, id, now.as_millis() as u64, peer);
+        if let Some(cell) = &self.directory {
+            let local = &self.cfg.local_domains;
+            env.recipients = crate::delivery::local::expand_recipients(
+                std::mem::take(&mut env.recipients),
+                &cell.load(),
+                |d| is_local_domain(local, d),
+            );
+        }
         let from = env.from.clone();
         match spool.enqueue(env, prefix.as_bytes(), body).await {
             Ok(()) => {
