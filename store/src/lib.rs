@@ -17,6 +17,7 @@ pub mod accounts;
 pub mod codec;
 pub mod handle;
 pub mod log;
+pub mod mailbox;
 pub mod manifest;
 pub mod message;
 pub mod reader;
