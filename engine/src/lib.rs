@@ -1,6 +1,7 @@
 //! ringmail's engine: the thread-per-core runtime, SMTP ingest, the queue, and the
 //! `ringmail` command line. See ARCHITECTURE.md for the code map.
 
+pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod dns;
