@@ -479,3 +479,34 @@ fn wake_latency_into_a_busy_executor() {
     let lat = wake_latencies(30, true);
     assert!(lat[lat.len() / 2] < Duration::from_millis(50), "{lat:?}");
 }
+
+/// The `auth-*` settings reach `AuthConfig`, and out-of-range ones are refused.
+#[test]
+fn settings_set_the_auth_config() {
+    use crate::config::Settings;
+    let s = Settings::from_toml(
+        "auth-workers = 3\nauth-queue = 7\nauth-cache-ttl = 0\nauth-failure-delay = 5\n\
+         auth-failures-per-minute = 0\n",
+    )
+    .unwrap();
+    let cfg = s.to_config().unwrap();
+    assert_eq!(
+        cfg.auth,
+        AuthConfig {
+            workers: Some(3),
+            queue: 7,
+            cache_ttl: Duration::ZERO,
+            failure_delay: Duration::from_secs(5),
+            failures_per_minute: 0,
+            ..AuthConfig::default()
+        }
+    );
+    assert_eq!(cfg.auth.worker_count(), 3);
+    let d = Settings::from_toml("").unwrap().to_config().unwrap().auth;
+    assert_eq!(d, AuthConfig::default());
+    assert!(d.worker_count() >= 1);
+    for bad in ["auth-workers = 0", "auth-failure-delay = 61"] {
+        let e = Settings::from_toml(bad).unwrap().to_config().unwrap_err();
+        assert!(e.contains(bad.split(' ').next().unwrap()), "{e}");
+    }
+}
