@@ -260,7 +260,9 @@ fn segment_size() -> Rule<u64> {
 
 /// A duration in whole seconds where 0 switches the thing off.
 fn seconds_or_off(max: u64, off: &str) -> Rule<u64> {
-    Rule::new(format!("0 to {max} (seconds; 0: {off})"), move |v| *v <= max)
+    Rule::new(format!("0 to {max} (seconds; 0: {off})"), move |v| {
+        *v <= max
+    })
 }
 
 fn positive_finite() -> Rule<f64> {

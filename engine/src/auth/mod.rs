@@ -107,6 +107,10 @@ pub struct AuthCounters {
     pub failures: u64,
     /// Verifications queued or running now.
     pub in_flight: u64,
+    /// Successful logins the cache holds now.
+    pub cache_entries: u64,
+    /// Sources the failure limit tracks now.
+    pub tracked_sources: u64,
 }
 
 #[derive(Default)]
@@ -184,17 +188,17 @@ impl Authenticator {
             self.counts.rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(AuthError::RateLimited);
         }
-        let digest = {
-            let cache = lock(&self.cache);
-            match phc {
-                Some(phc) if cache.enabled() => Some(cache.digest(user, password, phc)),
-                _ => None,
-            }
-        };
-        if let Some(d) = &digest {
-            if lock(&self.cache).hit(d, (self.clock)()) {
-                self.counts.cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+        let mut digest = None;
+        if let Some(phc) = phc {
+            let mut cache = lock(&self.cache);
+            if cache.enabled() {
+                let d = cache.digest(user, password, phc);
+                if cache.hit(&d, (self.clock)()) {
+                    drop(cache);
+                    self.counts.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                digest = Some(d);
             }
         }
         let known = phc.is_some();
@@ -237,17 +241,9 @@ impl Authenticator {
             busy: c.busy.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
             in_flight: self.pool.in_flight() as u64,
+            cache_entries: lock(&self.cache).len() as u64,
+            tracked_sources: lock(&self.limiter).sources() as u64,
         }
-    }
-
-    /// Sources the failure limit tracks now (bounded memory: tests).
-    pub(crate) fn tracked_sources(&self) -> usize {
-        lock(&self.limiter).sources()
-    }
-
-    /// Successful logins the cache holds now.
-    pub(crate) fn cached(&self) -> usize {
-        lock(&self.cache).len()
     }
 }
 
