@@ -205,13 +205,11 @@ impl Authenticator {
         let job = {
             let check = self.check.clone();
             let counts = self.counts.clone();
-            let mut password = password.to_vec();
+            let password = Secret(password.to_vec());
             let phc = phc.unwrap_or(DUMMY_PHC).to_string();
             Box::new(move || {
                 counts.verifications.fetch_add(1, Ordering::Relaxed);
-                let ok = check(&password, &phc);
-                wipe(&mut password);
-                ok && known
+                check(&password.0, &phc) && known
             })
         };
         let Some(reply) = self.pool.submit(job) else {
@@ -267,12 +265,17 @@ fn argon2_check(password: &[u8], phc: &str) -> bool {
     }
 }
 
-/// Overwrites the worker's copy of a password before it is freed.
-fn wipe(buf: &mut [u8]) {
-    for b in buf.iter_mut() {
-        // SAFETY: `b` is a valid, exclusive reference; a volatile write is not
-        // elided as a store to memory about to be freed.
-        unsafe { std::ptr::write_volatile(b, 0) };
+/// The worker's copy of a password, overwritten before it is freed (also when the
+/// job is skipped).
+struct Secret(Vec<u8>);
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
+            // SAFETY: `b` is a valid, exclusive reference; a volatile write is not
+            // elided as a store to memory about to be freed.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
     }
 }
 
