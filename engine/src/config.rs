@@ -50,6 +50,8 @@ pub struct Config {
     /// Per-reply deadlines and the ceiling of one delivery attempt (no flag or TOML
     /// key yet).
     pub delivery_timeouts: crate::delivery::attempt::DeliveryTimeouts,
+    /// Password checks (`auth-*`).
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for Config {
@@ -77,6 +79,7 @@ impl Default for Config {
             log_zero_ahead: ZERO_AHEAD_DEFAULT,
             destination_rate: None,
             delivery_timeouts: Default::default(),
+            auth: Default::default(),
         }
     }
 }
@@ -255,6 +258,13 @@ fn segment_size() -> Rule<u64> {
     )
 }
 
+/// A duration in whole seconds where 0 switches the thing off.
+fn seconds_or_off(max: u64, off: &str) -> Rule<u64> {
+    Rule::new(format!("0 to {max} (seconds; 0: {off})"), move |v| {
+        *v <= max
+    })
+}
+
 fn positive_finite() -> Rule<f64> {
     Rule::new("a finite number above 0", |v: &f64| {
         v.is_finite() && *v > 0.0
@@ -325,6 +335,7 @@ macro_rules! toml_type {
 toml_type! {
     bool => "boolean",
     u16 => "integer",
+    u32 => "integer",
     u64 => "integer",
     usize => "integer",
     f64 => "number",
@@ -790,6 +801,47 @@ settings! {
     rule at_least(1),
     get |c| Some(c.deliveries_per_shard_max),
     set |c, v| c.deliveries_per_shard_max = v;
+
+    /// Threads that verify passwords (argon2id), off the executors; unset: half the
+    /// available cores, at least 1.
+    #[arg(long)]
+    auth_workers: usize, aliases [],
+    default "half the available cores, at least 1",
+    rule between(1, 1024),
+    get |c| c.auth.workers,
+    set |c, v| c.auth.workers = Some(v);
+
+    /// Password checks that may wait for a verification thread; a login beyond them
+    /// gets a temporary failure.
+    #[arg(long)]
+    auth_queue: usize, aliases [],
+    rule between(0, 100_000),
+    get |c| Some(c.auth.queue),
+    set |c, v| c.auth.queue = v;
+
+    /// Seconds a successful login is remembered, so that the same user, password and
+    /// stored hash log in again without a verification (Dovecot's auth_cache_ttl).
+    #[arg(long)]
+    auth_cache_ttl: u64, aliases [],
+    rule seconds_or_off(DURATION_SECS_MAX, "no cache"),
+    get |c| Some(c.auth.cache_ttl.as_secs()),
+    set |c, v| c.auth.cache_ttl = secs(v);
+
+    /// Seconds a failed login waits before it is answered (Dovecot's
+    /// auth_failure_delay).
+    #[arg(long)]
+    auth_failure_delay: u64, aliases [],
+    rule seconds_or_off(60, "answered at once"),
+    get |c| Some(c.auth.failure_delay.as_secs()),
+    set |c, v| c.auth.failure_delay = secs(v);
+
+    /// Failed logins a client address (IPv6: its /64) may have per minute; beyond
+    /// them its logins are refused, without a verification, until the count drains.
+    #[arg(long)]
+    auth_failures_per_minute: u32, aliases [],
+    rule Rule::new("0 to 100000 (0: no limit)", |v: &u32| *v <= 100_000),
+    get |c| Some(c.auth.failures_per_minute),
+    set |c, v| c.auth.failures_per_minute = v;
 }
 
 /// `v` as TOML writes it.

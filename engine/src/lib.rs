@@ -2,6 +2,7 @@
 //! `ringmail` command line. See ARCHITECTURE.md for the code map.
 
 pub mod accounts;
+pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod dns;

@@ -356,3 +356,44 @@ fn mail_record(payload: &[u8]) {
         again.load(i).expect("a snapshot item loads");
     }
 }
+
+/// Any bytes as a stored message into `mime::analyze`, and as a cache blob into
+/// `Meta::decode`. Oracles: every span of the part table lies inside the message (the
+/// IMAP server slices with them), the parts are in part-number order, and the meta
+/// survives its encoding and a shift by a served prefix.
+pub fn mime_analyze(data: &[u8]) {
+    use ringmail_store::mime::{analyze, Meta};
+    if let Ok(m) = Meta::decode(data) {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        assert_eq!(
+            Meta::decode(&out).as_ref(),
+            Ok(&m),
+            "decode(encode) of a decoded meta"
+        );
+    }
+    let m = analyze(data);
+    let len = data.len() as u64;
+    assert_eq!(m.size, len);
+    assert_eq!(
+        (m.header.start, m.header.end(), m.text.end()),
+        (0, m.text.start, len)
+    );
+    assert!(!m.parts.is_empty(), "a message has part 1");
+    for p in &m.parts {
+        assert!(
+            p.header.end() <= len && p.body.end() <= len,
+            "{p:?} past {len}"
+        );
+        if let Some((h, t)) = p.message {
+            assert!(h.end() <= len && t.end() <= len, "{p:?} past {len}");
+        }
+    }
+    assert!(m.parts.windows(2).all(|w| w[0].number < w[1].number));
+    let mut out = Vec::new();
+    m.encode(&mut out);
+    assert_eq!(Meta::decode(&out).as_ref(), Ok(&m), "decode(encode)");
+    let shifted = m.shifted(40);
+    assert_eq!(shifted.header.start, 0);
+    assert_eq!(shifted.size, len + 40);
+}

@@ -41,3 +41,8 @@ fn dns_answer_corpus() {
 fn record_decode_corpus() {
     replay("record_decode", targets::record_decode);
 }
+
+#[test]
+fn mime_analyze_corpus() {
+    replay("mime_analyze", targets::mime_analyze);
+}

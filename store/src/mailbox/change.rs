@@ -4,9 +4,9 @@
 
 use super::record::{self, InboxMove, Keywords, Op, Rec};
 use super::{
-    is_child, normalize_name, Entry, FlagOp, MailError, MailIndex, Mailbox, MailboxDef,
-    NewEntry, Notice, NoticeKind, Quota, SpecialUse, Tombstone, Usage, User, ALL_FLAGS,
-    INBOX, INBOX_ID, KEYWORDS_MAX, MODSEQ_MAX, TOMBSTONES_MAX,
+    is_child, normalize_name, Entry, FlagOp, MailError, MailIndex, Mailbox, MailboxDef, NewEntry,
+    Notice, NoticeKind, Quota, SpecialUse, Tombstone, Usage, User, ALL_FLAGS, INBOX, INBOX_ID,
+    KEYWORDS_MAX, MODSEQ_MAX, TOMBSTONES_MAX,
 };
 
 /// A change begun: its record (see [`Change::encode`]) and what it reserved. Commit
@@ -165,8 +165,7 @@ fn take_modseq(u: &mut User) -> Result<u64, MailError> {
 fn valid_keyword(k: &str) -> bool {
     !k.is_empty()
         && k.len() <= 255
-        && k
-            .bytes()
+        && k.bytes()
             .all(|b| b > b' ' && b < 0x7f && !br#"(){%*"\]"#.contains(&b))
 }
 
@@ -272,10 +271,11 @@ fn add_tombstones(mb: &mut Mailbox, uids: &[u32], modseq: u64) {
     let mut ranges: Vec<Tombstone> = Vec::new();
     for &u in uids {
         match ranges.last_mut() {
-            Some(t) if {
-                let next = mb.entries.partition_point(|e| e.uid <= t.hi);
-                mb.entries.get(next).is_none_or(|e| e.uid > u)
-            } =>
+            Some(t)
+                if {
+                    let next = mb.entries.partition_point(|e| e.uid <= t.hi);
+                    mb.entries.get(next).is_none_or(|e| e.uid > u)
+                } =>
             {
                 t.hi = u
             }
@@ -376,8 +376,12 @@ impl MailIndex {
         let over = |used: u64, reserved: u64, add: u64, limit: u64| {
             limit > 0 && used + reserved + add > limit
         };
-        if over(u.usage.bytes, u.reserved.bytes, new.size as u64, quota.bytes)
-            || over(u.usage.messages, u.reserved.messages, 1, quota.messages)
+        if over(
+            u.usage.bytes,
+            u.reserved.bytes,
+            new.size as u64,
+            quota.bytes,
+        ) || over(u.usage.messages, u.reserved.messages, 1, quota.messages)
         {
             return Err(MailError::OverQuota);
         }
@@ -470,11 +474,11 @@ impl MailIndex {
         let mut used_bits = 0u64;
         for uid in want {
             let Some(e) = mb.entry(uid) else { continue };
-            let (m, f, k) = u
-                .pending_flags
-                .get(&(mailbox_id, uid))
-                .copied()
-                .unwrap_or((e.modseq(), e.flags(), e.keywords()));
+            let (m, f, k) = u.pending_flags.get(&(mailbox_id, uid)).copied().unwrap_or((
+                e.modseq(),
+                e.flags(),
+                e.keywords(),
+            ));
             if unchanged_since.is_some_and(|since| m > since) {
                 modified.push(uid);
                 continue;
@@ -617,11 +621,11 @@ impl MailIndex {
         let mut sources: Vec<(Entry, u8, Vec<&str>)> = Vec::new();
         for uid in want {
             let Some(e) = from.entry(uid) else { continue };
-            let (_, f, k) = u
-                .pending_flags
-                .get(&(from_id, uid))
-                .copied()
-                .unwrap_or((e.modseq(), e.flags(), e.keywords()));
+            let (_, f, k) = u.pending_flags.get(&(from_id, uid)).copied().unwrap_or((
+                e.modseq(),
+                e.flags(),
+                e.keywords(),
+            ));
             let names = (0..from.keywords.len())
                 .filter(|i| k & (1 << i) != 0)
                 .map(|i| &*from.keywords[i])
@@ -822,7 +826,9 @@ impl MailIndex {
             return Ok(self.enqueue(c));
         }
         if is_child(&new, &old) {
-            return Err(MailError::BadName("a mailbox cannot be renamed into itself"));
+            return Err(MailError::BadName(
+                "a mailbox cannot be renamed into itself",
+            ));
         }
         let mut renames: Vec<(u32, Box<str>)> = vec![(src.id, new.as_str().into())];
         for m in &u.mailboxes {
@@ -880,7 +886,12 @@ impl MailIndex {
     }
 
     /// SUBSCRIBE / UNSUBSCRIBE: the name need not exist (RFC 3501 6.3.6).
-    pub fn begin_subscribe(&mut self, user: u64, name: &str, on: bool) -> Result<Change, MailError> {
+    pub fn begin_subscribe(
+        &mut self,
+        user: u64,
+        name: &str,
+        on: bool,
+    ) -> Result<Change, MailError> {
         let fresh = !self.users.contains_key(&user);
         let r = self.subscribe(user, name, on);
         self.forget_if_fresh(user, fresh, r)
@@ -889,7 +900,10 @@ impl MailIndex {
     fn subscribe(&mut self, user: u64, name: &str, on: bool) -> Result<Change, MailError> {
         let name = normalize_name(name)?;
         let u = self.user_or_new(user)?;
-        let has = u.subscriptions.binary_search_by(|s| (**s).cmp(&name)).is_ok();
+        let has = u
+            .subscriptions
+            .binary_search_by(|s| (**s).cmp(&name))
+            .is_ok();
         let c = Change::new(self.rec(
             user,
             Op::Subscribe {
@@ -984,10 +998,7 @@ impl MailIndex {
     /// Applies the user's committed changes that no earlier change holds back.
     fn drain(&mut self, user: u64) -> Committed {
         let mut out = Committed::default();
-        loop {
-            let Some(q) = self.inflight.get_mut(&user) else {
-                break;
-            };
+        while let Some(q) = self.inflight.get_mut(&user) {
             if q.front().is_none_or(|s| s.ready.is_none()) {
                 if q.is_empty() {
                     self.inflight.remove(&user);

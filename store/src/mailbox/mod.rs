@@ -444,14 +444,26 @@ pub struct Notice {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoticeKind {
-    Appended { uid: u32 },
-    FlagsChanged { uid: u32, modseq: u64 },
-    Expunged { uids: Vec<u32> },
+    Appended {
+        uid: u32,
+    },
+    FlagsChanged {
+        uid: u32,
+        modseq: u64,
+    },
+    Expunged {
+        uids: Vec<u32>,
+    },
     MailboxCreated,
-    MailboxRenamed { name: String },
+    MailboxRenamed {
+        name: String,
+    },
     /// Removed, or turned `\Noselect` (its entries expunged) because it has children.
     MailboxDeleted,
-    Subscribed { name: String, on: bool },
+    Subscribed {
+        name: String,
+        on: bool,
+    },
     AccountDropped,
 }
 

@@ -389,7 +389,11 @@ pub fn decode(payload: &[u8]) -> Result<Rec, &'static str> {
             let entries = entries(&mut r, len)?;
             let kw = keywords(&mut r)?;
             let moved = op == MOVE;
-            let uids = if moved { uids(&mut r, len)? } else { Vec::new() };
+            let uids = if moved {
+                uids(&mut r, len)?
+            } else {
+                Vec::new()
+            };
             Op::Copy {
                 from,
                 to,

@@ -105,8 +105,9 @@ impl MailIndex {
                 let next_mailbox = r.u32()?;
                 let next_uidvalidity = r.u32()?;
                 let n = record::count(&mut r, len, 4)?;
-                let mut subscriptions: Vec<Box<str>> =
-                    (0..n).map(|_| r.str().map(Box::from)).collect::<Result<_, _>>()?;
+                let mut subscriptions: Vec<Box<str>> = (0..n)
+                    .map(|_| r.str().map(Box::from))
+                    .collect::<Result<_, _>>()?;
                 subscriptions.sort();
                 subscriptions.dedup();
                 let u = self.users.entry(user).or_default();
@@ -140,7 +141,10 @@ impl MailIndex {
                     })
                     .collect::<Result<_, &'static str>>()?;
                 m.tombstones.sort_by_key(|t| t.modseq);
-                let u = self.users.get_mut(&user).ok_or("mailbox of an unknown user")?;
+                let u = self
+                    .users
+                    .get_mut(&user)
+                    .ok_or("mailbox of an unknown user")?;
                 match u.mailboxes.binary_search_by_key(&m.id, |x| x.id) {
                     Ok(i) => {
                         let old = std::mem::replace(&mut u.mailboxes[i], m);
@@ -155,7 +159,10 @@ impl MailIndex {
             ITEM_ENTRIES => {
                 let id = r.u32()?;
                 let n = record::count(&mut r, len, 45)?;
-                let u = self.users.get_mut(&user).ok_or("entries of an unknown user")?;
+                let u = self
+                    .users
+                    .get_mut(&user)
+                    .ok_or("entries of an unknown user")?;
                 let i = u
                     .mailboxes
                     .binary_search_by_key(&id, |x| x.id)

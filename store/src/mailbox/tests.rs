@@ -99,7 +99,10 @@ fn an_entry_is_48_bytes() {
         (e.uid(), e.size(), e.internal_date(), e.flags()),
         (3, 4, -5, ALL_FLAGS)
     );
-    assert_eq!((e.keywords(), e.modseq(), e.message(), e.cache()), (u64::MAX, MODSEQ_MAX, 6, 7));
+    assert_eq!(
+        (e.keywords(), e.modseq(), e.message(), e.cache()),
+        (u64::MAX, MODSEQ_MAX, 6, 7)
+    );
 }
 
 #[test]
@@ -108,7 +111,16 @@ fn names_are_checked_and_inbox_is_case_insensitive() {
     assert_eq!(normalize_name("inbox/Sub").unwrap(), "INBOX/Sub");
     assert_eq!(normalize_name("Inboxes").unwrap(), "Inboxes");
     assert_eq!(normalize_name("Été/Ünï").unwrap(), "Été/Ünï");
-    for bad in ["", "/a", "a/", "a//b", "a*", "a%b", "a\u{7}", &"x".repeat(256)] {
+    for bad in [
+        "",
+        "/a",
+        "a/",
+        "a//b",
+        "a*",
+        "a%b",
+        "a\u{7}",
+        &"x".repeat(256),
+    ] {
         assert!(
             matches!(normalize_name(bad), Err(MailError::BadName(_))),
             "{bad:?}"
@@ -124,10 +136,16 @@ fn names_are_checked_and_inbox_is_case_insensitive() {
     );
     let _ = done(&mut ix, &mut log, |ix| ix.begin_create(U, "a/b", None));
     assert!(ix.mailbox(U, "a").is_none(), "superiors are not created");
-    assert_eq!(ix.begin_create(U, "a/b", None).unwrap_err(), MailError::Exists);
+    assert_eq!(
+        ix.begin_create(U, "a/b", None).unwrap_err(),
+        MailError::Exists
+    );
     // A name being taken by a change in flight is taken.
     let c = ix.begin_create(U, "c", None).unwrap();
-    assert_eq!(ix.begin_create(U, "c", None).unwrap_err(), MailError::Exists);
+    assert_eq!(
+        ix.begin_create(U, "c", None).unwrap_err(),
+        MailError::Exists
+    );
     let _ = ix.abort(c);
     let _ = done(&mut ix, &mut log, |ix| ix.begin_create(U, "c", None));
 }
@@ -143,11 +161,16 @@ fn renaming_inbox_moves_its_messages_and_leaves_it_empty() {
     for m in 1..=3 {
         let _ = done(&mut ix, &mut log, |ix| ix_append(ix, INBOX, m));
     }
-    let _ = done(&mut ix, &mut log, |ix| ix.begin_create(U, "INBOX/kid", None));
+    let _ = done(&mut ix, &mut log, |ix| {
+        ix.begin_create(U, "INBOX/kid", None)
+    });
     let _ = done(&mut ix, &mut log, |ix| ix.begin_expunge(U, INBOX_ID, &[2]));
     let before = ix.mailbox(U, INBOX).unwrap().clone();
     let r = done(&mut ix, &mut log, |ix| ix.begin_rename(U, "inbox", "Old"));
-    assert!(r.drop_refs.is_empty(), "the references move with the entries");
+    assert!(
+        r.drop_refs.is_empty(),
+        "the references move with the entries"
+    );
     let inbox = ix.mailbox(U, INBOX).unwrap();
     assert!(inbox.is_empty());
     assert_eq!(inbox.uidvalidity(), before.uidvalidity());
@@ -193,13 +216,16 @@ fn deleting_a_parent_keeps_it_as_noselect() {
     let _ = done(&mut ix, &mut log, |ix| ix.begin_create(U, "p", None));
     let _ = done(&mut ix, &mut log, |ix| ix.begin_create(U, "p/c", None));
     let p = ix.mailbox(U, "p").unwrap().id();
-    let _ = done(&mut ix, &mut log, |ix| ix.begin_append(U, "p", new(5), Quota::default()));
+    let _ = done(&mut ix, &mut log, |ix| {
+        ix.begin_append(U, "p", new(5), Quota::default())
+    });
     let r = done(&mut ix, &mut log, |ix| ix.begin_delete(U, "p"));
     assert_eq!(r.drop_refs, [5]);
     assert!(ix.mailbox(U, "p").unwrap().is_noselect());
     assert_eq!(ix.begin_delete(U, "p").unwrap_err(), MailError::HasChildren);
     assert_eq!(
-        ix.begin_append(U, "p", new(6), Quota::default()).unwrap_err(),
+        ix.begin_append(U, "p", new(6), Quota::default())
+            .unwrap_err(),
         MailError::NoSelect
     );
     assert_eq!(ix.begin_delete(U, "INBOX").unwrap_err(), MailError::Inbox);
@@ -223,7 +249,9 @@ fn tombstones_answer_vanished_since_and_fold_into_the_floor() {
     // 3 and 5 with 4 still there: two ranges; 6..=8 with 7 gone before: one.
     let _ = done(&mut ix, &mut log, |ix| ix.begin_expunge(U, INBOX_ID, &[7]));
     let m1 = ix.mailbox(U, INBOX).unwrap().highestmodseq();
-    let _ = done(&mut ix, &mut log, |ix| ix.begin_expunge(U, INBOX_ID, &[3, 5, 6, 8]));
+    let _ = done(&mut ix, &mut log, |ix| {
+        ix.begin_expunge(U, INBOX_ID, &[3, 5, 6, 8])
+    });
     let mb = ix.mailbox(U, INBOX).unwrap();
     assert_eq!(mb.vanished_since(m0), vec![3..=3, 5..=8]);
     assert_eq!(mb.vanished_since(m1), vec![3..=3, 5..=8]);
@@ -245,7 +273,11 @@ fn tombstones_answer_vanished_since_and_fold_into_the_floor() {
     assert!(mb.tombstones.len() <= TOMBSTONES_MAX);
     assert!(mb.vanished_floor() > 0);
     let all: Vec<RangeInclusive<u32>> = (1..=2 * n as u32).step_by(2).map(|u| u..=u).collect();
-    assert_eq!(mb.vanished_since(1), all, "below the floor: all missing UIDs");
+    assert_eq!(
+        mb.vanished_since(1),
+        all,
+        "below the floor: all missing UIDs"
+    );
     let recent = mb.vanished_since(mb.vanished_floor());
     assert_eq!(recent.len(), mb.tombstones.len());
     assert_eq!(recent.last(), all.last());
@@ -260,11 +292,9 @@ fn unchangedsince_stores_only_what_did_not_change() {
     }
     let m0 = ix.mailbox(U, INBOX).unwrap().highestmodseq();
     let kw = vec!["$Junk".to_string()];
-    let _ = done(
-        &mut ix,
-        &mut log,
-        |ix| ix.begin_set_flags(U, INBOX_ID, &[2], FlagOp::Add, FLAGGED, &kw, None),
-    );
+    let _ = done(&mut ix, &mut log, |ix| {
+        ix.begin_set_flags(U, INBOX_ID, &[2], FlagOp::Add, FLAGGED, &kw, None)
+    });
     let c = ix
         .begin_set_flags(U, INBOX_ID, &[1, 2, 3], FlagOp::Add, SEEN, &[], Some(m0))
         .unwrap();
@@ -274,7 +304,11 @@ fn unchangedsince_stores_only_what_did_not_change() {
     let r = done(&mut ix, &mut log, |_| Ok(c));
     assert_eq!(r.notices.len(), 2);
     let mb = ix.mailbox(U, INBOX).unwrap();
-    let flags: Vec<(u8, u64)> = mb.entries().iter().map(|e| (e.flags(), e.modseq())).collect();
+    let flags: Vec<(u8, u64)> = mb
+        .entries()
+        .iter()
+        .map(|e| (e.flags(), e.modseq()))
+        .collect();
     assert_eq!(flags[0], (SEEN, m));
     assert_eq!(flags[2], (SEEN, m));
     assert_eq!(flags[1].0, FLAGGED);
@@ -333,7 +367,13 @@ fn quota_counts_changes_in_flight() {
     assert_eq!(c.new_uids(), [3], "an aborted change's UID is burnt");
     let _ = ix.commit(b);
     let _ = ix.commit(c);
-    assert_eq!(ix.usage(U), Usage { bytes: 200, messages: 2 });
+    assert_eq!(
+        ix.usage(U),
+        Usage {
+            bytes: 200,
+            messages: 2
+        }
+    );
 }
 
 #[test]
@@ -370,21 +410,32 @@ fn a_change_to_an_entry_expunged_meanwhile_does_not_bring_it_back() {
 fn snapshots_and_replay_rebuild_the_same_state() {
     let mut ix = MailIndex::default();
     let mut log = Vec::new();
-    let _ = done(&mut ix, &mut log, |ix| ix.begin_ensure_defaults(U).map(|c| c.unwrap()));
+    let _ = done(&mut ix, &mut log, |ix| {
+        ix.begin_ensure_defaults(U).map(|c| c.unwrap())
+    });
     assert!(ix.begin_ensure_defaults(U).unwrap().is_none());
     let names: Vec<&str> = ix.mailboxes(U).iter().map(|m| m.name()).collect();
-    assert_eq!(names, ["Archive", "Drafts", "INBOX", "Junk", "Sent", "Trash"]);
+    assert_eq!(
+        names,
+        ["Archive", "Drafts", "INBOX", "Junk", "Sent", "Trash"]
+    );
     for m in 1..=5000 {
         let mut n = new(m);
         n.keywords = vec![format!("k{}", m % 3)];
-        let _ = done(&mut ix, &mut log, |ix| ix.begin_append(U, INBOX, n, Quota::default()));
+        let _ = done(&mut ix, &mut log, |ix| {
+            ix.begin_append(U, INBOX, n, Quota::default())
+        });
     }
     let trash = ix.mailbox(U, "Trash").unwrap().id();
     let uids: Vec<u32> = (1..=5000).step_by(7).collect();
-    let r = done(&mut ix, &mut log, |ix| ix.begin_copy(U, INBOX_ID, &uids, trash));
+    let r = done(&mut ix, &mut log, |ix| {
+        ix.begin_copy(U, INBOX_ID, &uids, trash)
+    });
     assert!(r.drop_refs.is_empty());
     let _ = done(&mut ix, &mut log, |ix| ix.begin_expunge(U, INBOX_ID, &uids));
-    let _ = done(&mut ix, &mut log, |ix| ix.begin_subscribe(U, "Nowhere", true));
+    let _ = done(&mut ix, &mut log, |ix| {
+        ix.begin_subscribe(U, "Nowhere", true)
+    });
     let _ = done(&mut ix, &mut log, |ix| ix.begin_subscribe(U, "inbox", true));
     assert_eq!(ix.subscriptions(U), ["INBOX", "Nowhere"]);
     for other in [U + 1, U + 2] {
@@ -413,7 +464,10 @@ fn snapshots_and_replay_rebuild_the_same_state() {
     assert_eq!(s.users().map(|u| state(&s, u)).collect::<Vec<_>>(), want);
     let mut refs = Vec::new();
     ix.refs(&mut |id| refs.push(id));
-    assert_eq!(refs.len() as u64, (U..U + 3).map(|u| ix.usage(u).messages).sum::<u64>());
+    assert_eq!(
+        refs.len() as u64,
+        (U..U + 3).map(|u| ix.usage(u).messages).sum::<u64>()
+    );
     // Dropping the account gives back every reference.
     let r = done(&mut ix, &mut log, |ix| ix.begin_drop_account(U));
     assert_eq!(r.drop_refs.len(), 5000);

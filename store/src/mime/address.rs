@@ -269,11 +269,7 @@ pub fn parse(raw: &[u8]) -> Vec<Address> {
             match t {
                 Tok::Special(b',', _) | Tok::Special(b';', _) => break,
                 Tok::Special(b':', _) if !in_group && addr.is_none() => break,
-                Tok::Comment(c) => {
-                    if p.comment.is_none() {
-                        p.comment = Some(c.clone());
-                    }
-                }
+                Tok::Comment(c) if p.comment.is_none() => p.comment = Some(c.clone()),
                 _ => {}
             }
             p.i += 1;

@@ -624,7 +624,7 @@ impl Ctx<'_> {
             .raw_value(headers, "Content-Language")
             .map(|v| {
                 v.split(|&b| b == b',')
-                    .map(|l| imap::unfold(l))
+                    .map(imap::unfold)
                     .filter(|l| !l.is_empty())
                     .collect()
             })
