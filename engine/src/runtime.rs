@@ -4,10 +4,12 @@
 use crate::accounts::{Accounts, DirectoryCell};
 use crate::config::Config;
 use crate::ingest::Ingest;
+use crate::mailbox::MailService;
 use crate::queue::Spool;
 use crate::storeservice::StoreService;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use ringmail_store::accounts::AccountIndex;
+use ringmail_store::mailbox::MailIndex;
 use ringmail_store::{manifest, LogConfig};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -17,6 +19,10 @@ use std::time::Duration;
 
 /// Bumped by SIGUSR1 (`ringmail queue flush`): executors make deferred mail due now.
 static FLUSH_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Every executor's mailbox delivery latencies, added up as each stops.
+static LATENCY: std::sync::LazyLock<std::sync::Mutex<crate::mailbox::Latency>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// Every executor's body counters, added up as each stops (once: not the hot path).
 static BODY_STATS: std::sync::Mutex<ringmail_store::stats::Counters> =
@@ -113,6 +119,8 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let mesh = crate::storeservice::mesh(executors);
     // Loaded by executor 0 from shard 0, then swapped after every account change.
     let directory = DirectoryCell::new();
+    // Mailbox work and change notifications between executors (see `mailbox`).
+    let mail_mesh = crate::mailbox::service::mesh(executors);
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("ringmail")
         .on_all_shards(move || {
@@ -122,6 +130,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let ready = ready.clone();
             let listener = listeners.lock().unwrap()[slot].take();
             let directory = directory.clone();
+            let mail_mesh = mail_mesh.clone();
             async move {
                 let listener = listener.expect("one listener per executor");
                 let store = StoreService::join(mesh, &cfg.data).await?;
@@ -137,6 +146,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
                     ready,
                     store,
                     directory,
+                    mail_mesh,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -167,6 +177,17 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             // The benchmarks read copies per message (`body_copies=`) and the bytes
             // written by cause (ringmail-wamp) from here.
             log_counters(None, &c);
+            let l = LATENCY.lock().unwrap_or_else(|e| e.into_inner());
+            if l.count() > 0 {
+                // The benchmarks read the delivery-to-mailbox figures from here.
+                tracing::info!(
+                    local_deliveries = l.count(),
+                    latency_p50_ms = l.quantile(0.5),
+                    latency_p99_ms = l.quantile(0.99),
+                    latency_max_ms = l.quantile(1.0),
+                    "mailbox deliveries"
+                );
+            }
             Ok(())
         }
         Some(e) => Err(e),
@@ -184,20 +205,26 @@ async fn executor_main(
     ready: Arc<AtomicUsize>,
     store: StoreService,
     directory: Arc<DirectoryCell>,
+    mail_mesh: Arc<crate::mailbox::Mesh>,
 ) -> Result<(), String> {
     let executors = store.executors();
+    // Joined before the shards open, so that work for them queues meanwhile.
+    let mail = MailService::join(&mail_mesh, index, shards);
+    let latency = Rc::new(RefCell::new(crate::mailbox::Latency::default()));
     let mut spools = Vec::new();
     let mut accounts = None;
+    let mut mail_indexes = Vec::new();
     for shard in (0..shards).filter(|k| *k as usize % executors == index) {
-        let mut others: Vec<Rc<RefCell<dyn ringmail_store::Index>>> = Vec::new();
-        // The account index comes first among shard 0's other indexes: snapshot
-        // sections are numbered by place, and the offline reader
-        // (`accounts::cli`) counts on it.
+        // Every shard's indexes in one order, as snapshot sections are numbered by
+        // place and the offline readers (`accounts::cli`, `mailbox::list`) count on
+        // it: the queue, the accounts (records only on shard 0), the mailboxes.
+        let account_ix = Rc::new(RefCell::new(AccountIndex::default()));
+        let mail_ix = Rc::new(RefCell::new(MailIndex::default()));
+        let others: Vec<Rc<RefCell<dyn ringmail_store::Index>>> =
+            vec![account_ix.clone(), mail_ix.clone()];
         if shard == 0 {
-            let ix = Rc::new(RefCell::new(AccountIndex::default()));
-            others.push(ix.clone());
             accounts = Some(Rc::new(Accounts::new(
-                ix,
+                account_ix,
                 &cfg.local_domains,
                 Some(directory.clone()),
             )));
@@ -222,6 +249,7 @@ async fn executor_main(
         store.add_owner(shard, spool.clone());
         let service = store.clone();
         spool.on_segment_deleted(move |shard, seq| service.segment_deleted(shard, seq));
+        mail_indexes.push((spool.clone(), mail_ix));
         spools.push(spool);
     }
     // References across shards (docs/mailboxes.md): the owners count what this
@@ -243,6 +271,17 @@ async fn executor_main(
         }
     }
     store.exchange_refs(foreign);
+    // The home shards take mailbox changes only now: a change may give up a
+    // reference to another shard's message, which its owner must have counted.
+    let homes = crate::mailbox::open_homes(
+        &cfg.data,
+        &mail,
+        &store,
+        &directory,
+        mail_indexes,
+        latency.clone(),
+    )
+    .await?;
     // Shard 0's accounts: published for every executor, and changed through the
     // control socket from now on.
     let control = match &accounts {
@@ -262,11 +301,18 @@ async fn executor_main(
     };
     let ring = crate::net::Ring::start()
         .map_err(|e| format!("executor {index}: cannot set up its io_uring: {e}"))?;
-    let check: Rc<dyn crate::smtp::LocalRecipients> = Rc::new(crate::accounts::RcptCheck {
-        cell: directory.clone(),
-    });
-    let ingest = Ingest::with_recipients(cfg.clone(), spools.clone(), ring.clone(), Some(check));
-    let delivery = crate::delivery::scheduler::Delivery::new(cfg.clone(), ring, spools.clone());
+    let ingest = Ingest::with_accounts(
+        cfg.clone(),
+        spools.clone(),
+        ring.clone(),
+        Some(directory.clone()),
+    );
+    let local = crate::delivery::local::Local {
+        directory: directory.clone(),
+        mail: mail.clone(),
+    };
+    let delivery =
+        crate::delivery::scheduler::Delivery::new(cfg.clone(), ring, spools.clone(), Some(local));
     let delivery_task = glommio::spawn_local(delivery.clone().run());
     // No RCPT for a local domain is answered before shard 0's accounts are known.
     let loaded = directory.wait_loaded(&shutdown).await;
@@ -301,10 +347,24 @@ async fn executor_main(
     delivery.stop();
     delivery_task.await;
     delivery.drained(cfg.shutdown_grace).await;
+    crate::mailbox::close_homes(&mail, &homes).await;
     for spool in &spools {
         spool.close().await;
     }
     store.close().await;
+    let l = latency.borrow();
+    if l.count() > 0 {
+        tracing::info!(
+            executor = index,
+            local_deliveries = l.count(),
+            latency_p50_ms = l.quantile(0.5),
+            latency_p99_ms = l.quantile(0.99),
+            latency_max_ms = l.quantile(1.0),
+            "mailbox deliveries"
+        );
+    }
+    LATENCY.lock().unwrap_or_else(|e| e.into_inner()).merge(&l);
+    drop(l);
     // What ingestion did to bodies on this executor (ringmail_store::stats): one copy
     // and one CRC pass per body byte, and what the log wrote by cause.
     let c = ringmail_store::stats::get();

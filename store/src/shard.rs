@@ -118,6 +118,24 @@ pub trait Index {
     fn clear(&mut self);
 }
 
+/// Stands in for an index whose snapshot section and records a reader does not
+/// need (sections are numbered by place: `accounts::cli` reads only the accounts).
+pub struct Ignore;
+
+impl Index for Ignore {
+    fn replay(&mut self, _: Replayed<'_>) -> Result<(), &'static str> {
+        Ok(())
+    }
+    fn refs(&self, _: &mut dyn FnMut(u64)) {}
+    fn snapshot_chunk(&self, _: Option<u64>, _: &mut dyn FnMut(&[u8]) -> bool) -> Option<u64> {
+        None
+    }
+    fn load(&mut self, _: &[u8]) -> Result<(), &'static str> {
+        Ok(())
+    }
+    fn clear(&mut self) {}
+}
+
 /// What the handle map keeps per referenced message: 24 bytes (with its 8-byte key,
 /// 32 a slot: the budget for the map and the counts is 100 bytes a message,
 /// and a hash table's slots are up to half empty right after it grows).
@@ -675,6 +693,9 @@ pub struct Shard {
     dir: PathBuf,
     log: ShardLog,
     next_counter: Cell<u64>,
+    /// The first counter this process handed out: ids below it are of messages
+    /// stored before the last start.
+    first_counter: u64,
     /// Counters below this are covered by a durable checkpoint: only those are handed
     /// out, so a restart never gives an id again, whatever became of its message.
     /// Shared with the task that waits for the half-way checkpoint.
@@ -760,6 +781,7 @@ impl Shard {
             dir,
             log,
             next_counter: Cell::new(counter),
+            first_counter: counter,
             reserved: Rc::new(Cell::new(reserved)),
             pending_reservation: RefCell::new(None),
             map: RefCell::new(rec.map),
@@ -796,6 +818,12 @@ impl Shard {
     /// settles: if it is stored).
     pub fn resolve(&self, id: u64) -> Option<Resolved> {
         self.map.borrow().get(&id).map(|e| e.resolved(id))
+    }
+
+    /// Whether message `id` was stored before this process opened the shard (then,
+    /// after a crash, what was done with it may not all be on record).
+    pub fn stored_before_open(&self, id: u64) -> bool {
+        id & COUNTER_MASK < self.first_counter
     }
 
     /// References held on message `id` (0: not stored, or garbage).

@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::queue::Spool;
 use ringmail_store::accounts::AccountIndex;
 use ringmail_store::segment::Mode;
+use ringmail_store::shard::Ignore;
 use ringmail_store::{manifest, LogConfig};
 use std::cell::RefCell;
 use std::io::{BufRead, BufReader, Write};
@@ -165,23 +166,6 @@ async fn offline_change(
     let r = accounts.handle(&spool, req).await;
     spool.close().await;
     r
-}
-
-/// Stands in for the queue's index where only the accounts are read.
-struct Ignore;
-
-impl ringmail_store::Index for Ignore {
-    fn replay(&mut self, _: ringmail_store::Replayed<'_>) -> Result<(), &'static str> {
-        Ok(())
-    }
-    fn refs(&self, _: &mut dyn FnMut(u64)) {}
-    fn snapshot_chunk(&self, _: Option<u64>, _: &mut dyn FnMut(&[u8]) -> bool) -> Option<u64> {
-        None
-    }
-    fn load(&mut self, _: &[u8]) -> Result<(), &'static str> {
-        Ok(())
-    }
-    fn clear(&mut self) {}
 }
 
 #[cfg(test)]

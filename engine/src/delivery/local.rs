@@ -10,11 +10,11 @@
 //! durable.
 
 use super::attempt::Outcome;
+use crate::accounts::DirectoryCell;
 use crate::mailbox::{DeliverError, Delivery, MailService};
 use crate::queue::{MessageText, Spool};
 use crate::smtp::address::xtext_encode;
 use crate::smtp::client::{RcptResult, Reply};
-use crate::accounts::DirectoryCell;
 use ringmail_store::accounts::{Directory, Resolution};
 use ringmail_store::message::Envelope;
 use std::collections::HashMap;
@@ -46,14 +46,19 @@ pub fn entry_prefix(sender: &str, address: &str) -> String {
 impl Local {
     /// Delivers message `env.id` of `spool` to its recipients `rcpts` (indexes into
     /// `env.recipients`, all in local domains): one result per recipient, in order.
+    /// `retried`: some of them were attempted before.
     pub async fn deliver(
         &self,
         spool: &Rc<Spool>,
         env: &Envelope,
         message: &MessageText,
         rcpts: &[u32],
+        retried: bool,
     ) -> Outcome {
         let dir = self.directory.load();
+        // Stored before this start, or tried before: a home shard may hold the
+        // entry already (see `Delivery::maybe_done`).
+        let maybe_done = retried || spool.store().stored_before_open(env.id);
         let text = message.to_vec();
         let mut meta = Vec::new();
         ringmail_store::mime::analyze(&text).encode(&mut meta);
@@ -91,6 +96,7 @@ impl Local {
                     internal_date: (env.received_at_ms / 1000) as i64,
                     meta: meta.clone(),
                     received_at_ms: env.received_at_ms,
+                    maybe_done,
                 };
                 // The entry's reference, taken here where the count lives.
                 spool.store().add_ref(env.id);
@@ -177,10 +183,7 @@ pub fn expand_recipients(
     let mut out: Vec<ringmail_store::message::Recipient> = Vec::with_capacity(recipients.len());
     let mut users = std::collections::HashSet::new();
     for r in recipients {
-        let local = r
-            .address
-            .rsplit_once('@')
-            .is_some_and(|(_, d)| is_local(d));
+        let local = r.address.rsplit_once('@').is_some_and(|(_, d)| is_local(d));
         let targets = match dir.resolve(&r.address) {
             Resolution::Users(u) if local && !u.is_empty() => u,
             _ => {

@@ -454,7 +454,12 @@ impl Delivery {
         };
         let outcome = match self.destination(domain) {
             _ if domain == LOCAL_KEY => match &self.local {
-                Some(local) => local.deliver(spool, &env, &message, rcpts).await,
+                Some(local) => {
+                    let retried = rcpts
+                        .iter()
+                        .any(|&i| queued.rcpt.get(i as usize).is_some_and(|r| r.attempts > 0));
+                    local.deliver(spool, &env, &message, rcpts, retried).await
+                }
                 None => return,
             },
             Ok(dest) => {

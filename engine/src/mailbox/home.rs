@@ -4,8 +4,8 @@
 //! holds durable state and the log holds every change.
 
 use super::service::MailService;
-use crate::accounts::DirectoryCell;
 use super::Latency;
+use crate::accounts::DirectoryCell;
 use crate::queue::Spool;
 use crate::storeservice::StoreService;
 use ringmail_store::mailbox::{Change, Committed, MailError, MailIndex, NewEntry, Notice, Quota};
@@ -31,6 +31,11 @@ pub struct Delivery {
     pub meta: Vec<u8>,
     /// When the message was received, for the delivery latency figures.
     pub received_at_ms: u64,
+    /// This delivery may have been made before without the deliverer learning it
+    /// (a crash between the entry being durable and the recipient being recorded
+    /// delivered, or an answer lost): an entry of the user that refers to the same
+    /// message then stands for it, instead of a second one.
+    pub maybe_done: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,6 +218,17 @@ impl Home {
                 messages: u.quota.messages,
             }
         };
+        if d.maybe_done {
+            if let Some(uid) = self.delivered(d.user, d.message) {
+                tracing::info!(
+                    shard = self.shard,
+                    user = d.user,
+                    uid,
+                    "delivered before: not again"
+                );
+                return Ok(uid);
+            }
+        }
         // Derived data: without it the frontends parse the message again.
         let cache = self.cache.append(d.message, &d.meta).unwrap_or(u64::MAX);
         let entry = NewEntry {
@@ -238,6 +254,18 @@ impl Home {
         Ok(done.new_uids.first().copied().unwrap_or(0))
     }
 
+    /// The UID of an entry of `user` (in any mailbox: it may have been moved since)
+    /// that refers to stored message `message`.
+    fn delivered(&self, user: u64, message: u64) -> Option<u32> {
+        let index = self.index.borrow();
+        index.mailboxes(user).into_iter().find_map(|m| {
+            m.entries()
+                .iter()
+                .find(|e| e.message() == message)
+                .map(|e| e.uid())
+        })
+    }
+
     /// Drops the mailboxes of users the directory no longer has (deleted while
     /// their home was down, or just now).
     pub async fn drop_orphans(&self) {
@@ -257,7 +285,9 @@ impl Home {
                     mailboxes_of = user,
                     "dropped the mailboxes of a deleted account"
                 ),
-                Err(e) => tracing::warn!(shard = self.shard, user, error = ?e, "cannot drop the mailboxes of a deleted account"),
+                Err(e) => {
+                    tracing::warn!(shard = self.shard, user, error = ?e, "cannot drop the mailboxes of a deleted account")
+                }
             }
         }
     }

@@ -4,8 +4,8 @@
 //! SIGKILL as well as beside a running server.
 
 use ringmail_store::accounts::{home_shard, AccountIndex};
-use ringmail_store::mailbox::{flag, MailIndex};
-use ringmail_store::shard::recover;
+use ringmail_store::mailbox::{self as flag, MailIndex};
+use ringmail_store::shard::{recover, Ignore};
 use ringmail_store::Mode;
 use std::io::{self, Write};
 use std::path::Path;
@@ -55,7 +55,10 @@ pub fn run(
     if !json {
         write(
             out,
-            &format!("{:<24} {:>8} {:>10} {:<20} FLAGS", "MAILBOX", "UID", "SIZE", "DATE"),
+            &format!(
+                "{:<24} {:>8} {:>10} {:<20} FLAGS",
+                "MAILBOX", "UID", "SIZE", "DATE"
+            ),
         )?;
     }
     for mb in mailboxes {
@@ -63,28 +66,34 @@ pub fn run(
             continue;
         }
         for e in mb.entries() {
-            let mut flags: Vec<String> = flag_names(e.flags).into_iter().map(String::from).collect();
+            let mut flags: Vec<String> = flag_names(e.flags())
+                .into_iter()
+                .map(String::from)
+                .collect();
             flags.extend(mb.keyword_names(e).into_iter().map(String::from));
-            let date = chrono::DateTime::from_timestamp(e.internal_date, 0)
+            let date = chrono::DateTime::from_timestamp(e.internal_date(), 0)
                 .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
                 .unwrap_or_default();
             if json {
                 let line = Line {
                     mailbox: mb.name(),
-                    uid: e.uid,
-                    size: e.size,
+                    uid: e.uid(),
+                    size: e.size(),
                     flags,
                     internal_date: date,
                 };
-                write(out, &serde_json::to_string(&line).map_err(|e| e.to_string())?)?;
+                write(
+                    out,
+                    &serde_json::to_string(&line).map_err(|e| e.to_string())?,
+                )?;
             } else {
                 write(
                     out,
                     &format!(
                         "{:<24} {:>8} {:>10} {:<20} {}",
                         mb.name(),
-                        e.uid,
-                        e.size,
+                        e.uid(),
+                        e.size(),
                         date,
                         flags.join(" ")
                     ),
@@ -100,7 +109,8 @@ fn load_user(data: &Path, address: &str) -> Result<(u64, String, MailIndex), Str
     let manifest = ringmail_store::manifest::read(data)
         .map_err(|e| format!("data directory {}: {e}", data.display()))?;
     let mut accounts = AccountIndex::default();
-    recover(data, 0, Mode::ReadOnly, &mut [&mut accounts]).map_err(|e| format!("shard 0: {e}"))?;
+    recover(data, 0, Mode::ReadOnly, &mut [&mut Ignore, &mut accounts])
+        .map_err(|e| format!("shard 0: {e}"))?;
     let dir = accounts.directory(0);
     let user = dir
         .user(address)
@@ -108,7 +118,14 @@ fn load_user(data: &Path, address: &str) -> Result<(u64, String, MailIndex), Str
         .clone();
     let home = home_shard(user.id, manifest.shards);
     let mut index = MailIndex::default();
-    recover(data, home, Mode::ReadOnly, &mut [&mut index]).map_err(|e| format!("shard {home}: {e}"))?;
+    // Sections by place, as the server keeps them: queue, accounts, mailboxes.
+    recover(
+        data,
+        home,
+        Mode::ReadOnly,
+        &mut [&mut Ignore, &mut Ignore, &mut index],
+    )
+    .map_err(|e| format!("shard {home}: {e}"))?;
     Ok((user.id, user.address.to_string(), index))
 }
 
@@ -122,14 +139,14 @@ pub fn show(data: &Path, address: &str, mailbox: &str, uid: u32) -> Result<Vec<u
     let e = mb
         .entries()
         .iter()
-        .find(|e| e.uid == uid)
+        .find(|e| e.uid() == uid)
         .ok_or_else(|| format!("{mailbox} has no message with UID {uid}"))?;
-    let handle = ringmail_store::Handle::of_id(e.message);
+    let handle = ringmail_store::Handle::of_id(e.message());
     let rec = recover(data, handle.shard, Mode::ReadOnly, &mut [])
         .map_err(|e| format!("shard {}: {e}", handle.shard))?;
     let at = rec
         .map
-        .get(&e.message)
+        .get(&e.message())
         .ok_or_else(|| format!("the message of UID {uid} is not in shard {}", handle.shard))?;
     let dir = ringmail_store::segment::shard_dir(data, handle.shard);
     let file = std::fs::File::open(ringmail_store::segment::segment_path(&dir, at.seq as u64))

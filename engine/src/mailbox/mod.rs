@@ -10,6 +10,86 @@ pub mod service;
 pub use home::{ChangeError, DeliverError, Delivery, Home};
 pub use service::{MailService, Mesh, Subscription};
 
+use crate::accounts::DirectoryCell;
+use crate::queue::Spool;
+use crate::storeservice::StoreService;
+use ringmail_store::mailbox::MailIndex;
+use ringmail_store::mailcache::MailCache;
+use std::cell::RefCell;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// How often a home shard looks whether the directory changed (a deleted account's
+/// mailboxes are dropped then).
+const ORPHAN_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Opens the home side of this executor's shards (their mailbox indexes were
+/// recovered with the shards) and registers them with `mail`; starts the task that
+/// drops the mailboxes of deleted accounts.
+pub async fn open_homes(
+    data: &Path,
+    mail: &MailService,
+    store: &StoreService,
+    directory: &Arc<DirectoryCell>,
+    indexes: Vec<(Rc<Spool>, Rc<RefCell<MailIndex>>)>,
+    latency: Rc<RefCell<Latency>>,
+) -> Result<Vec<Rc<Home>>, String> {
+    let mut homes = Vec::new();
+    for (spool, index) in indexes {
+        let path = ringmail_store::segment::shard_dir(data, spool.shard).join("mailcache");
+        let cache = MailCache::open(&path)
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let home = Rc::new(Home::new(
+            spool,
+            index,
+            cache,
+            store.clone(),
+            mail.clone(),
+            directory.clone(),
+            latency.clone(),
+        ));
+        mail.add_home(home.clone());
+        homes.push(home);
+    }
+    let (weak, directory) = (
+        homes.iter().map(Rc::downgrade).collect::<Vec<_>>(),
+        directory.clone(),
+    );
+    glommio::spawn_local(async move {
+        let mut seen = None;
+        loop {
+            let version = directory.is_loaded().then(|| directory.load().version);
+            if version.is_some() && version != seen {
+                seen = version;
+                for h in &weak {
+                    match h.upgrade() {
+                        Some(h) => h.drop_orphans().await,
+                        None => return,
+                    }
+                }
+            }
+            glommio::timer::sleep(ORPHAN_CHECK).await;
+            if weak.iter().all(|h| h.strong_count() == 0) {
+                return;
+            }
+        }
+    })
+    .detach();
+    Ok(homes)
+}
+
+/// Writes the home shards' caches out and lets them go (before the logs close).
+pub async fn close_homes(mail: &MailService, homes: &[Rc<Home>]) {
+    mail.close();
+    for h in homes {
+        if let Err(e) = h.cache().close().await {
+            tracing::warn!(shard = h.shard(), error = %e, "cannot write the mailbox cache out");
+        }
+    }
+}
+
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

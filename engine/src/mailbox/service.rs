@@ -23,7 +23,11 @@
 
 use super::home::Home;
 use futures_channel::mpsc;
-use futures_lite::future::LocalBoxFuture;
+use std::future::Future;
+use std::pin::Pin;
+
+/// The future of a job, built on the executor that runs it.
+pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
 use futures_lite::StreamExt;
 use ringmail_store::mailbox::Notice;
 use std::any::Any;
@@ -178,7 +182,7 @@ impl MailService {
     pub async fn on_home<R, F>(&self, user: u64, f: F) -> io::Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(Rc<Home>) -> LocalBoxFuture<'static, R> + Send + 'static,
+        F: FnOnce(Rc<Home>) -> LocalBoxFuture<R> + Send + 'static,
     {
         let shard = ringmail_store::accounts::home_shard(user, self.0.shards);
         let owner = self.owner_of(shard);
@@ -196,7 +200,10 @@ impl MailService {
             glommio::spawn_local(async move {
                 let home = svc.home(shard).await;
                 let r: Box<dyn Any + Send> = Box::new(f(home).await);
-                svc.post(asker, Box::new(move |svc: &MailService| svc.complete(req, r)));
+                svc.post(
+                    asker,
+                    Box::new(move |svc: &MailService| svc.complete(req, r)),
+                );
             })
             .detach();
         }));
