@@ -44,6 +44,14 @@ pub fn entry_prefix(sender: &str, address: &str) -> String {
 }
 
 impl Local {
+    /// Whether mail for `domain` (a local domain, as `domain_key` gives it) goes
+    /// into mailboxes: once the domain has an account, an alias or a catch-all.
+    /// Before that, its mail waits in the queue, as before accounts existed (the
+    /// RCPT check accepts every recipient of such a domain).
+    pub fn serves(&self, domain: &str) -> bool {
+        self.directory.load().has_domain(domain)
+    }
+
     /// Delivers message `env.id` of `spool` to its recipients `rcpts` (indexes into
     /// `env.recipients`, all in local domains): one result per recipient, in order.
     /// `retried`: some of them were attempted before.

@@ -318,17 +318,19 @@ impl Delivery {
     }
 
     /// Lets the memory copy of a message go once all that is left of it is local
-    /// recipients without a mailbox store: they wait in the queue, and the cache is for
+    /// recipients that wait (no mailbox store, or no account in their domain): they
+    /// wait in the queue, and the cache is for
     /// the mail flowing now (kept, they would fill it for good).
     fn release_if_only_local_left(&self, spool: &Spool, id: u64) {
         // After most attempts the message is done and gone from the cache already.
-        // With the mailbox store, local recipients do not wait.
-        if self.local.is_some() || !spool.is_cached(id) {
+        if !spool.is_cached(id) {
             return;
         }
         let remote_left = spool.any_pending_rcpt(id, |i, to| {
             self.in_flight.borrow().contains(&(id, i))
-                || domain_of(to).is_none_or(|d| !self.is_local(&d))
+                || domain_of(to).is_none_or(|d| {
+                    !self.is_local(&d) || self.local.as_ref().is_some_and(|l| l.serves(&d))
+                })
         });
         if !remote_left {
             spool.uncache(id);
@@ -349,9 +351,10 @@ impl Delivery {
                     if self.in_flight.borrow().contains(&(id, i)) {
                         continue;
                     }
-                    // Without the mailbox store, local recipients stay queued.
+                    // Without the mailbox store, or an account in their domain, local
+                    // recipients stay queued.
                     let local = self.is_local(&domain);
-                    if local && self.local.is_none() {
+                    if local && !self.local.as_ref().is_some_and(|l| l.serves(&domain)) {
                         continue;
                     }
                     // All of a message's local recipients are one delivery, whatever

@@ -90,6 +90,9 @@ impl From<LogError> for ChangeError {
     }
 }
 
+/// A subscription: (executor, its id there).
+type Subscriber = (usize, u64);
+
 pub struct Home {
     shard: u32,
     spool: Rc<Spool>,
@@ -99,7 +102,7 @@ pub struct Home {
     svc: MailService,
     directory: Arc<DirectoryCell>,
     /// Subscribers per (user, mailbox): (executor, subscription id).
-    subs: RefCell<HashMap<(u64, u32), Vec<(usize, u64)>>>,
+    subs: RefCell<HashMap<(u64, u32), Vec<Subscriber>>>,
     latency: Rc<RefCell<Latency>>,
 }
 

@@ -185,21 +185,34 @@ impl MailService {
         F: FnOnce(Rc<Home>) -> LocalBoxFuture<R> + Send + 'static,
     {
         let shard = ringmail_store::accounts::home_shard(user, self.0.shards);
-        let owner = self.owner_of(shard);
-        if owner == self.0.peer {
-            let home = self.home(shard).await;
-            return Ok(f(home).await);
+        self.on_executor(self.owner_of(shard), move |svc| {
+            Box::pin(async move {
+                let home = svc.home(shard).await;
+                f(home).await
+            })
+        })
+        .await
+    }
+
+    /// Runs `f` on executor `peer` (in place when it is this one) and returns what
+    /// its future gives: the one way work crosses cores here.
+    pub async fn on_executor<R, F>(&self, peer: usize, f: F) -> io::Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(MailService) -> LocalBoxFuture<R> + Send + 'static,
+    {
+        if peer == self.0.peer {
+            return Ok(f(self.clone()).await);
         }
         let req = self.0.next_req.get();
         self.0.next_req.set(req + 1);
         let pending = Rc::new(Pending::default());
         self.0.pending.borrow_mut().insert(req, pending.clone());
         let asker = self.0.peer;
-        let sent = self.0.peers[owner].unbounded_send(Box::new(move |svc: &MailService| {
+        let sent = self.0.peers[peer].unbounded_send(Box::new(move |svc: &MailService| {
             let svc = svc.clone();
             glommio::spawn_local(async move {
-                let home = svc.home(shard).await;
-                let r: Box<dyn Any + Send> = Box::new(f(home).await);
+                let r: Box<dyn Any + Send> = Box::new(f(svc.clone()).await);
                 svc.post(
                     asker,
                     Box::new(move |svc: &MailService| svc.complete(req, r)),
@@ -210,7 +223,7 @@ impl MailService {
         let gone = || {
             io::Error::new(
                 io::ErrorKind::NotConnected,
-                format!("executor {owner} (home of shard {shard}) is gone"),
+                format!("executor {peer} is gone"),
             )
         };
         if sent.is_err() {
@@ -231,6 +244,11 @@ impl MailService {
             Some(a) => Ok(*a.downcast::<R>().expect("the answer of the job asked")),
             None => Err(gone()),
         }
+    }
+
+    /// This executor's place among the executors.
+    pub fn peer(&self) -> usize {
+        self.0.peer
     }
 
     fn post(&self, peer: usize, job: Job) {
