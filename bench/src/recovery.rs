@@ -278,6 +278,9 @@ pub struct MailboxPoint {
     pub data_bytes: u64,
     pub fill_seconds: f64,
     pub opened: Opened,
+    /// The same open with the snapshots removed (a start after a crash with no
+    /// snapshot yet: the whole log replayed), if measured.
+    pub from_log: Option<Opened>,
     /// The server's first start after the fill and its start after a clean stop,
     /// unless skipped.
     pub server: Option<(Restart, Restart)>,
@@ -319,6 +322,10 @@ impl MailboxPoint {
                 "heap_over_empty_bytes_per_message": self.heap_per_message(b),
                 "rss_over_empty_bytes_per_message": self.per(o.rss_bytes, b.opened.rss_bytes),
             },
+            "in_process_open_from_log": self.from_log.as_ref().map(|l| json!({
+                "seconds": l.seconds, "heap_bytes": l.heap_bytes,
+                "heap_peak_bytes": l.heap_peak_bytes, "vm_hwm_bytes": l.hwm_bytes,
+            })),
             "server_first_restart": self.server.as_ref().map(|s| restart(&s.0)),
             "server_restart_after_clean_stop": self.server.as_ref().map(|s| restart(&s.1)),
         })
@@ -329,7 +336,7 @@ impl MailboxPoint {
 /// over 10k users, < 200 B of index memory per stored message.
 pub fn mailbox_markdown(points: &[MailboxPoint], b: &MailboxBaseline) -> String {
     let mut out = String::from(
-        "| stored | users | data MiB | fill | in-process open, cold | heap B/msg over empty (peak) | its RSS B/msg over empty | server ready (first / after clean stop) | server RSS B/msg over empty |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| stored | users | data MiB | fill | in-process open, cold | heap B/msg over empty (peak) | its RSS B/msg over empty | open from the log alone | server ready (first / after clean stop) | server RSS B/msg over empty |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
         let o = &p.opened;
@@ -341,7 +348,7 @@ pub fn mailbox_markdown(points: &[MailboxPoint], b: &MailboxBaseline) -> String 
             _ => ("not measured".into(), "not measured".into()),
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} s | {:.2} s | {:.0} ({:.0}) | {:.0} | {ready} | {rss} |\n",
+            "| {} | {} | {} | {:.0} s | {:.2} s | {:.0} ({:.0}) | {:.0} | {} | {ready} | {rss} |\n",
             count(p.messages),
             count(p.users),
             mib(p.data_bytes),
@@ -350,6 +357,9 @@ pub fn mailbox_markdown(points: &[MailboxPoint], b: &MailboxBaseline) -> String 
             p.heap_per_message(b),
             p.per(o.heap_peak_bytes, b.opened.heap_peak_bytes),
             p.per(o.rss_bytes, b.opened.rss_bytes),
+            p.from_log
+                .as_ref()
+                .map_or("not measured".into(), |l| format!("{:.2} s", l.seconds)),
         ));
     }
     out
@@ -501,7 +511,12 @@ pub async fn fill_mailboxes(data: &Path, f: &MailboxFill) -> Result<(), String> 
                 next_attempt_ms: 0,
                 reply: "250 2.0.0 Ok: delivered to mailbox".into(),
             };
-            updates.push((s, store.append(Kind::RcptUpdate, |o| update.encode(o)).map_err(le)?));
+            updates.push((
+                s,
+                store
+                    .append(Kind::RcptUpdate, |o| update.encode(o))
+                    .map_err(le)?,
+            ));
             let uid = users[user];
             let h = home_shard(uid, shards) as usize;
             let prefix = format!(
@@ -534,7 +549,10 @@ pub async fn fill_mailboxes(data: &Path, f: &MailboxFill) -> Result<(), String> 
             opened[h].0.store().durable(&t).await.map_err(le)?;
             let done = opened[h].1 .1.borrow_mut().commit(c);
             if !done.drop_refs.is_empty() {
-                return Err(format!("an append dropped references: {:?}", done.drop_refs));
+                return Err(format!(
+                    "an append dropped references: {:?}",
+                    done.drop_refs
+                ));
             }
         }
         for (s, t) in updates {
@@ -611,7 +629,10 @@ pub fn open_mailboxes(
                 let Ok(Some(refs)) = rx.recv() else {
                     return Ok(());
                 };
-                let missing = refs.iter().filter(|id| !spool.store().add_ref(**id)).count();
+                let missing = refs
+                    .iter()
+                    .filter(|id| !spool.store().add_ref(**id))
+                    .count();
                 spool.store().settle_foreign();
                 let mail = mail.borrow();
                 let entries = mail
@@ -739,13 +760,14 @@ mod tests {
                 rss_bytes: (40 << 20) + 180_000_000,
                 ..o.clone()
             },
+            from_log: None,
             server: None,
         };
         assert_eq!(p.heap_per_message(&empty), 150.0);
         let t = mailbox_markdown(std::slice::from_ref(&p), &empty);
         assert!(
             t.lines().nth(2).unwrap().starts_with(
-                "| 1M | 10k | 900 | 95 s | 1.25 s | 150 (300) | 180 | not measured | not measured |"
+                "| 1M | 10k | 900 | 95 s | 1.25 s | 150 (300) | 180 | not measured | not measured | not measured |"
             ),
             "{t}"
         );
@@ -759,15 +781,25 @@ mod tests {
             server: Some(r(0.05, 30 << 20)),
             ..empty
         };
-        p.server = Some((r(2.5, (30 << 20) + 190_000_000), r(2.0, (30 << 20) + 170_000_000)));
+        p.from_log = Some(Opened {
+            seconds: 3.5,
+            ..o.clone()
+        });
+        p.server = Some((
+            r(2.5, (30 << 20) + 190_000_000),
+            r(2.0, (30 << 20) + 170_000_000),
+        ));
         let t = mailbox_markdown(std::slice::from_ref(&p), &with_server);
-        assert!(t.contains("| 2.50 / 2.00 s | 170 |"), "{t}");
+        assert!(t.contains("| 3.50 s | 2.50 / 2.00 s | 170 |"), "{t}");
         let j = p.to_json(&with_server);
         assert_eq!(
             j["server_restart_after_clean_stop"]["rss_over_empty_bytes_per_message"],
             170.0
         );
-        assert_eq!(j["in_process_open"]["heap_over_empty_bytes_per_message"], 150.0);
+        assert_eq!(
+            j["in_process_open"]["heap_over_empty_bytes_per_message"],
+            150.0
+        );
     }
 
     #[test]
@@ -777,14 +809,19 @@ mod tests {
         let computed = argon2::Argon2::default()
             .hash_password(FILL_PASSWORD.as_bytes())
             .map(|h| h.to_string());
-        let parsed = PasswordHash::new(FILL_PHC).unwrap_or_else(|e| panic!("{e}; a fresh one: {computed:?}"));
+        let parsed = PasswordHash::new(FILL_PHC)
+            .unwrap_or_else(|e| panic!("{e}; a fresh one: {computed:?}"));
         assert!(FILL_PHC.starts_with("$argon2id$v=19$"));
         let a = argon2::Argon2::default();
         assert!(a.verify_password(FILL_PASSWORD.as_bytes(), &parsed).is_ok());
         assert!(a.verify_password(b"wrong", &parsed).is_err());
     }
 
-    fn fill_and_open(shards: u32, users: u64, messages: u64) -> (tempfile::TempDir, Vec<ShardOpened>) {
+    fn fill_and_open(
+        shards: u32,
+        users: u64,
+        messages: u64,
+    ) -> (tempfile::TempDir, Vec<ShardOpened>) {
         let d = tempfile::tempdir().unwrap();
         let data = d.path().join("data");
         ringmail_store::manifest::open_or_create(&data, shards).unwrap();

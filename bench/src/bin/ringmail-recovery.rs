@@ -125,6 +125,10 @@ struct Args {
     /// Mailboxes: only the in-process open, no `ringmail serve`.
     #[arg(long)]
     skip_server: bool,
+    /// Mailboxes: last, remove the snapshots and open once more (the whole log
+    /// replayed, as after a crash before any snapshot).
+    #[arg(long)]
+    from_log: bool,
     /// Internal: open the mailbox data directory DATA in this process, print the
     /// ready line, exit.
     #[arg(long, hide = true)]
@@ -390,6 +394,25 @@ fn run_mailboxes(a: Args) -> Result<(), String> {
             }
             Some((first, median_by(agains, |r| r.seconds)))
         };
+        let from_log = if a.from_log {
+            for k in 0..a.shards {
+                let dir = ringmail_store::segment::shard_dir(&data, k);
+                for f in [
+                    ringmail_store::shard::snapshot_path(&dir),
+                    ringmail_store::shard::older_snapshot_path(&dir),
+                ] {
+                    match std::fs::remove_file(&f) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(format!("{}: {e}", f.display()))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Some(harness(&data, n, a.users)?)
+        } else {
+            None
+        };
         let p = recovery::MailboxPoint {
             messages: n,
             users: a.users,
@@ -397,14 +420,19 @@ fn run_mailboxes(a: Args) -> Result<(), String> {
             data_bytes,
             fill_seconds,
             opened,
+            from_log,
             server,
         };
         eprintln!(
-            "{n} stored over {} users ({} MiB, filled in {fill_seconds:.1} s): opened in {:.2} s, heap {:.0} B/msg over empty{}",
+            "{n} stored over {} users ({} MiB, filled in {fill_seconds:.1} s): opened in {:.2} s, heap {:.0} B/msg over empty{}{}",
             a.users,
             data_bytes >> 20,
             p.opened.seconds,
             p.heap_per_message(&empty),
+            p.from_log.as_ref().map_or(String::new(), |l| format!(
+                "; {:.2} s from the log alone",
+                l.seconds
+            )),
             p.server.as_ref().map_or(String::new(), |(f, g)| format!(
                 "; server ready in {:.2} s / {:.2} s after a clean stop",
                 f.seconds, g.seconds
