@@ -8,6 +8,12 @@
 #
 #   bench/recovery.sh                          # ~2 minutes, builds release first
 #   BIN=target-before/release FILL_BIN=target/release bench/recovery.sh --label before
+#
+# Mailboxes (docs/mailboxes.md): 1M stored messages in the INBOXes of 10k users, opened
+# in-process (heap per message by a counting allocator), from the log alone, and by
+# `ringmail serve` (--skip-server for a server that does not recover mail indexes):
+#
+#   bench/recovery.sh --users 10000 --counts 100000,1000000 --reps 3 --from-log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${BIN:-}" ]; then

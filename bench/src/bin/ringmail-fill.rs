@@ -9,6 +9,13 @@
 //! They are spread evenly among the queued ones, as a server that relays while mail
 //! stays queued would have written them, so no prefix of the log is finished;
 //! `--history-first` puts them all before the queued ones instead.
+//!
+//! `--users N` stores the messages in mailboxes instead (docs/mailboxes.md): N users
+//! on shard 0, every message delivered once into one user's INBOX on the user's
+//! home shard, nothing queued, then a snapshot of every shard (see
+//! `ringmail_bench::recovery::fill_mailboxes`):
+//!
+//!     ringmail-fill --data DIR --users 10000 --messages 1000000 --size 512 --shards 2
 
 use clap::Parser;
 use glommio::LocalExecutor;
@@ -39,6 +46,9 @@ struct Args {
     /// Write the delivered history before every queued message instead of among them.
     #[arg(long)]
     history_first: bool,
+    /// Users whose INBOXes hold the messages (0: the messages are queued instead).
+    #[arg(long, default_value_t = 0)]
+    users: u64,
 }
 
 /// Whether message `i` (0-based) of `total` in a shard is history rather than queued:
@@ -58,6 +68,27 @@ fn main() {
         std::process::exit(2);
     }
     ringmail_store::manifest::open_or_create(&args.data, args.shards).unwrap();
+    if args.users > 0 {
+        if args.history > 0 {
+            eprintln!("--history is for queued messages, not with --users");
+            std::process::exit(2);
+        }
+        let fill = ringmail_bench::recovery::MailboxFill {
+            shards: args.shards,
+            users: args.users,
+            messages: args.messages,
+            size: args.size,
+            batch: args.batch,
+        };
+        let data = args.data.clone();
+        if let Err(e) = LocalExecutor::default()
+            .run(async move { ringmail_bench::recovery::fill_mailboxes(&data, &fill).await })
+        {
+            eprintln!("ringmail-fill: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let body = vec![b'x'; args.size];
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
