@@ -316,6 +316,11 @@ async fn executor_main(
     let delivery_task = glommio::spawn_local(delivery.clone().run());
     // No RCPT for a local domain is answered before shard 0's accounts are known.
     let loaded = directory.wait_loaded(&shutdown).await;
+    if loaded {
+        // The recovered usage, for the RCPT quota check, before this executor
+        // counts as ready.
+        homes.iter().for_each(|h| h.publish_all_usage());
+    }
     if loaded && ready.fetch_add(1, Ordering::SeqCst) + 1 == executors {
         tracing::info!(smtp = %cfg.smtp, executors, shards, data = %cfg.data.display(), "ringmail ready");
     }

@@ -289,7 +289,12 @@ fn check_exactly_once(data: &Path, users: &[&str], acked: &[usize]) {
         };
         for a in acked {
             let n = entries.iter().filter(|s| *s == a).count();
-            assert_eq!(n, 1, "{u}: message {a} is there {n} times: {entries:?}");
+            assert_eq!(
+                n,
+                1,
+                "{u}: message {a} is there {n} times: {entries:?}; queue: {:?}",
+                ringmail_tests::queue_list(data)
+            );
         }
         // Unacknowledged ones (killed before the 250) may be there, once at most.
         let mut sorted = entries.clone();
@@ -435,4 +440,97 @@ fn deleting_a_user_frees_its_messages_and_sigkill_during_compaction_keeps_the_ot
         .collect();
     assert_eq!(have.len(), acked.len(), "{have:?}");
     assert!(extra > 0 || segment_bytes(&data) <= full / 2);
+}
+
+#[test]
+fn a_full_mailbox_refuses_at_rcpt_postmaster_waits_and_an_idn_user_gets_its_mail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let domains = [
+        "--local-domain",
+        "localhost",
+        "--local-domain",
+        "xn--bcher-kva.test",
+    ];
+    let add = |address: &str, extra: &[&str]| {
+        let mut child = Command::new(binary())
+            .args(["user", "add", address, "--password-stdin", "--data"])
+            .arg(&data)
+            .args(domains)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"pw\n").unwrap();
+        assert!(child.wait().unwrap().success(), "user add {address}");
+    };
+    add("small@localhost", &["--quota-messages", "1"]);
+    add("jörg@bücher.test", &[]);
+    let mut server = Server::start_in(Some(tmp), data.clone(), &domains);
+    let port = server.addr.port();
+    send(
+        port,
+        "b@client.test",
+        &["small@localhost"],
+        "Subject: one\r\n\r\n1\r\n",
+    );
+    wait_for(&data, "small@localhost", 1);
+    // The home shard published the usage: the next RCPT is refused while full, and
+    // after a restart too (the recovered usage is published at start).
+    for round in 0..2 {
+        let out = send(
+            port_of(&server),
+            "b@client.test",
+            &["small@localhost"],
+            "Subject: two\r\n\r\n2\r\n",
+        );
+        assert!(
+            out.contains("452") && out.contains("4.2.2"),
+            "round {round}: {out}"
+        );
+        server.terminate();
+        server.restart();
+        let _ = round;
+    }
+    // Postmaster without an account or alias: accepted, and waits (no bounce).
+    let out = send(
+        port_of(&server),
+        "b@client.test",
+        &["postmaster@localhost"],
+        "Subject: pm\r\n\r\nhi\r\n",
+    );
+    assert!(out.contains("refused {}"), "{out}");
+    // An address in an internationalised domain, sent in its UTF-8 form.
+    let out = python(
+        r#"
+import smtplib, sys
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]))
+print('refused', s.sendmail('b@client.test', ['jörg@bücher.test'], 'Subject: idn\r\n\r\nhallo\r\n'.encode(), mail_options=['SMTPUTF8']))
+s.quit()
+"#,
+        port_of(&server),
+    );
+    assert!(out.contains("refused {}"), "{out}");
+    wait_for(&data, "jörg@xn--bcher-kva.test", 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let q = server.queue();
+        let pm: Vec<_> = q
+            .iter()
+            .filter(|m| m["rcpt"][0]["to"] == "postmaster@localhost")
+            .collect();
+        assert!(
+            q.iter().all(|m| m["from"] != ""),
+            "a bounce was queued: {q:?}"
+        );
+        if pm.len() == 1 && pm[0]["rcpt"][0]["status"] == "deferred" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{q:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn port_of(server: &Server) -> u16 {
+    server.addr.port()
 }

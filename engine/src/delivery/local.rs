@@ -13,7 +13,7 @@ use super::attempt::Outcome;
 use crate::accounts::DirectoryCell;
 use crate::mailbox::{DeliverError, Delivery, MailService};
 use crate::queue::{MessageText, Spool};
-use crate::smtp::address::xtext_encode;
+use crate::smtp::address::{domain_key, xtext_encode};
 use crate::smtp::client::{RcptResult, Reply};
 use ringmail_store::accounts::{Directory, Resolution};
 use ringmail_store::message::Envelope;
@@ -26,8 +26,24 @@ pub struct Local {
     pub mail: MailService,
 }
 
+/// An address as the directory looks it up: the domain as its A-label (what RCPT
+/// checked), so `user@bücher.test` finds `user@xn--bcher-kva.test`.
+fn lookup_key(address: &str) -> String {
+    match address.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain_key(domain)),
+        None => address.to_string(),
+    }
+}
+
 /// What the delivery log shows as the relay of a local delivery.
 pub const RELAY: &str = "mailbox";
+
+fn is_postmaster(address: &str) -> bool {
+    address
+        .rsplit_once('@')
+        .map_or(address, |(l, _)| l)
+        .eq_ignore_ascii_case("postmaster")
+}
 
 fn reply(code: u16, e: (u8, u16, u16), text: &str) -> Reply {
     Reply {
@@ -75,17 +91,27 @@ impl Local {
         // alias queued before may still name a user twice).
         let mut tasks: HashMap<u64, glommio::task::JoinHandle<Result<u32, DeliverError>>> =
             HashMap::new();
-        let mut targets: Vec<Result<Vec<u64>, Reply>> = Vec::with_capacity(rcpts.len());
+        let mut targets: Vec<Result<Vec<u64>, RcptResult>> = Vec::with_capacity(rcpts.len());
         for &i in rcpts {
             let to = &env.recipients[i as usize].address;
-            let users = match dir.resolve(to) {
+            let users = match dir.resolve(&lookup_key(to)) {
                 Resolution::Users(u) if !u.is_empty() => u,
+                // Postmaster is always accepted (RFC 5321 §4.5.1): without an
+                // account or alias it waits for one (and bounces at expiry).
+                _ if is_postmaster(to) => {
+                    targets.push(Err(RcptResult::Deferred(reply(
+                        451,
+                        (4, 3, 0),
+                        "no account or alias for postmaster yet",
+                    ))));
+                    continue;
+                }
                 _ => {
-                    targets.push(Err(reply(
+                    targets.push(Err(RcptResult::Failed(reply(
                         550,
                         (5, 1, 1),
                         "Recipient address rejected: User unknown",
-                    )));
+                    ))));
                     continue;
                 }
             };
@@ -136,7 +162,7 @@ impl Local {
         let results = targets
             .into_iter()
             .map(|t| match t {
-                Err(r) => RcptResult::Failed(r),
+                Err(r) => r,
                 Ok(users) => rcpt_result(users.iter().filter_map(|u| done.get(u))),
             })
             .collect();
@@ -192,7 +218,7 @@ pub fn expand_recipients(
     let mut users = std::collections::HashSet::new();
     for r in recipients {
         let local = r.address.rsplit_once('@').is_some_and(|(_, d)| is_local(d));
-        let targets = match dir.resolve(&r.address) {
+        let targets = match dir.resolve(&lookup_key(&r.address)) {
             Resolution::Users(u) if local && !u.is_empty() => u,
             _ => {
                 out.push(r);

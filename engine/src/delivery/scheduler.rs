@@ -44,6 +44,9 @@ pub struct Delivery {
     retry: RetryPolicy,
     /// (message id, recipient index) being attempted now.
     in_flight: RefCell<HashSet<(u64, u32)>>,
+    /// Messages handed to home shards whose outcomes are not on record yet (a
+    /// retry then asks the homes not to add the entries twice).
+    unrecorded: RefCell<HashSet<u64>>,
     /// An attempt finished: its destination has room again.
     finished: event_listener::Event,
     /// Idle connections for the next message to the same host.
@@ -198,6 +201,7 @@ impl Delivery {
             resolver,
             spools,
             in_flight: RefCell::new(HashSet::new()),
+            unrecorded: RefCell::new(HashSet::new()),
             finished: event_listener::Event::new(),
             pool: super::attempt::Pool::new(100, Duration::from_secs(5)),
             last_compaction: Cell::new(std::time::Instant::now()),
@@ -458,9 +462,13 @@ impl Delivery {
         let outcome = match self.destination(domain) {
             _ if domain == LOCAL_KEY => match &self.local {
                 Some(local) => {
-                    let retried = rcpts
-                        .iter()
-                        .any(|&i| queued.rcpt.get(i as usize).is_some_and(|r| r.attempts > 0));
+                    // Handed to the home shards before without the outcome on record
+                    // (its batch failed): they may hold the entries already.
+                    let retried = self.unrecorded.borrow().contains(&id)
+                        || rcpts
+                            .iter()
+                            .any(|&i| queued.rcpt.get(i as usize).is_some_and(|r| r.attempts > 0));
+                    self.unrecorded.borrow_mut().insert(id);
                     local.deliver(spool, &env, &message, rcpts, retried).await
                 }
                 None => return,
@@ -552,6 +560,7 @@ impl Delivery {
         // reports) first, then every recipient's outcome.
         match spool.record_outcomes(updates, bounce).await {
             Ok(()) => {
+                self.unrecorded.borrow_mut().remove(&id);
                 if let Some(bid) = bounce_id {
                     tracing::info!(id = %idt, bounce = %bid, to = %env.from, "bounce queued");
                 }

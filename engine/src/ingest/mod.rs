@@ -265,6 +265,12 @@ impl Ingest {
         let (mut env, body) = envelope(tx, id, now.as_millis() as u64, peer);
         if let Some(cell) = &self.directory {
             let local = &self.cfg.local_domains;
+            // `<Postmaster>` has no domain: it is postmaster of the first local one.
+            for r in &mut env.recipients {
+                if !r.address.contains('@') {
+                    r.address = crate::accounts::delivery_address(&r.address, local);
+                }
+            }
             env.recipients = crate::delivery::local::expand_recipients(
                 std::mem::take(&mut env.recipients),
                 &cell.load(),

@@ -151,7 +151,7 @@ impl Home {
     /// references given up are dropped and the subscribers told. On a failure
     /// nothing of it is applied and the references it took are given back.
     pub async fn change(
-        &self,
+        self: &Rc<Self>,
         begin: impl FnOnce(&mut MailIndex) -> Result<Change, MailError>,
     ) -> Result<Done, ChangeError> {
         let change = begin(&mut self.index.borrow_mut()).map_err(ChangeError::Refused)?;
@@ -176,14 +176,23 @@ impl Home {
             Ok(t) => t,
             Err(e) => return Err(self.undo(change, &added, e)),
         };
-        if let Err(e) = self.spool.store().durable(&ticket).await {
-            return Err(self.undo(change, &added, e));
-        }
-        let c = self.index.borrow_mut().commit(change);
-        // Held until applied: a snapshot taken meanwhile replays from before it.
-        drop(ticket);
-        self.finish(c);
-        Ok(done)
+        // The rest in a task of its own: a caller that gives up (a session gone)
+        // must not leave the change neither committed nor aborted, or the user's
+        // later changes would wait for it forever.
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = me.spool.store().durable(&ticket).await {
+                return Err(me.undo(change, &added, e));
+            }
+            let c = me.index.borrow_mut().commit(change);
+            // Held until applied: a snapshot taken meanwhile replays from before it.
+            drop(ticket);
+            me.finish(c);
+            Ok(done)
+        })
+        .detach()
+        .await
+        .unwrap_or_else(|| Err(ChangeError::Store("the executor is stopping".into())))
     }
 
     /// After changes were applied: their references go, usage figures and
@@ -210,7 +219,7 @@ impl Home {
     }
 
     /// Puts a delivered message into the user's INBOX; its UID.
-    pub async fn deliver(&self, d: Delivery) -> Result<u32, DeliverError> {
+    pub async fn deliver(self: &Rc<Self>, d: Delivery) -> Result<u32, DeliverError> {
         let quota = {
             let dir = self.directory.load();
             let Some(u) = dir.user_by_id(d.user) else {
@@ -229,6 +238,10 @@ impl Home {
                     uid,
                     "delivered before: not again"
                 );
+                // The reference the deliverer took for the entry is not needed: the
+                // entry there holds its own. (Its add was applied before this drop:
+                // one FIFO from the deliverer's executor, or this one.)
+                self.drop_ref(d.message);
                 return Ok(uid);
             }
         }
@@ -261,17 +274,28 @@ impl Home {
     /// that refers to stored message `message`.
     fn delivered(&self, user: u64, message: u64) -> Option<u32> {
         let index = self.index.borrow();
-        index.mailboxes(user).into_iter().find_map(|m| {
+        // Newest first, INBOX first: a delivery made before is almost always among
+        // the last entries of INBOX.
+        let find = |m: &ringmail_store::mailbox::Mailbox| {
             m.entries()
                 .iter()
+                .rev()
                 .find(|e| e.message() == message)
                 .map(|e| e.uid())
+        };
+        let inbox = index.mailbox(user, "INBOX");
+        inbox.and_then(find).or_else(|| {
+            index
+                .mailboxes(user)
+                .into_iter()
+                .filter(|m| Some(m.id()) != inbox.map(|i| i.id()))
+                .find_map(find)
         })
     }
 
     /// Drops the mailboxes of users the directory no longer has (deleted while
     /// their home was down, or just now).
-    pub async fn drop_orphans(&self) {
+    pub async fn drop_orphans(self: &Rc<Self>) {
         let orphans: Vec<u64> = {
             let dir = self.directory.load();
             self.index
@@ -292,6 +316,15 @@ impl Home {
                     tracing::warn!(shard = self.shard, user, error = ?e, "cannot drop the mailboxes of a deleted account")
                 }
             }
+        }
+    }
+
+    /// Publishes every user's usage figures (at start: the RCPT quota check reads
+    /// them).
+    pub fn publish_all_usage(&self) {
+        let users: Vec<u64> = self.index.borrow().users().collect();
+        for u in users {
+            self.publish_usage(u);
         }
     }
 

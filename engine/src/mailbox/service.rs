@@ -72,6 +72,8 @@ struct Inner {
     /// Answers awaited from other executors, by request id.
     pending: RefCell<HashMap<u64, Rc<Pending>>>,
     next_req: Cell<u64>,
+    /// Stopping: work for the homes is refused from now on.
+    closed: Cell<bool>,
 }
 
 /// An answer on its way back; `None` in it: the answering executor went away.
@@ -80,6 +82,9 @@ struct Pending {
     answer: RefCell<Option<Option<Box<dyn Any + Send>>>>,
     event: event_listener::Event,
 }
+
+/// The longest a lost wake can hold a job up (see the receive loop).
+const WAKE_BACKSTOP: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How long a job from another executor may wait behind the running tasks.
 const JOB_LATENCY: std::time::Duration = std::time::Duration::from_millis(1);
@@ -105,6 +110,7 @@ impl MailService {
             next_sub: Cell::new(0),
             pending: RefCell::new(HashMap::new()),
             next_req: Cell::new(0),
+            closed: Cell::new(false),
         }));
         // The receive loop holds a weak end: dropping the service ends it. Its queue
         // (and so that of the tasks its jobs spawn) is one glommio preempts for.
@@ -117,7 +123,21 @@ impl MailService {
         glommio::spawn_local_into(
             async move {
                 let mut rx = rx;
-                while let Some(job) = rx.next().await {
+                loop {
+                    // The timer is a backstop: glommio 0.9 can park an executor with
+                    // a task just woken from another thread still queued, when its
+                    // preemption timer fires first (see `auth::pool`); a pending
+                    // timer bounds that wait.
+                    let next = futures_lite::future::or(async { Some(rx.next().await) }, async {
+                        glommio::timer::sleep(WAKE_BACKSTOP).await;
+                        None
+                    })
+                    .await;
+                    let job = match next {
+                        Some(Some(job)) => job,
+                        Some(None) => return,
+                        None => continue,
+                    };
                     match weak.upgrade() {
                         Some(inner) => job(&MailService(inner)),
                         None => return,
@@ -133,6 +153,8 @@ impl MailService {
 
     /// Fails every answer still awaited (the executor is stopping).
     pub fn close(&self) {
+        self.0.closed.set(true);
+        self.0.home_opened.notify(usize::MAX);
         self.0.homes.borrow_mut().clear();
         for (_, p) in self.0.pending.borrow_mut().drain() {
             *p.answer.borrow_mut() = Some(None);
@@ -166,12 +188,19 @@ impl MailService {
         self.0.homes.borrow().values().cloned().collect()
     }
 
-    /// The open home shard `shard` of this executor (waits while it is recovering).
-    async fn home(&self, shard: u32) -> Rc<Home> {
+    /// The open home shard `shard` of this executor (waits while it is recovering);
+    /// an error once the executor is stopping.
+    async fn home(&self, shard: u32) -> io::Result<Rc<Home>> {
         loop {
             let listener = self.0.home_opened.listen();
+            if self.0.closed.get() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    format!("the home of shard {shard} is stopping"),
+                ));
+            }
             if let Some(h) = self.0.homes.borrow().get(&shard) {
-                return h.clone();
+                return Ok(h.clone());
             }
             listener.await;
         }
@@ -187,11 +216,13 @@ impl MailService {
         let shard = ringmail_store::accounts::home_shard(user, self.0.shards);
         self.on_executor(self.owner_of(shard), move |svc| {
             Box::pin(async move {
-                let home = svc.home(shard).await;
-                f(home).await
+                match svc.home(shard).await {
+                    Ok(home) => Ok(f(home).await),
+                    Err(e) => Err(e),
+                }
             })
         })
-        .await
+        .await?
     }
 
     /// Runs `f` on executor `peer` (in place when it is this one) and returns what
