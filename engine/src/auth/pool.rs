@@ -14,6 +14,7 @@
 //! queue its frontend chose, so each executor gets one small relay task in such a
 //! queue, which the workers wake and which wakes the sessions, locally.
 
+use glommio::timer::Timer;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -92,7 +93,10 @@ impl Pool {
         });
         drop(q);
         self.ready.notify_one();
-        Some(Reply { slot })
+        Some(Reply {
+            slot,
+            backstop: None,
+        })
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -187,19 +191,40 @@ impl Slot {
 /// worker to skip the job if it has not started.
 pub(crate) struct Reply {
     slot: Arc<Slot>,
+    /// Looks at the slot again every `BACKSTOP` while the answer is awaited, in case
+    /// the relay's wake was lost (see `BACKSTOP`).
+    backstop: Option<glommio::timer::Timer>,
 }
+
+/// glommio 0.9 can put an executor to sleep with a runnable task queue: when a wake
+/// from outside (the relay's, by a worker) is taken in and the preemption timer (1 ms
+/// while the relay's queue is active, `RELAY_LATENCY`) fires before the first queue
+/// runs, because the executor thread lost its CPU in between, `run_task_queues`
+/// returns "nothing ran" and the executor parks until the next timer, I/O completion
+/// or foreign wake; with none pending (a lone login) that is never. A pending timer
+/// bounds that sleep: the check then finds its answer in the slot itself.
+const BACKSTOP: Duration = Duration::from_millis(20);
 
 impl Future for Reply {
     type Output = bool;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
-        let mut s = lock(&self.slot.state);
-        if let Some(ok) = s.answer {
-            return Poll::Ready(ok);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        {
+            let mut s = lock(&self.slot.state);
+            if let Some(ok) = s.answer {
+                return Poll::Ready(ok);
+            }
+            match &s.waiter {
+                Some((w, _)) if w.will_wake(cx.waker()) => {}
+                _ => s.waiter = Some((cx.waker().clone(), Relay::current())),
+            }
         }
-        match &s.waiter {
-            Some((w, _)) if w.will_wake(cx.waker()) => {}
-            _ => s.waiter = Some((cx.waker().clone(), Relay::current())),
+        // A timer that fired is spent: the next one is armed by its first poll.
+        let mut backstop = self.backstop.take().unwrap_or_else(|| Timer::new(BACKSTOP));
+        if Pin::new(&mut backstop).poll(cx).is_ready() {
+            backstop = Timer::new(BACKSTOP);
+            let _ = Pin::new(&mut backstop).poll(cx);
         }
+        self.backstop = Some(backstop);
         Poll::Pending
     }
 }

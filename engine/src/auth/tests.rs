@@ -514,3 +514,147 @@ fn settings_set_the_auth_config() {
         assert!(e.contains(bad.split(' ').next().unwrap()), "{e}");
     }
 }
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: the set is initialised by zeroing and CPU_SET; pid 0 is this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+/// The first CPU this thread may run on.
+fn first_cpu() -> usize {
+    // SAFETY: as in `pin_to`; the set is filled by the kernel.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        (0..libc::CPU_SETSIZE as usize)
+            .find(|&c| libc::CPU_ISSET(c, &set))
+            .unwrap()
+    }
+}
+
+/// glommio 0.9 parks an executor whose task queue was made runnable by a wake from
+/// outside (the relay, woken by a worker) when the preemption timer (1 ms while the
+/// relay's queue is active) fired before the first queue ran: `run_task_queues`
+/// reports "nothing ran" and the executor sleeps until something else happens, which
+/// with no timer or I/O pending is never. Only an executor thread that loses its CPU
+/// at that point hits it; here it shares one CPU with threads that never yield, so it
+/// loses it often. Bounded: a lost answer fails the test instead of hanging it (it
+/// did, without the backstop timer of `pool::Reply`, within a few thousand checks).
+#[test]
+fn answers_reach_an_executor_that_loses_its_cpu() {
+    const ROUNDS: usize = 20_000;
+    let cpu = first_cpu();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                pin_to(cpu);
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let cfg = AuthConfig {
+        cache_ttl: Duration::ZERO,
+        ..quick()
+    };
+    let check: Check = Arc::new(|_, _| true);
+    let auth = Authenticator::with_parts(&cfg, check, Arc::new(Instant::now)).unwrap();
+    let (done, finished) = mpsc::channel();
+    let on_ex = auth.clone();
+    std::thread::spawn(move || {
+        pin_to(cpu);
+        let n = on_executor(async {
+            let mut n = 0;
+            for _ in 0..ROUNDS {
+                on_ex
+                    .verify("ann", b"pw", Some("phc"), ip("192.0.2.1"))
+                    .await
+                    .unwrap();
+                n += 1;
+                let _ = done.send(n);
+            }
+            n
+        });
+        let _ = done.send(n);
+    });
+    let mut answered = 0;
+    while answered < ROUNDS {
+        match finished.recv_timeout(Duration::from_secs(10)) {
+            Ok(n) => answered = n,
+            Err(_) => break,
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    assert_eq!(answered, ROUNDS, "an answer never reached its executor");
+}
+
+/// An executor that ends while one of its checks waits for a worker: the worker still
+/// finishes that job (the answer goes to a relay that no longer runs) and goes on, and
+/// the next executors on the same thread, which get relays of their own, get their
+/// answers. Bounded, so that anything stuck fails the test.
+#[test]
+fn an_executor_that_ends_mid_check_leaves_nothing_stuck() {
+    const LATER: usize = 3;
+    let (open, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let check: Check = Arc::new(move |_, _| {
+        lock(&gate).recv().unwrap();
+        true
+    });
+    let cfg = AuthConfig {
+        cache_ttl: Duration::ZERO,
+        ..quick()
+    };
+    let auth = Authenticator::with_parts(&cfg, check, Arc::new(Instant::now)).unwrap();
+    let (ended, first_ended) = mpsc::channel();
+    let (done, later_done) = mpsc::channel();
+    let on_ex = auth.clone();
+    std::thread::spawn(move || {
+        on_executor(async {
+            let a = on_ex.clone();
+            glommio::spawn_local(async move {
+                a.verify("ann", b"pw", Some("phc"), ip("192.0.2.1")).await
+            })
+            .detach();
+            until("the check to be queued", || on_ex.counters().in_flight == 1).await;
+        });
+        ended.send(()).unwrap();
+        for _ in 0..LATER {
+            let r = on_executor(on_ex.verify("bob", b"pw", Some("phc"), ip("192.0.2.2")));
+            done.send(r).unwrap();
+        }
+    });
+    first_ended
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the first executor ended");
+    for _ in 0..=LATER {
+        open.send(()).unwrap();
+    }
+    for _ in 0..LATER {
+        let r = later_done.recv_timeout(Duration::from_secs(20));
+        assert_eq!(r, Ok(Ok(())), "a later executor did not get its answer");
+    }
+    let c = auth.counters();
+    assert_eq!(
+        (c.verifications, c.in_flight),
+        (LATER as u64 + 1, 0),
+        "{c:?}"
+    );
+}
