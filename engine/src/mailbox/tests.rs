@@ -659,6 +659,65 @@ fn entries_on_the_home_count_references_on_the_messages_core() {
     );
 }
 
+/// Fails the test if `f` does not end soon: for calls that must fail, not hang.
+async fn soon<T>(what: &str, f: impl Future<Output = T>) -> T {
+    futures_lite::future::or(f, async {
+        glommio::timer::sleep(Duration::from_secs(5)).await;
+        panic!("{what}: hangs")
+    })
+    .await
+}
+
+/// Calls to the home's executor once it closed its mail service (shutting down),
+/// and once it is gone, fail; so does a call it was running when it went.
+#[test]
+fn calls_to_an_executor_that_shut_down_fail_instead_of_hanging() {
+    two_executors(
+        |a| async move {
+            let u = user();
+            let (started, running) = futures_channel::oneshot::channel();
+            let mail = a.mail.clone();
+            let stuck = glommio::spawn_local(async move {
+                mail.on_home(u, move |_| {
+                    Box::pin(async move {
+                        let _ = started.send(());
+                        futures_lite::future::pending::<()>().await
+                    })
+                })
+                .await
+            });
+            running.await.unwrap();
+            a.link.send(Ctl::Go).await;
+            a.link.go().await;
+            // B closed its mail service and is still running.
+            let r = soon("on_home", a.mail.on_home(u, |_| Box::pin(async {}))).await;
+            assert!(r.is_err(), "on_home to a closed home");
+            let r = soon("on_executor", a.mail.on_executor(1, |_| Box::pin(async {}))).await;
+            assert!(r.is_err(), "on_executor to a closed executor");
+            let r = soon("subscribe", a.mail.subscribe(u, INBOX_ID)).await;
+            assert!(r.is_err(), "subscribe on a closed home");
+            a.link.send(Ctl::Go).await;
+            // B is gone.
+            let r = soon("the call B was running", stuck).await;
+            assert!(r.is_err());
+            let r = soon("on_home, B gone", a.mail.on_home(u, |_| Box::pin(async {}))).await;
+            assert!(r.is_err(), "on_home to a stopped executor");
+            let r = soon(
+                "on_executor, B gone",
+                a.mail.on_executor(1, |_| Box::pin(async {})),
+            )
+            .await;
+            assert!(r.is_err(), "on_executor to a stopped executor");
+        },
+        |b| async move {
+            b.link.go().await;
+            b.shut_down().await;
+            b.link.send(Ctl::Go).await;
+            b.link.go().await;
+        },
+    );
+}
+
 #[test]
 fn quantiles_count_from_the_fastest() {
     let mut l = super::Latency::default();
