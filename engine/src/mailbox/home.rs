@@ -373,6 +373,16 @@ impl Home {
         }
     }
 
+    /// The subscribers of (user, mailbox), for tests.
+    #[cfg(test)]
+    pub(super) fn subscribers(&self, user: u64, mailbox: u32) -> Vec<(usize, u64)> {
+        self.subs
+            .borrow()
+            .get(&(user, mailbox))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     fn notify(&self, notices: &[Notice]) {
         let subs = self.subs.borrow();
         if subs.is_empty() {

@@ -151,19 +151,4 @@ impl Latency {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::Latency;
-
-    #[test]
-    fn quantiles_count_from_the_fastest() {
-        let mut l = Latency::default();
-        for ms in 1..=100 {
-            l.record(ms);
-        }
-        l.record(50_000);
-        assert_eq!(l.count(), 101);
-        assert_eq!(l.quantile(0.5), 51);
-        assert_eq!(l.quantile(0.99), 100);
-        assert_eq!(l.quantile(1.0), 10_000);
-    }
-}
+mod tests;

@@ -72,8 +72,16 @@ struct Inner {
     /// Answers awaited from other executors, by request id.
     pending: RefCell<HashMap<u64, Rc<Pending>>>,
     next_req: Cell<u64>,
-    /// Stopping: work for the homes is refused from now on.
+    /// Stopping: no more work is taken, from here or from afar.
     closed: Cell<bool>,
+    /// Ends the receive loop (closed, or the service dropped).
+    stop: Rc<event_listener::Event>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.notify(usize::MAX);
+    }
 }
 
 /// An answer on its way back; `None` in it: the answering executor went away.
@@ -111,10 +119,15 @@ impl MailService {
             pending: RefCell::new(HashMap::new()),
             next_req: Cell::new(0),
             closed: Cell::new(false),
+            stop: Rc::new(event_listener::Event::new()),
         }));
-        // The receive loop holds a weak end: dropping the service ends it. Its queue
-        // (and so that of the tasks its jobs spawn) is one glommio preempts for.
+        // The receive loop holds a weak end: closing or dropping the service ends it,
+        // and so drops the receiver (an idle task whose waker another executor holds
+        // would outlive its executor, and jobs sent to it would wait for ever): jobs
+        // queued or sent from then on fail, and their askers hear so (`Reply`). Its
+        // queue (and so that of the tasks its jobs spawn) is one glommio preempts for.
         let weak = Rc::downgrade(&svc.0);
+        let stop = svc.0.stop.clone();
         let queue = glommio::executor().create_task_queue(
             glommio::Shares::default(),
             glommio::Latency::Matters(JOB_LATENCY),
@@ -124,14 +137,28 @@ impl MailService {
             async move {
                 let mut rx = rx;
                 loop {
+                    let stopped = stop.listen();
+                    match weak.upgrade() {
+                        Some(inner) if !inner.closed.get() => {}
+                        _ => return,
+                    }
                     // The timer is a backstop: glommio 0.9 can park an executor with
                     // a task just woken from another thread still queued, when its
                     // preemption timer fires first (see `auth::pool`); a pending
                     // timer bounds that wait.
-                    let next = futures_lite::future::or(async { Some(rx.next().await) }, async {
-                        glommio::timer::sleep(WAKE_BACKSTOP).await;
-                        None
-                    })
+                    let next = futures_lite::future::or(
+                        async { Some(rx.next().await) },
+                        futures_lite::future::or(
+                            async {
+                                stopped.await;
+                                Some(None)
+                            },
+                            async {
+                                glommio::timer::sleep(WAKE_BACKSTOP).await;
+                                None
+                            },
+                        ),
+                    )
                     .await;
                     let job = match next {
                         Some(Some(job)) => job,
@@ -139,8 +166,8 @@ impl MailService {
                         None => continue,
                     };
                     match weak.upgrade() {
-                        Some(inner) => job(&MailService(inner)),
-                        None => return,
+                        Some(inner) if !inner.closed.get() => job(&MailService(inner)),
+                        _ => return,
                     }
                 }
             },
@@ -151,11 +178,14 @@ impl MailService {
         svc
     }
 
-    /// Fails every answer still awaited (the executor is stopping).
+    /// Fails every answer still awaited, and every call from now on, from here or
+    /// from another executor (the executor is stopping).
     pub fn close(&self) {
         self.0.closed.set(true);
-        self.0.home_opened.notify(usize::MAX);
+        self.0.stop.notify(usize::MAX);
         self.0.homes.borrow_mut().clear();
+        // Jobs waiting for a home to open find it never will.
+        self.0.home_opened.notify(usize::MAX);
         for (_, p) in self.0.pending.borrow_mut().drain() {
             *p.answer.borrow_mut() = Some(None);
             p.event.notify(usize::MAX);
@@ -163,8 +193,12 @@ impl MailService {
     }
 
     fn complete(&self, req: u64, answer: Box<dyn Any + Send>) {
+        self.answer(req, Some(answer));
+    }
+
+    fn answer(&self, req: u64, answer: Option<Box<dyn Any + Send>>) {
         if let Some(p) = self.0.pending.borrow_mut().remove(&req) {
-            *p.answer.borrow_mut() = Some(Some(answer));
+            *p.answer.borrow_mut() = Some(answer);
             p.event.notify(usize::MAX);
         }
     }
@@ -189,18 +223,15 @@ impl MailService {
     }
 
     /// The open home shard `shard` of this executor (waits while it is recovering);
-    /// an error once the executor is stopping.
-    async fn home(&self, shard: u32) -> io::Result<Rc<Home>> {
+    /// `None` once the service is closed.
+    async fn home(&self, shard: u32) -> Option<Rc<Home>> {
         loop {
             let listener = self.0.home_opened.listen();
             if self.0.closed.get() {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    format!("the home of shard {shard} is stopping"),
-                ));
+                return None;
             }
             if let Some(h) = self.0.homes.borrow().get(&shard) {
-                return Ok(h.clone());
+                return Some(h.clone());
             }
             listener.await;
         }
@@ -214,15 +245,22 @@ impl MailService {
         F: FnOnce(Rc<Home>) -> LocalBoxFuture<R> + Send + 'static,
     {
         let shard = ringmail_store::accounts::home_shard(user, self.0.shards);
-        self.on_executor(self.owner_of(shard), move |svc| {
-            Box::pin(async move {
-                match svc.home(shard).await {
-                    Ok(home) => Ok(f(home).await),
-                    Err(e) => Err(e),
-                }
+        let r = self
+            .on_executor(self.owner_of(shard), move |svc| {
+                Box::pin(async move {
+                    match svc.home(shard).await {
+                        Some(home) => Some(f(home).await),
+                        None => None,
+                    }
+                })
             })
+            .await?;
+        r.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("home shard {shard} is closed"),
+            )
         })
-        .await?
     }
 
     /// Runs `f` on executor `peer` (in place when it is this one) and returns what
@@ -232,6 +270,15 @@ impl MailService {
         R: Send + 'static,
         F: FnOnce(MailService) -> LocalBoxFuture<R> + Send + 'static,
     {
+        let gone = || {
+            io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("executor {peer} is gone"),
+            )
+        };
+        if self.0.closed.get() {
+            return Err(gone());
+        }
         if peer == self.0.peer {
             return Ok(f(self.clone()).await);
         }
@@ -240,10 +287,18 @@ impl MailService {
         let pending = Rc::new(Pending::default());
         self.0.pending.borrow_mut().insert(req, pending.clone());
         let asker = self.0.peer;
+        // Travels with the job: however the job ends without an answer (dropped
+        // unrun by a closed service, or its task dropped with a stopping executor),
+        // the asker hears that it failed instead of waiting for ever.
+        let mut reply = Reply {
+            to: Some(self.0.peers[asker].clone()),
+            req,
+        };
         let sent = self.0.peers[peer].unbounded_send(Box::new(move |svc: &MailService| {
             let svc = svc.clone();
             glommio::spawn_local(async move {
                 let r: Box<dyn Any + Send> = Box::new(f(svc.clone()).await);
+                reply.answered();
                 svc.post(
                     asker,
                     Box::new(move |svc: &MailService| svc.complete(req, r)),
@@ -251,12 +306,6 @@ impl MailService {
             })
             .detach();
         }));
-        let gone = || {
-            io::Error::new(
-                io::ErrorKind::NotConnected,
-                format!("executor {peer} is gone"),
-            )
-        };
         if sent.is_err() {
             self.0.pending.borrow_mut().remove(&req);
             return Err(gone());
@@ -336,6 +385,29 @@ impl MailService {
     /// Subscriptions live on this executor, for tests.
     pub fn subscriptions(&self) -> usize {
         self.0.subs.borrow().len()
+    }
+}
+
+/// The answer a job owes its asker: "gone" unless the job answered.
+struct Reply {
+    /// The asker's channel, until the job answered.
+    to: Option<mpsc::UnboundedSender<Job>>,
+    req: u64,
+}
+
+impl Reply {
+    fn answered(&mut self) {
+        self.to = None;
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(to) = self.to.take() {
+            let req = self.req;
+            // Fails only when the asker is gone too.
+            let _ = to.unbounded_send(Box::new(move |svc: &MailService| svc.answer(req, None)));
+        }
     }
 }
 
