@@ -238,6 +238,10 @@ pub fn queue_list(data: &Path) -> Vec<serde_json::Value> {
             .args(["queue", "list", "--json", "--data"])
             .arg(data),
     );
+    // A healthy data directory reads without a word of damage (every index's
+    // snapshot section is accounted for).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("did not decode"), "queue list: {err}");
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()

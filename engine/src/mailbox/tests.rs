@@ -360,7 +360,7 @@ fn expunged(d: &Done) -> Notice {
     )
 }
 
-async fn set_flags(home: &Home, uid: u32, op: FlagOp, flags: u8) -> Done {
+async fn set_flags(home: &Rc<Home>, uid: u32, op: FlagOp, flags: u8) -> Done {
     let u = user();
     home.change(|ix| ix.begin_set_flags(u, INBOX_ID, &[uid], op, flags, &[], None))
         .await

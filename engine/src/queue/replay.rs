@@ -120,7 +120,15 @@ pub struct Recovered {
 /// Replays a shard's store into a queue index.
 pub fn recover(data: &Path, shard: u32, mode: Mode) -> io::Result<Recovered> {
     let mut ix = QueueIndex::default();
-    let rec = shard::recover(data, shard, mode, &mut [&mut ix])?;
+    // The server's sections after the queue's (accounts, mailboxes: `runtime`),
+    // read past: without them they would count as damage.
+    let (mut accounts, mut mailboxes) = (shard::Ignore, shard::Ignore);
+    let rec = shard::recover(
+        data,
+        shard,
+        mode,
+        &mut [&mut ix, &mut accounts, &mut mailboxes],
+    )?;
     Ok(Recovered {
         index: ix.messages,
         report: rec.report,
