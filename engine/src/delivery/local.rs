@@ -83,9 +83,12 @@ impl Local {
         // Stored before this start, or tried before: a home shard may hold the
         // entry already (see `Delivery::maybe_done`).
         let maybe_done = retried || spool.store().stored_before_open(env.id);
-        let text = message.to_vec();
+        // The body parsed where it lies (no copy of it with the trace prefix): the
+        // prefix is header lines, which `shifted` puts in front of the top header.
         let mut meta = Vec::new();
-        ringmail_store::mime::analyze(&text).encode(&mut meta);
+        ringmail_store::mime::analyze(&message.body)
+            .shifted(message.prefix.len() as u64)
+            .encode(&mut meta);
         // Each user once per message, however many of its recipients lead there
         // (aliases are expanded when the message is queued; a catch-all or an
         // alias queued before may still name a user twice).
@@ -126,7 +129,7 @@ impl Local {
                 let d = Delivery {
                     user,
                     message: env.id,
-                    size: (prefix.len() + text.len()).min(u32::MAX as usize) as u32,
+                    size: (prefix.len() + message.len()).min(u32::MAX as usize) as u32,
                     internal_date: (env.received_at_ms / 1000) as i64,
                     meta: meta.clone(),
                     received_at_ms: env.received_at_ms,
