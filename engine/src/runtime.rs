@@ -313,9 +313,11 @@ async fn executor_main(
     };
     let delivery =
         crate::delivery::scheduler::Delivery::new(cfg.clone(), ring, spools.clone(), Some(local));
-    let delivery_task = glommio::spawn_local(delivery.clone().run());
     // No RCPT for a local domain is answered before shard 0's accounts are known.
     let loaded = directory.wait_loaded(&shutdown).await;
+    // Delivery starts once the directory is known: before, every local domain
+    // looks as if it had no account, and its queued mail would be passed over.
+    let delivery_task = glommio::spawn_local(delivery.clone().run());
     if loaded {
         // The recovered usage, for the RCPT quota check, before this executor
         // counts as ready.

@@ -32,6 +32,8 @@ const SCAN_INTERVAL: Duration = Duration::from_millis(100);
 const COMPACTION_INTERVAL: Duration = Duration::from_secs(2);
 /// Messages taken off a spool's ready queue per pass.
 const TAKE_PER_PASS: usize = 64;
+/// How often mail for a local domain without accounts is looked at again.
+const UNSERVED_RETRY_MS: u64 = 60_000;
 /// The destination key of local recipients (no domain name is empty).
 const LOCAL_KEY: &str = "";
 
@@ -348,6 +350,7 @@ impl Delivery {
             // a few at a time, not all of it on every finished attempt.
             for (id, due) in spool.take_due(now, TAKE_PER_PASS) {
                 let mut by_domain: HashMap<String, Vec<u32>> = HashMap::new();
+                let mut waits = false;
                 for (i, to) in due {
                     let Some(domain) = domain_of(&to) else {
                         continue;
@@ -359,6 +362,8 @@ impl Delivery {
                     // recipients stay queued.
                     let local = self.is_local(&domain);
                     if local && !self.local.as_ref().is_some_and(|l| l.serves(&domain)) {
+                        // Looked at again in a while: an account may come.
+                        waits = self.local.is_some();
                         continue;
                     }
                     // All of a message's local recipients are one delivery, whatever
@@ -368,6 +373,9 @@ impl Delivery {
                 }
                 if by_domain.is_empty() {
                     self.release_if_only_local_left(spool, id);
+                }
+                if waits {
+                    spool.retry_at(id, now + UNSERVED_RETRY_MS);
                 }
                 let mut busy = false;
                 for (domain, rcpts) in by_domain {
