@@ -495,23 +495,9 @@ impl MailIndex {
         }
         let kw = keywords_of(mb, used_bits);
         let uidvalidity = mb.uidvalidity;
-        if set.is_empty() {
-            let modseq = u.modseq;
-            let mut c = Change::new(self.rec(
-                user,
-                Op::SetFlags {
-                    mailbox: mailbox_id,
-                    modseq,
-                    set,
-                    kw,
-                },
-            ));
-            c.modified = modified;
-            c.mailbox = mailbox_id;
-            c.uidvalidity = uidvalidity;
-            return Ok(c);
-        }
-        let modseq = take_modseq(u)?;
+        // A change that sets nothing keeps the current MODSEQ and is not queued.
+        let noop = set.is_empty();
+        let modseq = if noop { u.modseq } else { take_modseq(u)? };
         for &(uid, f, k) in &set {
             u.pending_flags.insert((mailbox_id, uid), (modseq, f, k));
         }
@@ -526,11 +512,14 @@ impl MailIndex {
                 kw,
             },
         ));
-        c.flags_set = flags_set;
-        c.source_uids = source_uids;
         c.modified = modified;
         c.mailbox = mailbox_id;
         c.uidvalidity = uidvalidity;
+        if noop {
+            return Ok(c);
+        }
+        c.flags_set = flags_set;
+        c.source_uids = source_uids;
         c.modseq = Some(modseq);
         Ok(self.enqueue(c))
     }
