@@ -896,6 +896,17 @@ impl Drop for Reading {
     }
 }
 
+/// Fails a test instead of hanging it when an event from another executor never
+/// comes (the store and the mailbox tests run two executors).
+#[cfg(test)]
+pub(crate) async fn deadline<T>(f: impl std::future::Future<Output = T>) -> T {
+    futures_lite::future::or(f, async {
+        glommio::timer::sleep(std::time::Duration::from_secs(30)).await;
+        panic!("timed out waiting for the other executor")
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1053,15 +1064,6 @@ mod tests {
         async fn recv(&self) -> Ctl {
             self.rx.recv().await.expect("the other executor hung up")
         }
-    }
-
-    /// Fails the test instead of hanging it when an event never comes.
-    async fn deadline<T>(f: impl Future<Output = T>) -> T {
-        futures_lite::future::or(f, async {
-            glommio::timer::sleep(Duration::from_secs(20)).await;
-            panic!("timed out waiting for the other executor")
-        })
-        .await
     }
 
     /// Runs `owner` on the executor that owns `SHARD` and `reader` on the other one,

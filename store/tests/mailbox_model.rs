@@ -220,7 +220,20 @@ struct Model {
     messages: BTreeSet<u64>,
 }
 
+impl MBox {
+    /// The UIDs `pick` chooses among this mailbox's entries.
+    fn picked(&self, pick: u64) -> Vec<u32> {
+        let uids: Vec<u32> = self.entries.keys().copied().collect();
+        pick_of(&uids, pick)
+    }
+}
+
 impl Model {
+    /// The id of `user`'s mailbox `NAMES[name]`, if it exists and is selectable.
+    fn selectable(&self, user: u64, name: usize) -> Option<u32> {
+        self.users.get(&user)?.selectable(&norm(NAMES[name]))
+    }
+
     fn user(&mut self, u: u64) -> &mut MUser {
         self.users.entry(u).or_insert_with(|| {
             let mut m = MUser::default();
@@ -353,17 +366,12 @@ fn model_apply(
             kw,
             since,
         } => {
-            let Some(id) = m
-                .users
-                .get(user)
-                .and_then(|u| u.selectable(&norm(NAMES[*name])))
-            else {
+            let Some(id) = m.selectable(*user, *name) else {
                 return assert!(got.is_err(), "{op:?}: {got:?}");
             };
             let Ok(c) = got else { fail("refused") };
             let mb = m.users.get_mut(user).unwrap().boxes.get_mut(&id).unwrap();
-            let uids: Vec<u32> = mb.entries.keys().copied().collect();
-            let chosen = pick_of(&uids, *pick);
+            let chosen = mb.picked(*pick);
             let since = since.map(|s| ix_since(ix, *user, id, s));
             let kws: BTreeSet<String> = kw_names(*kw).into_iter().collect();
             let (mut modified, mut changed) = (Vec::new(), Vec::new());
@@ -392,17 +400,12 @@ fn model_apply(
             }
         }
         Op::Expunge { user, name, pick } => {
-            let Some(id) = m
-                .users
-                .get(user)
-                .and_then(|u| u.selectable(&norm(NAMES[*name])))
-            else {
+            let Some(id) = m.selectable(*user, *name) else {
                 return assert!(got.is_err(), "{op:?}: {got:?}");
             };
             let Ok(c) = got else { fail("refused") };
             let mb = m.users.get_mut(user).unwrap().boxes.get_mut(&id).unwrap();
-            let uids: Vec<u32> = mb.entries.keys().copied().collect();
-            let chosen = pick_of(&uids, *pick);
+            let chosen = mb.picked(*pick);
             for u in &chosen {
                 mb.entries.remove(u);
             }
@@ -418,20 +421,13 @@ fn model_apply(
             pick,
             moved,
         } => {
-            let mu = m.users.get(user);
-            let ids = mu.and_then(|u| {
-                Some((
-                    u.selectable(&norm(NAMES[*from]))?,
-                    u.selectable(&norm(NAMES[*to]))?,
-                ))
-            });
+            let ids = m.selectable(*user, *from).zip(m.selectable(*user, *to));
             let Some((f, t)) = ids else {
                 return assert!(got.is_err(), "{op:?}: {got:?}");
             };
             let Ok(c) = got else { fail("refused") };
             let mu = m.users.get_mut(user).unwrap();
-            let uids: Vec<u32> = mu.boxes[&f].entries.keys().copied().collect();
-            let chosen = pick_of(&uids, *pick);
+            let chosen = mu.boxes[&f].picked(*pick);
             assert_eq!(c.source_uids(), chosen);
             assert_eq!(c.new_uids().len(), chosen.len());
             let copies: Vec<MEntry> = chosen

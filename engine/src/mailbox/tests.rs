@@ -9,7 +9,7 @@ use super::service::{self, MailService, Subscription};
 use super::{Delivery, Home};
 use crate::accounts::DirectoryCell;
 use crate::queue::{RcptStatus, Spool};
-use crate::storeservice::StoreService;
+use crate::storeservice::{deadline, StoreService};
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender};
 use glommio::{Latency, LocalExecutorBuilder, Shares, Task, TaskQueueHandle};
 use ringmail_store::accounts::{home_shard, AccountIndex, AccountRecord};
@@ -153,15 +153,6 @@ impl Node {
     ) -> R {
         self.mail.on_home(user(), f).await.expect("B is up")
     }
-}
-
-/// Fails the test instead of hanging it when an event never comes.
-async fn deadline<T>(f: impl Future<Output = T>) -> T {
-    futures_lite::future::or(f, async {
-        glommio::timer::sleep(Duration::from_secs(30)).await;
-        panic!("timed out waiting for the other executor")
-    })
-    .await
 }
 
 /// Runs `a` on executor A (peer 0, shard 0) and `b` on executor B (peer 1, shard 1,

@@ -327,6 +327,17 @@ impl MailIndex {
         c
     }
 
+    /// Queues `c` as taking `modseq` for the entries `source_uids`; one that touches no
+    /// entry is a no-op, handed back unqueued and without a MODSEQ.
+    fn enqueue_touching(&mut self, mut c: Change, source_uids: Vec<u32>, modseq: u64) -> Change {
+        if source_uids.is_empty() {
+            return c;
+        }
+        c.source_uids = source_uids;
+        c.modseq = Some(modseq);
+        self.enqueue(c)
+    }
+
     fn rec(&self, user: u64, op: Op) -> Rec {
         Rec {
             user,
@@ -495,23 +506,12 @@ impl MailIndex {
         }
         let kw = keywords_of(mb, used_bits);
         let uidvalidity = mb.uidvalidity;
-        if set.is_empty() {
-            let modseq = u.modseq;
-            let mut c = Change::new(self.rec(
-                user,
-                Op::SetFlags {
-                    mailbox: mailbox_id,
-                    modseq,
-                    set,
-                    kw,
-                },
-            ));
-            c.modified = modified;
-            c.mailbox = mailbox_id;
-            c.uidvalidity = uidvalidity;
-            return Ok(c);
-        }
-        let modseq = take_modseq(u)?;
+        // A change that sets nothing keeps the current MODSEQ.
+        let modseq = if set.is_empty() {
+            u.modseq
+        } else {
+            take_modseq(u)?
+        };
         for &(uid, f, k) in &set {
             u.pending_flags.insert((mailbox_id, uid), (modseq, f, k));
         }
@@ -526,13 +526,11 @@ impl MailIndex {
                 kw,
             },
         ));
-        c.flags_set = flags_set;
-        c.source_uids = source_uids;
         c.modified = modified;
         c.mailbox = mailbox_id;
         c.uidvalidity = uidvalidity;
-        c.modseq = Some(modseq);
-        Ok(self.enqueue(c))
+        c.flags_set = flags_set;
+        Ok(self.enqueue_touching(c, source_uids, modseq))
     }
 
     /// EXPUNGE (or UID EXPUNGE) of the entries `uids` that are present.
@@ -570,12 +568,7 @@ impl MailIndex {
         ));
         c.mailbox = mailbox_id;
         c.uidvalidity = uidvalidity;
-        if present.is_empty() {
-            return Ok(c);
-        }
-        c.source_uids = present;
-        c.modseq = Some(modseq);
-        Ok(self.enqueue(c))
+        Ok(self.enqueue_touching(c, present, modseq))
     }
 
     /// COPY of the entries `uids` (those present) from `from_id` into `to_id`.
