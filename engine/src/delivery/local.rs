@@ -53,6 +53,15 @@ fn reply(code: u16, e: (u8, u16, u16), text: &str) -> Reply {
     }
 }
 
+/// An address that leads to no user (any more): bounced.
+fn user_unknown() -> RcptResult {
+    RcptResult::Failed(reply(
+        550,
+        (5, 1, 1),
+        "Recipient address rejected: User unknown",
+    ))
+}
+
 /// The per-entry prefix of a delivered message (docs/mailboxes.md): never stored as
 /// bytes, the mailbox frontends build it from the envelope and the account.
 pub fn entry_prefix(sender: &str, address: &str) -> String {
@@ -110,11 +119,7 @@ impl Local {
                     continue;
                 }
                 _ => {
-                    targets.push(Err(RcptResult::Failed(reply(
-                        550,
-                        (5, 1, 1),
-                        "Recipient address rejected: User unknown",
-                    ))));
+                    targets.push(Err(user_unknown()));
                     continue;
                 }
             };
@@ -183,11 +188,7 @@ fn rcpt_result<'a>(users: impl Iterator<Item = &'a Result<u32, DeliverError>>) -
     for r in users {
         let this = match r {
             Ok(_) => continue,
-            Err(DeliverError::NoUser) => RcptResult::Failed(reply(
-                550,
-                (5, 1, 1),
-                "Recipient address rejected: User unknown",
-            )),
+            Err(DeliverError::NoUser) => user_unknown(),
             Err(DeliverError::OverQuota) => {
                 RcptResult::Deferred(reply(452, (4, 2, 2), "Mailbox full"))
             }

@@ -84,12 +84,6 @@ pub enum ChangeError {
     Store(String),
 }
 
-impl From<LogError> for ChangeError {
-    fn from(e: LogError) -> Self {
-        ChangeError::Store(e.to_string())
-    }
-}
-
 /// A subscription: (executor, its id there).
 type Subscriber = (usize, u64);
 
@@ -107,7 +101,6 @@ pub struct Home {
 }
 
 impl Home {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         spool: Rc<Spool>,
         index: Rc<RefCell<MailIndex>>,
@@ -309,7 +302,6 @@ impl Home {
                 Ok(_) => tracing::info!(
                     shard = self.shard,
                     user,
-                    mailboxes_of = user,
                     "dropped the mailboxes of a deleted account"
                 ),
                 Err(e) => {
@@ -336,23 +328,14 @@ impl Home {
         }
     }
 
-    /// One more reference to a stored message, wherever it is.
+    /// One more reference to a stored message, wherever it is (the store service
+    /// applies it here or sends it to the message's owner).
     fn add_ref(&self, id: u64) {
-        let h = Handle::of_id(id);
-        if h.shard == self.shard {
-            self.spool.store().add_ref(id);
-        } else {
-            self.store.add_ref(h);
-        }
+        self.store.add_ref(Handle::of_id(id));
     }
 
     fn drop_ref(&self, id: u64) {
-        let h = Handle::of_id(id);
-        if h.shard == self.shard {
-            self.spool.store().drop_ref(id);
-        } else {
-            self.store.drop_ref(h);
-        }
+        self.store.drop_ref(Handle::of_id(id));
     }
 
     pub(super) fn subscribe(&self, user: u64, mailbox: u32, peer: usize, sub: u64) {
