@@ -221,9 +221,14 @@ pub fn expand_recipients(
     let mut out: Vec<ringmail_store::message::Recipient> = Vec::with_capacity(recipients.len());
     let mut users = std::collections::HashSet::new();
     for r in recipients {
+        // Relayed mail (most of it) is not looked up at all.
         let local = r.address.rsplit_once('@').is_some_and(|(_, d)| is_local(d));
-        let targets = match dir.resolve(&lookup_key(&r.address)) {
-            Resolution::Users(u) if local && !u.is_empty() => u,
+        let resolved = match local {
+            true => dir.resolve(&lookup_key(&r.address)),
+            false => Resolution::Unknown,
+        };
+        let targets = match resolved {
+            Resolution::Users(u) if !u.is_empty() => u,
             _ => {
                 out.push(r);
                 continue;
