@@ -1174,6 +1174,10 @@ impl MailIndex {
                     let taken = std::mem::replace(&mut inbox.entries, rest);
                     let table = inbox.keywords.clone();
                     inbox.highestmodseq = inbox.highestmodseq.max(m.modseq);
+                    // Every UID below `below` is gone from INBOX now, and never comes
+                    // back: also one an aborted append burned, which no record tells
+                    // a replay of.
+                    inbox.uidnext = inbox.uidnext.max(m.below);
                     if m.below > 1 {
                         let first = taken.first().map_or(1, |e| e.uid);
                         add_tombstones(inbox, &[first, m.below - 1], m.modseq);
