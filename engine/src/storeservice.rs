@@ -858,6 +858,16 @@ impl Reading {
         self.service.files().read_record(&self.resolved).await
     }
 
+    /// The record's bytes before its body (framing, envelope, trace prefix): decode
+    /// with [`ringmail_store::message::decode_head`] after the framing.
+    pub async fn head(&self) -> io::Result<SharedBuf> {
+        let r = &self.resolved;
+        self.service
+            .files()
+            .read(r.handle.shard, r.seq, r.offset, r.body_offset as usize)
+            .await
+    }
+
     pub async fn body(&self) -> io::Result<SharedBuf> {
         self.service.files().read_body(&self.resolved).await
     }

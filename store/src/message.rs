@@ -174,6 +174,41 @@ pub struct Decoded<'a> {
 
 pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
     let mut r = Reader::new(payload, "message record truncated");
+    let (envelope, reports, prefix) = decode_front(&mut r, payload.len())?;
+    let body = r.bytes()?;
+    let body_offset = r.pos() - body.len();
+    if !r.at_end() {
+        return Err("trailing bytes in message record");
+    }
+    Ok(Decoded {
+        envelope,
+        prefix,
+        body,
+        body_offset,
+        reports,
+    })
+}
+
+/// The envelope and the trace prefix of a `Message` payload cut where its body
+/// starts (the record's bytes before `Resolved::body_offset`, framing stripped): what
+/// a mailbox frontend needs before it streams the body, without reading the body.
+pub fn decode_head(head: &[u8]) -> Result<(Envelope, &[u8]), &'static str> {
+    let mut r = Reader::new(head, "message record head truncated");
+    let (envelope, _, prefix) = decode_front(&mut r, head.len())?;
+    // What is left is the body's length, and the head ends where the body starts.
+    r.u32()?;
+    if !r.at_end() {
+        return Err("the message record head does not end where its body starts");
+    }
+    Ok((envelope, prefix))
+}
+
+/// Everything of a `Message` payload before its body: the envelope, a bounce's
+/// reports, the trace prefix. `payload_len` bounds the counts read.
+fn decode_front<'a>(
+    r: &mut Reader<'a>,
+    payload_len: usize,
+) -> Result<(Envelope, Vec<RcptUpdate>, &'a [u8]), &'static str> {
     let version = r.u8()?;
     if version != VERSION && version != VERSION_WITH_REPORTS {
         return Err("unknown message record version");
@@ -182,7 +217,7 @@ pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
     let received_at_ms = r.u64()?;
     let from = r.string()?;
     let count = r.u32()? as usize;
-    if count > payload.len() {
+    if count > payload_len {
         return Err("recipient count out of range");
     }
     let mut recipients = Vec::with_capacity(count);
@@ -216,7 +251,7 @@ pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
     let mut reports = Vec::new();
     if version == VERSION_WITH_REPORTS {
         let n = r.u32()? as usize;
-        if n > payload.len() {
+        if n > payload_len {
             return Err("report count out of range");
         }
         for _ in 0..n {
@@ -224,13 +259,8 @@ pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
         }
     }
     let prefix = r.bytes()?;
-    let body = r.bytes()?;
-    let body_offset = r.pos() - body.len();
-    if !r.at_end() {
-        return Err("trailing bytes in message record");
-    }
-    Ok(Decoded {
-        envelope: Envelope {
+    Ok((
+        Envelope {
             id,
             received_at_ms,
             from,
@@ -242,11 +272,9 @@ pub fn decode(payload: &[u8]) -> Result<Decoded<'_>, &'static str> {
             helo,
             peer,
         },
-        prefix,
-        body,
-        body_offset,
         reports,
-    })
+        prefix,
+    ))
 }
 
 /// Where a recipient stands after a delivery attempt.
@@ -365,6 +393,14 @@ mod tests {
         for cut in 0..out.len() {
             assert!(decode(&out[..cut]).is_err());
         }
+        // The head alone (what a frontend reads before streaming the body).
+        let (head_env, prefix) = decode_head(&out[..d.body_offset]).unwrap();
+        assert_eq!(head_env, env);
+        assert_eq!(prefix, b"Received: x\r\n");
+        for cut in 0..d.body_offset {
+            assert!(decode_head(&out[..cut]).is_err(), "head cut at {cut}");
+        }
+        assert!(decode_head(&out[..d.body_offset + 1]).is_err());
     }
 
     #[test]
