@@ -7,11 +7,11 @@
 
 use crate::accounts::DirectoryCell;
 use crate::config::Config;
+use crate::net::sessions::{Cap, Sessions};
 use crate::net::Ring;
 use crate::queue::Spool;
 use crate::smtp::address::{ascii_address, is_local_domain};
 use crate::smtp::{self, received::received_header, Session, Step, Transaction};
-use event_listener::Event;
 use ringmail_store::message::{self, format_id, Envelope};
 use ringmail_store::{BodySource, LogError};
 use std::cell::Cell;
@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the sessions of one executor share.
 pub struct Ingest {
@@ -28,11 +28,7 @@ pub struct Ingest {
     pub spools: Vec<Rc<Spool>>,
     ring: Rc<Ring>,
     next_spool: Cell<usize>,
-    active: Cell<usize>,
-    /// Set once shutdown began; `stop` wakes everything that waits.
-    stopping: Cell<bool>,
-    stop: Event,
-    idle: Event,
+    sessions: Rc<Sessions>,
     /// The account directory's RCPT check for local domains (none: all accepted).
     recipients: Option<Rc<dyn smtp::LocalRecipients>>,
     /// The account directory, to expand aliases as a message is queued.
@@ -62,10 +58,7 @@ impl Ingest {
             cfg,
             spools,
             next_spool: Cell::new(0),
-            active: Cell::new(0),
-            stopping: Cell::new(false),
-            stop: Event::new(),
-            idle: Event::new(),
+            sessions: Sessions::new(),
             recipients,
             directory,
         })
@@ -73,81 +66,29 @@ impl Ingest {
 
     /// Begins shutdown: stop accepting, ask idle sessions to leave.
     pub fn begin_shutdown(&self) {
-        self.stopping.set(true);
-        self.stop.notify(usize::MAX);
+        self.sessions.begin_shutdown();
     }
 
     /// Waits until every session ended, or the grace period passed.
     pub async fn drained(&self, grace: Duration) {
-        let deadline = Instant::now() + grace;
-        while self.active.get() > 0 {
-            let listener = self.idle.listen();
-            if self.active.get() == 0 {
-                break;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                tracing::warn!(
-                    sessions = self.active.get(),
-                    "shutdown grace over, closing open sessions"
-                );
-                break;
-            }
-            futures_lite::future::or(listener, async {
-                glommio::timer::sleep(left).await;
-            })
-            .await;
-        }
+        self.sessions.drained(grace, "smtp").await;
     }
 
     /// Accepts connections until shutdown.
     pub async fn accept_loop(self: Rc<Self>, listener: OwnedFd) {
-        loop {
-            let stop = self.stop.listen();
-            if self.stopping.get() {
-                return;
-            }
-            let accepted = futures_lite::future::or(
-                async { Some(self.ring.accept(listener.as_raw_fd()).await) },
-                async {
-                    stop.await;
-                    None
-                },
-            )
-            .await;
-            let (fd, peer) = match accepted {
-                None => return,
-                Some(Ok(c)) => c,
-                Some(Err(e)) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    glommio::timer::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let me = self.clone();
-            glommio::spawn_local(async move {
-                me.active.set(me.active.get() + 1);
-                if me.active.get() > me.cfg.connections_per_shard_max {
-                    let _ = me
-                        .ring
-                        .send_all(
-                            fd.as_raw_fd(),
-                            b"421 4.7.0 Error: too many connections, try again later\r\n",
-                            me.cfg.idle_timeout,
-                        )
-                        .await;
-                } else {
-                    me.session(&fd, peer).await;
-                }
-                drop(fd);
-                me.active.set(me.active.get() - 1);
-                if me.active.get() == 0 {
-                    me.idle.notify(usize::MAX);
-                }
+        let cap = Cap {
+            sessions_max: self.cfg.connections_per_shard_max,
+            refusal: b"421 4.7.0 Error: too many connections, try again later\r\n",
+            send_timeout: self.cfg.idle_timeout,
+        };
+        let me = self.clone();
+        self.sessions
+            .clone()
+            .accept_loop(self.ring.clone(), listener, cap, move |fd, peer| {
+                let me = me.clone();
+                async move { me.session(&fd, peer).await }
             })
-            .detach();
-        }
+            .await;
     }
 
     async fn session(self: &Rc<Self>, fd: &OwnedFd, peer: SocketAddr) {
@@ -200,11 +141,11 @@ impl Ingest {
             // A session in the middle of a message may finish it during shutdown
             // (bounded by the grace period); one between commands leaves at once.
             let stoppable = !s.in_message();
-            if stoppable && self.stopping.get() {
+            if stoppable && self.sessions.stopping() {
                 s.shutdown();
                 continue;
             }
-            let stop = self.stop.listen();
+            let stop = self.sessions.stop_listener();
             // The kernel receives straight into the session's buffer: the one copy
             // of a body in user space is the store's, later.
             let (buf, at) = s.lend_read_buf();

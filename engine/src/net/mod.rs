@@ -16,6 +16,8 @@
 //! is dropped early cancels its request and leaves the buffer with the ring until the
 //! completion arrives.
 
+pub mod sessions;
+
 use io_uring::{opcode, squeue, types, IoUring};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
