@@ -23,6 +23,10 @@ pub struct Config {
     pub cores: Option<usize>,
     pub hostname: String,
     pub smtp: SocketAddr,
+    /// POP3 listener (RFC 1939).
+    pub pop3: SocketAddr,
+    /// How long a POP3 client may stay silent (RFC 1939 §3: at least 10 minutes).
+    pub pop3_idle_timeout: Duration,
     pub local_domains: Vec<String>,
     pub relay_networks: Vec<IpNet>,
     pub limits: smtp::Limits,
@@ -61,6 +65,8 @@ impl Default for Config {
             cores: None,
             hostname: system_hostname(),
             smtp: "127.0.0.1:2525".parse().unwrap(),
+            pop3: "127.0.0.1:1110".parse().unwrap(),
+            pop3_idle_timeout: Duration::from_secs(600),
             local_domains: vec!["localhost".into()],
             relay_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             limits: smtp::Limits::default(),
@@ -587,6 +593,21 @@ settings! {
     rule listen_address(),
     get |c| Some(c.smtp),
     set |c, v| c.smtp = v;
+
+    /// POP3 listener, ADDR:PORT.
+    #[arg(long, value_parser = parse_addr)]
+    pop3: SocketAddr, aliases [],
+    rule listen_address(),
+    get |c| Some(c.pop3),
+    set |c, v| c.pop3 = v;
+
+    /// Seconds a POP3 client may stay silent before it is disconnected (RFC 1939
+    /// asks for at least 10 minutes); nothing it marked deleted is expunged then.
+    #[arg(long)]
+    pop3_idle_timeout: u64, aliases [],
+    rule seconds(),
+    get |c| Some(c.pop3_idle_timeout.as_secs()),
+    set |c, v| c.pop3_idle_timeout = secs(v);
 
     /// A domain whose mail is accepted from anyone (repeatable; TOML: an array).
     #[arg(long)]

@@ -9,6 +9,7 @@ pub mod dns;
 pub mod ingest;
 pub mod mailbox;
 pub mod net;
+pub mod pop3;
 pub mod queue;
 pub mod runtime;
 pub mod smtp;

@@ -91,13 +91,26 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     }
     // Bound here, once for all executors, so that port 0 means one port for all of them;
     // the address actually bound is logged, for whoever asked for port 0.
+    if cfg.pop3.port() != 0 {
+        wait_port_free(cfg.pop3)?;
+    }
     let (smtp, listeners) = crate::ingest::listen_all(cfg.smtp, executors)
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.smtp))?;
     cfg.smtp = smtp;
-    tracing::info!(smtp = %cfg.smtp, "listening");
+    let (pop3, pop3_listeners) = crate::ingest::listen_all(cfg.pop3, executors)
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.pop3))?;
+    cfg.pop3 = pop3;
+    tracing::info!(smtp = %cfg.smtp, pop3 = %cfg.pop3, "listening");
     let listeners = Arc::new(std::sync::Mutex::new(
-        listeners.into_iter().map(Some).collect::<Vec<_>>(),
+        listeners
+            .into_iter()
+            .zip(pop3_listeners)
+            .map(|(smtp, pop3)| Some(Listeners { smtp, pop3 }))
+            .collect::<Vec<_>>(),
     ));
+    // One password-check path for every login frontend (`auth`).
+    let auth = crate::auth::Authenticator::new(&cfg.auth)
+        .map_err(|e| format!("cannot start the password check threads: {e}"))?;
 
     let pid = pid_file(&cfg.data);
     std::fs::write(&pid, format!("{}\n", std::process::id()))
@@ -131,6 +144,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let listener = listeners.lock().unwrap()[slot].take();
             let directory = directory.clone();
             let mail_mesh = mail_mesh.clone();
+            let auth = auth.clone();
             async move {
                 let listener = listener.expect("one listener per executor");
                 let store = StoreService::join(mesh, &cfg.data).await?;
@@ -147,6 +161,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
                     store,
                     directory,
                     mail_mesh,
+                    auth,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -194,11 +209,17 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     }
 }
 
+/// One executor's listening sockets (bound before the executors start).
+struct Listeners {
+    smtp: std::os::fd::OwnedFd,
+    pop3: std::os::fd::OwnedFd,
+}
+
 // Each argument is a separate piece of the executor's start-up context, used once.
 #[allow(clippy::too_many_arguments)]
 async fn executor_main(
     index: usize,
-    listener: std::os::fd::OwnedFd,
+    listener: Listeners,
     shards: u32,
     cfg: Rc<Config>,
     shutdown: Arc<AtomicBool>,
@@ -206,6 +227,7 @@ async fn executor_main(
     store: StoreService,
     directory: Arc<DirectoryCell>,
     mail_mesh: Arc<crate::mailbox::Mesh>,
+    auth: Arc<crate::auth::Authenticator>,
 ) -> Result<(), String> {
     let executors = store.executors();
     // Joined before the shards open, so that work for them queues meanwhile.
@@ -311,6 +333,14 @@ async fn executor_main(
         directory: directory.clone(),
         mail: mail.clone(),
     };
+    let pop3 = crate::pop3::Pop3::new(
+        cfg.clone(),
+        ring.clone(),
+        mail.clone(),
+        store.clone(),
+        directory.clone(),
+        auth,
+    );
     let delivery =
         crate::delivery::scheduler::Delivery::new(cfg.clone(), ring, spools.clone(), Some(local));
     // No RCPT for a local domain is answered before shard 0's accounts are known.
@@ -324,11 +354,12 @@ async fn executor_main(
         homes.iter().for_each(|h| h.publish_all_usage());
     }
     if loaded && ready.fetch_add(1, Ordering::SeqCst) + 1 == executors {
-        tracing::info!(smtp = %cfg.smtp, executors, shards, data = %cfg.data.display(), "ringmail ready");
+        tracing::info!(smtp = %cfg.smtp, pop3 = %cfg.pop3, executors, shards, data = %cfg.data.display(), "ringmail ready");
     }
 
     let watcher = {
         let ingest = ingest.clone();
+        let pop3 = pop3.clone();
         let spools = spools.clone();
         glommio::spawn_local(async move {
             let mut flushes = FLUSH_REQUESTS.load(Ordering::SeqCst);
@@ -341,16 +372,20 @@ async fn executor_main(
                 }
             }
             ingest.begin_shutdown();
+            pop3.begin_shutdown();
         })
     };
     if loaded {
-        ingest.clone().accept_loop(listener).await;
+        let pop3_loop = glommio::spawn_local(pop3.clone().accept_loop(listener.pop3));
+        ingest.clone().accept_loop(listener.smtp).await;
+        pop3_loop.await;
     }
     watcher.await;
     if let Some(c) = &control {
         c.close().await;
     }
     ingest.drained(cfg.shutdown_grace).await;
+    pop3.drained(cfg.shutdown_grace).await;
     delivery.stop();
     delivery_task.await;
     delivery.drained(cfg.shutdown_grace).await;

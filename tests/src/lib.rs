@@ -54,6 +54,8 @@ fn log_path(data: &Path) -> PathBuf {
 pub struct Server {
     pub child: Option<Child>,
     pub addr: SocketAddr,
+    /// The POP3 listener.
+    pub pop3: SocketAddr,
     pub data: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     args: Vec<String>,
@@ -76,6 +78,7 @@ impl Server {
         let mut s = Server {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            pop3: SocketAddr::from(([127, 0, 0, 1], 0)),
             data,
             _tmp: tmp,
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -94,6 +97,7 @@ impl Server {
         let mut s = Server {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            pop3: SocketAddr::from(([127, 0, 0, 1], 0)),
             log: log_path(&data),
             data,
             _tmp: Some(tmp),
@@ -132,6 +136,11 @@ impl Server {
             // here and passed on could be taken by someone else in between).
             .arg("--smtp")
             .arg("127.0.0.1:0")
+            .args(if self.args.iter().any(|a| a == "--pop3") {
+                &[][..]
+            } else {
+                &["--pop3", "127.0.0.1:0"][..]
+            })
             .arg("--hostname")
             .arg("mx.ringmail.test")
             // Tests never ask the machine's resolver: unless a test brings its own
@@ -162,6 +171,8 @@ impl Server {
             if let Some(line) = log.lines().find(|l| l.contains("ringmail ready")) {
                 self.addr =
                     ready_addr(line).unwrap_or_else(|| panic!("no smtp= address in {line:?}"));
+                self.pop3 = ready_field(line, "pop3")
+                    .unwrap_or_else(|| panic!("no pop3= address in {line:?}"));
                 return;
             }
             assert!(
@@ -228,8 +239,13 @@ impl Drop for Server {
 
 /// The address in the server's `ringmail ready smtp=ADDR ...` log line.
 pub fn ready_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("smtp=")? + "smtp=".len()..];
-    rest.split_whitespace().next()?.parse().ok()
+    ready_field(line, "smtp")
+}
+
+/// The address `KEY=ADDR` of the server's `ringmail ready` line.
+pub fn ready_field(line: &str, key: &str) -> Option<SocketAddr> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[at..].split_whitespace().next()?.parse().ok()
 }
 
 pub fn queue_list(data: &Path) -> Vec<serde_json::Value> {

@@ -98,6 +98,9 @@ pub struct Home {
     /// Subscribers per (user, mailbox): (executor, subscription id).
     subs: RefCell<HashMap<(u64, u32), Vec<Subscriber>>>,
     latency: Rc<RefCell<Latency>>,
+    /// Users whose maildrop a POP3 session holds (RFC 1939's exclusive lock; in
+    /// memory: a restart ends every session anyway).
+    maildrops: RefCell<std::collections::HashSet<u64>>,
 }
 
 impl Home {
@@ -120,6 +123,7 @@ impl Home {
             directory,
             subs: RefCell::new(HashMap::new()),
             latency,
+            maildrops: RefCell::default(),
         }
     }
 
@@ -209,6 +213,30 @@ impl Home {
         }
         self.finish(c);
         ChangeError::Store(e.to_string())
+    }
+
+    /// Takes `user`'s maildrop lock; false when another session holds it.
+    pub fn lock_maildrop(&self, user: u64) -> bool {
+        self.maildrops.borrow_mut().insert(user)
+    }
+
+    pub fn unlock_maildrop(&self, user: u64) {
+        self.maildrops.borrow_mut().remove(&user);
+    }
+
+    /// Creates what a first login needs (INBOX and the special-use mailboxes,
+    /// docs/mailboxes.md), if anything is missing.
+    pub async fn ensure_defaults(self: &Rc<Self>, user: u64) -> Result<(), ChangeError> {
+        let begun = self
+            .index
+            .borrow_mut()
+            .begin_ensure_defaults(user)
+            .map_err(ChangeError::Refused)?;
+        match begun {
+            None => Ok(()),
+            // Appended at once by `change`: nothing awaits between begin and append.
+            Some(c) => self.change(move |_| Ok(c)).await.map(|_| ()),
+        }
     }
 
     /// Puts a delivered message into the user's INBOX; its UID.

@@ -1,0 +1,355 @@
+//! POP3 (RFC 1939, 2449, 5034): the glommio driver around the sans-IO core
+//! (`ringmail_frontends::pop3`).
+//!
+//! One accept loop per executor on the shared POP3 address; a session stays on the
+//! core that accepted it. A login is checked by the one password path
+//! (`auth::Authenticator`: pool, cache, delay, limit), then the maildrop is locked and
+//! read on the user's home shard (`maildrop`, over `MailService`); RETR and TOP
+//! stream the message from whichever shard stores it (`StoreService::open`: the record
+//! head for the envelope, then the body in pieces), dot-stuffed on the way out, so a
+//! large message is never held whole in memory.
+//!
+//! Invariants: a session that ends without QUIT (dropped, timed out, server
+//! stopping) expunges nothing; the lock is released however the session ends; the
+//! octets RETR sends are the octets LIST announced (the per-entry prefix, the trace
+//! prefix and the body as stored).
+
+pub mod maildrop;
+
+use crate::accounts::{delivery_address, DirectoryCell};
+use crate::auth::{AuthError, Authenticator};
+use crate::config::Config;
+use crate::delivery::local::entry_prefix;
+use crate::mailbox::MailService;
+use crate::net::sessions::{Cap, Sessions};
+use crate::net::{Ring, SendBuf};
+use crate::storeservice::StoreService;
+use maildrop::{Item, OpenError, Opened};
+use ringmail_frontends::pop3::{self as core, Login, Session, Step, Stuffer, Top};
+use ringmail_store::record::RECORD_HEADER_BYTES;
+use ringmail_store::Handle;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bytes of a message gathered before a send: a read piece of the store, stuffed.
+const SEND_BYTES: usize = ringmail_store::reader::PIECE_BYTES;
+/// A receive: POP3 commands are short (255 octets), many pipelined ones fit.
+const RECV_BYTES: usize = 16 << 10;
+
+/// What the POP3 sessions of one executor share.
+pub struct Pop3 {
+    cfg: Rc<Config>,
+    core: core::Config,
+    ring: Rc<Ring>,
+    mail: MailService,
+    store: StoreService,
+    directory: Arc<DirectoryCell>,
+    auth: Arc<Authenticator>,
+    sessions: Rc<Sessions>,
+}
+
+/// A logged-in session's maildrop.
+struct Held {
+    user: u64,
+    /// The account's address as the per-entry prefix names it.
+    address: String,
+    opened: Opened,
+    /// UIDs RETR sent (marked `\Seen` when the session ends).
+    seen: Vec<u32>,
+}
+
+impl Pop3 {
+    pub fn new(
+        cfg: Rc<Config>,
+        ring: Rc<Ring>,
+        mail: MailService,
+        store: StoreService,
+        directory: Arc<DirectoryCell>,
+        auth: Arc<Authenticator>,
+    ) -> Rc<Pop3> {
+        let core = core::Config {
+            hostname: cfg.hostname.clone(),
+            ..core::Config::default()
+        };
+        Rc::new(Pop3 {
+            cfg,
+            core,
+            ring,
+            mail,
+            store,
+            directory,
+            auth,
+            sessions: Sessions::new(),
+        })
+    }
+
+    /// Begins shutdown: stop accepting; sessions leave after the command they are in.
+    pub fn begin_shutdown(&self) {
+        self.sessions.begin_shutdown();
+    }
+
+    pub async fn drained(&self, grace: Duration) {
+        self.sessions.drained(grace, "pop3").await;
+    }
+
+    /// Accepts connections until shutdown.
+    pub async fn accept_loop(self: Rc<Self>, listener: OwnedFd) {
+        let cap = Cap {
+            sessions_max: self.cfg.connections_per_shard_max,
+            refusal: b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
+            send_timeout: self.cfg.idle_timeout,
+        };
+        let me = self.clone();
+        self.sessions
+            .clone()
+            .accept_loop(self.ring.clone(), listener, cap, move |fd, peer| {
+                let me = me.clone();
+                async move { me.session(&fd, peer).await }
+            })
+            .await;
+    }
+
+    async fn session(self: &Rc<Self>, fd: &OwnedFd, peer: SocketAddr) {
+        let mut held = None;
+        self.converse(fd.as_raw_fd(), peer, &mut held).await;
+        // Ended without QUIT: the lock goes, RETR's `\Seen` stays, nothing is expunged.
+        if let Some(h) = held {
+            if let Err(e) =
+                maildrop::close(&self.mail, h.user, h.opened.mailbox, h.seen, Vec::new()).await
+            {
+                tracing::warn!(user = h.user, error = %e, "pop3: cannot mark retrieved messages seen");
+            }
+        }
+    }
+
+    async fn converse(&self, fd: RawFd, peer: SocketAddr, held: &mut Option<Held>) {
+        let mut s = Session::new(self.core.clone());
+        let mut buf = Vec::with_capacity(RECV_BYTES);
+        loop {
+            loop {
+                match s.process() {
+                    Step::NeedInput => break,
+                    Step::Close => {
+                        let _ = self.send(fd, s.output().to_vec()).await;
+                        return;
+                    }
+                    Step::Authenticate { user, password } => {
+                        let r = self.login(&user, &password, peer, held).await;
+                        s.login(r);
+                    }
+                    Step::Retrieve { index, lines } => {
+                        let Some(h) = held.as_mut() else { return };
+                        let Some(item) = h.opened.items.get(index).copied() else {
+                            return;
+                        };
+                        // The replies before it and its +OK line go out with the text.
+                        let head = s.output().to_vec();
+                        s.clear_output();
+                        if let Err(e) = self.retrieve(fd, head, &h.address, item, lines).await {
+                            // After +OK there is no way to say it failed but to close.
+                            tracing::warn!(uid = item.uid, error = %e, client = %peer, "pop3: retrieve failed");
+                            return;
+                        }
+                        if lines.is_none() {
+                            h.seen.push(item.uid);
+                        }
+                        s.retrieved();
+                    }
+                    Step::Quit { deleted } => {
+                        let Some(h) = held.take() else { return };
+                        let expunge: Vec<u32> = deleted
+                            .iter()
+                            .filter_map(|i| h.opened.items.get(*i).map(|m| m.uid))
+                            .collect();
+                        let n = expunge.len();
+                        let r =
+                            maildrop::close(&self.mail, h.user, h.opened.mailbox, h.seen, expunge)
+                                .await;
+                        match &r {
+                            Ok(()) => {
+                                tracing::info!(user = h.user, expunged = n, client = %peer, "pop3 quit")
+                            }
+                            Err(e) => {
+                                tracing::warn!(user = h.user, error = %e, client = %peer, "pop3: update failed")
+                            }
+                        }
+                        s.quit_done(r.is_ok());
+                    }
+                }
+            }
+            if !s.output().is_empty() {
+                if self.send(fd, s.output().to_vec()).await.is_err() {
+                    return;
+                }
+                s.clear_output();
+            }
+            let stop = self.sessions.stop_listener();
+            if self.sessions.stopping() {
+                return;
+            }
+            let woke = futures_lite::future::or(
+                async {
+                    Some(
+                        self.ring
+                            .recv(fd, std::mem::take(&mut buf), self.cfg.pop3_idle_timeout)
+                            .await,
+                    )
+                },
+                async {
+                    stop.await;
+                    None
+                },
+            )
+            .await;
+            match woke {
+                Some((Ok(n), b)) if n > 0 => {
+                    s.push(&b[..n]);
+                    buf = b;
+                }
+                // Closed, timed out (RFC 1939's autologout: no UPDATE), failed, or the
+                // server is stopping.
+                _ => return,
+            }
+        }
+    }
+
+    async fn send(&self, fd: RawFd, bytes: Vec<u8>) -> std::io::Result<()> {
+        self.ring
+            .send(fd, SendBuf::Owned(bytes), false, self.cfg.idle_timeout)
+            .await
+    }
+
+    /// Checks the password and locks the maildrop.
+    async fn login(
+        &self,
+        name: &str,
+        password: &str,
+        peer: SocketAddr,
+        held: &mut Option<Held>,
+    ) -> Login {
+        // A bare local part is a user of the first local domain.
+        let address = delivery_address(name, &self.cfg.local_domains);
+        let user = self.directory.load().user(&address).cloned();
+        let phc = user.as_ref().map(|u| u.phc.clone());
+        let checked = self
+            .auth
+            .verify(&address, password.as_bytes(), phc.as_deref(), peer.ip())
+            .await;
+        let user = match (checked, user) {
+            (Ok(()), Some(u)) => u,
+            (Err(AuthError::Busy | AuthError::RateLimited), _) => {
+                tracing::warn!(user = %address, client = %peer, "pop3 login refused for now");
+                return Login::TempFail;
+            }
+            _ => {
+                tracing::info!(user = %address, client = %peer, "pop3 login failed");
+                return Login::Failed;
+            }
+        };
+        match maildrop::open(&self.mail, user.id).await {
+            Ok(opened) => {
+                let list = opened
+                    .items
+                    .iter()
+                    .map(|m| core::Message {
+                        size: m.size as u64,
+                        uidl: maildrop::uidl(m.uid, opened.uidvalidity),
+                    })
+                    .collect();
+                tracing::info!(user = %user.address, messages = opened.items.len(), client = %peer, "pop3 login");
+                *held = Some(Held {
+                    user: user.id,
+                    address: user.address.clone(),
+                    opened,
+                    seen: Vec::new(),
+                });
+                Login::Ok(list)
+            }
+            Err(OpenError::InUse) => Login::InUse,
+            Err(OpenError::Store(e)) => {
+                tracing::warn!(user = %user.address, error = %e, "pop3: cannot open the maildrop");
+                Login::TempFail
+            }
+        }
+    }
+
+    /// Sends `head` (the replies queued before, with this command's +OK), then the
+    /// message (all of it, or its header and `lines` body lines) stuffed and ended.
+    async fn retrieve(
+        &self,
+        fd: RawFd,
+        head: Vec<u8>,
+        address: &str,
+        item: Item,
+        lines: Option<u64>,
+    ) -> Result<(), String> {
+        let reading = self
+            .store
+            .open(Handle::of_id(item.message))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the message is no longer stored")?;
+        let record = reading.head().await.map_err(|e| e.to_string())?;
+        let (envelope, trace) = record
+            .get(RECORD_HEADER_BYTES..)
+            .ok_or("short record")
+            .and_then(ringmail_store::message::decode_head)?;
+        let mut filter = match lines {
+            None => Filter::All(Stuffer::new()),
+            Some(n) => Filter::Top(Top::new(n)),
+        };
+        let mut out = head;
+        out.reserve(SEND_BYTES.min(item.size as usize + 64));
+        let mut more = filter.push(entry_prefix(&envelope.from, address).as_bytes(), &mut out);
+        more = more && filter.push(trace, &mut out);
+        let len = reading.resolved().body_len as u64;
+        let mut pieces = reading
+            .pieces(0..len, SEND_BYTES)
+            .map_err(|e| e.to_string())?;
+        while more {
+            let Some(piece) = pieces.next().await else {
+                break;
+            };
+            let piece = piece.map_err(|e| e.to_string())?;
+            more = filter.push(&piece, &mut out);
+            if out.len() >= SEND_BYTES {
+                let full = std::mem::replace(&mut out, Vec::with_capacity(SEND_BYTES + 64));
+                self.ring
+                    .send(fd, SendBuf::Owned(full), true, self.cfg.idle_timeout)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        filter.finish(&mut out);
+        self.send(fd, out).await.map_err(|e| e.to_string())
+    }
+}
+
+/// RETR's whole message or TOP's part of it.
+enum Filter {
+    All(Stuffer),
+    Top(Top),
+}
+
+impl Filter {
+    /// Whether more input is wanted.
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> bool {
+        match self {
+            Filter::All(s) => {
+                s.push(chunk, out);
+                true
+            }
+            Filter::Top(t) => t.push(chunk, out),
+        }
+    }
+
+    fn finish(self, out: &mut Vec<u8>) {
+        match self {
+            Filter::All(s) => s.finish(out),
+            Filter::Top(t) => t.finish(out),
+        }
+    }
+}
