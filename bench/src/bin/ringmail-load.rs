@@ -75,6 +75,10 @@ struct Pop3Args {
     /// Logins in all (0: until --max-seconds).
     #[arg(long, default_value_t = 1000)]
     logins: u64,
+    /// Log in as each user once (still at most --logins): after a server start, the
+    /// cold-cache logins.
+    #[arg(long)]
+    once: bool,
     #[command(flatten)]
     users: UsersArgs,
     /// Log in with AUTH PLAIN (RFC 5034) instead of USER/PASS.
@@ -220,6 +224,7 @@ fn pop3(a: Pop3Args) -> Result<(), String> {
         threads: a.threads,
         spin: Duration::from_micros(a.spin_us),
         logins: a.logins,
+        once: a.once,
         max_duration: Duration::from_secs(a.max_seconds),
         plan: Pop3Plan {
             auth: if a.auth_plain {

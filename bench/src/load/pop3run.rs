@@ -47,9 +47,14 @@ pub fn users_from_pattern(user: &str, password: &str, count: usize) -> Vec<Login
         .collect()
 }
 
+/// How many users slot `slot` owns.
+pub fn owned(slot: usize, sessions: usize, users: usize) -> usize {
+    (users - slot).div_ceil(sessions)
+}
+
 /// The user of slot `slot`'s `nth` login: slot, slot + sessions, … in turn.
 pub fn user_of(slot: usize, nth: u64, sessions: usize, users: usize) -> usize {
-    let owned = (users - slot).div_ceil(sessions) as u64;
+    let owned = owned(slot, sessions, users) as u64;
     slot + sessions * (nth % owned) as usize
 }
 
@@ -69,6 +74,7 @@ struct Pop3<'a> {
     plan: &'a Pop3Plan,
     users: &'a [Login],
     sessions: usize,
+    once: bool,
     budget: &'a LoginBudget,
     progress: &'a Progress,
 }
@@ -87,6 +93,9 @@ impl Protocol for Pop3<'_> {
     }
 
     fn start(&self, slot: usize, nth: u64, now: Instant) -> Option<(Session, usize)> {
+        if self.once && nth >= owned(slot, self.sessions, self.users.len()) as u64 {
+            return None;
+        }
         if !self.budget.take() {
             return None;
         }
@@ -150,6 +159,9 @@ pub struct Pop3Run {
     pub spin: Duration,
     /// Logins in all (0: until `max_duration`).
     pub logins: u64,
+    /// Each user logs in once (at most `logins`): the first logins after a start are
+    /// the cold-cache figure.
+    pub once: bool,
     pub max_duration: Duration,
     pub plan: Pop3Plan,
     pub users: Vec<Login>,
@@ -180,6 +192,7 @@ impl Pop3Run {
             plan: &self.plan,
             users: &self.users,
             sessions: self.sessions,
+            once: self.once,
             budget: &budget,
             progress: &progress,
         };
@@ -236,6 +249,9 @@ impl Pop3Report {
     }
 
     fn percentiles(h: &Histogram<u64>) -> String {
+        if h.is_empty() {
+            return "none".into();
+        }
         format!(
             "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
             ms(h, 0.5),
@@ -350,6 +366,8 @@ mod tests {
                 }
             }
             assert!(owner.iter().all(Option::is_some), "every user is used");
+            let once: usize = (0..sessions).map(|s| owned(s, sessions, users)).sum();
+            assert_eq!(once, users, "--once logs every user in exactly once");
         }
     }
 }

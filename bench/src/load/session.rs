@@ -329,9 +329,15 @@ impl Session {
             &plan.from,
             self.rcpts.first().map_or("", String::as_str),
         );
-        out.send.extend_from_slice(
-            format!("MAIL FROM:<{}> SIZE={}\r\n", plan.from, body.len()).as_bytes(),
-        );
+        if plan.lmtp {
+            // Dovecot's LMTP refuses SIZE (555 5.5.4): it is not in RFC 2033's minimum.
+            out.send
+                .extend_from_slice(format!("MAIL FROM:<{}>\r\n", plan.from).as_bytes());
+        } else {
+            out.send.extend_from_slice(
+                format!("MAIL FROM:<{}> SIZE={}\r\n", plan.from, body.len()).as_bytes(),
+            );
+        }
         if plan.pipelining || plan.bdat {
             for to in &self.rcpts {
                 out.send
