@@ -53,7 +53,8 @@ impl UsersArgs {
     fn users(&self) -> Result<Vec<Login>, String> {
         match &self.users_file {
             Some(f) => {
-                let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+                let text =
+                    std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
                 users_from_file(&text)
             }
             None => Ok(users_from_pattern(

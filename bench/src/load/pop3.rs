@@ -730,7 +730,11 @@ mod tests {
         }
 
         fn errors(&self) -> Vec<(&'static str, u64)> {
-            self.stats.errors.iter().map(|(k, n)| (k.name(), *n)).collect()
+            self.stats
+                .errors
+                .iter()
+                .map(|(k, n)| (k.name(), *n))
+                .collect()
         }
     }
 
@@ -771,7 +775,10 @@ mod tests {
     fn status_lines() {
         assert_eq!(status(b"+OK\r\n"), Status::Ok(b""));
         assert_eq!(status(b"+OK 2 320\r\n"), Status::Ok(b"2 320"));
-        assert_eq!(status(b"-ERR [IN-USE] busy\r\n"), Status::Err(b"[IN-USE] busy"));
+        assert_eq!(
+            status(b"-ERR [IN-USE] busy\r\n"),
+            Status::Err(b"[IN-USE] busy")
+        );
         assert_eq!(status(b"-ERR\n"), Status::Err(b""));
         assert_eq!(status(b"+OKAY\r\n"), Status::Bad);
         assert_eq!(status(b"220 smtp\r\n"), Status::Bad);
@@ -817,7 +824,10 @@ mod tests {
         assert_eq!(t.feed(&retr_reply(&m2)), "QUIT\r\n");
         assert!(!t.s.is_done());
         assert_eq!(t.feed(b"+OK bye\r\n"), "");
-        assert!(t.s.is_done() && !t.last.close, "waits for the server to close");
+        assert!(
+            t.s.is_done() && !t.last.close,
+            "waits for the server to close"
+        );
         assert_eq!(t.stats.logins, 1);
         assert_eq!(t.stats.sessions, 1);
         assert_eq!((t.stats.messages, t.stats.verified), (2, 2));
@@ -930,9 +940,15 @@ mod tests {
     fn list_only_counts_entries_then_uidl() {
         let mut t = T::new(plan(Work::ListOnly, false, Auth::UserPass));
         assert_eq!(login_to_stat(&mut t, 2, 700), "LIST\r\n");
-        assert_eq!(t.feed(b"+OK 2 messages\r\n1 300\r\n2 400\r\n.\r\n"), "UIDL\r\n");
         assert_eq!(
-            t.feed_cut(b"+OK\r\n1 0000000100000001\r\n2 0000000200000001\r\n.\r\n", &[3, 9, 40]),
+            t.feed(b"+OK 2 messages\r\n1 300\r\n2 400\r\n.\r\n"),
+            "UIDL\r\n"
+        );
+        assert_eq!(
+            t.feed_cut(
+                b"+OK\r\n1 0000000100000001\r\n2 0000000200000001\r\n.\r\n",
+                &[3, 9, 40]
+            ),
             "QUIT\r\n"
         );
         assert_eq!(t.stats.listed, 2);
@@ -945,12 +961,26 @@ mod tests {
         t.feed(b"+OK\r\n");
         t.feed(b"+OK\r\n");
         t.feed(b"-ERR [IN-USE] Mailbox is locked by another session\r\n");
-        assert_eq!(t.last, Step { close: true, failed: false }, "in use: try again");
+        assert_eq!(
+            t.last,
+            Step {
+                close: true,
+                failed: false
+            },
+            "in use: try again"
+        );
         assert_eq!(t.errors(), vec![("in_use", 1)]);
         let mut t = T::new(plan(Work::RetrAll, false, Auth::Plain));
         t.feed(b"+OK\r\n");
         t.feed(b"-ERR [AUTH] Authentication failed.\r\n");
-        assert_eq!(t.last, Step { close: true, failed: true }, "wrong password: stop");
+        assert_eq!(
+            t.last,
+            Step {
+                close: true,
+                failed: true
+            },
+            "wrong password: stop"
+        );
         assert_eq!(t.errors(), vec![("login", 1)]);
         assert_eq!(t.stats.logins, 0);
         let mut t = T::new(plan(Work::RetrAll, false, Auth::Plain));

@@ -116,7 +116,8 @@ impl Protocol for Pop3<'_> {
         let step = session.feed(self.plan, &self.users[*user], data, now, send, stats);
         let p = self.progress;
         p.ok.fetch_add(stats.logins - before.0, Ordering::Relaxed);
-        p.items.fetch_add(stats.messages - before.1, Ordering::Relaxed);
+        p.items
+            .fetch_add(stats.messages - before.1, Ordering::Relaxed);
         p.errors
             .fetch_add(stats.error_count() - before.2, Ordering::Relaxed);
         Step {
@@ -199,11 +200,13 @@ impl Pop3Run {
         let deadline = Instant::now() + self.max_duration;
         let (stats, elapsed) = uring::run(
             &proto,
-            self.target,
-            self.sessions,
-            self.threads,
-            self.spin,
-            deadline,
+            uring::Fleet {
+                target: self.target,
+                sessions: self.sessions,
+                threads: self.threads,
+                spin: self.spin,
+                deadline,
+            },
             &progress,
             |p, secs| {
                 let (ok, items) = (p.ok.load(Ordering::Relaxed), p.items.load(Ordering::Relaxed));
@@ -345,7 +348,10 @@ mod tests {
     fn users_files_and_patterns() {
         let u = users_from_file("# comment\n\na@x pw one\nb@x\tsecret\n").unwrap();
         assert_eq!(u.len(), 2);
-        assert_eq!((u[0].user.as_str(), u[0].password.as_str()), ("a@x", "pw one"));
+        assert_eq!(
+            (u[0].user.as_str(), u[0].password.as_str()),
+            ("a@x", "pw one")
+        );
         assert_eq!(u[1].password, "secret");
         assert!(users_from_file("lonely@x\n").is_err());
         let p = users_from_pattern("user{}@localhost", "password{}", 3);

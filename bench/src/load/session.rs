@@ -448,7 +448,10 @@ mod tests {
         assert!(said(&feed(&mut s, "250-x\r\n250 ok\r\n")).starts_with("MAIL FROM:<a@b>"));
         assert_eq!(said(&feed(&mut s, "250 ok\r\n")), "RCPT TO:<x@l>\r\n");
         assert_eq!(said(&feed(&mut s, "250 ok\r\n")), "RCPT TO:<y@l>\r\n");
-        assert_eq!(said(&feed(&mut s, "550 no such user\r\n")), "RCPT TO:<z@l>\r\n");
+        assert_eq!(
+            said(&feed(&mut s, "550 no such user\r\n")),
+            "RCPT TO:<z@l>\r\n"
+        );
         assert_eq!(said(&feed(&mut s, "250 ok\r\n")), "DATA\r\n");
         assert!(said(&feed(&mut s, "354 go\r\n")).ends_with("\r\n.\r\n"));
         // Two recipients were accepted: two replies end the transaction.
@@ -477,7 +480,11 @@ mod tests {
         let now = Instant::now();
         s.feed(&plan, &mut budget, b"220 x\r\n", now);
         let out = s.feed(&plan, &mut budget, b"250 ok\r\n", now);
-        assert!(said(&out).contains("RCPT TO:<user1@localhost>\r\nDATA\r\n"), "{}", said(&out));
+        assert!(
+            said(&out).contains("RCPT TO:<user1@localhost>\r\nDATA\r\n"),
+            "{}",
+            said(&out)
+        );
     }
 
     #[test]

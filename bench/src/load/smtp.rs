@@ -195,11 +195,13 @@ impl SmtpRun {
         let deadline = Instant::now() + self.max_duration;
         let (stats, elapsed) = uring::run(
             &proto,
-            self.target,
-            self.sessions,
-            self.threads,
-            self.spin,
-            deadline,
+            uring::Fleet {
+                target: self.target,
+                sessions: self.sessions,
+                threads: self.threads,
+                spin: self.spin,
+                deadline,
+            },
             &progress,
             |p, secs| {
                 let ok = p.ok.load(Ordering::Relaxed);

@@ -76,20 +76,35 @@ pub struct Progress {
     pub errors: AtomicU64,
 }
 
-/// Runs `sessions` sessions over `threads` threads (each its own ring) until every
-/// slot's work is done or `deadline`; the merged figures and the time taken. While
-/// stderr is a terminal, `line` renders a progress line every 250 ms.
+/// Where and how a run's sessions go.
+#[derive(Debug, Clone, Copy)]
+pub struct Fleet {
+    pub target: SocketAddr,
+    /// Concurrent sessions (slots), over `threads` threads, each its own ring.
+    pub sessions: usize,
+    pub threads: usize,
+    /// How long a thread polls for completions before it sleeps.
+    pub spin: Duration,
+    pub deadline: Instant,
+}
+
+/// Runs the fleet's sessions until every slot's work is done or the deadline; the
+/// merged figures and the time taken. While stderr is a terminal, `line` renders a
+/// progress line every 250 ms.
 pub fn run<P: Protocol>(
     proto: &P,
-    target: SocketAddr,
-    sessions: usize,
-    threads: usize,
-    spin: Duration,
-    deadline: Instant,
+    fleet: Fleet,
     progress: &Progress,
     line: impl Fn(&Progress, f64) -> String,
 ) -> io::Result<(P::Stats, Duration)> {
     use std::io::IsTerminal;
+    let Fleet {
+        target,
+        sessions,
+        threads,
+        spin,
+        deadline,
+    } = fleet;
     let start = Instant::now();
     let threads = threads.clamp(1, sessions.max(1));
     let mut total = proto.stats();

@@ -134,7 +134,12 @@ mod tests {
         let m = message(5, 3000, "a@b", "c@d");
         // As an MDA gets it from fetchmail: LF line ends, a Received line in front.
         let mut lf = b"Received: from pop3 by fetchmail\n".to_vec();
-        lf.extend(String::from_utf8(m.clone()).unwrap().replace("\r\n", "\n").bytes());
+        lf.extend(
+            String::from_utf8(m.clone())
+                .unwrap()
+                .replace("\r\n", "\n")
+                .bytes(),
+        );
         check(&mut v, &mut seen, "a", &lf);
         check(&mut v, &mut seen, "b", &m);
         let mut bad = m.clone();
