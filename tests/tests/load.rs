@@ -21,6 +21,8 @@ fn plan(per_connection: usize, pipelining: bool, bdat: bool) -> Plan {
         per_connection,
         pipelining,
         bdat,
+        lmtp: false,
+        to_cycle: None,
         helo: "client.test".into(),
     }
 }

@@ -119,6 +119,8 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
         per_connection: 0,
         pipelining: true,
         bdat: false,
+        lmtp: false,
+        to_cycle: None,
         helo: "client.test".into(),
     };
     let report = SmtpRun {

@@ -1,8 +1,13 @@
 //! `ringmail-load smtp --target HOST:PORT --sessions N --messages M --size BYTES
-//!  [--per-connection K] [--from ADDR] [--to ADDR] [--json]` and more; see `--help`.
+//!  [--per-connection K] [--from ADDR] [--to ADDR] [--lmtp] [--json]`,
+//! `ringmail-load pop3 --target HOST:PORT --sessions N --logins L (users) [--json]`,
+//! `ringmail-load passwd-file (users)`, `ringmail-load verify PATH…`; see `--help`.
 
 use clap::{Args, Parser, Subcommand};
-use ringmail_bench::load::{Plan, SmtpRun};
+use ringmail_bench::load::pop3::{Auth, Login, Pop3Plan, Work};
+use ringmail_bench::load::pop3run::{users_from_file, users_from_pattern, Pop3Run};
+use ringmail_bench::load::{verify, Plan, SmtpRun};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,8 +23,102 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Mode {
-    /// Send mail over SMTP.
+    /// Send mail over SMTP (or LMTP).
     Smtp(SmtpArgs),
+    /// Log in and retrieve mail over POP3.
+    Pop3(Pop3Args),
+    /// Print the users as a Dovecot passwd-file, hashed as ringmail hashes
+    /// (`{ARGON2ID}`, the argon2 crate's default parameters).
+    PasswdFile(UsersArgs),
+    /// Check saved messages (files, maildirs) against their X-Load-Checksum; prints
+    /// one JSON object; fails unless every file verifies (and --expect matches).
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct UsersArgs {
+    /// Users, one `address password` line each.
+    #[arg(long, conflicts_with = "user_pattern")]
+    users_file: Option<PathBuf>,
+    /// Users from a pattern, `{}` standing for 0 to --user-count - 1.
+    #[arg(long, default_value = "user{}@localhost")]
+    user_pattern: String,
+    #[arg(long, default_value = "password{}")]
+    password_pattern: String,
+    #[arg(long, default_value_t = 64)]
+    user_count: usize,
+}
+
+impl UsersArgs {
+    fn users(&self) -> Result<Vec<Login>, String> {
+        match &self.users_file {
+            Some(f) => {
+                let text =
+                    std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+                users_from_file(&text)
+            }
+            None => Ok(users_from_pattern(
+                &self.user_pattern,
+                &self.password_pattern,
+                self.user_count,
+            )),
+        }
+    }
+}
+
+#[derive(Args)]
+struct Pop3Args {
+    #[arg(long)]
+    target: std::net::SocketAddr,
+    /// Concurrent sessions (each logs in as its own users: at most as many as users).
+    #[arg(long, default_value_t = 16)]
+    sessions: usize,
+    /// Logins in all (0: until --max-seconds).
+    #[arg(long, default_value_t = 1000)]
+    logins: u64,
+    /// Log in as each user once (still at most --logins): after a server start, the
+    /// cold-cache logins.
+    #[arg(long)]
+    once: bool,
+    #[command(flatten)]
+    users: UsersArgs,
+    /// Log in with AUTH PLAIN (RFC 5034) instead of USER/PASS.
+    #[arg(long)]
+    auth_plain: bool,
+    /// Log in and QUIT only: the logins/s figure.
+    #[arg(long, conflicts_with_all = ["list_only", "sample"])]
+    logins_only: bool,
+    /// STAT, LIST and UIDL, no RETR.
+    #[arg(long, conflicts_with = "sample")]
+    list_only: bool,
+    /// RETR this many messages drawn at random per login instead of every one.
+    #[arg(long)]
+    sample: Option<usize>,
+    /// DELE every retrieved message.
+    #[arg(long)]
+    dele: bool,
+    /// Threads, each with its own io_uring.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Microseconds a thread polls its completion queue before it sleeps.
+    #[arg(long, default_value_t = 20)]
+    spin_us: u64,
+    /// Stop after this many seconds whatever is left.
+    #[arg(long, default_value_t = 300)]
+    max_seconds: u64,
+    /// Print the summary as one JSON object (the last line).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Files or directories (walked; maildir `tmp/` and hidden entries skipped).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Fail unless exactly this many files, with this many distinct sequence numbers.
+    #[arg(long)]
+    expect: Option<u64>,
 }
 
 #[derive(Args)]
@@ -53,6 +152,15 @@ struct SmtpArgs {
     /// Recipients per message with --domain.
     #[arg(long, default_value_t = 1)]
     rcpts: usize,
+    /// One recipient per message, in turn: `{}` stands for the message number modulo
+    /// --to-count (so each of those users gets its share). Overrides --to, --domain.
+    #[arg(long)]
+    to_pattern: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    to_count: usize,
+    /// Speak LMTP (RFC 2033): LHLO, a reply per recipient after the data.
+    #[arg(long)]
+    lmtp: bool,
     /// Send the envelope and DATA in one write (RFC 2920).
     #[arg(long)]
     pipelining: bool,
@@ -86,11 +194,98 @@ fn parse_domain(s: &str) -> Result<(String, u32), String> {
 }
 
 fn main() -> ExitCode {
-    let Mode::Smtp(a) = Cli::parse().mode;
+    let result = match Cli::parse().mode {
+        Mode::Smtp(a) => smtp(a),
+        Mode::Pop3(a) => pop3(a),
+        Mode::PasswdFile(a) => passwd_file(a),
+        Mode::Verify(a) => verify_files(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringmail-load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pop3(a: Pop3Args) -> Result<(), String> {
+    let work = if a.logins_only {
+        Work::LoginsOnly
+    } else if a.list_only {
+        Work::ListOnly
+    } else if let Some(k) = a.sample {
+        Work::Sample(k)
+    } else {
+        Work::RetrAll
+    };
+    let run = Pop3Run {
+        target: a.target,
+        sessions: a.sessions,
+        threads: a.threads,
+        spin: Duration::from_micros(a.spin_us),
+        logins: a.logins,
+        once: a.once,
+        max_duration: Duration::from_secs(a.max_seconds),
+        plan: Pop3Plan {
+            auth: if a.auth_plain {
+                Auth::Plain
+            } else {
+                Auth::UserPass
+            },
+            work,
+            dele: a.dele,
+        },
+        users: a.users.users()?,
+    };
+    let report = run.run()?;
+    if a.json {
+        println!("{}", report.json());
+    } else {
+        println!("{}", report.text());
+    }
+    Ok(())
+}
+
+fn passwd_file(a: UsersArgs) -> Result<(), String> {
+    let mut out = String::new();
+    for u in a.users()? {
+        if u.user.contains(':') {
+            return Err(format!("{}: a passwd-file user has no colon", u.user));
+        }
+        let phc = ringmail::accounts::cli::hash_password(&u.password)?;
+        out.push_str(&format!("{}:{{ARGON2ID}}{phc}\n", u.user));
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn verify_files(a: VerifyArgs) -> Result<(), String> {
+    let v = verify::verify_paths(&a.paths)?;
+    println!("{}", v.json());
+    let complete = a
+        .expect
+        .is_none_or(|n| v.files == n && v.distinct == n && v.duplicates == 0);
+    if v.verified == v.files && complete {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} of {} files verified ({} mismatched, {} without checksum, {} distinct, {} duplicates){}",
+            v.verified,
+            v.files,
+            v.mismatched,
+            v.unverified,
+            v.distinct,
+            v.duplicates,
+            a.expect.map_or(String::new(), |n| format!("; expected {n}"))
+        ))
+    }
+}
+
+fn smtp(a: SmtpArgs) -> Result<(), String> {
     let size_max = a.size_max.unwrap_or(a.size);
     if size_max < a.size || a.sessions == 0 {
-        eprintln!("ringmail-load: need --sessions >= 1 and --size-max >= --size");
-        return ExitCode::FAILURE;
+        return Err("need --sessions >= 1 and --size-max >= --size".into());
     }
     let run = SmtpRun {
         target: a.target,
@@ -113,21 +308,16 @@ fn main() -> ExitCode {
             per_connection: a.per_connection,
             pipelining: a.pipelining,
             bdat: a.bdat,
+            lmtp: a.lmtp,
+            to_cycle: a.to_pattern.map(|p| (p, a.to_count.max(1))),
             helo: "ringmail-load.test".into(),
         },
     };
-    match run.run() {
-        Ok(report) => {
-            if a.json {
-                println!("{}", report.json());
-            } else {
-                println!("{}", report.text());
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("ringmail-load: {e}");
-            ExitCode::FAILURE
-        }
+    let report = run.run().map_err(|e| e.to_string())?;
+    if a.json {
+        println!("{}", report.json());
+    } else {
+        println!("{}", report.text());
     }
+    Ok(())
 }

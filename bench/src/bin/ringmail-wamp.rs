@@ -258,6 +258,8 @@ fn run(a: Args) -> Result<(), String> {
         per_connection: 0,
         pipelining: false,
         bdat: false,
+        lmtp: false,
+        to_cycle: None,
         helo: String::new(),
     };
     let (mut ingested, mut stayed) = (0u64, 0u64);

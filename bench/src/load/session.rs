@@ -4,6 +4,8 @@
 //! shared budget is used up or its per-connection count is reached, then QUIT. With
 //! `pipelining` the envelope and DATA go in one write (RFC 2920; the body waits for 354);
 //! with `bdat` the whole transaction, body included, goes in one write (RFC 3030).
+//! With `lmtp` it speaks LMTP (RFC 2033): LHLO, and one final reply per accepted
+//! recipient.
 
 use std::time::{Duration, Instant};
 
@@ -11,8 +13,12 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub from: String,
-    /// Fixed recipients of every message (used when `domains` is empty).
+    /// Fixed recipients of every message (used when `domains` and `to_cycle` are empty).
     pub to: Vec<String>,
+    /// One recipient per message, in turn: message `seq` goes to the pattern with `{}`
+    /// replaced by `seq % count` (so `count` users get the same number of messages
+    /// each, distinct ones). Overrides `to` and `domains`.
+    pub to_cycle: Option<(String, usize)>,
     /// Recipient domains with weights: each message gets `rcpts_per_message`
     /// recipients, each in a domain drawn by weight.
     pub domains: Vec<(String, u32)>,
@@ -24,6 +30,8 @@ pub struct Plan {
     pub per_connection: usize,
     pub pipelining: bool,
     pub bdat: bool,
+    /// LMTP instead of SMTP.
+    pub lmtp: bool,
     pub helo: String,
 }
 
@@ -64,6 +72,9 @@ pub fn verify(message: &[u8]) -> Option<bool> {
 
 /// The recipients of message `seq`.
 pub fn recipients(plan: &Plan, seq: u64) -> Vec<String> {
+    if let Some((pattern, count)) = &plan.to_cycle {
+        return vec![pattern.replace("{}", &(seq % (*count).max(1) as u64).to_string())];
+    }
     if plan.domains.is_empty() {
         return plan.to.clone();
     }
@@ -105,8 +116,11 @@ enum St {
         replied: usize,
     },
     Data,
-    /// Waiting for the reply to the end of data (or BDAT LAST).
-    Final,
+    /// Waiting for the replies to the end of data (or BDAT LAST): one, or with LMTP
+    /// one per accepted recipient.
+    Final {
+        left: usize,
+    },
     Quit,
     Done,
 }
@@ -131,6 +145,8 @@ pub struct Session {
     sent_on_conn: usize,
     tx_start: Instant,
     tx_ok: bool,
+    /// Recipients the server accepted in this transaction (LMTP replies per each).
+    accepted: usize,
     body: Vec<u8>,
     rcpts: Vec<String>,
 }
@@ -148,6 +164,7 @@ impl Session {
             sent_on_conn: 0,
             tx_start: Instant::now(),
             tx_ok: true,
+            accepted: 0,
             body: Vec::new(),
             rcpts: Vec::new(),
         }
@@ -191,8 +208,9 @@ impl Session {
                 if code != 220 {
                     return self.fail(out);
                 }
+                let verb = if plan.lmtp { "LHLO" } else { "EHLO" };
                 out.send
-                    .extend_from_slice(format!("EHLO {}\r\n", plan.helo).as_bytes());
+                    .extend_from_slice(format!("{verb} {}\r\n", plan.helo).as_bytes());
                 self.st = St::Ehlo;
             }
             St::Ehlo => {
@@ -206,6 +224,8 @@ impl Session {
                 // (the server answers DATA with 503/554 if none was accepted).
                 if code / 100 != 2 {
                     self.tx_ok = false;
+                } else if replied > 0 {
+                    self.accepted += 1;
                 }
                 let replied = replied + 1;
                 let lockstep = !plan.pipelining && !plan.bdat;
@@ -217,7 +237,7 @@ impl Session {
                     }
                     self.st = St::Envelope { replied };
                 } else if plan.bdat {
-                    self.st = St::Final;
+                    self.st = self.final_state(plan);
                 } else {
                     if lockstep {
                         out.send.extend_from_slice(b"DATA\r\n");
@@ -231,15 +251,31 @@ impl Session {
                 }
                 out.send.append(&mut self.body);
                 out.send.extend_from_slice(b".\r\n");
-                self.st = St::Final;
+                self.st = self.final_state(plan);
             }
-            St::Final => self.finish(plan, budget, code, now, out),
+            St::Final { left } => {
+                // LMTP: the transaction ends with the last recipient's reply; any
+                // refusal fails the message.
+                if code / 100 != 2 {
+                    self.tx_ok = false;
+                }
+                if left > 1 {
+                    self.st = St::Final { left: left - 1 };
+                } else {
+                    self.finish(plan, budget, code, now, out)
+                }
+            }
             St::Quit => {
                 out.close = true;
                 self.st = St::Done;
             }
             St::Done => {}
         }
+    }
+
+    fn final_state(&self, plan: &Plan) -> St {
+        let left = if plan.lmtp { self.accepted } else { 1 };
+        St::Final { left: left.max(1) }
     }
 
     fn fail(&mut self, out: &mut Output) {
@@ -285,6 +321,7 @@ impl Session {
         };
         self.tx_start = now;
         self.tx_ok = true;
+        self.accepted = 0;
         self.rcpts = recipients(plan, seq);
         let body = message(
             seq,
@@ -292,11 +329,17 @@ impl Session {
             &plan.from,
             self.rcpts.first().map_or("", String::as_str),
         );
-        out.send.extend_from_slice(
-            format!("MAIL FROM:<{}> SIZE={}\r\n", plan.from, body.len()).as_bytes(),
-        );
+        if plan.lmtp {
+            // Dovecot's LMTP refuses SIZE (555 5.5.4): it is not in RFC 2033's minimum.
+            out.send
+                .extend_from_slice(format!("MAIL FROM:<{}>\r\n", plan.from).as_bytes());
+        } else {
+            out.send.extend_from_slice(
+                format!("MAIL FROM:<{}> SIZE={}\r\n", plan.from, body.len()).as_bytes(),
+            );
+        }
         if plan.pipelining || plan.bdat {
-            for to in &plan.to {
+            for to in &self.rcpts {
                 out.send
                     .extend_from_slice(format!("RCPT TO:<{to}>\r\n").as_bytes());
             }
@@ -365,6 +408,85 @@ mod tests {
         assert_eq!(verify(b"Subject: x\r\n\r\nbody"), None);
     }
 
+    struct Seqs(std::ops::Range<u64>);
+
+    impl Budget for Seqs {
+        fn next(&mut self) -> Option<(u64, usize)> {
+            self.0.next().map(|s| (s, 300))
+        }
+    }
+
+    fn plan_to(to: &[&str]) -> Plan {
+        Plan {
+            from: "a@b".into(),
+            to: to.iter().map(|t| t.to_string()).collect(),
+            domains: vec![],
+            rcpts_per_message: 1,
+            size_min: 300,
+            size_max: 300,
+            per_connection: 0,
+            pipelining: false,
+            bdat: false,
+            lmtp: true,
+            to_cycle: None,
+            helo: "h".into(),
+        }
+    }
+
+    fn said(out: &Output) -> String {
+        String::from_utf8_lossy(&out.send).into_owned()
+    }
+
+    #[test]
+    fn lmtp_waits_for_a_reply_per_accepted_recipient() {
+        let plan = plan_to(&["x@l", "y@l", "z@l"]);
+        let mut budget = Seqs(0..1);
+        let mut s = Session::new();
+        let now = Instant::now();
+        let mut feed = |s: &mut Session, r: &str| s.feed(&plan, &mut budget, r.as_bytes(), now);
+        assert_eq!(said(&feed(&mut s, "220 lmtp\r\n")), "LHLO h\r\n");
+        assert!(said(&feed(&mut s, "250-x\r\n250 ok\r\n")).starts_with("MAIL FROM:<a@b>"));
+        assert_eq!(said(&feed(&mut s, "250 ok\r\n")), "RCPT TO:<x@l>\r\n");
+        assert_eq!(said(&feed(&mut s, "250 ok\r\n")), "RCPT TO:<y@l>\r\n");
+        assert_eq!(
+            said(&feed(&mut s, "550 no such user\r\n")),
+            "RCPT TO:<z@l>\r\n"
+        );
+        assert_eq!(said(&feed(&mut s, "250 ok\r\n")), "DATA\r\n");
+        assert!(said(&feed(&mut s, "354 go\r\n")).ends_with("\r\n.\r\n"));
+        // Two recipients were accepted: two replies end the transaction.
+        let first = feed(&mut s, "250 x ok\r\n");
+        assert!(first.finished.is_none() && first.send.is_empty());
+        let last = feed(&mut s, "250 z ok\r\n");
+        // The refused recipient fails the message.
+        assert_eq!(last.finished.map(|f| f.0), Some(550));
+        assert_eq!(said(&last), "QUIT\r\n");
+    }
+
+    #[test]
+    fn cycled_recipients_share_the_messages_out() {
+        let mut plan = plan_to(&[]);
+        plan.to_cycle = Some(("user{}@localhost".into(), 3));
+        let got: Vec<String> = (0..6).map(|seq| recipients(&plan, seq).remove(0)).collect();
+        assert_eq!(
+            got,
+            ["user0@localhost", "user1@localhost", "user2@localhost"].repeat(2)
+        );
+        // Pipelined, the RCPT sent is the message's own recipient.
+        plan.pipelining = true;
+        plan.lmtp = false;
+        let mut budget = Seqs(4..5);
+        let mut s = Session::new();
+        let now = Instant::now();
+        s.feed(&plan, &mut budget, b"220 x\r\n", now);
+        let out = s.feed(&plan, &mut budget, b"250 ok\r\n", now);
+        assert!(
+            said(&out).contains("RCPT TO:<user1@localhost>\r\nDATA\r\n"),
+            "{}",
+            said(&out)
+        );
+    }
+
     #[test]
     fn weighted_domains() {
         let plan = Plan {
@@ -377,6 +499,8 @@ mod tests {
             per_connection: 0,
             pipelining: false,
             bdat: false,
+            lmtp: false,
+            to_cycle: None,
             helo: "h".into(),
         };
         let mut heavy = 0;

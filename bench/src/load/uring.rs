@@ -1,102 +1,142 @@
 //! The load generator's I/O: one io_uring per thread drives all of its sessions'
 //! sockets (connect, send, receive); the thread only wakes for completions.
+//!
+//! The driver knows nothing of the protocol: a [`Protocol`] makes a session per
+//! connection, is fed what arrives, and says what to send, when to close and whether
+//! the slot has more work. Each mode (SMTP, POP3) implements it once; the driver is
+//! generic, so every mode gets the same loop, monomorphised.
 
-use super::session::{Budget, Plan, Session};
-use hdrhistogram::Histogram;
 use io_uring::{opcode, types, IoUring};
-use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-/// The run's message budget, shared by every thread.
-pub struct SharedBudget {
-    next: AtomicU64,
-    total: u64,
-    size_min: usize,
-    size_max: usize,
+/// What a session asks of the driver after being fed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Close the connection (after what is queued has been sent).
+    pub close: bool,
+    /// This slot has nothing more to do: do not connect again (the session failed).
+    pub finished: bool,
 }
 
-impl SharedBudget {
-    pub fn new(total: u64, size_min: usize, size_max: usize) -> SharedBudget {
-        assert!(size_min <= size_max);
-        SharedBudget {
-            next: AtomicU64::new(0),
-            total,
-            size_min,
-            size_max,
-        }
-    }
+/// Why a connection ended badly, as the driver saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnError {
+    /// The connect failed (refused, reset).
+    Connect,
+    /// The server closed before the session was done.
+    Closed,
+}
 
-    /// The size of message `seq`: a fixed hash of it mapped onto the size range.
-    pub fn size_of(&self, seq: u64) -> usize {
-        let span = (self.size_max - self.size_min + 1) as u64;
-        let h = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
-        self.size_min + (h % span) as usize
-    }
+/// A mode of the load generator, as the ring driver runs it. Shared by every thread
+/// of a run (`Sync`); per-thread figures go to `Stats`.
+pub trait Protocol: Sync {
+    /// One connection's state.
+    type Session;
+    /// What one thread measured.
+    type Stats: Send;
 
-    fn remaining(&self) -> bool {
-        self.next.load(Ordering::Relaxed) < self.total
+    fn stats(&self) -> Self::Stats;
+    /// Adds one thread's figures to the run's.
+    fn merge(into: &mut Self::Stats, from: Self::Stats);
+    /// The session for connection number `nth` (0, 1, …) of slot `slot` (a run-wide
+    /// index, 0 to sessions - 1), or None when the run has no work left for it.
+    fn start(&self, slot: usize, nth: u64, now: Instant) -> Option<Self::Session>;
+    /// Feeds received bytes; appends what to send to `send`.
+    fn feed(
+        &self,
+        session: &mut Self::Session,
+        data: &[u8],
+        now: Instant,
+        send: &mut Vec<u8>,
+        stats: &mut Self::Stats,
+    ) -> Step;
+    /// The session ended as planned: a close by the server is then no error.
+    fn is_done(session: &Self::Session) -> bool;
+    fn connection_error(&self, stats: &mut Self::Stats, e: ConnError);
+    /// The kernel took `bytes` of a send.
+    fn sent(&self, _stats: &mut Self::Stats, _bytes: usize) {}
+    /// Bytes received from the server.
+    fn received(&self, _stats: &mut Self::Stats, _bytes: usize) {}
+    /// The receive buffer per connection.
+    fn recv_bytes(&self) -> usize {
+        16 << 10
     }
 }
 
-impl Budget for &SharedBudget {
-    fn next(&mut self) -> Option<(u64, usize)> {
-        let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        (seq < self.total).then(|| (seq, self.size_of(seq)))
-    }
-}
-
-/// Live counters the progress line reads.
+/// Live counters the progress line reads: `ok` is the mode's unit (messages sent,
+/// logins), `items` a second one (messages retrieved).
 #[derive(Default)]
 pub struct Progress {
     pub ok: AtomicU64,
+    pub items: AtomicU64,
     pub errors: AtomicU64,
 }
 
-/// What one thread measured.
-pub struct Stats {
-    pub ok: u64,
-    pub errors: u64,
-    pub bytes: u64,
-    pub codes: BTreeMap<u16, u64>,
-    /// Transaction latency, microseconds.
-    pub latency_us: Histogram<u64>,
+/// Where and how a run's sessions go.
+#[derive(Debug, Clone, Copy)]
+pub struct Fleet {
+    pub target: SocketAddr,
+    /// Concurrent sessions (slots), over `threads` threads, each its own ring.
+    pub sessions: usize,
+    pub threads: usize,
+    /// How long a thread polls for completions before it sleeps.
+    pub spin: Duration,
+    pub deadline: Instant,
 }
 
-impl Stats {
-    pub fn new() -> Stats {
-        Stats {
-            ok: 0,
-            errors: 0,
-            bytes: 0,
-            codes: BTreeMap::new(),
-            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+/// Runs the fleet's sessions until every slot's work is done or the deadline; the
+/// merged figures and the time taken. While stderr is a terminal, `line` renders a
+/// progress line every 250 ms.
+pub fn run<P: Protocol>(
+    proto: &P,
+    fleet: Fleet,
+    progress: &Progress,
+    line: impl Fn(&Progress, f64) -> String,
+) -> io::Result<(P::Stats, Duration)> {
+    use std::io::IsTerminal;
+    let Fleet {
+        target,
+        sessions,
+        threads,
+        spin,
+        deadline,
+    } = fleet;
+    let start = Instant::now();
+    let threads = threads.clamp(1, sessions.max(1));
+    let mut total = proto.stats();
+    std::thread::scope(|scope| {
+        let mut first = 0;
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let n = sessions / threads + usize::from(t < sessions % threads);
+                let slots = first..first + n;
+                first += n;
+                scope.spawn(move || run_thread(proto, target, slots, deadline, spin))
+            })
+            .collect();
+        let live = std::io::stderr().is_terminal();
+        while live && !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(250));
+            eprint!("\r{}", line(progress, start.elapsed().as_secs_f64()));
         }
-    }
-
-    pub fn merge(&mut self, o: &Stats) {
-        self.ok += o.ok;
-        self.errors += o.errors;
-        self.bytes += o.bytes;
-        for (c, n) in &o.codes {
-            *self.codes.entry(*c).or_default() += n;
+        if live {
+            eprintln!();
         }
-        self.latency_us
-            .add(&o.latency_us)
-            .expect("same histogram bounds");
-    }
+        for h in handles {
+            let s = h
+                .join()
+                .map_err(|_| io::Error::other("a load thread panicked"))??;
+            P::merge(&mut total, s);
+        }
+        Ok::<(), io::Error>(())
+    })?;
+    Ok((total, start.elapsed()))
 }
 
-impl Default for Stats {
-    fn default() -> Self {
-        Stats::new()
-    }
-}
-
-const RECV_BYTES: usize = 16 << 10;
 /// user_data: connection index << 24 | generation (22 bits) << 2 | kind.
 const GEN_MASK: u64 = (1 << 22) - 1;
 /// user_data of requests whose completion nobody waits for (closes).
@@ -105,11 +145,13 @@ const CONNECT: u64 = 0;
 const RECV: u64 = 1;
 const SEND: u64 = 2;
 
-struct Conn {
+struct Conn<S> {
     fd: RawFd,
     /// Bumped per connection: completions of an earlier connection are ignored.
     gen: u64,
-    session: Session,
+    /// Connections made on this slot so far.
+    made: u64,
+    session: Option<S>,
     recv: Vec<u8>,
     /// The bytes of the send in flight: never touched until it completes.
     send: Vec<u8>,
@@ -119,27 +161,27 @@ struct Conn {
     sent: usize,
     sending: bool,
     close_after_send: bool,
-    /// The session has nothing more to do (budget used, or it failed).
+    /// The session has nothing more to do (it failed).
     finished: bool,
     addr: Box<libc::sockaddr_in>,
 }
 
-/// Runs `sessions` sessions against `target` until the budget is used or `deadline`.
-pub fn run_thread(
+/// Runs the sessions of `slots` against `target` until they have no work or `deadline`.
+pub fn run_thread<P: Protocol>(
+    proto: &P,
     target: SocketAddr,
-    sessions: usize,
-    plan: &Plan,
-    budget: &SharedBudget,
-    progress: &Progress,
+    slots: std::ops::Range<usize>,
     deadline: Instant,
     spin: Duration,
-) -> io::Result<Stats> {
+) -> io::Result<P::Stats> {
     let SocketAddr::V4(v4) = target else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "ringmail-load targets IPv4 addresses",
         ));
     };
+    let first = slots.start;
+    let sessions = slots.len();
     // COOP_TASKRUN: completions wait for this thread's next kernel entry instead of
     // interrupting it; measured 12k vs 7.7k connections/s without it.
     let mut ring = IoUring::builder()
@@ -147,13 +189,14 @@ pub fn run_thread(
         .setup_taskrun_flag()
         .setup_single_issuer()
         .build(4 * sessions as u32 + 64)?;
-    let mut stats = Stats::new();
-    let mut conns: Vec<Conn> = (0..sessions)
+    let mut stats = proto.stats();
+    let mut conns: Vec<Conn<P::Session>> = (0..sessions)
         .map(|_| Conn {
             fd: -1,
             gen: 0,
-            session: Session::new(),
-            recv: vec![0; RECV_BYTES],
+            made: 0,
+            session: None,
+            recv: vec![0; proto.recv_bytes()],
             send: Vec::new(),
             queued: Vec::new(),
             sent: 0,
@@ -164,12 +207,27 @@ pub fn run_thread(
         })
         .collect();
     let mut active = 0;
+    let now = Instant::now();
     for (i, c) in conns.iter_mut().enumerate() {
-        if budget.remaining() {
-            connect(&mut ring, c, i)?;
+        if let Some(s) = proto.start(first + i, 0, now) {
+            connect(&mut ring, c, i, s)?;
             active += 1;
         }
     }
+    // Connects the slot again when it has work left and there is time; else retires it.
+    let again = |ring: &mut IoUring, c: &mut Conn<P::Session>, i: usize, active: &mut usize| {
+        let now = Instant::now();
+        let next = (!c.finished && now < deadline)
+            .then(|| proto.start(first + i, c.made, now))
+            .flatten();
+        match next {
+            Some(s) => connect(ring, c, i, s),
+            None => {
+                *active -= 1;
+                Ok(())
+            }
+        }
+    };
     while active > 0 {
         let now = Instant::now();
         if now >= deadline {
@@ -192,68 +250,43 @@ pub fn run_thread(
             }
             match kind {
                 CONNECT if res < 0 => {
-                    stats.errors += 1;
-                    progress.errors.fetch_add(1, Ordering::Relaxed);
+                    proto.connection_error(&mut stats, ConnError::Connect);
                     close_async(&mut ring, c);
-                    // Refused or reset: try again while there is budget, a little later.
+                    // Refused or reset: try again while there is work, a little later.
                     std::thread::sleep(Duration::from_millis(1));
-                    if budget.remaining() && Instant::now() < deadline {
-                        connect(&mut ring, c, i)?;
-                    } else {
-                        active -= 1;
-                    }
+                    again(&mut ring, c, i, &mut active)?;
                 }
                 CONNECT => push_recv(&mut ring, c, i),
                 RECV if res <= 0 => {
-                    // The server closed: fine after QUIT, an error otherwise.
-                    if !c.session.is_done() {
-                        stats.errors += 1;
-                        progress.errors.fetch_add(1, Ordering::Relaxed);
+                    // The server closed: fine once the session is done, an error otherwise.
+                    if !c.session.as_ref().is_some_and(P::is_done) {
+                        proto.connection_error(&mut stats, ConnError::Closed);
                     }
                     close_async(&mut ring, c);
-                    if budget.remaining() && !c.finished && Instant::now() < deadline {
-                        connect(&mut ring, c, i)?;
-                    } else {
-                        active -= 1;
-                    }
+                    again(&mut ring, c, i, &mut active)?;
                 }
                 RECV => {
-                    let mut b = budget;
-                    let out = c.session.feed(plan, &mut b, &c.recv[..res as usize], now);
-                    for code in &out.codes {
-                        *stats.codes.entry(*code).or_default() += 1;
-                    }
-                    if let Some((code, latency)) = out.finished {
-                        if code / 100 == 2 {
-                            stats.ok += 1;
-                            progress.ok.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            stats.errors += 1;
-                            progress.errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let _ = stats.latency_us.record((latency.as_micros() as u64).max(1));
-                    }
-                    if out.failed {
-                        stats.errors += 1;
-                        progress.errors.fetch_add(1, Ordering::Relaxed);
+                    proto.received(&mut stats, res as usize);
+                    let session = c.session.as_mut().expect("a connected slot has a session");
+                    let step = proto.feed(
+                        session,
+                        &c.recv[..res as usize],
+                        now,
+                        &mut c.queued,
+                        &mut stats,
+                    );
+                    if step.finished {
                         c.finished = true;
                     }
-                    if !out.send.is_empty() {
-                        c.queued.extend_from_slice(&out.send);
-                        if !c.sending {
-                            push_send(&mut ring, c, i);
-                        }
+                    if !c.queued.is_empty() && !c.sending {
+                        push_send(&mut ring, c, i);
                     }
-                    if out.close {
+                    if step.close {
                         c.close_after_send = true;
                         if !c.sending {
                             // Nothing left to send: close now and maybe start again.
                             close_async(&mut ring, c);
-                            if budget.remaining() && !c.finished && Instant::now() < deadline {
-                                connect(&mut ring, c, i)?;
-                            } else {
-                                active -= 1;
-                            }
+                            again(&mut ring, c, i, &mut active)?;
                         }
                     } else {
                         push_recv(&mut ring, c, i);
@@ -268,18 +301,14 @@ pub fn run_thread(
                     if c.sent < c.send.len() {
                         resend(&mut ring, c, i);
                     } else if !c.queued.is_empty() {
-                        stats.bytes += c.sent as u64;
+                        proto.sent(&mut stats, c.sent);
                         push_send(&mut ring, c, i);
                     } else {
-                        stats.bytes += c.sent as u64;
+                        proto.sent(&mut stats, c.sent);
                         c.sending = false;
                         if c.close_after_send {
                             close_async(&mut ring, c);
-                            if budget.remaining() && !c.finished && Instant::now() < deadline {
-                                connect(&mut ring, c, i)?;
-                            } else {
-                                active -= 1;
-                            }
+                            again(&mut ring, c, i, &mut active)?;
                         }
                     }
                 }
@@ -304,7 +333,7 @@ fn sockaddr(v4: std::net::SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
-fn close(c: &mut Conn) {
+fn close<S>(c: &mut Conn<S>) {
     if c.fd >= 0 {
         // SAFETY: the descriptor is ours; in-flight requests hold their own reference.
         unsafe { libc::close(c.fd) };
@@ -314,7 +343,7 @@ fn close(c: &mut Conn) {
 
 /// Closes through the ring: one syscall fewer on the per-connection path, and the
 /// close is submitted with the next connect in the same `io_uring_enter`.
-fn close_async(ring: &mut IoUring, c: &mut Conn) {
+fn close_async<S>(ring: &mut IoUring, c: &mut Conn<S>) {
     if c.fd >= 0 {
         push(
             ring,
@@ -331,7 +360,7 @@ fn push(ring: &mut IoUring, e: io_uring::squeue::Entry) {
     unsafe { crate::ring::push(ring, &e) }
 }
 
-fn connect(ring: &mut IoUring, c: &mut Conn, i: usize) -> io::Result<()> {
+fn connect<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize, session: S) -> io::Result<()> {
     // SAFETY: plain socket(2)/setsockopt(2) calls with valid arguments.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -355,7 +384,8 @@ fn connect(ring: &mut IoUring, c: &mut Conn, i: usize) -> io::Result<()> {
     }
     c.fd = fd;
     c.gen += 1;
-    c.session = Session::new();
+    c.made += 1;
+    c.session = Some(session);
     // A send of the previous connection may still be in flight on `send`: leave that
     // buffer to it and start afresh.
     c.send = Vec::new();
@@ -377,11 +407,11 @@ fn connect(ring: &mut IoUring, c: &mut Conn, i: usize) -> io::Result<()> {
     Ok(())
 }
 
-fn ud(i: usize, c: &Conn, kind: u64) -> u64 {
+fn ud<S>(i: usize, c: &Conn<S>, kind: u64) -> u64 {
     ((i as u64) << 24) | ((c.gen & GEN_MASK) << 2) | kind
 }
 
-fn push_recv(ring: &mut IoUring, c: &mut Conn, i: usize) {
+fn push_recv<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize) {
     push(
         ring,
         opcode::Recv::new(types::Fd(c.fd), c.recv.as_mut_ptr(), c.recv.len() as u32)
@@ -391,7 +421,7 @@ fn push_recv(ring: &mut IoUring, c: &mut Conn, i: usize) {
 }
 
 /// Starts sending what is queued.
-fn push_send(ring: &mut IoUring, c: &mut Conn, i: usize) {
+fn push_send<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize) {
     std::mem::swap(&mut c.send, &mut c.queued);
     c.queued.clear();
     c.sent = 0;
@@ -399,7 +429,7 @@ fn push_send(ring: &mut IoUring, c: &mut Conn, i: usize) {
 }
 
 /// Sends the rest of the buffer in flight.
-fn resend(ring: &mut IoUring, c: &mut Conn, i: usize) {
+fn resend<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize) {
     c.sending = true;
     let rest = &c.send[c.sent..];
     push(
