@@ -277,6 +277,42 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Adds a user offline or through a running server (`ringmail user add`), with
+/// `password`.
+pub fn user_add(data: &Path, address: &str, password: &str) {
+    use std::io::Write;
+    let mut child = Command::new(binary())
+        .args(["user", "add", address, "--password-stdin", "--data"])
+        .arg(data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "user add {address}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `ringmail mailbox list ADDRESS [--mailbox NAME] --json`, one value per entry.
+pub fn mailbox_list(data: &Path, address: &str, mailbox: Option<&str>) -> Vec<serde_json::Value> {
+    let mut cmd = Command::new(binary());
+    cmd.args(["mailbox", "list", address, "--json"]);
+    if let Some(m) = mailbox {
+        cmd.args(["--mailbox", m]);
+    }
+    let out = run_ok(cmd.arg("--data").arg(data));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("mailbox list prints JSON lines"))
+        .collect()
+}
+
 /// Runs a python3 script with the server's port as its first argument.
 pub fn python(script: &str, port: u16) -> String {
     let out = run_ok(

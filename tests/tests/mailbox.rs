@@ -2,47 +2,11 @@
 //! users; what lands in each mailbox (`ringmail mailbox list` / `show`), how much the
 //! data directory grows, and SIGKILL in the middle of delivery and of compaction.
 
-use ringmail_tests::{binary, python, run_ok, Server};
+use ringmail_tests::{binary, mailbox_list, python, run_ok, Server};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn user_add(data: &Path, address: &str) {
-    let mut child = Command::new(binary())
-        .args(["user", "add", address, "--password-stdin", "--data"])
-        .arg(data)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"secret password\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "user add {address}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn mailbox_list(data: &Path, address: &str) -> Vec<serde_json::Value> {
-    let out = run_ok(
-        Command::new(binary())
-            .args(["mailbox", "list", address, "--json", "--data"])
-            .arg(data),
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("mailbox list prints JSON lines"))
-        .collect()
-}
 
 fn mailbox_show(data: &Path, address: &str, uid: u64) -> Vec<u8> {
     run_ok(
@@ -64,7 +28,7 @@ fn mailbox_show(data: &Path, address: &str, uid: u64) -> Vec<u8> {
 fn wait_for(data: &Path, address: &str, n: usize) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let got = mailbox_list(data, address);
+        let got = mailbox_list(data, address, None);
         if got.len() >= n || Instant::now() > deadline {
             assert_eq!(got.len(), n, "{address}: {got:?}");
             return got;
@@ -78,7 +42,7 @@ fn data_with(users: &[&str]) -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     for u in users {
-        user_add(&data, u);
+        ringmail_tests::user_add(&data, u, "secret password");
     }
     (tmp, data)
 }
@@ -235,7 +199,7 @@ s.quit()
         server.addr.port(),
     );
     assert!(out.contains("550") && out.contains("5.1.1"), "{out}");
-    user_add(&data, "carol@localhost");
+    ringmail_tests::user_add(&data, "carol@localhost", "secret password");
     let out = send(
         server.addr.port(),
         "b@client.test",
@@ -277,7 +241,7 @@ fn check_exactly_once(data: &Path, users: &[&str], acked: &[usize]) {
     for u in users {
         let deadline = Instant::now() + Duration::from_secs(30);
         let entries = loop {
-            let got = mailbox_list(data, u);
+            let got = mailbox_list(data, u, None);
             let have: Vec<usize> = got
                 .iter()
                 .map(|e| seq_of(&mailbox_show(data, u, e["uid"].as_u64().unwrap())))
@@ -421,14 +385,14 @@ fn deleting_a_user_frees_its_messages_and_sigkill_during_compaction_keeps_the_ot
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let extra = mailbox_list(&data, "c1@localhost").len() - acked.len();
+    let extra = mailbox_list(&data, "c1@localhost", None).len() - acked.len();
     assert!(
         segment_bytes(&data) <= full / 2,
         "{} of {full} bytes left",
         segment_bytes(&data)
     );
     // The small ones sent meanwhile are there too; the numbered ones exactly once.
-    let have: Vec<usize> = mailbox_list(&data, "c2@localhost")
+    let have: Vec<usize> = mailbox_list(&data, "c2@localhost", None)
         .iter()
         .map(|e| {
             seq_of(&mailbox_show(

@@ -3,38 +3,19 @@
 //! (pipelining, long lines, a dropped connection). Mail arrives through SMTP
 //! (smtplib) and local delivery, so what RETR sends is compared with what was sent.
 
-use ringmail_tests::{binary, run_ok, Server};
+use ringmail_tests::{binary, mailbox_list, run_ok, Server};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PASSWORD: &str = "secret password";
 
-fn user_add(data: &Path, address: &str) {
-    let mut child = Command::new(binary())
-        .args(["user", "add", address, "--password-stdin", "--data"])
-        .arg(data)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn server_with(users: &[&str]) -> Server {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     for u in users {
-        user_add(&data, u);
+        ringmail_tests::user_add(&data, u, PASSWORD);
     }
     Server::start_in(Some(tmp), data, &[])
 }
@@ -89,20 +70,7 @@ fn send(server: &Server, to: &str, body: &[u8]) {
 fn wait_inbox(server: &Server, address: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let out = run_ok(
-            Command::new(binary())
-                .args([
-                    "mailbox",
-                    "list",
-                    address,
-                    "--mailbox",
-                    "INBOX",
-                    "--json",
-                    "--data",
-                ])
-                .arg(&server.data),
-        );
-        let got = String::from_utf8_lossy(&out.stdout).lines().count();
+        let got = mailbox_list(&server.data, address, Some("INBOX")).len();
         if got >= n {
             assert_eq!(got, n);
             return;
@@ -116,24 +84,9 @@ fn wait_inbox(server: &Server, address: &str, n: usize) {
 }
 
 fn inbox_flags(server: &Server, address: &str) -> Vec<Vec<String>> {
-    let out = run_ok(
-        Command::new(binary())
-            .args([
-                "mailbox",
-                "list",
-                address,
-                "--mailbox",
-                "INBOX",
-                "--json",
-                "--data",
-            ])
-            .arg(&server.data),
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    mailbox_list(&server.data, address, Some("INBOX"))
+        .iter()
+        .map(|v| {
             v["flags"]
                 .as_array()
                 .unwrap()
