@@ -384,8 +384,12 @@ async fn executor_main(
     if let Some(c) = &control {
         c.close().await;
     }
-    ingest.drained(cfg.shutdown_grace).await;
-    pop3.drained(cfg.shutdown_grace).await;
+    // One grace period for both listeners' sessions.
+    futures_lite::future::zip(
+        ingest.drained(cfg.shutdown_grace),
+        pop3.drained(cfg.shutdown_grace),
+    )
+    .await;
     delivery.stop();
     delivery_task.await;
     delivery.drained(cfg.shutdown_grace).await;

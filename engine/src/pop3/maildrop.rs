@@ -123,15 +123,20 @@ async fn update(
         ChangeError::Refused(e) => format!("refused: {e:?}"),
         ChangeError::Store(e) => e,
     };
-    if !seen.is_empty() {
-        home.change(|ix| ix.begin_set_flags(user, mailbox, &seen, FlagOp::Add, SEEN, &[], None))
-            .await
-            .map_err(gone)?;
-    }
+    // The expunge first: it is what QUIT answers for, and a failed flag change
+    // must not keep what the user deleted.
     if !expunge.is_empty() {
         home.change(|ix| ix.begin_expunge(user, mailbox, expunge))
             .await
             .map_err(gone)?;
+    }
+    if !seen.is_empty() {
+        if let Err(e) = home
+            .change(|ix| ix.begin_set_flags(user, mailbox, &seen, FlagOp::Add, SEEN, &[], None))
+            .await
+        {
+            tracing::warn!(user, error = %gone(e), "pop3: cannot mark retrieved messages seen");
+        }
     }
     Ok(())
 }

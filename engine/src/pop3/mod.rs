@@ -36,6 +36,8 @@ use std::time::Duration;
 
 /// Bytes of a message gathered before a send: a read piece of the store, stuffed.
 const SEND_BYTES: usize = ringmail_store::reader::PIECE_BYTES;
+/// Replies held before they are sent, while pipelined commands are handled.
+const OUTPUT_BYTES_MAX: usize = 64 << 10;
 /// A receive: POP3 commands are short (255 octets), many pipelined ones fit.
 const RECV_BYTES: usize = 16 << 10;
 
@@ -153,7 +155,7 @@ impl Pop3 {
                             tracing::warn!(uid = item.uid, error = %e, client = %peer, "pop3: retrieve failed");
                             return;
                         }
-                        if lines.is_none() {
+                        if lines.is_none() && !h.seen.contains(&item.uid) {
                             h.seen.push(item.uid);
                         }
                         s.retrieved();
@@ -178,6 +180,14 @@ impl Pop3 {
                         }
                         s.quit_done(r.is_ok());
                     }
+                }
+                // Replies to a long pipeline (UIDL after UIDL…) go out as they grow,
+                // so the socket's backpressure bounds them.
+                if s.output().len() >= OUTPUT_BYTES_MAX {
+                    if self.send(fd, s.output().to_vec()).await.is_err() {
+                        return;
+                    }
+                    s.clear_output();
                 }
             }
             if !s.output().is_empty() {
