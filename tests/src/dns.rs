@@ -54,11 +54,18 @@ pub struct DnsServer {
 
 impl DnsServer {
     pub fn start(zone: Zone) -> DnsServer {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // The UDP port the kernel picks may be taken for TCP (another test's
+        // listener): pick again, a bounded number of times.
+        let (sock, addr, listener) = (0..50)
+            .find_map(|_| {
+                let sock = UdpSocket::bind("127.0.0.1:0").ok()?;
+                let addr = sock.local_addr().ok()?;
+                let listener = TcpListener::bind(addr).ok()?;
+                Some((sock, addr, listener))
+            })
+            .expect("a port free for both UDP and TCP");
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        let addr = sock.local_addr().unwrap();
-        let listener = TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let queries = Arc::new(AtomicUsize::new(0));
         let tcp_queries = Arc::new(AtomicUsize::new(0));
