@@ -155,6 +155,10 @@ struct Conn<S> {
     recv: Vec<u8>,
     /// The bytes of the send in flight: never touched until it completes.
     send: Vec<u8>,
+    /// Send buffers of earlier connections whose send was still in flight when the
+    /// slot connected again: the kernel may still read them, so they are only freed
+    /// once the ring is drained at the end of the run.
+    retired: Vec<Vec<u8>>,
     /// Bytes waiting for the send in flight to finish.
     queued: Vec<u8>,
     /// Bytes of `send` the kernel has taken.
@@ -184,11 +188,14 @@ pub fn run_thread<P: Protocol>(
     let sessions = slots.len();
     // COOP_TASKRUN: completions wait for this thread's next kernel entry instead of
     // interrupting it; measured 12k vs 7.7k connections/s without it.
-    let mut ring = IoUring::builder()
-        .setup_coop_taskrun()
-        .setup_taskrun_flag()
-        .setup_single_issuer()
-        .build(4 * sessions as u32 + 64)?;
+    let mut ring = Ring {
+        ring: IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_single_issuer()
+            .build(4 * sessions as u32 + 64)?,
+        inflight: 0,
+    };
     let mut stats = proto.stats();
     let mut conns: Vec<Conn<P::Session>> = (0..sessions)
         .map(|_| Conn {
@@ -198,6 +205,7 @@ pub fn run_thread<P: Protocol>(
             session: None,
             recv: vec![0; proto.recv_bytes()],
             send: Vec::new(),
+            retired: Vec::new(),
             queued: Vec::new(),
             sent: 0,
             sending: false,
@@ -215,7 +223,7 @@ pub fn run_thread<P: Protocol>(
         }
     }
     // Connects the slot again when it has work left and there is time; else retires it.
-    let again = |ring: &mut IoUring, c: &mut Conn<P::Session>, i: usize, active: &mut usize| {
+    let again = |ring: &mut Ring, c: &mut Conn<P::Session>, i: usize, active: &mut usize| {
         let now = Instant::now();
         let next = (!c.finished && now < deadline)
             .then(|| proto.start(first + i, c.made, now))
@@ -233,11 +241,7 @@ pub fn run_thread<P: Protocol>(
         if now >= deadline {
             break;
         }
-        let cqes = if spin.is_zero() {
-            crate::ring::wait(&mut ring, deadline - now)?
-        } else {
-            crate::ring::wait_spinning(&mut ring, deadline - now, spin)?
-        };
+        let cqes = ring.wait(deadline - now, spin)?;
         let now = Instant::now();
         for (ud, res) in cqes {
             if ud == IGNORED {
@@ -316,10 +320,54 @@ pub fn run_thread<P: Protocol>(
             }
         }
     }
-    for c in &mut conns {
+    drain(&mut ring, &mut conns);
+    Ok(stats)
+}
+
+/// The ring and the number of its requests whose completion has not been taken yet.
+struct Ring {
+    ring: IoUring,
+    inflight: usize,
+}
+
+impl Ring {
+    /// Waits up to `timeout` for completions (polling for `spin` first) and returns them.
+    fn wait(&mut self, timeout: Duration, spin: Duration) -> io::Result<Vec<(u64, i32)>> {
+        let cqes = if spin.is_zero() {
+            crate::ring::wait(&mut self.ring, timeout)?
+        } else {
+            crate::ring::wait_spinning(&mut self.ring, timeout, spin)?
+        };
+        self.inflight -= cqes.len();
+        Ok(cqes)
+    }
+}
+
+/// Ends a run: shuts every open connection down, which completes its receives and
+/// sends, and waits for every request to complete before the buffers they point into
+/// are freed. (Freeing them with a receive still in flight let a late reply land in
+/// freed memory: the heap corruption that aborted runs at a phase deadline.) When the
+/// ring will not drain, the buffers are leaked rather than freed under the kernel.
+fn drain<S>(ring: &mut Ring, conns: &mut Vec<Conn<S>>) {
+    for c in conns.iter_mut() {
+        if c.fd >= 0 {
+            // SAFETY: shutdown(2) of our own socket.
+            unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+        }
         close(c);
     }
-    Ok(stats)
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while ring.inflight > 0 && Instant::now() < give_up {
+        if ring
+            .wait(Duration::from_millis(100), Duration::ZERO)
+            .is_err()
+        {
+            break;
+        }
+    }
+    if ring.inflight > 0 {
+        std::mem::forget(std::mem::take(conns));
+    }
 }
 
 fn sockaddr(v4: std::net::SocketAddrV4) -> libc::sockaddr_in {
@@ -343,7 +391,7 @@ fn close<S>(c: &mut Conn<S>) {
 
 /// Closes through the ring: one syscall fewer on the per-connection path, and the
 /// close is submitted with the next connect in the same `io_uring_enter`.
-fn close_async<S>(ring: &mut IoUring, c: &mut Conn<S>) {
+fn close_async<S>(ring: &mut Ring, c: &mut Conn<S>) {
     if c.fd >= 0 {
         push(
             ring,
@@ -355,12 +403,14 @@ fn close_async<S>(ring: &mut IoUring, c: &mut Conn<S>) {
     }
 }
 
-fn push(ring: &mut IoUring, e: io_uring::squeue::Entry) {
-    // SAFETY: every pointer in the entry points into a `Conn` buffer that stays put until its completion is processed.
-    unsafe { crate::ring::push(ring, &e) }
+fn push(ring: &mut Ring, e: io_uring::squeue::Entry) {
+    ring.inflight += 1;
+    // SAFETY: every pointer in the entry points into a `Conn` buffer that stays put
+    // until its completion is processed: `drain` waits for all of them at the end.
+    unsafe { crate::ring::push(&mut ring.ring, &e) }
 }
 
-fn connect<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize, session: S) -> io::Result<()> {
+fn connect<S>(ring: &mut Ring, c: &mut Conn<S>, i: usize, session: S) -> io::Result<()> {
     // SAFETY: plain socket(2)/setsockopt(2) calls with valid arguments.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -388,7 +438,10 @@ fn connect<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize, session: S) -> io::
     c.session = Some(session);
     // A send of the previous connection may still be in flight on `send`: leave that
     // buffer to it and start afresh.
-    c.send = Vec::new();
+    let old = std::mem::take(&mut c.send);
+    if c.sending {
+        c.retired.push(old);
+    }
     c.queued.clear();
     c.sent = 0;
     c.sending = false;
@@ -411,7 +464,7 @@ fn ud<S>(i: usize, c: &Conn<S>, kind: u64) -> u64 {
     ((i as u64) << 24) | ((c.gen & GEN_MASK) << 2) | kind
 }
 
-fn push_recv<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize) {
+fn push_recv<S>(ring: &mut Ring, c: &mut Conn<S>, i: usize) {
     push(
         ring,
         opcode::Recv::new(types::Fd(c.fd), c.recv.as_mut_ptr(), c.recv.len() as u32)
@@ -421,7 +474,7 @@ fn push_recv<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize) {
 }
 
 /// Starts sending what is queued.
-fn push_send<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize) {
+fn push_send<S>(ring: &mut Ring, c: &mut Conn<S>, i: usize) {
     std::mem::swap(&mut c.send, &mut c.queued);
     c.queued.clear();
     c.sent = 0;
@@ -429,7 +482,7 @@ fn push_send<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize) {
 }
 
 /// Sends the rest of the buffer in flight.
-fn resend<S>(ring: &mut IoUring, c: &mut Conn<S>, i: usize) {
+fn resend<S>(ring: &mut Ring, c: &mut Conn<S>, i: usize) {
     c.sending = true;
     let rest = &c.send[c.sent..];
     push(
