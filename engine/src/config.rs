@@ -47,6 +47,8 @@ pub struct Config {
     pub deliveries_per_shard_max: usize,
     /// A log segment is sealed at this size (compaction deletes whole segments).
     pub segment_bytes_max: u64,
+    /// Bytes of recently read message records each executor keeps in memory.
+    pub read_cache_bytes: usize,
     /// Zeros ahead of the log writer while batches are small (`log-zero-ahead`).
     pub log_zero_ahead: bool,
     /// Messages per second per destination domain and shard (None: no limit).
@@ -82,6 +84,7 @@ impl Default for Config {
             connections_per_destination_max: 16,
             deliveries_per_shard_max: 1000,
             segment_bytes_max: 64 << 20,
+            read_cache_bytes: 64 << 20,
             log_zero_ahead: ZERO_AHEAD_DEFAULT,
             destination_rate: None,
             delivery_timeouts: Default::default(),
@@ -790,6 +793,16 @@ settings! {
     get |c| Some(c.segment_bytes_max),
     set |c, v| c.segment_bytes_max = v;
 
+    /// Bytes of recently read messages each executor keeps in memory (records of up
+    /// to 256 KiB), so mail read again (a POP3 client that leaves mail on the
+    /// server, IMAP clients) is not read from the disk again; 0: none. Message files
+    /// are read with O_DIRECT, past the kernel's page cache.
+    #[arg(long)]
+    read_cache: usize, aliases [],
+    rule anything("bytes (0: none)"),
+    get |c| Some(c.read_cache_bytes),
+    set |c, v| c.read_cache_bytes = v;
+
     /// Fill each log segment with synced zeros ahead of the writer while batches are
     /// small (under 256 KiB on average): a sync then overwrites allocated blocks
     /// instead of appending, which skips the file system's journal commit, but every
@@ -823,11 +836,11 @@ settings! {
     get |c| Some(c.deliveries_per_shard_max),
     set |c, v| c.deliveries_per_shard_max = v;
 
-    /// Threads that verify passwords (argon2id), off the executors; unset: half the
-    /// available cores, at least 1.
+    /// Threads that verify passwords (argon2id), off the executors, at a lower
+    /// priority than them; unset: one per available core.
     #[arg(long)]
     auth_workers: usize, aliases [],
-    default "half the available cores, at least 1",
+    default "one per available core",
     rule between(1, 1024),
     get |c| c.auth.workers,
     set |c, v| c.auth.workers = Some(v);

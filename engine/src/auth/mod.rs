@@ -19,7 +19,6 @@ mod pool;
 #[cfg(test)]
 mod tests;
 
-use argon2::{Argon2, PasswordVerifier};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,7 +51,8 @@ impl std::error::Error for AuthError {}
 /// The `auth-*` settings (see `config.rs`), and the bounds that are not settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthConfig {
-    /// Verification threads; `None`: half the available cores, at least 1.
+    /// Verification threads; `None`: one per available core (they run at a lower
+    /// priority than the executors, see `pool`).
     pub workers: Option<usize>,
     /// Verifications that may wait for a thread beyond the ones running.
     pub queue: usize,
@@ -87,7 +87,7 @@ impl AuthConfig {
     /// The verification threads these settings start.
     pub fn worker_count(&self) -> usize {
         self.workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) / 2)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1)
     }
 }
@@ -251,11 +251,12 @@ impl Drop for Authenticator {
     }
 }
 
-/// argon2 (any variant the PHC string names) with the string's own parameters.
-fn argon2_check(password: &[u8], phc: &str) -> bool {
-    match Argon2::default().verify_password(password, phc) {
-        Ok(()) => true,
-        Err(argon2::password_hash::Error::PasswordInvalid) => false,
+/// argon2 (any variant the PHC string names) with the string's own parameters: the
+/// check the verification threads run (public for the benchmarks, which measure
+/// its rate as the limit of cold logins).
+pub fn argon2_check(password: &[u8], phc: &str) -> bool {
+    match argon2_verify(password, phc) {
+        Ok(matched) => matched,
         Err(e) => {
             // Not a wrong password: a stored hash the crate cannot use. The login
             // fails as any other, but the operator should hear of it.
@@ -263,6 +264,49 @@ fn argon2_check(password: &[u8], phc: &str) -> bool {
             false
         }
     }
+}
+
+thread_local! {
+    /// argon2's working memory (m KiB: 19 MiB with the default parameters), kept by
+    /// each verification thread from one check to the next. The crate's own
+    /// `verify_password` allocates it afresh every time, and the kernel then maps
+    /// and zeroes ~4 800 new pages per check: measured with `perf` during a cold
+    /// login run, a third of the verification threads' time was in the kernel. The
+    /// blocks need no clearing between checks: argon2 writes every block before it
+    /// reads it.
+    static ARGON2_MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What `PasswordVerifier::verify_password` does, in this thread's kept memory.
+fn argon2_verify(password: &[u8], phc: &str) -> Result<bool, String> {
+    use argon2::password_hash::phc::{Output, PasswordHash};
+    use argon2::{Algorithm, Argon2, Params, Version};
+    let hash = PasswordHash::new(phc).map_err(|e| e.to_string())?;
+    let (Some(salt), Some(expected)) = (&hash.salt, &hash.hash) else {
+        return Err("the hash has no salt or no output".into());
+    };
+    let algorithm = Algorithm::try_from(hash.algorithm.as_str()).map_err(|e| e.to_string())?;
+    let version = match hash.version {
+        Some(v) => Version::try_from(v).map_err(|e| e.to_string())?,
+        None => Version::default(),
+    };
+    let params = Params::try_from(&hash).map_err(|e| e.to_string())?;
+    let blocks = params.block_count();
+    let mut out = [0u8; Output::MAX_LENGTH];
+    let out = &mut out[..expected.len()];
+    ARGON2_MEMORY.with(|memory| {
+        let mut memory = memory.borrow_mut();
+        if memory.len() != blocks {
+            memory.resize(blocks, argon2::Block::default());
+            memory.shrink_to_fit();
+        }
+        Argon2::new(algorithm, version, params)
+            .hash_password_into_with_memory(password, salt.as_ref(), out, &mut memory[..])
+            .map_err(|e| e.to_string())
+    })?;
+    // Output's comparison is constant-time.
+    Ok(Output::new(out).map_err(|e| e.to_string())? == *expected)
 }
 
 /// The worker's copy of a password, overwritten before it is freed (also when the

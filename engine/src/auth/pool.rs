@@ -111,6 +111,7 @@ impl Pool {
 
     fn work(&self) {
         block_all_signals();
+        lower_priority();
         loop {
             let next = {
                 let mut q = lock(&self.queue);
@@ -149,6 +150,19 @@ fn block_all_signals() {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Nice 10 for the calling thread (on Linux, `setpriority` on a thread id touches
+/// that thread alone): a thread per core soaks up the CPU a burst of cold logins
+/// needs while the executors idle, and yields to them when they have work (the
+/// scheduler then gives a nice-10 thread about a tenth of a contended core), so a
+/// login storm cannot starve SMTP ingest. Failing to lower it is harmless.
+fn lower_priority() {
+    // SAFETY: gettid has no arguments; setpriority with a valid `which` and id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }
 

@@ -1,5 +1,5 @@
 use super::*;
-use argon2::{Algorithm, Params, PasswordHash, PasswordHasher, Version};
+use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, Version};
 use futures_lite::future::poll_once;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -113,6 +113,49 @@ fn dummy_hash_has_the_default_parameters() {
         (p.m_cost(), p.t_cost(), p.p_cost()),
         (d.m_cost(), d.t_cost(), d.p_cost())
     );
+}
+
+/// The check with kept memory agrees with the crate's own verifier, whatever the
+/// variant and parameters, also when one thread checks hashes of different sizes in
+/// turn (the kept memory grows and shrinks).
+#[test]
+fn argon2_check_agrees_with_the_crate_across_variants_and_sizes() {
+    use argon2::PasswordVerifier;
+    let cases = [
+        (Algorithm::Argon2id, Version::V0x13, 1024, 1, 1),
+        (Algorithm::Argon2id, Version::V0x13, 64, 3, 1),
+        (Algorithm::Argon2i, Version::V0x13, 256, 2, 2),
+        (Algorithm::Argon2d, Version::V0x10, 128, 1, 1),
+        (Algorithm::Argon2id, Version::V0x13, 2048, 1, 4),
+    ];
+    for (alg, ver, m, t, p) in cases {
+        let params = Params::new(m, t, p, None).unwrap();
+        let phc = Argon2::new(alg, ver, params)
+            .hash_password(b"right")
+            .unwrap()
+            .to_string();
+        for pw in [&b"right"[..], b"wrong", b""] {
+            let crate_says = Argon2::default()
+                .verify_password(pw, &PasswordHash::new(&phc).unwrap())
+                .is_ok();
+            assert_eq!(argon2_check(pw, &phc), crate_says, "{phc} {pw:?}");
+        }
+        assert!(argon2_check(b"right", &phc), "{phc}");
+    }
+    assert!(
+        argon2_check(b"password", DUMMY_PHC)
+            == Argon2::default()
+                .verify_password(b"password", &PasswordHash::new(DUMMY_PHC).unwrap())
+                .is_ok()
+    );
+    for bad in [
+        "",
+        "plain",
+        "$argon2id$v=19$m=19456,t=2,p=1$short",
+        "$scrypt$ln=4,r=8,p=1$c2FsdHNhbHQ$aGFzaA",
+    ] {
+        assert!(!argon2_check(b"x", bad), "{bad}");
+    }
 }
 
 #[test]
