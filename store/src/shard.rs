@@ -1081,10 +1081,11 @@ impl Shard {
     /// twice the last snapshot's size, so snapshots cost at most half of the log.
     /// Also while only one snapshot is kept: compaction waits for a second. And once
     /// the log has gone quiet (nothing appended since the last time this was asked,
-    /// compaction asks every round) with records after the newest snapshot while the
-    /// older one lies segments behind it: compaction stops at the older snapshot, so
-    /// without this the segments between the two would stay until mail flows again.
-    /// One snapshot per quiet spell: the next one needs new records.
+    /// compaction asks every round) while the older snapshot lies segments behind the
+    /// newest: compaction stops at the older snapshot, so without this the segments
+    /// between the two would stay until mail flows again. That takes two snapshots
+    /// in a quiet spell when the newest was taken while mail flowed (the first makes
+    /// the newest the older one), and then none: both lie in the last segment.
     pub fn snapshot_due(&self) -> bool {
         let appended = self.appended.get();
         let quiet = self.appended_when_asked.replace(appended) == appended;
@@ -1097,8 +1098,7 @@ impl Shard {
         let Some(older) = self.older.get() else {
             return true;
         };
-        appended - then >= (2 * size).max(SNAPSHOT_LOG_BYTES_MIN)
-            || (quiet && appended > then && older.0 < at.0)
+        appended - then >= (2 * size).max(SNAPSHOT_LOG_BYTES_MIN) || (quiet && older.0 < at.0)
     }
 
     /// Writes a snapshot of the handle map, the id reservation and `indexes` (in the

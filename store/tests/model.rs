@@ -965,11 +965,12 @@ fn a_snapshot_read_error_fails_the_open_instead_of_dropping_the_snapshot() {
     assert!(!dir.join("snapshot.damaged").exists());
 }
 
-/// Compaction stops at the older of the two snapshots. Once the log goes quiet with
-/// records after the newest, one more snapshot is due (not two), or the segments
-/// between the two would stay until mail flows again.
+/// Compaction stops at the older of the two snapshots. Once the log goes quiet, more
+/// snapshots are due until both lie in the last segment (two here: the newest was
+/// taken segments after the older), or the segments between the two would stay until
+/// mail flows again; then none.
 #[test]
-fn a_quiet_log_gets_one_more_snapshot_so_compaction_catches_up() {
+fn a_quiet_log_gets_snapshots_until_compaction_can_catch_up() {
     let d = tempfile::tempdir().unwrap();
     let data = d.path().to_path_buf();
     ringmail_store::manifest::open_or_create(&data, 1).unwrap();
@@ -994,13 +995,22 @@ fn a_quiet_log_gets_one_more_snapshot_so_compaction_catches_up() {
         // while it grows.
         append(1, 100).await;
         assert!(!shard.snapshot_due(), "due while mail flows");
-        // Nothing new since it was last asked: quiet, so one more.
+        // Nothing new since it was last asked: quiet, so one more...
         assert!(shard.snapshot_due(), "never due once quiet");
         snapshot(&shard, &mut ix).await;
+        // ... and one after it: the older snapshot is now the one taken while mail
+        // flowed, segments behind.
+        assert!(shard.compaction_position().unwrap().0 < shard.snapshot_position().unwrap().0);
+        assert!(shard.snapshot_due(), "the older snapshot still lies behind");
+        snapshot(&shard, &mut ix).await;
+        assert_eq!(
+            shard.compaction_position().unwrap().0,
+            shard.snapshot_position().unwrap().0
+        );
         assert!(!shard.snapshot_due());
         assert!(
             !shard.snapshot_due(),
-            "a quiet log with nothing new needs none"
+            "a quiet log with both snapshots in its last segment needs none"
         );
         shard.close().await;
     });
