@@ -70,6 +70,33 @@ s.quit()
     )
 }
 
+/// For a failed space check: every shard's files and what compaction logged.
+fn space_report(data: &Path, log: &str) -> String {
+    let mut out = String::from("files:");
+    for shard in std::fs::read_dir(data).unwrap().flatten() {
+        let Ok(files) = std::fs::read_dir(shard.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let len = f.metadata().map_or(0, |m| m.len());
+            out += &format!(
+                " {}/{} {len};",
+                shard.file_name().to_string_lossy(),
+                f.file_name().to_string_lossy()
+            );
+        }
+    }
+    out += "\nlog:\n";
+    for l in log
+        .lines()
+        .filter(|l| l.contains("compact") || l.contains("WARN") || l.contains("ERROR"))
+    {
+        out += l;
+        out += "\n";
+    }
+    out
+}
+
 fn segment_bytes(data: &Path) -> u64 {
     let mut total = 0;
     for shard in std::fs::read_dir(data).unwrap().flatten() {
@@ -388,8 +415,9 @@ fn deleting_a_user_frees_its_messages_and_sigkill_during_compaction_keeps_the_ot
     let extra = mailbox_list(&data, "c1@localhost", None).len() - acked.len();
     assert!(
         segment_bytes(&data) <= full / 2,
-        "{} of {full} bytes left",
-        segment_bytes(&data)
+        "{} of {full} bytes left; {}",
+        segment_bytes(&data),
+        space_report(&data, &server.log_text())
     );
     // The small ones sent meanwhile are there too; the numbered ones exactly once.
     let have: Vec<usize> = mailbox_list(&data, "c2@localhost", None)
