@@ -147,7 +147,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let auth = auth.clone();
             async move {
                 let listener = listener.expect("one listener per executor");
-                let store = StoreService::join(mesh, &cfg.data).await?;
+                let store = StoreService::join(mesh, &cfg.data, cfg.read_cache_bytes).await?;
                 // The mesh numbers executors in its own order: shard ownership follows
                 // it, so that every executor routes a shard's requests to its owner.
                 let index = store.peer();

@@ -164,8 +164,14 @@ pub struct StoreService(Rc<Inner>);
 
 impl StoreService {
     /// Joins the mesh (waits until every executor has) and starts this executor's
-    /// tasks. `data` is the data directory whose shards are read.
-    pub async fn join(mesh: Mesh, data: &Path) -> Result<StoreService, String> {
+    /// tasks. `data` is the data directory whose shards are read; up to
+    /// `record_cache_bytes` of recently read records are kept in memory
+    /// (`SegmentFiles::with_record_cache`).
+    pub async fn join(
+        mesh: Mesh,
+        data: &Path,
+        record_cache_bytes: usize,
+    ) -> Result<StoreService, String> {
         let (senders, mut receivers) = mesh
             .join()
             .await
@@ -185,7 +191,7 @@ impl StoreService {
             remote_pins: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
             next_req: Cell::new(0),
-            files: SegmentFiles::new(data, OPEN_SEGMENTS_MAX),
+            files: SegmentFiles::new(data, OPEN_SEGMENTS_MAX).with_record_cache(record_cache_bytes),
             unpinned: Event::new(),
             forgotten: Event::new(),
             closed: Cell::new(false),
@@ -1109,7 +1115,7 @@ mod tests {
                 LocalExecutorBuilder::default()
                     .spawn(move || {
                         deadline(async move {
-                            let svc = StoreService::join(mesh, &data).await.unwrap();
+                            let svc = StoreService::join(mesh, &data, 0).await.unwrap();
                             // Together: each end waits for its peer to connect.
                             let (tx, rx) =
                                 futures_lite::future::zip(tx.connect(), rx.connect()).await;

@@ -19,7 +19,7 @@ use crate::segment;
 use glommio::io::DmaFile;
 use std::alloc::Layout;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::ops::{Deref, Range};
 use std::os::fd::AsRawFd;
@@ -204,6 +204,78 @@ pub struct SegmentFiles {
     open: RefCell<HashMap<(u32, u64), Open>>,
     tick: Cell<u64>,
     opens: Cell<u64>,
+    records: RefCell<RecordCache>,
+}
+
+/// Records up to this size are kept by the record cache; larger ones are read in
+/// pieces anyway.
+pub const CACHED_RECORD_BYTES_MAX: usize = PIECE_BYTES;
+
+/// Recently read whole records of one executor, least recently used out first,
+/// bounded in bytes.
+///
+/// Why: segment files are read with `O_DIRECT`, so the kernel's page cache, which a
+/// Maildir server such as Dovecot gets for free, does not hold recently read mail;
+/// each read goes to the device (in a virtual machine each submission is also a
+/// virtio notification, measured with `perf` as the largest kernel cost of a
+/// single-client POP3 RETR run). A durable record never changes where it is (a
+/// compacted message moves to a new segment, under a new key), so an entry is never
+/// stale; entries of a deleted segment go with [`SegmentFiles::forget`] and
+/// [`SegmentFiles::sweep`], so the cache does not keep a deleted segment's bytes (a
+/// read that was under way when its segment was forgotten may still add its record
+/// back: nobody asks for that key again, and it ages out).
+#[derive(Default)]
+struct RecordCache {
+    bytes_max: usize,
+    bytes: usize,
+    /// (shard, segment, offset) → the record and the tick of its last use.
+    entries: BTreeMap<(u32, u64, u64), (SharedBuf, u64)>,
+    /// Tick of last use → key: the oldest first.
+    by_use: BTreeMap<u64, (u32, u64, u64)>,
+    hits: u64,
+}
+
+impl RecordCache {
+    fn get(&mut self, key: (u32, u64, u64), tick: u64) -> Option<SharedBuf> {
+        let (buf, used) = self.entries.get_mut(&key)?;
+        self.by_use.remove(used);
+        *used = tick;
+        self.by_use.insert(tick, key);
+        self.hits += 1;
+        Some(buf.clone())
+    }
+
+    fn insert(&mut self, key: (u32, u64, u64), buf: SharedBuf, tick: u64) {
+        if buf.len() > self.bytes_max || self.entries.contains_key(&key) {
+            return;
+        }
+        while self.bytes + buf.len() > self.bytes_max {
+            let Some((_, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            if let Some((b, _)) = self.entries.remove(&oldest) {
+                self.bytes -= b.len();
+            }
+        }
+        self.bytes += buf.len();
+        self.by_use.insert(tick, key);
+        self.entries.insert(key, (buf, tick));
+    }
+
+    /// Drops every record of segment `seq` of `shard`.
+    fn forget(&mut self, shard: u32, seq: u64) {
+        let keys: Vec<_> = self
+            .entries
+            .range((shard, seq, 0)..=(shard, seq, u64::MAX))
+            .map(|(k, (_, used))| (*k, *used))
+            .collect();
+        for (k, used) in keys {
+            if let Some((b, _)) = self.entries.remove(&k) {
+                self.bytes -= b.len();
+            }
+            self.by_use.remove(&used);
+        }
+    }
 }
 
 impl SegmentFiles {
@@ -216,7 +288,22 @@ impl SegmentFiles {
             open: RefCell::new(HashMap::new()),
             tick: Cell::new(0),
             opens: Cell::new(0),
+            records: RefCell::new(RecordCache::default()),
         }
+    }
+
+    /// Keeps up to `bytes` of recently read records of at most
+    /// [`CACHED_RECORD_BYTES_MAX`] each in memory ([`SegmentFiles::read_record`]);
+    /// 0, the default, keeps none.
+    pub fn with_record_cache(self, bytes: usize) -> SegmentFiles {
+        self.records.borrow_mut().bytes_max = bytes;
+        self
+    }
+
+    /// Bytes of records the cache holds now, and its hits since the start.
+    pub fn record_cache(&self) -> (usize, u64) {
+        let r = self.records.borrow();
+        (r.bytes, r.hits)
     }
 
     /// Files open now.
@@ -283,6 +370,7 @@ impl SegmentFiles {
         if let Some(o) = self.open.borrow_mut().remove(&(shard, seq)) {
             close_later(o.file);
         }
+        self.records.borrow_mut().forget(shard, seq);
     }
 
     /// Closes every open file that was deleted (no name left): a backstop for
@@ -295,9 +383,11 @@ impl SegmentFiles {
             .filter(|(_, o)| unlinked(o.file.as_raw_fd()))
             .map(|(k, _)| *k)
             .collect();
+        let mut records = self.records.borrow_mut();
         for k in &gone {
             let o = open.remove(k).expect("present");
             close_later(o.file);
+            records.forget(k.0, k.1);
         }
         gone.len()
     }
@@ -341,10 +431,25 @@ impl SegmentFiles {
         Ok(out.freeze())
     }
 
-    /// The whole record (framing included).
+    /// The whole record (framing included), from the record cache when it is there
+    /// (see [`SegmentFiles::with_record_cache`]).
     pub async fn read_record(&self, r: &Resolved) -> io::Result<SharedBuf> {
-        self.read(r.handle.shard, r.seq, r.offset, r.len as usize)
-            .await
+        let key = (r.handle.shard, r.seq, r.offset);
+        let cacheable = r.len as usize <= CACHED_RECORD_BYTES_MAX;
+        if cacheable {
+            if let Some(hit) = self.records.borrow_mut().get(key, self.next_tick()) {
+                return Ok(hit);
+            }
+        }
+        let record = self
+            .read(r.handle.shard, r.seq, r.offset, r.len as usize)
+            .await?;
+        if cacheable {
+            self.records
+                .borrow_mut()
+                .insert(key, record.clone(), self.next_tick());
+        }
+        Ok(record)
     }
 
     /// The whole body in one buffer. For large bodies prefer [`SegmentFiles::pieces`].

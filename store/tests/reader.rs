@@ -4,7 +4,7 @@
 //! cache stays bounded and lets go of deleted segments.
 
 use glommio::LocalExecutor;
-use ringmail_store::reader::{SegmentFiles, PIECE_BYTES};
+use ringmail_store::reader::{SegmentFiles, CACHED_RECORD_BYTES_MAX, PIECE_BYTES};
 use ringmail_store::record::{self, Kind, RECORD_HEADER_BYTES};
 use ringmail_store::segment::{self, recover_shard, Mode};
 use ringmail_store::{Handle, LogConfig, Resolved, ShardLog};
@@ -162,6 +162,60 @@ fn the_cache_is_bounded_and_lets_deleted_segments_go() {
         assert!(files.read_body(&stored[4].0).await.is_err());
         files.forget(0, stored[5].0.seq);
         assert_eq!(files.open_files(), 0);
+        log.close().await;
+    });
+}
+
+/// The record cache serves a record read before without the disk, byte-identical;
+/// it stays within its bytes (least recently used out first), skips records larger
+/// than CACHED_RECORD_BYTES_MAX, and drops a deleted segment's records.
+#[test]
+fn the_record_cache_is_bounded_exact_and_forgets_deleted_segments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().to_path_buf();
+    LocalExecutor::default().run(async move {
+        let log = open_log(&data, 0, 64 << 10).await;
+        let mut stored = Vec::new();
+        for i in 0..5 {
+            // Over the segment bound: one record per segment.
+            let b = body(i, 70 << 10);
+            stored.push((store(&log, 0, i, &b).await, b));
+        }
+        let big = body(9, CACHED_RECORD_BYTES_MAX);
+        let big = (store(&log, 0, 9, &big).await, big);
+        let one = stored[0].0.len as usize;
+        // Room for three records.
+        let files = SegmentFiles::new(&data, 8).with_record_cache(3 * one + 100);
+        let payload = |rec: &[u8]| record::decode(rec).unwrap().payload[ENVELOPE..].to_vec();
+        for (r, b) in &stored[..3] {
+            assert_eq!(payload(&files.read_record(r).await.unwrap()), *b);
+        }
+        assert_eq!(files.record_cache(), (3 * one, 0));
+        // Hits, byte-identical.
+        let seq0 = stored[0].0.seq;
+        for (r, b) in &stored[..3] {
+            assert_eq!(payload(&files.read_record(r).await.unwrap()), *b);
+        }
+        assert_eq!(files.record_cache().1, 3);
+        // Record 1 is now the least recently used after 0 is read again; a fourth
+        // record pushes 1 out, not 0.
+        files.read_record(&stored[0].0).await.unwrap();
+        files.read_record(&stored[3].0).await.unwrap();
+        assert_eq!(files.record_cache(), (3 * one, 4));
+        files.read_record(&stored[0].0).await.unwrap();
+        assert_eq!(files.record_cache().1, 5, "0 stayed");
+        files.read_record(&stored[1].0).await.unwrap();
+        assert_eq!(files.record_cache().1, 5, "1 was pushed out and read again");
+        // Too large to keep: read, but not cached.
+        let before = files.record_cache();
+        let rec = files.read_record(&big.0).await.unwrap();
+        assert_eq!(payload(&rec), big.1);
+        assert_eq!(files.record_cache(), before);
+        // A deleted segment's records go with it.
+        files.forget(0, seq0);
+        assert_eq!(files.record_cache().0, 2 * one);
+        std::fs::remove_file(segment::segment_path(&segment::shard_dir(&data, 0), seq0)).unwrap();
+        assert!(files.read_record(&stored[0].0).await.is_err());
         log.close().await;
     });
 }

@@ -192,7 +192,7 @@ where
             LocalExecutorBuilder::default()
                 .spawn(move || {
                     deadline(async move {
-                        let store = StoreService::join(store_mesh, &data).await.unwrap();
+                        let store = StoreService::join(store_mesh, &data, 0).await.unwrap();
                         let peer = store.peer();
                         let mail = MailService::join(&mail_mesh, peer, SHARDS);
                         let shard = peer as u32;

@@ -26,6 +26,7 @@ use crate::net::{Ring, SendBuf};
 use crate::storeservice::StoreService;
 use maildrop::{Item, OpenError, Opened};
 use ringmail_frontends::pop3::{self as core, Login, Session, Step, Stuffer, Top};
+use ringmail_store::reader::CACHED_RECORD_BYTES_MAX;
 use ringmail_store::record::RECORD_HEADER_BYTES;
 use ringmail_store::Handle;
 use std::net::SocketAddr;
@@ -150,10 +151,18 @@ impl Pop3 {
                         // The replies before it and its +OK line go out with the text.
                         let head = s.output().to_vec();
                         s.clear_output();
-                        if let Err(e) = self.retrieve(fd, head, &h.address, item, lines).await {
+                        match self.retrieve(fd, head, &h.address, item, lines).await {
+                            Ok(()) => {}
+                            // The client hung up or stopped reading.
+                            Err(Failed::Client(e)) => {
+                                tracing::debug!(uid = item.uid, error = %e, client = %peer, "pop3: client gone during retrieve");
+                                return;
+                            }
                             // After +OK there is no way to say it failed but to close.
-                            tracing::warn!(uid = item.uid, error = %e, client = %peer, "pop3: retrieve failed");
-                            return;
+                            Err(Failed::Store(e)) => {
+                                tracing::warn!(uid = item.uid, error = %e, client = %peer, "pop3: retrieve failed");
+                                return;
+                            }
                         }
                         if lines.is_none() && !h.seen.contains(&item.uid) {
                             h.seen.push(item.uid);
@@ -295,18 +304,29 @@ impl Pop3 {
         address: &str,
         item: Item,
         lines: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failed> {
         let reading = self
             .store
             .open(Handle::of_id(item.message))
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the message is no longer stored")?;
-        let record = reading.head().await.map_err(|e| e.to_string())?;
+            .map_err(Failed::store)?
+            .ok_or_else(|| Failed::Store("the message is no longer stored".into()))?;
+        // A record of up to CACHED_RECORD_BYTES_MAX is read whole, in one read (or
+        // none: the record cache), framing, envelope and body together; a larger
+        // one's head first and then its body in pieces.
+        let r = *reading.resolved();
+        let whole = r.len as usize <= CACHED_RECORD_BYTES_MAX;
+        let record = if whole {
+            reading.record().await
+        } else {
+            reading.head().await
+        }
+        .map_err(Failed::store)?;
         let (envelope, trace) = record
-            .get(RECORD_HEADER_BYTES..)
+            .get(RECORD_HEADER_BYTES..r.body_offset as usize)
             .ok_or("short record")
-            .and_then(ringmail_store::message::decode_head)?;
+            .and_then(ringmail_store::message::decode_head)
+            .map_err(Failed::store)?;
         let mut filter = match lines {
             None => Filter::All(Stuffer::new()),
             Some(n) => Filter::Top(Top::new(n)),
@@ -315,26 +335,48 @@ impl Pop3 {
         out.reserve(SEND_BYTES.min(item.size as usize + 64));
         let mut more = filter.push(entry_prefix(&envelope.from, address).as_bytes(), &mut out);
         more = more && filter.push(trace, &mut out);
-        let len = reading.resolved().body_len as u64;
-        let mut pieces = reading
-            .pieces(0..len, SEND_BYTES)
-            .map_err(|e| e.to_string())?;
-        while more {
-            let Some(piece) = pieces.next().await else {
-                break;
-            };
-            let piece = piece.map_err(|e| e.to_string())?;
-            more = filter.push(&piece, &mut out);
-            if out.len() >= SEND_BYTES {
-                let full = std::mem::replace(&mut out, Vec::with_capacity(SEND_BYTES + 64));
-                self.ring
-                    .send(fd, SendBuf::Owned(full), true, self.cfg.idle_timeout)
-                    .await
-                    .map_err(|e| e.to_string())?;
+        if whole {
+            let body = record
+                .get(r.body_offset as usize..(r.body_offset + r.body_len) as usize)
+                .ok_or_else(|| Failed::Store("short record".into()))?;
+            if more {
+                filter.push(body, &mut out);
+            }
+        } else {
+            let mut pieces = reading
+                .pieces(0..r.body_len as u64, SEND_BYTES)
+                .map_err(Failed::store)?;
+            while more {
+                let Some(piece) = pieces.next().await else {
+                    break;
+                };
+                let piece = piece.map_err(Failed::store)?;
+                more = filter.push(&piece, &mut out);
+                if out.len() >= SEND_BYTES {
+                    let full = std::mem::replace(&mut out, Vec::with_capacity(SEND_BYTES + 64));
+                    self.ring
+                        .send(fd, SendBuf::Owned(full), true, self.cfg.idle_timeout)
+                        .await
+                        .map_err(Failed::Client)?;
+                }
             }
         }
         filter.finish(&mut out);
-        self.send(fd, out).await.map_err(|e| e.to_string())
+        self.send(fd, out).await.map_err(Failed::Client)
+    }
+}
+
+/// Why a RETR or TOP stopped after its +OK.
+enum Failed {
+    /// The message could not be read: the server's trouble, logged as a warning.
+    Store(String),
+    /// The send failed: the client went away or stopped reading.
+    Client(std::io::Error),
+}
+
+impl Failed {
+    fn store(e: impl std::fmt::Display) -> Failed {
+        Failed::Store(e.to_string())
     }
 }
 
