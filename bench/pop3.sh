@@ -68,6 +68,10 @@ SMTP_PORT=$(free_port)
 POP3_PORT=$(free_port)
 LMTP_PORT=$(free_port)
 $LOAD passwd-file --user-count "$USERS" > "$work/passwd"
+# The limit of cold logins: every one is an argon2id verification of these
+# parameters (measured again at the end, the machine being shared).
+argon2_rate() { $LOAD argon2 --seconds 2; }
+argon2_before=$(argon2_rate)
 
 start() { # SERVER SIZE
   case $1 in
@@ -151,14 +155,20 @@ done
 mkdir -p bench/results
 base=bench/results/pop3-$(date -u +%Y%m%dT%H%M%SZ)
 cp "$results" "$base.txt"
-python3 - "$results" "$REPS" "$USERS" "$(($(date +%s) - started))" "$(dovecot --version)" > "$base.md" <<'PY'
-import sys, statistics
+argon2_after=$(argon2_rate)
+python3 - "$results" "$REPS" "$USERS" "$(($(date +%s) - started))" "$(dovecot --version)" "$argon2_before" "$argon2_after" > "$base.md" <<'PY'
+import sys, statistics, json
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 reps, users, secs, dv = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+a2 = [json.loads(a) for a in sys.argv[6:8]]
 names = {"cold_logins": "logins/s, cold cache", "warm_logins": "logins/s, warm cache",
          "retr_msgs": "RETR messages/s", "retr_mib": "RETR MiB/s"}
 servers = list(dict.fromkeys(r[0] for r in rows))
 print(f"ringmail-load pop3, {users} users, medians of {reps} interleaved run(s); {secs} s in all; Dovecot {dv}\n")
+print("Cold-login limit (`ringmail-load argon2`, ringmail's check of the same hashes, "
+      f"{a2[0]['phc_params']}), before and after the runs: "
+      + ", ".join(f"{a['one_thread_per_sec']:.0f}/s on 1 thread, {a['threads_per_sec']:.0f}/s on {a['threads']}" for a in a2)
+      + ". One client's logins are sequential: one verification at a time.\n")
 head = "| size | clients | workload | " + " | ".join(servers) + " |"
 if len(servers) == 2:
     head += f" {servers[0]} / {servers[1]} |"

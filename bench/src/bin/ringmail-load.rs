@@ -30,9 +30,23 @@ enum Mode {
     /// Print the users as a Dovecot passwd-file, hashed as ringmail hashes
     /// (`{ARGON2ID}`, the argon2 crate's default parameters).
     PasswdFile(UsersArgs),
+    /// Measure argon2id verifications per second of a ringmail password hash with
+    /// the server's own check, on 1 thread and on --threads at once: the most cold
+    /// logins a second can be, there (prints one JSON object).
+    Argon2(Argon2Args),
     /// Check saved messages (files, maildirs) against their X-Load-Checksum; prints
     /// one JSON object; fails unless every file verifies (and --expect matches).
     Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct Argon2Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Threads of the second measurement; 0: the available cores.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -198,6 +212,7 @@ fn main() -> ExitCode {
         Mode::Smtp(a) => smtp(a),
         Mode::Pop3(a) => pop3(a),
         Mode::PasswdFile(a) => passwd_file(a),
+        Mode::Argon2(a) => argon2_rate(a),
         Mode::Verify(a) => verify_files(a),
     };
     match result {
@@ -257,6 +272,42 @@ fn passwd_file(a: UsersArgs) -> Result<(), String> {
         out.push_str(&format!("{}:{{ARGON2ID}}{phc}\n", u.user));
     }
     print!("{out}");
+    Ok(())
+}
+
+fn argon2_rate(a: Argon2Args) -> Result<(), String> {
+    let phc = ringmail::accounts::cli::hash_password("password0")?;
+    let threads = match a.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let span = Duration::from_secs_f64(a.seconds.max(0.1));
+    // Verifications per second of `n` threads verifying for `span` each.
+    let rate = |n: usize| -> Result<f64, String> {
+        let start = std::time::Instant::now();
+        let done: usize = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..n)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut k = 0;
+                        while start.elapsed() < span {
+                            assert!(ringmail::auth::argon2_check(b"password0", &phc));
+                            k += 1;
+                        }
+                        k
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+        });
+        Ok(done as f64 / start.elapsed().as_secs_f64())
+    };
+    let one = rate(1)?;
+    let all = rate(threads)?;
+    println!(
+        "{}",
+        serde_json::json!({"mode": "argon2", "phc_params": phc.split('$').nth(3), "one_thread_per_sec": one, "threads": threads, "threads_per_sec": all})
+    );
     Ok(())
 }
 
