@@ -98,6 +98,11 @@ pub fn serve(
         hostname: "ringmail-sink.test".into(),
         local_domains: vec![],
         own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
+        starttls: false,
+        auth: false,
+        auth_without_tls: false,
+        sender_login_match: true,
+        submission: false,
         limits: Limits {
             message_bytes_max: 1 << 30,
             rcpt_count_max: 100_000,
@@ -165,7 +170,8 @@ pub fn serve(
                     loop {
                         match c.session.process() {
                             Step::NeedInput => break,
-                            Step::Close => {
+                            // STARTTLS and AUTH are not offered.
+                            Step::Close | Step::StartTls | Step::Authenticate { .. } => {
                                 c.close_after_send = true;
                                 break;
                             }

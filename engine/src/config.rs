@@ -27,6 +27,20 @@ pub struct Config {
     pub pop3: SocketAddr,
     /// How long a POP3 client may stay silent (RFC 1939 §3: at least 10 minutes).
     pub pop3_idle_timeout: Duration,
+    /// SMTP with implicit TLS (RFC 8314 submissions).
+    pub smtps: SocketAddr,
+    /// Message submission (RFC 6409): AUTH required.
+    pub submission: SocketAddr,
+    /// POP3 with implicit TLS (RFC 8314).
+    pub pop3s: SocketAddr,
+    /// Certificate chains (PEM), paired in order with `tls_keys`; none: a self-signed
+    /// certificate for the hostname, made on first start in the data directory.
+    pub tls_certificates: Vec<PathBuf>,
+    pub tls_keys: Vec<PathBuf>,
+    /// Offer SMTP AUTH before TLS too.
+    pub smtp_auth_without_tls: bool,
+    /// An authenticated SMTP client's MAIL FROM must be its own address or an alias.
+    pub sender_login_match: bool,
     pub local_domains: Vec<String>,
     pub relay_networks: Vec<IpNet>,
     pub limits: smtp::Limits,
@@ -69,6 +83,13 @@ impl Default for Config {
             smtp: "127.0.0.1:2525".parse().unwrap(),
             pop3: "127.0.0.1:1110".parse().unwrap(),
             pop3_idle_timeout: Duration::from_secs(600),
+            smtps: "127.0.0.1:4465".parse().unwrap(),
+            submission: "127.0.0.1:5587".parse().unwrap(),
+            pop3s: "127.0.0.1:1995".parse().unwrap(),
+            tls_certificates: Vec::new(),
+            tls_keys: Vec::new(),
+            smtp_auth_without_tls: false,
+            sender_login_match: true,
             local_domains: vec!["localhost".into()],
             relay_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             limits: smtp::Limits::default(),
@@ -110,6 +131,21 @@ impl Config {
                 .collect(),
             own_addresses: self.own_addresses(),
             limits: self.limits.clone(),
+            // Every server has a certificate: a configured one or its self-signed one.
+            starttls: true,
+            // The account directory and the password check are always there.
+            auth: true,
+            auth_without_tls: self.smtp_auth_without_tls,
+            sender_login_match: self.sender_login_match,
+            submission: false,
+        }
+    }
+
+    /// The SMTP core's settings on the submission listener (RFC 6409).
+    pub fn submission_config(&self) -> smtp::Config {
+        smtp::Config {
+            submission: true,
+            ..self.smtp_config()
         }
     }
 
@@ -132,10 +168,30 @@ impl Config {
         own
     }
 
+    /// The configured certificates with their keys.
+    pub fn cert_files(&self) -> Vec<crate::net::certs::CertFiles> {
+        self.tls_certificates
+            .iter()
+            .zip(&self.tls_keys)
+            .map(|(c, k)| crate::net::certs::CertFiles {
+                certificate: c.clone(),
+                key: k.clone(),
+            })
+            .collect()
+    }
+
     /// Every setting in its range, and the ones that bound each other consistent. The
     /// error names the setting (its flag and TOML key) and what it may be.
     pub fn validate(&self) -> Result<(), String> {
         Settings::from_config(self).check()?;
+        if self.tls_certificates.len() != self.tls_keys.len() {
+            return Err(format!(
+                "`tls-certificate` and `tls-key` go in pairs, in the same order: {} \
+                 certificate(s) but {} key(s)",
+                self.tls_certificates.len(),
+                self.tls_keys.len()
+            ));
+        }
         let allowed = message_bytes_allowed(&self.limits);
         if self.limits.message_bytes_max > allowed {
             return Err(format!(
@@ -611,6 +667,65 @@ settings! {
     rule seconds(),
     get |c| Some(c.pop3_idle_timeout.as_secs()),
     set |c, v| c.pop3_idle_timeout = secs(v);
+
+    /// SMTP listener with implicit TLS (RFC 8314 "submissions"), ADDR:PORT.
+    #[arg(long, value_parser = parse_addr)]
+    smtps: SocketAddr, aliases [],
+    rule listen_address(),
+    get |c| Some(c.smtps),
+    set |c, v| c.smtps = v;
+
+    /// Message submission listener (RFC 6409, port 587's service), ADDR:PORT: MAIL
+    /// needs AUTH, which needs STARTTLS unless `smtp-auth-without-tls`; a message
+    /// without `Date:` or `Message-ID:` gets them.
+    #[arg(long, value_parser = parse_addr)]
+    submission: SocketAddr, aliases [],
+    rule listen_address(),
+    get |c| Some(c.submission),
+    set |c, v| c.submission = v;
+
+    /// POP3 listener with implicit TLS (RFC 8314), ADDR:PORT.
+    #[arg(long, value_parser = parse_addr)]
+    pop3s: SocketAddr, aliases [],
+    rule listen_address(),
+    get |c| Some(c.pop3s),
+    set |c, v| c.pop3s = v;
+
+    /// A TLS certificate chain, PEM (repeatable; pairs in order with `tls-key`). With
+    /// several, the client's SNI name picks the first valid for it, else the first.
+    /// None: a self-signed certificate for the hostname, made on first start in the
+    /// data directory (`tls/HOSTNAME.pem`).
+    #[arg(long)]
+    tls_certificate: Vec<PathBuf>, aliases ["tls-certificates"],
+    default "a self-signed certificate",
+    rule anything("paths"),
+    get |c| Some(c.tls_certificates.clone()),
+    set |c, v| c.tls_certificates = v;
+
+    /// Offer SMTP AUTH (PLAIN, LOGIN) before STARTTLS too; off: only under TLS, so a
+    /// password never crosses the network in clear.
+    #[arg(long)]
+    smtp_auth_without_tls: bool, aliases [],
+    rule anything("true or false"),
+    get |c| Some(c.smtp_auth_without_tls),
+    set |c, v| c.smtp_auth_without_tls = v;
+
+    /// An authenticated SMTP client's MAIL FROM must be its own address or an alias
+    /// of it (Postfix's reject_sender_login_mismatch); `<>` is always allowed.
+    #[arg(long)]
+    sender_login_match: bool, aliases [],
+    rule anything("true or false"),
+    get |c| Some(c.sender_login_match),
+    set |c, v| c.sender_login_match = v;
+
+    /// The private key (PEM, PKCS#8, PKCS#1 or SEC1) of the `tls-certificate` in the
+    /// same position (repeatable).
+    #[arg(long)]
+    tls_key: Vec<PathBuf>, aliases ["tls-keys"],
+    default "the self-signed certificate's",
+    rule anything("paths"),
+    get |c| Some(c.tls_keys.clone()),
+    set |c, v| c.tls_keys = v;
 
     /// A domain whose mail is accepted from anyone (repeatable; TOML: an array).
     #[arg(long)]

@@ -3,7 +3,7 @@
 
 use crate::accounts::{Accounts, DirectoryCell};
 use crate::config::Config;
-use crate::ingest::Ingest;
+use crate::ingest::{Ingest, Service};
 use crate::mailbox::MailService;
 use crate::queue::Spool;
 use crate::storeservice::StoreService;
@@ -85,29 +85,43 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     }
     // Fail clearly when someone else holds the port. (glommio binds with SO_REUSEPORT,
     // which would otherwise share the port with another server silently.)
+    // One certificate set for every TLS listener and STARTTLS.
+    let tls = crate::net::certs::server_config(&cfg.cert_files(), &cfg.data, &cfg.hostname)?;
     let mut cfg = cfg;
-    if cfg.smtp.port() != 0 {
-        wait_port_free(cfg.smtp)?;
-    }
     // Bound here, once for all executors, so that port 0 means one port for all of them;
     // the address actually bound is logged, for whoever asked for port 0.
-    if cfg.pop3.port() != 0 {
-        wait_port_free(cfg.pop3)?;
-    }
-    let (smtp, listeners) = crate::ingest::listen_all(cfg.smtp, executors)
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.smtp))?;
-    cfg.smtp = smtp;
-    let (pop3, pop3_listeners) = crate::ingest::listen_all(cfg.pop3, executors)
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.pop3))?;
-    cfg.pop3 = pop3;
-    tracing::info!(smtp = %cfg.smtp, pop3 = %cfg.pop3, "listening");
+    let bind = |addr: &mut std::net::SocketAddr| -> Result<Vec<std::os::fd::OwnedFd>, String> {
+        if addr.port() != 0 {
+            wait_port_free(*addr)?;
+        }
+        let (bound, fds) = crate::ingest::listen_all(*addr, executors)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        *addr = bound;
+        Ok(fds)
+    };
+    let smtp = bind(&mut cfg.smtp)?;
+    let pop3 = bind(&mut cfg.pop3)?;
+    let smtps = bind(&mut cfg.smtps)?;
+    let pop3s = bind(&mut cfg.pop3s)?;
+    let submission = bind(&mut cfg.submission)?;
+    tracing::info!(smtp = %cfg.smtp, pop3 = %cfg.pop3, smtps = %cfg.smtps, pop3s = %cfg.pop3s, submission = %cfg.submission, "listening");
     let listeners = Arc::new(std::sync::Mutex::new(
-        listeners
-            .into_iter()
-            .zip(pop3_listeners)
-            .map(|(smtp, pop3)| Some(Listeners { smtp, pop3 }))
+        smtp.into_iter()
+            .zip(pop3)
+            .zip(smtps.into_iter().zip(pop3s))
+            .zip(submission)
+            .map(|(((smtp, pop3), (smtps, pop3s)), submission)| {
+                Some(Listeners {
+                    smtp,
+                    pop3,
+                    smtps,
+                    pop3s,
+                    submission,
+                })
+            })
             .collect::<Vec<_>>(),
     ));
+
     // One password-check path for every login frontend (`auth`).
     let auth = crate::auth::Authenticator::new(&cfg.auth)
         .map_err(|e| format!("cannot start the password check threads: {e}"))?;
@@ -145,6 +159,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let directory = directory.clone();
             let mail_mesh = mail_mesh.clone();
             let auth = auth.clone();
+            let tls = tls.clone();
             async move {
                 let listener = listener.expect("one listener per executor");
                 let store = StoreService::join(mesh, &cfg.data, cfg.read_cache_bytes).await?;
@@ -162,6 +177,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
                     directory,
                     mail_mesh,
                     auth,
+                    tls,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -213,6 +229,9 @@ pub fn serve(cfg: Config) -> Result<(), String> {
 struct Listeners {
     smtp: std::os::fd::OwnedFd,
     pop3: std::os::fd::OwnedFd,
+    smtps: std::os::fd::OwnedFd,
+    pop3s: std::os::fd::OwnedFd,
+    submission: std::os::fd::OwnedFd,
 }
 
 // Each argument is a separate piece of the executor's start-up context, used once.
@@ -228,6 +247,7 @@ async fn executor_main(
     directory: Arc<DirectoryCell>,
     mail_mesh: Arc<crate::mailbox::Mesh>,
     auth: Arc<crate::auth::Authenticator>,
+    tls: Arc<rustls::ServerConfig>,
 ) -> Result<(), String> {
     let executors = store.executors();
     // Joined before the shards open, so that work for them queues meanwhile.
@@ -323,11 +343,13 @@ async fn executor_main(
     };
     let ring = crate::net::Ring::start()
         .map_err(|e| format!("executor {index}: cannot set up its io_uring: {e}"))?;
-    let ingest = Ingest::with_accounts(
+    let ingest = Ingest::new(
         cfg.clone(),
         spools.clone(),
         ring.clone(),
         Some(directory.clone()),
+        tls.clone(),
+        auth.clone(),
     );
     let local = crate::delivery::local::Local {
         directory: directory.clone(),
@@ -340,6 +362,7 @@ async fn executor_main(
         store.clone(),
         directory.clone(),
         auth,
+        tls,
     );
     let delivery =
         crate::delivery::scheduler::Delivery::new(cfg.clone(), ring, spools.clone(), Some(local));
@@ -354,7 +377,7 @@ async fn executor_main(
         homes.iter().for_each(|h| h.publish_all_usage());
     }
     if loaded && ready.fetch_add(1, Ordering::SeqCst) + 1 == executors {
-        tracing::info!(smtp = %cfg.smtp, pop3 = %cfg.pop3, executors, shards, data = %cfg.data.display(), "ringmail ready");
+        tracing::info!(smtp = %cfg.smtp, pop3 = %cfg.pop3, smtps = %cfg.smtps, pop3s = %cfg.pop3s, submission = %cfg.submission, executors, shards, data = %cfg.data.display(), "ringmail ready");
     }
 
     let watcher = {
@@ -376,9 +399,23 @@ async fn executor_main(
         })
     };
     if loaded {
-        let pop3_loop = glommio::spawn_local(pop3.clone().accept_loop(listener.pop3));
-        ingest.clone().accept_loop(listener.smtp).await;
-        pop3_loop.await;
+        let loops = [
+            glommio::spawn_local(pop3.clone().accept_loop(listener.pop3, false)),
+            glommio::spawn_local(pop3.clone().accept_loop(listener.pop3s, true)),
+            glommio::spawn_local(ingest.clone().accept_loop(listener.smtps, Service::Smtps)),
+            glommio::spawn_local(
+                ingest
+                    .clone()
+                    .accept_loop(listener.submission, Service::Submission),
+            ),
+        ];
+        ingest
+            .clone()
+            .accept_loop(listener.smtp, Service::Smtp)
+            .await;
+        for l in loops {
+            l.await;
+        }
     }
     watcher.await;
     if let Some(c) = &control {

@@ -93,6 +93,14 @@ fn session(cfg: &Rc<Config>, relay: bool, chunks: &[&[u8]], stored: u64, end: u8
                         run.closed = true;
                         break 'feed;
                     }
+                    // The handshake succeeds at once.
+                    Step::StartTls => s.tls_started(),
+                    // Every other check succeeds.
+                    Step::Authenticate { user, .. } => s.auth_done(if messages.is_multiple_of(2) {
+                        ringmail::smtp::AuthVerdict::Ok(user)
+                    } else {
+                        ringmail::smtp::AuthVerdict::Failed
+                    }),
                 }
             }
             run.replies.extend_from_slice(s.output());
@@ -156,6 +164,11 @@ pub fn smtp_session(data: &[u8]) {
         local_domains: vec!["local.test".into()],
         own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         limits,
+        starttls: head[0] & 4 != 0,
+        auth: head[0] & 8 != 0,
+        auth_without_tls: head[0] & 16 != 0,
+        sender_login_match: true,
+        submission: head[0] & 32 != 0,
     });
     let relay = head[0] & 2 == 0;
     let stored = rng.next();

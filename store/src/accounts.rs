@@ -538,6 +538,17 @@ impl Directory {
         self.users.get(&address_key(address))
     }
 
+    /// Whether user `id` may send as `address`: it is the user's own address, or an
+    /// alias (not a catch-all) that leads to the user (Postfix's
+    /// reject_sender_login_mismatch with the virtual alias map as login map).
+    pub fn may_send_as(&self, id: u64, address: &str) -> bool {
+        let key = address_key(address);
+        if let Some(u) = self.users.get(&key) {
+            return u.id == id;
+        }
+        self.aliases.get(&key).is_some_and(|ids| ids.contains(&id))
+    }
+
     pub fn user_by_id(&self, id: u64) -> Option<&Arc<User>> {
         self.by_id.get(&id)
     }
@@ -800,6 +811,13 @@ mod tests {
         assert_eq!(d.resolve("postmaster"), Resolution::Unknown);
         assert!(d.has_domain("A.test") && !d.has_domain("b.test"));
         assert_eq!(d.user_by_id(2).unwrap().address, "bob@a.test");
+        // Sending as: the own address, or an alias to the user; never a catch-all,
+        // and not an alias that is another user's address.
+        assert!(d.may_send_as(1, "ALICE@a.test") && d.may_send_as(1, "team@a.test"));
+        assert!(d.may_send_as(2, "team@a.test") && !d.may_send_as(3, "team@a.test"));
+        assert!(!d.may_send_as(3, "someone@a.test"), "catch-all");
+        assert!(!d.may_send_as(1, "bob@a.test"), "bob's own address");
+        assert!(!d.may_send_as(1, "nobody@b.test"));
         ix.apply(&AccountRecord::DeleteAlias {
             from: "@a.test".into(),
         });

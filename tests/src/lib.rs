@@ -56,6 +56,11 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The POP3 listener.
     pub pop3: SocketAddr,
+    /// The implicit-TLS listeners (SMTP submissions and POP3S).
+    pub smtps: SocketAddr,
+    pub pop3s: SocketAddr,
+    /// The message submission listener (RFC 6409).
+    pub submission: SocketAddr,
     pub data: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     args: Vec<String>,
@@ -79,6 +84,9 @@ impl Server {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             pop3: SocketAddr::from(([127, 0, 0, 1], 0)),
+            smtps: SocketAddr::from(([127, 0, 0, 1], 0)),
+            pop3s: SocketAddr::from(([127, 0, 0, 1], 0)),
+            submission: SocketAddr::from(([127, 0, 0, 1], 0)),
             data,
             _tmp: tmp,
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -98,6 +106,9 @@ impl Server {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             pop3: SocketAddr::from(([127, 0, 0, 1], 0)),
+            smtps: SocketAddr::from(([127, 0, 0, 1], 0)),
+            pop3s: SocketAddr::from(([127, 0, 0, 1], 0)),
+            submission: SocketAddr::from(([127, 0, 0, 1], 0)),
             log: log_path(&data),
             data,
             _tmp: Some(tmp),
@@ -136,11 +147,12 @@ impl Server {
             // here and passed on could be taken by someone else in between).
             .arg("--smtp")
             .arg("127.0.0.1:0")
-            .args(if self.args.iter().any(|a| a == "--pop3") {
-                &[][..]
-            } else {
-                &["--pop3", "127.0.0.1:0"][..]
-            })
+            .args(
+                ["--pop3", "--smtps", "--pop3s", "--submission"]
+                    .into_iter()
+                    .filter(|flag| !self.args.iter().any(|a| a == flag))
+                    .flat_map(|flag| [flag, "127.0.0.1:0"]),
+            )
             .arg("--hostname")
             .arg("mx.ringmail.test")
             // Tests never ask the machine's resolver: unless a test brings its own
@@ -171,8 +183,14 @@ impl Server {
             if let Some(line) = log.lines().find(|l| l.contains("ringmail ready")) {
                 self.addr =
                     ready_addr(line).unwrap_or_else(|| panic!("no smtp= address in {line:?}"));
-                self.pop3 = ready_field(line, "pop3")
-                    .unwrap_or_else(|| panic!("no pop3= address in {line:?}"));
+                let field = |name: &str| {
+                    ready_field(line, name)
+                        .unwrap_or_else(|| panic!("no {name}= address in {line:?}"))
+                };
+                self.pop3 = field("pop3");
+                self.smtps = field("smtps");
+                self.pop3s = field("pop3s");
+                self.submission = field("submission");
                 return;
             }
             assert!(

@@ -353,20 +353,25 @@ fn listening_ports(pid: u32) -> Vec<u16> {
     ports
 }
 
-/// `--smtp 127.0.0.1:0` and `--pop3 127.0.0.1:0` (what every test server uses): each
+/// `--smtp 127.0.0.1:0`, `--pop3 127.0.0.1:0` and the TLS twins (what every test server uses): each
 /// port is chosen once, every executor listens on it, and the ready line says which.
 #[test]
 fn port_0_is_one_port_for_every_executor_and_is_reported() {
     let server = Server::start(&["--cores", "2"]);
     assert_ne!(server.addr.port(), 0, "{}", server.log_text());
     let pid = server.child.as_ref().unwrap().id();
-    // Each listener (SMTP and POP3) is one port, on both executors.
-    let mut want = vec![
-        server.addr.port(),
-        server.addr.port(),
-        server.pop3.port(),
-        server.pop3.port(),
-    ];
+    // Each listener (SMTP, POP3, their implicit-TLS twins, submission) is one port, on both
+    // executors.
+    let mut want: Vec<u16> = [
+        server.addr,
+        server.pop3,
+        server.smtps,
+        server.pop3s,
+        server.submission,
+    ]
+    .iter()
+    .flat_map(|a| [a.port(), a.port()])
+    .collect();
     want.sort();
     assert_eq!(listening_ports(pid), want, "{}", server.log_text());
     assert!(

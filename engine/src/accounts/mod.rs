@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod login;
 
 use crate::queue::Spool;
 use crate::smtp::address::{is_local_domain, parse_domain, Domain};
@@ -185,6 +186,12 @@ impl LocalRecipients for RcptCheck {
                 }
             }
         }
+    }
+
+    fn may_send_as(&self, login: &str, sender: &str) -> bool {
+        let dir = self.cell.current.load();
+        dir.user(login)
+            .is_some_and(|u| dir.may_send_as(u.id, sender))
     }
 }
 

@@ -8,10 +8,12 @@
 use crate::accounts::DirectoryCell;
 use crate::config::Config;
 use crate::net::sessions::{Cap, Sessions};
+use crate::net::tls::Stream;
 use crate::net::Ring;
 use crate::queue::Spool;
 use crate::smtp::address::{ascii_address, is_local_domain};
-use crate::smtp::{self, received::received_header, Session, Step, Transaction};
+use crate::smtp::received::{received_header, Trace};
+use crate::smtp::{self, AuthVerdict, Session, Step, Transaction};
 use ringmail_store::message::{self, format_id, Envelope};
 use ringmail_store::{BodySource, LogError};
 use std::cell::Cell;
@@ -21,10 +23,23 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Which SMTP listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Plain SMTP, with STARTTLS.
+    Smtp,
+    /// SMTP over TLS from the first byte (RFC 8314).
+    Smtps,
+    /// Message submission (RFC 6409): AUTH before MAIL.
+    Submission,
+}
+
 /// What the sessions of one executor share.
 pub struct Ingest {
     pub cfg: Rc<Config>,
     pub smtp: Rc<smtp::Config>,
+    /// The same on the submission listener.
+    pub submission: Rc<smtp::Config>,
     pub spools: Vec<Rc<Spool>>,
     ring: Rc<Ring>,
     next_spool: Cell<usize>,
@@ -33,20 +48,23 @@ pub struct Ingest {
     recipients: Option<Rc<dyn smtp::LocalRecipients>>,
     /// The account directory, to expand aliases as a message is queued.
     directory: Option<Arc<DirectoryCell>>,
+    /// Certificates for STARTTLS and the implicit-TLS listener.
+    tls: Arc<rustls::ServerConfig>,
+    /// The one password check (SMTP AUTH).
+    auth: Arc<crate::auth::Authenticator>,
 }
 
 impl Ingest {
-    pub fn new(cfg: Rc<Config>, spools: Vec<Rc<Spool>>, ring: Rc<Ring>) -> Rc<Ingest> {
-        Self::with_accounts(cfg, spools, ring, None)
-    }
-
-    /// [`Ingest::new`], checking local recipients against the account directory at
-    /// RCPT and queueing them as the users they lead to (aliases expanded).
-    pub fn with_accounts(
+    /// Local recipients are checked against the account directory at RCPT and
+    /// queued as the users they lead to (aliases expanded); without a directory
+    /// every recipient of a local domain is accepted as it is.
+    pub fn new(
         cfg: Rc<Config>,
         spools: Vec<Rc<Spool>>,
         ring: Rc<Ring>,
         directory: Option<Arc<DirectoryCell>>,
+        tls: Arc<rustls::ServerConfig>,
+        auth: Arc<crate::auth::Authenticator>,
     ) -> Rc<Ingest> {
         let recipients = directory.clone().map(|cell| {
             Rc::new(crate::accounts::RcptCheck { cell }) as Rc<dyn smtp::LocalRecipients>
@@ -55,12 +73,15 @@ impl Ingest {
         Rc::new(Ingest {
             ring,
             smtp: Rc::new(cfg.smtp_config()),
+            submission: Rc::new(cfg.submission_config()),
             cfg,
             spools,
             next_spool: Cell::new(0),
             sessions: Sessions::new(),
             recipients,
             directory,
+            tls,
+            auth,
         })
     }
 
@@ -75,7 +96,8 @@ impl Ingest {
     }
 
     /// Accepts connections until shutdown.
-    pub async fn accept_loop(self: Rc<Self>, listener: OwnedFd) {
+    /// On `Service::Smtps` the TLS handshake comes before the greeting.
+    pub async fn accept_loop(self: Rc<Self>, listener: OwnedFd, service: Service) {
         let cap = Cap {
             sessions_max: self.cfg.connections_per_shard_max,
             refusal: b"421 4.7.0 Error: too many connections, try again later\r\n",
@@ -86,14 +108,51 @@ impl Ingest {
             .clone()
             .accept_loop(self.ring.clone(), listener, cap, move |fd, peer| {
                 let me = me.clone();
-                async move { me.session(&fd, peer).await }
+                async move { me.session(&fd, peer, service).await }
             })
             .await;
     }
 
-    async fn session(self: &Rc<Self>, fd: &OwnedFd, peer: SocketAddr) {
-        let fd = fd.as_raw_fd();
-        let mut s = Session::new(self.smtp.clone(), self.cfg.relay_allowed(peer.ip()));
+    async fn session(self: &Rc<Self>, fd: &OwnedFd, peer: SocketAddr, service: Service) {
+        let mut stream = Stream::plain(self.ring.clone(), fd.as_raw_fd());
+        if service == Service::Smtps && !self.start_tls(&mut stream, peer).await {
+            return;
+        }
+        let cfg = match service {
+            Service::Submission => self.submission.clone(),
+            Service::Smtp | Service::Smtps => self.smtp.clone(),
+        };
+        self.converse(&mut stream, peer, cfg).await;
+        stream.close().await;
+    }
+
+    /// Runs the TLS handshake; false: it failed (logged), the connection is done.
+    async fn start_tls(&self, stream: &mut Stream, peer: SocketAddr) -> bool {
+        match stream
+            .start_tls(self.tls.clone(), self.cfg.idle_timeout)
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(client = %peer, tls = stream.tls_description().unwrap_or_default(), "smtp: TLS started");
+                true
+            }
+            Err(e) => {
+                tracing::info!(client = %peer, error = %e, "smtp: TLS handshake failed");
+                false
+            }
+        }
+    }
+
+    async fn converse(
+        self: &Rc<Self>,
+        stream: &mut Stream,
+        peer: SocketAddr,
+        cfg: Rc<smtp::Config>,
+    ) {
+        let mut s = Session::new(cfg, self.cfg.relay_allowed(peer.ip()));
+        if stream.is_tls() {
+            s.set_tls();
+        }
         if let Some(r) = &self.recipients {
             s.set_local_recipients(r.clone());
         }
@@ -104,11 +163,27 @@ impl Ingest {
                 match s.process() {
                     Step::NeedInput => break,
                     Step::Close => {
-                        let _ = self
-                            .ring
-                            .send_all(fd, s.output(), self.cfg.idle_timeout)
-                            .await;
+                        let _ = stream.send_all(s.output(), self.cfg.idle_timeout).await;
                         return;
+                    }
+                    Step::Authenticate { user, password } => {
+                        let verdict = self.authenticate(&user, &password, peer).await;
+                        s.auth_done(verdict);
+                    }
+                    Step::StartTls => {
+                        // The 220 goes out in plaintext, then the handshake.
+                        if stream
+                            .send_all(s.output(), self.cfg.idle_timeout)
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        s.clear_output();
+                        if !self.start_tls(stream, peer).await {
+                            return;
+                        }
+                        s.tls_started();
                     }
                     // `store` drops the body once it is in the log's buffer: the session
                     // then receives on into the chunk the body ended in.
@@ -128,9 +203,8 @@ impl Ingest {
                 copied = s.copied_bytes();
             }
             if !s.output().is_empty() {
-                if self
-                    .ring
-                    .send_all(fd, s.output(), self.cfg.idle_timeout)
+                if stream
+                    .send_all(s.output(), self.cfg.idle_timeout)
                     .await
                     .is_err()
                 {
@@ -150,7 +224,7 @@ impl Ingest {
             // of a body in user space is the store's, later.
             let (buf, at) = s.lend_read_buf();
             let woke = futures_lite::future::or(
-                async { Some(self.ring.recv_at(fd, buf, at, self.cfg.idle_timeout).await) },
+                async { Some(stream.recv_at(buf, at, self.cfg.idle_timeout).await) },
                 async {
                     if !stoppable {
                         std::future::pending::<()>().await;
@@ -174,6 +248,37 @@ impl Ingest {
         }
     }
 
+    /// SMTP AUTH through the one password check.
+    async fn authenticate(&self, name: &str, password: &str, peer: SocketAddr) -> AuthVerdict {
+        use crate::auth::AuthError;
+        let Some(directory) = &self.directory else {
+            return AuthVerdict::Failed;
+        };
+        let checked = crate::accounts::login::login(
+            &self.auth,
+            directory,
+            &self.cfg.local_domains,
+            name,
+            password,
+            peer.ip(),
+        )
+        .await;
+        match checked.result {
+            Ok(u) => {
+                tracing::info!(user = %u.address, client = %peer, "smtp auth");
+                AuthVerdict::Ok(u.address.clone())
+            }
+            Err(AuthError::Failed) => {
+                tracing::info!(user = %checked.address, client = %peer, "smtp auth failed");
+                AuthVerdict::Failed
+            }
+            Err(AuthError::Busy | AuthError::RateLimited) => {
+                tracing::warn!(user = %checked.address, client = %peer, "smtp auth refused for now");
+                AuthVerdict::TempFail
+            }
+        }
+    }
+
     /// Makes a finished message durable in one of this executor's spools; returns its id.
     async fn store(&self, tx: Transaction, peer: SocketAddr) -> Result<String, LogError> {
         let i = self.next_spool.get();
@@ -191,15 +296,30 @@ impl Ingest {
             [one] => Some(ascii_address(&one.address).unwrap_or_else(|| one.address.clone())),
             _ => None,
         };
-        let prefix = received_header(
-            &tx.helo,
-            peer.ip(),
-            &self.cfg.hostname,
-            tx.protocol,
-            &id_text,
-            single.as_deref(),
-            &date,
-        );
+        let prefix = received_header(&Trace {
+            helo: &tx.helo,
+            peer: peer.ip(),
+            hostname: &self.cfg.hostname,
+            protocol: tx.protocol,
+            id: &id_text,
+            single_rcpt: single.as_deref(),
+            authenticated: tx.auth.as_deref(),
+            date: &date,
+        });
+        let auth = tx.auth.clone().unwrap_or_default();
+        // RFC 6409 §8.2, §8.3: submitted mail gets the fields it lacks, as prefixes
+        // (the body is not rewritten).
+        let mut prefix = prefix;
+        if tx.submission && !tx.headers.date {
+            prefix.push_str(&format!("Date: {date}\r\n"));
+        }
+        if tx.submission && !tx.headers.message_id {
+            let ms = now.as_millis();
+            prefix.push_str(&format!(
+                "Message-ID: <{id_text}.{ms}@{}>\r\n",
+                self.cfg.hostname
+            ));
+        }
         let size = tx.body.len();
         let nrcpt = tx.recipients.len();
         ringmail_store::stats::add_session_copy(tx.body.copied_bytes());
@@ -221,7 +341,7 @@ impl Ingest {
         let from = env.from.clone();
         match spool.enqueue(env, prefix.as_bytes(), body).await {
             Ok(()) => {
-                tracing::info!(id = %id_text, from = %from, size, nrcpt, client = %peer, "queued");
+                tracing::info!(id = %id_text, from = %from, size, nrcpt, client = %peer, sasl_username = %auth, "queued");
                 Ok(id_text)
             }
             Err(e) => {

@@ -16,7 +16,9 @@
 //! is dropped early cancels its request and leaves the buffer with the ring until the
 //! completion arrives.
 
+pub mod certs;
 pub mod sessions;
+pub mod tls;
 
 use io_uring::{opcode, squeue, types, IoUring};
 use std::cell::{Cell, RefCell};

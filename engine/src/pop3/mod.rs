@@ -16,21 +16,22 @@
 
 pub mod maildrop;
 
-use crate::accounts::{delivery_address, DirectoryCell};
+use crate::accounts::DirectoryCell;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::Config;
 use crate::delivery::local::entry_prefix;
 use crate::mailbox::MailService;
 use crate::net::sessions::{Cap, Sessions};
+use crate::net::tls::Stream;
 use crate::net::{Ring, SendBuf};
 use crate::storeservice::StoreService;
 use maildrop::{Item, OpenError, Opened};
-use ringmail_frontends::pop3::{self as core, Login, Session, Step, Stuffer, Top};
+use ringmail_frontends::pop3::{self as core, Login, Session, Step, Stuffer, Top, Waiting};
 use ringmail_store::reader::CACHED_RECORD_BYTES_MAX;
 use ringmail_store::record::RECORD_HEADER_BYTES;
 use ringmail_store::Handle;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +53,8 @@ pub struct Pop3 {
     directory: Arc<DirectoryCell>,
     auth: Arc<Authenticator>,
     sessions: Rc<Sessions>,
+    /// Certificates for STLS and the implicit-TLS listener.
+    tls: Arc<rustls::ServerConfig>,
 }
 
 /// A logged-in session's maildrop.
@@ -72,9 +75,11 @@ impl Pop3 {
         store: StoreService,
         directory: Arc<DirectoryCell>,
         auth: Arc<Authenticator>,
+        tls: Arc<rustls::ServerConfig>,
     ) -> Rc<Pop3> {
         let core = core::Config {
             hostname: cfg.hostname.clone(),
+            stls: true,
             ..core::Config::default()
         };
         Rc::new(Pop3 {
@@ -86,6 +91,7 @@ impl Pop3 {
             directory,
             auth,
             sessions: Sessions::new(),
+            tls,
         })
     }
 
@@ -98,8 +104,9 @@ impl Pop3 {
         self.sessions.drained(grace, "pop3").await;
     }
 
-    /// Accepts connections until shutdown.
-    pub async fn accept_loop(self: Rc<Self>, listener: OwnedFd) {
+    /// Accepts connections until shutdown. `implicit_tls`: POP3 over TLS (RFC 8314),
+    /// the handshake before the greeting.
+    pub async fn accept_loop(self: Rc<Self>, listener: OwnedFd, implicit_tls: bool) {
         let cap = Cap {
             sessions_max: self.cfg.connections_per_shard_max,
             refusal: b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
@@ -110,14 +117,19 @@ impl Pop3 {
             .clone()
             .accept_loop(self.ring.clone(), listener, cap, move |fd, peer| {
                 let me = me.clone();
-                async move { me.session(&fd, peer).await }
+                async move { me.session(&fd, peer, implicit_tls).await }
             })
             .await;
     }
 
-    async fn session(self: &Rc<Self>, fd: &OwnedFd, peer: SocketAddr) {
+    async fn session(self: &Rc<Self>, fd: &OwnedFd, peer: SocketAddr, implicit_tls: bool) {
+        let mut stream = Stream::plain(self.ring.clone(), fd.as_raw_fd());
+        if implicit_tls && !self.start_tls(&mut stream, peer).await {
+            return;
+        }
         let mut held = None;
-        self.converse(fd.as_raw_fd(), peer, &mut held).await;
+        self.converse(&mut stream, peer, &mut held).await;
+        stream.close().await;
         // Ended without QUIT: the lock goes, RETR's `\Seen` stays, nothing is expunged.
         if let Some(h) = held {
             if let Err(e) =
@@ -128,15 +140,35 @@ impl Pop3 {
         }
     }
 
-    async fn converse(&self, fd: RawFd, peer: SocketAddr, held: &mut Option<Held>) {
+    /// Runs the TLS handshake; false: it failed (logged), the connection is done.
+    async fn start_tls(&self, stream: &mut Stream, peer: SocketAddr) -> bool {
+        match stream
+            .start_tls(self.tls.clone(), self.cfg.idle_timeout)
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(client = %peer, tls = stream.tls_description().unwrap_or_default(), "pop3: TLS started");
+                true
+            }
+            Err(e) => {
+                tracing::info!(client = %peer, error = %e, "pop3: TLS handshake failed");
+                false
+            }
+        }
+    }
+
+    async fn converse(&self, stream: &mut Stream, peer: SocketAddr, held: &mut Option<Held>) {
         let mut s = Session::new(self.core.clone());
+        if stream.is_tls() {
+            s.set_tls();
+        }
         let mut buf = Vec::with_capacity(RECV_BYTES);
         loop {
             loop {
                 match s.process() {
                     Step::NeedInput => break,
                     Step::Close => {
-                        let _ = self.send(fd, s.output().to_vec()).await;
+                        let _ = self.send(stream, s.output().to_vec()).await;
                         return;
                     }
                     Step::Authenticate { user, password } => {
@@ -151,7 +183,7 @@ impl Pop3 {
                         // The replies before it and its +OK line go out with the text.
                         let head = s.output().to_vec();
                         s.clear_output();
-                        match self.retrieve(fd, head, &h.address, item, lines).await {
+                        match self.retrieve(stream, head, &h.address, item, lines).await {
                             Ok(()) => {}
                             // The client hung up or stopped reading.
                             Err(Failed::Client(e)) => {
@@ -193,17 +225,26 @@ impl Pop3 {
                 // Replies to a long pipeline (UIDL after UIDL…) go out as they grow,
                 // so the socket's backpressure bounds them.
                 if s.output().len() >= OUTPUT_BYTES_MAX {
-                    if self.send(fd, s.output().to_vec()).await.is_err() {
+                    if self.send(stream, s.output().to_vec()).await.is_err() {
                         return;
                     }
                     s.clear_output();
                 }
             }
             if !s.output().is_empty() {
-                if self.send(fd, s.output().to_vec()).await.is_err() {
+                if self.send(stream, s.output().to_vec()).await.is_err() {
                     return;
                 }
                 s.clear_output();
+            }
+            // STLS was accepted and its +OK sent: the handshake, before any more input
+            // (the core dropped what was pipelined after STLS).
+            if s.waiting() == Some(Waiting::StartTls) {
+                if !self.start_tls(stream, peer).await {
+                    return;
+                }
+                s.tls_started();
+                continue;
             }
             let stop = self.sessions.stop_listener();
             if self.sessions.stopping() {
@@ -212,8 +253,8 @@ impl Pop3 {
             let woke = futures_lite::future::or(
                 async {
                     Some(
-                        self.ring
-                            .recv(fd, std::mem::take(&mut buf), self.cfg.pop3_idle_timeout)
+                        stream
+                            .recv(std::mem::take(&mut buf), self.cfg.pop3_idle_timeout)
                             .await,
                     )
                 },
@@ -235,9 +276,9 @@ impl Pop3 {
         }
     }
 
-    async fn send(&self, fd: RawFd, bytes: Vec<u8>) -> std::io::Result<()> {
-        self.ring
-            .send(fd, SendBuf::Owned(bytes), false, self.cfg.idle_timeout)
+    async fn send(&self, stream: &mut Stream, bytes: Vec<u8>) -> std::io::Result<()> {
+        stream
+            .send(SendBuf::Owned(bytes), false, self.cfg.idle_timeout)
             .await
     }
 
@@ -249,21 +290,23 @@ impl Pop3 {
         peer: SocketAddr,
         held: &mut Option<Held>,
     ) -> Login {
-        // A bare local part is a user of the first local domain.
-        let address = delivery_address(name, &self.cfg.local_domains);
-        let user = self.directory.load().user(&address).cloned();
-        let phc = user.as_ref().map(|u| u.phc.clone());
-        let checked = self
-            .auth
-            .verify(&address, password.as_bytes(), phc.as_deref(), peer.ip())
-            .await;
-        let user = match (checked, user) {
-            (Ok(()), Some(u)) => u,
-            (Err(AuthError::Busy | AuthError::RateLimited), _) => {
+        let checked = crate::accounts::login::login(
+            &self.auth,
+            &self.directory,
+            &self.cfg.local_domains,
+            name,
+            password,
+            peer.ip(),
+        )
+        .await;
+        let address = checked.address;
+        let user = match checked.result {
+            Ok(u) => u,
+            Err(AuthError::Busy | AuthError::RateLimited) => {
                 tracing::warn!(user = %address, client = %peer, "pop3 login refused for now");
                 return Login::TempFail;
             }
-            _ => {
+            Err(AuthError::Failed) => {
                 tracing::info!(user = %address, client = %peer, "pop3 login failed");
                 return Login::Failed;
             }
@@ -299,7 +342,7 @@ impl Pop3 {
     /// message (all of it, or its header and `lines` body lines) stuffed and ended.
     async fn retrieve(
         &self,
-        fd: RawFd,
+        stream: &mut Stream,
         head: Vec<u8>,
         address: &str,
         item: Item,
@@ -354,15 +397,15 @@ impl Pop3 {
                 more = filter.push(&piece, &mut out);
                 if out.len() >= SEND_BYTES {
                     let full = std::mem::replace(&mut out, Vec::with_capacity(SEND_BYTES + 64));
-                    self.ring
-                        .send(fd, SendBuf::Owned(full), true, self.cfg.idle_timeout)
+                    stream
+                        .send(SendBuf::Owned(full), true, self.cfg.idle_timeout)
                         .await
                         .map_err(Failed::Client)?;
                 }
             }
         }
         filter.finish(&mut out);
-        self.send(fd, out).await.map_err(Failed::Client)
+        self.send(stream, out).await.map_err(Failed::Client)
     }
 }
 

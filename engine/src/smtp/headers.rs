@@ -1,7 +1,8 @@
 //! What delivery and ingest need to know of a message's header section (RFC 5322
-//! §2.2): how many `Received:` trace headers it has (the hop count, a loop's mark)
-//! and whether any header has non-ASCII octets (RFC 6532 headers, which only an
-//! SMTPUTF8 server may receive, RFC 6531 §3.2).
+//! §2.2): how many `Received:` trace headers it has (the hop count, a loop's mark),
+//! whether any header has non-ASCII octets (RFC 6532 headers, which only an
+//! SMTPUTF8 server may receive, RFC 6531 §3.2), and whether it has `Date:` and
+//! `Message-ID:` (a submission server adds them when missing, RFC 6409 §8).
 
 /// Facts of one header section.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -10,6 +11,8 @@ pub struct HeaderFacts {
     pub received: usize,
     /// Some octet of the header section is not ASCII.
     pub non_ascii: bool,
+    pub date: bool,
+    pub message_id: bool,
 }
 
 /// Scans the header section at the start of `text` (it ends at the first empty
@@ -31,23 +34,29 @@ pub struct Scanner {
     /// The last octet seen was a CR.
     cr: bool,
     field: Field,
+    name: [u8; NAME_BYTES_MAX],
     done: bool,
 }
 
-/// How far the current line matches `received` WSP* `:` (RFC 5322 §4.5.3 allows
-/// white space before the colon in obsolete syntax).
+/// The current line's field name so far: letters, then WSP* `:` (RFC 5322 §4.5.3
+/// allows white space before the colon in obsolete syntax). Only names as long as
+/// the longest one looked for are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Field {
-    /// This many letters of the name matched.
+    /// This many octets of the name were read (lower-cased into `name`).
     #[default]
     Start,
     Name(usize),
-    Space,
-    Yes,
+    /// White space after the name.
+    Space(usize),
+    /// The colon came: the name is `name[..n]`.
+    Yes(usize),
+    /// Not a field looked for (a continuation line, a longer name, …).
     No,
 }
 
-const NAME: &[u8] = b"received";
+/// The longest name looked for: `message-id`.
+const NAME_BYTES_MAX: usize = 10;
 
 impl Scanner {
     /// Reads the next piece; false once the header section has ended.
@@ -59,16 +68,23 @@ impl Scanner {
                 self.facts.non_ascii = true;
             }
             for &c in line {
+                let n = match self.field {
+                    Field::Start => 0,
+                    Field::Name(n) => n,
+                    _ => usize::MAX,
+                };
                 self.field = match (self.field, c) {
-                    (Field::Yes | Field::No, _) => break,
-                    (Field::Start, _) if c.eq_ignore_ascii_case(&NAME[0]) => Field::Name(1),
-                    (Field::Name(n), b' ' | b'\t') if n == NAME.len() => Field::Space,
-                    (Field::Name(n), b':') if n == NAME.len() => Field::Yes,
-                    (Field::Name(n), _) if n < NAME.len() && c.eq_ignore_ascii_case(&NAME[n]) => {
+                    (Field::Yes(_) | Field::No, _) => break,
+                    (Field::Start | Field::Name(_), b':') if n > 0 => Field::Yes(n),
+                    (Field::Name(n), b' ' | b'\t') => Field::Space(n),
+                    (Field::Start | Field::Name(_), _)
+                        if n < NAME_BYTES_MAX && (c.is_ascii_alphanumeric() || c == b'-') =>
+                    {
+                        self.name[n] = c.to_ascii_lowercase();
                         Field::Name(n + 1)
                     }
-                    (Field::Space, b' ' | b'\t') => Field::Space,
-                    (Field::Space, b':') => Field::Yes,
+                    (Field::Space(n), b' ' | b'\t') => Field::Space(n),
+                    (Field::Space(n), b':') => Field::Yes(n),
                     _ => Field::No,
                 };
             }
@@ -94,8 +110,13 @@ impl Scanner {
             self.done = true;
             return;
         }
-        if self.field == Field::Yes {
-            self.facts.received += 1;
+        if let Field::Yes(n) = self.field {
+            match &self.name[..n] {
+                b"received" => self.facts.received += 1,
+                b"date" => self.facts.date = true,
+                b"message-id" => self.facts.message_id = true,
+                _ => {}
+            }
         }
         self.line_len = 0;
         self.cr = false;
@@ -124,12 +145,21 @@ mod tests {
             scan(text),
             HeaderFacts {
                 received: 2,
-                non_ascii: false
+                ..HeaderFacts::default()
             }
         );
         assert_eq!(scan(b"").received, 0);
         assert_eq!(scan(b"\r\nReceived: x\r\n").received, 0);
         assert_eq!(scan(b"Received: x").received, 1, "no line end");
+    }
+
+    #[test]
+    fn date_and_message_id_of_the_header_section_only() {
+        let f = scan(b"DATE : Mon, 1 Dec 2026\r\nMessage-Id: <a@b>\r\n\r\n");
+        assert!(f.date && f.message_id);
+        let f = scan(b"X-Date: a\r\nResent-Message-ID: <a@b>\r\nDated: x\r\n\r\nDate: body\r\n");
+        assert!(!f.date && !f.message_id, "{f:?}");
+        assert!(!scan(b"Subject: x\r\n Date: folded\r\n\r\n").date);
     }
 
     #[test]
@@ -142,13 +172,14 @@ mod tests {
     /// Piece by piece, split anywhere, the scanner agrees with one whole scan.
     #[test]
     fn pieces_agree_with_the_whole() {
-        let texts: [&[u8]; 6] = [
+        let texts: [&[u8]; 7] = [
             b"Received: from a\r\n\tby b\r\nRECEIVED : from c\r\nReceived-SPF: pass\r\n\r\nReceived: x\r\n",
             "Subject: \u{fc}\r\nReceived:\r\n\r\n".as_bytes(),
             b"Received\r\nReceived \r\nReceived\r:x\nReceived\t\t:y\r\n",
             b"Received: x\r",
             b"Received\r",
             b"\r\nReceived: no\r\n",
+            b"Date: x\r\nMessage-ID : <y>\r\nReceived: z\r\n\r\n",
         ];
         for text in texts {
             let whole = scan(text);

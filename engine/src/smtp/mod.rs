@@ -10,7 +10,9 @@ pub mod server;
 pub mod types;
 
 pub use body::Body;
-pub use server::{Config, Limits, LocalRecipients, LocalVerdict, Session, Step, Transaction};
+pub use server::{
+    AuthVerdict, Config, Limits, LocalRecipients, LocalVerdict, Session, Step, Transaction,
+};
 pub use types::{notify, BodyType, Recipient, Ret};
 
 #[cfg(test)]

@@ -60,6 +60,34 @@ pub struct Config {
     /// mail to a literal of one of them would come straight back here.
     pub own_addresses: Vec<std::net::IpAddr>,
     pub limits: Limits,
+    /// Offer and accept STARTTLS (RFC 3207): the driver can run a TLS handshake.
+    pub starttls: bool,
+    /// Offer and accept AUTH PLAIN and LOGIN (RFC 4954): the driver can check
+    /// passwords (`Step::Authenticate`).
+    pub auth: bool,
+    /// Offer AUTH before TLS too (off: only under TLS, and AUTH in plaintext gets
+    /// `538 5.7.11`).
+    pub auth_without_tls: bool,
+    /// An authenticated client's MAIL FROM must be an address it may send as
+    /// (`LocalRecipients::may_send_as`).
+    pub sender_login_match: bool,
+    /// A message submission listener (RFC 6409): MAIL needs AUTH first, whatever
+    /// the client's address.
+    pub submission: bool,
+}
+
+/// The longest AUTH command or SASL response line, CRLF included (RFC 4954 §4).
+pub const AUTH_LINE_BYTES_MAX: usize = 12288;
+
+/// The driver's answer to `Step::Authenticate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthVerdict {
+    /// The password is right; the identity is the account's address.
+    Ok(String),
+    /// Wrong user or password: `535 5.7.8`.
+    Failed,
+    /// The check could not run now (busy, rate-limited): `454 4.7.0`.
+    TempFail,
 }
 
 /// What the account directory says about a recipient in a local domain.
@@ -81,6 +109,10 @@ pub trait LocalRecipients {
     /// `address` as the client gave it, whose `domain` is local; `declared`: the
     /// MAIL command's SIZE=, if any.
     fn check(&self, address: &str, domain: &str, declared: Option<u64>) -> LocalVerdict;
+
+    /// Whether the account `login` (as `AuthVerdict::Ok` named it) may use `sender`
+    /// as its MAIL FROM: its own address, or an alias of it.
+    fn may_send_as(&self, login: &str, sender: &str) -> bool;
 }
 
 /// A message the client finished sending, to be made durable by the driver.
@@ -97,6 +129,12 @@ pub struct Transaction {
     pub helo: String,
     /// `with` protocol for the Received header (RFC 3848, RFC 6531).
     pub protocol: &'static str,
+    /// The account the client authenticated as (AUTH), if any.
+    pub auth: Option<String>,
+    /// What the header section has (`Date:`, `Message-ID:`, hops).
+    pub headers: super::headers::HeaderFacts,
+    /// It came through the submission listener (RFC 6409).
+    pub submission: bool,
 }
 
 #[derive(Debug)]
@@ -107,6 +145,22 @@ pub enum Step {
     Message(Box<Transaction>),
     /// Write the output, then close the connection.
     Close,
+    /// Check this user name and password (AUTH), then call `auth_done`.
+    Authenticate { user: String, password: String },
+    /// STARTTLS was accepted: write the output (the 220) in plaintext, run the TLS
+    /// handshake, then call `tls_started` (or close if it failed). Input that came
+    /// after the command was discarded.
+    StartTls,
+}
+
+/// Where a SASL exchange is (RFC 4954).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sasl {
+    /// PLAIN without an initial response: its one response.
+    Plain,
+    /// LOGIN: the user name, then the password.
+    LoginUser,
+    LoginPassword,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +169,12 @@ enum State {
     /// After a command line longer than the limit: skip to its end.
     SkipLine,
     Data,
+    /// Waiting for the driver's TLS handshake after STARTTLS.
+    StartTls,
+    /// After a 334: the next line is a SASL response.
+    Sasl(Sasl),
+    /// Waiting for the driver's `auth_done`.
+    Authenticating,
     /// Reading a BDAT chunk: `remaining` bytes, then the reply (or the commit if `last`).
     /// `valid`: false when there is no transaction to add it to (503 after reading it).
     /// `gather`: the chunk is tiny, its bytes are copied together (see `Body::gather`).
@@ -212,6 +272,12 @@ pub struct Session {
     /// Size of the last message of this session: the next one is likely alike.
     last_body_len: usize,
     recipients: Option<Rc<dyn LocalRecipients>>,
+    /// The session runs under TLS (after STARTTLS, or on an implicit-TLS listener).
+    tls: bool,
+    /// The account AUTH verified.
+    authenticated: Option<String>,
+    /// AUTH LOGIN's user name, until its password comes.
+    sasl_user: Option<String>,
 }
 
 const READ_CHUNK_BYTES: usize = 16 << 10;
@@ -246,10 +312,62 @@ impl Session {
             errors: 0,
             last_body_len: 0,
             recipients: None,
+            tls: false,
+            authenticated: None,
+            sasl_user: None,
         };
         let greeting = format!("220 {} ESMTP ringmail\r\n", s.cfg.hostname);
         s.reply(&greeting);
         s
+    }
+
+    /// The connection is under TLS from its start (an implicit-TLS listener): STARTTLS
+    /// is neither offered nor accepted, and Received says ESMTPS.
+    pub fn set_tls(&mut self) {
+        self.tls = true;
+    }
+
+    /// The TLS handshake after `Step::StartTls` succeeded. The session starts over as
+    /// RFC 3207 §4.2 requires: the client must say EHLO again, and nothing it said
+    /// before counts.
+    pub fn tls_started(&mut self) {
+        assert_eq!(self.state, State::StartTls, "no STARTTLS was accepted");
+        self.tls = true;
+        self.helo = None;
+        self.esmtp = false;
+        self.mail = None;
+        self.state = State::Command;
+    }
+
+    pub fn in_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The account the client authenticated as.
+    pub fn authenticated(&self) -> Option<&str> {
+        self.authenticated.as_deref()
+    }
+
+    /// The answer to `Step::Authenticate`. A verified client may relay to any
+    /// domain from now on.
+    pub fn auth_done(&mut self, verdict: AuthVerdict) {
+        assert_eq!(
+            self.state,
+            State::Authenticating,
+            "no AUTH was being checked"
+        );
+        self.state = State::Command;
+        match verdict {
+            AuthVerdict::Ok(identity) => {
+                self.authenticated = Some(identity);
+                self.relay_allowed = true;
+                self.reply("235 2.7.0 Authentication successful\r\n");
+            }
+            AuthVerdict::Failed => self.error("535 5.7.8 Error: authentication failed\r\n"),
+            AuthVerdict::TempFail => {
+                self.reply("454 4.7.0 Temporary authentication failure, try again later\r\n")
+            }
+        }
     }
 
     /// Recipients of local domains are checked against `r` from now on.
@@ -481,6 +599,9 @@ impl Session {
             let step = match self.state {
                 State::Closed => return Step::Close,
                 State::Storing => return Step::NeedInput,
+                State::StartTls => return Step::StartTls,
+                State::Authenticating => return Step::NeedInput,
+                State::Sasl(stage) => self.sasl_response(stage),
                 State::Command => self.command(),
                 State::SkipLine => self.skip_line(),
                 State::Data => self.data(),
@@ -516,7 +637,13 @@ impl Session {
 
     fn command(&mut self) -> Option<Step> {
         let pending = self.pending();
-        let max = self.cfg.limits.line_bytes_max;
+        // AUTH carries a SASL initial response (RFC 4954 §4).
+        let max =
+            if self.cfg.auth && pending.len() >= 5 && pending[..5].eq_ignore_ascii_case(b"AUTH ") {
+                AUTH_LINE_BYTES_MAX.max(self.cfg.limits.line_bytes_max)
+            } else {
+                self.cfg.limits.line_bytes_max
+            };
         let Some(nl) = memchr::memchr(b'\n', pending) else {
             if pending.len() >= max {
                 self.start = self.end;
@@ -591,9 +718,13 @@ impl Session {
                     self.reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery\r\n");
                 }
             }
-            "HELP" => self.reply(
-                "214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\r\n214 2.0.0 See RFC 5321\r\n",
-            ),
+            "HELP" => self.reply(if self.offers_starttls() {
+                "214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS\r\n214 2.0.0 See RFC 5321\r\n"
+            } else {
+                "214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\r\n214 2.0.0 See RFC 5321\r\n"
+            }),
+            "STARTTLS" if self.cfg.starttls => return self.starttls_cmd(arg),
+            "AUTH" if self.cfg.auth => return self.auth_cmd(arg),
             "EXPN" | "ETRN" | "TURN" | "STARTTLS" | "AUTH" => self.error("502 5.5.1 Error: command not implemented\r\n"),
             "" => self.error("500 5.5.2 Error: bad syntax\r\n"),
             _ => self.error("500 5.5.2 Error: command not recognized\r\n"),
@@ -621,10 +752,198 @@ impl Session {
             return;
         }
         let r = format!(
-            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250-DSN\r\n250 HELP\r\n",
-            self.cfg.hostname, self.cfg.limits.message_bytes_max
+            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250-DSN\r\n{}{}250 HELP\r\n",
+            self.cfg.hostname,
+            self.cfg.limits.message_bytes_max,
+            if self.offers_starttls() { "250-STARTTLS\r\n" } else { "" },
+            if self.offers_auth() { "250-AUTH PLAIN LOGIN\r\n" } else { "" },
         );
         self.reply(&r);
+    }
+
+    fn offers_starttls(&self) -> bool {
+        self.cfg.starttls && !self.tls
+    }
+
+    fn offers_auth(&self) -> bool {
+        self.cfg.auth && (self.tls || self.cfg.auth_without_tls) && self.authenticated.is_none()
+    }
+
+    /// RFC 4954: `AUTH PLAIN [initial]` or `AUTH LOGIN [user]`.
+    fn auth_cmd(&mut self, arg: &str) -> Option<Step> {
+        if self.helo.is_none() || !self.esmtp {
+            self.error("503 5.5.1 Error: send EHLO first\r\n");
+            return None;
+        }
+        if self.authenticated.is_some() {
+            self.error("503 5.5.1 Error: already authenticated\r\n");
+            return None;
+        }
+        if self.mail.is_some() {
+            self.error("503 5.5.1 Error: MAIL transaction in progress\r\n");
+            return None;
+        }
+        if !self.offers_auth() {
+            self.error("538 5.7.11 Encryption required for requested authentication mechanism\r\n");
+            return None;
+        }
+        let (mech, initial) = match arg.split_once(' ') {
+            Some((m, i)) => (m, Some(i)),
+            None => (arg, None),
+        };
+        match (mech.to_ascii_uppercase().as_str(), initial) {
+            ("PLAIN", None) => {
+                self.reply("334 \r\n");
+                self.state = State::Sasl(Sasl::Plain);
+                None
+            }
+            ("PLAIN", Some(i)) => self.sasl_response_line(Sasl::Plain, i),
+            ("LOGIN", None) => {
+                // "Username:"
+                self.reply("334 VXNlcm5hbWU6\r\n");
+                self.state = State::Sasl(Sasl::LoginUser);
+                None
+            }
+            ("LOGIN", Some(i)) => self.sasl_response_line(Sasl::LoginUser, i),
+            ("", _) => {
+                self.error("501 5.5.4 Syntax: AUTH mechanism\r\n");
+                None
+            }
+            _ => {
+                self.error("504 5.5.4 Unrecognized authentication type\r\n");
+                None
+            }
+        }
+    }
+
+    /// The line after a 334.
+    fn sasl_response(&mut self, stage: Sasl) -> Option<Step> {
+        let pending = self.pending();
+        let Some(nl) = memchr::memchr(b'\n', pending) else {
+            if pending.len() >= AUTH_LINE_BYTES_MAX {
+                self.start = self.end;
+                self.state = State::SkipLine;
+                self.error("500 5.5.2 Error: line too long\r\n");
+                return None;
+            }
+            return Some(Step::NeedInput);
+        };
+        let line_start = self.start;
+        self.start += nl + 1;
+        self.state = State::Command;
+        if nl + 1 > AUTH_LINE_BYTES_MAX {
+            self.error("500 5.5.2 Error: line too long\r\n");
+            return None;
+        }
+        let mut line = &self.input[line_start..line_start + nl];
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        let line = String::from_utf8_lossy(line).into_owned();
+        self.sasl_response_line(stage, &line)
+    }
+
+    fn sasl_response_line(&mut self, stage: Sasl, line: &str) -> Option<Step> {
+        use base64::Engine as _;
+        self.state = State::Command;
+        if line == "*" {
+            self.sasl_user = None;
+            self.error("501 5.7.0 Authentication aborted\r\n");
+            return None;
+        }
+        // "=" is an empty initial response (RFC 4954 §4).
+        let decoded = if line == "=" {
+            Ok(Vec::new())
+        } else {
+            base64::engine::general_purpose::STANDARD.decode(line.trim())
+        };
+        let Ok(decoded) = decoded else {
+            self.sasl_user = None;
+            self.error("501 5.5.2 Error: cannot decode the response\r\n");
+            return None;
+        };
+        let bad = |s: &mut Self| {
+            s.sasl_user = None;
+            s.error("501 5.5.2 Error: invalid response\r\n");
+            None
+        };
+        match stage {
+            Sasl::Plain => {
+                // authzid NUL authcid NUL password (RFC 4616); acting for another
+                // identity is not offered.
+                let mut parts = decoded.split(|b| *b == 0);
+                let (Some(authz), Some(user), Some(password), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return bad(self);
+                };
+                let (Ok(authz), Ok(user), Ok(password)) = (
+                    std::str::from_utf8(authz),
+                    std::str::from_utf8(user),
+                    std::str::from_utf8(password),
+                ) else {
+                    return bad(self);
+                };
+                if user.is_empty() || (!authz.is_empty() && authz != user) {
+                    self.error("535 5.7.8 Error: authentication failed\r\n");
+                    return None;
+                }
+                self.state = State::Authenticating;
+                Some(Step::Authenticate {
+                    user: user.to_string(),
+                    password: password.to_string(),
+                })
+            }
+            Sasl::LoginUser => {
+                let Ok(user) = String::from_utf8(decoded) else {
+                    return bad(self);
+                };
+                if user.is_empty() {
+                    return bad(self);
+                }
+                self.sasl_user = Some(user);
+                // "Password:"
+                self.reply("334 UGFzc3dvcmQ6\r\n");
+                self.state = State::Sasl(Sasl::LoginPassword);
+                None
+            }
+            Sasl::LoginPassword => {
+                let user = self.sasl_user.take().unwrap_or_default();
+                let Ok(password) = String::from_utf8(decoded) else {
+                    return bad(self);
+                };
+                self.state = State::Authenticating;
+                Some(Step::Authenticate { user, password })
+            }
+        }
+    }
+
+    /// RFC 3207. Whatever the client pipelined after STARTTLS is dropped unread: it
+    /// came in plaintext, and must not pass for commands sent under TLS (the
+    /// CVE-2011-0411 command injection).
+    fn starttls_cmd(&mut self, arg: &str) -> Option<Step> {
+        if self.tls {
+            self.error("554 5.5.1 Error: TLS already active\r\n");
+            return None;
+        }
+        if !arg.is_empty() {
+            self.error("501 5.5.4 Syntax: STARTTLS\r\n");
+            return None;
+        }
+        if self.mail.is_some() {
+            self.error("503 5.5.1 Error: MAIL transaction in progress\r\n");
+            return None;
+        }
+        // The session would start over, the authentication with it: refused
+        // instead, as Postfix does.
+        if self.authenticated.is_some() {
+            self.error("503 5.5.1 Error: already authenticated\r\n");
+            return None;
+        }
+        self.reply("220 2.0.0 Ready to start TLS\r\n");
+        self.start = self.end;
+        self.state = State::StartTls;
+        Some(Step::StartTls)
     }
 
     fn mail_cmd(&mut self, arg: &str) {
@@ -633,6 +952,9 @@ impl Session {
         }
         if self.mail.is_some() {
             return self.error("503 5.5.1 Error: nested MAIL command\r\n");
+        }
+        if self.cfg.submission && self.authenticated.is_none() {
+            return self.error("530 5.7.0 Authentication required\r\n");
         }
         let Some(path) = strip_prefix_ci(arg, "FROM:") else {
             return self.error("501 5.5.4 Syntax: MAIL FROM:<address>\r\n");
@@ -717,6 +1039,13 @@ impl Session {
                     }
                     mail.envid = Some(v.to_string());
                 }
+                // RFC 4954 §5: who submitted the message first. Accepted, and not
+                // passed on: delivery does not authenticate to the next hop.
+                ("AUTH", Some(v)) if self.cfg.auth => {
+                    if v != "<>" && !valid_xtext(v) {
+                        return self.error("501 5.5.4 Error: bad AUTH= syntax\r\n");
+                    }
+                }
                 _ => {
                     let r = format!(
                         "555 5.5.4 Error: unsupported MAIL parameter {}\r\n",
@@ -728,6 +1057,21 @@ impl Session {
         }
         if !mail.from.is_ascii() && !mail.smtputf8 {
             return self.error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8\r\n");
+        }
+        if let (Some(login), Some(r), true, false) = (
+            &self.authenticated,
+            &self.recipients,
+            self.cfg.sender_login_match,
+            mail.from.is_null(),
+        ) {
+            if !r.may_send_as(login, &mail.from.address) {
+                let r = format!(
+                    "553 5.7.1 <{}>: Sender address rejected: not owned by user {}\r\n",
+                    sanitize(&mail.from.address),
+                    sanitize(login)
+                );
+                return self.error(&r);
+            }
         }
         // Receive chunks of about the right size (they never grow by copying).
         mail.declared = declared;
@@ -1090,24 +1434,32 @@ impl Session {
         self.seal_body(data_end);
         let mut scanner = super::headers::Scanner::default();
         self.mail.as_ref().unwrap().body.pieces(|p| scanner.feed(p));
-        let hops = scanner.finish().received;
-        if hops >= self.cfg.limits.hop_count_max {
+        let facts = scanner.finish();
+        if facts.received >= self.cfg.limits.hop_count_max {
             self.mail = None;
             self.reclaim();
             self.error("554 5.4.6 Too many hops\r\n");
             return None;
         }
-        Some(self.hand_out())
+        Some(self.hand_out(facts))
     }
 
-    fn hand_out(&mut self) -> Step {
+    fn hand_out(&mut self, headers: super::headers::HeaderFacts) -> Step {
         let mail = self.mail.take().unwrap();
         self.last_body_len = mail.body.len();
         self.state = State::Storing;
-        let protocol = match (mail.smtputf8, self.esmtp) {
-            (true, _) => "UTF8SMTP",
-            (false, true) => "ESMTP",
-            (false, false) => "SMTP",
+        // RFC 3848 and RFC 6531 names; HELO has neither a TLS nor an AUTH variant.
+        let auth = self.authenticated.is_some();
+        let protocol = match (mail.smtputf8, self.esmtp, self.tls, auth) {
+            (true, _, false, false) => "UTF8SMTP",
+            (true, _, true, false) => "UTF8SMTPS",
+            (true, _, false, true) => "UTF8SMTPA",
+            (true, _, true, true) => "UTF8SMTPSA",
+            (false, true, false, false) => "ESMTP",
+            (false, true, true, false) => "ESMTPS",
+            (false, true, false, true) => "ESMTPA",
+            (false, true, true, true) => "ESMTPSA",
+            (false, false, _, _) => "SMTP",
         };
         Step::Message(Box::new(Transaction {
             from: mail.from.address,
@@ -1119,6 +1471,9 @@ impl Session {
             envid: mail.envid,
             helo: self.helo.clone().unwrap_or_default(),
             protocol,
+            auth: self.authenticated.clone(),
+            headers,
+            submission: self.cfg.submission,
         }))
     }
 }

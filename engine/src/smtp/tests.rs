@@ -11,6 +11,11 @@ fn config(limits: Limits) -> Rc<Config> {
         local_domains: vec!["local.test".into()],
         own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         limits,
+        starttls: false,
+        auth: false,
+        auth_without_tls: false,
+        sender_login_match: true,
+        submission: false,
     })
 }
 
@@ -42,6 +47,9 @@ fn run(cfg: Rc<Config>, relay: bool, chunks: &[&[u8]]) -> Outcome {
                     closed = true;
                     break 'feed;
                 }
+                // The handshake succeeds at once.
+                Step::StartTls => s.tls_started(),
+                Step::Authenticate { user, password } => s.auth_done(verdict(&user, &password)),
             }
         }
     }
@@ -438,6 +446,11 @@ fn address_literals_at_rcpt() {
         local_domains: vec!["local.test".into(), "[IPv6:2001:db8::1]".into()],
         own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         limits: Limits::default(),
+        starttls: false,
+        auth: false,
+        auth_without_tls: false,
+        sender_login_match: true,
+        submission: false,
     });
     let input = "EHLO c\r\nMAIL FROM:<a@c.test>\r\n\
         RCPT TO:<x@[127.0.0.2]>\r\n\
@@ -467,6 +480,11 @@ fn internationalised_domains_at_rcpt() {
         local_domains: vec!["bücher.test".into()],
         own_addresses: vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()],
         limits: Limits::default(),
+        starttls: false,
+        auth: false,
+        auth_without_tls: false,
+        sender_login_match: true,
+        submission: false,
     });
     let input = "EHLO c\r\nMAIL FROM:<a@c.test> SMTPUTF8\r\n\
         RCPT TO:<x@XN--BCHER-KVA.test>\r\n\
@@ -568,6 +586,11 @@ fn a_literal_of_our_own_address_is_refused_at_rcpt() {
             [192, 0, 2, 7].into(),
         ],
         limits: Limits::default(),
+        starttls: false,
+        auth: false,
+        auth_without_tls: false,
+        sender_login_match: true,
+        submission: false,
     };
     let (codes, replies) = reply_codes(Rc::new(cfg.clone()), true, input);
     assert_eq!(codes, "220|250|250|553|553|553|553|250", "{replies}");
@@ -613,7 +636,9 @@ fn feed(s: &mut Session, bytes: &[u8], bodies: &mut Vec<Vec<u8>>) {
                 drop(tx);
                 s.message_stored("ID");
             }
-            Step::Close => panic!("closed: {}", String::from_utf8_lossy(s.output())),
+            Step::Close | Step::StartTls | Step::Authenticate { .. } => {
+                panic!("closed: {}", String::from_utf8_lossy(s.output()))
+            }
         }
     }
     s.clear_output();
@@ -713,6 +738,11 @@ impl super::server::LocalRecipients for Directory {
             _ => Unknown,
         }
     }
+
+    /// bob@local.test may send as himself and as team@local.test.
+    fn may_send_as(&self, login: &str, sender: &str) -> bool {
+        login == "bob@local.test" && ["bob@local.test", "team@local.test"].contains(&sender)
+    }
 }
 
 #[test]
@@ -762,4 +792,360 @@ fn local_recipients_are_checked_against_the_directory_and_postmaster_always_pass
             ("small@local.test", "local.test", None),
         ]
     );
+}
+
+/// The password check of the core tests: bob@local.test's password is "right".
+fn verdict(user: &str, password: &str) -> super::server::AuthVerdict {
+    use super::server::AuthVerdict;
+    match (user, password) {
+        ("bob@local.test", "right") => AuthVerdict::Ok(user.into()),
+        (_, "busy") => AuthVerdict::TempFail,
+        _ => AuthVerdict::Failed,
+    }
+}
+
+fn tls_config() -> Rc<Config> {
+    Rc::new(Config {
+        starttls: true,
+        auth: false,
+        auth_without_tls: false,
+        sender_login_match: true,
+        submission: false,
+        ..(*config(Limits::default())).clone()
+    })
+}
+
+/// Feeds `input` in one piece and runs the core to its next stop.
+fn feed_str(s: &mut Session, input: &str) -> Step {
+    s.push(input.as_bytes());
+    s.process()
+}
+
+fn take_output(s: &mut Session) -> String {
+    let out = String::from_utf8(s.output().to_vec()).unwrap();
+    s.clear_output();
+    out
+}
+
+#[test]
+fn starttls_is_offered_once_and_the_session_starts_over_under_tls() {
+    let mut s = Session::new(tls_config(), true);
+    assert!(matches!(
+        feed_str(&mut s, "EHLO c.test\r\n"),
+        Step::NeedInput
+    ));
+    let ehlo = take_output(&mut s);
+    assert!(ehlo.contains("250-STARTTLS\r\n"), "{ehlo}");
+    // The injection case: what was pipelined after STARTTLS in plaintext is dropped.
+    assert!(matches!(
+        feed_str(&mut s, "STARTTLS\r\nRSET\r\nMAIL FROM:<evil@c.test>\r\n"),
+        Step::StartTls
+    ));
+    assert_eq!(take_output(&mut s), "220 2.0.0 Ready to start TLS\r\n");
+    // Until the handshake is done, nothing more is handled.
+    assert!(matches!(s.process(), Step::StartTls));
+    s.tls_started();
+    assert!(s.in_tls());
+    assert!(matches!(s.process(), Step::NeedInput));
+    assert_eq!(take_output(&mut s), "", "a plaintext command was answered");
+    // Nothing said before counts: EHLO again first.
+    feed_str(&mut s, "MAIL FROM:<a@c.test>\r\n");
+    assert!(take_output(&mut s).starts_with("503 "));
+    feed_str(&mut s, "EHLO c.test\r\n");
+    let ehlo = take_output(&mut s);
+    assert!(
+        ehlo.starts_with("250-mx.test\r\n") && !ehlo.contains("STARTTLS"),
+        "{ehlo}"
+    );
+    feed_str(&mut s, "STARTTLS\r\n");
+    assert_eq!(
+        take_output(&mut s),
+        "554 5.5.1 Error: TLS already active\r\n"
+    );
+    let Step::Message(tx) = feed_str(
+        &mut s,
+        "MAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\nhi\r\n.\r\n",
+    ) else {
+        panic!("no message: {}", take_output(&mut s))
+    };
+    assert_eq!(tx.protocol, "ESMTPS");
+}
+
+#[test]
+fn starttls_refusals() {
+    let mut s = Session::new(tls_config(), true);
+    feed_str(
+        &mut s,
+        "EHLO c.test\r\nSTARTTLS now\r\nMAIL FROM:<a@c.test>\r\nSTARTTLS\r\n",
+    );
+    let out = take_output(&mut s);
+    assert!(
+        out.ends_with("501 5.5.4 Syntax: STARTTLS\r\n250 2.1.0 Ok\r\n503 5.5.1 Error: MAIL transaction in progress\r\n"),
+        "{out}"
+    );
+    feed_str(&mut s, "RSET\r\nSTARTTLS\r\n");
+    assert!(take_output(&mut s).ends_with("220 2.0.0 Ready to start TLS\r\n"));
+
+    // Without a certificate it is an unknown command, and EHLO does not offer it.
+    let mut s = Session::new(config(Limits::default()), true);
+    feed_str(&mut s, "EHLO c.test\r\nSTARTTLS\r\n");
+    let out = take_output(&mut s);
+    assert!(
+        !out.contains("STARTTLS") && out.ends_with("502 5.5.1 Error: command not implemented\r\n"),
+        "{out}"
+    );
+
+    // On an implicit-TLS listener there is nothing to start.
+    let mut s = Session::new(tls_config(), true);
+    s.set_tls();
+    feed_str(&mut s, "EHLO c.test\r\nSTARTTLS\r\n");
+    let out = take_output(&mut s);
+    assert!(
+        !out.contains("250-STARTTLS") && out.ends_with("554 5.5.1 Error: TLS already active\r\n"),
+        "{out}"
+    );
+}
+
+fn auth_config(without_tls: bool) -> Rc<Config> {
+    Rc::new(Config {
+        auth: true,
+        auth_without_tls: without_tls,
+        ..(*tls_config()).clone()
+    })
+}
+
+/// A session under TLS with the test directory, after EHLO.
+fn auth_session(relay: bool) -> Session {
+    let mut s = Session::new(auth_config(false), relay);
+    s.set_tls();
+    s.set_local_recipients(Rc::new(Directory(Default::default())));
+    feed_str(&mut s, "EHLO c.test\r\n");
+    let ehlo = take_output(&mut s);
+    assert!(ehlo.contains("250-AUTH PLAIN LOGIN\r\n"), "{ehlo}");
+    s
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Runs the core and answers every password check with `verdict`.
+fn run_auth(s: &mut Session, input: &str) -> String {
+    s.push(input.as_bytes());
+    loop {
+        match s.process() {
+            Step::Authenticate { user, password } => s.auth_done(verdict(&user, &password)),
+            Step::NeedInput => break,
+            other => panic!("unexpected step: {}", matches!(other, Step::Close)),
+        }
+    }
+    take_output(s)
+}
+
+#[test]
+fn auth_plain_and_login_with_and_without_initial_responses() {
+    let plain = b64("\0bob@local.test\0right");
+    for input in [
+        format!("AUTH PLAIN {plain}\r\n"),
+        format!("AUTH plain\r\n{plain}\r\n"),
+        format!(
+            "AUTH LOGIN\r\n{}\r\n{}\r\n",
+            b64("bob@local.test"),
+            b64("right")
+        ),
+        format!(
+            "AUTH LOGIN {}\r\n{}\r\n",
+            b64("bob@local.test"),
+            b64("right")
+        ),
+        // The authorization identity may be the user itself.
+        format!(
+            "AUTH PLAIN {}\r\n",
+            b64("bob@local.test\0bob@local.test\0right")
+        ),
+    ] {
+        let mut s = auth_session(false);
+        let out = run_auth(&mut s, &input);
+        assert!(
+            out.ends_with("235 2.7.0 Authentication successful\r\n"),
+            "{input:?}: {out}"
+        );
+        assert_eq!(s.authenticated(), Some("bob@local.test"));
+        // Not offered, nor taken, twice.
+        let out = run_auth(&mut s, "EHLO c.test\r\nAUTH PLAIN =\r\n");
+        assert!(!out.contains("AUTH PLAIN"), "{out}");
+        assert!(
+            out.ends_with("503 5.5.1 Error: already authenticated\r\n"),
+            "{out}"
+        );
+    }
+    let mut s = auth_session(false);
+    let out = run_auth(&mut s, "AUTH LOGIN\r\n");
+    assert_eq!(out, "334 VXNlcm5hbWU6\r\n");
+    let out = run_auth(&mut s, &format!("{}\r\n", b64("bob@local.test")));
+    assert_eq!(out, "334 UGFzc3dvcmQ6\r\n");
+}
+
+#[test]
+fn auth_failures_and_refusals() {
+    let cases = [
+        (
+            format!("AUTH PLAIN {}\r\n", b64("\0bob@local.test\0wrong")),
+            "535 5.7.8 Error: authentication failed\r\n",
+        ),
+        (
+            format!("AUTH PLAIN {}\r\n", b64("\0bob@local.test\0busy")),
+            "454 4.7.0 Temporary authentication failure, try again later\r\n",
+        ),
+        // Acting for someone else is not offered.
+        (
+            format!(
+                "AUTH PLAIN {}\r\n",
+                b64("alice@local.test\0bob@local.test\0right")
+            ),
+            "535 5.7.8 Error: authentication failed\r\n",
+        ),
+        (
+            "AUTH PLAIN\r\n*\r\n".to_string(),
+            "501 5.7.0 Authentication aborted\r\n",
+        ),
+        (
+            "AUTH PLAIN !!!\r\n".to_string(),
+            "501 5.5.2 Error: cannot decode the response\r\n",
+        ),
+        (
+            format!("AUTH PLAIN {}\r\n", b64("no separators")),
+            "501 5.5.2 Error: invalid response\r\n",
+        ),
+        (
+            "AUTH CRAM-MD5\r\n".to_string(),
+            "504 5.5.4 Unrecognized authentication type\r\n",
+        ),
+        (
+            "AUTH\r\n".to_string(),
+            "501 5.5.4 Syntax: AUTH mechanism\r\n",
+        ),
+        (
+            "MAIL FROM:<bob@local.test>\r\nAUTH PLAIN =\r\n".to_string(),
+            "503 5.5.1 Error: MAIL transaction in progress\r\n",
+        ),
+    ];
+    for (input, want) in cases {
+        let mut s = auth_session(false);
+        let out = run_auth(&mut s, &input);
+        assert!(out.ends_with(want), "{input:?}: {out}");
+        assert_eq!(s.authenticated(), None, "{input:?}");
+        // The session goes on.
+        assert!(run_auth(&mut s, "NOOP\r\n").starts_with("250 "));
+    }
+    // Before TLS it is neither offered nor taken; before EHLO, not taken.
+    let mut s = Session::new(auth_config(false), false);
+    let out = run_auth(&mut s, "AUTH PLAIN =\r\nEHLO c.test\r\nAUTH PLAIN =\r\n");
+    assert!(
+        out.contains("503 5.5.1 Error: send EHLO first\r\n"),
+        "{out}"
+    );
+    assert!(!out.contains("250-AUTH"), "{out}");
+    assert!(
+        out.ends_with("538 5.7.11 Encryption required for requested authentication mechanism\r\n"),
+        "{out}"
+    );
+    // Unless configured otherwise.
+    let mut s = Session::new(auth_config(true), false);
+    let out = run_auth(
+        &mut s,
+        &format!(
+            "EHLO c.test\r\nAUTH PLAIN {}\r\n",
+            b64("\0bob@local.test\0right")
+        ),
+    );
+    assert!(
+        out.contains("250-AUTH PLAIN LOGIN\r\n")
+            && out.ends_with("235 2.7.0 Authentication successful\r\n"),
+        "{out}"
+    );
+    // A long initial response fits (RFC 4954: 12288 octets); the command limit does not apply.
+    let mut s = auth_session(false);
+    let long = b64(&format!("\0bob@local.test\0{}", "x".repeat(4000)));
+    assert!(run_auth(&mut s, &format!("AUTH PLAIN {long}\r\n"))
+        .ends_with("535 5.7.8 Error: authentication failed\r\n"));
+}
+
+#[test]
+fn an_authenticated_client_relays_and_sends_only_as_itself() {
+    let mut s = auth_session(false);
+    // Before AUTH: no relaying from outside the relay networks.
+    let out = run_auth(
+        &mut s,
+        "MAIL FROM:<bob@local.test>\r\nRCPT TO:<x@remote.test>\r\nRSET\r\n",
+    );
+    assert!(out.contains("554 5.7.1"), "{out}");
+    run_auth(
+        &mut s,
+        &format!("AUTH PLAIN {}\r\n", b64("\0bob@local.test\0right")),
+    );
+    let out = run_auth(&mut s, "MAIL FROM:<alice@local.test>\r\n");
+    assert_eq!(out, "553 5.7.1 <alice@local.test>: Sender address rejected: not owned by user bob@local.test\r\n");
+    for from in ["bob@local.test", "team@local.test", ""] {
+        let out = run_auth(
+            &mut s,
+            &format!("MAIL FROM:<{from}> AUTH=<>\r\nRCPT TO:<x@remote.test>\r\nRSET\r\n"),
+        );
+        assert_eq!(
+            out, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n",
+            "{from}"
+        );
+    }
+    let Step::Message(tx) = feed_str(
+        &mut s,
+        "MAIL FROM:<bob@local.test>\r\nRCPT TO:<x@remote.test>\r\nDATA\r\nhi\r\n.\r\n",
+    ) else {
+        panic!("no message: {}", take_output(&mut s))
+    };
+    assert_eq!(tx.protocol, "ESMTPSA");
+    assert_eq!(tx.auth.as_deref(), Some("bob@local.test"));
+    // STARTTLS would start the session over: refused after AUTH.
+    let mut s = Session::new(auth_config(true), false);
+    s.set_local_recipients(Rc::new(Directory(Default::default())));
+    let out = run_auth(
+        &mut s,
+        &format!(
+            "EHLO c.test\r\nAUTH PLAIN {}\r\nSTARTTLS\r\n",
+            b64("\0bob@local.test\0right")
+        ),
+    );
+    assert!(
+        out.ends_with("503 5.5.1 Error: already authenticated\r\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn submission_needs_auth_before_mail_and_reports_the_missing_fields() {
+    let cfg = Rc::new(Config {
+        submission: true,
+        ..(*auth_config(false)).clone()
+    });
+    // Even from a relay network.
+    let mut s = Session::new(cfg, true);
+    s.set_tls();
+    s.set_local_recipients(Rc::new(Directory(Default::default())));
+    let out = run_auth(&mut s, "EHLO c.test\r\nMAIL FROM:<bob@local.test>\r\n");
+    assert!(
+        out.ends_with("530 5.7.0 Authentication required\r\n"),
+        "{out}"
+    );
+    run_auth(
+        &mut s,
+        &format!("AUTH PLAIN {}\r\n", b64("\0bob@local.test\0right")),
+    );
+    let Step::Message(tx) = feed_str(
+        &mut s,
+        "MAIL FROM:<bob@local.test>\r\nRCPT TO:<x@remote.test>\r\nDATA\r\nSubject: s\r\nMessage-ID: <m@c.test>\r\n\r\nhi\r\n.\r\n",
+    ) else {
+        panic!("no message: {}", take_output(&mut s))
+    };
+    assert!(tx.submission);
+    assert!(tx.headers.message_id && !tx.headers.date);
 }

@@ -377,6 +377,12 @@ impl Session {
         self.close();
     }
 
+    /// The connection is under TLS from its start (an implicit-TLS listener): STLS
+    /// is neither advertised nor accepted.
+    pub fn set_tls(&mut self) {
+        self.tls = true;
+    }
+
     /// The TLS handshake after STLS succeeded; ignored when none is outstanding.
     pub fn tls_started(&mut self) {
         if self.waiting == Some(Waiting::StartTls) {

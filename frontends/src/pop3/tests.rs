@@ -946,6 +946,21 @@ fn stls_after_login_is_refused() {
     assert!(!s.in_tls());
 }
 
+#[test]
+fn an_implicit_tls_session_neither_offers_nor_takes_stls() {
+    let mut s = Session::new(Config {
+        stls: true,
+        ..config()
+    });
+    s.set_tls();
+    s.clear_output();
+    s.push(b"CAPA\r\nSTLS\r\n");
+    assert_eq!(s.process(), Step::NeedInput);
+    let expected = [CAPA_AUTHORIZATION, "-ERR already using TLS\r\n"].concat();
+    assert_eq!(String::from_utf8_lossy(s.output()), expected);
+    assert!(s.in_tls());
+}
+
 // Line limits and errors.
 
 #[test]

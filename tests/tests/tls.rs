@@ -1,0 +1,501 @@
+//! TLS end to end against the built binary, with real clients: python3's smtplib
+//! (`starttls`, `SMTP_SSL`) and poplib (`stls`, `POP3_SSL`) verifying the embedded
+//! self-signed certificate, curl over STARTTLS and implicit TLS, raw sockets for the
+//! command-injection case (plaintext pipelined after STARTTLS/STLS), and SNI choosing
+//! between configured certificates; SMTP AUTH and the submission service, which
+//! need TLS.
+
+use ringmail_tests::{binary, mailbox_list, run_ok, user_add, Server};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PASSWORD: &str = "secret password";
+const HOST: &str = "mx.ringmail.test";
+
+fn server_with(users: &[&str], args: &[&str]) -> Server {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    for u in users {
+        user_add(&data, u, PASSWORD);
+    }
+    Server::start_in(Some(tmp), data, args)
+}
+
+/// The self-signed certificate the server made for its hostname.
+fn self_signed(server: &Server) -> String {
+    server
+        .data
+        .join(format!("tls/{HOST}.pem"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Runs a python3 script with argv: SMTP, POP3, SMTPS, POP3S ports, then `extra`.
+fn py(server: &Server, script: &str, extra: &[&str]) -> String {
+    let ports =
+        [server.addr, server.pop3, server.smtps, server.pop3s].map(|a| a.port().to_string());
+    let out = run_ok(
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(ports)
+            .args(extra),
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn wait_inbox(server: &Server, address: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = mailbox_list(&server.data, address, Some("INBOX")).len();
+        if got >= n {
+            assert_eq!(got, n);
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{address}: {got} of {n} delivered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn smtplib_and_poplib_use_starttls_stls_and_implicit_tls_with_the_self_signed_certificate() {
+    let server = server_with(&["bob@localhost"], &[]);
+    let ca = self_signed(&server);
+    // Verified: the certificate names `localhost` besides the hostname, and the
+    // clients check it against the name they connect to.
+    let sent = py(
+        &server,
+        r#"
+import sys, smtplib, ssl
+smtp, smtps, ca = int(sys.argv[1]), int(sys.argv[3]), sys.argv[5]
+ctx = ssl.create_default_context(cafile=ca)
+s = smtplib.SMTP('localhost', smtp, timeout=30)
+s.ehlo('client.test')
+assert s.has_extn('starttls'), s.esmtp_features
+code, _ = s.starttls(context=ctx)
+print('smtp', code, s.sock.version())
+s.ehlo('client.test')
+assert not s.has_extn('starttls'), 'offered again under TLS'
+print('again', s.docmd('STARTTLS')[0])
+s.sendmail('alice@example.org', ['bob@localhost'], b'Subject: one\r\n\r\nover STARTTLS\r\n')
+s.quit()
+s = smtplib.SMTP_SSL('localhost', smtps, context=ctx, timeout=30)
+s.ehlo('client.test')
+assert not s.has_extn('starttls')
+s.sendmail('alice@example.org', ['bob@localhost'], b'Subject: two\r\n\r\nover implicit TLS\r\n')
+s.quit()
+"#,
+        &[&ca],
+    );
+    assert_eq!(
+        sent,
+        "smtp 220 TLSv1.3\nagain 554\n",
+        "{}",
+        server.log_text()
+    );
+    wait_inbox(&server, "bob@localhost", 2);
+    let fetched = py(
+        &server,
+        r#"
+import sys, poplib, ssl
+pop3, pop3s, ca = int(sys.argv[2]), int(sys.argv[4]), sys.argv[5]
+ctx = ssl.create_default_context(cafile=ca)
+p = poplib.POP3('localhost', pop3, timeout=30)
+assert 'STLS' in p.capa()
+print(p.stls(context=ctx).decode(), p.sock.version())
+assert 'STLS' not in p.capa()
+p.user('bob@localhost'); p.pass_('secret password')
+text = b'\n'.join(p.retr(1)[1])
+print(p.stat()[0], b'with ESMTPS' in text, b'over STARTTLS' in text)
+p.quit()
+p = poplib.POP3_SSL('localhost', pop3s, context=ctx, timeout=30)
+assert 'STLS' not in p.capa()
+p.user('bob'); p.pass_('secret password')
+print('pop3s', p.sock.version(), b'over implicit TLS' in b'\n'.join(p.retr(2)[1]))
+p.quit()
+"#,
+        &[&ca],
+    );
+    assert_eq!(
+        fetched,
+        "+OK begin TLS negotiation TLSv1.3\n2 True True\npop3s TLSv1.3 True\n",
+        "{}",
+        server.log_text()
+    );
+}
+
+#[test]
+fn curl_sends_and_fetches_over_starttls_and_implicit_tls() {
+    let server = server_with(&["bob@localhost"], &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let msg = tmp.path().join("m.txt");
+    std::fs::write(&msg, "Subject: by curl\r\n\r\nsent by curl\r\n").unwrap();
+    let ca = self_signed(&server);
+    let resolve = |port: u16| format!("{HOST}:{port}:127.0.0.1");
+    for (url, port) in [
+        (
+            format!("smtp://{HOST}:{}", server.addr.port()),
+            server.addr.port(),
+        ),
+        (
+            format!("smtps://{HOST}:{}", server.smtps.port()),
+            server.smtps.port(),
+        ),
+    ] {
+        run_ok(
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "--ssl-reqd",
+                    "--cacert",
+                    &ca,
+                    "--resolve",
+                    &resolve(port),
+                    &url,
+                    "--mail-from",
+                    "alice@example.org",
+                    "--mail-rcpt",
+                    "bob@localhost",
+                    "-T",
+                ])
+                .arg(&msg),
+        );
+    }
+    wait_inbox(&server, "bob@localhost", 2);
+    let list = run_ok(Command::new("curl").args([
+        "-sS",
+        "--ssl-reqd",
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve(server.pop3.port()),
+        "-u",
+        "bob@localhost:secret password",
+        &format!("pop3://{HOST}:{}/", server.pop3.port()),
+    ]));
+    let list = String::from_utf8(list.stdout).unwrap();
+    assert_eq!(list.lines().count(), 2, "{list}");
+    let fetched = run_ok(Command::new("curl").args([
+        "-sS",
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve(server.pop3s.port()),
+        "-u",
+        "bob:secret password",
+        &format!("pop3s://{HOST}:{}/2", server.pop3s.port()),
+    ]));
+    let fetched = String::from_utf8(fetched.stdout).unwrap();
+    assert!(
+        fetched.contains("sent by curl") && fetched.contains("with ESMTPS"),
+        "{fetched}"
+    );
+}
+
+/// CVE-2011-0411: a command pipelined in plaintext after STARTTLS (or STLS), in the
+/// same write, must never be answered as if it came under TLS.
+#[test]
+fn plaintext_pipelined_after_starttls_or_stls_is_never_answered() {
+    let server = server_with(&[], &[]);
+    let out = py(
+        &server,
+        r#"
+import sys, socket, ssl
+smtp, pop3 = int(sys.argv[1]), int(sys.argv[2])
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+def reply(f):
+    lines = []
+    while True:
+        l = f.readline()
+        lines.append(l)
+        if l[3:4] != b'-': return lines
+s = socket.create_connection(('127.0.0.1', smtp), timeout=30); f = s.makefile('rb')
+reply(f)
+s.sendall(b'EHLO c.test\r\n'); reply(f)
+s.sendall(b'STARTTLS\r\nRSET\r\n')
+print(f.readline().decode().strip())
+t = ctx.wrap_socket(s); f = t.makefile('rb')
+# HELP's 214 must be the first reply under TLS: RSET's 250 would come before it.
+t.sendall(b'HELP\r\n')
+print('smtp first under TLS:', f.readline()[:3].decode())
+s = socket.create_connection(('127.0.0.1', pop3), timeout=30); f = s.makefile('rb')
+f.readline()
+s.sendall(b'STLS\r\nSTAT\r\n')
+print(f.readline().decode().strip())
+t = ctx.wrap_socket(s); f = t.makefile('rb')
+# CAPA's +OK must come first: STAT before login would be -ERR.
+t.sendall(b'CAPA\r\n')
+print('pop3 first under TLS:', f.readline()[:3].decode())
+"#,
+        &[],
+    );
+    assert_eq!(
+        out,
+        "220 2.0.0 Ready to start TLS\nsmtp first under TLS: 214\n+OK begin TLS negotiation\npop3 first under TLS: +OK\n"
+    );
+}
+
+#[test]
+fn sni_picks_the_configured_certificate_for_the_name_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = Vec::new();
+    let mut ders = Vec::new();
+    for name in ["a.example.test", "b.example.test"] {
+        let made = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        let (cert, key) = (
+            tmp.path().join(format!("{name}.pem")),
+            tmp.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+        args.extend([
+            "--tls-certificate".to_string(),
+            cert.to_string_lossy().into_owned(),
+            "--tls-key".to_string(),
+            key.to_string_lossy().into_owned(),
+        ]);
+        ders.push(
+            made.cert
+                .der()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+        );
+    }
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let server = server_with(&[], &args);
+    let out = py(
+        &server,
+        r#"
+import sys, socket, ssl
+smtps = int(sys.argv[3])
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+for name in ['a.example.test', 'b.example.test', 'other.test']:
+    t = ctx.wrap_socket(socket.create_connection(('127.0.0.1', smtps), timeout=30), server_hostname=name)
+    print(t.getpeercert(binary_form=True).hex())
+    t.close()
+"#,
+        &[],
+    );
+    let got: Vec<&str> = out.lines().collect();
+    // The name's own certificate; an unknown name gets the first.
+    assert_eq!(got, [&ders[0], &ders[1], &ders[0]]);
+    assert!(
+        !server.data.join("tls").exists(),
+        "made a self-signed certificate although certificates are configured"
+    );
+}
+
+#[test]
+fn certificate_settings_that_cannot_work_stop_the_server_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let missing = tmp.path().join("missing.pem");
+    let serve = |extra: &[&str]| {
+        let out = Command::new(binary())
+            .arg("serve")
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--smtp",
+                "127.0.0.1:0",
+                "--pop3",
+                "127.0.0.1:0",
+                "--smtps",
+                "127.0.0.1:0",
+            ])
+            .args(["--pop3s", "127.0.0.1:0", "--dns", "127.0.0.1:9"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let m = missing.to_str().unwrap();
+    let err = serve(&["--tls-certificate", m]);
+    assert!(
+        err.contains("`tls-certificate` and `tls-key` go in pairs"),
+        "{err}"
+    );
+    let err = serve(&["--tls-certificate", m, "--tls-key", m]);
+    assert!(
+        err.contains("cannot read certificates from") && err.contains("missing.pem"),
+        "{err}"
+    );
+}
+
+/// SMTP AUTH (RFC 4954) with smtplib and curl: only under TLS, wrong passwords
+/// refused after the failure delay, relaying and the sender address tied to the login.
+#[test]
+fn smtp_auth_after_starttls_lets_a_user_relay_as_itself() {
+    // Loopback is not a relay network here: relaying needs AUTH.
+    let server = server_with(
+        &["bob@localhost", "carol@localhost"],
+        &[
+            "--relay-network",
+            "192.0.2.0/24",
+            "--auth-failure-delay",
+            "1",
+        ],
+    );
+    let ca = self_signed(&server);
+    let out = py(
+        &server,
+        r#"
+import sys, smtplib, ssl, time
+smtp, ca = int(sys.argv[1]), sys.argv[5]
+ctx = ssl.create_default_context(cafile=ca)
+s = smtplib.SMTP('localhost', smtp, timeout=30)
+s.ehlo('client.test')
+print('before TLS', s.has_extn('auth'))
+try:
+    s.login('bob@localhost', 'secret password')
+except smtplib.SMTPNotSupportedError:
+    print('login refused before TLS')
+print(s.docmd('AUTH', 'PLAIN AGJvYkBsb2NhbGhvc3QAc2VjcmV0IHBhc3N3b3Jk')[0])
+s.mail('bob@localhost')
+print('relay before AUTH', s.rcpt('someone@remote.test')[0])
+s.rset()
+s.starttls(context=ctx)
+s.ehlo('client.test')
+print('under TLS', s.esmtp_features.get('auth', '').strip())
+t = time.monotonic()
+try:
+    s.login('bob@localhost', 'wrong')
+except smtplib.SMTPAuthenticationError as e:
+    print('wrong password', e.smtp_code, time.monotonic() - t >= 0.9)
+s.user, s.password = 'bob@localhost', 'secret password'
+print('login', s.auth('LOGIN', s.auth_login, initial_response_ok=False)[0])
+print('other sender', s.mail('carol@localhost')[0])
+s.rset()
+print('own sender', s.mail('bob@localhost')[0], 'relay', s.rcpt('someone@remote.test')[0], s.rcpt('carol@localhost')[0])
+code, _ = s.data(b'Subject: authenticated\r\n\r\nhello\r\n')
+print('data', code)
+s.quit()
+"#,
+        &[&ca],
+    );
+    assert_eq!(
+        out,
+        "before TLS False\nlogin refused before TLS\n538\nrelay before AUTH 554\n\
+         under TLS PLAIN LOGIN\nwrong password 535 True\nlogin 235\nother sender 553\n\
+         own sender 250 relay 250 250\ndata 250\n",
+        "{}",
+        server.log_text()
+    );
+    wait_inbox(&server, "carol@localhost", 1);
+    let shown = run_ok(
+        Command::new(binary())
+            .args(["mailbox", "show", "carol@localhost", "--uid", "1", "--data"])
+            .arg(&server.data),
+    );
+    let shown = String::from_utf8(shown.stdout).unwrap();
+    assert!(
+        shown.contains("(Authenticated sender: bob@localhost)") && shown.contains("with ESMTPSA"),
+        "{shown}"
+    );
+    // curl authenticates with PLAIN over STARTTLS and relays.
+    let tmp = tempfile::tempdir().unwrap();
+    let msg = tmp.path().join("m.txt");
+    std::fs::write(&msg, "Subject: by curl\r\n\r\nsent by curl\r\n").unwrap();
+    let url = format!("smtp://localhost:{}", server.addr.port());
+    let sent = Command::new("curl")
+        .args([
+            "-sS",
+            "--ssl-reqd",
+            "--cacert",
+            &ca,
+            &url,
+            "-u",
+            "carol@localhost:secret password",
+        ])
+        .args([
+            "--mail-from",
+            "carol@localhost",
+            "--mail-rcpt",
+            "someone@remote.test",
+            "-T",
+        ])
+        .arg(&msg)
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert!(
+        server.log_text().contains("smtp auth user=carol@localhost"),
+        "{}",
+        server.log_text()
+    );
+}
+
+/// Message submission (RFC 6409): AUTH before MAIL, STARTTLS before AUTH, and a
+/// message without `Date:` or `Message-ID:` gets them.
+#[test]
+fn submission_requires_tls_and_auth_and_adds_date_and_message_id() {
+    let server = server_with(&["bob@localhost", "carol@localhost"], &[]);
+    let ca = self_signed(&server);
+    let port = server.submission.port().to_string();
+    let out = py(
+        &server,
+        r#"
+import sys, smtplib, ssl
+port, ca = int(sys.argv[6]), sys.argv[5]
+ctx = ssl.create_default_context(cafile=ca)
+s = smtplib.SMTP('localhost', port, timeout=30)
+s.ehlo('client.test')
+print('plaintext', s.has_extn('auth'), s.mail('bob@localhost')[0])
+s.starttls(context=ctx)
+s.ehlo('client.test')
+print('tls, before AUTH', s.mail('bob@localhost')[0])
+s.login('bob@localhost', 'secret password')
+s.sendmail('bob@localhost', ['carol@localhost'], b'Subject: bare\r\n\r\nno date, no id\r\n')
+s.sendmail('bob@localhost', ['carol@localhost'],
+    b'Date: Tue, 1 Dec 2026 10:00:00 +0000\r\nMessage-ID: <own@client.test>\r\nSubject: full\r\n\r\nhas both\r\n')
+s.quit()
+"#,
+        &[&ca, &port],
+    );
+    assert_eq!(
+        out,
+        "plaintext False 530\ntls, before AUTH 530\n",
+        "{}",
+        server.log_text()
+    );
+    wait_inbox(&server, "carol@localhost", 2);
+    let show = |uid: &str| {
+        let o = run_ok(
+            Command::new(binary())
+                .args(["mailbox", "show", "carol@localhost", "--uid", uid, "--data"])
+                .arg(&server.data),
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let count = |text: &str, field: &str| {
+        text.split("\r\n\r\n")
+            .next()
+            .unwrap()
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with(field))
+            .count()
+    };
+    let bare = show("1");
+    assert_eq!(
+        (count(&bare, "date:"), count(&bare, "message-id:")),
+        (1, 1),
+        "{bare}"
+    );
+    assert!(bare.contains("@mx.ringmail.test>"), "{bare}");
+    let full = show("2");
+    assert_eq!(
+        (count(&full, "date:"), count(&full, "message-id:")),
+        (1, 1),
+        "{full}"
+    );
+    assert!(full.contains("Message-ID: <own@client.test>"), "{full}");
+}
