@@ -37,6 +37,10 @@ pub struct Config {
     /// certificate for the hostname, made on first start in the data directory.
     pub tls_certificates: Vec<PathBuf>,
     pub tls_keys: Vec<PathBuf>,
+    /// Outbound TLS per destination domain (`*`: the rest; default `may`).
+    pub tls_policies: Vec<(String, crate::delivery::tls::TlsLevel)>,
+    /// Certificates trusted by outbound `verify` besides the webpki roots.
+    pub tls_ca_file: Option<PathBuf>,
     /// Offer SMTP AUTH before TLS too.
     pub smtp_auth_without_tls: bool,
     /// An authenticated SMTP client's MAIL FROM must be its own address or an alias.
@@ -88,6 +92,8 @@ impl Default for Config {
             pop3s: "127.0.0.1:1995".parse().unwrap(),
             tls_certificates: Vec::new(),
             tls_keys: Vec::new(),
+            tls_policies: Vec::new(),
+            tls_ca_file: None,
             smtp_auth_without_tls: false,
             sender_login_match: true,
             local_domains: vec!["localhost".into()],
@@ -409,6 +415,7 @@ toml_type! {
     SocketAddr => "string (ADDR:PORT)",
     Network => "string (a CIDR network or an address)",
     Route => "string (DOMAIN=HOST:PORT)",
+    TlsPolicy => "string (DOMAIN=LEVEL)",
 }
 
 impl<T: TomlType> TomlType for Vec<T> {
@@ -476,7 +483,37 @@ macro_rules! serde_via_str {
     };
 }
 
-serde_via_str!(Network, Route);
+/// Outbound TLS for a domain: `DOMAIN=LEVEL`, DOMAIN `*` for every other one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPolicy {
+    pub domain: String,
+    pub level: crate::delivery::tls::TlsLevel,
+}
+
+impl FromStr for TlsPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<TlsPolicy, String> {
+        let (domain, level) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}` is not DOMAIN=LEVEL"))?;
+        let domain = domain.trim().to_ascii_lowercase();
+        if domain != "*" && !is_host_name(&domain) {
+            return Err(format!("`{domain}` is not a domain name or `*`"));
+        }
+        Ok(TlsPolicy {
+            domain,
+            level: level.trim().parse()?,
+        })
+    }
+}
+
+impl fmt::Display for TlsPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.domain, self.level.name())
+    }
+}
+
+serde_via_str!(Network, Route, TlsPolicy);
 
 /// One row of the reference (docs/configuration.md).
 #[derive(Debug)]
@@ -701,6 +738,28 @@ settings! {
     rule anything("paths"),
     get |c| Some(c.tls_certificates.clone()),
     set |c, v| c.tls_certificates = v;
+
+    /// Outbound TLS for mail to a domain, DOMAIN=LEVEL (repeatable; `*` for every
+    /// other domain): `none`, `may` (STARTTLS when offered, any certificate, plaintext
+    /// when the handshake fails), `encrypt` (TLS required, any certificate) or
+    /// `verify` (TLS with a certificate valid for the MX host name).
+    #[arg(long)]
+    tls_policy: Vec<TlsPolicy>, aliases ["tls-policies"],
+    default "may for every domain",
+    rule anything("DOMAIN=LEVEL each"),
+    get |c| Some(c.tls_policies.iter().map(|(domain, level)| TlsPolicy {
+        domain: domain.clone(),
+        level: *level,
+    }).collect()),
+    set |c, v| c.tls_policies = v.into_iter().map(|p| (p.domain, p.level)).collect();
+
+    /// PEM certificates outbound `verify` trusts besides the webpki (Mozilla) roots.
+    #[arg(long)]
+    tls_ca_file: PathBuf, aliases [],
+    default "the webpki roots only",
+    rule non_empty_path(),
+    get |c| c.tls_ca_file.clone(),
+    set |c, v| c.tls_ca_file = Some(v);
 
     /// Offer SMTP AUTH (PLAIN, LOGIN) before STARTTLS too; off: only under TLS, so a
     /// password never crosses the network in clear.

@@ -87,6 +87,12 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     // which would otherwise share the port with another server silently.)
     // One certificate set for every TLS listener and STARTTLS.
     let tls = crate::net::certs::server_config(&cfg.cert_files(), &cfg.data, &cfg.hostname)?;
+    // Delivery's STARTTLS settings, shared by the executors (and so is the TLS
+    // session cache inside, for resumption on the next connection to a host).
+    let outbound = crate::delivery::tls::OutboundTls::new(
+        cfg.tls_policies.clone(),
+        cfg.tls_ca_file.as_deref(),
+    )?;
     let mut cfg = cfg;
     // Bound here, once for all executors, so that port 0 means one port for all of them;
     // the address actually bound is logged, for whoever asked for port 0.
@@ -160,6 +166,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let mail_mesh = mail_mesh.clone();
             let auth = auth.clone();
             let tls = tls.clone();
+            let outbound = outbound.clone();
             async move {
                 let listener = listener.expect("one listener per executor");
                 let store = StoreService::join(mesh, &cfg.data, cfg.read_cache_bytes).await?;
@@ -178,6 +185,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
                     mail_mesh,
                     auth,
                     tls,
+                    outbound,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -248,6 +256,7 @@ async fn executor_main(
     mail_mesh: Arc<crate::mailbox::Mesh>,
     auth: Arc<crate::auth::Authenticator>,
     tls: Arc<rustls::ServerConfig>,
+    outbound: crate::delivery::tls::OutboundTls,
 ) -> Result<(), String> {
     let executors = store.executors();
     // Joined before the shards open, so that work for them queues meanwhile.
@@ -364,8 +373,13 @@ async fn executor_main(
         auth,
         tls,
     );
-    let delivery =
-        crate::delivery::scheduler::Delivery::new(cfg.clone(), ring, spools.clone(), Some(local));
+    let delivery = crate::delivery::scheduler::Delivery::new(
+        cfg.clone(),
+        ring,
+        spools.clone(),
+        Some(local),
+        outbound,
+    );
     // No RCPT for a local domain is answered before shard 0's accounts are known.
     let loaded = directory.wait_loaded(&shutdown).await;
     // Delivery starts once the directory is known: before, every local domain

@@ -190,7 +190,7 @@ pub fn smtp_session(data: &[u8]) {
 /// transaction whenever it is ready, the body whenever it asks. Input: 8 bytes of
 /// choices (transaction shape, splits), then what the server sends.
 pub fn smtp_client(data: &[u8]) {
-    use ringmail::smtp::client::{Client, Event, Transaction, TxRcpt};
+    use ringmail::smtp::client::{Client, Event, TlsWish, Transaction, TxRcpt};
     if data.len() < 8 {
         return;
     }
@@ -211,7 +211,14 @@ pub fn smtp_client(data: &[u8]) {
         ret: (head[1] & 8 != 0).then_some("HDRS"),
         envid: (head[1] & 16 != 0).then(|| "ENV1".into()),
     };
-    let mut c = Client::new("ringmail.fuzz.test");
+    // Every TLS wish, from the header: the STARTTLS path is driven as if each
+    // handshake succeeded.
+    let wish = match head[3] % 3 {
+        0 => TlsWish::Off,
+        1 => TlsWish::Opportunistic,
+        _ => TlsWish::Required,
+    };
+    let mut c = Client::with_tls("ringmail.fuzz.test", wish);
     let mut transactions = 0;
     let mut quit = false;
     // As the delivery driver does: on `Ready`, the next transaction (a requirement the
@@ -239,6 +246,10 @@ pub fn smtp_client(data: &[u8]) {
                     assert_eq!(results.len(), tx.rcpts.len(), "one result per recipient")
                 }
                 Event::SendBody { .. } => events.extend(c.body_sent()),
+                Event::StartTls => {
+                    assert_ne!(wish, TlsWish::Off, "STARTTLS only when wished");
+                    c.tls_started();
+                }
                 Event::Failed(_) | Event::Closed => return,
             }
         }

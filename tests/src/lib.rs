@@ -153,8 +153,12 @@ impl Server {
                     .filter(|flag| !self.args.iter().any(|a| a == flag))
                     .flat_map(|flag| [flag, "127.0.0.1:0"]),
             )
-            .arg("--hostname")
-            .arg("mx.ringmail.test")
+            // Unless the test names the server itself (two servers talking).
+            .args(if self.args.iter().any(|a| a == "--hostname") {
+                &[][..]
+            } else {
+                &["--hostname", "mx.ringmail.test"][..]
+            })
             // Tests never ask the machine's resolver: unless a test brings its own
             // name server, lookups go to a port where nothing answers.
             .args(if self.args.iter().any(|a| a == "--dns") {

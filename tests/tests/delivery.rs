@@ -4,6 +4,7 @@
 use ringmail::delivery::attempt::{
     attempt, AttemptConfig, DeliveryTimeouts, Destination, Outcome, Pool,
 };
+use ringmail::delivery::tls::OutboundTls;
 use ringmail::dns::resolver::Resolver;
 use ringmail::net::Ring;
 use ringmail::queue::MessageText;
@@ -59,6 +60,19 @@ fn run_message(
     prefix: &[u8],
     message: Vec<u8>,
 ) -> Outcome {
+    let tls = OutboundTls::new(vec![], None).unwrap();
+    run_full(dns, port, dest, tx, prefix, message, tls)
+}
+
+fn run_full(
+    dns: SocketAddr,
+    port: u16,
+    dest: Destination,
+    tx: Transaction,
+    prefix: &[u8],
+    message: Vec<u8>,
+    tls: OutboundTls,
+) -> Outcome {
     let prefix = prefix.to_vec();
     glommio::LocalExecutor::default().run(async move {
         let ring = Ring::start().unwrap();
@@ -69,6 +83,7 @@ fn run_message(
             helo: "ringmail.test".into(),
             mx_port: port,
             timeouts: short_timeouts(),
+            tls,
         };
         let pool = Pool::new(100, Duration::from_secs(5));
         attempt(
@@ -372,6 +387,7 @@ fn equal_preference_mx_hosts_share_the_mail() {
             helo: "ringmail.test".into(),
             mx_port: port,
             timeouts: short_timeouts(),
+            tls: OutboundTls::new(vec![], None).unwrap(),
         };
         let pool = Pool::new(100, Duration::from_secs(5));
         let message = MessageText {
@@ -750,6 +766,7 @@ fn run_timed(port: u16, tx: Transaction, timeouts: DeliveryTimeouts) -> (Outcome
             helo: "ringmail.test".into(),
             mx_port: port,
             timeouts,
+            tls: OutboundTls::new(vec![], None).unwrap(),
         };
         let pool = Pool::new(100, Duration::from_secs(5));
         let o = attempt(
@@ -884,4 +901,116 @@ fn a_utf8_from_header_to_a_server_without_smtputf8_bounces_with_5_6_7() {
     );
     let log = wait_for_log(&server, "bounce queued");
     assert!(log.contains("status=bounced (553 5.6.7"), "{log}");
+}
+
+/// An MX on 127.0.0.2 that offers STARTTLS and, when it is taken, says 220 and then
+/// sends no TLS but a line of text, as a broken TLS setup does. It serves
+/// `connections` connections and yields, per connection, whether a message came.
+fn broken_tls_mx(connections: usize) -> (SocketAddr, std::thread::JoinHandle<Vec<bool>>) {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..connections {
+            let (conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut w = conn.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(conn);
+            w.write_all(b"220 broken.test ESMTP\r\n").unwrap();
+            let mut got = false;
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                if r.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let cmd = String::from_utf8_lossy(&line).to_ascii_uppercase();
+                let reply: &[u8] = if cmd.starts_with("EHLO") {
+                    b"250-broken.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+                } else if cmd.starts_with("STARTTLS") {
+                    let _ = w.write_all(b"220 ready\r\nthis is not TLS\r\n");
+                    break;
+                } else if cmd.starts_with("DATA") {
+                    w.write_all(b"354 go ahead\r\n").unwrap();
+                    let mut text = Vec::new();
+                    while !text.ends_with(b"\r\n.\r\n") {
+                        if r.read_until(b'\n', &mut text).unwrap() == 0 {
+                            break;
+                        }
+                    }
+                    got = true;
+                    b"250 2.0.0 taken\r\n"
+                } else if cmd.starts_with("QUIT") {
+                    let _ = w.write_all(b"221 bye\r\n");
+                    break;
+                } else {
+                    b"250 ok\r\n"
+                };
+                if w.write_all(reply).is_err() {
+                    break;
+                }
+            }
+            seen.push(got);
+        }
+        seen
+    });
+    (addr, t)
+}
+
+#[test]
+fn a_failed_starttls_handshake_falls_back_to_plaintext_only_under_may() {
+    let policy = |level: &str| {
+        OutboundTls::new(vec![("example.test".into(), level.parse().unwrap())], None).unwrap()
+    };
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let route = |addr: SocketAddr| Destination::Route(addr.ip().to_string(), addr.port());
+
+    // may: the handshake fails, the same host takes the message in plaintext on a
+    // second connection, without STARTTLS.
+    let (addr, mx) = broken_tls_mx(2);
+    let o = run_full(
+        nowhere,
+        addr.port(),
+        route(addr),
+        tx(&["x@example.test"]),
+        b"",
+        MESSAGE.to_vec(),
+        policy("may"),
+    );
+    assert!(matches!(o.results[..], [RcptResult::Delivered(_)]), "{o:?}");
+    assert_eq!(o.tls, None, "delivered in plaintext");
+    assert_eq!(mx.join().unwrap(), [false, true]);
+
+    // encrypt: no plaintext fallback; deferred, saying why.
+    let (addr, mx) = broken_tls_mx(1);
+    let o = run_full(
+        nowhere,
+        addr.port(),
+        route(addr),
+        tx(&["x@example.test"]),
+        b"",
+        MESSAGE.to_vec(),
+        policy("encrypt"),
+    );
+    match &o.results[..] {
+        [RcptResult::Deferred(r)] => assert!(r.text.contains("TLS handshake failed"), "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(mx.join().unwrap(), [false]);
+
+    // none: never STARTTLS, though offered.
+    let (addr, mx) = broken_tls_mx(1);
+    let o = run_full(
+        nowhere,
+        addr.port(),
+        route(addr),
+        tx(&["x@example.test"]),
+        b"",
+        MESSAGE.to_vec(),
+        policy("none"),
+    );
+    assert!(matches!(o.results[..], [RcptResult::Delivered(_)]), "{o:?}");
+    assert_eq!(mx.join().unwrap(), [true]);
 }

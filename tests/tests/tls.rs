@@ -499,3 +499,179 @@ s.quit()
     );
     assert!(full.contains("Message-ID: <own@client.test>"), "{full}");
 }
+
+/// A ringmail for `x.test` (user bob) to deliver to, as its MX `mx.ringmail.test`,
+/// and a name server that says so.
+fn receiving_mx() -> (Server, ringmail_tests::dns::DnsServer) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut add = Command::new(binary());
+    add.args([
+        "user",
+        "add",
+        "bob@x.test",
+        "--password-stdin",
+        "--local-domain",
+    ])
+    .args(["x.test", "--data"])
+    .arg(&data)
+    .stdin(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut child = add.spawn().unwrap();
+    use std::io::Write;
+    writeln!(child.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = Server::start_in(Some(tmp), data, &["--local-domain", "x.test"]);
+    let zone = ringmail_tests::dns::Zone::default()
+        .mx("x.test", 10, HOST)
+        .a(HOST, "127.0.0.1");
+    (b, ringmail_tests::dns::DnsServer::start(zone))
+}
+
+/// A relaying ringmail (`relay.ringmail.test`) whose mail for x.test goes to `b` by
+/// its MX record, under `extra` TLS settings.
+fn sending_relay(b: &Server, dns: &ringmail_tests::dns::DnsServer, extra: &[&str]) -> Server {
+    let (dns, port) = (dns.addr.to_string(), b.addr.port().to_string());
+    let mut args = vec![
+        "--hostname",
+        "relay.ringmail.test",
+        "--local-domain",
+        "relay.test",
+        "--dns",
+        &dns,
+        "--mx-port",
+        &port,
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn send_to(server: &Server, to: &str, subject: &str) {
+    py(
+        server,
+        r#"
+import sys, smtplib
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), timeout=30)
+s.sendmail('alice@relay.test', [sys.argv[5]], 'Subject: %s\r\n\r\nover TLS, or not\r\n' % sys.argv[6])
+s.quit()
+"#,
+        &[to, subject],
+    );
+}
+
+/// The relay's delivery log lines for `to`, once there are `n` of them.
+fn delivery_lines(server: &Server, to: &str, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines: Vec<String> = server
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(" delivery ") && l.contains(&format!("to=<{to}>")))
+            .map(str::to_string)
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} delivery lines for {to}: {}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn delivery_uses_starttls_opportunistically_and_resumes_the_tls_session() {
+    let (b, dns) = receiving_mx();
+    let a = sending_relay(&b, &dns, &[]);
+    send_to(&a, "bob@x.test", "first");
+    wait_inbox(&b, "bob@x.test", 1);
+    let line = &delivery_lines(&a, "bob@x.test", 1)[0];
+    assert!(line.contains("status=sent"), "{line}");
+    assert!(line.contains("tls=TLSv1.3:TLS13_"), "{line}");
+    // The receiving side saw TLS: its Received header says ESMTPS.
+    let fetched = py(
+        &b,
+        r#"
+import sys, poplib
+p = poplib.POP3('127.0.0.1', int(sys.argv[2]), timeout=30)
+p.user('bob@x.test'); p.pass_(sys.argv[5])
+print(b'\n'.join(p.retr(1)[1]).decode())
+p.quit()
+"#,
+        &[PASSWORD],
+    );
+    assert!(fetched.contains("with ESMTPS"), "{fetched}");
+    // A later connection (the first one's idle time in the pool, 5 s, ran out)
+    // resumes the TLS session instead of a full handshake.
+    std::thread::sleep(Duration::from_secs(6));
+    send_to(&a, "bob@x.test", "second");
+    wait_inbox(&b, "bob@x.test", 2);
+    let line = &delivery_lines(&a, "bob@x.test", 2)[1];
+    assert!(line.contains("status=sent"), "{line}");
+    assert!(line.contains(":resumed"), "{line}");
+}
+
+#[test]
+fn verify_defers_on_an_unknown_certificate_and_delivers_with_its_ca() {
+    let (b, dns) = receiving_mx();
+    let a = sending_relay(&b, &dns, &["--tls-policy", "x.test=verify"]);
+    send_to(&a, "bob@x.test", "verified?");
+    let line = &delivery_lines(&a, "bob@x.test", 1)[0];
+    assert!(line.contains("status=deferred"), "{line}");
+    assert!(line.contains("TLS handshake failed"), "{line}");
+    assert!(line.contains("certificate"), "{line}");
+    assert_eq!(a.queue().len(), 1, "kept for a retry");
+
+    // With the receiving server's self-signed certificate as the trusted CA, the MX
+    // host's name checks out.
+    let ca = self_signed(&b);
+    let a = sending_relay(
+        &b,
+        &dns,
+        &["--tls-policy", "x.test=verify", "--tls-ca-file", &ca],
+    );
+    send_to(&a, "bob@x.test", "verified");
+    wait_inbox(&b, "bob@x.test", 1);
+    let line = &delivery_lines(&a, "bob@x.test", 1)[0];
+    assert!(line.contains("status=sent"), "{line}");
+    assert!(line.contains("tls=TLSv1.3"), "{line}");
+}
+
+#[test]
+fn encrypt_defers_at_a_server_without_starttls_and_none_never_asks() {
+    let sink = ringmail_tests::sink::Sink::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ringmail_bench::sink::Faults::default(),
+    );
+    let (b, dns) = receiving_mx();
+    let route = format!("plain.test=127.0.0.1:{}", sink.addr.port());
+    let a = sending_relay(
+        &b,
+        &dns,
+        &[
+            "--route",
+            &route,
+            "--tls-policy",
+            "plain.test=encrypt",
+            "--tls-policy",
+            "x.test=none",
+        ],
+    );
+    send_to(&a, "carol@plain.test", "must be encrypted");
+    let line = &delivery_lines(&a, "carol@plain.test", 1)[0];
+    assert!(line.contains("status=deferred"), "{line}");
+    assert!(line.contains("4.7.4"), "{line}");
+    assert!(line.contains("does not offer STARTTLS"), "{line}");
+    send_to(&a, "bob@x.test", "in clear");
+    wait_inbox(&b, "bob@x.test", 1);
+    let line = &delivery_lines(&a, "bob@x.test", 1)[0];
+    assert!(line.contains("status=sent"), "{line}");
+    assert!(line.contains("tls=none"), "{line}");
+}

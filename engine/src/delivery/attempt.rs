@@ -5,8 +5,10 @@
 //! Every wait has a deadline (`DeliveryTimeouts`): one per reply, and one for the
 //! whole attempt, so no server holds a delivery slot longer than that.
 
+use super::tls::{OutboundTls, TlsLevel};
 use crate::dns::resolver::Resolver;
 use crate::dns::Route;
+use crate::net::tls::Stream;
 use crate::net::{Ring, SendBuf};
 use crate::queue::MessageText;
 use crate::smtp::address::ascii_address;
@@ -25,6 +27,8 @@ pub struct AttemptConfig {
     /// Port of MX hosts (25; tests use a high port).
     pub mx_port: u16,
     pub timeouts: DeliveryTimeouts,
+    /// STARTTLS policy per destination and the client settings.
+    pub tls: OutboundTls,
 }
 
 /// How long an attempt waits. Each reply limit is a deadline for the whole reply,
@@ -76,7 +80,11 @@ impl DeliveryTimeouts {
     fn reply(&self, what: Awaiting) -> Duration {
         match what {
             Awaiting::Greeting => self.greeting,
-            Awaiting::Hello | Awaiting::Mail | Awaiting::Rset | Awaiting::Quit => self.command,
+            Awaiting::Hello
+            | Awaiting::Mail
+            | Awaiting::Rset
+            | Awaiting::Quit
+            | Awaiting::StartTls => self.command,
             Awaiting::Rcpt => self.rcpt,
             Awaiting::Data => self.data_init,
             Awaiting::EndOfData => self.data_done,
@@ -133,9 +141,10 @@ pub enum Destination {
     Literal(IpAddr),
 }
 
-/// Idle SMTP connections kept for the next message to the same host.
+/// Idle SMTP connections kept for the next message to the same host, by address and
+/// TLS level (a connection set up under one policy serves only that policy).
 pub struct Pool {
-    idle: std::cell::RefCell<std::collections::HashMap<SocketAddr, Vec<Idle>>>,
+    idle: std::cell::RefCell<std::collections::HashMap<(SocketAddr, TlsLevel), Vec<Idle>>>,
     /// Messages one connection carries before it is closed.
     pub messages_per_connection_max: usize,
     /// An idle connection older than this is closed.
@@ -144,6 +153,8 @@ pub struct Pool {
 
 struct Idle {
     fd: std::os::fd::OwnedFd,
+    /// The socket, under TLS if it was negotiated.
+    stream: Stream,
     client: Client,
     used: usize,
     since: std::time::Instant,
@@ -158,7 +169,7 @@ impl Pool {
         }
     }
 
-    fn take(&self, addr: SocketAddr) -> Option<Idle> {
+    fn take(&self, addr: (SocketAddr, TlsLevel)) -> Option<Idle> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some(i) = list.pop() {
@@ -169,7 +180,7 @@ impl Pool {
         None
     }
 
-    fn put(&self, addr: SocketAddr, i: Idle) {
+    fn put(&self, addr: (SocketAddr, TlsLevel), i: Idle) {
         self.idle.borrow_mut().entry(addr).or_default().push(i);
     }
 
@@ -194,6 +205,8 @@ pub struct Outcome {
     pub results: Vec<RcptResult>,
     /// `host[ip]:port` that answered, for the delivery log.
     pub relay: Option<String>,
+    /// The TLS version and cipher suite of that session; None: plaintext.
+    pub tls: Option<String>,
 }
 
 fn all(tx: &Transaction, r: RcptResult) -> Vec<RcptResult> {
@@ -237,6 +250,7 @@ pub async fn attempt(
                 return Outcome {
                     results: all(tx, RcptResult::Failed(r)),
                     relay: None,
+                    tls: None,
                 };
             }
             Ok(Route::NoSuchDomain) => {
@@ -244,6 +258,7 @@ pub async fn attempt(
                 return Outcome {
                     results: all(tx, RcptResult::Failed(r)),
                     relay: None,
+                    tls: None,
                 };
             }
             Err(e) => {
@@ -255,6 +270,7 @@ pub async fn attempt(
                 return Outcome {
                     results: all(tx, RcptResult::Deferred(r)),
                     relay: None,
+                    tls: None,
                 };
             }
         },
@@ -266,6 +282,7 @@ pub async fn attempt(
         Destination::Literal(ip) => crate::smtp::address::Domain::Literal(*ip).to_string(),
         Destination::Mx(domain) => domain.clone(),
     };
+    let policy = cfg.tls.level(recipient_domain(tx));
     let mut last = String::from("no address for any MX host");
     for host in &hosts {
         let addrs = match host.parse::<IpAddr>() {
@@ -287,19 +304,39 @@ pub async fn attempt(
                 break;
             }
             let addr = SocketAddr::new(ip, port);
-            // A pooled connection the server has meanwhile closed fails before any
-            // result: then a fresh one is tried before the next address.
-            let mut res = session(
-                ring, pool, cfg, &deadlines, addr, tx, ascii, message, true, &nexthop,
-            )
-            .await;
-            if let Err((_, true)) = res {
-                res = session(
-                    ring, pool, cfg, &deadlines, addr, tx, ascii, message, false, &nexthop,
+            let mut way = Way {
+                addr,
+                host,
+                level: policy,
+                may_reuse: true,
+            };
+            let mut tls = None;
+            let res = loop {
+                let res = session(
+                    ring, pool, cfg, &deadlines, &way, tx, ascii, message, &nexthop, &mut tls,
                 )
                 .await;
-            }
-            match res.map_err(|(why, _)| why) {
+                match res {
+                    // A pooled connection the server has meanwhile closed fails before
+                    // any result: then a fresh one is tried before the next address.
+                    Err(Failure {
+                        retry: Retry::Fresh,
+                        ..
+                    }) if way.may_reuse => way.may_reuse = false,
+                    // Opportunistic TLS that failed in the handshake: once more in
+                    // plaintext, as `may` allows (Postfix does the same).
+                    Err(Failure {
+                        retry: Retry::Plaintext,
+                        why,
+                    }) if way.level == TlsLevel::May => {
+                        tracing::info!(host = %host, addr = %addr, "{why}; trying again without TLS");
+                        way.level = TlsLevel::None;
+                        way.may_reuse = false;
+                    }
+                    res => break res,
+                }
+            };
+            match res {
                 Ok(results) => {
                     return Outcome {
                         results: match ascii.filter(|a| a.used.take()) {
@@ -307,9 +344,10 @@ pub async fn attempt(
                             None => results,
                         },
                         relay: Some(format!("{host}[{ip}]:{port}")),
+                        tls,
                     }
                 }
-                Err(why) => last = format!("{host}[{ip}]:{port}: {why}"),
+                Err(f) => last = format!("{host}[{ip}]:{port}: {}", f.why),
             }
         }
     }
@@ -321,7 +359,41 @@ pub async fn attempt(
     Outcome {
         results: all(tx, RcptResult::Deferred(r)),
         relay: None,
+        tls: None,
     }
+}
+
+/// The domain the transaction's recipients share (an attempt is per domain), whose
+/// TLS policy applies.
+fn recipient_domain(tx: &Transaction) -> &str {
+    let to = tx.rcpts.first().map_or("", |r| r.to.as_str());
+    to.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
+/// The host one session goes to and how.
+struct Way<'a> {
+    addr: SocketAddr,
+    /// The host's name: SNI, and the name its certificate must carry under `verify`.
+    host: &'a str,
+    level: TlsLevel,
+    may_reuse: bool,
+}
+
+/// Why a session could not use its host, and what may be tried at once.
+struct Failure {
+    why: String,
+    retry: Retry,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Retry {
+    /// The next address or host, if any.
+    No,
+    /// A pooled connection died before this session received anything: a fresh
+    /// connection to the same address.
+    Fresh,
+    /// The TLS handshake failed (nothing of the transaction was sent).
+    Plaintext,
 }
 
 /// `tx` as an ASCII message, for a server without SMTPUTF8. RFC 6531 §3.2 and §3.5:
@@ -425,24 +497,28 @@ fn for_server<'a>(
 }
 
 /// One SMTP session with one host. Err: the host could not be used (no connection,
-/// refused greeting), so the next one may be tried; Ok: the transaction's results.
+/// refused greeting, a failed TLS handshake), so the next one may be tried; Ok: the
+/// transaction's results. `tls` is set to the session's TLS version and cipher once
+/// TLS is on.
 #[allow(clippy::too_many_arguments)]
 async fn session(
     ring: &Rc<Ring>,
     pool: &Pool,
     cfg: &AttemptConfig,
     deadlines: &Deadlines,
-    addr: SocketAddr,
+    way: &Way<'_>,
     tx: &Transaction,
     ascii: Option<&AsciiForm>,
     message: &MessageText,
-    may_reuse: bool,
     nexthop: &str,
-) -> Result<Vec<RcptResult>, (String, bool)> {
+    tls: &mut Option<String>,
+) -> Result<Vec<RcptResult>, Failure> {
     if let Some(a) = ascii {
         a.used.set(false);
     }
+    *tls = None;
     let t = &cfg.timeouts;
+    let key = (way.addr, way.level);
     // Sends: the data-block limit per send, within the attempt's ceiling.
     let send_wait = || {
         deadlines.wait(
@@ -458,27 +534,37 @@ async fn session(
             format!("send: {e}")
         }
     };
-    let pooled = if may_reuse { pool.take(addr) } else { None };
+    let pooled = if way.may_reuse { pool.take(key) } else { None };
     let reused = pooled.is_some();
-    let (fd, mut c, used) = match pooled {
-        Some(i) => (i.fd, i.client, i.used),
+    let (fd, mut stream, mut c, used) = match pooled {
+        Some(i) => (i.fd, i.stream, i.client, i.used),
         None => {
             let (wait, why) = deadlines.wait(t.connect, t.connect, "the connection");
-            let fd = ring.connect(addr, wait).await.map_err(|e| {
+            let fd = ring.connect(way.addr, wait).await.map_err(|e| {
                 let why = if is_timeout(&e) {
                     why
                 } else {
                     format!("connect: {e}")
                 };
-                (why, false)
+                Failure {
+                    why,
+                    retry: Retry::No,
+                }
             })?;
-            (fd, Client::new(&cfg.helo), 0)
+            let stream = Stream::plain(ring.clone(), fd.as_raw_fd());
+            (fd, stream, Client::with_tls(&cfg.helo, way.level.wish()), 0)
         }
     };
-    // Err((why, stale)): stale means a pooled connection died before this session
-    // received anything, so a fresh connection may be tried at once.
-    let fail = |why: String, received: bool| (why, reused && !received);
-    let raw = fd.as_raw_fd();
+    *tls = stream.tls_description();
+    // A pooled connection that died before this session received anything was
+    // closed by the server while idle, so a fresh connection may be tried at once.
+    let fail = |why: String, received: bool| Failure {
+        why,
+        retry: match reused && !received {
+            true => Retry::Fresh,
+            false => Retry::No,
+        },
+    };
     let mut results: Option<Vec<RcptResult>> = None;
     let mut started = false;
     if reused {
@@ -486,9 +572,10 @@ async fn session(
         if let Some(Event::Done(r)) = c.start(for_server(&c, tx, ascii)) {
             // Refused before any command: the connection is as good as before.
             pool.put(
-                addr,
+                key,
                 Idle {
                     fd,
+                    stream,
                     client: c,
                     used,
                     since: std::time::Instant::now(),
@@ -499,7 +586,8 @@ async fn session(
         let out = c.output().to_vec();
         c.clear_output();
         let (wait, why) = send_wait();
-        ring.send_all(raw, &out, wait)
+        stream
+            .send_all(&out, wait)
             .await
             .map_err(|e| fail(send_error(e, why), false))?;
     }
@@ -517,7 +605,7 @@ async fn session(
         let limit = t.reply(what);
         let left = (reply_clock.1 + limit).saturating_duration_since(Instant::now());
         let (wait, why) = deadlines.wait(left, limit, what.describe());
-        let (res, b) = ring.recv(raw, std::mem::take(&mut buf), wait).await;
+        let (res, b) = stream.recv(std::mem::take(&mut buf), wait).await;
         buf = b;
         let mut events: std::collections::VecDeque<Event> = match res {
             Ok(n) if n > 0 => {
@@ -566,11 +654,19 @@ async fn session(
                     }
                 }
                 Event::Ready => finished = results.is_some(),
+                Event::StartTls => {
+                    handshake(&mut stream, cfg, deadlines, way).await?;
+                    *tls = stream.tls_description();
+                    c.tls_started();
+                }
                 Event::SendBody { bdat } => {
                     let (wait, why) = send_wait();
-                    within(deadlines, send_body(ring, raw, &mut c, message, bdat, wait))
-                        .await
-                        .map_err(|e| fail(send_error(e, why), received))?;
+                    within(
+                        deadlines,
+                        send_body(&mut stream, &mut c, message, bdat, wait),
+                    )
+                    .await
+                    .map_err(|e| fail(send_error(e, why), received))?;
                     reply_clock = (c.replies(), Instant::now());
                     if !bdat {
                         // Replies that arrived with the 354 are read now.
@@ -604,9 +700,10 @@ async fn session(
             if c.reusable() && c.output().is_empty() && used + 1 < pool.messages_per_connection_max
             {
                 pool.put(
-                    addr,
+                    key,
                     Idle {
                         fd,
+                        stream,
                         client: c,
                         used: used + 1,
                         since: std::time::Instant::now(),
@@ -616,7 +713,7 @@ async fn session(
                 // Done with this connection: a polite QUIT, without waiting for 221.
                 c.quit();
                 let (wait, _) = send_wait();
-                let _ = ring.send_all(raw, c.output(), wait).await;
+                let _ = stream.send_all(c.output(), wait).await;
             }
             return Ok(r);
         }
@@ -627,12 +724,40 @@ async fn session(
             let out = c.output().to_vec();
             c.clear_output();
             let (wait, why) = send_wait();
-            if let Err(e) = ring.send_all(raw, &out, wait).await {
+            if let Err(e) = stream.send_all(&out, wait).await {
                 return results.ok_or_else(|| fail(send_error(e, why), received));
             }
             reply_clock = (c.replies(), Instant::now());
         }
     }
+}
+
+/// The client's TLS handshake after the server's 220 to STARTTLS, with the settings
+/// of the way's level (`verify` checks the certificate against the host's name).
+async fn handshake(
+    stream: &mut Stream,
+    cfg: &AttemptConfig,
+    deadlines: &Deadlines,
+    way: &Way<'_>,
+) -> Result<(), Failure> {
+    let t = &cfg.timeouts;
+    let (wait, why) = deadlines.wait(t.command, t.command, "the TLS handshake");
+    let name =
+        rustls::pki_types::ServerName::try_from(way.host.to_string()).map_err(|e| Failure {
+            why: format!("`{}` is not a name TLS can check: {e}", way.host),
+            retry: Retry::Plaintext,
+        })?;
+    let config = cfg.tls.client_config(way.level);
+    stream
+        .start_tls_client(config, name, wait)
+        .await
+        .map_err(|e| Failure {
+            why: match is_timeout(&e) {
+                true => why,
+                false => format!("TLS handshake failed: {e}"),
+            },
+            retry: Retry::Plaintext,
+        })
 }
 
 /// Runs `op` (a send of the message, which may take many kernel sends, each with
@@ -658,8 +783,7 @@ const SHARED_SEND_MIN: usize = 16 << 10;
 /// text) and the message. DATA text needs dot-stuffing only when a line starts with a
 /// dot; otherwise the stored body is sent unchanged, then the end marker.
 async fn send_body(
-    ring: &Rc<Ring>,
-    raw: std::os::fd::RawFd,
+    stream: &mut Stream,
     c: &mut Client,
     message: &MessageText,
     bdat: bool,
@@ -676,11 +800,13 @@ async fn send_body(
     }
     let body = &message.body;
     if body.len() >= SHARED_SEND_MIN && (bdat || d.pass(body)) {
-        ring.send(raw, SendBuf::Owned(out), true, stall).await?;
-        ring.send(raw, SendBuf::Shared(Box::new(body.clone())), !bdat, stall)
+        stream.send(SendBuf::Owned(out), true, stall).await?;
+        stream
+            .send(SendBuf::Shared(Box::new(body.clone())), !bdat, stall)
             .await?;
         if !bdat {
-            ring.send(raw, SendBuf::Static(d.finish()), false, stall)
+            stream
+                .send(SendBuf::Static(d.finish()), false, stall)
                 .await?;
         }
         return Ok(());
@@ -691,5 +817,5 @@ async fn send_body(
         d.stuff(body, &mut out);
         out.extend_from_slice(d.finish());
     }
-    ring.send(raw, SendBuf::Owned(out), false, stall).await
+    stream.send(SendBuf::Owned(out), false, stall).await
 }

@@ -177,6 +177,7 @@ impl Local {
         Outcome {
             results,
             relay: Some(RELAY.into()),
+            tls: None,
         }
     }
 }

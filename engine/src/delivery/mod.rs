@@ -6,3 +6,4 @@ pub mod attempt;
 pub mod dsn;
 pub mod local;
 pub mod scheduler;
+pub mod tls;

@@ -187,6 +187,7 @@ impl Delivery {
         ring: Rc<Ring>,
         spools: Vec<Rc<Spool>>,
         local: Option<Local>,
+        tls: super::tls::OutboundTls,
     ) -> Rc<Delivery> {
         let resolver = Resolver::new(cfg.dns.clone(), Duration::from_secs(3), 2);
         let rate = RefCell::new(RateLimit::new(cfg.destination_rate));
@@ -196,6 +197,7 @@ impl Delivery {
                 helo: cfg.hostname.clone(),
                 mx_port: cfg.mx_port,
                 timeouts: cfg.delivery_timeouts,
+                tls,
             },
             retry: cfg.retry,
             cfg,
@@ -500,6 +502,7 @@ impl Delivery {
                     .map(|_| RcptResult::Failed(r.clone()))
                     .collect(),
                 relay: None,
+                tls: None,
             },
         };
         let now = now_ms();
@@ -538,7 +541,7 @@ impl Delivery {
                     }
                 }
             };
-            tracing::info!(id = %idt, to = %format!("<{}>", to.address), relay = %relay, delay = delay_s, attempts, status = %format!("{word} ({})", reply.to_line()), "delivery");
+            tracing::info!(id = %idt, to = %format!("<{}>", to.address), relay = %relay, tls = %outcome.tls.as_deref().unwrap_or("none"), delay = delay_s, attempts, status = %format!("{word} ({})", reply.to_line()), "delivery");
             if status == RcptStatus::Failed {
                 failures.push((to.clone(), reply.clone(), outcome.relay.clone()));
             }
@@ -693,7 +696,13 @@ mod tests {
             );
             let cfg = Rc::new(Config::default());
             let ring = crate::net::Ring::start().unwrap();
-            let delivery = Delivery::new(cfg, ring, vec![spool.clone()], None);
+            let delivery = Delivery::new(
+                cfg,
+                ring,
+                vec![spool.clone()],
+                None,
+                crate::delivery::tls::OutboundTls::new(vec![], None).unwrap(),
+            );
             let id = spool.next_id().await.unwrap();
             let env = Envelope {
                 id,

@@ -99,12 +99,20 @@ impl Stream {
     /// The negotiated protocol version and cipher suite, for log lines.
     pub fn tls_description(&self) -> Option<String> {
         let c = &self.tls.as_ref()?.conn;
-        let version = c.protocol_version().map(|v| format!("{v:?}"));
+        // `TLSv1.3:TLS13_AES_256_GCM_SHA384`, one word for log lines.
+        let version = c
+            .protocol_version()
+            .map(|v| format!("{v:?}").replace('_', "."));
         let suite = c
             .negotiated_cipher_suite()
             .map(|s| format!("{:?}", s.suite()));
+        // An abbreviated handshake (a session ticket or ID from before).
+        let resumed = match c.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => ":resumed",
+            _ => "",
+        };
         Some(format!(
-            "{} {}",
+            "{}:{}{resumed}",
             version.unwrap_or_default(),
             suite.unwrap_or_default()
         ))

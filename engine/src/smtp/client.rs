@@ -86,6 +86,7 @@ pub struct Extensions {
     pub chunking: bool,
     pub dsn: bool,
     pub enhanced_status_codes: bool,
+    pub starttls: bool,
 }
 
 impl Extensions {
@@ -106,6 +107,7 @@ impl Extensions {
                 "CHUNKING" => e.chunking = true,
                 "DSN" => e.dsn = true,
                 "ENHANCEDSTATUSCODES" => e.enhanced_status_codes = true,
+                "STARTTLS" => e.starttls = true,
                 _ => {}
             }
         }
@@ -149,6 +151,21 @@ pub enum Event {
     Failed(Reply),
     /// QUIT was answered.
     Closed,
+    /// The server said 220 to STARTTLS: run the TLS handshake, then call
+    /// `tls_started` (or drop the connection if it failed).
+    StartTls,
+}
+
+/// What the client does about TLS (RFC 3207), as the destination's policy says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsWish {
+    /// Never STARTTLS.
+    Off,
+    /// STARTTLS when offered; without it, or when the server refuses it, on in
+    /// plaintext.
+    Opportunistic,
+    /// STARTTLS or nothing: a server without it fails the session (temporarily).
+    Required,
 }
 
 /// The reply the client is waiting for, so the driver can give it its own deadline
@@ -166,6 +183,7 @@ pub enum Awaiting {
     EndOfData,
     Rset,
     Quit,
+    StartTls,
 }
 
 impl Awaiting {
@@ -180,6 +198,7 @@ impl Awaiting {
             Awaiting::EndOfData => "the reply to the end of the message",
             Awaiting::Rset => "the reply to RSET",
             Awaiting::Quit => "the reply to QUIT",
+            Awaiting::StartTls => "the reply to STARTTLS",
         }
     }
 }
@@ -189,6 +208,10 @@ enum St {
     Greeting,
     Ehlo,
     Helo,
+    /// STARTTLS sent, waiting for its 220.
+    StartTls,
+    /// The driver's handshake.
+    Handshake,
     Ready,
     /// Waiting for MAIL and RCPT replies: `got` received so far.
     Envelope {
@@ -229,6 +252,17 @@ pub struct Client {
     replies: u64,
     /// The server greeted with our own name: this is a mail loop.
     loops: bool,
+    tls: TlsWish,
+    /// The session runs under TLS.
+    tls_on: bool,
+}
+
+fn tls_not_offered() -> Reply {
+    Reply::local(
+        451,
+        (4, 7, 4),
+        "TLS is required, but the server does not offer STARTTLS",
+    )
 }
 
 /// Longest reply line accepted (RFC 5321 says 512; some servers send more).
@@ -238,6 +272,10 @@ const REPLY_LINES_MAX: usize = 200;
 
 impl Client {
     pub fn new(helo_name: &str) -> Client {
+        Self::with_tls(helo_name, TlsWish::Off)
+    }
+
+    pub fn with_tls(helo_name: &str, tls: TlsWish) -> Client {
         Client {
             helo_name: helo_name.into(),
             st: St::Greeting,
@@ -253,7 +291,25 @@ impl Client {
             closing: false,
             replies: 0,
             loops: false,
+            tls,
+            tls_on: false,
         }
+    }
+
+    /// The handshake after `Event::StartTls` succeeded: the session starts over
+    /// with EHLO (RFC 3207 §4.2: nothing the server said before counts).
+    pub fn tls_started(&mut self) {
+        assert_eq!(self.st, St::Handshake, "no STARTTLS was answered");
+        self.tls_on = true;
+        self.inbuf.clear();
+        self.ext = Extensions::default();
+        self.out
+            .extend_from_slice(format!("EHLO {}\r\n", self.helo_name).as_bytes());
+        self.st = St::Ehlo;
+    }
+
+    pub fn tls_on(&self) -> bool {
+        self.tls_on
     }
 
     /// The server named itself (greeting or EHLO/HELO reply) with the name this
@@ -315,7 +371,7 @@ impl Client {
             // first; replies after the 354 stay buffered until `body_sent`. Ready: the
             // driver starts a transaction on the event; bytes after it wait for that,
             // or a stale `Ready` would send it to `start` on a finished client.
-            if matches!(self.st, St::Done | St::Body | St::Ready) {
+            if matches!(self.st, St::Done | St::Body | St::Ready | St::Handshake) {
                 break;
             }
         }
@@ -328,13 +384,14 @@ impl Client {
         Some(match self.st {
             St::Greeting => Awaiting::Greeting,
             St::Ehlo | St::Helo => Awaiting::Hello,
+            St::StartTls => Awaiting::StartTls,
             St::Envelope { got: 0 } => Awaiting::Mail,
             St::Envelope { .. } => Awaiting::Rcpt,
             St::Data => Awaiting::Data,
             St::Final | St::EmptyData => Awaiting::EndOfData,
             St::Rset => Awaiting::Rset,
             St::Quit => Awaiting::Quit,
-            St::Ready | St::Body | St::Done => return None,
+            St::Ready | St::Body | St::Done | St::Handshake => return None,
         })
     }
 
@@ -533,8 +590,19 @@ impl Client {
                         return;
                     }
                     self.ext = Extensions::parse(&lines);
+                    if !self.tls_on && self.tls != TlsWish::Off && self.ext.starttls {
+                        self.out.extend_from_slice(b"STARTTLS\r\n");
+                        self.st = St::StartTls;
+                        return;
+                    }
+                    if !self.tls_on && self.tls == TlsWish::Required {
+                        return self.fail(tls_not_offered(), events);
+                    }
                     self.st = St::Ready;
                     events.push(Event::Ready);
+                } else if reply.code >= 500 && self.tls == TlsWish::Required {
+                    // HELO has no STARTTLS.
+                    self.fail(tls_not_offered(), events);
                 } else if reply.code >= 500 {
                     // An old server: fall back to HELO (RFC 5321 §3.2).
                     self.out
@@ -544,6 +612,23 @@ impl Client {
                     self.fail(reply, events);
                 }
             }
+            St::StartTls => {
+                if reply.code == 220 {
+                    self.st = St::Handshake;
+                    events.push(Event::StartTls);
+                } else if self.tls == TlsWish::Required {
+                    let text = format!(
+                        "TLS is required, and the server refused STARTTLS: {}",
+                        reply.to_line()
+                    );
+                    self.fail(Reply::local(451, (4, 7, 4), &text), events);
+                } else {
+                    // Opportunistic: on in plaintext, as offered before.
+                    self.st = St::Ready;
+                    events.push(Event::Ready);
+                }
+            }
+            St::Handshake => {}
             St::Helo => {
                 if reply.code != 250 {
                     return self.fail(reply, events);

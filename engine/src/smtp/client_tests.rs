@@ -565,3 +565,72 @@ fn a_server_with_our_own_name_is_a_loop() {
         assert!(!c.loops_back(), "mx.test is another host");
     });
 }
+
+const TLS_EHLO: &str = "250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n";
+
+#[test]
+fn starttls_when_offered_then_ehlo_again_under_tls() {
+    use super::client::TlsWish;
+    for bytewise in [false, true] {
+        for wish in [TlsWish::Opportunistic, TlsWish::Required] {
+            let mut c = Client::with_tls("me.test", wish);
+            feed(&mut c, "220 mx.test ESMTP\r\n", bytewise);
+            let (out, ev) = feed(&mut c, TLS_EHLO, bytewise);
+            assert_eq!((out.as_str(), ev), ("STARTTLS\r\n", vec![]));
+            assert_eq!(c.awaiting(), Some(Awaiting::StartTls));
+            let (out, ev) = feed(&mut c, "220 2.0.0 go ahead\r\n", bytewise);
+            assert_eq!((out.as_str(), ev), ("", vec![Event::StartTls]));
+            assert_eq!(c.awaiting(), None);
+            c.tls_started();
+            assert!(c.tls_on());
+            assert_eq!(String::from_utf8_lossy(c.output()), "EHLO me.test\r\n");
+            c.clear_output();
+            // Offered again under TLS (a confused server): not taken twice.
+            let (out, ev) = feed(&mut c, TLS_EHLO, bytewise);
+            assert_eq!((out.as_str(), ev), ("", vec![Event::Ready]));
+            assert!(c.extensions().pipelining);
+        }
+    }
+}
+
+#[test]
+fn without_starttls_opportunistic_goes_on_and_required_fails() {
+    use super::client::TlsWish;
+    let mut c = Client::with_tls("me.test", TlsWish::Opportunistic);
+    feed(&mut c, "220 mx.test ESMTP\r\n", false);
+    assert_eq!(feed(&mut c, PLAIN_EHLO, false).1, vec![Event::Ready]);
+    // Refused STARTTLS: on in plaintext.
+    let mut c = Client::with_tls("me.test", TlsWish::Opportunistic);
+    feed(&mut c, "220 mx.test ESMTP\r\n", false);
+    feed(&mut c, TLS_EHLO, false);
+    assert_eq!(
+        feed(&mut c, "454 4.7.0 TLS not available\r\n", false).1,
+        vec![Event::Ready]
+    );
+    assert!(!c.tls_on());
+    // Required: neither an EHLO without STARTTLS, nor a refusal, nor HELO will do.
+    for (ehlo, then) in [
+        (PLAIN_EHLO, None),
+        (TLS_EHLO, Some("454 4.7.0 TLS not available\r\n")),
+        ("500 what\r\n", None),
+    ] {
+        let mut c = Client::with_tls("me.test", TlsWish::Required);
+        feed(&mut c, "220 mx.test ESMTP\r\n", false);
+        let (_, mut ev) = feed(&mut c, ehlo, false);
+        if let Some(t) = then {
+            ev = feed(&mut c, t, false).1;
+        }
+        let Some(Event::Failed(r)) = ev.last() else {
+            panic!("{ehlo:?}: {ev:?}")
+        };
+        assert_eq!((r.code, r.enhanced), (451, Some((4, 7, 4))), "{ehlo:?}");
+        assert!(r.text.contains("TLS is required"), "{}", r.text);
+    }
+    // Off: STARTTLS is never sent.
+    let mut c = Client::new("me.test");
+    feed(&mut c, "220 mx.test ESMTP\r\n", false);
+    assert_eq!(
+        feed(&mut c, TLS_EHLO, false),
+        (String::new(), vec![Event::Ready])
+    );
+}
