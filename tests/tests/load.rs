@@ -1,7 +1,7 @@
 //! The load generator (`ringmail-load`) and the sink (`ringmail-sink`), small counts:
 //! what arrives must be exactly what was sent, by count and by content checksum.
 
-use ringmail_bench::load::{session::message, Plan, SharedBudget, SmtpRun};
+use ringmail_bench::load::{session::message, Plan, SharedBudget, SmtpRun, TlsMode};
 use ringmail_bench::sink::Faults;
 use ringmail_tests::sink::Sink;
 use ringmail_tests::Server;
@@ -24,6 +24,8 @@ fn plan(per_connection: usize, pipelining: bool, bdat: bool) -> Plan {
         lmtp: false,
         to_cycle: None,
         helo: "client.test".into(),
+        tls: TlsMode::Plain,
+        auth: None,
     }
 }
 
@@ -155,4 +157,55 @@ fn the_sink_injects_faults_and_the_load_tool_counts_them() {
     );
     assert_eq!(report.stats.codes.get(&451).copied().unwrap_or(0), temp);
     assert_eq!(report.stats.codes.get(&554).copied().unwrap_or(0), perm);
+}
+
+#[test]
+fn load_over_starttls_smtps_and_submission_with_auth_arrives_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    for u in ["a@localhost", "b@localhost"] {
+        ringmail_tests::user_add(&data, u, "load password");
+    }
+    let server = Server::start_in(Some(tmp), data, &[]);
+    let tls_plan = |tls: TlsMode, auth: bool| Plan {
+        from: "a@localhost".into(),
+        tls,
+        auth: auth.then(|| ("a@localhost".into(), "load password".into())),
+        ..plan(5, true, false)
+    };
+    let cases = [
+        (server.addr, tls_plan(TlsMode::StartTls, false)),
+        (server.smtps, tls_plan(TlsMode::Implicit, false)),
+        (server.submission, tls_plan(TlsMode::StartTls, true)),
+    ];
+    for (n, (target, p)) in cases.into_iter().enumerate() {
+        let report = run(target, 40, p.clone());
+        assert_eq!(
+            (report.stats.ok, report.stats.errors),
+            (40, 0),
+            "{:?} auth {}: {:?}",
+            p.tls,
+            p.auth.is_some(),
+            report.stats.codes
+        );
+        // Every message reached both mailboxes.
+        let want = 40 * (n + 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while ringmail_tests::mailbox_list(&server.data, "b@localhost", Some("INBOX")).len() < want
+        {
+            assert!(std::time::Instant::now() < deadline, "{want} in b's INBOX");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // A wrong password: every session fails at AUTH, nothing is sent.
+    let mut p = tls_plan(TlsMode::StartTls, true);
+    p.auth = Some(("a@localhost".into(), "wrong".into()));
+    let report = run(server.submission, 40, p);
+    assert_eq!(report.stats.ok, 0);
+    assert_eq!(
+        report.stats.codes.get(&535),
+        Some(&6),
+        "{:?}",
+        report.stats.codes
+    );
 }

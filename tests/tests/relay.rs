@@ -1,7 +1,7 @@
 //! The server as a relay, end to end: the built binary, a DNS server in the test
 //! process, and ringmail-sink as the remote MX hosts on 127.0.0.2/127.0.0.3.
 
-use ringmail_bench::load::{Plan, SmtpRun};
+use ringmail_bench::load::{Plan, SmtpRun, TlsMode};
 use ringmail_bench::sink::Faults;
 use ringmail_tests::dns::{DnsServer, Zone};
 use ringmail_tests::sink::Sink;
@@ -122,6 +122,8 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
         lmtp: false,
         to_cycle: None,
         helo: "client.test".into(),
+        tls: TlsMode::Plain,
+        auth: None,
     };
     let report = SmtpRun {
         target: server.addr,

@@ -6,7 +6,7 @@
 use clap::{Args, Parser, Subcommand};
 use ringmail_bench::load::pop3::{Auth, Login, Pop3Plan, Work};
 use ringmail_bench::load::pop3run::{users_from_file, users_from_pattern, Pop3Run};
-use ringmail_bench::load::{verify, Plan, SmtpRun};
+use ringmail_bench::load::{verify, Plan, SmtpRun, TlsMode};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -181,6 +181,15 @@ struct SmtpArgs {
     /// Send BDAT LAST with the body instead of DATA (RFC 3030).
     #[arg(long)]
     bdat: bool,
+    /// STARTTLS after EHLO (RFC 3207), then EHLO again; any certificate is taken.
+    #[arg(long, conflicts_with = "smtps")]
+    starttls: bool,
+    /// TLS from the first byte (an smtps listener, RFC 8314).
+    #[arg(long)]
+    smtps: bool,
+    /// AUTH PLAIN as USER:PASS on every connection before its first message.
+    #[arg(long, value_parser = parse_auth)]
+    auth: Option<(String, String)>,
     /// Threads, each with its own io_uring.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -194,6 +203,12 @@ struct SmtpArgs {
     /// Print the summary as one JSON object (the last line).
     #[arg(long)]
     json: bool,
+}
+
+fn parse_auth(s: &str) -> Result<(String, String), String> {
+    s.split_once(':')
+        .map(|(u, p)| (u.to_string(), p.to_string()))
+        .ok_or_else(|| "USER:PASS".to_string())
 }
 
 fn parse_domain(s: &str) -> Result<(String, u32), String> {
@@ -362,6 +377,12 @@ fn smtp(a: SmtpArgs) -> Result<(), String> {
             lmtp: a.lmtp,
             to_cycle: a.to_pattern.map(|p| (p, a.to_count.max(1))),
             helo: "ringmail-load.test".into(),
+            tls: match (a.starttls, a.smtps) {
+                (true, _) => TlsMode::StartTls,
+                (_, true) => TlsMode::Implicit,
+                _ => TlsMode::Plain,
+            },
+            auth: a.auth,
         },
     };
     let report = run.run().map_err(|e| e.to_string())?;

@@ -16,7 +16,7 @@
 //! block padding, zeros ahead, segment headers) that make up the rest.
 
 use clap::Parser;
-use ringmail_bench::load::session::{message, recipients, Plan};
+use ringmail_bench::load::session::{message, recipients, Plan, TlsMode};
 use ringmail_bench::procstat;
 use std::io::Write;
 use std::path::PathBuf;
@@ -261,6 +261,8 @@ fn run(a: Args) -> Result<(), String> {
         lmtp: false,
         to_cycle: None,
         helo: String::new(),
+        tls: TlsMode::Plain,
+        auth: None,
     };
     let (mut ingested, mut stayed) = (0u64, 0u64);
     for seq in 0..lo.messages {

@@ -12,6 +12,6 @@ pub mod smtp;
 pub mod uring;
 pub mod verify;
 
-pub use session::Plan;
+pub use session::{Plan, TlsMode};
 pub use smtp::{Report, SharedBudget, SmtpRun, Stats};
 pub use uring::Progress;

@@ -5,7 +5,10 @@
 //! `pipelining` the envelope and DATA go in one write (RFC 2920; the body waits for 354);
 //! with `bdat` the whole transaction, body included, goes in one write (RFC 3030).
 //! With `lmtp` it speaks LMTP (RFC 2033): LHLO, and one final reply per accepted
-//! recipient.
+//! recipient. With `tls` StartTls it sends STARTTLS after EHLO and, once the driver
+//! ran the handshake (`Output::start_tls`), EHLO again (RFC 3207); with `auth` it
+//! authenticates (AUTH PLAIN with an initial response, RFC 4954) before its first
+//! message on each connection.
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +36,20 @@ pub struct Plan {
     /// LMTP instead of SMTP.
     pub lmtp: bool,
     pub helo: String,
+    pub tls: TlsMode,
+    /// AUTH PLAIN as (user, password) on every connection.
+    pub auth: Option<(String, String)>,
+}
+
+/// How a session's connection is encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Plain,
+    /// STARTTLS after the first EHLO.
+    StartTls,
+    /// TLS from the first byte (an `smtps` listener, RFC 8314); the session itself
+    /// sees only plaintext, as without TLS.
+    Implicit,
 }
 
 /// The header that carries the checksum of the message text (after the blank line),
@@ -111,6 +128,10 @@ pub fn recipients(plan: &Plan, seq: u64) -> Vec<String> {
 enum St {
     Greeting,
     Ehlo,
+    /// STARTTLS sent, waiting for its 220.
+    StartTls,
+    /// AUTH sent, waiting for its 235.
+    Auth,
     /// Envelope replies (MAIL, then each RCPT) received so far.
     Envelope {
         replied: usize,
@@ -137,6 +158,9 @@ pub struct Output {
     pub close: bool,
     /// The server broke protocol or refused the session: count an error.
     pub failed: bool,
+    /// The server said 220 to STARTTLS: run the TLS handshake now; `send` (EHLO) goes
+    /// out under TLS.
+    pub start_tls: bool,
 }
 
 pub struct Session {
@@ -149,6 +173,8 @@ pub struct Session {
     accepted: usize,
     body: Vec<u8>,
     rcpts: Vec<String>,
+    tls_on: bool,
+    authenticated: bool,
 }
 
 /// Asks the run for the next message: its sequence number and size, or None when done.
@@ -167,6 +193,8 @@ impl Session {
             accepted: 0,
             body: Vec::new(),
             rcpts: Vec::new(),
+            tls_on: false,
+            authenticated: false,
         }
     }
 
@@ -189,6 +217,11 @@ impl Session {
             out.codes.push(code);
             self.on_reply(plan, budget, code, now, &mut out);
             if out.close {
+                break;
+            }
+            if out.start_tls {
+                // Nothing the server sent before the handshake counts.
+                self.inbuf.clear();
                 break;
             }
         }
@@ -217,6 +250,37 @@ impl Session {
                 if code != 250 {
                     return self.fail(out);
                 }
+                if plan.tls == TlsMode::StartTls && !self.tls_on {
+                    out.send.extend_from_slice(b"STARTTLS\r\n");
+                    self.st = St::StartTls;
+                } else if let Some((user, password)) =
+                    plan.auth.as_ref().filter(|_| !self.authenticated)
+                {
+                    use base64::Engine;
+                    let plain = format!("\0{user}\0{password}");
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(plain);
+                    out.send
+                        .extend_from_slice(format!("AUTH PLAIN {b64}\r\n").as_bytes());
+                    self.st = St::Auth;
+                } else {
+                    self.start_message(plan, budget, now, out);
+                }
+            }
+            St::StartTls => {
+                if code != 220 {
+                    return self.fail(out);
+                }
+                self.tls_on = true;
+                out.start_tls = true;
+                out.send
+                    .extend_from_slice(format!("EHLO {}\r\n", plan.helo).as_bytes());
+                self.st = St::Ehlo;
+            }
+            St::Auth => {
+                if code != 235 {
+                    return self.fail(out);
+                }
+                self.authenticated = true;
                 self.start_message(plan, budget, now, out);
             }
             St::Envelope { replied } => {
@@ -430,6 +494,8 @@ mod tests {
             lmtp: true,
             to_cycle: None,
             helo: "h".into(),
+            tls: TlsMode::Plain,
+            auth: None,
         }
     }
 
@@ -502,6 +568,8 @@ mod tests {
             lmtp: false,
             to_cycle: None,
             helo: "h".into(),
+            tls: TlsMode::Plain,
+            auth: None,
         };
         let mut heavy = 0;
         for seq in 0..1000 {
@@ -514,5 +582,32 @@ mod tests {
             (2500..2900).contains(&heavy),
             "about 90% heavy: {heavy} of 3000"
         );
+    }
+
+    #[test]
+    fn starttls_then_ehlo_again_then_auth_then_the_message() {
+        let mut plan = plan_to(&["x@l"]);
+        plan.lmtp = false;
+        plan.tls = TlsMode::StartTls;
+        plan.auth = Some(("u@l".into(), "pw".into()));
+        let mut budget = Seqs(0..1);
+        let mut s = Session::new();
+        let now = Instant::now();
+        let mut feed = |s: &mut Session, r: &str| s.feed(&plan, &mut budget, r.as_bytes(), now);
+        assert_eq!(said(&feed(&mut s, "220 mx\r\n")), "EHLO h\r\n");
+        assert_eq!(
+            said(&feed(&mut s, "250-mx\r\n250 STARTTLS\r\n")),
+            "STARTTLS\r\n"
+        );
+        // Anything after the 220 (an injection attempt) is dropped.
+        let out = feed(&mut s, "220 go ahead\r\n250 injected\r\n");
+        assert!(out.start_tls);
+        assert_eq!(said(&out), "EHLO h\r\n");
+        // base64("\0u@l\0pw")
+        assert_eq!(
+            said(&feed(&mut s, "250-mx\r\n250 AUTH PLAIN\r\n")),
+            "AUTH PLAIN AHVAbABwdw==\r\n"
+        );
+        assert!(said(&feed(&mut s, "235 ok\r\n")).starts_with("MAIL FROM:<a@b>"));
     }
 }

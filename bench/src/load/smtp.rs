@@ -1,12 +1,17 @@
 //! `ringmail-load smtp`: the SMTP session (`session.rs`) on the ring driver, its
-//! shared message budget, its figures and its report.
+//! shared message budget, its figures and its report. TLS (STARTTLS or implicit) is
+//! rustls's client connection between the driver's bytes and the session's.
 
-use super::session::{Budget, Plan, Session};
+use super::session::{Budget, Plan, Session, TlsMode};
 use super::uring::{self, ConnError, Progress, Protocol, Step};
 use hdrhistogram::Histogram;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The run's message budget, shared by every thread.
@@ -92,6 +97,15 @@ struct Smtp<'a> {
     plan: &'a Plan,
     budget: &'a SharedBudget,
     progress: &'a Progress,
+    /// Takes any certificate (a load target's is often self-signed); shared by every
+    /// connection, so later ones resume a TLS session as real clients do.
+    tls: Arc<ClientConfig>,
+}
+
+/// One connection: the SMTP session and, once on, its TLS.
+struct Conn {
+    session: Session,
+    tls: Option<Box<ClientConnection>>,
 }
 
 impl Smtp<'_> {
@@ -99,10 +113,45 @@ impl Smtp<'_> {
         stats.errors += 1;
         self.progress.errors.fetch_add(1, Ordering::Relaxed);
     }
+
+    fn start_tls(&self) -> Box<ClientConnection> {
+        let name = ServerName::try_from("localhost").expect("a valid name");
+        Box::new(ClientConnection::new(self.tls.clone(), name).expect("a client connection"))
+    }
+}
+
+/// Ciphertext in, plaintext out (into `plain`).
+fn decrypt(
+    tls: &mut ClientConnection,
+    mut data: &[u8],
+    plain: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let mut buf = [0u8; 16 << 10];
+    while !data.is_empty() {
+        tls.read_tls(&mut data)?;
+        tls.process_new_packets().map_err(std::io::Error::other)?;
+        loop {
+            match tls.reader().read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => plain.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Everything rustls has to send (handshake, encrypted plaintext) into `send`.
+fn flush(tls: &mut ClientConnection, send: &mut Vec<u8>) -> std::io::Result<()> {
+    while tls.wants_write() {
+        tls.write_tls(send)?;
+    }
+    Ok(())
 }
 
 impl Protocol for Smtp<'_> {
-    type Session = Session;
+    type Session = Conn;
     type Stats = Stats;
 
     fn stats(&self) -> Stats {
@@ -113,22 +162,51 @@ impl Protocol for Smtp<'_> {
         into.merge(&from);
     }
 
-    fn start(&self, _slot: usize, _nth: u64, _now: Instant) -> Option<Session> {
+    fn start(&self, _slot: usize, _nth: u64, _now: Instant) -> Option<Conn> {
         // The message is drawn when the server is ready for it; a connection is only
         // made while some are left.
-        self.budget.remaining().then(Session::new)
+        self.budget.remaining().then(|| Conn {
+            session: Session::new(),
+            tls: None,
+        })
+    }
+
+    fn connected(&self, conn: &mut Conn, send: &mut Vec<u8>) {
+        if self.plan.tls == TlsMode::Implicit {
+            let mut tls = self.start_tls();
+            flush(&mut tls, send).expect("a ClientHello");
+            conn.tls = Some(tls);
+        }
     }
 
     fn feed(
         &self,
-        session: &mut Session,
+        conn: &mut Conn,
         data: &[u8],
         now: Instant,
         send: &mut Vec<u8>,
         stats: &mut Stats,
     ) -> Step {
+        let failed = Step {
+            close: true,
+            finished: true,
+        };
+        let mut plain = Vec::new();
+        let data = match &mut conn.tls {
+            None => data,
+            Some(tls) => {
+                if decrypt(tls, data, &mut plain).is_err() {
+                    self.error(stats);
+                    return failed;
+                }
+                &plain[..]
+            }
+        };
         let mut b = self.budget;
-        let mut out = session.feed(self.plan, &mut b, data, now);
+        let mut out = conn.session.feed(self.plan, &mut b, data, now);
+        if out.start_tls {
+            conn.tls = Some(self.start_tls());
+        }
         for code in &out.codes {
             *stats.codes.entry(*code).or_default() += 1;
         }
@@ -144,15 +222,24 @@ impl Protocol for Smtp<'_> {
         if out.failed {
             self.error(stats);
         }
-        send.append(&mut out.send);
+        match &mut conn.tls {
+            None => send.append(&mut out.send),
+            Some(tls) => {
+                let sent = tls.writer().write_all(&out.send);
+                if sent.and_then(|_| flush(tls, send)).is_err() {
+                    self.error(stats);
+                    return failed;
+                }
+            }
+        }
         Step {
             close: out.close,
             finished: out.failed,
         }
     }
 
-    fn is_done(session: &Session) -> bool {
-        session.is_done()
+    fn is_done(conn: &Conn) -> bool {
+        conn.session.is_done()
     }
 
     fn connection_error(&self, stats: &mut Stats, _e: ConnError) {
@@ -191,6 +278,9 @@ impl SmtpRun {
             plan: &self.plan,
             budget: &budget,
             progress: &progress,
+            tls: ringmail::delivery::tls::OutboundTls::new(vec![], None)
+                .map_err(std::io::Error::other)?
+                .unverified,
         };
         let deadline = Instant::now() + self.max_duration;
         let (stats, elapsed) = uring::run(

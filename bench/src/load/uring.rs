@@ -54,6 +54,9 @@ pub trait Protocol: Sync {
         send: &mut Vec<u8>,
         stats: &mut Self::Stats,
     ) -> Step;
+    /// The connection is up: what the client says first (a TLS ClientHello), if
+    /// anything, goes into `send`.
+    fn connected(&self, _session: &mut Self::Session, _send: &mut Vec<u8>) {}
     /// The session ended as planned: a close by the server is then no error.
     fn is_done(session: &Self::Session) -> bool;
     fn connection_error(&self, stats: &mut Self::Stats, e: ConnError);
@@ -260,7 +263,14 @@ pub fn run_thread<P: Protocol>(
                     std::thread::sleep(Duration::from_millis(1));
                     again(&mut ring, c, i, &mut active)?;
                 }
-                CONNECT => push_recv(&mut ring, c, i),
+                CONNECT => {
+                    let session = c.session.as_mut().expect("a connected slot has a session");
+                    proto.connected(session, &mut c.queued);
+                    if !c.queued.is_empty() && !c.sending {
+                        push_send(&mut ring, c, i);
+                    }
+                    push_recv(&mut ring, c, i)
+                }
                 RECV if res <= 0 => {
                     // The server closed: fine once the session is done, an error otherwise.
                     if !c.session.as_ref().is_some_and(P::is_done) {
