@@ -86,7 +86,11 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     // Fail clearly when someone else holds the port. (glommio binds with SO_REUSEPORT,
     // which would otherwise share the port with another server silently.)
     // One certificate set for every TLS listener and STARTTLS.
-    let tls = crate::net::certs::server_config(&cfg.cert_files(), &cfg.data, &cfg.hostname)?;
+    let tls = Arc::new(crate::net::certs::ServerTls::load(
+        &cfg.cert_files(),
+        &cfg.data,
+        &cfg.hostname,
+    )?);
     // Delivery's STARTTLS settings, shared by the executors (and so is the TLS
     // session cache inside, for resumption on the next connection to a host).
     let outbound = crate::delivery::tls::OutboundTls::new(
@@ -137,7 +141,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", pid.display()))?;
     let shutdown = Arc::new(AtomicBool::new(false));
     block_signals();
-    spawn_signal_thread(shutdown.clone());
+    spawn_signal_thread(shutdown.clone(), tls.clone());
 
     let next_index = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(AtomicUsize::new(0));
@@ -255,7 +259,7 @@ async fn executor_main(
     directory: Arc<DirectoryCell>,
     mail_mesh: Arc<crate::mailbox::Mesh>,
     auth: Arc<crate::auth::Authenticator>,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<crate::net::certs::ServerTls>,
     outbound: crate::delivery::tls::OutboundTls,
 ) -> Result<(), String> {
     let executors = store.executors();
@@ -528,11 +532,12 @@ fn signal_set() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         set
     }
 }
 
-/// Blocks SIGINT/SIGTERM in this thread and so in every thread started after it: only
+/// Blocks SIGINT/SIGTERM/SIGUSR1/SIGHUP in this thread and so in every thread started after it: only
 /// the signal thread receives them, synchronously.
 fn block_signals() {
     let set = signal_set();
@@ -542,7 +547,7 @@ fn block_signals() {
     }
 }
 
-fn spawn_signal_thread(shutdown: Arc<AtomicBool>) {
+fn spawn_signal_thread(shutdown: Arc<AtomicBool>, tls: Arc<crate::net::certs::ServerTls>) {
     std::thread::Builder::new()
         .name("ringmail-signals".into())
         .spawn(move || {
@@ -556,6 +561,17 @@ fn spawn_signal_thread(shutdown: Arc<AtomicBool>) {
                 if sig == libc::SIGUSR1 {
                     FLUSH_REQUESTS.fetch_add(1, Ordering::SeqCst);
                     tracing::info!("flush: retrying deferred mail now");
+                    continue;
+                }
+                if sig == libc::SIGHUP {
+                    // New handshakes take the new certificates; open sessions keep
+                    // theirs.
+                    match tls.reload() {
+                        Ok(()) => {
+                            tracing::info!("reload: TLS certificates re-read ({})", tls.describe())
+                        }
+                        Err(e) => tracing::error!("reload: {e}; the certificates in use stay"),
+                    }
                     continue;
                 }
                 if shutdown.swap(true, Ordering::SeqCst) {

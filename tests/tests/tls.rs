@@ -675,3 +675,96 @@ fn encrypt_defers_at_a_server_without_starttls_and_none_never_asks() {
     assert!(line.contains("status=sent"), "{line}");
     assert!(line.contains("tls=none"), "{line}");
 }
+
+/// A self-signed certificate for `name` written to `cert`/`key`; its DER in hex.
+fn write_certificate(name: &str, cert: &std::path::Path, key: &std::path::Path) -> String {
+    let made = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    std::fs::write(cert, made.cert.pem()).unwrap();
+    std::fs::write(key, made.key_pair.serialize_pem()).unwrap();
+    made.cert.der().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sighup(server: &Server) {
+    let pid = server.child.as_ref().unwrap().id() as i32;
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+}
+
+fn wait_log(server: &Server, needle: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.log_text().matches(needle).count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?}: {}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_rereads_the_certificates_without_dropping_sessions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = (tmp.path().join("mx.pem"), tmp.path().join("mx.key"));
+    let first = write_certificate("localhost", &cert, &key);
+    let (c, k) = (cert.to_string_lossy(), key.to_string_lossy());
+    let server = server_with(
+        &["bob@localhost"],
+        &["--tls-certificate", &c, "--tls-key", &k],
+    );
+    // A python session that opens TLS, prints the certificate, waits for a line on
+    // stdin (the reload happens meanwhile), then sends a message on the same session
+    // and prints the certificate of a new connection.
+    let mut session = Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import sys, smtplib, ssl, socket
+port = int(sys.argv[1])
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP('127.0.0.1', port, timeout=30)
+s.starttls(context=ctx)
+print(s.sock.getpeercert(binary_form=True).hex(), flush=True)
+sys.stdin.readline()
+s.sendmail('a@remote.test', ['bob@localhost'], 'Subject: across a reload\r\n\r\nstill here\r\n')
+s.quit()
+n = smtplib.SMTP('127.0.0.1', port, timeout=30)
+n.starttls(context=ctx)
+print(n.sock.getpeercert(binary_form=True).hex(), flush=True)
+n.quit()
+"#,
+        )
+        .arg(server.addr.port().to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::{BufRead, Write};
+    let mut out = std::io::BufReader::new(session.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), first);
+
+    // A broken file: the reload fails, said in the log, and the old certificate stays.
+    std::fs::write(&key, "not a key").unwrap();
+    sighup(&server);
+    wait_log(&server, "the certificates in use stay", 1);
+    assert!(server.log_text().contains(&*k), "names the file");
+
+    let second = write_certificate("localhost", &cert, &key);
+    sighup(&server);
+    wait_log(&server, "TLS certificates re-read", 1);
+    writeln!(session.stdin.take().unwrap()).unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        second,
+        "a new session gets the new certificate"
+    );
+    assert!(
+        session.wait().unwrap().success(),
+        "the open session went on"
+    );
+    wait_inbox(&server, "bob@localhost", 1);
+}

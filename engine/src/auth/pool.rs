@@ -142,7 +142,7 @@ impl Pool {
     }
 }
 
-/// The signal thread takes SIGINT/SIGTERM/SIGUSR1 with `sigwait`; a worker created
+/// The signal thread takes SIGINT/SIGTERM/SIGUSR1/SIGHUP with `sigwait`; a worker created
 /// before the runtime blocks them must not take them instead.
 fn block_all_signals() {
     // SAFETY: sigfillset initialises the set; a null old-set pointer is allowed.

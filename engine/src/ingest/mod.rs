@@ -49,7 +49,7 @@ pub struct Ingest {
     /// The account directory, to expand aliases as a message is queued.
     directory: Option<Arc<DirectoryCell>>,
     /// Certificates for STARTTLS and the implicit-TLS listener.
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<crate::net::certs::ServerTls>,
     /// The one password check (SMTP AUTH).
     auth: Arc<crate::auth::Authenticator>,
 }
@@ -63,7 +63,7 @@ impl Ingest {
         spools: Vec<Rc<Spool>>,
         ring: Rc<Ring>,
         directory: Option<Arc<DirectoryCell>>,
-        tls: Arc<rustls::ServerConfig>,
+        tls: Arc<crate::net::certs::ServerTls>,
         auth: Arc<crate::auth::Authenticator>,
     ) -> Rc<Ingest> {
         let recipients = directory.clone().map(|cell| {
@@ -129,7 +129,7 @@ impl Ingest {
     /// Runs the TLS handshake; false: it failed (logged), the connection is done.
     async fn start_tls(&self, stream: &mut Stream, peer: SocketAddr) -> bool {
         match stream
-            .start_tls(self.tls.clone(), self.cfg.idle_timeout)
+            .start_tls(self.tls.config(), self.cfg.idle_timeout)
             .await
         {
             Ok(()) => {

@@ -21,6 +21,57 @@ pub struct CertFiles {
     pub key: PathBuf,
 }
 
+/// The server's TLS settings as every listener and STARTTLS takes them: replaced
+/// whole when the certificates are re-read (SIGHUP), never changed in place, so a
+/// session goes on with the settings its handshake used.
+pub struct ServerTls {
+    current: arc_swap::ArcSwap<ServerConfig>,
+    files: Vec<CertFiles>,
+    data: PathBuf,
+    hostname: String,
+}
+
+impl ServerTls {
+    pub fn load(files: &[CertFiles], data: &Path, hostname: &str) -> Result<ServerTls, String> {
+        Ok(ServerTls {
+            current: arc_swap::ArcSwap::new(server_config(files, data, hostname)?),
+            files: files.to_vec(),
+            data: data.to_path_buf(),
+            hostname: hostname.to_string(),
+        })
+    }
+
+    /// The settings for a handshake starting now.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
+    }
+
+    /// Reads the certificate and key files again. On any error the settings in use
+    /// stay, whole. The session cache carries over, so clients resume as before.
+    pub fn reload(&self) -> Result<(), String> {
+        let mut fresh = server_config(&self.files, &self.data, &self.hostname)?;
+        let storage = self.current.load().session_storage.clone();
+        Arc::get_mut(&mut fresh)
+            .expect("a config nobody else holds yet")
+            .session_storage = storage;
+        self.current.store(fresh);
+        Ok(())
+    }
+
+    /// What `reload` reads, for the log.
+    pub fn describe(&self) -> String {
+        if self.files.is_empty() {
+            return format!("the self-signed certificate for {}", self.hostname);
+        }
+        let names: Vec<String> = self
+            .files
+            .iter()
+            .map(|f| f.certificate.display().to_string())
+            .collect();
+        names.join(", ")
+    }
+}
+
 /// The rustls server settings for every TLS listener and STARTTLS: `files` in order
 /// (the first is the default when no SNI name matches), or the self-signed
 /// certificate for `hostname` under `data` when `files` is empty.

@@ -54,7 +54,7 @@ pub struct Pop3 {
     auth: Arc<Authenticator>,
     sessions: Rc<Sessions>,
     /// Certificates for STLS and the implicit-TLS listener.
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<crate::net::certs::ServerTls>,
 }
 
 /// A logged-in session's maildrop.
@@ -75,7 +75,7 @@ impl Pop3 {
         store: StoreService,
         directory: Arc<DirectoryCell>,
         auth: Arc<Authenticator>,
-        tls: Arc<rustls::ServerConfig>,
+        tls: Arc<crate::net::certs::ServerTls>,
     ) -> Rc<Pop3> {
         let core = core::Config {
             hostname: cfg.hostname.clone(),
@@ -143,7 +143,7 @@ impl Pop3 {
     /// Runs the TLS handshake; false: it failed (logged), the connection is done.
     async fn start_tls(&self, stream: &mut Stream, peer: SocketAddr) -> bool {
         match stream
-            .start_tls(self.tls.clone(), self.cfg.idle_timeout)
+            .start_tls(self.tls.config(), self.cfg.idle_timeout)
             .await
         {
             Ok(()) => {
