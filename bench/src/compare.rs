@@ -211,6 +211,36 @@ pub fn markdown(runs: &[Run], subject: &str, limit: &str, peers: &[&str]) -> Str
     out
 }
 
+/// Each (TLS workload, its plaintext twin): per target, the medians of both and the
+/// share of the plaintext rate kept under TLS.
+pub fn tls_markdown(runs: &[Run], pairs: &[(&str, &str)], targets: &[&str]) -> String {
+    let mut out = String::from("| workload |");
+    for t in targets {
+        out.push_str(&format!(
+            " {t} plaintext | {t} STARTTLS | {t} TLS / plaintext |"
+        ));
+    }
+    out.push('\n');
+    out.push_str(&"|---".repeat(1 + 3 * targets.len()));
+    out.push_str("|\n");
+    let m: BTreeMap<String, BTreeMap<String, f64>> = medians(runs).into_iter().collect();
+    let get = |w: &str, t: &str| m.get(w).and_then(|by| by.get(t)).copied();
+    for (tls, plain) in pairs {
+        out.push_str(&format!("| {tls} |"));
+        for t in targets {
+            let (p, s) = (get(plain, t), get(tls, t));
+            let fmt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.0}"));
+            let ratio = match (s, p) {
+                (Some(s), Some(p)) if p > 0.0 => format!("{:.2}", s / p),
+                _ => "–".into(),
+            };
+            out.push_str(&format!(" {} | {} | {ratio} |", fmt(p), fmt(s)));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// What each message cost `subject`: medians of its CPU time and body copies per
 /// message, by workload ("n/a" where the server did not report it).
 pub fn cost_markdown(runs: &[Run], subject: &str) -> String {
@@ -338,6 +368,36 @@ mod tests {
         assert!(parse_load_output("{\"messages\":1}")
             .unwrap_err()
             .contains("errors"));
+    }
+
+    #[test]
+    fn tls_rows_set_each_target_against_its_own_plaintext_rate() {
+        let run = |w: &str, t: &str, rate: f64| Run {
+            workload: w.into(),
+            target: t.into(),
+            rep: 0,
+            messages: 1,
+            errors: 0,
+            seconds: 1.0,
+            rate,
+            p50_ms: None,
+            p99_ms: None,
+            cpu_us_per_msg: None,
+            copies_per_msg: None,
+        };
+        let runs = [
+            run("plain", "ringmail", 1000.0),
+            run("plain", "postfix", 100.0),
+            run("tls", "ringmail", 800.0),
+            run("tls", "ringmail", 600.0),
+            run("tls", "ringmail", 900.0),
+            run("tls", "postfix", 50.0),
+        ];
+        let t = tls_markdown(&runs, &[("tls", "plain")], &["ringmail", "postfix"]);
+        let row = t.lines().nth(2).unwrap();
+        assert_eq!(row, "| tls | 1000 | 800 | 0.80 | 100 | 50 | 0.50 |");
+        let t = tls_markdown(&runs, &[("tls", "missing")], &["ringmail"]);
+        assert_eq!(t.lines().nth(2).unwrap(), "| tls | – | 800 | – |");
     }
 
     #[test]

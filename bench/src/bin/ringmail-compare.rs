@@ -6,7 +6,11 @@
 //! - `sink`: ringmail-load straight into ringmail-sink: the limit;
 //! - `ringmail`: ringmail serve (fresh data directory per run), durable;
 //! - `postfix`: a private Postfix instance (bench/lib/postfix.sh) relaying to another
-//!   ringmail-sink.
+//!   ringmail-sink, with `smtpd_tls_security_level = may` and a self-signed P-256
+//!   certificate (the key type of ringmail's own self-signed one).
+//!
+//! STARTTLS workloads run against ringmail and Postfix only (ringmail-sink has no
+//! TLS); their rates are set against the same workload in plaintext, same run.
 //!
 //! Then the load tool is validated against Postfix's own smtp-source, both into
 //! Postfix's smtp-sink.
@@ -48,6 +52,10 @@ struct Workload {
     /// Messages for ringmail and the sink; Postfix gets a tenth (it is far slower and
     /// the run must stay bounded).
     messages: u64,
+    /// The load tool says STARTTLS (`--starttls`) before its messages.
+    tls: bool,
+    /// The plaintext workload this one is compared with.
+    plain: Option<&'static str>,
 }
 
 fn free_port() -> u16 {
@@ -127,6 +135,7 @@ fn load(bin: &Path, port: u16, w: &Workload, messages: u64) -> Result<compare::L
             "--per-connection",
             &w.per_connection.to_string(),
         ])
+        .args(w.tls.then_some("--starttls"))
         .args([
             "--to",
             if w.relay {
@@ -172,7 +181,44 @@ fn postfix_queue_empty(dir: &Path) -> Result<bool, String> {
     Ok(String::from_utf8_lossy(&out.stdout).contains("Mail queue is empty"))
 }
 
-fn postfix(op: &str, dir: &Path, ports: &[u16]) -> Result<(), String> {
+/// Postfix's TLS settings (main.cf lines) with a new self-signed certificate for
+/// localhost in `dir`: ECDSA P-256, as ringmail's own; a session cache, so clients
+/// resume as they do with ringmail.
+fn postfix_tls(dir: &Path) -> Result<String, String> {
+    let (cert, key) = (dir.join("postfix-tls.pem"), dir.join("postfix-tls.key"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("openssl: {e}"))?;
+    if !st.success() {
+        return Err("openssl could not make Postfix's certificate".into());
+    }
+    Ok(format!(
+        "smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_session_cache_database = btree:${{data_directory}}/smtpd_scache\nsmtpd_tls_loglevel = 0",
+        cert.display(),
+        key.display()
+    ))
+}
+
+/// `extra`: more main.cf lines (POSTFIX_MAIN_CF_EXTRA).
+fn postfix(op: &str, dir: &Path, ports: &[u16], extra: &str) -> Result<(), String> {
     let script = format!(
         "source bench/lib/postfix.sh && postfix_{op} {} {}",
         dir.display(),
@@ -185,6 +231,7 @@ fn postfix(op: &str, dir: &Path, ports: &[u16]) -> Result<(), String> {
     let st = Command::new("bash")
         .arg("-c")
         .arg(script)
+        .env("POSTFIX_MAIN_CF_EXTRA", extra)
         .status()
         .map_err(|e| e.to_string())?;
     st.success()
@@ -212,6 +259,8 @@ fn run(a: Args) -> Result<(), String> {
             size: 4096,
             per_connection: 1,
             messages: 20_000 / scale,
+            tls: false,
+            plain: None,
         },
         Workload {
             relay: false,
@@ -219,6 +268,8 @@ fn run(a: Args) -> Result<(), String> {
             size: 4096,
             per_connection: 0,
             messages: 60_000 / scale,
+            tls: false,
+            plain: None,
         },
         Workload {
             relay: false,
@@ -226,6 +277,8 @@ fn run(a: Args) -> Result<(), String> {
             size: 100 << 10,
             per_connection: 1,
             messages: 5_000 / scale,
+            tls: false,
+            plain: None,
         },
         Workload {
             relay: false,
@@ -233,6 +286,8 @@ fn run(a: Args) -> Result<(), String> {
             size: 100 << 10,
             per_connection: 0,
             messages: 10_000 / scale,
+            tls: false,
+            plain: None,
         },
         Workload {
             relay: true,
@@ -240,6 +295,8 @@ fn run(a: Args) -> Result<(), String> {
             size: 4096,
             per_connection: 0,
             messages: 30_000 / scale,
+            tls: false,
+            plain: None,
         },
         Workload {
             relay: true,
@@ -247,6 +304,26 @@ fn run(a: Args) -> Result<(), String> {
             size: 100 << 10,
             per_connection: 0,
             messages: 5_000 / scale,
+            tls: false,
+            plain: None,
+        },
+        Workload {
+            relay: false,
+            name: "ingest 4 KiB STARTTLS, 1/conn",
+            size: 4096,
+            per_connection: 1,
+            messages: 20_000 / scale,
+            tls: true,
+            plain: Some("ingest 4 KiB, 1/conn"),
+        },
+        Workload {
+            relay: false,
+            name: "ingest 4 KiB STARTTLS, many/conn",
+            size: 4096,
+            per_connection: 0,
+            messages: 60_000 / scale,
+            tls: true,
+            plain: Some("ingest 4 KiB, many/conn"),
         },
     ];
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -257,7 +334,8 @@ fn run(a: Args) -> Result<(), String> {
     if !a.no_postfix {
         let smtp_port = free_port();
         let dir = work.path().join("postfix");
-        postfix("start", &dir, &[smtp_port, relay_port])?;
+        let tls = postfix_tls(work.path())?;
+        postfix("start", &dir, &[smtp_port, relay_port], &tls)?;
         wait_port(smtp_port)?;
         pf = Some((smtp_port, dir));
     }
@@ -272,7 +350,9 @@ fn run(a: Args) -> Result<(), String> {
                 );
                 runs.push(Run::from_load(w.name, target, rep, &o));
             };
-            record(&mut runs, "sink", load(&a.bin, limit_port, w, w.messages)?);
+            if !w.tls {
+                record(&mut runs, "sink", load(&a.bin, limit_port, w, w.messages)?);
+            }
             let port = free_port();
             let data = work.path().join("ringmail-data");
             let _ = std::fs::remove_dir_all(&data);
@@ -346,7 +426,7 @@ fn run(a: Args) -> Result<(), String> {
     }
     let validation = validate(&a.bin, reps, scale)?;
     if let Some((_, dir)) = pf {
-        postfix("stop", &dir, &[])?;
+        postfix("stop", &dir, &[], "")?;
     }
     relay_sink.stop();
     let limit_out = limit_sink.stop();
@@ -371,8 +451,15 @@ fn run(a: Args) -> Result<(), String> {
     let table = compare::markdown(&runs, "ringmail", "sink", &peers);
     let vtable = compare::markdown(&validation, "ringmail-load", "smtp-source", &[]);
     let costs = compare::cost_markdown(&runs, "ringmail");
+    let mut targets_tls = vec!["ringmail"];
+    targets_tls.extend(&peers);
+    let pairs: Vec<(&str, &str)> = workloads
+        .iter()
+        .filter_map(|w| Some((w.name, w.plain?)))
+        .collect();
+    let tls_table = compare::tls_markdown(&runs, &pairs, &targets_tls);
     let report = format!(
-        "ringmail-load, 32 sessions, medians of {reps} interleaved run(s), messages/s; {:.0} s in all\nPeers: {}\n\n{table}\nringmail's cost per message (CPU: user + system of the server while measured; copies: its body_copies= log counter)\n\n{costs}\nValidation: smtp-source vs ringmail-load, both into Postfix's smtp-sink (4 KiB, 32 sessions)\n\n{vtable}",
+        "ringmail-load, 32 sessions, medians of {reps} interleaved run(s), messages/s; {:.0} s in all\nPeers: {}\n\n{table}\nSTARTTLS against plaintext, each server against itself (same run): the share of its plaintext rate it keeps\n\n{tls_table}\nringmail's cost per message (CPU: user + system of the server while measured; copies: its body_copies= log counter)\n\n{costs}\nValidation: smtp-source vs ringmail-load, both into Postfix's smtp-sink (4 KiB, 32 sessions)\n\n{vtable}",
         started.elapsed().as_secs_f64(),
         peer_versions()
     );
@@ -478,6 +565,8 @@ fn validate(bin: &Path, reps: usize, scale: u64) -> Result<Vec<Run>, String> {
                 size: 4096,
                 per_connection: if many { 0 } else { 1 },
                 messages,
+                tls: false,
+                plain: None,
             };
             let o = load(bin, port, &w, messages)?;
             runs.push(Run::from_load(name, "ringmail-load", rep, &o));
