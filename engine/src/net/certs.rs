@@ -140,10 +140,17 @@ fn self_signed(data: &Path, hostname: &str) -> Result<CertFiles, String> {
     if hostname != "localhost" {
         names.push("localhost".into());
     }
-    let made = rcgen::generate_simple_self_signed(names)
-        .map_err(|e| format!("cannot make a self-signed certificate: {e}"))?;
-    write_new(&files.key, made.key_pair.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&files.certificate, made.cert.pem().as_bytes(), 0o644)?;
+    let fail = |e: rcgen::Error| format!("cannot make a self-signed certificate: {e}");
+    let mut params = rcgen::CertificateParams::new(names).map_err(fail)?;
+    // The subject names the host too (clients show it), not rcgen's placeholder.
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, hostname);
+    let key = rcgen::KeyPair::generate().map_err(fail)?;
+    let cert = params.self_signed(&key).map_err(fail)?;
+    write_new(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&files.certificate, cert.pem().as_bytes(), 0o644)?;
     tracing::info!(certificate = %files.certificate.display(), "made a self-signed TLS certificate");
     Ok(files)
 }
