@@ -36,6 +36,7 @@ REPS=${REPS:-3}
 WARM_SECONDS=${WARM_SECONDS:-5}
 RETR_SECONDS=${RETR_SECONDS:-5}
 SERVERS=${SERVERS:-"ringmail dovecot"}
+SETTLE=${SETTLE:-1}   # seconds between a server's start and the cold logins
 
 source bench/lib/dovecot.sh
 dovecot_install
@@ -73,17 +74,26 @@ $LOAD passwd-file --user-count "$USERS" > "$work/passwd"
 argon2_rate() { $LOAD argon2 --seconds 2; }
 argon2_before=$(argon2_rate)
 
+# ringmail's listeners take connections (into the kernel's backlog) before it has
+# recovered its shards; it says `ringmail ready` when it serves.
+wait_ready() { for _ in $(seq 1 600); do [ "$(grep -c 'ringmail ready' "$1")" -gt "$2" ] && return 0; sleep 0.05; done; echo "ringmail did not get ready" >&2; return 1; }
 start() { # SERVER SIZE
   case $1 in
     ringmail)
-      RINGMAIL_LOG=warn $R serve --data "$work/ringmail-$2" --smtp "127.0.0.1:$SMTP_PORT" \
+      local before
+      before=$(grep -c 'ringmail ready' "$work/ringmail.log" 2>/dev/null || true)
+      RINGMAIL_LOG=warn,ringmail::runtime=info $R serve --data "$work/ringmail-$2" --smtp "127.0.0.1:$SMTP_PORT" \
         --pop3 "127.0.0.1:$POP3_PORT" --hostname bench.test 2>>"$work/ringmail.log" &
-      rm_pid=$! ;;
+      rm_pid=$!
+      wait_ready "$work/ringmail.log" "${before:-0}" ;;
     dovecot)
       dc_dir="$work/dovecot-$2"
       dovecot_start "$dc_dir" "$POP3_PORT" "$LMTP_PORT" "$work/passwd" ;;
   esac
   wait_port "$POP3_PORT"
+  # Both servers settle from their start before the cold logins are timed (Dovecot
+  # forks its auth and pop3 processes on demand, ringmail finishes its upkeep).
+  sleep "$SETTLE"
 }
 stop() { case $1 in ringmail) stop_ringmail ;; dovecot) stop_dovecot ;; esac; }
 
