@@ -4,6 +4,7 @@
 //! `Config::default()`. Layers, in rising precedence: defaults, a TOML file, flags.
 //! The reference of every setting is docs/configuration.md (kept current by a test).
 
+use crate::mailauth::DkimKeyConfig;
 use crate::smtp;
 use ipnet::IpNet;
 use ringmail_store::record::{RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX};
@@ -41,6 +42,8 @@ pub struct Config {
     pub tls_policies: Vec<(String, crate::delivery::tls::TlsLevel)>,
     /// Certificates trusted by outbound `verify` besides the webpki roots.
     pub tls_ca_file: Option<PathBuf>,
+    /// DKIM signing keys (`[[dkim]]`), one per domain.
+    pub dkim: Vec<crate::mailauth::DkimKeyConfig>,
     /// Offer SMTP AUTH before TLS too.
     pub smtp_auth_without_tls: bool,
     /// An authenticated SMTP client's MAIL FROM must be its own address or an alias.
@@ -94,6 +97,7 @@ impl Default for Config {
             tls_keys: Vec::new(),
             tls_policies: Vec::new(),
             tls_ca_file: None,
+            dkim: Vec::new(),
             smtp_auth_without_tls: false,
             sender_login_match: true,
             local_domains: vec!["localhost".into()],
@@ -416,6 +420,7 @@ toml_type! {
     Network => "string (a CIDR network or an address)",
     Route => "string (DOMAIN=HOST:PORT)",
     TlsPolicy => "string (DOMAIN=LEVEL)",
+    DkimKeyConfig => "table (domain, selector, key, algorithm, headers)",
 }
 
 impl<T: TomlType> TomlType for Vec<T> {
@@ -760,6 +765,22 @@ settings! {
     rule non_empty_path(),
     get |c| c.tls_ca_file.clone(),
     set |c, v| c.tls_ca_file = Some(v);
+
+    /// A DKIM signing key (repeatable; TOML: `[[dkim]]` tables with `domain`,
+    /// `selector`, `key` (a PEM file, PKCS#8), `algorithm` (`ed25519`, the default, or
+    /// `rsa-sha256`) and `headers` (the fields to sign; From, To and Subject are always
+    /// oversigned)). Mail from an authenticated session or a relay network whose
+    /// `From:` is in the domain or below it is signed as it is queued. As a flag:
+    /// `domain=D,selector=S,key=PATH[,algorithm=A][,headers=H1:H2]`.
+    #[arg(long)]
+    dkim: Vec<DkimKeyConfig>, aliases [],
+    default "none: nothing is signed",
+    rule Rule::new(
+        "entries with a domain, a selector of DNS labels and a key path",
+        |v: &Vec<DkimKeyConfig>| v.iter().all(|k| k.check().is_ok()),
+    ),
+    get |c| Some(c.dkim.clone()),
+    set |c, v| c.dkim = v;
 
     /// Offer SMTP AUTH (PLAIN, LOGIN) before STARTTLS too; off: only under TLS, so a
     /// password never crosses the network in clear.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod delivery;
 pub mod dns;
 pub mod ingest;
+pub mod mailauth;
 pub mod mailbox;
 pub mod net;
 pub mod pop3;

@@ -5,7 +5,7 @@ use ringmail::config::Settings;
 use ringmail::{accounts, queue, runtime};
 use ringmail_store::message::format_id;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -47,6 +47,28 @@ enum Command {
     Alias {
         #[command(subcommand)]
         command: AliasCommand,
+    },
+    /// DKIM keys.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Make a signing key in DATA/dkim/DOMAIN.SELECTOR.key; prints the DNS TXT record
+    /// to publish on stdout and the key's path on stderr.
+    Generate {
+        domain: String,
+        #[arg(long, default_value = "default")]
+        selector: String,
+        /// `ed25519` (RFC 8463) or `rsa2048` (RSA-SHA256, for verifiers without
+        /// Ed25519).
+        #[arg(long, default_value = "ed25519")]
+        algorithm: String,
+        #[arg(long, default_value = "./ringmail-data")]
+        data: PathBuf,
     },
 }
 
@@ -235,6 +257,15 @@ fn main() -> ExitCode {
             .and_then(|m| std::io::stdout().write_all(&m).map_err(|e| e.to_string())),
         Command::User { command } => user(command),
         Command::Alias { command } => alias(command),
+        Command::Dkim {
+            command:
+                DkimCommand::Generate {
+                    domain,
+                    selector,
+                    algorithm,
+                    data,
+                },
+        } => dkim_generate(&data, &domain, &selector, &algorithm),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -243,6 +274,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn dkim_generate(data: &Path, domain: &str, selector: &str, algorithm: &str) -> Result<(), String> {
+    use ringmail::mailauth::Algorithm;
+    let algorithm = match algorithm.to_ascii_lowercase().as_str() {
+        "ed25519" => Algorithm::Ed25519,
+        "rsa2048" | "rsa-sha256" | "rsa" => Algorithm::RsaSha256,
+        other => return Err(format!("`{other}` is not ed25519 or rsa2048")),
+    };
+    let (path, record) = ringmail::mailauth::keys::generate(data, domain, selector, algorithm)?;
+    println!("{record}");
+    eprintln!("{}", path.display());
+    Ok(())
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {

@@ -93,6 +93,8 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     )?);
     // Delivery's STARTTLS settings, shared by the executors (and so is the TLS
     // session cache inside, for resumption on the next connection to a host).
+    // DKIM keys, loaded once: a key that does not load stops the start.
+    let signers = Arc::new(crate::mailauth::Signers::load(&cfg.dkim)?);
     let outbound = crate::delivery::tls::OutboundTls::new(
         cfg.tls_policies.clone(),
         cfg.tls_ca_file.as_deref(),
@@ -171,6 +173,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let auth = auth.clone();
             let tls = tls.clone();
             let outbound = outbound.clone();
+            let signers = signers.clone();
             async move {
                 let listener = listener.expect("one listener per executor");
                 let store = StoreService::join(mesh, &cfg.data, cfg.read_cache_bytes).await?;
@@ -190,6 +193,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
                     auth,
                     tls,
                     outbound,
+                    signers,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -261,6 +265,7 @@ async fn executor_main(
     auth: Arc<crate::auth::Authenticator>,
     tls: Arc<crate::net::certs::ServerTls>,
     outbound: crate::delivery::tls::OutboundTls,
+    signers: Arc<crate::mailauth::Signers>,
 ) -> Result<(), String> {
     let executors = store.executors();
     // Joined before the shards open, so that work for them queues meanwhile.
@@ -363,6 +368,7 @@ async fn executor_main(
         Some(directory.clone()),
         tls.clone(),
         auth.clone(),
+        signers,
     );
     let local = crate::delivery::local::Local {
         directory: directory.clone(),

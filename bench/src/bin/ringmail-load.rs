@@ -34,6 +34,10 @@ enum Mode {
     /// the server's own check, on 1 thread and on --threads at once: the most cold
     /// logins a second can be, there (prints one JSON object).
     Argon2(Argon2Args),
+    /// Measure DKIM signatures per second of ringmail's signer (mail-auth, ring) over
+    /// load messages of --size bytes, on --threads at once: the most signed messages a
+    /// second can be, there (prints the rate alone).
+    DkimSign(DkimSignArgs),
     /// Check saved messages (files, maildirs) against their X-Load-Checksum; prints
     /// one JSON object; fails unless every file verifies (and --expect matches).
     Verify(VerifyArgs),
@@ -47,6 +51,22 @@ struct Argon2Args {
     /// Threads of the second measurement; 0: the available cores.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+}
+
+#[derive(Args)]
+struct DkimSignArgs {
+    /// The private key (PEM), as `ringmail dkim generate` writes it.
+    #[arg(long)]
+    key: PathBuf,
+    /// `ed25519` or `rsa-sha256`.
+    #[arg(long, default_value = "ed25519")]
+    algorithm: String,
+    #[arg(long, default_value_t = 102400)]
+    size: usize,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
 }
 
 #[derive(Args)]
@@ -228,6 +248,7 @@ fn main() -> ExitCode {
         Mode::Pop3(a) => pop3(a),
         Mode::PasswdFile(a) => passwd_file(a),
         Mode::Argon2(a) => argon2_rate(a),
+        Mode::DkimSign(a) => dkim_sign_rate(a),
         Mode::Verify(a) => verify_files(a),
     };
     match result {
@@ -323,6 +344,49 @@ fn argon2_rate(a: Argon2Args) -> Result<(), String> {
         "{}",
         serde_json::json!({"mode": "argon2", "phc_params": phc.split('$').nth(3), "one_thread_per_sec": one, "threads": threads, "threads_per_sec": all})
     );
+    Ok(())
+}
+
+fn dkim_sign_rate(a: DkimSignArgs) -> Result<(), String> {
+    use ringmail::mailauth::{DkimKeyConfig, Signers};
+    let signers = Signers::load(&[DkimKeyConfig {
+        domain: "ringmail-load.test".into(),
+        selector: "s".into(),
+        key: a.key,
+        algorithm: a.algorithm.parse()?,
+        headers: vec![],
+    }])?;
+    let text = ringmail_bench::load::session::message(
+        0,
+        a.size,
+        "load@ringmail-load.test",
+        "rcpt@relay.test",
+    );
+    let prefix = b"Received: from ringmail-load.test ([127.0.0.1]) by relay.bench.test
+";
+    let span = Duration::from_secs_f64(a.seconds.max(0.1));
+    let start = std::time::Instant::now();
+    let signed: usize = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..a.threads.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    // Each thread its own body: Body is not shared across threads.
+                    let body = ringmail::smtp::Body::from(text.clone());
+                    let mut k = 0;
+                    while start.elapsed() < span {
+                        signers
+                            .sign(prefix, &body)
+                            .expect("a From: with a key")
+                            .expect("signed");
+                        k += 1;
+                    }
+                    k
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+    });
+    println!("{:.0}", signed as f64 / start.elapsed().as_secs_f64());
     Ok(())
 }
 
