@@ -87,12 +87,18 @@ s.ehlo('client.test')
 assert not s.has_extn('starttls')
 s.sendmail('alice@example.org', ['bob@localhost'], b'Subject: two\r\n\r\nover implicit TLS\r\n')
 s.quit()
+# TLS 1.2 is offered too, for clients without 1.3.
+old = ssl.create_default_context(cafile=ca)
+old.maximum_version = ssl.TLSVersion.TLSv1_2
+s = smtplib.SMTP_SSL('localhost', smtps, context=old, timeout=30)
+print('tls12', s.sock.version())
+s.quit()
 "#,
         &[&ca],
     );
     assert_eq!(
         sent,
-        "smtp 220 TLSv1.3\nagain 554\n",
+        "smtp 220 TLSv1.3\nagain 554\ntls12 TLSv1.2\n",
         "{}",
         server.log_text()
     );
@@ -516,6 +522,7 @@ fn receiving_mx() -> (Server, ringmail_tests::dns::DnsServer) {
     .args(["x.test", "--data"])
     .arg(&data)
     .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::piped());
     let mut child = add.spawn().unwrap();
     use std::io::Write;
@@ -750,6 +757,19 @@ n.quit()
     sighup(&server);
     wait_log(&server, "the certificates in use stay", 1);
     assert!(server.log_text().contains(&*k), "names the file");
+    // And a handshake now still gets the first certificate.
+    let now = py(
+        &server,
+        r#"
+import sys, socket, ssl
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+t = ctx.wrap_socket(socket.create_connection(('127.0.0.1', int(sys.argv[3])), timeout=30), server_hostname='localhost')
+print(t.getpeercert(binary_form=True).hex())
+t.close()
+"#,
+        &[],
+    );
+    assert_eq!(now.trim(), first, "the certificate in use stayed");
 
     let second = write_certificate("localhost", &cert, &key);
     sighup(&server);

@@ -141,15 +141,18 @@ pub enum Destination {
     Literal(IpAddr),
 }
 
-/// Idle SMTP connections kept for the next message to the same host, by address and
-/// TLS level (a connection set up under one policy serves only that policy).
+/// Idle SMTP connections kept for the next message to the same host, by address, TLS
+/// level and host name (a connection set up under one policy serves only that policy,
+/// and one whose certificate was checked for a name serves only that name).
 pub struct Pool {
-    idle: std::cell::RefCell<std::collections::HashMap<(SocketAddr, TlsLevel), Vec<Idle>>>,
+    idle: std::cell::RefCell<std::collections::HashMap<PoolKey, Vec<Idle>>>,
     /// Messages one connection carries before it is closed.
     pub messages_per_connection_max: usize,
     /// An idle connection older than this is closed.
     pub idle_timeout: Duration,
 }
+
+type PoolKey = (SocketAddr, TlsLevel, String);
 
 struct Idle {
     fd: std::os::fd::OwnedFd,
@@ -169,9 +172,9 @@ impl Pool {
         }
     }
 
-    fn take(&self, addr: (SocketAddr, TlsLevel)) -> Option<Idle> {
+    fn take(&self, addr: &PoolKey) -> Option<Idle> {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(addr)?;
         while let Some(i) = list.pop() {
             if i.since.elapsed() < self.idle_timeout {
                 return Some(i);
@@ -180,7 +183,7 @@ impl Pool {
         None
     }
 
-    fn put(&self, addr: (SocketAddr, TlsLevel), i: Idle) {
+    fn put(&self, addr: PoolKey, i: Idle) {
         self.idle.borrow_mut().entry(addr).or_default().push(i);
     }
 
@@ -282,7 +285,10 @@ pub async fn attempt(
         Destination::Literal(ip) => crate::smtp::address::Domain::Literal(*ip).to_string(),
         Destination::Mx(domain) => domain.clone(),
     };
-    let policy = cfg.tls.level(recipient_domain(tx));
+    let (mut failures, mut tls_failures, mut tls_status) = (0, 0, (4, 4, 1));
+    let policy = cfg
+        .tls
+        .level(&crate::smtp::address::domain_key(recipient_domain(tx)));
     let mut last = String::from("no address for any MX host");
     for host in &hosts {
         let addrs = match host.parse::<IpAddr>() {
@@ -290,6 +296,7 @@ pub async fn attempt(
             Err(_) => match resolver.addresses(host).await {
                 Ok(a) => a,
                 Err(e) => {
+                    failures += 1;
                     last = format!("{host}: {e}");
                     continue;
                 }
@@ -347,15 +354,29 @@ pub async fn attempt(
                         tls,
                     }
                 }
-                Err(f) => last = format!("{host}[{ip}]:{port}: {}", f.why),
+                Err(f) => {
+                    failures += 1;
+                    // The policy's own refusals: no STARTTLS (4.7.4), or a handshake
+                    // that failed (4.7.5).
+                    if f.why.starts_with("451 4.7.4 ") {
+                        tls_failures += 1;
+                        tls_status = (4, 7, 4);
+                    } else if f.retry == Retry::Plaintext {
+                        tls_failures += 1;
+                        tls_status = (4, 7, 5);
+                    }
+                    last = format!("{host}[{ip}]:{port}: {}", f.why)
+                }
             }
         }
     }
-    let r = local(
-        451,
-        (4, 4, 1),
-        format!("no MX host took the message ({last})"),
-    );
+    // Every host failed the TLS policy: the status says so (RFC 3463 §3.8), so that
+    // the queue and DSNs show a security failure, not a routing one.
+    let status = match failures > 0 && tls_failures == failures {
+        true => tls_status,
+        false => (4, 4, 1),
+    };
+    let r = local(451, status, format!("no MX host took the message ({last})"));
     Outcome {
         results: all(tx, RcptResult::Deferred(r)),
         relay: None,
@@ -518,7 +539,7 @@ async fn session(
     }
     *tls = None;
     let t = &cfg.timeouts;
-    let key = (way.addr, way.level);
+    let key = (way.addr, way.level, way.host.to_ascii_lowercase());
     // Sends: the data-block limit per send, within the attempt's ceiling.
     let send_wait = || {
         deadlines.wait(
@@ -534,7 +555,7 @@ async fn session(
             format!("send: {e}")
         }
     };
-    let pooled = if way.may_reuse { pool.take(key) } else { None };
+    let pooled = if way.may_reuse { pool.take(&key) } else { None };
     let reused = pooled.is_some();
     let (fd, mut stream, mut c, used) = match pooled {
         Some(i) => (i.fd, i.stream, i.client, i.used),
@@ -605,7 +626,9 @@ async fn session(
         let limit = t.reply(what);
         let left = (reply_clock.1 + limit).saturating_duration_since(Instant::now());
         let (wait, why) = deadlines.wait(left, limit, what.describe());
-        let (res, b) = stream.recv(std::mem::take(&mut buf), wait).await;
+        // Under TLS one receive may take several reads (a record at a time): the
+        // whole of it stays within this wait, however the bytes trickle in.
+        let (res, b) = bounded(wait, stream.recv(std::mem::take(&mut buf), wait)).await;
         buf = b;
         let mut events: std::collections::VecDeque<Event> = match res {
             Ok(n) if n > 0 => {
@@ -748,16 +771,32 @@ async fn handshake(
             retry: Retry::Plaintext,
         })?;
     let config = cfg.tls.client_config(way.level);
-    stream
-        .start_tls_client(config, name, wait)
-        .await
-        .map_err(|e| Failure {
-            why: match is_timeout(&e) {
-                true => why,
-                false => format!("TLS handshake failed: {e}"),
-            },
-            retry: Retry::Plaintext,
-        })
+    let shake = async {
+        (
+            stream.start_tls_client(config, name, wait).await,
+            Vec::new(),
+        )
+    };
+    bounded(wait, shake).await.0.map_err(|e| Failure {
+        why: match is_timeout(&e) {
+            true => why,
+            false => format!("TLS handshake failed: {e}"),
+        },
+        retry: Retry::Plaintext,
+    })
+}
+
+/// A receive (or the handshake) no longer than `wait` in all; on timeout the buffer
+/// went with the cancelled request and a new one is made.
+async fn bounded<T>(
+    wait: Duration,
+    op: impl std::future::Future<Output = (std::io::Result<T>, Vec<u8>)>,
+) -> (std::io::Result<T>, Vec<u8>) {
+    futures_lite::future::or(op, async {
+        glommio::timer::sleep(wait).await;
+        (Err(std::io::ErrorKind::TimedOut.into()), Vec::new())
+    })
+    .await
 }
 
 /// Runs `op` (a send of the message, which may take many kernel sends, each with

@@ -600,7 +600,7 @@ impl Client {
                     }
                     self.st = St::Ready;
                     events.push(Event::Ready);
-                } else if reply.code >= 500 && self.tls == TlsWish::Required {
+                } else if reply.code >= 500 && self.tls == TlsWish::Required && !self.tls_on {
                     // HELO has no STARTTLS.
                     self.fail(tls_not_offered(), events);
                 } else if reply.code >= 500 {

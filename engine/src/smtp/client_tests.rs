@@ -594,6 +594,35 @@ fn starttls_when_offered_then_ehlo_again_under_tls() {
 }
 
 #[test]
+fn plaintext_after_the_starttls_220_is_dropped() {
+    use super::client::TlsWish;
+    let mut c = Client::with_tls("me.test", TlsWish::Required);
+    feed(&mut c, "220 mx.test ESMTP\r\n", false);
+    feed(&mut c, TLS_EHLO, false);
+    // An injected EHLO reply in the same read as the 220 (CVE-2011-0411's mirror):
+    // never taken as the server's word under TLS.
+    let (_, ev) = feed(
+        &mut c,
+        "220 go ahead\r\n250-evil.test\r\n250 PIPELINING\r\n",
+        false,
+    );
+    assert_eq!(ev, vec![Event::StartTls]);
+    c.tls_started();
+    assert_eq!(c.awaiting(), Some(Awaiting::Hello));
+    assert!(
+        !c.extensions().pipelining,
+        "nothing from before the handshake counts"
+    );
+    c.clear_output();
+    // Under TLS, a 5xx to EHLO is that server's refusal, not a missing STARTTLS.
+    let (_, ev) = feed(&mut c, "502 5.5.2 no EHLO\r\n", false);
+    assert!(
+        !matches!(ev.as_slice(), [Event::Failed(r)] if r.text.contains("does not offer STARTTLS")),
+        "{ev:?}"
+    );
+}
+
+#[test]
 fn without_starttls_opportunistic_goes_on_and_required_fails() {
     use super::client::TlsWish;
     let mut c = Client::with_tls("me.test", TlsWish::Opportunistic);
