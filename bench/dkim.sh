@@ -67,7 +67,7 @@ run() { # MODE
   t1=$(now)
   kill -TERM "$rm_pid"; wait "$rm_pid" 2>/dev/null || true
   local signed
-  signed=$(grep -c " queued .*dkim=ringmail-load.test" "$work/ringmail.log" || true)
+  signed=$(grep -c " queued .*dkim_sign=ringmail-load.test" "$work/ringmail.log" || true)
   [ "$1" = unsigned ] || [ "$signed" -eq "$N" ] || { echo "$1: $signed of $N signed" >&2; exit 1; }
   [ "$sent" -ge "$N" ] || { echo "$1: $sent of $N delivered" >&2; exit 1; }
   python3 -c "print('$1', round($N / ($t1 - $t0)))" >> "$results"

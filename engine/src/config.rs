@@ -4,7 +4,7 @@
 //! `Config::default()`. Layers, in rising precedence: defaults, a TOML file, flags.
 //! The reference of every setting is docs/configuration.md (kept current by a test).
 
-use crate::mailauth::DkimKeyConfig;
+use crate::mailauth::{DkimKeyConfig, MailAuthSettings};
 use crate::smtp;
 use ipnet::IpNet;
 use ringmail_store::record::{RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX};
@@ -44,6 +44,8 @@ pub struct Config {
     pub tls_ca_file: Option<PathBuf>,
     /// DKIM signing keys (`[[dkim]]`), one per domain.
     pub dkim: Vec<crate::mailauth::DkimKeyConfig>,
+    /// Inbound SPF/DKIM/DMARC/ARC verification (`[mail-auth]`).
+    pub mail_auth: crate::mailauth::MailAuthSettings,
     /// Offer SMTP AUTH before TLS too.
     pub smtp_auth_without_tls: bool,
     /// An authenticated SMTP client's MAIL FROM must be its own address or an alias.
@@ -98,6 +100,7 @@ impl Default for Config {
             tls_policies: Vec::new(),
             tls_ca_file: None,
             dkim: Vec::new(),
+            mail_auth: crate::mailauth::MailAuthSettings::default(),
             smtp_auth_without_tls: false,
             sender_login_match: true,
             local_domains: vec!["localhost".into()],
@@ -421,6 +424,7 @@ toml_type! {
     Route => "string (DOMAIN=HOST:PORT)",
     TlsPolicy => "string (DOMAIN=LEVEL)",
     DkimKeyConfig => "table (domain, selector, key, algorithm, headers)",
+    MailAuthSettings => "table (verify, dmarc-policy, dns-temperror)",
 }
 
 impl<T: TomlType> TomlType for Vec<T> {
@@ -781,6 +785,19 @@ settings! {
     ),
     get |c| Some(c.dkim.clone()),
     set |c, v| c.dkim = v;
+
+    /// Inbound mail authentication, for mail from outside the relay networks and
+    /// unauthenticated sessions (TOML: a `[mail-auth]` table): `verify` (SPF, DKIM,
+    /// DMARC, ARC, recorded in an `Authentication-Results:` header and the log line),
+    /// `dmarc-policy` (`record`: header and log only; `enforce`: a DMARC failure under
+    /// `p=reject` is refused with 550 5.7.1, under `p=quarantine` marked), and
+    /// `dns-temperror` (`accept`, or `tempfail`: 451 4.7.5 when DNS failed
+    /// temporarily). As a flag: `verify=true,dmarc-policy=record,dns-temperror=accept`.
+    #[arg(long)]
+    mail_auth: MailAuthSettings, aliases [],
+    rule anything("verify, dmarc-policy and dns-temperror"),
+    get |c| Some(c.mail_auth),
+    set |c, v| c.mail_auth = v;
 
     /// Offer SMTP AUTH (PLAIN, LOGIN) before STARTTLS too; off: only under TLS, so a
     /// password never crosses the network in clear.

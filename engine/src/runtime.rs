@@ -67,6 +67,10 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 /// sessions finish the message they are in (bounded), sync every log, return.
 pub fn serve(cfg: Config) -> Result<(), String> {
     cfg.validate()?;
+    // Before any thread starts (every thread inherits the mask): only the signal
+    // thread takes SIGINT/SIGTERM/SIGUSR1/SIGHUP, so none ends the process by its
+    // default action, even during the start.
+    block_signals();
     raise_open_files_limit();
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = cfg.cores.unwrap_or(available);
@@ -95,6 +99,14 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     // session cache inside, for resumption on the next connection to a host).
     // DKIM keys, loaded once: a key that does not load stops the start.
     let signers = Arc::new(crate::mailauth::Signers::load(&cfg.dkim)?);
+    // Inbound verification's thread and resolver (off: none).
+    let verifier = match cfg.mail_auth.verify {
+        true => Some(Arc::new(crate::mailauth::Verifier::start(
+            &cfg.dns,
+            &cfg.hostname,
+        )?)),
+        false => None,
+    };
     let outbound = crate::delivery::tls::OutboundTls::new(
         cfg.tls_policies.clone(),
         cfg.tls_ca_file.as_deref(),
@@ -138,12 +150,13 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let auth = crate::auth::Authenticator::new(&cfg.auth)
         .map_err(|e| format!("cannot start the password check threads: {e}"))?;
 
+    // Signals are taken by their thread before the pid file tells anyone where to
+    // send them (a SIGHUP before would end the process).
+    let shutdown = Arc::new(AtomicBool::new(false));
+    spawn_signal_thread(shutdown.clone(), tls.clone());
     let pid = pid_file(&cfg.data);
     std::fs::write(&pid, format!("{}\n", std::process::id()))
         .map_err(|e| format!("cannot write {}: {e}", pid.display()))?;
-    let shutdown = Arc::new(AtomicBool::new(false));
-    block_signals();
-    spawn_signal_thread(shutdown.clone(), tls.clone());
 
     let next_index = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(AtomicUsize::new(0));
@@ -174,6 +187,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let tls = tls.clone();
             let outbound = outbound.clone();
             let signers = signers.clone();
+            let verifier = verifier.clone();
             async move {
                 let listener = listener.expect("one listener per executor");
                 let store = StoreService::join(mesh, &cfg.data, cfg.read_cache_bytes).await?;
@@ -194,6 +208,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
                     tls,
                     outbound,
                     signers,
+                    verifier,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -266,6 +281,7 @@ async fn executor_main(
     tls: Arc<crate::net::certs::ServerTls>,
     outbound: crate::delivery::tls::OutboundTls,
     signers: Arc<crate::mailauth::Signers>,
+    verifier: Option<Arc<crate::mailauth::Verifier>>,
 ) -> Result<(), String> {
     let executors = store.executors();
     // Joined before the shards open, so that work for them queues meanwhile.
@@ -369,6 +385,7 @@ async fn executor_main(
         tls.clone(),
         auth.clone(),
         signers,
+        verifier,
     );
     let local = crate::delivery::local::Local {
         directory: directory.clone(),

@@ -1,10 +1,10 @@
-//! A DNS server for tests, in the test process, on 127.0.0.1: serves MX and A records
+//! A DNS server for tests, in the test process, on 127.0.0.1: serves MX, A and TXT records
 //! from a table over UDP and TCP (same port), and can answer SERVFAIL, stay silent,
 //! or send a truncated UDP answer (TC bit: the client must ask over TCP) for chosen
 //! names.
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX};
+use hickory_proto::rr::rdata::{A, MX, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -17,6 +17,8 @@ use std::time::Duration;
 pub struct Zone {
     pub mx: HashMap<String, Vec<(u16, String)>>,
     pub a: HashMap<String, Vec<Ipv4Addr>>,
+    /// TXT records, each one string (split into 255-octet pieces on the wire).
+    pub txt: HashMap<String, Vec<String>>,
     pub servfail: HashSet<String>,
     /// Names whose queries get no answer at all.
     pub silent: HashSet<String>,
@@ -31,6 +33,17 @@ impl Zone {
             .entry(domain.into())
             .or_default()
             .push((pref, host.into()));
+        self
+    }
+    pub fn txt(mut self, name: &str, text: &str) -> Zone {
+        self.txt
+            .entry(name.to_ascii_lowercase())
+            .or_default()
+            .push(text.into());
+        self
+    }
+    pub fn servfail(mut self, name: &str) -> Zone {
+        self.servfail.insert(name.into());
         self
     }
     pub fn a(mut self, host: &str, ip: &str) -> Zone {
@@ -142,7 +155,8 @@ fn answer(zone: &Zone, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
     r.metadata.recursion_available = true;
     r.add_query(question.clone());
     let ttl = if zone.ttl == 0 { 300 } else { zone.ttl };
-    let known = zone.mx.contains_key(&name) || zone.a.contains_key(&name);
+    let known =
+        zone.mx.contains_key(&name) || zone.a.contains_key(&name) || zone.txt.contains_key(&name);
     r.metadata.response_code = if zone.servfail.contains(&name) {
         ResponseCode::ServFail
     } else if !known {
@@ -172,6 +186,20 @@ fn answer(zone: &Zone, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
             RecordType::A => {
                 for ip in zone.a.get(&name).into_iter().flatten() {
                     r.add_answer(Record::from_rdata(owner.clone(), ttl, RData::A(A(*ip))));
+                }
+            }
+            RecordType::TXT => {
+                for text in zone.txt.get(&name).into_iter().flatten() {
+                    let pieces: Vec<String> = text
+                        .as_bytes()
+                        .chunks(255)
+                        .map(|c| String::from_utf8_lossy(c).into_owned())
+                        .collect();
+                    r.add_answer(Record::from_rdata(
+                        owner.clone(),
+                        ttl,
+                        RData::TXT(TXT::new(pieces)),
+                    ));
                 }
             }
             _ => {}

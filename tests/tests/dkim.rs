@@ -183,11 +183,11 @@ fn mail_from_our_domains_is_signed_and_verifies() {
     assert_ne!(verify(&published, &tampered), ["pass"]);
     // The log says what signed each message.
     assert!(
-        server.log_text().contains("dkim=example.test/s1"),
+        server.log_text().contains("dkim_sign=example.test/s1"),
         "{}",
         server.log_text()
     );
-    assert!(server.log_text().contains("dkim=rsa.test/s2"));
+    assert!(server.log_text().contains("dkim_sign=rsa.test/s2"));
 }
 
 #[test]

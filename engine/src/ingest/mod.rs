@@ -54,12 +54,15 @@ pub struct Ingest {
     auth: Arc<crate::auth::Authenticator>,
     /// DKIM keys for mail from authenticated sessions and relay networks.
     signers: Arc<crate::mailauth::Signers>,
+    /// SPF/DKIM/DMARC/ARC for mail from elsewhere (none: `verify = false`).
+    verifier: Option<Arc<crate::mailauth::Verifier>>,
 }
 
 impl Ingest {
     /// Local recipients are checked against the account directory at RCPT and
     /// queued as the users they lead to (aliases expanded); without a directory
     /// every recipient of a local domain is accepted as it is.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Rc<Config>,
         spools: Vec<Rc<Spool>>,
@@ -68,6 +71,7 @@ impl Ingest {
         tls: Arc<crate::net::certs::ServerTls>,
         auth: Arc<crate::auth::Authenticator>,
         signers: Arc<crate::mailauth::Signers>,
+        verifier: Option<Arc<crate::mailauth::Verifier>>,
     ) -> Rc<Ingest> {
         let recipients = directory.clone().map(|cell| {
             Rc::new(crate::accounts::RcptCheck { cell }) as Rc<dyn smtp::LocalRecipients>
@@ -86,6 +90,7 @@ impl Ingest {
             tls,
             auth,
             signers,
+            verifier,
         })
     }
 
@@ -191,8 +196,9 @@ impl Ingest {
                     }
                     // `store` drops the body once it is in the log's buffer: the session
                     // then receives on into the chunk the body ended in.
-                    Step::Message(tx) => match self.store(*tx, peer).await {
-                        Ok(id) => s.message_stored(&id),
+                    Step::Message(tx) => match self.verify_and_store(*tx, peer).await {
+                        Ok(Ok(id)) => s.message_stored(&id),
+                        Ok(Err(refusal)) => s.message_failed(&refusal),
                         Err(e) => s.message_failed(match e {
                             LogError::NoSpace => "452 4.3.1 Error: insufficient system storage\r\n",
                             LogError::Io(_) | LogError::Closed => {
@@ -283,8 +289,56 @@ impl Ingest {
         }
     }
 
+    /// Verifies mail from outside (SPF, DKIM, DMARC, ARC), refuses it where the
+    /// policy says so (`Ok(Err(reply))`), else stores it with its results.
+    async fn verify_and_store(
+        &self,
+        mut tx: Transaction,
+        peer: SocketAddr,
+    ) -> Result<Result<String, String>, LogError> {
+        use crate::mailauth::verify::{DmarcPolicy, DnsTempError};
+        let ours = tx.auth.is_some() || self.cfg.relay_allowed(peer.ip());
+        let verifier = self.verifier.as_ref().filter(|_| !ours);
+        let mut verdict = None;
+        if let Some(v) = verifier {
+            let hostname = &self.cfg.hostname;
+            let head = crate::mailauth::header_section(b"", &tx.body, 256 << 10);
+            if crate::mailauth::forged::has_forged(&head, hostname) {
+                tracing::info!(client = %peer, "renamed a forged Authentication-Results field");
+                tx.body = crate::mailauth::forged::rename(&tx.body, hostname);
+            }
+            let found = v
+                .verify(tx.body.to_vec(), peer.ip(), &tx.helo, &tx.from)
+                .await;
+            let policy = self.cfg.mail_auth;
+            let refuse = |reply: String| {
+                tracing::info!(client = %peer, from = %tx.from, spf = %found.spf, dkim = %found.dkim, dmarc = %found.dmarc, arc = %found.arc, reply = %reply.trim_end(), "refused");
+                Ok(Err(reply))
+            };
+            if policy.dmarc_policy == DmarcPolicy::Enforce && found.dmarc_reject {
+                return refuse(format!(
+                    "550 5.7.1 Email rejected per DMARC policy for {}\r\n",
+                    found.dmarc_domain
+                ));
+            }
+            if policy.dns_temperror == DnsTempError::Tempfail && found.temperror {
+                return refuse(
+                    "451 4.7.5 Temporary DNS failure verifying the message; try again later\r\n"
+                        .into(),
+                );
+            }
+            verdict = Some(found);
+        }
+        self.store(tx, peer, verdict).await.map(Ok)
+    }
+
     /// Makes a finished message durable in one of this executor's spools; returns its id.
-    async fn store(&self, tx: Transaction, peer: SocketAddr) -> Result<String, LogError> {
+    async fn store(
+        &self,
+        tx: Transaction,
+        peer: SocketAddr,
+        verdict: Option<crate::mailauth::Verdict>,
+    ) -> Result<String, LogError> {
         let i = self.next_spool.get();
         self.next_spool.set((i + 1) % self.spools.len());
         let spool = &self.spools[i];
@@ -314,6 +368,22 @@ impl Ingest {
         // RFC 6409 §8.2, §8.3: submitted mail gets the fields it lacks, as prefixes
         // (the body is not rewritten).
         let mut prefix = prefix;
+        // The verification results go above our Received: (RFC 8601 §5).
+        let skipped = crate::mailauth::Verdict::SKIPPED;
+        let (mut spf, mut dkim_found, mut dmarc, mut arc) = (skipped, skipped, skipped, skipped);
+        if let Some(v) = &verdict {
+            let mut head = v.header.clone();
+            if v.dmarc_quarantine
+                && self.cfg.mail_auth.dmarc_policy == crate::mailauth::verify::DmarcPolicy::Enforce
+            {
+                head.push_str(&format!(
+                    "X-Ringmail-Quarantine: DMARC policy quarantine of {}\r\n",
+                    v.dmarc_domain
+                ));
+            }
+            prefix.insert_str(0, &head);
+            (spf, dkim_found, dmarc, arc) = (v.spf, v.dkim, v.dmarc, v.arc);
+        }
         if tx.submission && !tx.headers.date {
             prefix.push_str(&format!("Date: {date}\r\n"));
         }
@@ -326,12 +396,18 @@ impl Ingest {
         }
         // Our own users' mail is signed for its From: domain (the signature a
         // prefix too, over the prefixes above and the body as received).
-        let mut dkim = String::from("none");
+        let mut dkim_sign = String::from("none");
         if tx.auth.is_some() || self.cfg.relay_allowed(peer.ip()) {
-            match self.signers.sign(prefix.as_bytes(), &tx.body) {
+            // An authenticated user signs only as itself or its aliases (as its MAIL
+            // FROM is held to them): a key must not vouch for another user's From:.
+            let may_sign = |from: &str| match (&tx.auth, &self.recipients) {
+                (Some(user), Some(r)) if self.cfg.sender_login_match => r.may_send_as(user, from),
+                _ => true,
+            };
+            match self.signers.sign(prefix.as_bytes(), &tx.body, &may_sign) {
                 Some(Ok(signed)) => {
                     prefix.insert_str(0, &signed.header);
-                    dkim = format!("{}/{}", signed.domain, signed.selector);
+                    dkim_sign = format!("{}/{}", signed.domain, signed.selector);
                 }
                 // Sent unsigned rather than refused: the key loaded at start, so
                 // this is a message mail-auth cannot sign (none seen so far).
@@ -360,7 +436,7 @@ impl Ingest {
         let from = env.from.clone();
         match spool.enqueue(env, prefix.as_bytes(), body).await {
             Ok(()) => {
-                tracing::info!(id = %id_text, from = %from, size, nrcpt, client = %peer, sasl_username = %auth, dkim = %dkim, "queued");
+                tracing::info!(id = %id_text, from = %from, size, nrcpt, client = %peer, sasl_username = %auth, dkim_sign = %dkim_sign, spf = %spf, dkim = %dkim_found, dmarc = %dmarc, arc = %arc, "queued");
                 Ok(id_text)
             }
             Err(e) => {

@@ -78,13 +78,22 @@ impl Signers {
         }
     }
 
-    /// Signs `prefix` then `body` as one message when its `From:` domain has a key;
-    /// None when it has none (or no `From:`).
-    pub fn sign(&self, prefix: &[u8], body: &Body) -> Option<Result<Signed, String>> {
+    /// Signs `prefix` then `body` as one message when its `From:` domain has a key
+    /// and `may_sign` allows its `From:` address; None otherwise (or no `From:`).
+    pub fn sign(
+        &self,
+        prefix: &[u8],
+        body: &Body,
+        may_sign: &dyn Fn(&str) -> bool,
+    ) -> Option<Result<Signed, String>> {
         if self.is_empty() {
             return None;
         }
-        let domain = from_domain(prefix, body)?;
+        let from = from_address(prefix, body)?;
+        if !may_sign(&from) {
+            return None;
+        }
+        let domain = from.rsplit_once('@')?.1.to_string();
         let (d, (signer, selector)) = self.signer_for(&domain)?;
         let mut stream = signer.sign_streaming();
         stream.write(prefix);
@@ -117,21 +126,12 @@ fn unfold_last_tag(header: String) -> String {
     }
 }
 
-/// The domain of the first address of the message's `From:` (lower case).
-fn from_domain(prefix: &[u8], body: &Body) -> Option<String> {
-    let mut head = prefix.to_vec();
-    let mut end = None;
-    body.pieces(|p| {
-        let scan_from = head.len().saturating_sub(3);
-        head.extend_from_slice(p);
-        end = memchr::memmem::find(&head[scan_from..], b"\r\n\r\n").map(|at| scan_from + at + 4);
-        end.is_none() && head.len() < HEADER_BYTES_MAX
-    });
-    head.truncate(end.unwrap_or(head.len()).min(HEADER_BYTES_MAX));
+/// The first address of the message's `From:` (lower case).
+fn from_address(prefix: &[u8], body: &Body) -> Option<String> {
+    let head = super::header_section(prefix, body, HEADER_BYTES_MAX);
     let parsed = mail_parser::MessageParser::new().parse_headers(&head[..])?;
     let address = parsed.from()?.first()?.address()?;
-    let domain = address.rsplit_once('@')?.1.trim_end_matches('>');
-    Some(domain.to_ascii_lowercase())
+    address.contains('@').then(|| address.to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -163,6 +163,7 @@ mod tests {
 
     #[test]
     fn signs_by_from_domain_and_its_subdomains_only() {
+        let any = |_: &str| true;
         let tmp = tempfile::tempdir().unwrap();
         let s = signers(tmp.path(), Algorithm::Ed25519);
         let prefix = b"Received: from x by y; Thu, 3 Dec 2026 07:00:00 +0000\r\n";
@@ -172,7 +173,10 @@ mod tests {
                     .into_bytes(),
             )
         };
-        let signed = s.sign(prefix, &body("example.test")).unwrap().unwrap();
+        let signed = s
+            .sign(prefix, &body("example.test"), &any)
+            .unwrap()
+            .unwrap();
         assert!(
             signed.header.starts_with("DKIM-Signature: "),
             "{}",
@@ -189,13 +193,19 @@ mod tests {
             signed.header
         );
         assert!(signed.header.ends_with("\r\n"));
-        let sub = s.sign(prefix, &body("news.Example.test")).unwrap().unwrap();
+        let sub = s
+            .sign(prefix, &body("news.Example.test"), &any)
+            .unwrap()
+            .unwrap();
         assert_eq!(sub.domain, "example.test");
-        assert!(s.sign(prefix, &body("other.test")).is_none());
+        assert!(s.sign(prefix, &body("other.test"), &any).is_none());
+        // A From: the sender may not use is not signed.
+        assert!(s.sign(prefix, &body("example.test"), &|_| false).is_none());
         assert!(s
             .sign(
                 prefix,
-                &Body::from(b"Subject: no from\r\n\r\nx\r\n".to_vec())
+                &Body::from(b"Subject: no from\r\n\r\nx\r\n".to_vec()),
+                &any
             )
             .is_none());
     }
