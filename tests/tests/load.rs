@@ -26,6 +26,7 @@ fn plan(per_connection: usize, pipelining: bool, bdat: bool) -> Plan {
         helo: "client.test".into(),
         tls: TlsMode::Plain,
         auth: None,
+        dkim: None,
     }
 }
 

@@ -124,6 +124,7 @@ fn relays_by_mx_preference_with_failover_and_the_message_leaves_the_queue() {
         helo: "client.test".into(),
         tls: TlsMode::Plain,
         auth: None,
+        dkim: None,
     };
     let report = SmtpRun {
         target: server.addr,

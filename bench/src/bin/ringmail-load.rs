@@ -210,6 +210,10 @@ struct SmtpArgs {
     /// AUTH PLAIN as USER:PASS on every connection before its first message.
     #[arg(long, value_parser = parse_auth)]
     auth: Option<(String, String)>,
+    /// DKIM-sign every message: `domain=D,selector=S,key=PATH[,algorithm=A]` (the
+    /// domain of --from).
+    #[arg(long)]
+    dkim: Option<ringmail::mailauth::DkimKeyConfig>,
     /// Threads, each with its own io_uring.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -447,6 +451,12 @@ fn smtp(a: SmtpArgs) -> Result<(), String> {
                 _ => TlsMode::Plain,
             },
             auth: a.auth,
+            dkim: match a.dkim {
+                Some(k) => Some(ringmail_bench::load::session::LoadSigner(
+                    std::sync::Arc::new(ringmail::mailauth::Signers::load(&[k])?),
+                )),
+                None => None,
+            },
         },
     };
     let report = run.run().map_err(|e| e.to_string())?;

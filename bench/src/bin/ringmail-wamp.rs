@@ -263,6 +263,7 @@ fn run(a: Args) -> Result<(), String> {
         helo: String::new(),
         tls: TlsMode::Plain,
         auth: None,
+        dkim: None,
     };
     let (mut ingested, mut stayed) = (0u64, 0u64);
     for seq in 0..lo.messages {

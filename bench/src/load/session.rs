@@ -39,6 +39,18 @@ pub struct Plan {
     pub tls: TlsMode,
     /// AUTH PLAIN as (user, password) on every connection.
     pub auth: Option<(String, String)>,
+    /// Sign every message (DKIM) with this key, as a sending MTA would.
+    pub dkim: Option<LoadSigner>,
+}
+
+/// The DKIM signer messages are signed with (ringmail's own).
+#[derive(Clone)]
+pub struct LoadSigner(pub std::sync::Arc<ringmail::mailauth::Signers>);
+
+impl std::fmt::Debug for LoadSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadSigner")
+    }
 }
 
 /// How a session's connection is encrypted.
@@ -387,12 +399,18 @@ impl Session {
         self.tx_ok = true;
         self.accepted = 0;
         self.rcpts = recipients(plan, seq);
-        let body = message(
+        let mut body = message(
             seq,
             size,
             &plan.from,
             self.rcpts.first().map_or("", String::as_str),
         );
+        if let Some(LoadSigner(signers)) = &plan.dkim {
+            let text = ringmail::smtp::Body::from(body.clone());
+            if let Some(Ok(signed)) = signers.sign(b"", &text, &|_| true) {
+                body.splice(0..0, signed.header.into_bytes());
+            }
+        }
         if plan.lmtp {
             // Dovecot's LMTP refuses SIZE (555 5.5.4): it is not in RFC 2033's minimum.
             out.send
@@ -496,6 +514,7 @@ mod tests {
             helo: "h".into(),
             tls: TlsMode::Plain,
             auth: None,
+            dkim: None,
         }
     }
 
@@ -570,6 +589,7 @@ mod tests {
             helo: "h".into(),
             tls: TlsMode::Plain,
             auth: None,
+            dkim: None,
         };
         let mut heavy = 0;
         for seq in 0..1000 {

@@ -3,9 +3,10 @@
 //! alignment, ARC (RFC 8617) chain validation; the results as one
 //! `Authentication-Results:` header (RFC 8601) and a log summary.
 //!
-//! mail-auth resolves with hickory on tokio, so verification runs on one control
-//! thread of its own (a current-thread tokio runtime, many verifications at once, each
-//! waiting on DNS), never on an executor. Executors hand it a copy of the message
+//! mail-auth resolves with hickory on tokio, so verification runs on control threads
+//! of its own (each a current-thread tokio runtime running many verifications at
+//! once, each waiting on DNS; messages go to them in turn; the runtime starts one),
+//! never on an executor. Executors hand it a copy of the message
 //! text (the verifiers parse it whole) and await the verdict over a oneshot channel.
 //! hickory's resolver cache keeps answers for their TTL (`RESOLVER_CACHE`), so a
 //! sender's records are fetched once. This is the fallback design: feeding
@@ -27,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-/// Verifications waiting for the thread; beyond them a message is taken unverified
+/// Verifications waiting for each thread; beyond them a message is taken unverified
 /// (recorded as a temporary error, so `dns-temperror = "tempfail"` defers it).
 const QUEUE_MAX: usize = 4096;
 /// Answers hickory keeps.
@@ -153,15 +154,29 @@ struct Job {
     reply: futures_channel::oneshot::Sender<Verdict>,
 }
 
-/// The verification thread's door.
+/// The verification threads' doors.
 pub struct Verifier {
-    jobs: tokio::sync::mpsc::Sender<Job>,
+    jobs: Vec<tokio::sync::mpsc::Sender<Job>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Verifier {
-    /// Starts the thread, resolving with `dns` (ADDR:PORT each), naming results
-    /// `hostname` (the authserv-id).
-    pub fn start(dns: &[SocketAddr], hostname: &str) -> Result<Verifier, String> {
+    /// Starts `threads` threads, resolving with `dns` (ADDR:PORT each), naming
+    /// results `hostname` (the authserv-id).
+    pub fn start(dns: &[SocketAddr], hostname: &str, threads: usize) -> Result<Verifier, String> {
+        let jobs = (0..threads.max(1))
+            .map(|_| Self::start_one(dns, hostname))
+            .collect::<Result<_, _>>()?;
+        Ok(Verifier {
+            jobs,
+            next: Default::default(),
+        })
+    }
+
+    fn start_one(
+        dns: &[SocketAddr],
+        hostname: &str,
+    ) -> Result<tokio::sync::mpsc::Sender<Job>, String> {
         let mut servers = Vec::new();
         for addr in dns {
             let mut udp = ConnectionConfig::udp();
@@ -216,7 +231,7 @@ impl Verifier {
         ready
             .recv()
             .map_err(|_| "the mail-auth thread ended at start".to_string())??;
-        Ok(Verifier { jobs })
+        Ok(jobs)
     }
 
     /// Verifies `message` (the text as received, without ringmail's prefixes)
@@ -236,7 +251,8 @@ impl Verifier {
             mail_from: mail_from.to_string(),
             reply,
         };
-        if self.jobs.try_send(job).is_err() {
+        let k = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.jobs.len();
+        if self.jobs[k].try_send(job).is_err() {
             return busy();
         }
         verdict.await.unwrap_or_else(|_| busy())
