@@ -320,6 +320,24 @@ pub fn user_add(data: &Path, address: &str, password: &str) {
     );
 }
 
+/// Waits (up to 20 s) until `address`'s INBOX holds `n` messages; fails if it holds
+/// more.
+pub fn wait_inbox(server: &Server, address: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = mailbox_list(&server.data, address, Some("INBOX")).len();
+        if got >= n {
+            assert_eq!(got, n, "{address}: more than {n} delivered");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{address}: {got} of {n} delivered"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
 /// `ringmail mailbox list ADDRESS [--mailbox NAME] --json`, one value per entry.
 pub fn mailbox_list(data: &Path, address: &str, mailbox: Option<&str>) -> Vec<serde_json::Value> {
     let mut cmd = Command::new(binary());

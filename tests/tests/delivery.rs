@@ -967,50 +967,42 @@ fn a_failed_starttls_handshake_falls_back_to_plaintext_only_under_may() {
     let nowhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let route = |addr: SocketAddr| Destination::Route(addr.ip().to_string(), addr.port());
 
+    // One attempt under `level` to an MX serving `connections` connections: the
+    // outcome, and whether each connection carried a message.
+    let attempt = |level: &str, connections: usize| {
+        let (addr, mx) = broken_tls_mx(connections);
+        let o = run_full(
+            nowhere,
+            addr.port(),
+            route(addr),
+            tx(&["x@example.test"]),
+            b"",
+            MESSAGE.to_vec(),
+            policy(level),
+        );
+        (o, mx.join().unwrap())
+    };
+
     // may: the handshake fails, the same host takes the message in plaintext on a
     // second connection, without STARTTLS.
-    let (addr, mx) = broken_tls_mx(2);
-    let o = run_full(
-        nowhere,
-        addr.port(),
-        route(addr),
-        tx(&["x@example.test"]),
-        b"",
-        MESSAGE.to_vec(),
-        policy("may"),
-    );
+    let (o, carried) = attempt("may", 2);
     assert!(matches!(o.results[..], [RcptResult::Delivered(_)]), "{o:?}");
     assert_eq!(o.tls, None, "delivered in plaintext");
-    assert_eq!(mx.join().unwrap(), [false, true]);
+    assert_eq!(carried, [false, true]);
 
-    // encrypt: no plaintext fallback; deferred, saying why.
-    let (addr, mx) = broken_tls_mx(1);
-    let o = run_full(
-        nowhere,
-        addr.port(),
-        route(addr),
-        tx(&["x@example.test"]),
-        b"",
-        MESSAGE.to_vec(),
-        policy("encrypt"),
-    );
+    // encrypt: no plaintext fallback; deferred, saying why, as a security failure.
+    let (o, carried) = attempt("encrypt", 1);
     match &o.results[..] {
-        [RcptResult::Deferred(r)] => assert!(r.text.contains("TLS handshake failed"), "{r:?}"),
+        [RcptResult::Deferred(r)] => {
+            assert!(r.text.contains("TLS handshake failed"), "{r:?}");
+            assert_eq!(r.enhanced, Some((4, 7, 5)), "{r:?}");
+        }
         other => panic!("{other:?}"),
     }
-    assert_eq!(mx.join().unwrap(), [false]);
+    assert_eq!(carried, [false]);
 
     // none: never STARTTLS, though offered.
-    let (addr, mx) = broken_tls_mx(1);
-    let o = run_full(
-        nowhere,
-        addr.port(),
-        route(addr),
-        tx(&["x@example.test"]),
-        b"",
-        MESSAGE.to_vec(),
-        policy("none"),
-    );
+    let (o, carried) = attempt("none", 1);
     assert!(matches!(o.results[..], [RcptResult::Delivered(_)]), "{o:?}");
-    assert_eq!(mx.join().unwrap(), [true]);
+    assert_eq!(carried, [true]);
 }

@@ -3,7 +3,7 @@
 //! (pipelining, long lines, a dropped connection). Mail arrives through SMTP
 //! (smtplib) and local delivery, so what RETR sends is compared with what was sent.
 
-use ringmail_tests::{binary, mailbox_list, run_ok, Server};
+use ringmail_tests::{binary, mailbox_list, run_ok, wait_inbox, Server};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
@@ -67,22 +67,6 @@ fn send(server: &Server, to: &str, body: &[u8]) {
 }
 
 /// Waits (bounded) until `address`'s INBOX holds `n` messages.
-fn wait_inbox(server: &Server, address: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = mailbox_list(&server.data, address, Some("INBOX")).len();
-        if got >= n {
-            assert_eq!(got, n);
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{address}: {got} of {n} delivered"
-        );
-        std::thread::sleep(Duration::from_millis(30));
-    }
-}
-
 fn inbox_flags(server: &Server, address: &str) -> Vec<Vec<String>> {
     mailbox_list(&server.data, address, Some("INBOX"))
         .iter()

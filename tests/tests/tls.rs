@@ -5,7 +5,7 @@
 //! between configured certificates; SMTP AUTH and the submission service, which
 //! need TLS.
 
-use ringmail_tests::{binary, mailbox_list, run_ok, user_add, Server};
+use ringmail_tests::{binary, run_ok, user_add, wait_inbox, Server};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -42,22 +42,6 @@ fn py(server: &Server, script: &str, extra: &[&str]) -> String {
             .args(extra),
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn wait_inbox(server: &Server, address: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = mailbox_list(&server.data, address, Some("INBOX")).len();
-        if got >= n {
-            assert_eq!(got, n);
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{address}: {got} of {n} delivered"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
