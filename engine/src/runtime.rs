@@ -108,6 +108,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             &cfg.dns,
             &cfg.hostname,
             1,
+            crate::mailauth::sign::key_for(&cfg.dkim, &cfg.hostname),
         )?)),
         false => None,
     };

@@ -369,7 +369,16 @@ impl AccountIndex {
         let by_id = users.values().map(|u| (u.id, u.clone())).collect();
         let mut aliases = HashMap::new();
         let mut catch_all = HashMap::new();
+        let mut forwards = HashMap::new();
         for (from, (targets, _)) in &self.aliases {
+            let elsewhere: Vec<String> = targets
+                .iter()
+                .filter(|t| !users.contains_key(*t))
+                .cloned()
+                .collect();
+            if !elsewhere.is_empty() {
+                forwards.insert(from.clone(), elsewhere);
+            }
             let mut ids: Vec<u64> = targets
                 .iter()
                 .filter_map(|t| users.get(t).map(|u| u.id))
@@ -393,6 +402,7 @@ impl AccountIndex {
             by_id,
             aliases,
             catch_all,
+            forwards,
             domains,
         }
     }
@@ -510,6 +520,10 @@ pub struct Directory {
     by_id: HashMap<u64, Arc<User>>,
     aliases: HashMap<String, Vec<u64>>,
     catch_all: HashMap<String, Vec<u64>>,
+    /// Alias and catch-all (`@domain`) targets that are not users: addresses
+    /// elsewhere, where the mail is forwarded (or users since deleted, which the
+    /// engine, knowing the local domains, leaves out).
+    forwards: HashMap<String, Vec<String>>,
     /// Domains with at least one user, alias or catch-all.
     domains: std::collections::HashSet<String>,
 }
@@ -532,6 +546,21 @@ impl Directory {
             return Resolution::Users(ids.clone());
         }
         Resolution::Unknown
+    }
+
+    /// The targets of `address`'s alias (else its domain's catch-all) that are not
+    /// users, as `resolve` picks the alias: none when `address` is a user.
+    pub fn forwards(&self, address: &str) -> &[String] {
+        let key = address_key(address);
+        if self.users.contains_key(&key) {
+            return &[];
+        }
+        if self.aliases.contains_key(&key) {
+            return self.forwards.get(&key).map_or(&[], |f| f.as_slice());
+        }
+        domain_of(&key)
+            .and_then(|d| self.forwards.get(&format!("@{d}")))
+            .map_or(&[], |f| f.as_slice())
     }
 
     pub fn user(&self, address: &str) -> Option<&Arc<User>> {
@@ -772,6 +801,33 @@ mod tests {
         put_bytes(&mut b, b"x@a.test");
         b.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(AccountRecord::decode(&b), Err(TRUNCATED));
+    }
+
+    #[test]
+    fn targets_that_are_no_users_are_forwards_in_resolution_order() {
+        let mut ix = AccountIndex::default();
+        ix.apply(&add(1, "alice@a.test"));
+        ix.apply(&alias("out@a.test", &["Someone@elsewhere.test"]));
+        ix.apply(&alias("both@a.test", &["alice@a.test", "x@elsewhere.test"]));
+        ix.apply(&alias("@a.test", &["catch@elsewhere.test"]));
+        ix.apply(&alias("alice@a.test", &["never@elsewhere.test"]));
+        let d = ix.directory(1);
+        // Only elsewhere: nobody here, forwarded.
+        assert_eq!(d.resolve("out@a.test"), Resolution::Unknown);
+        // Targets are kept in the accounts' spelling (lower case).
+        assert_eq!(
+            d.forwards("OUT@a.test"),
+            ["someone@elsewhere.test".to_string()]
+        );
+        // Both: the user, and the address elsewhere.
+        assert_eq!(d.resolve("both@a.test"), Resolution::Users(vec![1]));
+        assert_eq!(d.forwards("both@a.test"), ["x@elsewhere.test".to_string()]);
+        // The catch-all for any other address; a user's own address goes to the user.
+        assert_eq!(
+            d.forwards("nobody@a.test"),
+            ["catch@elsewhere.test".to_string()]
+        );
+        assert!(d.forwards("alice@a.test").is_empty());
     }
 
     #[test]

@@ -359,3 +359,144 @@ fn our_own_users_mail_is_not_verified() {
     assert!(!m.contains("Authentication-Results:"), "{m}");
     assert!(server.log_text().contains("spf=skipped"));
 }
+
+/// A server to be, named `mx.DOMAIN` for local domain DOMAIN: its data directory
+/// (set up offline by `setup`) and a key for DOMAIN it seals ARC sets with, whose
+/// record is added to `zone`.
+struct Forwarder {
+    tmp: tempfile::TempDir,
+    data: std::path::PathBuf,
+    domain: String,
+    key: String,
+}
+
+fn forwarder(domain: &str, zone: &mut Zone, setup: impl FnOnce(&std::path::Path)) -> Forwarder {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = run_ok(
+        Command::new(binary())
+            .args(["dkim", "generate", domain, "--selector", "arc", "--data"])
+            .arg(&data),
+    );
+    let record = String::from_utf8(out.stdout).unwrap();
+    let value: String = record
+        .trim()
+        .split_once(" IN TXT ")
+        .unwrap()
+        .1
+        .split("\" \"")
+        .map(|p| p.trim_matches('"'))
+        .collect();
+    *zone = std::mem::take(zone).txt(&format!("arc._domainkey.{domain}"), &value);
+    let key = String::from_utf8(out.stderr).unwrap().trim().to_string();
+    setup(&data);
+    Forwarder {
+        tmp,
+        data,
+        domain: domain.into(),
+        key,
+    }
+}
+
+impl Forwarder {
+    /// Outside whose relay networks every test client is.
+    fn start(self, dns: &DnsServer, extra: &[&str]) -> Server {
+        let host = format!("mx.{}", self.domain);
+        let dkim = format!("domain={},selector=arc,key={}", self.domain, self.key);
+        let dns = dns.addr.to_string();
+        let mut args = vec![
+            "--hostname",
+            &host,
+            "--local-domain",
+            &self.domain,
+            "--relay-network",
+            "192.0.2.0/24",
+            "--dkim",
+            &dkim,
+            "--dns",
+            &dns,
+        ];
+        args.extend_from_slice(extra);
+        Server::start_in(Some(self.tmp), self.data, &args)
+    }
+}
+
+#[test]
+fn an_alias_forwards_elsewhere_and_the_arc_chain_validates_over_two_hops() {
+    let mut zone = zone("v=DKIM1; k=ed25519; p=");
+    let alias = |data: &std::path::Path, domain: &str, to: &str| {
+        run_ok(
+            Command::new(binary())
+                .args(["alias", "add", &format!("fwd@{domain}"), to])
+                .args(["--local-domain", domain, "--data"])
+                .arg(data),
+        );
+    };
+    // C holds the mailbox; B forwards fwd@b.test to C; A forwards fwd@a.test to B.
+    let c = forwarder("c.test", &mut zone, |data| {
+        use std::io::Write;
+        let mut add = Command::new(binary())
+            .args(["user", "add", "carol@c.test", "--password-stdin"])
+            .args(["--local-domain", "c.test", "--data"])
+            .arg(data)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        writeln!(add.stdin.take().unwrap(), "pw").unwrap();
+        assert!(add.wait().unwrap().success());
+    });
+    let b = forwarder("b.test", &mut zone, |data| {
+        alias(data, "b.test", "carol@c.test")
+    });
+    let a = forwarder("a.test", &mut zone, |data| {
+        alias(data, "a.test", "fwd@b.test")
+    });
+    let dns = DnsServer::start(zone);
+    let c = c.start(&dns, &[]);
+    let route_c = format!("c.test=127.0.0.1:{}", c.addr.port());
+    let b = b.start(&dns, &["--route", &route_c]);
+    let route_b = format!("b.test=127.0.0.1:{}", b.addr.port());
+    let a = a.start(&dns, &["--route", &route_b]);
+
+    let script = r#"
+import sys, smtplib
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), timeout=60)
+s.sendmail('someone@spf-none.test', ['fwd@a.test'], b'From: <someone@spf-none.test>\r\nTo: fwd@a.test\r\nSubject: two hops\r\n\r\nforwarded twice\r\n')
+s.quit()
+"#;
+    run_ok(Command::new("python3").args(["-c", script, &a.addr.port().to_string()]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let list = mailbox_list(&c.data, "carol@c.test", Some("INBOX"));
+        if let Some(e) = list.first() {
+            let uid = e["uid"].as_u64().unwrap().to_string();
+            let text = run_ok(
+                Command::new(binary())
+                    .args(["mailbox", "show", "carol@c.test", "--uid", &uid, "--data"])
+                    .arg(&c.data),
+            )
+            .stdout;
+            break String::from_utf8_lossy(&text).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not forwarded: A {} B {}",
+            a.log_text(),
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // A sealed i=1, B i=2, and C found the chain valid.
+    assert!(m.contains("ARC-Seal: i=1;"), "{m}");
+    assert!(m.contains("ARC-Seal: i=2;"), "{m}");
+    let start = m
+        .find("Authentication-Results: mx.c.test;")
+        .expect("C's results");
+    let end = m[start..]
+        .find("\r\nReceived:")
+        .map_or(m.len(), |e| start + e);
+    let c_results = m[start..end].replace("\r\n", "");
+    assert!(c_results.contains("arc=pass"), "{c_results}\n{m}");
+}

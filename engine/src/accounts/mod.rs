@@ -65,6 +65,26 @@ pub fn try_lock(data: &Path) -> std::io::Result<Option<File>> {
     }
 }
 
+/// `address` when its domain is not a local one (an alias target elsewhere), with
+/// the domain in its A-label form; None for a local address; an error when it is no
+/// address.
+fn remote_address(address: &str, local_domains: &[String]) -> Result<Option<String>, String> {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return Err(format!("{address:?} is not an address (local-part@domain)"));
+    };
+    let ascii = match parse_domain(domain) {
+        Ok(Domain::Name(a)) => a,
+        _ => return Err(format!("{address:?}: {domain:?} is not a domain name")),
+    };
+    if is_local_domain(local_domains, &ascii) {
+        return Ok(None);
+    }
+    if local.is_empty() || local.len() > 64 || local.contains(char::is_whitespace) {
+        return Err(format!("{address:?}: not a deliverable address"));
+    }
+    Ok(Some(format!("{local}@{ascii}")))
+}
+
 /// An address in the accounts' spelling (see the module doc). `catch_all`: `@domain`
 /// (an empty local part) is allowed too. The domain must be one of `local_domains`.
 pub fn canonical(
@@ -173,7 +193,10 @@ impl LocalRecipients for RcptCheck {
             return LocalVerdict::Accept;
         }
         let local = &address[..address.len() - domain.len() - 1];
-        match dir.resolve(&format!("{local}@{ascii}")) {
+        let key = format!("{local}@{ascii}");
+        match dir.resolve(&key) {
+            // An alias whose targets are all elsewhere: taken, to be forwarded.
+            Resolution::Unknown if !dir.forwards(&key).is_empty() => LocalVerdict::Accept,
             Resolution::Unknown => LocalVerdict::Unknown,
             Resolution::Users(ids) => {
                 let full = ids.iter().all(|id| {
@@ -336,7 +359,8 @@ impl Accounts {
         canonical(a, &self.local_domains, false)
     }
 
-    /// A target list of existing users, each once.
+    /// A target list, each once: existing users in the local domains, or addresses
+    /// elsewhere (the alias forwards there).
     fn targets(&self, targets: &[String]) -> Result<Vec<String>, String> {
         if targets.is_empty() {
             return Err("an alias needs at least one target".into());
@@ -344,10 +368,16 @@ impl Accounts {
         let ix = self.index.borrow();
         let mut out: Vec<String> = Vec::new();
         for t in targets {
-            let t = self.address(t)?;
-            if ix.user(&t).is_none() {
-                return Err(format!("alias target {t} is not a user"));
-            }
+            let t = match remote_address(t, &self.local_domains)? {
+                Some(remote) => remote,
+                None => {
+                    let t = self.address(t)?;
+                    if ix.user(&t).is_none() {
+                        return Err(format!("alias target {t} is not a user"));
+                    }
+                    t
+                }
+            };
             if !out.contains(&t) {
                 out.push(t);
             }

@@ -224,17 +224,39 @@ pub fn expand_recipients(
     for r in recipients {
         // Relayed mail (most of it) is not looked up at all.
         let local = r.address.rsplit_once('@').is_some_and(|(_, d)| is_local(d));
-        let resolved = match local {
-            true => dir.resolve(&lookup_key(&r.address)),
-            false => Resolution::Unknown,
+        if !local {
+            out.push(r);
+            continue;
+        }
+        let key = lookup_key(&r.address);
+        let targets = match dir.resolve(&key) {
+            Resolution::Users(u) => u,
+            Resolution::Unknown => Vec::new(),
         };
-        let targets = match resolved {
-            Resolution::Users(u) if !u.is_empty() => u,
-            _ => {
-                out.push(r);
+        // Its alias's targets elsewhere: the mail is forwarded there. (A target in
+        // a local domain that is no user any more is a deleted user: left out.)
+        let elsewhere: Vec<&String> = dir
+            .forwards(&key)
+            .iter()
+            .filter(|t| t.rsplit_once('@').is_some_and(|(_, d)| !is_local(d)))
+            .collect();
+        if targets.is_empty() && elsewhere.is_empty() {
+            out.push(r);
+            continue;
+        }
+        for t in elsewhere {
+            if out.iter().any(|o| o.address.eq_ignore_ascii_case(t)) {
                 continue;
             }
-        };
+            out.push(ringmail_store::message::Recipient {
+                address: t.clone(),
+                notify: r.notify,
+                orcpt: r
+                    .orcpt
+                    .clone()
+                    .or_else(|| Some(format!("rfc822;{}", xtext_encode(&r.address)))),
+            });
+        }
         for user in targets {
             let Some(account) = dir.user_by_id(user) else {
                 continue;

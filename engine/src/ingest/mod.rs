@@ -307,8 +307,10 @@ impl Ingest {
                 tracing::info!(client = %peer, "renamed a forged Authentication-Results field");
                 tx.body = crate::mailauth::forged::rename(&tx.body, hostname);
             }
+            // Forwarded on (an alias to a remote address): sealed for the next hop.
+            let forwarding = self.forwards(&tx);
             let found = v
-                .verify(tx.body.to_vec(), peer.ip(), &tx.helo, &tx.from)
+                .verify(tx.body.to_vec(), peer.ip(), &tx.helo, &tx.from, forwarding)
                 .await;
             let policy = self.cfg.mail_auth;
             let refuse = |reply: String| {
@@ -330,6 +332,31 @@ impl Ingest {
             verdict = Some(found);
         }
         self.store(tx, peer, verdict).await.map(Ok)
+    }
+
+    /// Whether a local recipient of `tx` leads to a remote address (an alias).
+    fn forwards(&self, tx: &Transaction) -> bool {
+        let Some(cell) = &self.directory else {
+            return false;
+        };
+        let local = &self.cfg.local_domains;
+        let rcpts: Vec<message::Recipient> = tx
+            .recipients
+            .iter()
+            .map(|r| message::Recipient {
+                address: r.address.clone(),
+                notify: 0,
+                orcpt: None,
+            })
+            .collect();
+        crate::delivery::local::expand_recipients(rcpts, &cell.load(), |d| {
+            is_local_domain(local, d)
+        })
+        .iter()
+        .any(|r| {
+            let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d);
+            !is_local_domain(local, domain)
+        })
     }
 
     /// Makes a finished message durable in one of this executor's spools; returns its id.
@@ -372,7 +399,8 @@ impl Ingest {
         let skipped = crate::mailauth::Verdict::SKIPPED;
         let (mut spf, mut dkim_found, mut dmarc, mut arc) = (skipped, skipped, skipped, skipped);
         if let Some(v) = &verdict {
-            let mut head = v.header.clone();
+            // The ARC set above the results it carries (RFC 8617 §4.1).
+            let mut head = v.arc_set.clone() + &v.header;
             if v.dmarc_quarantine
                 && self.cfg.mail_auth.dmarc_policy == crate::mailauth::verify::DmarcPolicy::Enforce
             {

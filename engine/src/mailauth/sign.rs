@@ -114,6 +114,18 @@ impl Signers {
     }
 }
 
+/// The configured key of `host`'s domain or its nearest parent (the ARC sealing key
+/// of a server named `host`).
+pub fn key_for<'a>(keys: &'a [DkimKeyConfig], host: &str) -> Option<&'a DkimKeyConfig> {
+    let mut d = host;
+    loop {
+        if let Some(k) = keys.iter().find(|k| k.domain.eq_ignore_ascii_case(d)) {
+            return Some(k);
+        }
+        d = d.split_once('.')?.1;
+    }
+}
+
 /// mail-auth 0.13.3 folds the header after `b=`'s value when the value ends a line
 /// (`…==\r\n\t;`), but signed the header with `b=;`: a verifier that empties `b=`'s
 /// value keeps that folding white space (RFC 6376 §3.2: it is not part of the value)

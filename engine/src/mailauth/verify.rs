@@ -13,7 +13,10 @@
 //! mail-auth's lookup caches from ringmail's own resolver would need every name of an
 //! SPF chain known before verifying, and those caches cannot hold "not found".
 
+use mail_auth::arc::ArcSealer;
+use mail_auth::common::crypto::DkimKey;
 use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dkim::Done;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::dmarc::Policy;
 use mail_auth::hickory_resolver::config::{
@@ -144,13 +147,38 @@ pub struct Verdict {
     pub dmarc_domain: String,
     /// A check could not be made for a temporary DNS failure.
     pub temperror: bool,
+    /// ARC-Seal, ARC-Message-Signature and ARC-Authentication-Results (RFC 8617),
+    /// when asked for and the chain could be sealed; else empty.
+    pub arc_set: String,
 }
+
+/// The key ARC sets are sealed with: the `[[dkim]]` key of the hostname's domain.
+type Sealer = ArcSealer<DkimKey, Done>;
+
+/// Header fields the ARC-Message-Signature covers.
+const ARC_HEADERS: &[&str] = &[
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Reply-To",
+    "In-Reply-To",
+    "References",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "DKIM-Signature",
+];
 
 struct Job {
     message: Vec<u8>,
     ip: IpAddr,
     helo: String,
     mail_from: String,
+    /// Seal an ARC set: the message is being forwarded.
+    seal: bool,
     reply: futures_channel::oneshot::Sender<Verdict>,
 }
 
@@ -163,9 +191,19 @@ pub struct Verifier {
 impl Verifier {
     /// Starts `threads` threads, resolving with `dns` (ADDR:PORT each), naming
     /// results `hostname` (the authserv-id).
-    pub fn start(dns: &[SocketAddr], hostname: &str, threads: usize) -> Result<Verifier, String> {
+    /// `sealer`: the key ARC sets of forwarded mail are sealed with (none: no seals).
+    pub fn start(
+        dns: &[SocketAddr],
+        hostname: &str,
+        threads: usize,
+        sealer: Option<&super::DkimKeyConfig>,
+    ) -> Result<Verifier, String> {
+        if let Some(k) = sealer {
+            // Fails the start on a bad key, as signing does.
+            k.load()?;
+        }
         let jobs = (0..threads.max(1))
-            .map(|_| Self::start_one(dns, hostname))
+            .map(|_| Self::start_one(dns, hostname, sealer.cloned()))
             .collect::<Result<_, _>>()?;
         Ok(Verifier {
             jobs,
@@ -176,6 +214,7 @@ impl Verifier {
     fn start_one(
         dns: &[SocketAddr],
         hostname: &str,
+        sealer: Option<super::DkimKeyConfig>,
     ) -> Result<tokio::sync::mpsc::Sender<Job>, String> {
         let mut servers = Vec::new();
         for addr in dns {
@@ -215,13 +254,23 @@ impl Verifier {
                             return;
                         }
                     };
+                    let sealer: Option<std::rc::Rc<Sealer>> = sealer.and_then(|k| {
+                        let key = k.load().ok()?;
+                        Some(std::rc::Rc::new(
+                            ArcSealer::from_key(key)
+                                .domain(k.domain.clone())
+                                .selector(k.selector.clone())
+                                .headers(ARC_HEADERS.iter().copied()),
+                        ))
+                    });
                     let _ = started.send(Ok(()));
                     let hostname: std::rc::Rc<str> = hostname.into();
                     while let Some(job) = queue.recv().await {
                         let auth = auth.clone();
                         let hostname = hostname.clone();
+                        let sealer = sealer.clone().filter(|_| job.seal);
                         tokio::task::spawn_local(async move {
-                            let verdict = check(&auth, &hostname, &job).await;
+                            let verdict = check(&auth, &hostname, sealer.as_deref(), &job).await;
                             let _ = job.reply.send(verdict);
                         });
                     }
@@ -236,12 +285,14 @@ impl Verifier {
 
     /// Verifies `message` (the text as received, without ringmail's prefixes)
     /// received from `ip` after `helo`, with `mail_from` (empty: `<>`).
+    /// With `seal`, an ARC set is sealed for forwarding (when a key is configured).
     pub async fn verify(
         &self,
         message: Vec<u8>,
         ip: IpAddr,
         helo: &str,
         mail_from: &str,
+        seal: bool,
     ) -> Verdict {
         let (reply, verdict) = futures_channel::oneshot::channel();
         let job = Job {
@@ -249,6 +300,7 @@ impl Verifier {
             ip,
             helo: helo.to_string(),
             mail_from: mail_from.to_string(),
+            seal,
             reply,
         };
         let k = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.jobs.len();
@@ -276,10 +328,16 @@ fn busy() -> Verdict {
         dmarc_quarantine: false,
         dmarc_domain: String::new(),
         temperror: true,
+        arc_set: String::new(),
     }
 }
 
-async fn check(auth: &MessageAuthenticator, hostname: &str, job: &Job) -> Verdict {
+async fn check(
+    auth: &MessageAuthenticator,
+    hostname: &str,
+    sealer: Option<&Sealer>,
+    job: &Job,
+) -> Verdict {
     let Some(msg) = AuthenticatedMessage::parse(&job.message) else {
         // Nothing the verifiers can read (no header section): say so.
         let header =
@@ -294,6 +352,7 @@ async fn check(auth: &MessageAuthenticator, hostname: &str, job: &Job) -> Verdic
             dmarc_quarantine: false,
             dmarc_domain: String::new(),
             temperror: false,
+            arc_set: String::new(),
         };
     };
     let helo = job.helo.as_str();
@@ -312,12 +371,24 @@ async fn check(auth: &MessageAuthenticator, hostname: &str, job: &Job) -> Verdic
     let dmarc = auth
         .verify_dmarc(DmarcParameters::new(&msg, &dkim, mail_from_domain, &spf))
         .await;
-    let mut header = AuthenticationResults::new(hostname)
+    let results = AuthenticationResults::new(hostname)
         .with_dkim_results(&dkim, msg.from())
         .with_spf_mailfrom_result(&spf, job.ip, &sender, helo)
         .with_arc_result(&arc, job.ip)
-        .with_dmarc_result(&dmarc)
-        .to_header();
+        .with_dmarc_result(&dmarc);
+    let mut header = results.to_header();
+    // RFC 8617 §5.1: a forwarder seals when the chain it received did not fail.
+    let arc_set = match sealer.filter(|_| arc.can_be_sealed()) {
+        Some(s) => match s.seal(&msg, &results, &arc) {
+            // The same fold after `b=` as DKIM signatures have (sign.rs).
+            Ok(set) => set.to_header().replace("\r\n\t;\r\n", ";\r\n"),
+            Err(e) => {
+                tracing::warn!("ARC sealing failed: {e}");
+                String::new()
+            }
+        },
+        None => String::new(),
+    };
     if dkim.is_empty() {
         // mail-auth writes nothing for an unsigned message; RFC 8601 §2.7.1 has
         // `dkim=none` say so.
@@ -343,6 +414,7 @@ async fn check(auth: &MessageAuthenticator, hostname: &str, job: &Job) -> Verdic
         dmarc_quarantine: failed && dmarc.policy() == Policy::Quarantine,
         dmarc_domain: dmarc.domain().to_string(),
         temperror,
+        arc_set,
     }
 }
 
