@@ -42,6 +42,11 @@ impl Zone {
             .push(text.into());
         self
     }
+    /// Queries for `name` get no answer at all.
+    pub fn silent_name(mut self, name: &str) -> Zone {
+        self.silent.insert(name.into());
+        self
+    }
     pub fn servfail(mut self, name: &str) -> Zone {
         self.servfail.insert(name.into());
         self

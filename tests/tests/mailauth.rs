@@ -1,10 +1,11 @@
 //! Inbound mail authentication end to end against the built binary, with verdicts
 //! from the test DNS server's crafted records: SPF pass, fail, softfail, neutral,
-//! none, permerror (11 lookups), temperror (SERVFAIL); DKIM pass, fail (body
-//! changed), a bad key, a missing key; DMARC pass through SPF alignment and through
-//! DKIM alignment, fail under `p=reject` (recorded, or refused with 550 5.7.1 when
-//! enforced), none; a forged `Authentication-Results:` renamed; temporary DNS
-//! failures deferred (451 4.7.5) when configured; our own users' mail not verified.
+//! none, permerror (11 lookups), temperror (SERVFAIL, and no answer at all); DKIM
+//! pass, fail (body changed), a bad key, a missing key; DMARC pass through SPF
+//! alignment and through DKIM alignment, fail under `p=reject` (recorded, or refused
+//! with 550 5.7.1 when enforced), none; a forged `Authentication-Results:` renamed;
+//! temporary DNS failures deferred (451 4.7.5) when configured; our own users' mail
+//! not verified; an alias forwarding elsewhere, with an ARC chain over two hops.
 
 use ringmail::mailauth::{Algorithm, DkimKeyConfig, Signers};
 use ringmail_tests::dns::{DnsServer, Zone};
@@ -27,6 +28,7 @@ fn zone(dkim_record: &str) -> Zone {
         .txt("dm-reject.test", "v=spf1 -all")
         .txt("_dmarc.dm-reject.test", "v=DMARC1; p=reject")
         .servfail("spf-temp.test")
+        .silent_name("spf-timeout.test")
         .txt("s1._domainkey.dk.test", dkim_record)
         .txt(
             "bad._domainkey.dk.test",
@@ -206,6 +208,13 @@ fn verdicts_are_recorded_in_authentication_results_and_the_log() {
             "a@spf-temp.test",
             "spf temperror",
             message("a@spf-temp.test", "spf temperror", ""),
+            &["spf=temperror"],
+        ),
+        // No answer at all: the lookup times out, a temporary error too.
+        (
+            "a@spf-timeout.test",
+            "spf timeout",
+            message("a@spf-timeout.test", "spf timeout", ""),
             &["spf=temperror"],
         ),
         (
