@@ -401,14 +401,21 @@ fn deleting_a_user_frees_its_messages_and_sigkill_during_compaction_keeps_the_ot
     }
     // The doomed user's 16 MB went (compaction keeps what lies after the older
     // snapshot, so allow some of it).
-    // Mail flowing moves the snapshots (and so what compaction may reclaim) on.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Mail flowing moves the snapshots (and so what compaction may reclaim) on, and
+    // fills the segments the garbage shares with the mail that stays, so that they
+    // are sealed and may go: 20 KB a message (a few bytes each, as before, took
+    // minutes to fill a segment when the garbage had landed in the active ones).
+    let more = format!(
+        "Subject: more\r\n\r\n{}",
+        format!("{}\r\n", "z".repeat(98)).repeat(200)
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
     while segment_bytes(&data) > full / 2 && Instant::now() < deadline {
         send(
             server.addr.port(),
             "b@client.test",
             &["c1@localhost"],
-            "Subject: more\r\n\r\nx\r\n",
+            &more,
         );
         std::thread::sleep(Duration::from_millis(200));
     }
