@@ -372,19 +372,6 @@ mod tests {
 
     #[test]
     fn tls_rows_set_each_target_against_its_own_plaintext_rate() {
-        let run = |w: &str, t: &str, rate: f64| Run {
-            workload: w.into(),
-            target: t.into(),
-            rep: 0,
-            messages: 1,
-            errors: 0,
-            seconds: 1.0,
-            rate,
-            p50_ms: None,
-            p99_ms: None,
-            cpu_us_per_msg: None,
-            copies_per_msg: None,
-        };
         let runs = [
             run("plain", "ringmail", 1000.0),
             run("plain", "postfix", 100.0),

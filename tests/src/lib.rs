@@ -302,10 +302,17 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 /// Adds a user offline or through a running server (`ringmail user add`), with
 /// `password`.
 pub fn user_add(data: &Path, address: &str, password: &str) {
+    user_add_with(data, address, password, &[]);
+}
+
+/// `user_add` with more flags (`--local-domain D` for an address outside the
+/// default local domain).
+pub fn user_add_with(data: &Path, address: &str, password: &str, flags: &[&str]) {
     use std::io::Write;
     let mut child = Command::new(binary())
         .args(["user", "add", address, "--password-stdin", "--data"])
         .arg(data)
+        .args(flags)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -336,6 +343,32 @@ pub fn wait_inbox(server: &Server, address: &str, n: usize) {
         );
         std::thread::sleep(Duration::from_millis(30));
     }
+}
+
+/// `ringmail dkim generate DOMAIN --selector S --algorithm A --data DATA`: the DNS
+/// record line it printed and the key's path.
+pub fn dkim_generate(
+    data: &Path,
+    domain: &str,
+    selector: &str,
+    algorithm: &str,
+) -> (String, String) {
+    let out = run_ok(
+        Command::new(binary())
+            .args(["dkim", "generate", domain, "--selector", selector])
+            .args(["--algorithm", algorithm, "--data"])
+            .arg(data),
+    );
+    let record = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let path = String::from_utf8(out.stderr).unwrap().trim().to_string();
+    (record, path)
+}
+
+/// A `NAME. IN TXT "…" "…"` line's name and its value, the quoted strings joined.
+pub fn txt_record(line: &str) -> (&str, String) {
+    let (name, value) = line.split_once(" IN TXT ").expect("a TXT record line");
+    let value = value.split("\" \"").map(|p| p.trim_matches('"')).collect();
+    (name, value)
 }
 
 /// `ringmail mailbox list ADDRESS [--mailbox NAME] --json`, one value per entry.

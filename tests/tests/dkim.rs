@@ -9,11 +9,10 @@ use mail_auth::common::verify::DomainKey;
 use mail_auth::{
     AuthenticatedMessage, DkimResult, MessageAuthenticator, Parameters, ResolverCache, Txt,
 };
-use ringmail_tests::{binary, mailbox_list, run_ok, user_add, Server};
+use ringmail_tests::{binary, dkim_generate, mailbox_list, run_ok, txt_record, user_add, Server};
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -46,8 +45,7 @@ impl ResolverCache<Box<str>, Txt> for Published {
 impl Published {
     /// Adds a record as `dkim generate` printed it (`NAME. IN TXT "…" "…"`).
     fn add(&self, line: &str) {
-        let (name, value) = line.split_once(" IN TXT ").expect("a TXT record line");
-        let value: String = value.split("\" \"").map(|p| p.trim_matches('"')).collect();
+        let (name, value) = txt_record(line);
         let key = DomainKey::parse(value.as_bytes()).expect("a DKIM key record");
         self.insert(name.into(), Txt::from(Ok(key)), Instant::now());
     }
@@ -65,19 +63,6 @@ fn verify(published: &Published, message: &[u8]) -> Vec<String> {
             other => format!("{other:?}"),
         })
         .collect()
-}
-
-/// `ringmail dkim generate`: the record on stdout, the key's path on stderr.
-fn generate(data: &Path, domain: &str, selector: &str, algorithm: &str) -> (String, String) {
-    let out = run_ok(
-        Command::new(binary())
-            .args(["dkim", "generate", domain, "--selector", selector])
-            .args(["--algorithm", algorithm, "--data"])
-            .arg(data),
-    );
-    let record = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let path = String::from_utf8(out.stderr).unwrap().trim().to_string();
-    (record, path)
 }
 
 fn send(server: &Server, from: &str, subject: &str) {
@@ -127,8 +112,8 @@ fn mail_from_our_domains_is_signed_and_verifies() {
     let data = tmp.path().join("data");
     user_add(&data, "bob@localhost", "pw");
     let published = Published::default();
-    let (ed_record, ed_key) = generate(&data, "example.test", "s1", "ed25519");
-    let (rsa_record, rsa_key) = generate(&data, "rsa.test", "s2", "rsa2048");
+    let (ed_record, ed_key) = dkim_generate(&data, "example.test", "s1", "ed25519");
+    let (rsa_record, rsa_key) = dkim_generate(&data, "rsa.test", "s2", "rsa2048");
     assert!(ed_record.starts_with("s1._domainkey.example.test. IN TXT \"v=DKIM1; k=ed25519; p="));
     assert!(rsa_record.starts_with("s2._domainkey.rsa.test. IN TXT \"v=DKIM1; k=rsa; p="));
     assert!(ed_key.ends_with("dkim/example.test.s1.key"), "{ed_key}");
@@ -195,7 +180,7 @@ fn mail_from_outside_the_relay_networks_is_not_signed() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     user_add(&data, "bob@localhost", "pw");
-    let (_, key) = generate(&data, "example.test", "s1", "ed25519");
+    let (_, key) = dkim_generate(&data, "example.test", "s1", "ed25519");
     let dkim = format!("domain=example.test,selector=s1,key={key}");
     // 127.0.0.1 is not a relay network here: the sender is a stranger, and a
     // stranger's mail claiming our domain must not get our signature.

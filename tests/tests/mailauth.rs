@@ -9,7 +9,9 @@
 
 use ringmail::mailauth::{Algorithm, DkimKeyConfig, Signers};
 use ringmail_tests::dns::{DnsServer, Zone};
-use ringmail_tests::{binary, mailbox_list, run_ok, user_add, Server};
+use ringmail_tests::{
+    binary, dkim_generate, mailbox_list, run_ok, txt_record, user_add, user_add_with, Server,
+};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -48,21 +50,8 @@ fn zone(dkim_record: &str) -> Zone {
 /// A key for dk.test (selector s1) made by `ringmail dkim generate`, its record, and
 /// a signer with it.
 fn dk_key(dir: &std::path::Path) -> (String, Signers) {
-    let out = run_ok(
-        Command::new(binary())
-            .args(["dkim", "generate", "dk.test", "--selector", "s1", "--data"])
-            .arg(dir),
-    );
-    let record = String::from_utf8(out.stdout).unwrap();
-    let value: String = record
-        .trim()
-        .split_once(" IN TXT ")
-        .unwrap()
-        .1
-        .split("\" \"")
-        .map(|p| p.trim_matches('"'))
-        .collect();
-    let key = String::from_utf8(out.stderr).unwrap().trim().to_string();
+    let (record, key) = dkim_generate(dir, "dk.test", "s1", "ed25519");
+    let (_, value) = txt_record(&record);
     let signers = Signers::load(&[DkimKeyConfig {
         domain: "dk.test".into(),
         selector: "s1".into(),
@@ -167,76 +156,40 @@ fn verifying_server(extra: &[&str]) -> (Server, DnsServer, Signers) {
 #[test]
 fn verdicts_are_recorded_in_authentication_results_and_the_log() {
     let (server, _dns, signers) = verifying_server(&[]);
-    let cases: Vec<(&str, &str, Vec<u8>, &[&str])> = vec![
-        (
-            "a@spf-pass.test",
-            "spf pass",
-            message("a@spf-pass.test", "spf pass", ""),
-            &["spf=pass", "dmarc=pass"],
-        ),
-        (
-            "a@spf-fail.test",
-            "spf fail",
-            message("a@spf-fail.test", "spf fail", ""),
-            &["spf=fail"],
-        ),
-        (
-            "a@spf-soft.test",
-            "spf softfail",
-            message("a@spf-soft.test", "spf softfail", ""),
-            &["spf=softfail"],
-        ),
-        (
-            "a@spf-neutral.test",
-            "spf neutral",
-            message("a@spf-neutral.test", "spf neutral", ""),
-            &["spf=neutral"],
-        ),
-        (
-            "a@spf-none.test",
-            "spf none",
-            message("a@spf-none.test", "spf none", ""),
-            &["spf=none", "dmarc=none"],
-        ),
-        (
-            "a@spf-perm.test",
-            "spf permerror",
-            message("a@spf-perm.test", "spf permerror", ""),
-            &["spf=permerror"],
-        ),
-        (
-            "a@spf-temp.test",
-            "spf temperror",
-            message("a@spf-temp.test", "spf temperror", ""),
-            &["spf=temperror"],
-        ),
+    // Unsigned, From: the envelope sender: (sender, subject, words expected).
+    let spf: [(&str, &str, &[&str]); 9] = [
+        ("a@spf-pass.test", "spf pass", &["spf=pass", "dmarc=pass"]),
+        ("a@spf-fail.test", "spf fail", &["spf=fail"]),
+        ("a@spf-soft.test", "spf softfail", &["spf=softfail"]),
+        ("a@spf-neutral.test", "spf neutral", &["spf=neutral"]),
+        ("a@spf-none.test", "spf none", &["spf=none", "dmarc=none"]),
+        ("a@spf-perm.test", "spf permerror", &["spf=permerror"]),
+        ("a@spf-temp.test", "spf temperror", &["spf=temperror"]),
         // No answer at all: the lookup times out, a temporary error too.
-        (
-            "a@spf-timeout.test",
-            "spf timeout",
-            message("a@spf-timeout.test", "spf timeout", ""),
-            &["spf=temperror"],
-        ),
+        ("a@spf-timeout.test", "spf timeout", &["spf=temperror"]),
         (
             "a@dm-reject.test",
             "dmarc fail",
-            message("a@dm-reject.test", "dmarc fail", ""),
             &["spf=fail", "dmarc=fail", "policy.dmarc=reject"],
         ),
-        // DKIM aligned with From: dk.test, the envelope elsewhere: DMARC passes by DKIM.
-        (
-            "a@spf-none.test",
-            "dkim pass",
-            signed(&signers, &message("a@dk.test", "dkim pass", "")),
-            &["dkim=pass", "header.d=dk.test", "dmarc=pass"],
-        ),
-        (
-            "a@spf-none.test",
-            "no signature",
-            message("a@dk.test", "no signature", ""),
-            &["dkim=none", "dmarc=fail"],
-        ),
     ];
+    let mut cases: Vec<(&str, &str, Vec<u8>, &[&str])> = spf
+        .iter()
+        .map(|&(from, subject, want)| (from, subject, message(from, subject, ""), want))
+        .collect();
+    // DKIM aligned with From: dk.test, the envelope elsewhere: DMARC passes by DKIM.
+    cases.push((
+        "a@spf-none.test",
+        "dkim pass",
+        signed(&signers, &message("a@dk.test", "dkim pass", "")),
+        &["dkim=pass", "header.d=dk.test", "dmarc=pass"],
+    ));
+    cases.push((
+        "a@spf-none.test",
+        "no signature",
+        message("a@dk.test", "no signature", ""),
+        &["dkim=none", "dmarc=fail"],
+    ));
     for (mail_from, subject, text, want) in &cases {
         assert_eq!(send(&server, mail_from, text), "250", "{subject}");
         let r = results(&stored(&server, subject));
@@ -382,22 +335,9 @@ struct Forwarder {
 fn forwarder(domain: &str, zone: &mut Zone, setup: impl FnOnce(&std::path::Path)) -> Forwarder {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let out = run_ok(
-        Command::new(binary())
-            .args(["dkim", "generate", domain, "--selector", "arc", "--data"])
-            .arg(&data),
-    );
-    let record = String::from_utf8(out.stdout).unwrap();
-    let value: String = record
-        .trim()
-        .split_once(" IN TXT ")
-        .unwrap()
-        .1
-        .split("\" \"")
-        .map(|p| p.trim_matches('"'))
-        .collect();
-    *zone = std::mem::take(zone).txt(&format!("arc._domainkey.{domain}"), &value);
-    let key = String::from_utf8(out.stderr).unwrap().trim().to_string();
+    let (record, key) = dkim_generate(&data, domain, "arc", "ed25519");
+    let (name, value) = txt_record(&record);
+    *zone = std::mem::take(zone).txt(name.trim_end_matches('.'), &value);
     setup(&data);
     Forwarder {
         tmp,
@@ -443,18 +383,7 @@ fn an_alias_forwards_elsewhere_and_the_arc_chain_validates_over_two_hops() {
     };
     // C holds the mailbox; B forwards fwd@b.test to C; A forwards fwd@a.test to B.
     let c = forwarder("c.test", &mut zone, |data| {
-        use std::io::Write;
-        let mut add = Command::new(binary())
-            .args(["user", "add", "carol@c.test", "--password-stdin"])
-            .args(["--local-domain", "c.test", "--data"])
-            .arg(data)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        writeln!(add.stdin.take().unwrap(), "pw").unwrap();
-        assert!(add.wait().unwrap().success());
+        user_add_with(data, "carol@c.test", "pw", &["--local-domain", "c.test"])
     });
     let b = forwarder("b.test", &mut zone, |data| {
         alias(data, "b.test", "carol@c.test")

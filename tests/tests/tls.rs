@@ -5,7 +5,7 @@
 //! between configured certificates; SMTP AUTH and the submission service, which
 //! need TLS.
 
-use ringmail_tests::{binary, run_ok, user_add, wait_inbox, Server};
+use ringmail_tests::{binary, run_ok, user_add, user_add_with, wait_inbox, Server};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -495,28 +495,7 @@ s.quit()
 fn receiving_mx() -> (Server, ringmail_tests::dns::DnsServer) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut add = Command::new(binary());
-    add.args([
-        "user",
-        "add",
-        "bob@x.test",
-        "--password-stdin",
-        "--local-domain",
-    ])
-    .args(["x.test", "--data"])
-    .arg(&data)
-    .stdin(std::process::Stdio::piped())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped());
-    let mut child = add.spawn().unwrap();
-    use std::io::Write;
-    writeln!(child.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    user_add_with(&data, "bob@x.test", PASSWORD, &["--local-domain", "x.test"]);
     let b = Server::start_in(Some(tmp), data, &["--local-domain", "x.test"]);
     let zone = ringmail_tests::dns::Zone::default()
         .mx("x.test", 10, HOST)
