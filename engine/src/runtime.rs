@@ -101,13 +101,9 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let signers = Arc::new(crate::mailauth::Signers::load(&cfg.dkim)?);
     // Inbound verification's thread and resolver (off: none).
     let verifier = match cfg.mail_auth.verify {
-        // One thread: with a thread per core (2 here) bench/verify.sh measured more
-        // CPU per message (340 µs against 243) and a lower rate, the threads
-        // competing with the executors for the same cores.
         true => Some(Arc::new(crate::mailauth::Verifier::start(
             &cfg.dns,
             &cfg.hostname,
-            1,
             crate::mailauth::sign::key_for(&cfg.dkim, &cfg.hostname),
         )?)),
         false => None,

@@ -285,7 +285,10 @@ pub async fn attempt(
         Destination::Literal(ip) => crate::smtp::address::Domain::Literal(*ip).to_string(),
         Destination::Mx(domain) => domain.clone(),
     };
-    let (mut failures, mut tls_failures, mut tls_status) = (0, 0, (4, 4, 1));
+    // The status when every host failed: the TLS policy's when all of them failed it
+    // (RFC 3463 §3.8, so that the queue and DSNs show a security failure), else 4.4.1.
+    let mut status = None;
+    let mut all_tls = true;
     let policy = cfg
         .tls
         .level(&crate::smtp::address::domain_key(recipient_domain(tx)));
@@ -296,7 +299,7 @@ pub async fn attempt(
             Err(_) => match resolver.addresses(host).await {
                 Ok(a) => a,
                 Err(e) => {
-                    failures += 1;
+                    all_tls = false;
                     last = format!("{host}: {e}");
                     continue;
                 }
@@ -335,6 +338,7 @@ pub async fn attempt(
                     Err(Failure {
                         retry: Retry::Plaintext,
                         why,
+                        ..
                     }) if way.level == TlsLevel::May => {
                         tracing::info!(host = %host, addr = %addr, "{why}; trying again without TLS");
                         way.level = TlsLevel::None;
@@ -355,27 +359,16 @@ pub async fn attempt(
                     }
                 }
                 Err(f) => {
-                    failures += 1;
-                    // The policy's own refusals: no STARTTLS (4.7.4), or a handshake
-                    // that failed (4.7.5).
-                    if f.why.starts_with("451 4.7.4 ") {
-                        tls_failures += 1;
-                        tls_status = (4, 7, 4);
-                    } else if f.retry == Retry::Plaintext {
-                        tls_failures += 1;
-                        tls_status = (4, 7, 5);
+                    match f.tls {
+                        Some(s) => status = Some(s),
+                        None => all_tls = false,
                     }
                     last = format!("{host}[{ip}]:{port}: {}", f.why)
                 }
             }
         }
     }
-    // Every host failed the TLS policy: the status says so (RFC 3463 §3.8), so that
-    // the queue and DSNs show a security failure, not a routing one.
-    let status = match failures > 0 && tls_failures == failures {
-        true => tls_status,
-        false => (4, 4, 1),
-    };
+    let status = status.filter(|_| all_tls).unwrap_or((4, 4, 1));
     let r = local(451, status, format!("no MX host took the message ({last})"));
     Outcome {
         results: all(tx, RcptResult::Deferred(r)),
@@ -404,6 +397,9 @@ struct Way<'a> {
 struct Failure {
     why: String,
     retry: Retry,
+    /// The TLS policy's own refusal, and its status: no STARTTLS (4.7.4), a failed
+    /// handshake (4.7.5).
+    tls: Option<(u8, u16, u16)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -570,6 +566,7 @@ async fn session(
                 Failure {
                     why,
                     retry: Retry::No,
+                    tls: None,
                 }
             })?;
             let stream = Stream::plain(ring.clone(), fd.as_raw_fd());
@@ -585,6 +582,7 @@ async fn session(
             true => Retry::Fresh,
             false => Retry::No,
         },
+        tls: None,
     };
     let mut results: Option<Vec<RcptResult>> = None;
     let mut started = false;
@@ -710,7 +708,10 @@ async fn session(
                 Event::Failed(reply) => {
                     return match results {
                         Some(r) => Ok(r),
-                        None => Err(fail(reply.to_line(), received)),
+                        None => Err(Failure {
+                            tls: (reply.enhanced == Some((4, 7, 4))).then_some((4, 7, 4)),
+                            ..fail(reply.to_line(), received)
+                        }),
                     };
                 }
                 Event::Closed => {
@@ -769,6 +770,7 @@ async fn handshake(
         rustls::pki_types::ServerName::try_from(way.host.to_string()).map_err(|e| Failure {
             why: format!("`{}` is not a name TLS can check: {e}", way.host),
             retry: Retry::Plaintext,
+            tls: Some((4, 7, 5)),
         })?;
     let config = cfg.tls.client_config(way.level);
     let shake = async {
@@ -782,6 +784,7 @@ async fn handshake(
             true => why,
             false => format!("TLS handshake failed: {e}"),
         },
+        tls: Some((4, 7, 5)),
         retry: Retry::Plaintext,
     })
 }

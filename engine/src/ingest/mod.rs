@@ -301,16 +301,18 @@ impl Ingest {
         let verifier = self.verifier.as_ref().filter(|_| !ours);
         let mut verdict = None;
         if let Some(v) = verifier {
-            let hostname = &self.cfg.hostname;
-            let head = crate::mailauth::header_section(b"", &tx.body, 256 << 10);
-            if crate::mailauth::forged::has_forged(&head, hostname) {
+            // The verifiers' copy of the text; with a forged result renamed, it is also
+            // what is stored.
+            let mut text = tx.body.to_vec();
+            if let Some(renamed) = crate::mailauth::forged::rename(&text, &self.cfg.hostname) {
                 tracing::info!(client = %peer, "renamed a forged Authentication-Results field");
-                tx.body = crate::mailauth::forged::rename(&tx.body, hostname);
+                tx.body = crate::smtp::Body::from(renamed.clone());
+                text = renamed;
             }
             // Forwarded on (an alias to a remote address): sealed for the next hop.
             let forwarding = self.forwards(&tx);
             let found = v
-                .verify(tx.body.to_vec(), peer.ip(), &tx.helo, &tx.from, forwarding)
+                .verify(text, peer.ip(), &tx.helo, &tx.from, forwarding)
                 .await;
             let policy = self.cfg.mail_auth;
             let refuse = |reply: String| {

@@ -3,11 +3,9 @@
 //! `X-Forged-Authentication-Results:`, so a reader sees only ringmail's own results
 //! under the real name, and the forged text stays for whoever investigates.
 //!
-//! Renaming changes the stored text, so a message carrying one is copied whole once
-//! (the only case where inbound verification copies a body into the store); every
-//! other message is only scanned, in its header section.
-
-use crate::smtp::Body;
+//! Renaming changes the stored text, so a message carrying one is stored from the
+//! copy verification takes anyway (the only case where a body is copied into the
+//! store); every other message is only scanned, in its header section.
 
 /// The field name given to a forged field.
 pub const RENAMED: &str = "X-Forged-Authentication-Results";
@@ -18,11 +16,13 @@ pub fn has_forged(head: &[u8], hostname: &str) -> bool {
     fields(head).any(|(name, value)| is_ours(name, value, hostname))
 }
 
-/// `body` with every forged field renamed (a copy); the header section is `head`'s
-/// length.
-pub fn rename(body: &Body, hostname: &str) -> Body {
-    let text = body.to_vec();
-    let head_len = memchr::memmem::find(&text, b"\r\n\r\n").map_or(text.len(), |at| at + 4);
+/// `text` (a message) with every forged field of its header section renamed; None
+/// when it has none.
+pub fn rename(text: &[u8], hostname: &str) -> Option<Vec<u8>> {
+    let head_len = memchr::memmem::find(text, b"\r\n\r\n").map_or(text.len(), |at| at + 4);
+    if !has_forged(&text[..head_len], hostname) {
+        return None;
+    }
     let mut out = Vec::with_capacity(text.len() + 64);
     let mut at = 0;
     for (name, value) in fields(&text[..head_len]) {
@@ -34,7 +34,7 @@ pub fn rename(body: &Body, hostname: &str) -> Body {
         }
     }
     out.extend_from_slice(&text[at..]);
-    Body::from(out)
+    Some(out)
 }
 
 fn is_ours(name: &[u8], value: &[u8], hostname: &str) -> bool {
@@ -95,7 +95,7 @@ mod tests {
         let head_len = memchr::memmem::find(text, b"\r\n\r\n").unwrap() + 4;
         assert!(has_forged(&text[..head_len], "mx.example.test"));
         assert!(!has_forged(&text[..head_len], "elsewhere.test"));
-        let renamed = rename(&Body::from(text.to_vec()), "mx.example.test").to_vec();
+        let renamed = rename(text, "mx.example.test").unwrap();
         let got = String::from_utf8(renamed).unwrap();
         assert_eq!(
             got,

@@ -69,13 +69,9 @@ impl Signers {
 
     /// The key for `domain`: its own, else its nearest parent's.
     fn signer_for(&self, domain: &str) -> Option<(&str, &Keyed)> {
-        let mut d = domain;
-        loop {
-            if let Some((k, v)) = self.by_domain.get_key_value(d) {
-                return Some((k.as_str(), v));
-            }
-            d = d.split_once('.')?.1;
-        }
+        own_then_parents(domain)
+            .find_map(|d| self.by_domain.get_key_value(d))
+            .map(|(k, v)| (k.as_str(), v))
     }
 
     /// Signs `prefix` then `body` as one message when its `From:` domain has a key
@@ -117,13 +113,12 @@ impl Signers {
 /// The configured key of `host`'s domain or its nearest parent (the ARC sealing key
 /// of a server named `host`).
 pub fn key_for<'a>(keys: &'a [DkimKeyConfig], host: &str) -> Option<&'a DkimKeyConfig> {
-    let mut d = host;
-    loop {
-        if let Some(k) = keys.iter().find(|k| k.domain.eq_ignore_ascii_case(d)) {
-            return Some(k);
-        }
-        d = d.split_once('.')?.1;
-    }
+    own_then_parents(host).find_map(|d| keys.iter().find(|k| k.domain.eq_ignore_ascii_case(d)))
+}
+
+/// `domain`, then each parent of it: `a.b.c`, `b.c`, `c`.
+fn own_then_parents(domain: &str) -> impl Iterator<Item = &str> {
+    std::iter::successors(Some(domain), |d| d.split_once('.').map(|(_, p)| p))
 }
 
 /// mail-auth 0.13.3 folds the header after `b=`'s value when the value ends a line
@@ -138,9 +133,24 @@ fn unfold_last_tag(header: String) -> String {
     }
 }
 
+/// The header section of `prefix` then `body` (through the blank line), at most
+/// `max` bytes: a copy of the headers only, the body itself stays where it is.
+fn header_section(prefix: &[u8], body: &Body, max: usize) -> Vec<u8> {
+    let mut head = prefix.to_vec();
+    let mut end = None;
+    body.pieces(|p| {
+        let scan_from = head.len().saturating_sub(3);
+        head.extend_from_slice(p);
+        end = memchr::memmem::find(&head[scan_from..], b"\r\n\r\n").map(|at| scan_from + at + 4);
+        end.is_none() && head.len() < max
+    });
+    head.truncate(end.unwrap_or(head.len()).min(max));
+    head
+}
+
 /// The first address of the message's `From:` (lower case).
 fn from_address(prefix: &[u8], body: &Body) -> Option<String> {
-    let head = super::header_section(prefix, body, HEADER_BYTES_MAX);
+    let head = header_section(prefix, body, HEADER_BYTES_MAX);
     let parsed = mail_parser::MessageParser::new().parse_headers(&head[..])?;
     let address = parsed.from()?.first()?.address()?;
     address.contains('@').then(|| address.to_ascii_lowercase())
