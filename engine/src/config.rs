@@ -34,6 +34,14 @@ pub struct Config {
     pub submission: SocketAddr,
     /// POP3 with implicit TLS (RFC 8314).
     pub pop3s: SocketAddr,
+    /// Metrics and the admin API.
+    pub admin: SocketAddr,
+    /// Bearer token for the admin API (required off the loopback).
+    pub admin_token: Option<String>,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Drop to this user after binding the listeners.
+    pub user: Option<String>,
     /// Certificate chains (PEM), paired in order with `tls_keys`; none: a self-signed
     /// certificate for the hostname, made on first start in the data directory.
     pub tls_certificates: Vec<PathBuf>,
@@ -95,6 +103,10 @@ impl Default for Config {
             smtps: "127.0.0.1:4465".parse().unwrap(),
             submission: "127.0.0.1:5587".parse().unwrap(),
             pop3s: "127.0.0.1:1995".parse().unwrap(),
+            admin: "127.0.0.1:8025".parse().unwrap(),
+            admin_token: None,
+            log_format: "text".into(),
+            user: None,
             tls_certificates: Vec::new(),
             tls_keys: Vec::new(),
             tls_policies: Vec::new(),
@@ -203,6 +215,13 @@ impl Config {
                  certificate(s) but {} key(s)",
                 self.tls_certificates.len(),
                 self.tls_keys.len()
+            ));
+        }
+        if !self.admin.ip().is_loopback() && self.admin_token.is_none() {
+            return Err(format!(
+                "`admin` {} is not a loopback address: set `admin-token`, which every \
+                 admin request must then carry",
+                self.admin
             ));
         }
         let allowed = message_bytes_allowed(&self.limits);
@@ -736,6 +755,43 @@ settings! {
     rule listen_address(),
     get |c| Some(c.pop3s),
     set |c, v| c.pop3s = v;
+
+    /// Admin listener, ADDR:PORT: Prometheus metrics (`GET /metrics`) and the queue
+    /// API (docs/contracts.md, "Admin API"). Off the loopback it needs `admin-token`.
+    #[arg(long, value_parser = parse_addr)]
+    admin: SocketAddr, aliases [],
+    rule listen_address(),
+    get |c| Some(c.admin),
+    set |c, v| c.admin = v;
+
+    /// The bearer token every admin request must carry (`Authorization: Bearer
+    /// TOKEN`); unset: none asked, which only a loopback `admin` address allows.
+    #[arg(long)]
+    admin_token: String, aliases [],
+    default "none",
+    rule Rule::new("at least 16 characters, no spaces", |v: &String| {
+        v.len() >= 16 && v.bytes().all(|b| b.is_ascii_graphic())
+    }),
+    get |c| c.admin_token.clone(),
+    set |c, v| c.admin_token = Some(v);
+
+    /// Log lines as `text` (key=value, for people) or `json` (one object per line,
+    /// for log shippers). `RINGMAIL_LOG` filters them (`RUST_LOG` syntax: `info`,
+    /// `ringmail::delivery=debug,info`).
+    #[arg(long)]
+    log_format: String, aliases [],
+    rule Rule::new("`text` or `json`", |v: &String| v == "text" || v == "json"),
+    get |c| Some(c.log_format.clone()),
+    set |c, v| c.log_format = v;
+
+    /// Run as this user (and its group) once the listeners are bound: start as root
+    /// to bind port 25, then drop to it. The data directory must belong to it.
+    #[arg(long)]
+    user: String, aliases [],
+    default "the user that started it",
+    rule Rule::new("a user name", |v: &String| !v.is_empty()),
+    get |c| c.user.clone(),
+    set |c, v| c.user = Some(v);
 
     /// A TLS certificate chain, PEM (repeatable; pairs in order with `tls-key`). With
     /// several, the client's SNI name picks the first valid for it, else the first.

@@ -193,10 +193,68 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum QueueCommand {
-    /// Ask the running server to retry deferred mail now (SIGUSR1).
+    /// Ask the running server to retry deferred mail now: all of it, a domain's or
+    /// one message's (through the admin API).
     Flush {
-        #[arg(long, default_value = "./ringmail-data")]
-        data: PathBuf,
+        /// Only recipients in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Only this message.
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// Messages by destination and age, like Postfix's qshape (offline too).
+    Summary {
+        /// Only recipients in this state: queued, deferred or held.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only messages with recipients in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// The JSON answer of the admin API.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// One message: envelope, recipients' states, and (server running) its headers.
+    Show {
+        id: String,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// Keep messages from being delivered until released.
+    Hold {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// Let held messages be delivered (now).
+    Release {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// Drop messages from the queue; the senders are told only with --bounce.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Send each sender a bounce (a delivery status notification).
+        #[arg(long)]
+        bounce: bool,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
+    },
+    /// Fail messages now and send each sender a bounce.
+    Bounce {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        server: Box<ServeArgs>,
     },
     /// List queued messages.
     List {
@@ -208,16 +266,28 @@ enum QueueCommand {
     },
 }
 
+/// Log lines to stderr, filtered by `RINGMAIL_LOG` (else `RUST_LOG`; `RUST_LOG`
+/// syntax; default `info`), as text or as one JSON object per line.
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RINGMAIL_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| "info".into());
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match json {
+        true => log.json().flatten_event(true).init(),
+        false => log
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RINGMAIL_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging(false);
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Config {
@@ -233,9 +303,7 @@ fn main() -> ExitCode {
         Command::Queue {
             command: QueueCommand::List { data, json },
         } => queue_list(data, json),
-        Command::Queue {
-            command: QueueCommand::Flush { data },
-        } => queue_flush(data),
+        Command::Queue { command } => queue(command),
         Command::Mailbox {
             command:
                 MailboxCommand::List {
@@ -290,8 +358,10 @@ fn dkim_generate(data: &Path, domain: &str, selector: &str, algorithm: &str) -> 
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {
-    let cfg = Settings::layered(a.config.as_deref(), a.settings)?.to_config()?;
-    runtime::serve(cfg)
+    let settings = Settings::layered(a.config.as_deref(), a.settings);
+    let cfg = settings.and_then(|s| s.to_config());
+    init_logging(cfg.as_ref().is_ok_and(|c| c.log_format == "json"));
+    runtime::serve(cfg?)
 }
 
 /// The settings an account command runs with: those `serve` would (the local
@@ -428,26 +498,184 @@ fn print_lines(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<
     }
 }
 
-fn queue_flush(data: PathBuf) -> Result<(), String> {
-    let path = runtime::pid_file(&data);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+/// `ringmail queue …` but `list`: through the running server's admin API; the
+/// read-only ones offline when none runs.
+fn queue(c: QueueCommand) -> Result<(), String> {
+    use ringmail::admin::client;
+    let api = |server: Box<ServeArgs>| -> Result<_, String> {
+        let cfg = account_config(*server)?;
+        let addr = client::running(&cfg.data);
+        Ok((cfg, addr))
+    };
+    let need = |cfg: &ringmail::config::Config, addr: Option<std::net::SocketAddr>| {
+        addr.ok_or_else(|| {
+            format!(
+                "no server answers for {} (this command needs the running server)",
+                cfg.data.display()
+            )
+        })
+    };
+    match c {
+        QueueCommand::List { data, json } => queue_list(data, json),
+        QueueCommand::Flush { domain, id, server } => {
+            let (cfg, addr) = api(server)?;
+            let path = format!(
+                "/api/v1/queue/flush{}",
+                client::query(&[("domain", &domain), ("id", &id)])
+            );
+            let r = client::call(need(&cfg, addr)?, cfg.admin_token.as_deref(), "POST", &path)?;
+            println!("{} deferred recipient(s) made due now", r["flushed"]);
+            Ok(())
+        }
+        QueueCommand::Summary {
+            state,
+            domain,
+            json,
+            server,
+        } => {
+            let (cfg, addr) = api(server)?;
+            let shape = match addr {
+                Some(addr) => {
+                    let path = format!(
+                        "/api/v1/queue/summary{}",
+                        client::query(&[("state", &state), ("domain", &domain)])
+                    );
+                    client::call(addr, cfg.admin_token.as_deref(), "GET", &path)?
+                }
+                None => {
+                    let filter = queue::report::Filter::parse(|k| match k {
+                        "state" => state.clone(),
+                        "domain" => domain.clone(),
+                        _ => None,
+                    })?;
+                    let now = chrono::Utc::now().timestamp_millis() as u64;
+                    let mut shape = queue::report::Shape::default();
+                    for m in queue::list(&cfg.data).map_err(|e| e.to_string())? {
+                        shape.add(&m, &filter, now);
+                    }
+                    shape.to_json(ringmail::admin::SUMMARY_TOP)
+                }
+            };
+            print_lines(|out| match json {
+                true => writeln!(out, "{shape}"),
+                false => print_shape(out, &shape),
+            })
+        }
+        QueueCommand::Show { id, server } => {
+            let (cfg, addr) = api(server)?;
+            let shown = match addr {
+                Some(addr) => client::call(
+                    addr,
+                    cfg.admin_token.as_deref(),
+                    "GET",
+                    &format!("/api/v1/queue/{id}"),
+                )?,
+                None => {
+                    let want = ringmail_store::message::parse_id(&id).ok_or_else(|| {
+                        format!("`{id}` is not a queue id (16 hexadecimal digits)")
+                    })?;
+                    queue::list(&cfg.data)
+                        .map_err(|e| e.to_string())?
+                        .into_iter()
+                        .find(|m| m.id == want)
+                        .map(|m| m.to_json())
+                        .ok_or_else(|| format!("no message {id} in the queue"))?
+                }
+            };
+            print_lines(|out| {
+                let headers = shown["headers"].as_str().map(str::to_string);
+                let mut v = shown.clone();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("headers");
+                }
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&v).unwrap_or_default()
+                )?;
+                if let Some(h) = headers {
+                    write!(out, "\n{h}")?;
+                }
+                Ok(())
+            })
+        }
+        QueueCommand::Hold { ids, server } => control(server, &ids, "hold"),
+        QueueCommand::Release { ids, server } => control(server, &ids, "release"),
+        QueueCommand::Delete {
+            ids,
+            bounce: false,
+            server,
+        } => control(server, &ids, "delete"),
+        QueueCommand::Delete {
+            ids,
+            bounce: true,
+            server,
+        }
+        | QueueCommand::Bounce { ids, server } => control(server, &ids, "bounce"),
+    }
+}
+
+/// Hold, release, delete or bounce each message, through the running server; every
+/// change is durable when the server answers.
+fn control(server: Box<ServeArgs>, ids: &[String], op: &str) -> Result<(), String> {
+    use ringmail::admin::client;
+    let cfg = account_config(*server)?;
+    let addr = client::running(&cfg.data).ok_or_else(|| {
         format!(
-            "cannot read {}: {e} (is the server running on this data directory?)",
-            path.display()
+            "no server answers for {} (`queue {op}` needs the running server)",
+            cfg.data.display()
         )
     })?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{} does not hold a process id", path.display()))?;
-    // SAFETY: kill(2) with a plain signal number.
-    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
-        return Err(format!(
-            "cannot signal process {pid}: {} (is the server running?)",
-            std::io::Error::last_os_error()
-        ));
+    let mut failed = 0;
+    for id in ids {
+        let path = format!("/api/v1/queue/{id}/{op}");
+        match client::call(addr, cfg.admin_token.as_deref(), "POST", &path) {
+            Ok(r) => {
+                let busy = r["busy"].as_u64().unwrap_or(0);
+                let note = match busy {
+                    0 => String::new(),
+                    n => format!(" ({n} under a delivery attempt now, left as they are)"),
+                };
+                println!("{id}: {op}: {} recipient(s){note}", r["changed"]);
+            }
+            Err(e) => {
+                eprintln!("ringmail: {id}: {e}");
+                failed += 1;
+            }
+        }
     }
-    println!("asked ringmail (pid {pid}) to retry deferred mail now");
+    match failed {
+        0 => Ok(()),
+        n => Err(format!("{n} of {} message(s) not changed", ids.len())),
+    }
+}
+
+/// The summary as a qshape-like table.
+fn print_shape(out: &mut dyn Write, shape: &serde_json::Value) -> std::io::Result<()> {
+    let labels: Vec<String> = shape["buckets"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let row = |out: &mut dyn Write, name: &str, r: &serde_json::Value| -> std::io::Result<()> {
+        write!(out, "{name:>32} {:>7}", r["messages"].as_u64().unwrap_or(0))?;
+        for n in r["by_age"].as_array().into_iter().flatten() {
+            write!(out, " {:>7}", n.as_u64().unwrap_or(0))?;
+        }
+        writeln!(out)
+    };
+    write!(out, "{:>32} {:>7}", "", "T")?;
+    for l in &labels {
+        write!(out, " {l:>7}")?;
+    }
+    writeln!(out)?;
+    row(out, "TOTAL", &shape["total"])?;
+    for d in shape["destinations"].as_array().into_iter().flatten() {
+        row(out, d["domain"].as_str().unwrap_or(""), d)?;
+    }
     Ok(())
 }
 

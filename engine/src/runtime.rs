@@ -33,6 +33,11 @@ pub fn pid_file(data: &std::path::Path) -> std::path::PathBuf {
     data.join("ringmail.pid")
 }
 
+/// The file `ringmail queue` finds the admin API's address in.
+pub fn admin_addr_file(data: &std::path::Path) -> std::path::PathBuf {
+    data.join("admin.addr")
+}
+
 /// Shards a new data directory is created with: one per executor.
 pub fn shard_count(cfg: &Config) -> u32 {
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -129,7 +134,19 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let smtps = bind(&mut cfg.smtps)?;
     let pop3s = bind(&mut cfg.pop3s)?;
     let submission = bind(&mut cfg.submission)?;
-    tracing::info!(smtp = %cfg.smtp, pop3 = %cfg.pop3, smtps = %cfg.smtps, pop3s = %cfg.pop3s, submission = %cfg.submission, "listening");
+    // The admin listener is executor 0's alone (no SO_REUSEPORT: one socket).
+    if cfg.admin.port() != 0 {
+        wait_port_free(cfg.admin)?;
+    }
+    let admin = std::net::TcpListener::bind(cfg.admin)
+        .map_err(|e| format!("cannot listen on {} (`admin`): {e}", cfg.admin))?;
+    cfg.admin = admin
+        .local_addr()
+        .map_err(|e| format!("admin listener: {e}"))?;
+    let admin = Arc::new(std::sync::Mutex::new(Some(std::os::fd::OwnedFd::from(
+        admin,
+    ))));
+    tracing::info!(smtp = %cfg.smtp, pop3 = %cfg.pop3, smtps = %cfg.smtps, pop3s = %cfg.pop3s, submission = %cfg.submission, admin = %cfg.admin, "listening");
     let listeners = Arc::new(std::sync::Mutex::new(
         smtp.into_iter()
             .zip(pop3)
@@ -155,9 +172,17 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     // send them (a SIGHUP before would end the process).
     let shutdown = Arc::new(AtomicBool::new(false));
     spawn_signal_thread(shutdown.clone(), tls.clone());
+    // Everything that needs root is done: the listeners are bound.
+    if let Some(user) = &cfg.user {
+        crate::privileges::drop_to(user, &cfg.data)?;
+    }
     let pid = pid_file(&cfg.data);
     std::fs::write(&pid, format!("{}\n", std::process::id()))
         .map_err(|e| format!("cannot write {}: {e}", pid.display()))?;
+    // Where `ringmail queue` finds the admin API (its port may have been 0).
+    let admin_addr = admin_addr_file(&cfg.data);
+    std::fs::write(&admin_addr, format!("{}\n", cfg.admin))
+        .map_err(|e| format!("cannot write {}: {e}", admin_addr.display()))?;
 
     let next_index = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(AtomicUsize::new(0));
@@ -189,12 +214,17 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let outbound = outbound.clone();
             let signers = signers.clone();
             let verifier = verifier.clone();
+            let admin = admin.clone();
             async move {
                 let listener = listener.expect("one listener per executor");
                 let store = StoreService::join(mesh, &cfg.data, cfg.read_cache_bytes).await?;
                 // The mesh numbers executors in its own order: shard ownership follows
                 // it, so that every executor routes a shard's requests to its owner.
                 let index = store.peer();
+                let admin = match index {
+                    0 => admin.lock().unwrap().take(),
+                    _ => None,
+                };
                 let result = executor_main(
                     index,
                     listener,
@@ -210,6 +240,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
                     outbound,
                     signers,
                     verifier,
+                    admin,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -234,6 +265,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         }
     }
     let _ = std::fs::remove_file(&pid);
+    let _ = std::fs::remove_file(&admin_addr);
     match first_error {
         None => {
             let c = *BODY_STATS.lock().unwrap_or_else(|e| e.into_inner());
@@ -283,6 +315,7 @@ async fn executor_main(
     outbound: crate::delivery::tls::OutboundTls,
     signers: Arc<crate::mailauth::Signers>,
     verifier: Option<Arc<crate::mailauth::Verifier>>,
+    admin: Option<std::os::fd::OwnedFd>,
 ) -> Result<(), String> {
     let executors = store.executors();
     // Joined before the shards open, so that work for them queues meanwhile.
@@ -392,6 +425,9 @@ async fn executor_main(
         directory: directory.clone(),
         mail: mail.clone(),
     };
+    let admin = admin.map(|fd| {
+        crate::admin::Admin::start(fd, mail.clone(), auth.clone(), cfg.admin_token.clone())
+    });
     let pop3 = crate::pop3::Pop3::new(
         cfg.clone(),
         ring.clone(),
@@ -408,6 +444,7 @@ async fn executor_main(
         Some(local),
         outbound,
     );
+    crate::admin::register(delivery.clone());
     // No RCPT for a local domain is answered before shard 0's accounts are known.
     let loaded = directory.wait_loaded(&shutdown).await;
     // Delivery starts once the directory is known: before, every local domain
@@ -419,7 +456,9 @@ async fn executor_main(
         homes.iter().for_each(|h| h.publish_all_usage());
     }
     if loaded && ready.fetch_add(1, Ordering::SeqCst) + 1 == executors {
-        tracing::info!(smtp = %cfg.smtp, pop3 = %cfg.pop3, smtps = %cfg.smtps, pop3s = %cfg.pop3s, submission = %cfg.submission, executors, shards, data = %cfg.data.display(), "ringmail ready");
+        tracing::info!(smtp = %cfg.smtp, pop3 = %cfg.pop3, smtps = %cfg.smtps, pop3s = %cfg.pop3s, submission = %cfg.submission, admin = %cfg.admin, executors, shards, data = %cfg.data.display(), "ringmail ready");
+        // Under systemd (`Type=notify`): started. Nothing without NOTIFY_SOCKET.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
 
     let watcher = {
@@ -438,6 +477,9 @@ async fn executor_main(
             }
             ingest.begin_shutdown();
             pop3.begin_shutdown();
+            if let Some(a) = &admin {
+                a.stop();
+            }
         })
     };
     if loaded {
@@ -477,6 +519,7 @@ async fn executor_main(
         spool.close().await;
     }
     store.close().await;
+    crate::admin::unregister();
     let l = latency.borrow();
     if l.count() > 0 {
         tracing::info!(
@@ -604,6 +647,7 @@ fn spawn_signal_thread(shutdown: Arc<AtomicBool>, tls: Arc<crate::net::certs::Se
                     tracing::warn!(signal = sig, "second signal, exiting at once");
                     std::process::exit(1);
                 }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                 tracing::info!(signal = sig, "shutting down");
             }
         })

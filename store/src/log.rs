@@ -1003,7 +1003,13 @@ impl Flusher {
                 write_all(&self.seg.file, b.buf.clone(), *base).await?;
             }
             faults.fire(FaultPoint::Sync)?;
-            self.seg.file.fdatasync().await?;
+            let began = std::time::Instant::now();
+            let synced = self.seg.file.fdatasync().await;
+            crate::stats::add(|c| {
+                c.batches += 1;
+                c.sync_latency.observe(began.elapsed());
+            });
+            synced?;
             Ok::<(), io::Error>(())
         }
         .await;

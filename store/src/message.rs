@@ -284,6 +284,9 @@ pub enum RcptStatus {
     Deferred = 1,
     Delivered = 2,
     Failed = 3,
+    /// Put on hold by the administrator (`queue hold`): not tried until released.
+    /// Unknown to binaries from before the admin API (downgrade is unsupported).
+    Held = 4,
 }
 
 impl RcptStatus {
@@ -293,6 +296,7 @@ impl RcptStatus {
             RcptStatus::Deferred => "deferred",
             RcptStatus::Delivered => "delivered",
             RcptStatus::Failed => "failed",
+            RcptStatus::Held => "held",
         }
     }
 
@@ -341,6 +345,7 @@ impl RcptUpdate {
                 1 => RcptStatus::Deferred,
                 2 => RcptStatus::Delivered,
                 3 => RcptStatus::Failed,
+                4 => RcptStatus::Held,
                 _ => return Err("bad recipient status"),
             },
             attempts: r.u32()?,

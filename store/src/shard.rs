@@ -831,6 +831,15 @@ impl Shard {
         self.map.borrow().get(&id).map_or(0, |e| e.refs)
     }
 
+    /// Segments holding live (referenced) message records, and those records' bytes.
+    pub fn live_figures(&self) -> (u64, u64) {
+        let live = self.live.borrow();
+        (
+            live.values().filter(|b| **b > 0).count() as u64,
+            live.values().sum(),
+        )
+    }
+
     /// Messages referenced now (before the shard settles: stored, referenced or not).
     pub fn len(&self) -> usize {
         self.map.borrow().len()

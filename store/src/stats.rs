@@ -48,6 +48,55 @@ pub struct Counters {
     pub copied_bytes: u64,
     /// Bytes of snapshot files written.
     pub snapshot_bytes: u64,
+    /// Group-commit batches written (one write and one fdatasync each), failed ones
+    /// included.
+    pub batches: u64,
+    /// How long each batch's fdatasync took.
+    pub sync_latency: Histogram,
+}
+
+/// Upper bounds of the latency histograms' buckets, in microseconds (the `+Inf`
+/// bucket is the count): from a page-cache flush to a stalled disk.
+pub const LATENCY_BOUNDS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    10_000_000, 60_000_000,
+];
+
+/// A latency histogram with fixed buckets ([`LATENCY_BOUNDS_US`]), a plain value so a
+/// thread can keep its own and a reader can add them up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// Observations at or under each bound (not cumulative).
+    pub buckets: [u64; LATENCY_BOUNDS_US.len()],
+    pub count: u64,
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    pub const ZERO: Histogram = Histogram {
+        buckets: [0; LATENCY_BOUNDS_US.len()],
+        count: 0,
+        sum_us: 0,
+    };
+
+    pub fn observe(&mut self, d: std::time::Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        if let Some(i) = LATENCY_BOUNDS_US.iter().position(|b| us <= *b) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    pub fn plus(&self, o: &Histogram) -> Histogram {
+        let mut h = *self;
+        for (a, b) in h.buckets.iter_mut().zip(o.buckets) {
+            *a += b;
+        }
+        h.count += o.count;
+        h.sum_us = h.sum_us.saturating_add(o.sum_us);
+        h
+    }
 }
 
 impl Counters {
@@ -66,6 +115,8 @@ impl Counters {
         segment_header_bytes: 0,
         copied_bytes: 0,
         snapshot_bytes: 0,
+        batches: 0,
+        sync_latency: Histogram::ZERO,
     };
 
     /// What the store itself chose to write: records (copies forward included) and
@@ -111,6 +162,8 @@ impl Counters {
             segment_header_bytes: self.segment_header_bytes + o.segment_header_bytes,
             copied_bytes: self.copied_bytes + o.copied_bytes,
             snapshot_bytes: self.snapshot_bytes + o.snapshot_bytes,
+            batches: self.batches + o.batches,
+            sync_latency: self.sync_latency.plus(&o.sync_latency),
         }
     }
 

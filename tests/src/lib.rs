@@ -61,6 +61,8 @@ pub struct Server {
     pub pop3s: SocketAddr,
     /// The message submission listener (RFC 6409).
     pub submission: SocketAddr,
+    /// Metrics and the admin API.
+    pub admin: SocketAddr,
     pub data: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     args: Vec<String>,
@@ -87,6 +89,7 @@ impl Server {
             smtps: SocketAddr::from(([127, 0, 0, 1], 0)),
             pop3s: SocketAddr::from(([127, 0, 0, 1], 0)),
             submission: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             data,
             _tmp: tmp,
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -109,6 +112,7 @@ impl Server {
             smtps: SocketAddr::from(([127, 0, 0, 1], 0)),
             pop3s: SocketAddr::from(([127, 0, 0, 1], 0)),
             submission: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             log: log_path(&data),
             data,
             _tmp: Some(tmp),
@@ -148,7 +152,7 @@ impl Server {
             .arg("--smtp")
             .arg("127.0.0.1:0")
             .args(
-                ["--pop3", "--smtps", "--pop3s", "--submission"]
+                ["--pop3", "--smtps", "--pop3s", "--submission", "--admin"]
                     .into_iter()
                     .filter(|flag| !self.args.iter().any(|a| a == flag))
                     .flat_map(|flag| [flag, "127.0.0.1:0"]),
@@ -195,6 +199,7 @@ impl Server {
                 self.smtps = field("smtps");
                 self.pop3s = field("pop3s");
                 self.submission = field("submission");
+                self.admin = field("admin");
                 return;
             }
             assert!(
@@ -266,6 +271,11 @@ pub fn ready_addr(line: &str) -> Option<SocketAddr> {
 
 /// The address `KEY=ADDR` of the server's `ringmail ready` line.
 pub fn ready_field(line: &str, key: &str) -> Option<SocketAddr> {
+    // `--log-format json`: one object per line.
+    if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        return v[key].as_str()?.parse().ok();
+    }
     let at = line.find(&format!(" {key}="))? + key.len() + 2;
     line[at..].split_whitespace().next()?.parse().ok()
 }

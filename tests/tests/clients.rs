@@ -361,7 +361,7 @@ fn port_0_is_one_port_for_every_executor_and_is_reported() {
     assert_ne!(server.addr.port(), 0, "{}", server.log_text());
     let pid = server.child.as_ref().unwrap().id();
     // Each listener (SMTP, POP3, their implicit-TLS twins, submission) is one port, on both
-    // executors.
+    // executors; the admin listener one socket.
     let mut want: Vec<u16> = [
         server.addr,
         server.pop3,
@@ -372,6 +372,8 @@ fn port_0_is_one_port_for_every_executor_and_is_reported() {
     .iter()
     .flat_map(|a| [a.port(), a.port()])
     .collect();
+    // The admin listener is executor 0's alone.
+    want.push(server.admin.port());
     want.sort();
     assert_eq!(listening_ports(pid), want, "{}", server.log_text());
     assert!(

@@ -286,7 +286,10 @@ fn queue_flush_retries_deferred_mail_now() {
             .args(["queue", "flush", "--data"])
             .arg(&server.data),
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("retry deferred mail now"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1 deferred recipient(s) made due now"
+    );
     wait_until("the flushed delivery", 30, || sink.accepted() == 1);
     wait_until("an empty queue", 30, || server.queue().is_empty());
 }

@@ -3,6 +3,7 @@
 //! failures bounce.
 
 pub mod attempt;
+pub mod control;
 pub mod dsn;
 pub mod local;
 pub mod scheduler;

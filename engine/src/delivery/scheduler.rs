@@ -41,11 +41,11 @@ pub struct Delivery {
     cfg: Rc<Config>,
     ring: Rc<Ring>,
     resolver: Resolver,
-    spools: Vec<Rc<Spool>>,
+    pub(super) spools: Vec<Rc<Spool>>,
     attempt: AttemptConfig,
     retry: RetryPolicy,
     /// (message id, recipient index) being attempted now.
-    in_flight: RefCell<HashSet<(u64, u32)>>,
+    pub(super) in_flight: RefCell<HashSet<(u64, u32)>>,
     /// Messages handed to home shards whose outcomes are not on record yet (a
     /// retry then asks the homes not to add the entries twice).
     unrecorded: RefCell<HashSet<u64>>,
@@ -57,7 +57,7 @@ pub struct Delivery {
     /// The per-destination rate limit.
     rate: RefCell<RateLimit>,
     /// Attempts running per destination domain.
-    per_destination: RefCell<HashMap<String, usize>>,
+    pub(super) per_destination: RefCell<HashMap<String, usize>>,
     /// Attempts running on this executor, all destinations together.
     running: Cell<usize>,
     stopping: Cell<bool>,
@@ -103,7 +103,7 @@ fn destination(
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -125,7 +125,7 @@ fn notify_param(bits: u8) -> Option<String> {
 /// The destination of `address` in its routing spelling (A-label, canonical
 /// literal), so that every spelling of one domain shares its routes, rate bucket
 /// and connection count.
-fn domain_of(address: &str) -> Option<String> {
+pub(super) fn domain_of(address: &str) -> Option<String> {
     address.rsplit_once('@').map(|(_, d)| domain_key(d))
 }
 
@@ -217,6 +217,11 @@ impl Delivery {
             own_addresses,
             local,
         })
+    }
+
+    /// The spools of this executor's shards.
+    pub fn spools(&self) -> &[Rc<Spool>] {
+        &self.spools
     }
 
     pub fn stop(&self) {
@@ -510,6 +515,8 @@ impl Delivery {
         let delay_s = now.saturating_sub(env.received_at_ms) as f64 / 1000.0;
         let mut failures = Vec::new();
         let mut updates = Vec::with_capacity(rcpts.len());
+        // Counted once the outcomes are on record: (word, first attempt).
+        let mut counted: Vec<(&'static str, bool)> = Vec::with_capacity(rcpts.len());
         // One draw for the attempt: its deferred recipients come back together.
         let jitter = random_u64();
         for (k, result) in outcome.results.into_iter().enumerate() {
@@ -545,6 +552,7 @@ impl Delivery {
             if status == RcptStatus::Failed {
                 failures.push((to.clone(), reply.clone(), outcome.relay.clone()));
             }
+            counted.push((word, attempts == 1));
             updates.push(RcptUpdate {
                 id,
                 rcpt: i,
@@ -572,6 +580,34 @@ impl Delivery {
         match spool.record_outcomes(updates, bounce).await {
             Ok(()) => {
                 self.unrecorded.borrow_mut().remove(&id);
+                let since = Duration::from_millis(now.saturating_sub(env.received_at_ms));
+                let local = domain == LOCAL_KEY;
+                crate::metrics::count(|c| {
+                    for (word, first) in &counted {
+                        let delivered = *word == "sent";
+                        match *word {
+                            "sent" => c.recipients_delivered += 1,
+                            "deferred" => c.recipients_deferred += 1,
+                            "expired" => {
+                                c.recipients_expired += 1;
+                                c.recipients_bounced += 1;
+                            }
+                            _ => c.recipients_bounced += 1,
+                        }
+                        if delivered && local {
+                            c.recipients_delivered_local += 1;
+                        }
+                        if *first {
+                            c.delivery_first_attempt.observe(since);
+                        }
+                        if delivered {
+                            c.delivery_end_to_end.observe(since);
+                        }
+                    }
+                    if !local && counted.iter().any(|(w, _)| *w == "sent") {
+                        c.bytes_out += message.len() as u64;
+                    }
+                });
                 if let Some(bid) = bounce_id {
                     tracing::info!(id = %idt, bounce = %bid, to = %env.from, "bounce queued");
                 }
@@ -588,7 +624,7 @@ impl Delivery {
 
     /// The bounce for `failures` to the sender, if one is wanted (never for the
     /// null sender, nor when NOTIFY says no).
-    async fn bounce(
+    pub(super) async fn bounce(
         &self,
         spool: &Rc<Spool>,
         env: &Envelope,

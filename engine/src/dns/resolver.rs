@@ -137,7 +137,15 @@ impl Resolver {
         let mut last = DnsError::Timeout;
         for _ in 0..self.attempts {
             for server in &self.servers {
-                match self.ask(*server, name, rtype).await {
+                let asked = self.ask(*server, name, rtype).await;
+                crate::metrics::count(|c| {
+                    c.dns_queries += 1;
+                    // A name that does not exist is an answer, not a failure.
+                    if asked.is_err() {
+                        c.dns_failures += 1;
+                    }
+                });
+                match asked {
                     Ok((answer, ttl)) => {
                         self.cache.borrow_mut().put(
                             name,

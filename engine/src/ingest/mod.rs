@@ -111,6 +111,11 @@ impl Ingest {
             sessions_max: self.cfg.connections_per_shard_max,
             refusal: b"421 4.7.0 Error: too many connections, try again later\r\n",
             send_timeout: self.cfg.idle_timeout,
+            service: match service {
+                Service::Smtp => crate::metrics::Service::Smtp,
+                Service::Smtps => crate::metrics::Service::Smtps,
+                Service::Submission => crate::metrics::Service::Submission,
+            },
         };
         let me = self.clone();
         self.sessions
@@ -172,6 +177,7 @@ impl Ingest {
                 match s.process() {
                     Step::NeedInput => break,
                     Step::Close => {
+                        note_refused(&mut s, peer);
                         let _ = stream.send_all(s.output(), self.cfg.idle_timeout).await;
                         return;
                     }
@@ -198,16 +204,31 @@ impl Ingest {
                     // then receives on into the chunk the body ended in.
                     Step::Message(tx) => match self.verify_and_store(*tx, peer).await {
                         Ok(Ok(id)) => s.message_stored(&id),
-                        Ok(Err(refusal)) => s.message_failed(&refusal),
-                        Err(e) => s.message_failed(match e {
-                            LogError::NoSpace => "452 4.3.1 Error: insufficient system storage\r\n",
-                            LogError::Io(_) | LogError::Closed => {
-                                "451 4.3.0 Error: queue file write error\r\n"
-                            }
-                        }),
+                        Ok(Err(refusal)) => {
+                            // Refused by the verification's policy (logged there).
+                            let why = match refusal.starts_with("451 4.7.5") {
+                                true => crate::metrics::Reject::DnsTempfail,
+                                false => crate::metrics::Reject::Dmarc,
+                            };
+                            crate::metrics::message_rejected(why);
+                            s.message_failed(&refusal)
+                        }
+                        Err(e) => {
+                            // Logged by `store` (`not queued`).
+                            crate::metrics::message_rejected(crate::metrics::Reject::Storage);
+                            s.message_failed(match e {
+                                LogError::NoSpace => {
+                                    "452 4.3.1 Error: insufficient system storage\r\n"
+                                }
+                                LogError::Io(_) | LogError::Closed => {
+                                    "451 4.3.0 Error: queue file write error\r\n"
+                                }
+                            })
+                        }
                     },
                 }
             }
+            note_refused(&mut s, peer);
             if s.copied_bytes() > copied {
                 ringmail_store::stats::add_session_copy(s.copied_bytes() - copied);
                 copied = s.copied_bytes();
@@ -275,14 +296,17 @@ impl Ingest {
         .await;
         match checked.result {
             Ok(u) => {
+                crate::metrics::count(|c| c.smtp_auth_logins += 1);
                 tracing::info!(user = %u.address, client = %peer, "smtp auth");
                 AuthVerdict::Ok(u.address.clone())
             }
             Err(AuthError::Failed) => {
+                crate::metrics::count(|c| c.smtp_auth_failures += 1);
                 tracing::info!(user = %checked.address, client = %peer, "smtp auth failed");
                 AuthVerdict::Failed
             }
             Err(AuthError::Busy | AuthError::RateLimited) => {
+                crate::metrics::count(|c| c.smtp_auth_failures += 1);
                 tracing::warn!(user = %checked.address, client = %peer, "smtp auth refused for now");
                 AuthVerdict::TempFail
             }
@@ -466,12 +490,33 @@ impl Ingest {
         let from = env.from.clone();
         match spool.enqueue(env, prefix.as_bytes(), body).await {
             Ok(()) => {
+                crate::metrics::count(|c| {
+                    c.messages_received += 1;
+                    c.bytes_in += size as u64;
+                });
                 tracing::info!(id = %id_text, from = %from, size, nrcpt, client = %peer, sasl_username = %auth, dkim_sign = %dkim_sign, spf = %spf, dkim = %dkim_found, dmarc = %dmarc, arc = %arc, "queued");
                 Ok(id_text)
             }
             Err(e) => {
                 tracing::error!(id = %id_text, from = %from, size, client = %peer, error = %e, "not queued");
                 Err(e)
+            }
+        }
+    }
+}
+
+/// Logs and counts what the session refused since the last look: one line per
+/// refused message or recipient, with the reason and the reply.
+fn note_refused(s: &mut Session, peer: SocketAddr) {
+    for r in s.take_refused() {
+        match &r.rcpt {
+            Some(to) => {
+                crate::metrics::recipient_rejected(r.why);
+                tracing::info!(client = %peer, to = %format!("<{to}>"), reason = r.why.as_str(), reply = %r.reply, "recipient refused");
+            }
+            None => {
+                crate::metrics::message_rejected(r.why);
+                tracing::info!(client = %peer, reason = r.why.as_str(), reply = %r.reply, "message refused");
             }
         }
     }

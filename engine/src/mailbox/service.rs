@@ -326,6 +326,11 @@ impl MailService {
         }
     }
 
+    /// How many executors there are.
+    pub fn executors(&self) -> usize {
+        self.0.peers.len()
+    }
+
     /// This executor's place among the executors.
     pub fn peer(&self) -> usize {
         self.0.peer

@@ -26,6 +26,8 @@ pub struct Cap {
     pub refusal: &'static [u8],
     /// How long the refusal may take to send.
     pub send_timeout: Duration,
+    /// The listener, for the metrics and the log.
+    pub service: crate::metrics::Service,
 }
 
 impl Sessions {
@@ -119,11 +121,15 @@ impl Sessions {
                 let fd = Rc::new(fd);
                 me.active.set(me.active.get() + 1);
                 if me.active.get() > cap.sessions_max {
+                    crate::metrics::connection_refused(cap.service);
+                    tracing::warn!(service = crate::metrics::SERVICES[cap.service as usize], %peer, limit = cap.sessions_max, "connection refused: too many connections");
                     let _ = ring
                         .send_all(fd.as_raw_fd(), cap.refusal, cap.send_timeout)
                         .await;
                 } else {
+                    crate::metrics::connection_opened(cap.service);
                     serve(fd, peer).await;
+                    crate::metrics::connection_closed(cap.service);
                 }
                 me.active.set(me.active.get() - 1);
                 if me.active.get() == 0 {

@@ -111,6 +111,10 @@ impl Pop3 {
             sessions_max: self.cfg.connections_per_shard_max,
             refusal: b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
             send_timeout: self.cfg.idle_timeout,
+            service: match implicit_tls {
+                true => crate::metrics::Service::Pop3s,
+                false => crate::metrics::Service::Pop3,
+            },
         };
         let me = self.clone();
         self.sessions
@@ -195,6 +199,12 @@ impl Pop3 {
                                 tracing::warn!(uid = item.uid, error = %e, client = %peer, "pop3: retrieve failed");
                                 return;
                             }
+                        }
+                        if lines.is_none() {
+                            crate::metrics::count(|c| {
+                                c.pop3_messages_retrieved += 1;
+                                c.pop3_bytes_retrieved += item.size as u64;
+                            });
                         }
                         if lines.is_none() && !h.seen.contains(&item.uid) {
                             h.seen.push(item.uid);
@@ -303,10 +313,12 @@ impl Pop3 {
         let user = match checked.result {
             Ok(u) => u,
             Err(AuthError::Busy | AuthError::RateLimited) => {
+                crate::metrics::count(|c| c.pop3_login_failures += 1);
                 tracing::warn!(user = %address, client = %peer, "pop3 login refused for now");
                 return Login::TempFail;
             }
             Err(AuthError::Failed) => {
+                crate::metrics::count(|c| c.pop3_login_failures += 1);
                 tracing::info!(user = %address, client = %peer, "pop3 login failed");
                 return Login::Failed;
             }
@@ -321,6 +333,7 @@ impl Pop3 {
                         uidl: maildrop::uidl(m.uid, opened.uidvalidity),
                     })
                     .collect();
+                crate::metrics::count(|c| c.pop3_logins += 1);
                 tracing::info!(user = %user.address, messages = opened.items.len(), client = %peer, "pop3 login");
                 *held = Some(Held {
                     user: user.id,

@@ -11,12 +11,14 @@
 //! - `spool`: the write path, the ready queue and the retry timers.
 //! - `cache`: message text for delivery, from memory or the log.
 //! - `compaction`: deleting finished segments, copying live messages forward.
+//! - `report`: the `qshape`-like summary and the listing filters (admin API, CLI).
 
 mod cache;
 mod compaction;
 mod json;
 mod model;
 mod replay;
+pub mod report;
 pub mod retry;
 mod spool;
 #[cfg(test)]

@@ -167,6 +167,7 @@ impl QueuedMessage {
                     1 => RcptStatus::Deferred,
                     2 => RcptStatus::Delivered,
                     3 => RcptStatus::Failed,
+                    4 => RcptStatus::Held,
                     _ => return Err("bad recipient status"),
                 },
                 notify: r.u8()?,

@@ -261,6 +261,9 @@ impl Spool {
             }
         }
         drop(index);
+        if u.status == RcptStatus::Held {
+            self.uncache(u.id);
+        }
         if u.status == RcptStatus::Deferred {
             // Memory is for the mail flowing now: a retry reads the log.
             self.uncache(u.id);
@@ -339,6 +342,35 @@ impl Spool {
             .borrow_mut()
             .extend(waiting.into_values().flatten());
         self.wake.notify(usize::MAX);
+    }
+
+    /// Makes the deferred recipients that `pick` chooses due now (`queue flush
+    /// --domain`, or one message); how many.
+    pub fn flush_where(&self, mut pick: impl FnMut(&QueuedMessage, &str) -> bool) -> usize {
+        let mut flushed = 0;
+        let mut ready = self.ready.borrow_mut();
+        for m in self.index.borrow_mut().messages.values_mut() {
+            let mut any = false;
+            for i in 0..m.rcpt.len() {
+                if m.rcpt[i].status == RcptStatus::Deferred && pick(m, &m.rcpt[i].to) {
+                    m.rcpt[i].next_attempt_ms = 0;
+                    any = true;
+                    flushed += 1;
+                }
+            }
+            if any {
+                // Its entry in `waiting` goes stale: `take_due` looks at the state.
+                ready.push_back(m.id);
+            }
+        }
+        drop(ready);
+        self.wake.notify(usize::MAX);
+        flushed
+    }
+
+    /// Calls `f` with every queued message, in id order.
+    pub fn for_each(&self, mut f: impl FnMut(&QueuedMessage)) {
+        self.index.borrow().messages.values().for_each(&mut f);
     }
 
     /// A copy of one queued message's state.

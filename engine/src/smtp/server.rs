@@ -189,6 +189,16 @@ enum State {
     Closed,
 }
 
+/// A refusal the driver logs and counts: a whole message (at the end of its text) or
+/// one recipient (at RCPT), with why and the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub why: crate::metrics::Reject,
+    /// The recipient refused; None for a message.
+    pub rcpt: Option<String>,
+    pub reply: String,
+}
+
 /// Why a message that was read to its end is refused. When several apply, the
 /// last (in this order) is answered: which limit the reader notices first depends on
 /// how the input was split into reads, and the reply must not. A malformed text says
@@ -201,6 +211,14 @@ enum Refusal {
 }
 
 impl Refusal {
+    fn why(self) -> crate::metrics::Reject {
+        match self {
+            Refusal::BareNewline => crate::metrics::Reject::BareNewline,
+            Refusal::LineTooLong => crate::metrics::Reject::LineTooLong,
+            Refusal::TooBig => crate::metrics::Reject::TooBig,
+        }
+    }
+
     fn reply(self) -> &'static str {
         match self {
             Refusal::BareNewline => "550 5.6.0 Message refused: bare CR or LF in DATA\r\n",
@@ -278,6 +296,9 @@ pub struct Session {
     authenticated: Option<String>,
     /// AUTH LOGIN's user name, until its password comes.
     sasl_user: Option<String>,
+    /// Refusals since the driver last took them (`take_refused`), for its log and
+    /// metrics: what, and the reply line sent.
+    refused: Vec<Refused>,
 }
 
 const READ_CHUNK_BYTES: usize = 16 << 10;
@@ -304,6 +325,7 @@ impl Session {
             chunk_bytes: READ_CHUNK_BYTES,
             copied: 0,
             out: Vec::with_capacity(512),
+            refused: Vec::new(),
             state: State::Command,
             helo: None,
             esmtp: false,
@@ -620,6 +642,19 @@ impl Session {
 
     fn reply(&mut self, text: &str) {
         self.out.extend_from_slice(text.as_bytes());
+    }
+
+    fn refused(&mut self, why: crate::metrics::Reject, rcpt: Option<&str>, reply: &str) {
+        self.refused.push(Refused {
+            why,
+            rcpt: rcpt.map(str::to_string),
+            reply: reply.trim_end().to_string(),
+        });
+    }
+
+    /// The refusals since the last call (each once).
+    pub fn take_refused(&mut self) -> Vec<Refused> {
+        std::mem::take(&mut self.refused)
     }
 
     /// Counts an error reply; too many close the session.
@@ -954,7 +989,9 @@ impl Session {
             return self.error("503 5.5.1 Error: nested MAIL command\r\n");
         }
         if self.cfg.submission && self.authenticated.is_none() {
-            return self.error("530 5.7.0 Authentication required\r\n");
+            let r = "530 5.7.0 Authentication required\r\n";
+            self.refused(crate::metrics::Reject::AuthRequired, None, r);
+            return self.error(r);
         }
         let Some(path) = strip_prefix_ci(arg, "FROM:") else {
             return self.error("501 5.5.4 Syntax: MAIL FROM:<address>\r\n");
@@ -1070,6 +1107,7 @@ impl Session {
                     sanitize(&mail.from.address),
                     sanitize(login)
                 );
+                self.refused(crate::metrics::Reject::SenderNotOwned, None, &r);
                 return self.error(&r);
             }
         }
@@ -1146,7 +1184,9 @@ impl Session {
         }
         if count >= self.cfg.limits.rcpt_count_max {
             // Not an error of the client's: it sends the rest in another transaction.
-            return self.reply("452 4.5.3 Error: too many recipients\r\n");
+            let r = "452 4.5.3 Error: too many recipients\r\n";
+            self.refused(crate::metrics::Reject::Limit, Some(&to.address), r);
+            return self.reply(r);
         }
         let local = match to.domain() {
             None => true, // <Postmaster>
@@ -1185,6 +1225,7 @@ impl Session {
                 "554 5.7.1 <{}>: Relay access denied\r\n",
                 sanitize(&to.address)
             );
+            self.refused(crate::metrics::Reject::Relay, Some(&to.address), &r);
             return self.error(&r);
         }
         if let (true, Some(d), Some(check)) = (local, to.domain(), &self.recipients) {
@@ -1198,11 +1239,13 @@ impl Session {
                             "550 5.1.1 <{}>: Recipient address rejected: User unknown in local recipient table\r\n",
                             sanitize(&to.address)
                         );
+                        self.refused(crate::metrics::Reject::UnknownUser, Some(&to.address), &r);
                         return self.error(&r);
                     }
                     LocalVerdict::Full => {
                         // Temporary: the client keeps the mail and retries.
                         let r = format!("452 4.2.2 <{}>: Mailbox full\r\n", sanitize(&to.address));
+                        self.refused(crate::metrics::Reject::OverQuota, Some(&to.address), &r);
                         return self.reply(&r);
                     }
                 }
@@ -1303,6 +1346,7 @@ impl Session {
         match (refusal, last) {
             (Some(r), true) => {
                 self.mail = None;
+                self.refused(r.why(), None, r.reply());
                 self.error(r.reply());
                 None
             }
@@ -1404,6 +1448,7 @@ impl Session {
             Some(r) => {
                 self.mail = None;
                 self.live_from = None;
+                self.refused(r.why(), None, r.reply());
                 self.error(r.reply());
                 None
             }

@@ -1,0 +1,435 @@
+//! The admin listener (`admin`, default `127.0.0.1:8025`), served by executor 0:
+//! Prometheus metrics at `GET /metrics` and the queue API under `/api/v1/queue`
+//! (docs/contracts.md, "Admin API"). A request that touches the queue runs as a job
+//! on the executor that owns the message's shard (`MailService::on_executor`), and a
+//! change is durable there before the answer; a scrape asks every executor for its
+//! counters and levels.
+
+pub mod client;
+pub mod http;
+
+use crate::delivery::control::Op;
+use crate::delivery::scheduler::Delivery;
+use crate::mailbox::MailService;
+use crate::metrics::{self, expose};
+use crate::queue::report::{Filter, Shape};
+use http::{Read, Request, Response};
+use ringmail_store::message::{format_id, parse_id};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An admin connection silent this long between requests is closed.
+const IDLE: Duration = Duration::from_secs(60);
+/// Messages a listing returns at most (`limit` asks for fewer).
+pub const LIST_MAX: usize = 10_000;
+/// Destinations a summary lists at most (`top` asks for fewer).
+pub const SUMMARY_TOP: usize = 1_000;
+/// The header section `GET /api/v1/queue/ID` shows at most.
+const HEADERS_MAX: usize = 64 << 10;
+
+thread_local! {
+    /// This executor's delivery (and through it its spools), for the admin jobs.
+    static NODE: RefCell<Option<Rc<Delivery>>> = const { RefCell::new(None) };
+}
+
+/// Makes this executor's delivery reachable by admin jobs (at its start).
+pub fn register(delivery: Rc<Delivery>) {
+    NODE.with(|n| *n.borrow_mut() = Some(delivery));
+}
+
+/// Forgets it (at its stop).
+pub fn unregister() {
+    NODE.with(|n| *n.borrow_mut() = None);
+}
+
+fn node() -> Option<Rc<Delivery>> {
+    NODE.with(|n| n.borrow().clone())
+}
+
+pub struct Admin {
+    mail: MailService,
+    auth: Arc<crate::auth::Authenticator>,
+    token: Option<String>,
+    executors: usize,
+    stopping: Cell<bool>,
+    stop: event_listener::Event,
+}
+
+impl Admin {
+    /// Serves `listener` (bound by `runtime::serve`) until `stop`.
+    pub fn start(
+        listener: std::os::fd::OwnedFd,
+        mail: MailService,
+        auth: Arc<crate::auth::Authenticator>,
+        token: Option<String>,
+    ) -> Rc<Admin> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: a bound, listening TCP socket whose ownership moves here.
+        let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
+        let admin = Rc::new(Admin {
+            executors: mail.executors(),
+            mail,
+            auth,
+            token,
+            stopping: Cell::new(false),
+            stop: event_listener::Event::new(),
+        });
+        let me = admin.clone();
+        glommio::spawn_local(async move { me.accept_loop(listener).await }).detach();
+        admin
+    }
+
+    /// Stops accepting and closes idle connections (shutdown).
+    pub fn stop(&self) {
+        self.stopping.set(true);
+        self.stop.notify(usize::MAX);
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: glommio::net::TcpListener) {
+        loop {
+            let stop = self.stop.listen();
+            if self.stopping.get() {
+                return;
+            }
+            let accepted =
+                futures_lite::future::or(async { Some(listener.accept().await) }, async {
+                    stop.await;
+                    None
+                })
+                .await;
+            match accepted {
+                None => return,
+                Some(Ok(stream)) => {
+                    let me = self.clone();
+                    glommio::spawn_local(async move { me.connection(stream).await }).detach();
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "admin: accept failed");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(&self, mut stream: glommio::net::TcpStream) {
+        let mut buf = Vec::new();
+        loop {
+            let stop = self.stop.listen();
+            if self.stopping.get() {
+                return;
+            }
+            let read = futures_lite::future::or(
+                async { Some(http::read_request(&mut stream, &mut buf, IDLE).await) },
+                async {
+                    stop.await;
+                    None
+                },
+            )
+            .await;
+            let req = match read {
+                None | Some(Read::Closed) => return,
+                Some(Read::Bad(status, why)) => {
+                    Response::error(status, why).send(&mut stream, true).await;
+                    return;
+                }
+                Some(Read::Request(r)) => r,
+            };
+            let answer = self.answer(&req).await;
+            if !answer.send(&mut stream, req.close).await || req.close {
+                return;
+            }
+        }
+    }
+
+    fn authorized(&self, req: &Request) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        // Compared without an early exit, so the time says nothing of the token.
+        req.bearer.as_ref().is_some_and(|b| {
+            b.len() == token.len()
+                && b.bytes()
+                    .zip(token.bytes())
+                    .fold(0, |d, (x, y)| d | (x ^ y))
+                    == 0
+        })
+    }
+
+    async fn answer(&self, req: &Request) -> Response {
+        if !self.authorized(req) {
+            let mut r = Response::error(401, "a valid `Authorization: Bearer` token is required");
+            r.challenge = true;
+            return r;
+        }
+        let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
+        let result = match (req.method.as_str(), parts.as_slice()) {
+            ("GET", ["metrics"]) => return self.metrics().await,
+            ("GET", ["api", "v1", "queue"]) => self.list(req).await,
+            ("GET", ["api", "v1", "queue", "summary"]) => self.summary(req).await,
+            ("POST", ["api", "v1", "queue", "flush"]) => self.flush(req).await,
+            ("GET", ["api", "v1", "queue", id]) => self.show(id).await,
+            ("POST", ["api", "v1", "queue", id, op]) => self.control(req, id, op).await,
+            (_, ["metrics"])
+            | (_, ["api", "v1", "queue"])
+            | (_, ["api", "v1", "queue", _])
+            | (_, ["api", "v1", "queue", _, _]) => {
+                Err(Response::error(405, "method not allowed here"))
+            }
+            _ => Err(Response::error(404, "no such resource")),
+        };
+        result.unwrap_or_else(|r| r)
+    }
+
+    /// Runs `f` on every executor, in order, and collects what each gives.
+    async fn on_all<R, F>(&self, f: F) -> Result<Vec<R>, Response>
+    where
+        R: Send + 'static,
+        F: Fn(Rc<Delivery>) -> R + Send + Sync + Clone + 'static,
+    {
+        let mut out = Vec::with_capacity(self.executors);
+        for k in 0..self.executors {
+            let f = f.clone();
+            let r = self
+                .mail
+                .on_executor(k, move |_| Box::pin(async move { node().map(f) }))
+                .await;
+            match r {
+                Ok(Some(r)) => out.push(r),
+                _ => return Err(Response::error(503, "an executor is not running")),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn metrics(&self) -> Response {
+        let parts = match self
+            .on_all(|d| {
+                let mut g = d.gauges();
+                g.store = ringmail_store::stats::get();
+                (metrics::snapshot(), g)
+            })
+            .await
+        {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let subscriptions = self.subscriptions().await;
+        let mut counters = metrics::Counters::default();
+        let mut gauges = metrics::Gauges::default();
+        for (c, g) in parts {
+            counters = counters.plus(&c);
+            gauges.merge(g);
+        }
+        gauges.mailbox_subscriptions = subscriptions;
+        let scrape = expose::Scrape {
+            counters,
+            gauges,
+            auth: self.auth.counters(),
+            executors: self.executors,
+        };
+        match expose::render(&scrape) {
+            Ok(text) => Response {
+                status: 200,
+                content_type: expose::CONTENT_TYPE,
+                body: text.into_bytes(),
+                challenge: false,
+            },
+            Err(e) => Response::error(500, &e),
+        }
+    }
+
+    async fn subscriptions(&self) -> u64 {
+        let mut n = 0;
+        for k in 0..self.executors {
+            if let Ok(s) = self
+                .mail
+                .on_executor(k, |svc| Box::pin(async move { svc.subscriptions() }))
+                .await
+            {
+                n += s as u64;
+            }
+        }
+        n
+    }
+
+    async fn summary(&self, req: &Request) -> Result<Response, Response> {
+        let filter = parse_filter(req)?;
+        let top = number(req, "top", SUMMARY_TOP)?;
+        let now = crate::delivery::scheduler::now_ms();
+        let parts = self
+            .on_all(move |d| {
+                let mut shape = Shape::default();
+                for spool in d.spools() {
+                    spool.for_each(|m| shape.add(m, &filter, now));
+                }
+                shape
+            })
+            .await?;
+        let mut shape = Shape::default();
+        parts.into_iter().for_each(|p| shape.merge(p));
+        Ok(Response::json(200, &shape.to_json(top)))
+    }
+
+    async fn list(&self, req: &Request) -> Result<Response, Response> {
+        let filter = parse_filter(req)?;
+        let limit = number(req, "limit", LIST_MAX)?;
+        let now = crate::delivery::scheduler::now_ms();
+        let parts = self
+            .on_all(move |d| {
+                let mut found = Vec::new();
+                let mut matched = 0usize;
+                for spool in d.spools() {
+                    spool.for_each(|m| {
+                        if filter.matches(m, now) {
+                            matched += 1;
+                            if found.len() < limit {
+                                found.push((m.received_at_ms, m.id, m.to_json()));
+                            }
+                        }
+                    });
+                }
+                (matched, found)
+            })
+            .await?;
+        let matched: usize = parts.iter().map(|p| p.0).sum();
+        let mut all: Vec<(u64, u64, serde_json::Value)> =
+            parts.into_iter().flat_map(|p| p.1).collect();
+        all.sort_by_key(|(at, id, _)| (*at, *id));
+        all.truncate(limit);
+        Ok(Response::json(
+            200,
+            &serde_json::json!({
+                "matched": matched,
+                "returned": all.len(),
+                "messages": all.into_iter().map(|(_, _, v)| v).collect::<Vec<_>>(),
+            }),
+        ))
+    }
+
+    fn owner(&self, id: &str) -> Result<(u64, usize), Response> {
+        let id = parse_id(id).ok_or_else(|| {
+            Response::error(
+                400,
+                "a queue id is 16 hexadecimal digits (as `queue list` prints)",
+            )
+        })?;
+        let shard = (id >> ringmail_store::shard::COUNTER_BITS) as usize;
+        Ok((id, shard % self.executors))
+    }
+
+    async fn show(&self, id: &str) -> Result<Response, Response> {
+        let (id, owner) = self.owner(id)?;
+        let shown = self
+            .mail
+            .on_executor(owner, move |_| {
+                Box::pin(async move {
+                    let d = node()?;
+                    let spool = d.spools().iter().find(|s| s.get(id).is_some())?.clone();
+                    let m = spool.get(id)?;
+                    let mut v = m.to_json();
+                    let text = spool.read_message(id).await;
+                    v["helo"] = serde_json::json!(text.as_ref().ok().map(|t| t.env.helo.clone()));
+                    v["client"] = serde_json::json!(text.as_ref().ok().map(|t| t.env.peer.clone()));
+                    v["headers"] = match &text {
+                        Ok(t) => serde_json::json!(header_section(&t.message.to_vec())),
+                        Err(e) => serde_json::json!({ "error": e.to_string() }),
+                    };
+                    Some(v)
+                })
+            })
+            .await;
+        match shown {
+            Ok(Some(v)) => Ok(Response::json(200, &v)),
+            Ok(None) => Err(Response::error(404, "no such message in the queue")),
+            Err(_) => Err(Response::error(503, "the shard's executor is not running")),
+        }
+    }
+
+    async fn control(&self, req: &Request, id: &str, op: &str) -> Result<Response, Response> {
+        let Some(mut op) = Op::parse(op) else {
+            return Err(Response::error(
+                404,
+                "no such operation (hold, release, delete, bounce)",
+            ));
+        };
+        if op == Op::Delete && matches!(req.param("bounce"), Some("true" | "1" | "yes")) {
+            op = Op::Bounce;
+        }
+        let (id, owner) = self.owner(id)?;
+        let done = self
+            .mail
+            .on_executor(owner, move |_| {
+                Box::pin(async move {
+                    match node() {
+                        Some(d) => d.control(id, op).await,
+                        None => Err("the shard's executor is stopping".into()),
+                    }
+                })
+            })
+            .await;
+        match done {
+            Ok(Ok(Some(c))) => Ok(Response::json(
+                200,
+                &serde_json::json!({
+                    "id": format_id(id),
+                    "changed": c.changed,
+                    "busy": c.busy,
+                }),
+            )),
+            Ok(Ok(None)) => Err(Response::error(404, "no such message in the queue")),
+            Ok(Err(e)) => Err(Response::error(500, &e)),
+            Err(_) => Err(Response::error(503, "the shard's executor is not running")),
+        }
+    }
+
+    async fn flush(&self, req: &Request) -> Result<Response, Response> {
+        let id = match req.param("id") {
+            Some(id) => Some(self.owner(id)?.0),
+            None => None,
+        };
+        let domain = req.param("domain").map(|d| d.to_ascii_lowercase());
+        let parts = self
+            .on_all(move |d| {
+                let mut n = 0;
+                for spool in d.spools() {
+                    n += spool.flush_where(|m, to| {
+                        id.is_none_or(|id| m.id == id)
+                            && domain
+                                .as_ref()
+                                .is_none_or(|dom| crate::queue::report::domain(to) == *dom)
+                    });
+                }
+                n
+            })
+            .await?;
+        let flushed: usize = parts.iter().sum();
+        tracing::info!(flushed, "queue flush");
+        Ok(Response::json(
+            200,
+            &serde_json::json!({ "flushed": flushed }),
+        ))
+    }
+}
+
+fn parse_filter(req: &Request) -> Result<Filter, Response> {
+    Filter::parse(|k| req.param(k).map(str::to_string)).map_err(|e| Response::error(400, &e))
+}
+
+fn number(req: &Request, name: &str, max: usize) -> Result<usize, Response> {
+    match req.param(name) {
+        None => Ok(max),
+        Some(v) => v
+            .parse::<usize>()
+            .map(|n| n.min(max))
+            .map_err(|_| Response::error(400, &format!("`{name}` must be a number"))),
+    }
+}
+
+/// The header section of a stored message (trace prefix included), as text, at most
+/// `HEADERS_MAX` bytes.
+fn header_section(text: &[u8]) -> String {
+    let end = memchr::memmem::find(text, b"\r\n\r\n").map_or(text.len(), |i| i + 2);
+    String::from_utf8_lossy(&text[..end.min(HEADERS_MAX)]).into_owned()
+}
