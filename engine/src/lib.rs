@@ -15,6 +15,7 @@ pub mod net;
 pub mod pop3;
 pub mod privileges;
 pub mod queue;
+pub mod reload;
 pub mod runtime;
 pub mod smtp;
 pub mod storeservice;

@@ -358,10 +358,13 @@ fn dkim_generate(data: &Path, domain: &str, selector: &str, algorithm: &str) -> 
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {
-    let settings = Settings::layered(a.config.as_deref(), a.settings);
+    let settings = Settings::layered(a.config.as_deref(), a.settings.clone());
     let cfg = settings.and_then(|s| s.to_config());
     init_logging(cfg.as_ref().is_ok_and(|c| c.log_format == "json"));
-    runtime::serve(cfg?)
+    // SIGHUP reads the same file and flags again.
+    let (file, flags) = (a.config, a.settings);
+    let load = move || Settings::layered(file.as_deref(), flags.clone())?.to_config();
+    runtime::serve(cfg?, Some(Box::new(load)))
 }
 
 /// The settings an account command runs with: those `serve` would (the local

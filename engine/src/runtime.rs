@@ -70,7 +70,10 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 
 /// Runs the server until SIGINT/SIGTERM, then shuts down in order: stop accepting, let
 /// sessions finish the message they are in (bounded), sync every log, return.
-pub fn serve(cfg: Config) -> Result<(), String> {
+/// `load` reads the settings again the way they were read for this start (the config
+/// file, then the flags), for SIGHUP (`reload`); None: SIGHUP re-reads the
+/// certificates only.
+pub fn serve(cfg: Config, load: Option<crate::reload::Load>) -> Result<(), String> {
     cfg.validate()?;
     // Before any thread starts (every thread inherits the mask): only the signal
     // thread takes SIGINT/SIGTERM/SIGUSR1/SIGHUP, so none ends the process by its
@@ -171,7 +174,10 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     // Signals are taken by their thread before the pid file tells anyone where to
     // send them (a SIGHUP before would end the process).
     let shutdown = Arc::new(AtomicBool::new(false));
-    spawn_signal_thread(shutdown.clone(), tls.clone());
+    // What SIGHUP may change, starting from what runs (ports as bound).
+    let reloader = crate::reload::Reloader::new(cfg.clone(), outbound.clone(), load);
+    reloader.set_executors(executors);
+    spawn_signal_thread(shutdown.clone(), tls.clone(), reloader.clone());
     // Everything that needs root is done: the listeners are bound.
     if let Some(user) = &cfg.user {
         crate::privileges::drop_to(user, &cfg.data)?;
@@ -215,6 +221,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
             let signers = signers.clone();
             let verifier = verifier.clone();
             let admin = admin.clone();
+            let reloader = reloader.clone();
             async move {
                 let listener = listener.expect("one listener per executor");
                 let store = StoreService::join(mesh, &cfg.data, cfg.read_cache_bytes).await?;
@@ -241,6 +248,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
                     signers,
                     verifier,
                     admin,
+                    reloader,
                 )
                 .await;
                 if let Err(e) = &result {
@@ -316,6 +324,7 @@ async fn executor_main(
     signers: Arc<crate::mailauth::Signers>,
     verifier: Option<Arc<crate::mailauth::Verifier>>,
     admin: Option<std::os::fd::OwnedFd>,
+    reloader: Arc<crate::reload::Reloader>,
 ) -> Result<(), String> {
     let executors = store.executors();
     // Joined before the shards open, so that work for them queues meanwhile.
@@ -465,14 +474,27 @@ async fn executor_main(
         let ingest = ingest.clone();
         let pop3 = pop3.clone();
         let spools = spools.clone();
+        let delivery = delivery.clone();
         glommio::spawn_local(async move {
             let mut flushes = FLUSH_REQUESTS.load(Ordering::SeqCst);
+            let mut generation = reloader.generation();
             while !shutdown.load(Ordering::SeqCst) {
                 glommio::timer::sleep(SHUTDOWN_POLL).await;
                 let now = FLUSH_REQUESTS.load(Ordering::SeqCst);
                 if now != flushes {
                     flushes = now;
                     spools.iter().for_each(|s| s.flush());
+                }
+                if reloader.generation() != generation {
+                    // SIGHUP: new settings for new sessions and new attempts.
+                    generation = reloader.generation();
+                    let new = reloader.current();
+                    let cfg = Rc::new(new.config.clone());
+                    ingest.reload(cfg.clone());
+                    pop3.reload(cfg.clone());
+                    delivery.reload(cfg, new.outbound.clone());
+                    reloader.taken();
+                    tracing::debug!(executor = index, generation, "settings reloaded");
                 }
             }
             ingest.begin_shutdown();
@@ -614,7 +636,11 @@ fn block_signals() {
     }
 }
 
-fn spawn_signal_thread(shutdown: Arc<AtomicBool>, tls: Arc<crate::net::certs::ServerTls>) {
+fn spawn_signal_thread(
+    shutdown: Arc<AtomicBool>,
+    tls: Arc<crate::net::certs::ServerTls>,
+    reloader: Arc<crate::reload::Reloader>,
+) {
     std::thread::Builder::new()
         .name("ringmail-signals".into())
         .spawn(move || {
@@ -639,6 +665,7 @@ fn spawn_signal_thread(shutdown: Arc<AtomicBool>, tls: Arc<crate::net::certs::Se
                         }
                         Err(e) => tracing::error!("reload: {e}; the certificates in use stay"),
                     }
+                    reloader.reload();
                     continue;
                 }
                 if shutdown.swap(true, Ordering::SeqCst) {

@@ -38,12 +38,13 @@ const UNSERVED_RETRY_MS: u64 = 60_000;
 const LOCAL_KEY: &str = "";
 
 pub struct Delivery {
-    cfg: Rc<Config>,
+    /// Replaced by a reload (`reload`), with what is built from it.
+    cfg: RefCell<Rc<Config>>,
     ring: Rc<Ring>,
     resolver: Resolver,
     pub(super) spools: Vec<Rc<Spool>>,
-    attempt: AttemptConfig,
-    retry: RetryPolicy,
+    attempt: RefCell<Rc<AttemptConfig>>,
+    retry: Cell<RetryPolicy>,
     /// (message id, recipient index) being attempted now.
     pub(super) in_flight: RefCell<HashSet<(u64, u32)>>,
     /// Messages handed to home shards whose outcomes are not on record yet (a
@@ -100,6 +101,15 @@ fn destination(
         (None, Ok(Domain::Literal(ip))) => Ok(Destination::Literal(ip)),
         (None, Ok(Domain::Name(_))) => Ok(Destination::Mx(domain.to_string())),
         (None, Err(e)) => Err(fail(550, (5, 1, 2), format!("{domain}: {e}"))),
+    }
+}
+
+fn attempt_config(cfg: &Config, tls: super::tls::OutboundTls) -> AttemptConfig {
+    AttemptConfig {
+        helo: cfg.hostname.clone(),
+        mx_port: cfg.mx_port,
+        timeouts: cfg.delivery_timeouts,
+        tls,
     }
 }
 
@@ -193,14 +203,9 @@ impl Delivery {
         let rate = RefCell::new(RateLimit::new(cfg.destination_rate));
         let own_addresses = cfg.own_addresses();
         Rc::new(Delivery {
-            attempt: AttemptConfig {
-                helo: cfg.hostname.clone(),
-                mx_port: cfg.mx_port,
-                timeouts: cfg.delivery_timeouts,
-                tls,
-            },
-            retry: cfg.retry,
-            cfg,
+            attempt: RefCell::new(Rc::new(attempt_config(&cfg, tls))),
+            retry: Cell::new(cfg.retry),
+            cfg: RefCell::new(cfg),
             ring,
             resolver,
             spools,
@@ -217,6 +222,21 @@ impl Delivery {
             own_addresses,
             local,
         })
+    }
+
+    fn cfg(&self) -> Rc<Config> {
+        self.cfg.borrow().clone()
+    }
+
+    /// New settings (SIGHUP, `reload`): routes, limits, retry schedule, timeouts and
+    /// TLS policy apply to the attempts that start from now on.
+    pub fn reload(&self, cfg: Rc<Config>, tls: super::tls::OutboundTls) {
+        if cfg.destination_rate != self.cfg().destination_rate {
+            *self.rate.borrow_mut() = RateLimit::new(cfg.destination_rate);
+        }
+        *self.attempt.borrow_mut() = Rc::new(attempt_config(&cfg, tls));
+        self.retry.set(cfg.retry);
+        *self.cfg.borrow_mut() = cfg;
     }
 
     /// The spools of this executor's shards.
@@ -323,11 +343,11 @@ impl Delivery {
     }
 
     fn is_local(&self, domain: &str) -> bool {
-        is_local_domain(&self.cfg.local_domains, domain)
+        is_local_domain(&self.cfg().local_domains, domain)
     }
 
     fn destination(&self, domain: &str) -> Result<Destination, Reply> {
-        destination(&self.cfg.routes, &self.own_addresses, domain)
+        destination(&self.cfg().routes, &self.own_addresses, domain)
     }
 
     /// Lets the memory copy of a message go once all that is left of it is local
@@ -395,8 +415,8 @@ impl Delivery {
                     // Local deliveries are bounded by the shard's limit only: no
                     // connection to a remote host is at stake.
                     let local = domain == LOCAL_KEY;
-                    if (!local && running >= self.cfg.connections_per_destination_max)
-                        || self.running.get() >= self.cfg.deliveries_per_shard_max
+                    if (!local && running >= self.cfg().connections_per_destination_max)
+                        || self.running.get() >= self.cfg().deliveries_per_shard_max
                         || (!local && !self.take_token(&domain))
                     {
                         busy = true;
@@ -489,11 +509,13 @@ impl Delivery {
                 None => return,
             },
             Ok(dest) => {
+                // Its own copy: a reload may replace the settings meanwhile.
+                let settings = self.attempt.borrow().clone();
                 attempt(
                     &self.ring,
                     &self.pool,
                     &self.resolver,
-                    &self.attempt,
+                    &settings,
                     &dest,
                     &tx,
                     &message,
@@ -527,7 +549,11 @@ impl Delivery {
                 RcptResult::Delivered(r) => (RcptStatus::Delivered, 0, r, "sent"),
                 RcptResult::Failed(r) => (RcptStatus::Failed, 0, r, "bounced"),
                 RcptResult::Deferred(r) => {
-                    match self.retry.next(attempts, env.received_at_ms, now, jitter) {
+                    match self
+                        .retry
+                        .get()
+                        .next(attempts, env.received_at_ms, now, jitter)
+                    {
                         Next::RetryAt(t) => (RcptStatus::Deferred, t, r, "deferred"),
                         Next::Expire => {
                             let text = format!(
@@ -656,7 +682,7 @@ impl Delivery {
             message,
         };
         let Some(report) = dsn::build(
-            &self.cfg.hostname,
+            &self.cfg().hostname,
             &original,
             &reports,
             &chrono::Utc::now().to_rfc2822(),
@@ -682,7 +708,7 @@ impl Delivery {
             smtputf8: env.smtputf8,
             ret: Ret::Unspecified,
             envid: None,
-            helo: self.cfg.hostname.clone(),
+            helo: self.cfg().hostname.clone(),
             peer: "local".into(),
         };
         Ok(Some(Bounce {

@@ -16,7 +16,7 @@ use crate::smtp::received::{received_header, Trace};
 use crate::smtp::{self, AuthVerdict, Session, Step, Transaction};
 use ringmail_store::message::{self, format_id, Envelope};
 use ringmail_store::{BodySource, LogError};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
@@ -36,10 +36,11 @@ pub enum Service {
 
 /// What the sessions of one executor share.
 pub struct Ingest {
-    pub cfg: Rc<Config>,
-    pub smtp: Rc<smtp::Config>,
+    /// Replaced whole by a reload (`reload`): a session keeps what it started with.
+    cfg: RefCell<Rc<Config>>,
+    smtp: RefCell<Rc<smtp::Config>>,
     /// The same on the submission listener.
-    pub submission: Rc<smtp::Config>,
+    submission: RefCell<Rc<smtp::Config>>,
     pub spools: Vec<Rc<Spool>>,
     ring: Rc<Ring>,
     next_spool: Cell<usize>,
@@ -59,6 +60,18 @@ pub struct Ingest {
 }
 
 impl Ingest {
+    /// The settings now (a reload replaces them).
+    pub fn cfg(&self) -> Rc<Config> {
+        self.cfg.borrow().clone()
+    }
+
+    /// New settings (SIGHUP, `reload`): sessions that start from now on use them.
+    pub fn reload(&self, cfg: Rc<Config>) {
+        *self.smtp.borrow_mut() = Rc::new(cfg.smtp_config());
+        *self.submission.borrow_mut() = Rc::new(cfg.submission_config());
+        *self.cfg.borrow_mut() = cfg;
+    }
+
     /// Local recipients are checked against the account directory at RCPT and
     /// queued as the users they lead to (aliases expanded); without a directory
     /// every recipient of a local domain is accepted as it is.
@@ -79,9 +92,9 @@ impl Ingest {
         assert!(!spools.is_empty(), "an executor serves at least one shard");
         Rc::new(Ingest {
             ring,
-            smtp: Rc::new(cfg.smtp_config()),
-            submission: Rc::new(cfg.submission_config()),
-            cfg,
+            smtp: RefCell::new(Rc::new(cfg.smtp_config())),
+            submission: RefCell::new(Rc::new(cfg.submission_config())),
+            cfg: RefCell::new(cfg),
             spools,
             next_spool: Cell::new(0),
             sessions: Sessions::new(),
@@ -108,9 +121,12 @@ impl Ingest {
     /// On `Service::Smtps` the TLS handshake comes before the greeting.
     pub async fn accept_loop(self: Rc<Self>, listener: OwnedFd, service: Service) {
         let cap = Cap {
-            sessions_max: self.cfg.connections_per_shard_max,
+            sessions_max: {
+                let me = self.clone();
+                Box::new(move || me.cfg().connections_per_shard_max)
+            },
             refusal: b"421 4.7.0 Error: too many connections, try again later\r\n",
-            send_timeout: self.cfg.idle_timeout,
+            send_timeout: self.cfg().idle_timeout,
             service: match service {
                 Service::Smtp => crate::metrics::Service::Smtp,
                 Service::Smtps => crate::metrics::Service::Smtps,
@@ -133,8 +149,8 @@ impl Ingest {
             return;
         }
         let cfg = match service {
-            Service::Submission => self.submission.clone(),
-            Service::Smtp | Service::Smtps => self.smtp.clone(),
+            Service::Submission => self.submission.borrow().clone(),
+            Service::Smtp | Service::Smtps => self.smtp.borrow().clone(),
         };
         self.converse(&mut stream, peer, cfg).await;
         stream.close().await;
@@ -143,7 +159,7 @@ impl Ingest {
     /// Runs the TLS handshake; false: it failed (logged), the connection is done.
     async fn start_tls(&self, stream: &mut Stream, peer: SocketAddr) -> bool {
         match stream
-            .start_tls(self.tls.config(), self.cfg.idle_timeout)
+            .start_tls(self.tls.config(), self.cfg().idle_timeout)
             .await
         {
             Ok(()) => {
@@ -163,7 +179,7 @@ impl Ingest {
         peer: SocketAddr,
         cfg: Rc<smtp::Config>,
     ) {
-        let mut s = Session::new(cfg, self.cfg.relay_allowed(peer.ip()));
+        let mut s = Session::new(cfg, self.cfg().relay_allowed(peer.ip()));
         if stream.is_tls() {
             s.set_tls();
         }
@@ -178,7 +194,7 @@ impl Ingest {
                     Step::NeedInput => break,
                     Step::Close => {
                         note_refused(&mut s, peer);
-                        let _ = stream.send_all(s.output(), self.cfg.idle_timeout).await;
+                        let _ = stream.send_all(s.output(), self.cfg().idle_timeout).await;
                         return;
                     }
                     Step::Authenticate { user, password } => {
@@ -188,7 +204,7 @@ impl Ingest {
                     Step::StartTls => {
                         // The 220 goes out in plaintext, then the handshake.
                         if stream
-                            .send_all(s.output(), self.cfg.idle_timeout)
+                            .send_all(s.output(), self.cfg().idle_timeout)
                             .await
                             .is_err()
                         {
@@ -235,7 +251,7 @@ impl Ingest {
             }
             if !s.output().is_empty() {
                 if stream
-                    .send_all(s.output(), self.cfg.idle_timeout)
+                    .send_all(s.output(), self.cfg().idle_timeout)
                     .await
                     .is_err()
                 {
@@ -255,7 +271,7 @@ impl Ingest {
             // of a body in user space is the store's, later.
             let (buf, at) = s.lend_read_buf();
             let woke = futures_lite::future::or(
-                async { Some(stream.recv_at(buf, at, self.cfg.idle_timeout).await) },
+                async { Some(stream.recv_at(buf, at, self.cfg().idle_timeout).await) },
                 async {
                     if !stoppable {
                         std::future::pending::<()>().await;
@@ -288,7 +304,7 @@ impl Ingest {
         let checked = crate::accounts::login::login(
             &self.auth,
             directory,
-            &self.cfg.local_domains,
+            &self.cfg().local_domains,
             name,
             password,
             peer.ip(),
@@ -321,14 +337,14 @@ impl Ingest {
         peer: SocketAddr,
     ) -> Result<Result<String, String>, LogError> {
         use crate::mailauth::verify::{DmarcPolicy, DnsTempError};
-        let ours = tx.auth.is_some() || self.cfg.relay_allowed(peer.ip());
+        let ours = tx.auth.is_some() || self.cfg().relay_allowed(peer.ip());
         let verifier = self.verifier.as_ref().filter(|_| !ours);
         let mut verdict = None;
         if let Some(v) = verifier {
             // The verifiers' copy of the text; with a forged result renamed, it is also
             // what is stored.
             let mut text = tx.body.to_vec();
-            if let Some(renamed) = crate::mailauth::forged::rename(&text, &self.cfg.hostname) {
+            if let Some(renamed) = crate::mailauth::forged::rename(&text, &self.cfg().hostname) {
                 tracing::info!(client = %peer, "renamed a forged Authentication-Results field");
                 tx.body = crate::smtp::Body::from(renamed.clone());
                 text = renamed;
@@ -338,7 +354,7 @@ impl Ingest {
             let found = v
                 .verify(text, peer.ip(), &tx.helo, &tx.from, forwarding)
                 .await;
-            let policy = self.cfg.mail_auth;
+            let policy = self.cfg().mail_auth;
             let refuse = |reply: String| {
                 tracing::info!(client = %peer, from = %tx.from, spf = %found.spf, dkim = %found.dkim, dmarc = %found.dmarc, arc = %found.arc, reply = %reply.trim_end(), "refused");
                 Ok(Err(reply))
@@ -365,7 +381,7 @@ impl Ingest {
         let Some(cell) = &self.directory else {
             return false;
         };
-        let local = &self.cfg.local_domains;
+        let local = &self.cfg().local_domains;
         let rcpts: Vec<message::Recipient> = tx
             .recipients
             .iter()
@@ -410,7 +426,7 @@ impl Ingest {
         let prefix = received_header(&Trace {
             helo: &tx.helo,
             peer: peer.ip(),
-            hostname: &self.cfg.hostname,
+            hostname: &self.cfg().hostname,
             protocol: tx.protocol,
             id: &id_text,
             single_rcpt: single.as_deref(),
@@ -428,7 +444,8 @@ impl Ingest {
             // The ARC set above the results it carries (RFC 8617 §4.1).
             let mut head = v.arc_set.clone() + &v.header;
             if v.dmarc_quarantine
-                && self.cfg.mail_auth.dmarc_policy == crate::mailauth::verify::DmarcPolicy::Enforce
+                && self.cfg().mail_auth.dmarc_policy
+                    == crate::mailauth::verify::DmarcPolicy::Enforce
             {
                 head.push_str(&format!(
                     "X-Ringmail-Quarantine: DMARC policy quarantine of {}\r\n",
@@ -445,17 +462,17 @@ impl Ingest {
             let ms = now.as_millis();
             prefix.push_str(&format!(
                 "Message-ID: <{id_text}.{ms}@{}>\r\n",
-                self.cfg.hostname
+                self.cfg().hostname
             ));
         }
         // Our own users' mail is signed for its From: domain (the signature a
         // prefix too, over the prefixes above and the body as received).
         let mut dkim_sign = String::from("none");
-        if tx.auth.is_some() || self.cfg.relay_allowed(peer.ip()) {
+        if tx.auth.is_some() || self.cfg().relay_allowed(peer.ip()) {
             // An authenticated user signs only as itself or its aliases (as its MAIL
             // FROM is held to them): a key must not vouch for another user's From:.
             let may_sign = |from: &str| match (&tx.auth, &self.recipients) {
-                (Some(user), Some(r)) if self.cfg.sender_login_match => r.may_send_as(user, from),
+                (Some(user), Some(r)) if self.cfg().sender_login_match => r.may_send_as(user, from),
                 _ => true,
             };
             match self.signers.sign(prefix.as_bytes(), &tx.body, &may_sign) {
@@ -474,7 +491,7 @@ impl Ingest {
         ringmail_store::stats::add_session_copy(tx.body.copied_bytes());
         let (mut env, body) = envelope(tx, id, now.as_millis() as u64, peer);
         if let Some(cell) = &self.directory {
-            let local = &self.cfg.local_domains;
+            let local = &self.cfg().local_domains;
             // `<Postmaster>` has no domain: it is postmaster of the first local one.
             for r in &mut env.recipients {
                 if !r.address.contains('@') {

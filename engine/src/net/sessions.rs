@@ -22,7 +22,8 @@ pub struct Sessions {
 
 /// What the accept loop does with a connection over the cap: this line, then close.
 pub struct Cap {
-    pub sessions_max: usize,
+    /// Asked at each connection (a reload may change it).
+    pub sessions_max: Box<dyn Fn() -> usize>,
     pub refusal: &'static [u8],
     /// How long the refusal may take to send.
     pub send_timeout: Duration,
@@ -120,9 +121,10 @@ impl Sessions {
             glommio::spawn_local(async move {
                 let fd = Rc::new(fd);
                 me.active.set(me.active.get() + 1);
-                if me.active.get() > cap.sessions_max {
+                let limit = (cap.sessions_max)();
+                if me.active.get() > limit {
                     crate::metrics::connection_refused(cap.service);
-                    tracing::warn!(service = crate::metrics::SERVICES[cap.service as usize], %peer, limit = cap.sessions_max, "connection refused: too many connections");
+                    tracing::warn!(service = crate::metrics::SERVICES[cap.service as usize], %peer, limit, "connection refused: too many connections");
                     let _ = ring
                         .send_all(fd.as_raw_fd(), cap.refusal, cap.send_timeout)
                         .await;

@@ -30,6 +30,7 @@ use ringmail_frontends::pop3::{self as core, Login, Session, Step, Stuffer, Top,
 use ringmail_store::reader::CACHED_RECORD_BYTES_MAX;
 use ringmail_store::record::RECORD_HEADER_BYTES;
 use ringmail_store::Handle;
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
@@ -45,7 +46,8 @@ const RECV_BYTES: usize = 16 << 10;
 
 /// What the POP3 sessions of one executor share.
 pub struct Pop3 {
-    cfg: Rc<Config>,
+    /// Replaced whole by a reload: a session keeps what it started with.
+    cfg: RefCell<Rc<Config>>,
     core: core::Config,
     ring: Rc<Ring>,
     mail: MailService,
@@ -68,6 +70,16 @@ struct Held {
 }
 
 impl Pop3 {
+    /// The settings now (a reload replaces them).
+    fn cfg(&self) -> Rc<Config> {
+        self.cfg.borrow().clone()
+    }
+
+    /// New settings (SIGHUP): sessions that start from now on use them.
+    pub fn reload(&self, cfg: Rc<Config>) {
+        *self.cfg.borrow_mut() = cfg;
+    }
+
     pub fn new(
         cfg: Rc<Config>,
         ring: Rc<Ring>,
@@ -83,7 +95,7 @@ impl Pop3 {
             ..core::Config::default()
         };
         Rc::new(Pop3 {
-            cfg,
+            cfg: RefCell::new(cfg),
             core,
             ring,
             mail,
@@ -108,9 +120,12 @@ impl Pop3 {
     /// the handshake before the greeting.
     pub async fn accept_loop(self: Rc<Self>, listener: OwnedFd, implicit_tls: bool) {
         let cap = Cap {
-            sessions_max: self.cfg.connections_per_shard_max,
+            sessions_max: {
+                let me = self.clone();
+                Box::new(move || me.cfg().connections_per_shard_max)
+            },
             refusal: b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
-            send_timeout: self.cfg.idle_timeout,
+            send_timeout: self.cfg().idle_timeout,
             service: match implicit_tls {
                 true => crate::metrics::Service::Pop3s,
                 false => crate::metrics::Service::Pop3,
@@ -147,7 +162,7 @@ impl Pop3 {
     /// Runs the TLS handshake; false: it failed (logged), the connection is done.
     async fn start_tls(&self, stream: &mut Stream, peer: SocketAddr) -> bool {
         match stream
-            .start_tls(self.tls.config(), self.cfg.idle_timeout)
+            .start_tls(self.tls.config(), self.cfg().idle_timeout)
             .await
         {
             Ok(()) => {
@@ -264,7 +279,7 @@ impl Pop3 {
                 async {
                     Some(
                         stream
-                            .recv(std::mem::take(&mut buf), self.cfg.pop3_idle_timeout)
+                            .recv(std::mem::take(&mut buf), self.cfg().pop3_idle_timeout)
                             .await,
                     )
                 },
@@ -288,7 +303,7 @@ impl Pop3 {
 
     async fn send(&self, stream: &mut Stream, bytes: Vec<u8>) -> std::io::Result<()> {
         stream
-            .send(SendBuf::Owned(bytes), false, self.cfg.idle_timeout)
+            .send(SendBuf::Owned(bytes), false, self.cfg().idle_timeout)
             .await
     }
 
@@ -303,7 +318,7 @@ impl Pop3 {
         let checked = crate::accounts::login::login(
             &self.auth,
             &self.directory,
-            &self.cfg.local_domains,
+            &self.cfg().local_domains,
             name,
             password,
             peer.ip(),
@@ -411,7 +426,7 @@ impl Pop3 {
                 if out.len() >= SEND_BYTES {
                     let full = std::mem::replace(&mut out, Vec::with_capacity(SEND_BYTES + 64));
                     stream
-                        .send(SendBuf::Owned(full), true, self.cfg.idle_timeout)
+                        .send(SendBuf::Owned(full), true, self.cfg().idle_timeout)
                         .await
                         .map_err(Failed::Client)?;
                 }
