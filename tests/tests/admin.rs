@@ -361,3 +361,29 @@ fn json_logs_are_one_object_per_line() {
     }
     assert_eq!(queued, 1);
 }
+
+#[test]
+fn a_connection_over_the_limit_is_refused_counted_and_logged() {
+    let server = Server::start(&["--connections-max", "1", "--cores", "1"]);
+    let before = scrape(&server);
+    let mut first = ringmail_tests::Client::connect(server.addr);
+    assert_eq!(first.codes(1), [220]);
+    let mut second = ringmail_tests::Client::connect(server.addr);
+    assert!(second.reply().starts_with("421 4.7.0"));
+    let after = scrape(&server);
+    assert_eq!(
+        delta(
+            &before,
+            &after,
+            "ringmail_connections_refused_total{service=\"smtp\"}"
+        ),
+        1.0
+    );
+    assert_eq!(after["ringmail_connections_open{service=\"smtp\"}"], 1.0);
+    let log = server.log_text();
+    assert!(
+        log.contains("connection refused: too many connections") && log.contains("limit=1"),
+        "{log}"
+    );
+    drop(first);
+}
