@@ -12,8 +12,8 @@
 #   bench/metrics.sh            # 3 repetitions
 #   REPS=5 BASE=<git ref> bench/metrics.sh
 #
-# Builds the base revision in a git worktree (same target directory: only the
-# workspace crates are rebuilt). Everything listens on 127.0.0.1 only.
+# Builds the base revision in a git worktree, in target/base-revision (the first
+# time a full release build). Everything listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,8 +35,10 @@ wait_port() { for _ in $(seq 1 400); do python3 -c "import socket,sys; socket.cr
 now() { date +%s.%N; }
 
 git worktree add -q --detach "$work/base" "$BASE"
-CARGO_TARGET_DIR="$(pwd)/target" cargo build --release -q -p ringmail --manifest-path "$work/base/Cargo.toml"
-cp target/release/ringmail "$work/ringmail-base"
+# A target directory of its own: the base's workspace crates have the same names and
+# versions, and sharing one would let cargo take one tree's artifacts for the other's.
+CARGO_TARGET_DIR="$(pwd)/target/base-revision" cargo build --release -q -p ringmail --manifest-path "$work/base/Cargo.toml"
+cp target/base-revision/release/ringmail "$work/ringmail-base"
 cargo build --release -q -p ringmail -p ringmail-bench
 cp target/release/ringmail "$work/ringmail-new"
 LOAD=target/release/ringmail-load

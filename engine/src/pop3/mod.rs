@@ -24,7 +24,7 @@ use crate::mailbox::MailService;
 use crate::net::sessions::{Cap, Sessions};
 use crate::net::tls::Stream;
 use crate::net::{Ring, SendBuf};
-use crate::storeservice::StoreService;
+use crate::storeservice::{Reading, StoreService};
 use maildrop::{Item, OpenError, Opened};
 use ringmail_frontends::pop3::{self as core, Login, Session, Step, Stuffer, Top, Waiting};
 use ringmail_store::reader::CACHED_RECORD_BYTES_MAX;
@@ -67,7 +67,16 @@ struct Held {
     opened: Opened,
     /// UIDs RETR sent (marked `\Seen` when the session ends).
     seen: Vec<u32>,
+    /// Messages opened (their segments pinned) ahead of their RETR, by index.
+    ahead: std::collections::HashMap<usize, Reading>,
 }
+
+/// Messages opened at once, from the one a RETR or TOP asks for on: a message on a
+/// shard of another executor costs a round trip to it (a wake-up of that core,
+/// ~0.1 ms when it is idle), so a client fetching its mail in order pays one per this
+/// many messages instead of one per message (bench/RESULTS.md, "POP3 … prefetch").
+/// Each holds a pin on its segment until sent or the session ends.
+const PREFETCH: usize = 32;
 
 impl Pop3 {
     /// The settings now (a reload replaces them).
@@ -202,7 +211,15 @@ impl Pop3 {
                         // The replies before it and its +OK line go out with the text.
                         let head = s.output().to_vec();
                         s.clear_output();
-                        match self.retrieve(stream, head, &h.address, item, lines).await {
+                        let reading = self.reading(h, index).await;
+                        let sent = match reading {
+                            Ok(reading) => {
+                                self.retrieve(stream, head, &h.address, item, reading, lines)
+                                    .await
+                            }
+                            Err(e) => Err(e),
+                        };
+                        match sent {
                             Ok(()) => {}
                             // The client hung up or stopped reading.
                             Err(Failed::Client(e)) => {
@@ -227,7 +244,9 @@ impl Pop3 {
                         s.retrieved();
                     }
                     Step::Quit { deleted } => {
-                        let Some(h) = held.take() else { return };
+                        let Some(mut h) = held.take() else { return };
+                        // Their pins go before the expunge.
+                        h.ahead.clear();
                         let expunge: Vec<u32> = deleted
                             .iter()
                             .filter_map(|i| h.opened.items.get(*i).map(|m| m.uid))
@@ -355,6 +374,7 @@ impl Pop3 {
                     address: user.address.clone(),
                     opened,
                     seen: Vec::new(),
+                    ahead: Default::default(),
                 });
                 Login::Ok(list)
             }
@@ -368,20 +388,49 @@ impl Pop3 {
 
     /// Sends `head` (the replies queued before, with this command's +OK), then the
     /// message (all of it, or its header and `lines` body lines) stuffed and ended.
+    /// Message `index` of the maildrop, opened: prefetched, or opened now together
+    /// with the next `PREFETCH - 1` not opened yet (concurrently: one round trip to
+    /// each owning executor for all of them).
+    async fn reading(&self, h: &mut Held, index: usize) -> Result<Reading, Failed> {
+        if let Some(r) = h.ahead.remove(&index) {
+            return Ok(r);
+        }
+        let end = (index + PREFETCH).min(h.opened.items.len());
+        let opening: Vec<(usize, glommio::task::JoinHandle<_>)> = (index..end)
+            .filter(|i| *i == index || !h.ahead.contains_key(i))
+            .map(|i| {
+                let store = self.store.clone();
+                let handle = Handle::of_id(h.opened.items[i].message);
+                let task = glommio::spawn_local(async move { store.open(handle).await }).detach();
+                (i, task)
+            })
+            .collect();
+        let mut asked = None;
+        for (i, task) in opening {
+            let opened = task.await;
+            if i == index {
+                asked = Some(opened);
+            } else if let Some(Ok(Some(r))) = opened {
+                h.ahead.insert(i, r);
+            }
+        }
+        match asked.flatten() {
+            Some(Ok(Some(r))) => Ok(r),
+            Some(Ok(None)) => Err(Failed::Store("the message is no longer stored".into())),
+            Some(Err(e)) => Err(Failed::store(e)),
+            None => Err(Failed::Store("the executor is stopping".into())),
+        }
+    }
+
     async fn retrieve(
         &self,
         stream: &mut Stream,
         head: Vec<u8>,
         address: &str,
         item: Item,
+        reading: Reading,
         lines: Option<u64>,
     ) -> Result<(), Failed> {
-        let reading = self
-            .store
-            .open(Handle::of_id(item.message))
-            .await
-            .map_err(Failed::store)?
-            .ok_or_else(|| Failed::Store("the message is no longer stored".into()))?;
         // A record of up to CACHED_RECORD_BYTES_MAX is read whole, in one read (or
         // none: the record cache), framing, envelope and body together; a larger
         // one's head first and then its body in pieces.
