@@ -373,3 +373,57 @@ fn deep_nesting_is_bounded() {
     assert!(m.parts.len() <= NESTING_MAX + 1);
     assert_eq!(m.size, raw.len() as u64);
 }
+
+/// The header-only parse of single-part messages gives what the full parse gives.
+#[test]
+fn a_single_part_message_analyzed_from_its_header_is_analyzed_alike() {
+    let mut cases: Vec<Vec<u8>> = CORPUS.iter().map(|(_, raw)| raw.to_vec()).collect();
+    let bodies: &[&[u8]] = &[b"", b"x", b"line\r\n\r\nafter a blank line\r\n", b"\n\n\n"];
+    let headers: &[&[u8]] = &[
+        b"",
+        b"Subject: plain\r\n",
+        b"Subject: lf only\n",
+        b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n",
+        b"Content-Type: application/pdf; name=\"a.pdf\"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=a.pdf\r\n",
+        b"Content-Type: TEXT/PLAIN;\r\n charset=\"iso-8859-1\"\r\nContent-ID: <x@y>\r\nContent-Language: en, de\r\n",
+        b"From: A <a@example.org>\r\nTo: b@example.org\r\n \r\nSubject: after a whitespace line\r\n",
+        b"Content-Type: message/rfc822\r\n",
+        b"Content-Type: multipart/mixed; boundary=b\r\n",
+        b"Subject: =?utf-8?q?caf=C3=A9?=\r\nX-Folded: a\r\n\tb\r\n",
+    ];
+    for h in headers {
+        for sep in [&b"\r\n"[..], b"\n", b""] {
+            for b in bodies {
+                cases.push([*h, sep, b].concat());
+            }
+        }
+    }
+    cases.push(
+        [
+            &b"Subject: 8bit\r\n\r\n"[..],
+            &[0xe9, 0xff, 0x00, b'\n'][..],
+        ]
+        .concat(),
+    );
+    for raw in &cases {
+        let full = analyze_parsed(raw, MessageParser::new().parse(raw));
+        assert_eq!(analyze(raw), full, "{:?}", String::from_utf8_lossy(raw));
+    }
+}
+
+proptest::proptest! {
+    /// The same over messages made of header-ish, blank and body pieces at random.
+    #[test]
+    fn the_header_only_parse_agrees_on_random_messages(
+        pieces in proptest::collection::vec(0usize..12, 0..24)
+    ) {
+        const PIECES: [&[u8]; 12] = [
+            b"Subject: a\r\n", b"Content-Type: text/plain\r\n", b" \r\n", b"\r\n", b"\n",
+            b"x", b":", b"\tfolded\r\n", b"Content-Type: multipart/mixed; boundary=b\r\n",
+            b"--b\r\n", b"Content-Type: message/rfc822\r\n", b"\xe9\xff",
+        ];
+        let raw: Vec<u8> = pieces.iter().flat_map(|&i| PIECES[i].iter().copied()).collect();
+        let full = analyze_parsed(&raw, MessageParser::new().parse(&raw));
+        proptest::prop_assert_eq!(analyze(&raw), full);
+    }
+}
