@@ -49,3 +49,54 @@ fn started_as_root_it_drops_to_the_configured_user_and_still_takes_mail() {
         nobody
     );
 }
+
+/// Under systemd (`Type=notify`): READY=1 once ready, STOPPING=1 when a stop begins,
+/// on the datagram socket `NOTIFY_SOCKET` names.
+#[test]
+fn systemd_hears_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut child = std::process::Command::new(ringmail_tests::binary())
+        .arg("serve")
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .args(["--dns", "127.0.0.1:9"])
+        .args([
+            "--smtp",
+            "127.0.0.1:0",
+            "--pop3",
+            "127.0.0.1:0",
+            "--smtps",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--pop3s",
+            "127.0.0.1:0",
+            "--submission",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .env("NOTIFY_SOCKET", &path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).expect("READY=1 within 30 s");
+    assert!(String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .any(|l| l == "READY=1"));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = socket.recv(&mut buf).expect("STOPPING=1 within 30 s");
+    assert!(String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .any(|l| l == "STOPPING=1"));
+    assert!(child.wait().unwrap().success());
+}
