@@ -1,6 +1,7 @@
 //! SIGHUP: the config file (and the flags `serve` was started with) read again. The
 //! settings in [`RELOADABLE`] take effect at once, for new sessions and the next
-//! delivery attempts (open sessions finish with the settings they started with); any
+//! delivery attempts (an open session keeps its SMTP limits; its mail is judged by
+//! the settings current when it is stored); any
 //! other changed setting is named in the log as needing a restart and keeps its
 //! running value. A config that does not load or check changes nothing.
 //!
@@ -184,6 +185,12 @@ impl Reloader {
             return;
         }
         let config = apply(&running.config, &asked);
+        // What runs must hold together (a new message-size-max against the running
+        // segment-size, say), not only the file.
+        if let Err(e) = config.validate() {
+            tracing::error!("reload: {e} (with the settings that need a restart at their running values); the settings in use stay");
+            return;
+        }
         let outbound = if now.iter().any(|k| k == "tls-policy" || k == "tls-ca-file") {
             match OutboundTls::new(config.tls_policies.clone(), config.tls_ca_file.as_deref()) {
                 Ok(o) => o,

@@ -15,6 +15,7 @@
 
 pub mod accounts;
 pub mod codec;
+pub mod crc;
 pub mod handle;
 pub mod log;
 pub mod mailbox;

@@ -703,7 +703,7 @@ impl ShardLog {
         h.copy_from_slice(head);
         let body_crc = copy_body(body, dst);
         let head_crc = crc32c::crc32c_append(crc32c::crc32c(&[kind as u8]), head);
-        let crc = crc32c::crc32c_combine(head_crc, body_crc, body_len);
+        let crc = crate::crc::combine(head_crc, body_crc, body_len as u64);
         hdr[0..4].copy_from_slice(&(payload as u32).to_le_bytes());
         hdr[4..8].copy_from_slice(&crc.to_le_bytes());
         hdr[8] = kind as u8;

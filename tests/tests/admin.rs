@@ -296,6 +296,28 @@ fn hold_release_delete_and_bounce_through_the_api_and_the_cli() {
         curl("GET", &format!("{base}/api/v1/queue?state=gone"), None).0,
         400
     );
+    // A web page's request (through a browser on this host) cannot steer the queue.
+    let out = run_ok(Command::new("curl").args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "-H",
+        "Origin: http://example.org",
+        &format!("{base}/api/v1/queue/flush"),
+    ]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+    // Two Content-Length fields: refused, not guessed.
+    use std::io::{Read, Write};
+    let mut raw = std::net::TcpStream::connect(server.admin).unwrap();
+    raw.write_all(b"POST /api/v1/queue/flush HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
 
 #[test]

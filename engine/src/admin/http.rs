@@ -24,6 +24,8 @@ pub struct Request {
     pub bearer: Option<String>,
     /// The client asked to close after this answer (or spoke HTTP/1.0).
     pub close: bool,
+    /// An `Origin` header came with it (a browser's request).
+    pub origin: bool,
 }
 
 impl Request {
@@ -122,13 +124,26 @@ fn content_length(req: &httparse::Request) -> Result<usize, &'static str> {
     if header(req, "transfer-encoding").is_some() {
         return Err("chunked request bodies are not accepted");
     }
-    match header(req, "content-length") {
-        None => Ok(0),
-        Some(v) => std::str::from_utf8(v)
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or("bad Content-Length"),
-    }
+    let mut lengths = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"));
+    let (Some(h), None) = (lengths.next(), lengths.next()) else {
+        return match req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("content-length"))
+        {
+            true => Err("more than one Content-Length"),
+            false => Ok(0),
+        };
+    };
+    std::str::from_utf8(h.value)
+        .ok()
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse().ok())
+        .ok_or("bad Content-Length")
 }
 
 fn head_of(req: &httparse::Request) -> Option<Request> {
@@ -154,6 +169,7 @@ fn head_of(req: &httparse::Request) -> Option<Request> {
             .collect(),
         bearer,
         close,
+        origin: header(req, "origin").is_some(),
     })
 }
 
@@ -188,6 +204,7 @@ impl Response {
             200 => "OK",
             400 => "Bad Request",
             401 => "Unauthorized",
+            403 => "Forbidden",
             404 => "Not Found",
             405 => "Method Not Allowed",
             409 => "Conflict",

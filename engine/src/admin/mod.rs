@@ -22,6 +22,8 @@ use std::time::Duration;
 
 /// An admin connection silent this long between requests is closed.
 const IDLE: Duration = Duration::from_secs(60);
+/// Admin connections open at once; more are closed at once.
+const CONNECTIONS_MAX: usize = 64;
 /// Messages a listing returns at most (`limit` asks for fewer).
 pub const LIST_MAX: usize = 10_000;
 /// Destinations a summary lists at most (`top` asks for fewer).
@@ -55,6 +57,7 @@ pub struct Admin {
     executors: usize,
     stopping: Cell<bool>,
     stop: event_listener::Event,
+    open: Cell<usize>,
 }
 
 impl Admin {
@@ -75,6 +78,7 @@ impl Admin {
             token,
             stopping: Cell::new(false),
             stop: event_listener::Event::new(),
+            open: Cell::new(0),
         });
         let me = admin.clone();
         glommio::spawn_local(async move { me.accept_loop(listener).await }).detach();
@@ -101,9 +105,21 @@ impl Admin {
                 .await;
             match accepted {
                 None => return,
+                Some(Ok(stream)) if self.open.get() >= CONNECTIONS_MAX => {
+                    tracing::warn!(
+                        limit = CONNECTIONS_MAX,
+                        "admin: connection refused: too many connections"
+                    );
+                    drop(stream);
+                }
                 Some(Ok(stream)) => {
                     let me = self.clone();
-                    glommio::spawn_local(async move { me.connection(stream).await }).detach();
+                    me.open.set(me.open.get() + 1);
+                    glommio::spawn_local(async move {
+                        me.connection(stream).await;
+                        me.open.set(me.open.get() - 1);
+                    })
+                    .detach();
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "admin: accept failed");
@@ -158,6 +174,11 @@ impl Admin {
     }
 
     async fn answer(&self, req: &Request) -> Response {
+        // A browser's cross-site request carries an Origin: no page may steer the
+        // queue through a browser on this host (API clients send none).
+        if req.method != "GET" && req.origin {
+            return Response::error(403, "requests from a web page (Origin) are refused");
+        }
         if !self.authorized(req) {
             let mut r = Response::error(401, "a valid `Authorization: Bearer` token is required");
             r.challenge = true;
@@ -278,19 +299,26 @@ impl Admin {
         let now = crate::delivery::scheduler::now_ms();
         let parts = self
             .on_all(move |d| {
-                let mut found = Vec::new();
-                let mut matched = 0usize;
+                // This executor's `limit` oldest (of every spool), then their JSON.
+                let mut found: Vec<(u64, u64)> = Vec::new();
                 for spool in d.spools() {
                     spool.for_each(|m| {
                         if filter.matches(m, now) {
-                            matched += 1;
-                            if found.len() < limit {
-                                found.push((m.received_at_ms, m.id, m.to_json()));
-                            }
+                            found.push((m.received_at_ms, m.id));
                         }
                     });
                 }
-                (matched, found)
+                let matched = found.len();
+                found.sort_unstable();
+                found.truncate(limit);
+                let shown: Vec<(u64, u64, serde_json::Value)> = found
+                    .into_iter()
+                    .filter_map(|(at, id)| {
+                        let m = d.spools().iter().find_map(|s| s.get(id))?;
+                        Some((at, id, m.to_json()))
+                    })
+                    .collect();
+                (matched, shown)
             })
             .await?;
         let matched: usize = parts.iter().map(|p| p.0).sum();
@@ -333,7 +361,9 @@ impl Admin {
                     v["helo"] = serde_json::json!(text.as_ref().ok().map(|t| t.env.helo.clone()));
                     v["client"] = serde_json::json!(text.as_ref().ok().map(|t| t.env.peer.clone()));
                     v["headers"] = match &text {
-                        Ok(t) => serde_json::json!(header_section(&t.message.to_vec())),
+                        Ok(t) => {
+                            serde_json::json!(header_section(&t.message.prefix, &t.message.body))
+                        }
                         Err(e) => serde_json::json!({ "error": e.to_string() }),
                     };
                     Some(v)
@@ -427,9 +457,13 @@ fn number(req: &Request, name: &str, max: usize) -> Result<usize, Response> {
     }
 }
 
-/// The header section of a stored message (trace prefix included), as text, at most
-/// `HEADERS_MAX` bytes.
-fn header_section(text: &[u8]) -> String {
-    let end = memchr::memmem::find(text, b"\r\n\r\n").map_or(text.len(), |i| i + 2);
-    String::from_utf8_lossy(&text[..end.min(HEADERS_MAX)]).into_owned()
+/// The header section of a stored message (its trace prefix, which is header lines,
+/// then the body's own), as text, at most `HEADERS_MAX` bytes.
+fn header_section(prefix: &[u8], body: &[u8]) -> String {
+    let head = &body[..body.len().min(HEADERS_MAX)];
+    let end = memchr::memmem::find(head, b"\r\n\r\n").map_or(head.len(), |i| i + 2);
+    let mut text = prefix.to_vec();
+    text.extend_from_slice(&head[..end]);
+    text.truncate(HEADERS_MAX);
+    String::from_utf8_lossy(&text).into_owned()
 }

@@ -54,6 +54,36 @@ pub struct Controlled {
     pub busy: usize,
 }
 
+/// Recipients taken into `in_flight` for a control request, let go however it ends.
+struct Reserved<'a> {
+    delivery: &'a Delivery,
+    id: u64,
+    rcpts: Vec<u32>,
+}
+
+impl<'a> Reserved<'a> {
+    fn new(delivery: &'a Delivery, id: u64, rcpts: &[u32]) -> Reserved<'a> {
+        let mut f = delivery.in_flight.borrow_mut();
+        for &i in rcpts {
+            f.insert((id, i));
+        }
+        Reserved {
+            delivery,
+            id,
+            rcpts: rcpts.to_vec(),
+        }
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        let mut f = self.delivery.in_flight.borrow_mut();
+        for &i in &self.rcpts {
+            f.remove(&(self.id, i));
+        }
+    }
+}
+
 /// Where a message's state sorts in `QUEUE_STATES` (the first that applies).
 const ACTIVE: usize = 0;
 const READY: usize = 1;
@@ -96,6 +126,10 @@ impl Delivery {
         if picked.is_empty() {
             return Ok(Some(Controlled { changed: 0, busy }));
         }
+        // Reserved like an attempt's recipients until the change is on record: the
+        // scheduler starts no attempt for them meanwhile, and a second control
+        // request finds them busy.
+        let _reserved = Reserved::new(self, id, &picked);
         let reply = match op {
             Op::Hold => "held by the administrator".to_string(),
             Op::Release => "released by the administrator".to_string(),
