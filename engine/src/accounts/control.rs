@@ -5,10 +5,9 @@
 
 use super::{socket_path, Accounts, Request};
 use crate::queue::Spool;
-use event_listener::Event;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{UnixListener, UnixStream};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -17,8 +16,7 @@ pub const LINE_BYTES_MAX: usize = 1 << 20;
 
 pub struct Control {
     path: PathBuf,
-    stopping: Cell<bool>,
-    stop: Event,
+    stop: crate::net::stop::Stop,
     accept: RefCell<Option<glommio::task::JoinHandle<()>>>,
 }
 
@@ -50,8 +48,7 @@ impl Control {
             })?;
         let control = Rc::new(Control {
             path,
-            stopping: Cell::new(false),
-            stop: Event::new(),
+            stop: Default::default(),
             accept: RefCell::new(None),
         });
         let me = control.clone();
@@ -69,17 +66,7 @@ impl Control {
         spool: Rc<Spool>,
     ) {
         loop {
-            let stop = self.stop.listen();
-            if self.stopping.get() {
-                return;
-            }
-            let accepted =
-                futures_lite::future::or(async { Some(listener.accept().await) }, async {
-                    stop.await;
-                    None
-                })
-                .await;
-            match accepted {
+            match self.stop.or_stopped(listener.accept()).await {
                 None => return,
                 Some(Ok(stream)) => {
                     let (me, accounts, spool) = (self.clone(), accounts.clone(), spool.clone());
@@ -118,17 +105,7 @@ impl Control {
                     .await;
                 return;
             }
-            let stop = self.stop.listen();
-            if self.stopping.get() {
-                return;
-            }
-            let n =
-                futures_lite::future::or(async { Some(stream.read(&mut chunk).await) }, async {
-                    stop.await;
-                    None
-                })
-                .await;
-            match n {
+            match self.stop.or_stopped(stream.read(&mut chunk)).await {
                 Some(Ok(0)) | Some(Err(_)) | None => return,
                 Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
             }
@@ -137,8 +114,7 @@ impl Control {
 
     /// Stops accepting, closes idle connections and removes the socket.
     pub async fn close(&self) {
-        self.stopping.set(true);
-        self.stop.notify(usize::MAX);
+        self.stop.stop();
         let task = self.accept.borrow_mut().take();
         if let Some(t) = task {
             t.await;

@@ -55,8 +55,7 @@ pub struct Admin {
     auth: Arc<crate::auth::Authenticator>,
     token: Option<String>,
     executors: usize,
-    stopping: Cell<bool>,
-    stop: event_listener::Event,
+    stop: crate::net::stop::Stop,
     open: Cell<usize>,
 }
 
@@ -76,8 +75,7 @@ impl Admin {
             mail,
             auth,
             token,
-            stopping: Cell::new(false),
-            stop: event_listener::Event::new(),
+            stop: Default::default(),
             open: Cell::new(0),
         });
         let me = admin.clone();
@@ -87,23 +85,12 @@ impl Admin {
 
     /// Stops accepting and closes idle connections (shutdown).
     pub fn stop(&self) {
-        self.stopping.set(true);
-        self.stop.notify(usize::MAX);
+        self.stop.stop();
     }
 
     async fn accept_loop(self: Rc<Self>, listener: glommio::net::TcpListener) {
         loop {
-            let stop = self.stop.listen();
-            if self.stopping.get() {
-                return;
-            }
-            let accepted =
-                futures_lite::future::or(async { Some(listener.accept().await) }, async {
-                    stop.await;
-                    None
-                })
-                .await;
-            match accepted {
+            match self.stop.or_stopped(listener.accept()).await {
                 None => return,
                 Some(Ok(stream)) if self.open.get() >= CONNECTIONS_MAX => {
                     tracing::warn!(
@@ -132,18 +119,10 @@ impl Admin {
     async fn connection(&self, mut stream: glommio::net::TcpStream) {
         let mut buf = Vec::new();
         loop {
-            let stop = self.stop.listen();
-            if self.stopping.get() {
-                return;
-            }
-            let read = futures_lite::future::or(
-                async { Some(http::read_request(&mut stream, &mut buf, IDLE).await) },
-                async {
-                    stop.await;
-                    None
-                },
-            )
-            .await;
+            let read = self
+                .stop
+                .or_stopped(http::read_request(&mut stream, &mut buf, IDLE))
+                .await;
             let req = match read {
                 None | Some(Read::Closed) => return,
                 Some(Read::Bad(status, why)) => {

@@ -18,6 +18,7 @@
 
 pub mod certs;
 pub mod sessions;
+pub mod stop;
 pub mod tls;
 
 use io_uring::{opcode, squeue, types, IoUring};
