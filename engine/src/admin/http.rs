@@ -128,15 +128,10 @@ fn content_length(req: &httparse::Request) -> Result<usize, &'static str> {
         .headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("content-length"));
-    let (Some(h), None) = (lengths.next(), lengths.next()) else {
-        return match req
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("content-length"))
-        {
-            true => Err("more than one Content-Length"),
-            false => Ok(0),
-        };
+    let h = match (lengths.next(), lengths.next()) {
+        (None, _) => return Ok(0),
+        (Some(h), None) => h,
+        (Some(_), Some(_)) => return Err("more than one Content-Length"),
     };
     std::str::from_utf8(h.value)
         .ok()

@@ -186,14 +186,16 @@ impl Admin {
     async fn on_all<R, F>(&self, f: F) -> Result<Vec<R>, Response>
     where
         R: Send + 'static,
-        F: Fn(Rc<Delivery>) -> R + Send + Sync + Clone + 'static,
+        F: Fn(Rc<Delivery>, &MailService) -> R + Send + Sync + Clone + 'static,
     {
         let mut out = Vec::with_capacity(self.executors);
         for k in 0..self.executors {
             let f = f.clone();
             let r = self
                 .mail
-                .on_executor(k, move |_| Box::pin(async move { node().map(f) }))
+                .on_executor(k, move |svc| {
+                    Box::pin(async move { node().map(|d| f(d, &svc)) })
+                })
                 .await;
             match r {
                 Ok(Some(r)) => out.push(r),
@@ -205,9 +207,10 @@ impl Admin {
 
     async fn metrics(&self) -> Response {
         let parts = match self
-            .on_all(|d| {
+            .on_all(|d, svc| {
                 let mut g = d.gauges();
                 g.store = ringmail_store::stats::get();
+                g.mailbox_subscriptions = svc.subscriptions() as u64;
                 (metrics::snapshot(), g)
             })
             .await
@@ -215,14 +218,12 @@ impl Admin {
             Ok(p) => p,
             Err(r) => return r,
         };
-        let subscriptions = self.subscriptions().await;
         let mut counters = metrics::Counters::default();
         let mut gauges = metrics::Gauges::default();
         for (c, g) in parts {
             counters = counters.plus(&c);
             gauges.merge(g);
         }
-        gauges.mailbox_subscriptions = subscriptions;
         let scrape = expose::Scrape {
             counters,
             gauges,
@@ -240,26 +241,12 @@ impl Admin {
         }
     }
 
-    async fn subscriptions(&self) -> u64 {
-        let mut n = 0;
-        for k in 0..self.executors {
-            if let Ok(s) = self
-                .mail
-                .on_executor(k, |svc| Box::pin(async move { svc.subscriptions() }))
-                .await
-            {
-                n += s as u64;
-            }
-        }
-        n
-    }
-
     async fn summary(&self, req: &Request) -> Result<Response, Response> {
         let filter = parse_filter(req)?;
         let top = number(req, "top", SUMMARY_TOP)?;
         let now = crate::delivery::scheduler::now_ms();
         let parts = self
-            .on_all(move |d| {
+            .on_all(move |d, _| {
                 let mut shape = Shape::default();
                 for spool in d.spools() {
                     spool.for_each(|m| shape.add(m, &filter, now));
@@ -277,7 +264,7 @@ impl Admin {
         let limit = number(req, "limit", LIST_MAX)?;
         let now = crate::delivery::scheduler::now_ms();
         let parts = self
-            .on_all(move |d| {
+            .on_all(move |d, _| {
                 // This executor's `limit` oldest (of every spool), then their JSON.
                 let mut found: Vec<(u64, u64)> = Vec::new();
                 for spool in d.spools() {
@@ -322,7 +309,7 @@ impl Admin {
                 "a queue id is 16 hexadecimal digits (as `queue list` prints)",
             )
         })?;
-        let shard = (id >> ringmail_store::shard::COUNTER_BITS) as usize;
+        let shard = ringmail_store::Handle::of_id(id).shard as usize;
         Ok((id, shard % self.executors))
     }
 
@@ -398,9 +385,9 @@ impl Admin {
             Some(id) => Some(self.owner(id)?.0),
             None => None,
         };
-        let domain = req.param("domain").map(|d| d.to_ascii_lowercase());
+        let domain = req.param("domain").map(crate::smtp::address::domain_key);
         let parts = self
-            .on_all(move |d| {
+            .on_all(move |d, _| {
                 let mut n = 0;
                 for spool in d.spools() {
                     n += spool.flush_where(|m, to| {

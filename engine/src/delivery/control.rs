@@ -54,6 +54,15 @@ pub struct Controlled {
     pub busy: usize,
 }
 
+/// The reply a recipient bounced by the administrator is recorded and reported with.
+fn returned() -> Reply {
+    Reply {
+        code: 550,
+        text: "message returned by the administrator".into(),
+        enhanced: Some((5, 0, 0)),
+    }
+}
+
 /// Recipients taken into `in_flight` for a control request, let go however it ends.
 struct Reserved<'a> {
     delivery: &'a Delivery,
@@ -92,7 +101,7 @@ const HELD: usize = 3;
 
 impl Delivery {
     fn spool_of(&self, id: u64) -> Option<&Rc<Spool>> {
-        let shard = (id >> ringmail_store::shard::COUNTER_BITS) as u32;
+        let shard = ringmail_store::Handle::of_id(id).shard;
         self.spools.iter().find(|s| s.shard == shard)
     }
 
@@ -134,12 +143,7 @@ impl Delivery {
             Op::Hold => "held by the administrator".to_string(),
             Op::Release => "released by the administrator".to_string(),
             Op::Delete => "deleted by the administrator".to_string(),
-            Op::Bounce => Reply {
-                code: 550,
-                text: "message returned by the administrator".into(),
-                enhanced: Some((5, 0, 0)),
-            }
-            .to_line(),
+            Op::Bounce => returned().to_line(),
         };
         let (status, next) = match op {
             Op::Hold => (RcptStatus::Held, 0),
@@ -162,15 +166,7 @@ impl Delivery {
                 let loaded = spool.read_message(id).await.map_err(|e| e.to_string())?;
                 let failures = picked
                     .iter()
-                    .map(|&i| {
-                        let r = loaded.env.recipients[i as usize].clone();
-                        let reply = Reply {
-                            code: 550,
-                            text: "message returned by the administrator".into(),
-                            enhanced: Some((5, 0, 0)),
-                        };
-                        (r, reply, None)
-                    })
+                    .map(|&i| (loaded.env.recipients[i as usize].clone(), returned(), None))
                     .collect();
                 self.bounce(&spool, &loaded.env, &loaded.message.to_vec(), failures)
                     .await
@@ -234,7 +230,7 @@ impl Delivery {
                     };
                     pending += 1;
                     state = state.min(s);
-                    let domain = super::scheduler::domain_of(&r.to).unwrap_or_default();
+                    let domain = crate::queue::report::domain(&r.to);
                     let e = g.destinations.entry(domain).or_default();
                     if s == READY {
                         e.1 += 1;

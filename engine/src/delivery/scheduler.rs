@@ -13,7 +13,7 @@ use super::local::Local;
 use crate::config::Config;
 use crate::dns::resolver::Resolver;
 use crate::net::Ring;
-use crate::queue::retry::{Next, RetryPolicy};
+use crate::queue::retry::Next;
 use crate::queue::{Bounce, Loaded, RcptStatus, Spool};
 use crate::smtp::address::{domain_key, is_local_domain, parse_domain, Domain};
 use crate::smtp::client::{RcptResult, Reply, Transaction, TxRcpt};
@@ -44,7 +44,6 @@ pub struct Delivery {
     resolver: Resolver,
     pub(super) spools: Vec<Rc<Spool>>,
     attempt: RefCell<Rc<AttemptConfig>>,
-    retry: Cell<RetryPolicy>,
     /// (message id, recipient index) being attempted now.
     pub(super) in_flight: RefCell<HashSet<(u64, u32)>>,
     /// Messages handed to home shards whose outcomes are not on record yet (a
@@ -135,7 +134,7 @@ fn notify_param(bits: u8) -> Option<String> {
 /// The destination of `address` in its routing spelling (A-label, canonical
 /// literal), so that every spelling of one domain shares its routes, rate bucket
 /// and connection count.
-pub(super) fn domain_of(address: &str) -> Option<String> {
+fn domain_of(address: &str) -> Option<String> {
     address.rsplit_once('@').map(|(_, d)| domain_key(d))
 }
 
@@ -204,7 +203,6 @@ impl Delivery {
         let own_addresses = cfg.own_addresses();
         Rc::new(Delivery {
             attempt: RefCell::new(Rc::new(attempt_config(&cfg, tls))),
-            retry: Cell::new(cfg.retry),
             cfg: RefCell::new(cfg),
             ring,
             resolver,
@@ -235,7 +233,6 @@ impl Delivery {
             *self.rate.borrow_mut() = RateLimit::new(cfg.destination_rate);
         }
         *self.attempt.borrow_mut() = Rc::new(attempt_config(&cfg, tls));
-        self.retry.set(cfg.retry);
         *self.cfg.borrow_mut() = cfg;
     }
 
@@ -550,8 +547,8 @@ impl Delivery {
                 RcptResult::Failed(r) => (RcptStatus::Failed, 0, r, "bounced"),
                 RcptResult::Deferred(r) => {
                     match self
+                        .cfg()
                         .retry
-                        .get()
                         .next(attempts, env.received_at_ms, now, jitter)
                     {
                         Next::RetryAt(t) => (RcptStatus::Deferred, t, r, "deferred"),

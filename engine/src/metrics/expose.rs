@@ -53,18 +53,38 @@ impl Families {
         self.0.push(f);
     }
 
-    fn counters(&mut self, name: &str, help: &str, samples: Vec<(Vec<LabelPair>, f64)>) {
+    /// A counter or gauge family: one sample per label set.
+    fn samples(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        samples: Vec<(Vec<LabelPair>, f64)>,
+    ) {
         let metrics = samples
             .into_iter()
             .map(|(l, v)| {
-                let mut c = Counter::default();
-                c.set_value(v);
                 let mut m = Metric::from_label(l);
-                m.set_counter(c);
+                match kind {
+                    MetricType::COUNTER => {
+                        let mut c = Counter::default();
+                        c.set_value(v);
+                        m.set_counter(c);
+                    }
+                    _ => {
+                        let mut g = Gauge::default();
+                        g.set_value(v);
+                        m.set_gauge(g);
+                    }
+                }
                 m
             })
             .collect();
-        self.family(name, help, MetricType::COUNTER, metrics);
+        self.family(name, help, kind, metrics);
+    }
+
+    fn counters(&mut self, name: &str, help: &str, samples: Vec<(Vec<LabelPair>, f64)>) {
+        self.samples(name, help, MetricType::COUNTER, samples);
     }
 
     fn counter(&mut self, name: &str, help: &str, v: u64) {
@@ -72,17 +92,7 @@ impl Families {
     }
 
     fn gauges(&mut self, name: &str, help: &str, samples: Vec<(Vec<LabelPair>, f64)>) {
-        let metrics = samples
-            .into_iter()
-            .map(|(l, v)| {
-                let mut g = Gauge::default();
-                g.set_value(v);
-                let mut m = Metric::from_label(l);
-                m.set_gauge(g);
-                m
-            })
-            .collect();
-        self.family(name, help, MetricType::GAUGE, metrics);
+        self.samples(name, help, MetricType::GAUGE, samples);
     }
 
     fn gauge(&mut self, name: &str, help: &str, v: f64) {

@@ -10,11 +10,13 @@ use std::collections::HashMap;
 pub const AGE_BUCKETS_MIN: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
 const BUCKETS: usize = AGE_BUCKETS_MIN.len() + 1;
 
-/// The destination of an address: its domain, lower-cased (`""` without one).
+/// The destination of an address: its domain in routing's spelling (A-label,
+/// canonical literal: `smtp::address::domain_key`, as delivery and the metrics'
+/// destinations key it; `""` without one).
 pub fn domain(address: &str) -> String {
     address
         .rsplit_once('@')
-        .map(|(_, d)| d.to_ascii_lowercase())
+        .map(|(_, d)| crate::smtp::address::domain_key(d))
         .unwrap_or_default()
 }
 
@@ -57,7 +59,7 @@ impl Filter {
             }
         };
         Ok(Filter {
-            domain: param("domain").map(|d| d.to_ascii_lowercase()),
+            domain: param("domain").map(|d| crate::smtp::address::domain_key(&d)),
             state,
             min_age_s: secs("min_age")?,
             max_age_s: secs("max_age")?,
