@@ -458,8 +458,42 @@ pub fn recover(
     recover_with(data, shard, mode, RecoveryOptions::default(), indexes)
 }
 
+/// How often a read-only replay starts over when a file vanished under it.
+const READ_ONLY_ATTEMPTS: usize = 5;
+
 /// [`recover`] with explicit read options (`opts.start` is set from the snapshot).
+///
+/// A read-only replay may run beside a live server whose compaction deletes segments
+/// (and replaces the snapshot) between our listing a file and opening it. What the
+/// server deletes is covered by a newer snapshot, so a replay that starts over reads
+/// it: a file that is gone (`NotFound`) makes the replay start over, a few times.
 pub fn recover_with(
+    data: &Path,
+    shard: u32,
+    mode: Mode,
+    opts: RecoveryOptions,
+    indexes: &mut [&mut dyn Index],
+) -> io::Result<Recovered> {
+    let mut attempt = 1;
+    loop {
+        match recover_once(data, shard, mode, opts, indexes) {
+            Err(e)
+                if mode == Mode::ReadOnly
+                    && e.kind() == io::ErrorKind::NotFound
+                    && attempt < READ_ONLY_ATTEMPTS =>
+            {
+                attempt += 1;
+                for ix in indexes.iter_mut() {
+                    ix.clear();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn recover_once(
     data: &Path,
     shard: u32,
     mode: Mode,
