@@ -1072,7 +1072,8 @@ settings! {
     set |c, v| c.read_cache_bytes = v;
 
     /// Fill each log segment with synced zeros ahead of the writer while batches are
-    /// small (under 256 KiB on average): a sync then overwrites allocated blocks
+    /// small (the batches most bytes travel in under 256 KiB, on average weighted by
+    /// their bytes): a sync then overwrites allocated blocks
     /// instead of appending, which skips the file system's journal commit, but every
     /// byte of the segment is written twice (see bench/RESULTS.md, "Write
     /// amplification").

@@ -439,6 +439,38 @@ const ZERO_AHEAD_BYTES: u64 = 8 << 20;
 /// zeros; 100 KiB messages (batches of MiBs) +36% without.
 const ZERO_AHEAD_BATCH_MAX: u64 = 256 << 10;
 
+/// The recent batch sizes as the bytes see them: the mean batch size weighted by each
+/// batch's bytes (Σ len² / Σ len, decaying). Zeros double every byte written, so what
+/// decides is the batches most bytes travel in: a shard that takes large messages and
+/// the small records of mailbox entries between them (many small batches, few bytes)
+/// writes in large batches, where the plain mean of many small and a few large ones
+/// turned zeros on and cost more bandwidth than the small syncs saved (bench/RESULTS.md,
+/// "Local delivery: zeros by the bytes").
+#[derive(Debug, Default, Clone, Copy)]
+struct BatchSizes {
+    squares: f64,
+    bytes: f64,
+}
+
+impl BatchSizes {
+    /// Each batch weighs 1/64 less per later batch: the last hundred or so decide.
+    const DECAY: f64 = 63.0 / 64.0;
+
+    fn add(&mut self, len: u64) {
+        let len = len as f64;
+        self.squares = self.squares * Self::DECAY + len * len;
+        self.bytes = self.bytes * Self::DECAY + len;
+    }
+
+    fn byte_weighted_mean(&self) -> f64 {
+        if self.bytes == 0.0 {
+            0.0
+        } else {
+            self.squares / self.bytes
+        }
+    }
+}
+
 const NO_BODY: &[u8] = &[];
 
 /// Batch buffers are at least this large: a buffer per record would mean a write per
@@ -621,8 +653,9 @@ impl ShardLog {
             shard,
             cfg,
             seg,
-            batch_avg: 0,
+            batches: BatchSizes::default(),
             sealed: false,
+            zeros: Rc::new(RefCell::new(None)),
             log: log.clone(),
         };
         glommio::spawn_local(flusher.run()).detach();
@@ -839,11 +872,16 @@ struct Flusher {
     shard: u32,
     cfg: LogConfig,
     seg: Segment,
-    /// Moving average of batch sizes (bytes), for `ZERO_AHEAD_BATCH_MAX`.
-    batch_avg: u64,
+    /// The batch sizes, for `ZERO_AHEAD_BATCH_MAX`.
+    batches: BatchSizes,
     /// A roll out of `seg` began and did not finish: nothing more is written into it
     /// (see `Flusher::roll`).
     sealed: bool,
+    /// The zeros `zero_ahead` writes, `ZERO_AHEAD_BYTES` of them: made once and only
+    /// ever read (the device reads them while writing), where a buffer made and
+    /// zeroed per round cost a page fault per 4 KiB and a memset of 8 MiB (3 % of the
+    /// server's samples under `perf` during local delivery of 100 KiB messages).
+    zeros: Rc<RefCell<Option<Rc<DmaBuffer>>>>,
     log: ShardLog,
 }
 
@@ -991,7 +1029,8 @@ impl Flusher {
             at += records;
         }
         debug_assert_eq!(at, end);
-        if self.batch_avg_update(len) <= ZERO_AHEAD_BATCH_MAX && self.cfg.zero_ahead {
+        self.batches.add(len);
+        if self.batches.byte_weighted_mean() <= ZERO_AHEAD_BATCH_MAX as f64 && self.cfg.zero_ahead {
             self.zero_ahead(align_up(end));
         }
         self.seg.wait_zeroing(align_up(end)).await;
@@ -1034,11 +1073,6 @@ impl Flusher {
                 Err(LogError::from(e))
             }
         }
-    }
-
-    fn batch_avg_update(&mut self, len: u64) -> u64 {
-        self.batch_avg = (self.batch_avg * 7 + len) / 8;
-        self.batch_avg
     }
 
     /// Makes sure the bytes of a batch that failed at `start` are never read back as
@@ -1115,12 +1149,13 @@ impl Flusher {
             return;
         }
         seg.zeroing_from.set(Some(from));
-        let (path, zeroed, zeroing_from, done, faults) = (
+        let (path, zeroed, zeroing_from, done, faults, shared) = (
             segment::segment_path(&self.dir, seg.seq),
             seg.zeroed.clone(),
             seg.zeroing_from.clone(),
             seg.zeroing_done.clone(),
             self.log.faults.clone(),
+            self.zeros.clone(),
         );
         glommio::spawn_local(async move {
             // A file handle of its own: the kernel reports a write-back error once per
@@ -1156,9 +1191,22 @@ impl Flusher {
             let ok = match &file {
                 Some(f) => {
                     crate::stats::add(|c| c.zero_bytes += to - from);
-                    let mut zeros = f.alloc_dma_buffer((to - from) as usize);
-                    zeros.as_bytes_mut().fill(0);
-                    write_all(f, Rc::new(zeros), from).await.is_ok() && f.fdatasync().await.is_ok()
+                    let len = (to - from) as usize;
+                    let buf = match &*shared.borrow() {
+                        Some(z) if z.len() == len => Some(z.clone()),
+                        _ => None,
+                    };
+                    let buf = buf.unwrap_or_else(|| {
+                        let mut z = f.alloc_dma_buffer(len);
+                        z.as_bytes_mut().fill(0);
+                        let z = Rc::new(z);
+                        // The last round of a segment may be shorter: not kept.
+                        if len as u64 == ZERO_AHEAD_BYTES {
+                            *shared.borrow_mut() = Some(z.clone());
+                        }
+                        z
+                    });
+                    write_all(f, buf, from).await.is_ok() && f.fdatasync().await.is_ok()
                 }
                 None => false,
             };
@@ -1398,5 +1446,34 @@ mod tests {
         assert_eq!(LogError::from(quota), LogError::NoSpace);
         let eio = io::Error::from_raw_os_error(libc::EIO);
         assert!(matches!(LogError::from(eio), LogError::Io(_)));
+    }
+
+    #[test]
+    fn zeros_go_by_the_batches_most_bytes_travel_in() {
+        let limit = ZERO_AHEAD_BATCH_MAX as f64;
+        let mut small = BatchSizes::default();
+        assert!(small.byte_weighted_mean() <= limit, "a fresh log zeros");
+        for _ in 0..500 {
+            small.add(40 << 10);
+        }
+        assert!(small.byte_weighted_mean() <= limit);
+        // Large message batches with ten small mailbox batches after each: the plain
+        // mean is under the limit, the bytes travel in the large ones.
+        let mut mixed = BatchSizes::default();
+        let (mut sum, mut n) = (0u64, 0u64);
+        for _ in 0..50 {
+            for len in std::iter::once(2 << 20).chain([600; 10]) {
+                mixed.add(len);
+                sum += len;
+                n += 1;
+            }
+        }
+        assert!(((sum / n) as f64) < limit);
+        assert!(mixed.byte_weighted_mean() > limit);
+        // The small ones alone for a while: zeros again.
+        for _ in 0..1000 {
+            mixed.add(600);
+        }
+        assert!(mixed.byte_weighted_mean() <= limit);
     }
 }
