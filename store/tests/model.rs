@@ -874,16 +874,21 @@ async fn fill_and_drop(shard: &Shard, ix: &mut Counts, n: usize) -> Vec<u64> {
         ids.push(id);
     }
     for &id in &ids[1..] {
-        let t = shard
-            .append(Kind::RcptUpdate, |out| {
-                out.extend_from_slice(&count_record(id, 0))
-            })
-            .unwrap();
-        shard.durable(&t).await.unwrap();
-        assert_eq!(shard.drop_ref(id), 0);
+        let_go(shard, id).await;
         ix.0.remove(&id);
     }
     ids
+}
+
+/// Records that the test's index let go of message `id`'s one reference, and drops it.
+async fn let_go(shard: &Shard, id: u64) {
+    let t = shard
+        .append(Kind::RcptUpdate, |out| {
+            out.extend_from_slice(&count_record(id, 0))
+        })
+        .unwrap();
+    shard.durable(&t).await.unwrap();
+    assert_eq!(shard.drop_ref(id), 0);
 }
 
 /// With both snapshots damaged and segments deleted by compaction, replaying the log
@@ -1062,14 +1067,7 @@ fn a_read_only_replay_beside_a_compacting_writer_sees_every_live_message() {
             // Garbage worth compacting: messages stored, then let go.
             for _ in 0..4 {
                 let id = store_message(&shard, &vec![round as u8; 2000]).await;
-                let t = shard
-                    .append(Kind::RcptUpdate, |out| {
-                        out.extend_from_slice(&count_record(id, 0))
-                    })
-                    .unwrap();
-                shard.durable(&t).await.unwrap();
-                assert_eq!(shard.drop_ref(id), 0);
-                drop(t);
+                let_go(&shard, id).await;
             }
             snapshot(&shard, &mut ix).await;
             shard.compact().await.unwrap();
