@@ -46,8 +46,7 @@ cleanup() {
   if [ -n "${KEEP:-}" ]; then echo "interop-tls: kept $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
+source bench/lib/ports.sh
 
 passed=0 failed=0
 pass() { passed=$((passed + 1)); echo "PASS $1: $2"; }

@@ -23,8 +23,7 @@ chmod 755 "$work"   # the postfix user must reach its directories
 pids=()
 cleanup() { postfix_stop "$work/postfix"; for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do python3 -c "import socket; socket.create_connection(('$1',$2),0.2)" 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1:$2" >&2; return 1; }
+source bench/lib/ports.sh
 
 MX_PORT=$(free_port)
 DNS_PORT=$(free_port)

@@ -30,9 +30,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 400); do python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
-now() { date +%s.%N; }
+source bench/lib/ports.sh
 
 git worktree add -q --detach "$work/base" "$BASE"
 # A target directory of its own: the base's workspace crates have the same names and

@@ -59,8 +59,7 @@ stop_dovecot() { if [ -n "$dc_dir" ]; then dovecot_stop "$dc_dir"; wait_gone "$d
 cleanup() { stop_ringmail; stop_dovecot; rm -rf "$work"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 600); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
+source bench/lib/ports.sh
 # Dovecot's master removes its pid file when it has stopped.
 wait_gone() { for _ in $(seq 1 200); do [ -f "$1/run/master.pid" ] || return 0; sleep 0.05; done; }
 json() { python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d[sys.argv[2]])' "$1" "$2"; }

@@ -19,8 +19,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+source bench/lib/ports.sh
 SINK=$(free_port); PORT=$(free_port)
 target/release/ringmail-sink --listen "127.0.0.1:$SINK" --tempfail "$DEFER" > "$work/sink.json" 2>/dev/null & pids+=($!)
 wait_port "$SINK"

@@ -25,7 +25,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/lib/ports.sh
 
 record=$($R dkim generate ringmail-load.test --selector s1 --data "$work/keys" 2>"$work/key.path")
 key=$(tail -1 "$work/key.path")
