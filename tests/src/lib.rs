@@ -11,6 +11,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Every listener flag of `serve`, each given port 0 by the tests: the server binds
+/// a free port itself and reports it (a port picked here and passed on could be
+/// taken by someone else in between).
+pub const LISTENERS: [&str; 6] = [
+    "--smtp",
+    "--pop3",
+    "--smtps",
+    "--pop3s",
+    "--submission",
+    "--admin",
+];
+
+/// `serve` arguments putting every listener on a free loopback port.
+pub fn port_zero_listeners() -> Vec<&'static str> {
+    LISTENERS
+        .into_iter()
+        .flat_map(|flag| [flag, "127.0.0.1:0"])
+        .collect()
+}
+
 /// The server binary under test. Cargo builds the package's binaries before it runs
 /// its integration tests, into the directory above the tests' own `deps/`.
 pub fn binary() -> PathBuf {
@@ -147,12 +167,9 @@ impl Server {
             .arg("serve")
             .arg("--data")
             .arg(&self.data)
-            // Port 0: the server binds a free port itself and reports it (a port picked
-            // here and passed on could be taken by someone else in between).
-            .arg("--smtp")
-            .arg("127.0.0.1:0")
+            // Port 0 for every listener the test does not place itself.
             .args(
-                ["--pop3", "--smtps", "--pop3s", "--submission", "--admin"]
+                LISTENERS
                     .into_iter()
                     .filter(|flag| !self.args.iter().any(|a| a == flag))
                     .flat_map(|flag| [flag, "127.0.0.1:0"]),

@@ -67,22 +67,7 @@ fn systemd_hears_ready_and_stopping() {
         .arg("--data")
         .arg(tmp.path().join("data"))
         .args(["--dns", "127.0.0.1:9"])
-        .args([
-            "--smtp",
-            "127.0.0.1:0",
-            "--pop3",
-            "127.0.0.1:0",
-            "--smtps",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--pop3s",
-            "127.0.0.1:0",
-            "--submission",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
+        .args(ringmail_tests::port_zero_listeners())
         .env("NOTIFY_SOCKET", &path)
         .stderr(std::process::Stdio::null())
         .spawn()

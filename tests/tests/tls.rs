@@ -289,15 +289,8 @@ fn certificate_settings_that_cannot_work_stop_the_server_with_a_clear_error() {
             .arg("serve")
             .arg("--data")
             .arg(&data)
-            .args([
-                "--smtp",
-                "127.0.0.1:0",
-                "--pop3",
-                "127.0.0.1:0",
-                "--smtps",
-                "127.0.0.1:0",
-            ])
-            .args(["--pop3s", "127.0.0.1:0", "--dns", "127.0.0.1:9"])
+            .args(ringmail_tests::port_zero_listeners())
+            .args(["--dns", "127.0.0.1:9"])
             .args(extra)
             .output()
             .unwrap();
