@@ -37,6 +37,28 @@ const UNSERVED_RETRY_MS: u64 = 60_000;
 /// The destination key of local recipients (no domain name is empty).
 const LOCAL_KEY: &str = "";
 
+/// What an attempt made of a recipient, as the delivery log line names it
+/// (`status=sent`, …) and the metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Sent,
+    Deferred,
+    Bounced,
+    /// Deferred past the queue lifetime: failed, and counted as bounced too.
+    Expired,
+}
+
+impl Fate {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fate::Sent => "sent",
+            Fate::Deferred => "deferred",
+            Fate::Bounced => "bounced",
+            Fate::Expired => "expired",
+        }
+    }
+}
+
 pub struct Delivery {
     /// Replaced by a reload (`reload`), with what is built from it.
     cfg: RefCell<Rc<Config>>,
@@ -534,24 +556,24 @@ impl Delivery {
         let delay_s = now.saturating_sub(env.received_at_ms) as f64 / 1000.0;
         let mut failures = Vec::new();
         let mut updates = Vec::with_capacity(rcpts.len());
-        // Counted once the outcomes are on record: (word, first attempt).
-        let mut counted: Vec<(&'static str, bool)> = Vec::with_capacity(rcpts.len());
+        // Counted once the outcomes are on record: (fate, first attempt).
+        let mut counted: Vec<(Fate, bool)> = Vec::with_capacity(rcpts.len());
         // One draw for the attempt: its deferred recipients come back together.
         let jitter = random_u64();
         for (k, result) in outcome.results.into_iter().enumerate() {
             let i = rcpts[k];
             let attempts = queued.rcpt.get(i as usize).map_or(0, |r| r.attempts) + 1;
             let to = &env.recipients[i as usize];
-            let (status, next, reply, word) = match result {
-                RcptResult::Delivered(r) => (RcptStatus::Delivered, 0, r, "sent"),
-                RcptResult::Failed(r) => (RcptStatus::Failed, 0, r, "bounced"),
+            let (status, next, reply, fate) = match result {
+                RcptResult::Delivered(r) => (RcptStatus::Delivered, 0, r, Fate::Sent),
+                RcptResult::Failed(r) => (RcptStatus::Failed, 0, r, Fate::Bounced),
                 RcptResult::Deferred(r) => {
                     match self
                         .cfg()
                         .retry
                         .next(attempts, env.received_at_ms, now, jitter)
                     {
-                        Next::RetryAt(t) => (RcptStatus::Deferred, t, r, "deferred"),
+                        Next::RetryAt(t) => (RcptStatus::Deferred, t, r, Fate::Deferred),
                         Next::Expire => {
                             let text = format!(
                                 "message expired after {attempts} attempts; last: {}",
@@ -565,17 +587,17 @@ impl Delivery {
                                     text,
                                     enhanced: Some((5, 4, 7)),
                                 },
-                                "expired",
+                                Fate::Expired,
                             )
                         }
                     }
                 }
             };
-            tracing::info!(id = %idt, to = %format!("<{}>", to.address), relay = %relay, tls = %outcome.tls.as_deref().unwrap_or("none"), delay = delay_s, attempts, status = %format!("{word} ({})", reply.to_line()), "delivery");
+            tracing::info!(id = %idt, to = %format!("<{}>", to.address), relay = %relay, tls = %outcome.tls.as_deref().unwrap_or("none"), delay = delay_s, attempts, status = %format!("{} ({})", fate.as_str(), reply.to_line()), "delivery");
             if status == RcptStatus::Failed {
                 failures.push((to.clone(), reply.clone(), outcome.relay.clone()));
             }
-            counted.push((word, attempts == 1));
+            counted.push((fate, attempts == 1));
             updates.push(RcptUpdate {
                 id,
                 rcpt: i,
@@ -606,16 +628,16 @@ impl Delivery {
                 let since = Duration::from_millis(now.saturating_sub(env.received_at_ms));
                 let local = domain == LOCAL_KEY;
                 crate::metrics::count(|c| {
-                    for (word, first) in &counted {
-                        let delivered = *word == "sent";
-                        match *word {
-                            "sent" => c.recipients_delivered += 1,
-                            "deferred" => c.recipients_deferred += 1,
-                            "expired" => {
+                    for (fate, first) in &counted {
+                        let delivered = *fate == Fate::Sent;
+                        match fate {
+                            Fate::Sent => c.recipients_delivered += 1,
+                            Fate::Deferred => c.recipients_deferred += 1,
+                            Fate::Expired => {
                                 c.recipients_expired += 1;
                                 c.recipients_bounced += 1;
                             }
-                            _ => c.recipients_bounced += 1,
+                            Fate::Bounced => c.recipients_bounced += 1,
                         }
                         if delivered && local {
                             c.recipients_delivered_local += 1;
@@ -627,7 +649,7 @@ impl Delivery {
                             c.delivery_end_to_end.observe(since);
                         }
                     }
-                    if !local && counted.iter().any(|(w, _)| *w == "sent") {
+                    if !local && counted.iter().any(|(f, _)| *f == Fate::Sent) {
                         c.bytes_out += message.len() as u64;
                     }
                 });
