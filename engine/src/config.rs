@@ -56,6 +56,7 @@ pub struct Config {
     pub mail_auth: crate::mailauth::MailAuthSettings,
     /// Offer SMTP AUTH before TLS too.
     pub smtp_auth_without_tls: bool,
+    pub pop3_auth_without_tls: bool,
     /// An authenticated SMTP client's MAIL FROM must be its own address or an alias.
     pub sender_login_match: bool,
     pub local_domains: Vec<String>,
@@ -114,6 +115,7 @@ impl Default for Config {
             dkim: Vec::new(),
             mail_auth: crate::mailauth::MailAuthSettings::default(),
             smtp_auth_without_tls: false,
+            pop3_auth_without_tls: false,
             sender_login_match: true,
             local_domains: vec!["localhost".into()],
             relay_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
@@ -323,6 +325,17 @@ where
     T: PartialOrd + fmt::Display + Copy + 'static,
 {
     Rule::new(format!("at least {lo}"), move |v| *v >= lo)
+}
+
+/// RFC 1939 section 3: a POP3 inactivity timer "MUST be of at least 10 minutes'
+/// duration".
+const POP3_IDLE_SECS_MIN: u64 = 600;
+
+fn pop3_idle_seconds() -> Rule<u64> {
+    Rule::new(
+        format!("{POP3_IDLE_SECS_MIN} to {DURATION_SECS_MAX} (seconds)"),
+        |v| (POP3_IDLE_SECS_MIN..=DURATION_SECS_MAX).contains(v),
+    )
 }
 
 /// A duration in whole seconds: 1 s to a year.
@@ -729,7 +742,7 @@ settings! {
     /// asks for at least 10 minutes); nothing it marked deleted is expunged then.
     #[arg(long)]
     pop3_idle_timeout: u64, aliases [],
-    rule seconds(),
+    rule pop3_idle_seconds(),
     get |c| Some(c.pop3_idle_timeout.as_secs()),
     set |c, v| c.pop3_idle_timeout = secs(v);
 
@@ -862,6 +875,15 @@ settings! {
     rule anything("true or false"),
     get |c| Some(c.smtp_auth_without_tls),
     set |c, v| c.smtp_auth_without_tls = v;
+
+    /// Take POP3 passwords (USER/PASS, AUTH PLAIN) before STLS too; off: they are
+    /// neither offered nor accepted without TLS (RFC 2595 section 6), except from a
+    /// loopback address, which never crosses a network (Dovecot's rule).
+    #[arg(long)]
+    pop3_auth_without_tls: bool, aliases [],
+    rule anything("true or false"),
+    get |c| Some(c.pop3_auth_without_tls),
+    set |c, v| c.pop3_auth_without_tls = v;
 
     /// An authenticated SMTP client's MAIL FROM must be its own address or an alias
     /// of it (Postfix's reject_sender_login_mismatch); `<>` is always allowed.
@@ -1450,6 +1472,15 @@ mod tests {
         assert_eq!(c.connections_per_destination_max, 4);
         assert_eq!(c.deliveries_per_shard_max, 9);
         assert_eq!(c.log_zero_ahead, !ZERO_AHEAD_DEFAULT);
+    }
+
+    #[test]
+    fn a_pop3_idle_timer_is_at_least_ten_minutes() {
+        let e = flag_error(&["--pop3-idle-timeout", "599"]);
+        assert!(e.contains("600 to"), "{e}");
+        let s = flags(&["--pop3-idle-timeout", "600"]);
+        let c = Settings::layered(None, s).unwrap().to_config().unwrap();
+        assert_eq!(c.pop3_idle_timeout, Duration::from_secs(600));
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub const RELOADABLE: &[&str] = &[
     "connections-max",
     "pop3-idle-timeout",
     "smtp-auth-without-tls",
+    "pop3-auth-without-tls",
     "sender-login-match",
     "route",
     "mx-port",
@@ -58,6 +59,7 @@ pub fn apply(running: &Config, new: &Config) -> Config {
     c.connections_per_shard_max = new.connections_per_shard_max;
     c.pop3_idle_timeout = new.pop3_idle_timeout;
     c.smtp_auth_without_tls = new.smtp_auth_without_tls;
+    c.pop3_auth_without_tls = new.pop3_auth_without_tls;
     c.sender_login_match = new.sender_login_match;
     c.routes = new.routes.clone();
     c.mx_port = new.mx_port;
@@ -249,6 +251,7 @@ mod tests {
             ("connections-max", "connections-max = 5"),
             ("pop3-idle-timeout", "pop3-idle-timeout = 700"),
             ("smtp-auth-without-tls", "smtp-auth-without-tls = true"),
+            ("pop3-auth-without-tls", "pop3-auth-without-tls = true"),
             ("sender-login-match", "sender-login-match = false"),
             ("route", "route = [\"x.test=127.0.0.2:25\"]"),
             ("mx-port", "mx-port = 2525"),

@@ -101,6 +101,7 @@ impl Pop3 {
         let core = core::Config {
             hostname: cfg.hostname.clone(),
             stls: true,
+            output_bytes_max: OUTPUT_BYTES_MAX,
             ..core::Config::default()
         };
         Rc::new(Pop3 {
@@ -186,7 +187,10 @@ impl Pop3 {
     }
 
     async fn converse(&self, stream: &mut Stream, peer: SocketAddr, held: &mut Option<Held>) {
-        let mut s = Session::new(self.core.clone());
+        let mut s = Session::new(core::Config {
+            cleartext_auth: self.cfg().pop3_auth_without_tls || is_loopback(peer.ip()),
+            ..self.core.clone()
+        });
         if stream.is_tls() {
             s.set_tls();
         }
@@ -195,6 +199,14 @@ impl Pop3 {
             loop {
                 match s.process() {
                     Step::NeedInput => break,
+                    // Replies to a long pipeline (UIDL after UIDL…) go out as they
+                    // grow, so the socket's backpressure bounds them.
+                    Step::Flush => {
+                        if self.send(stream, s.output().to_vec()).await.is_err() {
+                            return;
+                        }
+                        s.clear_output();
+                    }
                     Step::Close => {
                         let _ = self.send(stream, s.output().to_vec()).await;
                         return;
@@ -208,9 +220,9 @@ impl Pop3 {
                         let Some(item) = h.opened.items.get(index).copied() else {
                             return;
                         };
-                        // The replies before it and its +OK line go out with the text.
+                        // The replies before it and its +OK line go out with the text;
+                        // they stay in `output()` until some of it went.
                         let head = s.output().to_vec();
-                        s.clear_output();
                         let reading = self.reading(h, index).await;
                         let sent = match reading {
                             Ok(reading) => {
@@ -220,7 +232,13 @@ impl Pop3 {
                             Err(e) => Err(e),
                         };
                         match sent {
-                            Ok(()) => {}
+                            Ok(()) => s.clear_output(),
+                            // Nothing went: the +OK becomes -ERR [SYS/TEMP].
+                            Err(Failed::Unsent(e)) => {
+                                tracing::warn!(uid = item.uid, error = %e, client = %peer, "pop3: cannot read a message, refused it");
+                                s.retrieve_failed();
+                                continue;
+                            }
                             // The client hung up or stopped reading.
                             Err(Failed::Client(e)) => {
                                 tracing::debug!(uid = item.uid, error = %e, client = %peer, "pop3: client gone during retrieve");
@@ -265,14 +283,6 @@ impl Pop3 {
                         }
                         s.quit_done(r.is_ok());
                     }
-                }
-                // Replies to a long pipeline (UIDL after UIDL…) go out as they grow,
-                // so the socket's backpressure bounds them.
-                if s.output().len() >= OUTPUT_BYTES_MAX {
-                    if self.send(stream, s.output().to_vec()).await.is_err() {
-                        return;
-                    }
-                    s.clear_output();
                 }
             }
             if !s.output().is_empty() {
@@ -441,12 +451,12 @@ impl Pop3 {
         } else {
             reading.head().await
         }
-        .map_err(Failed::store)?;
+        .map_err(Failed::unsent)?;
         let (envelope, trace) = record
             .get(RECORD_HEADER_BYTES..r.body_offset as usize)
             .ok_or("short record")
             .and_then(ringmail_store::message::decode_head)
-            .map_err(Failed::store)?;
+            .map_err(Failed::unsent)?;
         let mut filter = match lines {
             None => Filter::All(Stuffer::new()),
             Some(n) => Filter::Top(Top::new(n)),
@@ -458,22 +468,27 @@ impl Pop3 {
         if whole {
             let body = record
                 .get(r.body_offset as usize..(r.body_offset + r.body_len) as usize)
-                .ok_or_else(|| Failed::Store("short record".into()))?;
+                .ok_or_else(|| Failed::unsent("short record"))?;
             if more {
                 filter.push(body, &mut out);
             }
         } else {
             let mut pieces = reading
                 .pieces(0..r.body_len as u64, SEND_BYTES)
-                .map_err(Failed::store)?;
+                .map_err(Failed::unsent)?;
+            let mut sent_any = false;
             while more {
                 let Some(piece) = pieces.next().await else {
                     break;
                 };
-                let piece = piece.map_err(Failed::store)?;
+                let piece = piece.map_err(|e| match sent_any {
+                    false => Failed::unsent(e),
+                    true => Failed::store(e),
+                })?;
                 more = filter.push(&piece, &mut out);
                 if out.len() >= SEND_BYTES {
                     let full = std::mem::replace(&mut out, Vec::with_capacity(SEND_BYTES + 64));
+                    sent_any = true;
                     stream
                         .send(SendBuf::Owned(full), true, self.cfg().idle_timeout)
                         .await
@@ -486,9 +501,24 @@ impl Pop3 {
     }
 }
 
-/// Why a RETR or TOP stopped after its +OK.
+/// A loopback peer, IPv4-mapped ones included: its passwords never cross a network.
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+    }
+}
+
+/// Why a RETR or TOP failed.
 enum Failed {
-    /// The message could not be read: the server's trouble, logged as a warning.
+    /// The message could not be read and nothing of the reply was sent: the client
+    /// gets -ERR [SYS/TEMP] and the session goes on.
+    Unsent(String),
+    /// The message could not be read after part of it was sent: the server's
+    /// trouble, logged as a warning; the connection closes (nothing else tells the
+    /// client the text is not whole).
     Store(String),
     /// The send failed: the client went away or stopped reading.
     Client(std::io::Error),
@@ -497,6 +527,10 @@ enum Failed {
 impl Failed {
     fn store(e: impl std::fmt::Display) -> Failed {
         Failed::Store(e.to_string())
+    }
+
+    fn unsent(e: impl std::fmt::Display) -> Failed {
+        Failed::Unsent(e.to_string())
     }
 }
 
@@ -522,6 +556,19 @@ impl Filter {
         match self {
             Filter::All(s) => s.finish(out),
             Filter::Top(t) => t.finish(out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_peers_in_either_family() {
+        for ip in ["127.0.0.1", "127.0.0.3", "::1", "::ffff:127.0.0.1"] {
+            assert!(super::is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["192.0.2.1", "::ffff:192.0.2.1", "2001:db8::1"] {
+            assert!(!super::is_loopback(ip.parse().unwrap()), "{ip}");
         }
     }
 }

@@ -34,6 +34,16 @@ pub struct Config {
     pub stls: bool,
     /// Accept USER/PASS (RFC 1939 section 7).
     pub user_pass: bool,
+    /// Accept passwords (USER/PASS, AUTH PLAIN) without TLS. When false they are
+    /// neither advertised nor accepted until STLS or on an implicit-TLS connection
+    /// (RFC 2595 section 6: a server MUST offer a configuration that does not permit
+    /// plaintext passwords without TLS).
+    pub cleartext_auth: bool,
+    /// Once this many reply bytes are waiting in `output()`, `process()` returns
+    /// [`Step::Flush`] before it handles another command: a pipeline of UIDL after
+    /// UIDL (RFC 2449 lets a client send any number at once) never piles up more
+    /// than this and one reply.
+    pub output_bytes_max: usize,
 }
 
 impl Default for Config {
@@ -45,6 +55,8 @@ impl Default for Config {
             error_count_max: 20,
             stls: false,
             user_pass: true,
+            cleartext_auth: true,
+            output_bytes_max: 64 << 10,
         }
     }
 }
@@ -82,11 +94,16 @@ pub enum Step {
     /// Send message `index` (0-based into the login's messages): the status line is
     /// already in `output()`; write it, `clear_output()`, stream the message through a
     /// [`Stuffer`](super::Stuffer) (`lines` None, RETR) or a [`Top`](super::Top)
-    /// (`lines` Some, TOP), finish it, then call `retrieved()`.
+    /// (`lines` Some, TOP), finish it, then call `retrieved()`; or, when the message
+    /// cannot be read before anything was written, leave `output()` as it is and call
+    /// `retrieve_failed()`.
     Retrieve { index: usize, lines: Option<u64> },
     /// QUIT in TRANSACTION: expunge these messages (0-based, ascending), then call
     /// `quit_done()`.
     Quit { deleted: Vec<usize> },
+    /// Write `output()`, `clear_output()`, then call `process()` again (the
+    /// replies reached `Config::output_bytes_max`; more commands are buffered).
+    Flush,
     /// Write `output()` and close the connection.
     Close,
 }
@@ -96,6 +113,7 @@ impl fmt::Debug for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Step::NeedInput => f.write_str("NeedInput"),
+            Step::Flush => f.write_str("Flush"),
             Step::Authenticate { user, .. } => f
                 .debug_struct("Authenticate")
                 .field("user", user)
@@ -157,6 +175,8 @@ pub struct Session {
     cfg: Config,
     state: State,
     waiting: Option<Waiting>,
+    /// Where in `out` the status line of the outstanding retrieve begins.
+    status_at: usize,
     out: Vec<u8>,
     /// Complete lines not handled yet.
     input: VecDeque<Input>,
@@ -191,6 +211,7 @@ impl Session {
             cfg,
             state: State::Authorization,
             waiting: None,
+            status_at: 0,
             out: Vec::with_capacity(512),
             input: VecDeque::new(),
             partial: Vec::new(),
@@ -285,7 +306,8 @@ impl Session {
     }
 
     /// Handles buffered lines, in order, until one needs the driver (the returned
-    /// step), the input runs out (NeedInput) or the session closes (Close). While an
+    /// step), the replies waiting reach `Config::output_bytes_max` (Flush), the input
+    /// runs out (NeedInput) or the session closes (Close). While an
     /// answer (`login`, `retrieved`, `quit_done`, `tls_started`) is outstanding it
     /// handles nothing and returns NeedInput.
     pub fn process(&mut self) -> Step {
@@ -295,6 +317,12 @@ impl Session {
             }
             if self.waiting.is_some() {
                 return Step::NeedInput;
+            }
+            if self.input.is_empty() {
+                return Step::NeedInput;
+            }
+            if self.out.len() >= self.cfg.output_bytes_max {
+                return Step::Flush;
             }
             let Some(input) = self.input.pop_front() else {
                 return Step::NeedInput;
@@ -356,6 +384,22 @@ impl Session {
         if self.waiting == Some(Waiting::Retrieve) {
             self.waiting = None;
         }
+    }
+
+    /// Instead of `retrieved()`: the message could not be read, and none of it (nor
+    /// its status line) was sent; `output()` is as [`Step::Retrieve`] left it. Its
+    /// `+OK` becomes `-ERR [SYS/TEMP]` (RFC 2449 section 8.1.2: the server's trouble,
+    /// worth trying later) and the session goes on. Ignored when no retrieve is
+    /// outstanding.
+    pub fn retrieve_failed(&mut self) {
+        if self.waiting != Some(Waiting::Retrieve) {
+            return;
+        }
+        self.waiting = None;
+        self.out.truncate(self.status_at.min(self.out.len()));
+        self.out.extend_from_slice(
+            b"-ERR [SYS/TEMP] the message cannot be read now, try again later\r\n",
+        );
     }
 
     /// The answer to [`Step::Quit`]: whether every deleted message was expunged.
@@ -530,12 +574,13 @@ impl Session {
             return;
         }
         let auth = self.state == State::Authorization;
+        let passwords = auth && self.passwords_allowed();
         let o = &mut self.out;
         o.extend_from_slice(b"+OK Capability list follows\r\nTOP\r\nUIDL\r\n");
-        if auth && self.cfg.user_pass {
+        if passwords && self.cfg.user_pass {
             o.extend_from_slice(b"USER\r\n");
         }
-        if auth {
+        if passwords {
             o.extend_from_slice(b"SASL PLAIN\r\n");
         }
         o.extend_from_slice(
@@ -548,9 +593,27 @@ impl Session {
         o.extend_from_slice(b".\r\n");
     }
 
+    /// Whether a password may be sent now (under TLS, or when the configuration
+    /// allows it without).
+    fn passwords_allowed(&self) -> bool {
+        self.tls || self.cfg.cleartext_auth
+    }
+
+    /// Refuses a password command before TLS when passwords need it; true if so.
+    fn refused_without_tls(&mut self) -> bool {
+        if self.passwords_allowed() {
+            return false;
+        }
+        self.err("[AUTH] plaintext authentication disallowed without TLS, use STLS");
+        true
+    }
+
     fn user_cmd(&mut self, rest: &[u8]) {
         if !self.cfg.user_pass {
             self.err("USER/PASS not enabled, use AUTH PLAIN");
+            return;
+        }
+        if self.refused_without_tls() {
             return;
         }
         let mut args = args(rest);
@@ -571,6 +634,9 @@ impl Session {
     fn pass(&mut self, password: &[u8]) -> Option<Step> {
         if !self.cfg.user_pass {
             self.err("USER/PASS not enabled, use AUTH PLAIN");
+            return None;
+        }
+        if self.refused_without_tls() {
             return None;
         }
         if self.pending_user.is_none() {
@@ -597,7 +663,10 @@ impl Session {
         let mut args = args(rest);
         let (mech, initial, extra) = (args.next(), args.next(), args.next());
         let Some(mech) = mech else {
-            self.out.extend_from_slice(b"+OK\r\nPLAIN\r\n.\r\n");
+            self.out.extend_from_slice(match self.passwords_allowed() {
+                true => b"+OK\r\nPLAIN\r\n.\r\n",
+                false => b"+OK\r\n.\r\n",
+            });
             return None;
         };
         if extra.is_some() {
@@ -606,6 +675,9 @@ impl Session {
         }
         if !mech.eq_ignore_ascii_case(b"PLAIN") {
             self.err("unsupported authentication mechanism");
+            return None;
+        }
+        if self.refused_without_tls() {
             return None;
         }
         self.pending_user = None;
@@ -662,7 +734,7 @@ impl Session {
             self.err("invalid SASL response");
             return None;
         }
-        if !authzid.is_empty() && authzid != authcid {
+        if !authzid.is_empty() && !authzid.eq_ignore_ascii_case(authcid) {
             self.err("[AUTH] logging in as another user is not allowed");
             return None;
         }
@@ -741,6 +813,7 @@ impl Session {
         };
         let index = self.message(number)?;
         let size = self.messages[index].size;
+        self.status_at = self.out.len();
         self.ok(format_args!("{size} octets"));
         self.waiting = Some(Waiting::Retrieve);
         Some(Step::Retrieve { index, lines: None })
@@ -764,6 +837,7 @@ impl Session {
                 return None;
             }
         };
+        self.status_at = self.out.len();
         self.ok(format_args!(""));
         self.waiting = Some(Waiting::Retrieve);
         Some(Step::Retrieve {

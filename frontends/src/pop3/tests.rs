@@ -79,6 +79,10 @@ impl Driver {
                     self.flush();
                     return;
                 }
+                Step::Flush => {
+                    self.steps.push("flush".to_string());
+                    self.flush();
+                }
                 Step::Authenticate { user, password } => {
                     self.steps.push(format!("auth {user}/{password}"));
                     assert_eq!(self.s.waiting(), Some(Waiting::Login));
@@ -455,6 +459,50 @@ fn user_pass_can_be_turned_off() {
     );
     assert_eq!(
         d.say("AUTH PLAIN AGFsaWNlAHNlY3JldCB3b3Jk\r\n"),
+        "+OK maildrop has 3 messages (126 octets)\r\n"
+    );
+}
+
+#[test]
+fn passwords_can_be_refused_until_tls() {
+    let mut d = Driver::new(Config {
+        cleartext_auth: false,
+        stls: true,
+        ..config()
+    });
+    d.wire.clear();
+    let with_stls = CAPA_AUTHORIZATION.replace(".\r\n", "STLS\r\n.\r\n");
+    assert_eq!(
+        d.say("CAPA\r\n"),
+        with_stls
+            .replace("USER\r\n", "")
+            .replace("SASL PLAIN\r\n", "")
+    );
+    let refused = "-ERR [AUTH] plaintext authentication disallowed without TLS, use STLS\r\n";
+    assert_eq!(d.say("USER alice\r\n"), refused);
+    assert_eq!(d.say("PASS secret word\r\n"), refused);
+    assert_eq!(d.say("AUTH PLAIN AGFsaWNlAHNlY3JldCB3b3Jk\r\n"), refused);
+    assert_eq!(d.say("AUTH\r\n"), "+OK\r\n.\r\n");
+    assert!(d.steps.is_empty(), "no password reached the driver");
+    assert_eq!(d.say("STLS\r\n"), "+OK begin TLS negotiation\r\n");
+    assert_eq!(d.s.waiting(), Some(Waiting::StartTls));
+    d.s.tls_started();
+    d.run();
+    // Under TLS: offered and taken, as always.
+    assert_eq!(d.say("CAPA\r\n"), CAPA_AUTHORIZATION);
+    assert_eq!(
+        d.say("USER alice\r\nPASS secret word\r\n"),
+        "+OK send PASS\r\n+OK maildrop has 3 messages (126 octets)\r\n"
+    );
+}
+
+#[test]
+fn an_authzid_naming_the_same_user_in_another_case_is_that_user() {
+    let mut d = Driver::new(config());
+    d.wire.clear();
+    // "ALICE\0alice\0secret word"
+    assert_eq!(
+        d.say("AUTH PLAIN QUxJQ0UAYWxpY2UAc2VjcmV0IHdvcmQ=\r\n"),
         "+OK maildrop has 3 messages (126 octets)\r\n"
     );
 }
@@ -1161,4 +1209,71 @@ fn random_input_never_panics() {
         assert!(d.wire.starts_with(b"+OK ringmail POP3 ready"));
         assert!(d.wire.ends_with(b"\r\n"));
     }
+}
+
+#[test]
+fn a_long_pipeline_is_answered_in_bounded_pieces() {
+    let mut d = Driver::new(Config {
+        output_bytes_max: 200,
+        ..config()
+    });
+    d.feed(b"USER alice\r\nPASS secret word\r\n");
+    d.steps.clear();
+    let before = d.wire.len();
+    // One write of 40 UIDLs: every reply arrives, in order, and the session hands its
+    // replies out whenever they pass the limit instead of holding them all.
+    let mut most = 0;
+    d.s.push("UIDL\r\n".repeat(40).as_bytes());
+    loop {
+        let step = d.s.process();
+        most = most.max(d.s.output().len());
+        match step {
+            Step::Flush => d.flush(),
+            Step::NeedInput => {
+                d.flush();
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let one = "+OK unique-id listing follows\r\n1 u-one\r\n2 u-two\r\n3 u-three\r\n.\r\n";
+    assert_eq!(String::from_utf8_lossy(&d.wire[before..]), one.repeat(40));
+    assert!(most < 200 + one.len(), "{most} bytes held");
+}
+
+#[test]
+fn a_message_that_cannot_be_read_is_refused_and_the_session_goes_on() {
+    let mut d = transaction();
+    d.wire.clear();
+    d.s.push(b"DELE 1\r\nRETR 2\r\nTOP 3 0\r\nSTAT\r\n");
+    let Step::Retrieve {
+        index: 1,
+        lines: None,
+    } = d.s.process()
+    else {
+        panic!("RETR 2 wanted")
+    };
+    // Nothing of it was sent: the store failed before.
+    d.s.retrieve_failed();
+    assert_eq!(d.s.waiting(), None);
+    let Step::Retrieve {
+        index: 2,
+        lines: Some(0),
+    } = d.s.process()
+    else {
+        panic!("TOP 3 wanted")
+    };
+    d.s.retrieve_failed();
+    assert!(matches!(d.s.process(), Step::NeedInput));
+    d.flush();
+    assert_eq!(
+        String::from_utf8_lossy(&d.wire),
+        "+OK message 1 deleted\r\n\
+         -ERR [SYS/TEMP] the message cannot be read now, try again later\r\n\
+         -ERR [SYS/TEMP] the message cannot be read now, try again later\r\n\
+         +OK 2 66\r\n"
+    );
+    // Outside a retrieve it changes nothing.
+    d.s.retrieve_failed();
+    assert!(d.s.output().is_empty());
 }
