@@ -41,10 +41,13 @@ pub fn received_header(t: &Trace<'_>) -> String {
             None => format!("[IPv6:{v6}]"),
         },
     };
+    // What could end the comment or the clause early (or the header: `;` starts
+    // its date) becomes `?`; the rest is as the client said it.
     let helo: String = helo
         .chars()
         .map(|c| {
-            if c.is_ascii_graphic() || !c.is_ascii() {
+            let breaks = matches!(c, '(' | ')' | ';' | '\\');
+            if (c.is_ascii_graphic() || !c.is_ascii()) && !breaks && !c.is_control() {
                 c
             } else {
                 '?'
@@ -114,6 +117,15 @@ mod tests {
         assert!(
             a.starts_with("Received: from client.example ([127.0.0.1])\r\n\t(Authenticated sender: bob@b xX-Evil: 1)\r\n\tby mx.local (ringmail) with ESMTPSA id"),
             "{a}"
+        );
+        // A HELO argument cannot close the comment, start the date or fold the line.
+        let h = received_header(&Trace {
+            helo: "evil) (by x; Sat\\",
+            ..t
+        });
+        assert!(
+            h.starts_with("Received: from evil???by?x??Sat? ([127.0.0.1])\r\n"),
+            "{h}"
         );
     }
 }

@@ -79,6 +79,14 @@ pub struct Config {
 /// The longest AUTH command or SASL response line, CRLF included (RFC 4954 §4).
 pub const AUTH_LINE_BYTES_MAX: usize = 12288;
 
+/// What the extensions offered add to the command line limit of MAIL (RFC 5321
+/// §4.5.3.1.4: "SMTP extensions may be used to increase this limit"): SIZE 26
+/// (RFC 1870), ENVID and RET 100 (RFC 3461), AUTH= 500 (RFC 4954), SMTPUTF8 10
+/// (RFC 6531).
+const MAIL_PARAMS_BYTES: usize = 26 + 100 + 500 + 10;
+/// And of RCPT: NOTIFY and ORCPT 500 (RFC 3461 §5).
+const RCPT_PARAMS_BYTES: usize = 500;
+
 /// The driver's answer to `Step::Authenticate`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthVerdict {
@@ -254,8 +262,12 @@ struct Mail {
 /// Where the DATA decoder stands inside the current line.
 #[derive(Debug, Default, Clone, Copy)]
 struct DataLine {
-    /// Octets of the current line seen so far; 0 at the start of a line.
+    /// Octets of the current line seen so far, a dot removed for transparency not
+    /// counted (RFC 5321 §4.5.3.1.6).
     len: usize,
+    /// Something of the current line was seen (its stuffed dot, say): a dot now is
+    /// text, not the start of a line.
+    started: bool,
     /// The last octet seen was a CR whose LF has not arrived yet.
     cr: bool,
 }
@@ -672,13 +684,18 @@ impl Session {
 
     fn command(&mut self) -> Option<Step> {
         let pending = self.pending();
-        // AUTH carries a SASL initial response (RFC 4954 §4).
-        let max =
-            if self.cfg.auth && pending.len() >= 5 && pending[..5].eq_ignore_ascii_case(b"AUTH ") {
-                AUTH_LINE_BYTES_MAX.max(self.cfg.limits.line_bytes_max)
-            } else {
-                self.cfg.limits.line_bytes_max
-            };
+        let verb = |v: &[u8]| pending.len() >= 5 && pending[..5].eq_ignore_ascii_case(v);
+        let base = self.cfg.limits.line_bytes_max;
+        let max = if self.cfg.auth && verb(b"AUTH ") {
+            // AUTH carries a SASL initial response (RFC 4954 §4).
+            AUTH_LINE_BYTES_MAX.max(base)
+        } else if verb(b"MAIL ") {
+            base + MAIL_PARAMS_BYTES
+        } else if verb(b"RCPT ") {
+            base + RCPT_PARAMS_BYTES
+        } else {
+            base
+        };
         let Some(nl) = memchr::memchr(b'\n', pending) else {
             if pending.len() >= max {
                 self.start = self.end;
@@ -1083,6 +1100,12 @@ impl Session {
                         return self.error("501 5.5.4 Error: bad AUTH= syntax\r\n");
                     }
                 }
+                // A parameter we offer, in the wrong form: a syntax error, not an
+                // unknown parameter (RFC 1870 "SIZE=" size-value, RFC 6531 no value).
+                ("SIZE" | "BODY" | "RET" | "ENVID", None) | ("SMTPUTF8", Some(_)) => {
+                    let r = format!("501 5.5.4 Error: bad {key} syntax\r\n");
+                    return self.error(&r);
+                }
                 _ => {
                     let r = format!(
                         "555 5.5.4 Error: unsupported MAIL parameter {}\r\n",
@@ -1163,7 +1186,9 @@ impl Session {
                             && t.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
                             && !a.is_empty()
                             && a.len() <= 500
-                            && (valid_xtext(a) || smtputf8)
+                            // RFC 6533's utf-8-addr-xtext: printable or UTF-8,
+                            // never a control character.
+                            && (valid_xtext(a) || (smtputf8 && !a.chars().any(char::is_control)))
                     });
                     if !ok {
                         return self.error("501 5.5.4 Error: bad ORCPT syntax\r\n");
@@ -1293,6 +1318,10 @@ impl Session {
         let size = usize::try_from(size).unwrap_or(usize::MAX);
         let valid = self.mail.as_ref().is_some_and(|m| !m.recipients.is_empty());
         if let Some(m) = self.mail.as_mut().filter(|_| valid) {
+            if !m.chunking {
+                // The message's first chunk: its text starts a line.
+                self.line = DataLine::default();
+            }
             m.chunking = true;
         }
         // The chunk is read even when it is refused (RFC 3030 §2): that keeps the
@@ -1311,6 +1340,11 @@ impl Session {
         if take > 0 {
             let (from, to) = (self.start, self.start + take);
             self.start = to;
+            if valid && self.mail.as_ref().unwrap().refusal.is_none() {
+                if let Some(r) = self.scan_text(from, to) {
+                    self.refuse(r);
+                }
+            }
             if valid {
                 let max = self.cfg.limits.message_bytes_max;
                 let mail = self.mail.as_mut().unwrap();
@@ -1341,6 +1375,10 @@ impl Session {
         if !valid {
             self.error("503 5.5.1 Error: BDAT needs MAIL and RCPT first\r\n");
             return None;
+        }
+        if last && self.line.cr {
+            // The text ends in a CR without its LF.
+            self.refuse(Refusal::BareNewline);
         }
         let refusal = self.mail.as_ref().unwrap().refusal;
         match (refusal, last) {
@@ -1381,12 +1419,13 @@ impl Session {
                     self.count_data(1);
                     self.start += 1;
                     self.line.len = 0;
+                    self.line.started = false;
                     continue;
                 }
                 self.refuse(Refusal::BareNewline);
             }
             let pending = &self.input[self.start..self.end];
-            if self.line.len == 0 && first == b'.' {
+            if !self.line.started && first == b'.' {
                 match (pending.get(1), pending.get(2)) {
                     (None, _) | (Some(b'\r'), None) => return Some(Step::NeedInput),
                     (Some(b'\r'), Some(b'\n')) => {
@@ -1395,10 +1434,11 @@ impl Session {
                         return self.end_of_data(dot);
                     }
                     _ => {
-                        // Dot-stuffing: the dot is not part of the message but is part
-                        // of the line's length.
+                        // Dot-stuffing: the dot is neither part of the message nor of
+                        // the line's length (RFC 5321 §4.5.3.1.6: "not counting the
+                        // leading dot duplicated for transparency").
                         self.start += 1;
-                        self.line.len = 1;
+                        self.line.started = true;
                         continue;
                     }
                 }
@@ -1409,6 +1449,7 @@ impl Session {
             };
             self.start += n;
             self.line.len += n;
+            self.line.started = true;
             self.count_data(n);
             match stop {
                 Some(b'\r') => self.line.cr = true,
@@ -1432,6 +1473,48 @@ impl Session {
     }
 
     /// Marks the message refused; it is still read to its end, then answered.
+    /// BDAT's text (without BINARYMIME, which is not offered, a chunk is text as
+    /// DATA's is) gets DATA's checks: a CR or LF alone, or a line over the limit,
+    /// refuses the message (a bare CR or LF relayed on by DATA to a next hop that
+    /// reads it as a line end is what SMTP smuggling builds on). Lines continue
+    /// across chunks in `self.line`.
+    fn scan_text(&mut self, from: usize, to: usize) -> Option<Refusal> {
+        let max = self.cfg.limits.data_line_bytes_max;
+        let mut i = from;
+        while i < to {
+            let rest = &self.input[i..to];
+            if self.line.cr {
+                self.line.cr = false;
+                if rest[0] != b'\n' {
+                    return Some(Refusal::BareNewline);
+                }
+                self.line.len += 1;
+                if self.line.len > max {
+                    return Some(Refusal::LineTooLong);
+                }
+                self.line.len = 0;
+                i += 1;
+                continue;
+            }
+            match memchr::memchr2(b'\r', b'\n', rest) {
+                None => {
+                    self.line.len += rest.len();
+                    i = to;
+                }
+                Some(k) if rest[k] == b'\n' => return Some(Refusal::BareNewline),
+                Some(k) => {
+                    self.line.len += k + 1;
+                    self.line.cr = true;
+                    i += k + 1;
+                }
+            }
+            if self.line.len > max {
+                return Some(Refusal::LineTooLong);
+            }
+        }
+        None
+    }
+
     fn refuse(&mut self, why: Refusal) {
         let mail = self.mail.as_mut().unwrap();
         if mail.refusal < Some(why) {

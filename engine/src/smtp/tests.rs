@@ -190,9 +190,16 @@ fn data_line_limit() {
         "220|250|250|250|354|550|250",
         &[],
     );
-    // A stuffed dot counts toward the line length.
+    // A stuffed dot does not count toward the line length (RFC 5321 §4.5.3.1.6);
+    // the line after it starts afresh.
+    let dot_line = format!(".{}", "x".repeat(997));
     check(
-        &format!("{TX}.{ok_line}\r\n.\r\n"),
+        &format!("{TX}.{ok_line}\r\n.{dot_line}\r\n.\r\n"),
+        "220|250|250|250|354|250",
+        &[format!("{ok_line}\r\n{dot_line}\r\n").as_bytes()],
+    );
+    check(
+        &format!("{TX}.x{ok_line}\r\n.\r\n"),
         "220|250|250|250|354|550",
         &[],
     );
@@ -231,10 +238,32 @@ fn size_limits() {
 
 #[test]
 fn bdat_chunks_and_last() {
+    // A CRLF split between two chunks is one line end.
     check(
-        "EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 5\r\nhel\nlBDAT 3 LAST\r\no\r\nQUIT\r\n",
+        "EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 4\r\nhel\rBDAT 5 LAST\r\n\nlo\r\nQUIT\r\n",
         "220|250|250|250|250|250|221",
-        &[b"hel\nlo\r\n"],
+        &[b"hel\r\nlo\r\n"],
+    );
+    // Without BINARYMIME a chunk is text: a bare LF, a CR without its LF (at a
+    // chunk's end too, or the text's), or a line over 1000 octets refuse the message
+    // at LAST, as DATA would (the chunks are still read).
+    for text in ["a\nb\r\n", "a\r", "a\rb\r\n"] {
+        let input = format!(
+            "EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nBDAT {}\r\n{text}BDAT 4 LAST\r\nxy\r\nNOOP\r\n",
+            text.len()
+        );
+        let want = if text == "a\r" {
+            "220|250|250|250|250|550|250"
+        } else {
+            "220|250|250|250|550|550|250"
+        };
+        check(&input, want, &[]);
+    }
+    let long = "x".repeat(999);
+    check(
+        &format!("EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 1001 LAST\r\n{long}\r\nNOOP\r\n"),
+        "220|250|250|250|550|250",
+        &[],
     );
     check(
         "EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 0 LAST\r\n",
@@ -375,6 +404,48 @@ fn command_line_limit() {
     check(
         &format!("NOOP {}\r\nNOOP\r\n", "x".repeat(5000)),
         "220|500|250",
+        &[],
+    );
+}
+
+#[test]
+fn mail_and_rcpt_lines_get_the_room_their_parameters_need() {
+    // A long path with an ORCPT of itself: over 512 octets, within 512 + 500
+    // (RFC 3461 §5), as Postfix sends it with DSN.
+    let domain = format!("{0}.{0}.{1}.remote.test", "b".repeat(60), "b".repeat(50));
+    let address = format!("{}@{domain}", "a".repeat(64));
+    let rcpt = format!("RCPT TO:<{address}> NOTIFY=FAILURE ORCPT=rfc822;{address}\r\n");
+    assert!(rcpt.len() > 512 && rcpt.len() <= 1012, "{}", rcpt.len());
+    let input = format!("EHLO c\r\nMAIL FROM:<a@c.test>\r\n{rcpt}");
+    check_with(
+        Limits::default(),
+        true,
+        input.as_bytes(),
+        "220|250|250|250",
+        &[],
+    );
+    // Past what the parameters allow, the line is too long.
+    let mail = format!("MAIL FROM:<a@c.test> ENVID={}\r\n", "e".repeat(1200));
+    check_with(
+        Limits::default(),
+        true,
+        format!("EHLO c\r\n{mail}").as_bytes(),
+        "220|250|500",
+        &[],
+    );
+}
+
+#[test]
+fn offered_parameters_in_the_wrong_form_are_syntax_errors() {
+    let input = "EHLO c\r\nMAIL FROM:<a@c.test> SIZE\r\nMAIL FROM:<a@c.test> RET\r\n\
+                 MAIL FROM:<a@c.test> SMTPUTF8=yes\r\nMAIL FROM:<a@c.test> SMTPUTF8\r\n\
+                 RCPT TO:<b@remote.test> ORCPT=utf-8;b\u{7f}@remote.test\r\n\
+                 RCPT TO:<b@remote.test> ORCPT=utf-8;b\u{e9}@remote.test\r\n";
+    check_with(
+        Limits::default(),
+        true,
+        input.as_bytes(),
+        "220|250|501|501|501|250|501|250",
         &[],
     );
 }
@@ -660,7 +731,9 @@ fn a_hostile_bdat_sequence_holds_memory_in_proportion_to_its_text() {
     let mut want = Vec::new();
     let mut sent = 0;
     for i in 0..2000usize {
-        let range = vec![b'a' + (i % 26) as u8; 512];
+        // Text lines (each "z" starts the next one), under the line limit.
+        let mut range = vec![b'a' + (i % 26) as u8; 510];
+        range.extend_from_slice(b"\r\n");
         let mut input = b"BDAT 512\r\n".to_vec();
         input.extend_from_slice(&range);
         input.extend_from_slice(b"BDAT 1\r\nz");
