@@ -15,6 +15,9 @@ use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// The generation of the settings the server started with.
+pub const STARTING_GENERATION: u64 = 0;
+
 /// Settings a SIGHUP applies (TOML keys). The certificates' contents are re-read too
 /// (`net::certs`); their paths need a restart.
 pub const RELOADABLE: &[&str] = &[
@@ -121,7 +124,7 @@ impl Reloader {
                 config: running,
                 outbound,
             }),
-            generation: AtomicU64::new(0),
+            generation: AtomicU64::new(STARTING_GENERATION),
             taken: AtomicU64::new(0),
             executors: AtomicU64::new(0),
         })

@@ -477,7 +477,9 @@ async fn executor_main(
         let delivery = delivery.clone();
         glommio::spawn_local(async move {
             let mut flushes = FLUSH_REQUESTS.load(Ordering::SeqCst);
-            let mut generation = reloader.generation();
+            // From the settings the executor started with (generation 0): a SIGHUP
+            // taken while it was still recovering is applied at the first poll.
+            let mut generation = crate::reload::STARTING_GENERATION;
             while !shutdown.load(Ordering::SeqCst) {
                 glommio::timer::sleep(SHUTDOWN_POLL).await;
                 let now = FLUSH_REQUESTS.load(Ordering::SeqCst);

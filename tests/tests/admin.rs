@@ -320,6 +320,82 @@ fn hold_release_delete_and_bounce_through_the_api_and_the_cli() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
 
+/// HTTP as RFC 9110/9112 have it: HEAD is GET without the body (the connection
+/// stays in step), a 405 names what the resource takes, a request needs one Host,
+/// and without a token only a loopback Host is served (DNS rebinding).
+#[test]
+fn head_allow_and_host_follow_http() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let server = Server::start(&[]);
+    let raw = std::net::TcpStream::connect(server.admin).unwrap();
+    raw.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut w = raw.try_clone().unwrap();
+    let mut r = BufReader::new(raw);
+    // Reads one answer's head; its Content-Length.
+    let head = |r: &mut BufReader<std::net::TcpStream>| -> (String, usize) {
+        let mut all = String::new();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+            all.push_str(&line);
+            if line == "\r\n" || line.is_empty() {
+                return (all, length);
+            }
+        }
+    };
+    // HEAD then GET on one connection: the HEAD answer has a length and no body.
+    w.write_all(b"HEAD /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /api/v1/queue/summary HTTP/1.1\r\nHost: localhost:8025\r\n\r\n")
+        .unwrap();
+    let (h, n) = head(&mut r);
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert!(n > 0, "{h}");
+    let (h, n) = head(&mut r);
+    assert!(h.starts_with("HTTP/1.1 200"), "the GET after the HEAD: {h}");
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("\"buckets\""));
+    // 405 with Allow; the flush resource takes POST only.
+    for (req, allow) in [
+        ("DELETE /metrics", "GET, HEAD"),
+        ("GET /api/v1/queue/flush", "POST"),
+        ("GET /api/v1/queue/0100000000000001/hold", "POST"),
+    ] {
+        write!(w, "{req} HTTP/1.1\r\nHost: [::1]:1\r\n\r\n").unwrap();
+        let (h, n) = head(&mut r);
+        assert!(h.starts_with("HTTP/1.1 405"), "{req}: {h}");
+        assert!(h.contains(&format!("Allow: {allow}\r\n")), "{req}: {h}");
+        let mut body = vec![0u8; n];
+        r.read_exact(&mut body).unwrap();
+    }
+    // A Host that is not the loopback: a page that rebound a name to 127.0.0.1.
+    w.write_all(b"GET /api/v1/queue HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+        .unwrap();
+    let (h, n) = head(&mut r);
+    assert!(h.starts_with("HTTP/1.1 403"), "{h}");
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).unwrap();
+    // No Host at all in HTTP/1.1: 400, and the connection closes.
+    w.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let (h, _) = head(&mut r);
+    assert!(h.starts_with("HTTP/1.1 400"), "{h}");
+    // `Connection` is a list: `keep-alive, close` closes.
+    let mut raw = std::net::TcpStream::connect(server.admin).unwrap();
+    raw.write_all(
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive, close\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    raw.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    raw.read_to_end(&mut answer).unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+}
+
 #[test]
 fn a_configured_token_is_required_on_every_request() {
     let token = "0123456789abcdef-token";

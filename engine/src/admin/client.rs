@@ -13,6 +13,12 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// Where the running server's admin API listens (`DATA/admin.addr`, written at
 /// start), if one runs on this data directory.
 pub fn running(data: &Path) -> Option<SocketAddr> {
+    // No server holds the data directory's lock: a left `admin.addr` names a port
+    // someone else may listen on now, who must not get the token or the request.
+    // (When the lock cannot be tried, for want of permission say, the file decides.)
+    if let Ok(Some(_free)) = crate::accounts::try_lock(data) {
+        return None;
+    }
     let text = std::fs::read_to_string(crate::runtime::admin_addr_file(data)).ok()?;
     let addr: SocketAddr = text.trim().parse().ok()?;
     // A file left by a server that was killed: nobody answers there.

@@ -13,6 +13,9 @@ pub const HEAD_BYTES_MAX: usize = 16 << 10;
 /// the query, so bodies are small.
 pub const BODY_BYTES_MAX: usize = 64 << 10;
 const HEADERS_MAX: usize = 32;
+/// A request must be whole (head and body) this long after its first byte arrived,
+/// else 408: a client trickling a byte at a time cannot hold a connection for long.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Request {
     pub method: String,
@@ -26,6 +29,10 @@ pub struct Request {
     pub close: bool,
     /// An `Origin` header came with it (a browser's request).
     pub origin: bool,
+    /// The `Host` header's value (an HTTP/1.1 request has exactly one).
+    pub host: Option<String>,
+    /// HEAD: answered as GET, without the body (RFC 9110 §9.3.2).
+    pub head_only: bool,
 }
 
 impl Request {
@@ -51,6 +58,8 @@ pub enum Read {
 /// last request (pipelining).
 pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, idle: Duration) -> Read {
     let mut chunk = [0u8; 4096];
+    // When the request's first byte was there (pipelined bytes count from now).
+    let mut began = (!buf.is_empty()).then(std::time::Instant::now);
     loop {
         let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
         let mut req = httparse::Request::new(&mut headers);
@@ -60,12 +69,25 @@ pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, idle: Durat
                 head_of(&req),
                 content_length(&req),
                 req.version == Some(0),
+                req.headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("host"))
+                    .count(),
             ))),
             Ok(httparse::Status::Partial) => Ok(None),
-            Err(_) => Err(()),
+            Err(httparse::Error::TooManyHeaders) => Err(431),
+            Err(_) => Err(400),
         };
         match parsed {
-            Ok(Some((head, parsed, length, http10))) => {
+            Ok(Some((head, parsed, length, http10, hosts))) => {
+                if head > HEAD_BYTES_MAX {
+                    return Read::Bad(431, "request head too large");
+                }
+                // RFC 9112 §3.2: an HTTP/1.1 request without a Host header, or with
+                // more than one, is answered 400.
+                if hosts > 1 || (hosts == 0 && !http10) {
+                    return Read::Bad(400, "a request needs exactly one Host header");
+                }
                 let length = match length {
                     Ok(n) => n,
                     Err(why) => return Read::Bad(400, why),
@@ -79,8 +101,9 @@ pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, idle: Durat
                 // The body (unused by this API) is read and dropped, so the next
                 // request starts where it should.
                 while buf.len() < head + length {
-                    match receive(stream, &mut chunk, idle).await {
+                    match receive(stream, &mut chunk, wait(began, idle)).await {
                         Some(n) => buf.extend_from_slice(&chunk[..n]),
+                        None if late(began) => return Read::Bad(408, "request not whole in time"),
                         None => return Read::Closed,
                     }
                 }
@@ -92,13 +115,32 @@ pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, idle: Durat
                 return Read::Bad(431, "request head too large");
             }
             Ok(None) => {}
-            Err(()) => return Read::Bad(400, "malformed request"),
+            Err(431) => return Read::Bad(431, "too many header fields"),
+            Err(_) => return Read::Bad(400, "malformed request"),
         }
-        match receive(stream, &mut chunk, idle).await {
-            Some(n) => buf.extend_from_slice(&chunk[..n]),
+        match receive(stream, &mut chunk, wait(began, idle)).await {
+            Some(n) => {
+                began.get_or_insert_with(std::time::Instant::now);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            None if late(began) => return Read::Bad(408, "request not whole in time"),
             None => return Read::Closed,
         }
     }
+}
+
+/// How long to wait for the next bytes: `idle` between requests, what is left of
+/// `REQUEST_TIMEOUT` inside one.
+fn wait(began: Option<std::time::Instant>, idle: Duration) -> Duration {
+    match began {
+        None => idle,
+        Some(t) => REQUEST_TIMEOUT.saturating_sub(t.elapsed()).min(idle),
+    }
+}
+
+/// Whether the request under way has run out of time.
+fn late(began: Option<std::time::Instant>) -> bool {
+    began.is_some_and(|t| t.elapsed() >= REQUEST_TIMEOUT)
 }
 
 async fn receive(stream: &mut TcpStream, chunk: &mut [u8], idle: Duration) -> Option<usize> {
@@ -155,9 +197,20 @@ fn head_of(req: &httparse::Request) -> Option<Request> {
                 .eq_ignore_ascii_case("bearer")
                 .then(|| token.trim().to_string())
         });
-    let close = header(req, "connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
+    // RFC 9110 §7.6.1: a list of options, in one or more fields.
+    let close = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| h.value.split(|b| *b == b','))
+        .any(|o| o.trim_ascii().eq_ignore_ascii_case(b"close"));
+    let method = req.method?;
     Some(Request {
-        method: req.method?.to_string(),
+        head_only: method == "HEAD",
+        method: method.to_string(),
+        host: header(req, "host")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(|v| v.trim().to_string()),
         path: path.to_string(),
         query: form_urlencoded::parse(query.as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -175,6 +228,8 @@ pub struct Response {
     pub body: Vec<u8>,
     /// `WWW-Authenticate: Bearer` (401).
     pub challenge: bool,
+    /// The methods a 405's resource takes (RFC 9110 §15.5.6: its `Allow`).
+    pub allow: Option<&'static str>,
 }
 
 impl Response {
@@ -186,6 +241,15 @@ impl Response {
             content_type: "application/json",
             body,
             challenge: false,
+            allow: None,
+        }
+    }
+
+    /// 405 for a resource that takes `allow`.
+    pub fn not_allowed(allow: &'static str) -> Response {
+        Response {
+            allow: Some(allow),
+            ..Response::error(405, "method not allowed here")
         }
     }
 
@@ -202,6 +266,7 @@ impl Response {
             403 => "Forbidden",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            408 => "Request Timeout",
             409 => "Conflict",
             413 => "Content Too Large",
             431 => "Request Header Fields Too Large",
@@ -211,8 +276,9 @@ impl Response {
         }
     }
 
-    /// Writes the answer; false when the client is gone.
-    pub async fn send(&self, stream: &mut TcpStream, close: bool) -> bool {
+    /// Writes the answer (`head_only`: without the body, its length still said);
+    /// false when the client is gone.
+    pub async fn send(&self, stream: &mut TcpStream, close: bool, head_only: bool) -> bool {
         let mut head = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
             self.status,
@@ -223,12 +289,17 @@ impl Response {
         if self.challenge {
             head.push_str("WWW-Authenticate: Bearer realm=\"ringmail\"\r\n");
         }
+        if let Some(allow) = self.allow {
+            head.push_str(&format!("Allow: {allow}\r\n"));
+        }
         if close {
             head.push_str("Connection: close\r\n");
         }
         head.push_str("\r\n");
         let mut out = head.into_bytes();
-        out.extend_from_slice(&self.body);
+        if !head_only {
+            out.extend_from_slice(&self.body);
+        }
         stream.write_all(&out).await.is_ok() && stream.flush().await.is_ok()
     }
 }

@@ -126,13 +126,15 @@ impl Admin {
             let req = match read {
                 None | Some(Read::Closed) => return,
                 Some(Read::Bad(status, why)) => {
-                    Response::error(status, why).send(&mut stream, true).await;
+                    Response::error(status, why)
+                        .send(&mut stream, true, false)
+                        .await;
                     return;
                 }
                 Some(Read::Request(r)) => r,
             };
             let answer = self.answer(&req).await;
-            if !answer.send(&mut stream, req.close).await || req.close {
+            if !answer.send(&mut stream, req.close, req.head_only).await || req.close {
                 return;
             }
         }
@@ -158,25 +160,33 @@ impl Admin {
         if req.method != "GET" && req.origin {
             return Response::error(403, "requests from a web page (Origin) are refused");
         }
+        // Without a token the listener is on the loopback, and only a loopback name
+        // reaches it honestly: another Host is a web page's DNS rebinding.
+        if self.token.is_none() && !req.host.as_deref().is_none_or(is_loopback_host) {
+            return Response::error(403, "the Host must name the loopback");
+        }
         if !self.authorized(req) {
             let mut r = Response::error(401, "a valid `Authorization: Bearer` token is required");
             r.challenge = true;
             return r;
         }
         let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
-        let result = match (req.method.as_str(), parts.as_slice()) {
+        // HEAD is GET without the body (`send` leaves it out).
+        let method = if req.head_only { "GET" } else { &req.method };
+        const READ: &str = "GET, HEAD";
+        let result = match (method, parts.as_slice()) {
             ("GET", ["metrics"]) => return self.metrics().await,
             ("GET", ["api", "v1", "queue"]) => self.list(req).await,
             ("GET", ["api", "v1", "queue", "summary"]) => self.summary(req).await,
             ("POST", ["api", "v1", "queue", "flush"]) => self.flush(req).await,
+            (_, ["api", "v1", "queue", "flush"]) => Err(Response::not_allowed("POST")),
+            (_, ["api", "v1", "queue", "summary"]) => Err(Response::not_allowed(READ)),
             ("GET", ["api", "v1", "queue", id]) => self.show(id).await,
             ("POST", ["api", "v1", "queue", id, op]) => self.control(req, id, op).await,
-            (_, ["metrics"])
-            | (_, ["api", "v1", "queue"])
-            | (_, ["api", "v1", "queue", _])
-            | (_, ["api", "v1", "queue", _, _]) => {
-                Err(Response::error(405, "method not allowed here"))
+            (_, ["metrics"]) | (_, ["api", "v1", "queue"]) | (_, ["api", "v1", "queue", _]) => {
+                Err(Response::not_allowed(READ))
             }
+            (_, ["api", "v1", "queue", _, _]) => Err(Response::not_allowed("POST")),
             _ => Err(Response::error(404, "no such resource")),
         };
         result.unwrap_or_else(|r| r)
@@ -236,6 +246,7 @@ impl Admin {
                 content_type: expose::CONTENT_TYPE,
                 body: text.into_bytes(),
                 challenge: false,
+                allow: None,
             },
             Err(e) => Response::error(500, &e),
         }
@@ -432,4 +443,17 @@ fn header_section(prefix: &[u8], body: &[u8]) -> String {
     text.extend_from_slice(&head[..end]);
     text.truncate(HEADERS_MAX);
     String::from_utf8_lossy(&text).into_owned()
+}
+
+/// A `Host` value that names the loopback: `localhost`, a 127/8 address or `[::1]`,
+/// with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(h, _)| h),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }

@@ -183,14 +183,16 @@ impl Delivery {
             .collect();
         let changed = updates.len();
         let idt = format_id(id);
-        for u in &updates {
-            let to = &queued.rcpt[u.rcpt as usize].to;
-            tracing::info!(id = %idt, to = %format!("<{to}>"), status = op.word(), "queue control");
-        }
+        let recipients: Vec<u32> = updates.iter().map(|u| u.rcpt).collect();
         spool
             .record_outcomes(updates, bounce)
             .await
             .map_err(|e| format!("cannot record the change: {e}"))?;
+        // Logged once durable: a line names a change that was made.
+        for i in recipients {
+            let to = &queued.rcpt[i as usize].to;
+            tracing::info!(id = %idt, to = %format!("<{to}>"), status = op.word(), "queue control");
+        }
         if let Some(bid) = bounce_id {
             tracing::info!(id = %idt, bounce = %bid, to = %queued.from, "bounce queued");
         }
