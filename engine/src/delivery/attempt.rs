@@ -695,6 +695,14 @@ async fn session(
                     }
                 }
                 Event::Done(r) => results = Some(r),
+                Event::Failed(_) if !c.output().is_empty() => {
+                    // Its QUIT first, not waiting for the answer; then as below.
+                    let quit = c.output().to_vec();
+                    c.clear_output();
+                    let (wait, _) = send_wait();
+                    let _ = stream.send_all(&quit, wait).await;
+                    events.push_front(ev);
+                }
                 // Postfix's wording and status: permanent for the destination, as
                 // every host of it would lead back here.
                 Event::Failed(_) if c.loops_back() => {

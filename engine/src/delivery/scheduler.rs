@@ -685,7 +685,11 @@ impl Delivery {
                 action: dsn::Action::Failed,
                 status: reply.enhanced.unwrap_or((5, 0, 0)),
                 diagnostic: reply.to_line(),
-                remote_mta: relay.and_then(|r| r.split('[').next().map(str::to_string)),
+                // RFC 3464 §2.3.5: the MTA that gave the diagnostic; none for a
+                // mailbox here.
+                remote_mta: relay
+                    .filter(|r| r != super::local::RELAY)
+                    .and_then(|r| r.split('[').next().map(str::to_string)),
             })
             .collect();
         let id = format_id(env.id);

@@ -560,11 +560,18 @@ impl Client {
         Some(Event::Done(results))
     }
 
+    /// The session cannot go on: a QUIT is queued unless the server is closing
+    /// (RFC 5321 §4.1.1.10: the client "MUST NOT intentionally close the transmission
+    /// channel until it sends a QUIT command"; §3.1: a server that greeted with 554
+    /// waits for it). The driver sends it without waiting for the answer.
     fn fail(&mut self, reply: Reply, events: &mut Vec<Event>) {
         if let Some(Event::Done(r)) = self.connection_lost() {
             events.push(Event::Done(r));
         }
         self.st = St::Done;
+        if !self.closing {
+            self.out.extend_from_slice(b"QUIT\r\n");
+        }
         events.push(Event::Failed(reply));
     }
 

@@ -544,21 +544,22 @@ fn a_server_with_our_own_name_is_a_loop() {
     both(|bw| {
         let mut c = Client::new("me.test");
         let (out, ev) = feed(&mut c, "220 ME.test ESMTP ringmail\r\n", bw);
-        assert_eq!(out, "");
+        assert_eq!(out, "QUIT\r\n", "a QUIT before the close");
         assert!(looped(&ev), "{ev:?}");
         assert!(c.loops_back());
 
         let mut c = Client::new("me.test");
         feed(&mut c, "220 relay.test ESMTP\r\n", bw);
         let (out, ev) = feed(&mut c, "250-me.test.\r\n250 PIPELINING\r\n", bw);
-        assert_eq!(out, "");
+        assert_eq!(out, "QUIT\r\n", "a QUIT before the close");
         assert!(looped(&ev), "{ev:?}");
         assert!(c.loops_back());
 
         let mut c = Client::new("me.test");
         feed(&mut c, "220 old.test\r\n", bw);
         feed(&mut c, "502 no\r\n", bw);
-        let (_, ev) = feed(&mut c, "250 me.test\r\n", bw);
+        let (out, ev) = feed(&mut c, "250 me.test\r\n", bw);
+        assert_eq!(out, "QUIT\r\n");
         assert!(looped(&ev), "{ev:?}");
 
         let c = ready(FULL_EHLO, bw);
@@ -662,4 +663,27 @@ fn without_starttls_opportunistic_goes_on_and_required_fails() {
         feed(&mut c, TLS_EHLO, false),
         (String::new(), vec![Event::Ready])
     );
+}
+
+/// A session that cannot go on ends with a QUIT (RFC 5321 §4.1.1.10; §3.1: a
+/// server greeting 554 waits for it), except when the server said 421: it closes.
+#[test]
+fn a_refused_session_says_quit_unless_the_server_is_closing() {
+    both(|bw| {
+        let mut c = Client::new("me.test");
+        let (out, ev) = feed(&mut c, "554 5.7.1 no mail from you\r\n", bw);
+        assert_eq!(out, "QUIT\r\n");
+        assert!(
+            matches!(ev.as_slice(), [Event::Failed(r)] if r.code == 554),
+            "{ev:?}"
+        );
+
+        let mut c = Client::new("me.test");
+        let (out, ev) = feed(&mut c, "421 4.3.2 shutting down\r\n", bw);
+        assert_eq!(out, "");
+        assert!(
+            matches!(ev.as_slice(), [Event::Failed(r)] if r.code == 421),
+            "{ev:?}"
+        );
+    });
 }
