@@ -48,6 +48,7 @@ fn zone() -> Zone {
         .a("src.test", "127.0.0.3")
         .a("implicit.test", "127.0.0.2")
         .mx("nullmx.test", 0, ".")
+        .mx("nohost.test", 10, "gone.nohost.test")
 }
 
 /// The relay under test, sending to the MX port of `mx`. Listeners no sink took are
@@ -198,14 +199,23 @@ fn permanent_failures_bounce_to_the_sender_and_null_mx_bounces_at_once() {
         "y@nullmx.test",
         "Subject: null mx\r\n\r\nhello\r\n",
     );
-    // Two bounces reach the sender's domain (implicit MX 127.0.0.3).
-    wait_until("two bounces", 30, || sender_mx.accepted() >= 2);
+    // An MX whose host does not exist: unusable, an error at once (RFC 5321 §5.1),
+    // not a retry until the message expires.
+    send(
+        &server,
+        "alice@src.test",
+        "z@nohost.test",
+        "Subject: no host\r\n\r\nhello\r\n",
+    );
+    // Three bounces reach the sender's domain (implicit MX 127.0.0.3).
+    wait_until("three bounces", 30, || sender_mx.accepted() >= 3);
     wait_until("an empty queue", 30, || server.queue().is_empty());
     assert_eq!(refusing.counters.permfailed.load(Ordering::SeqCst), 1);
     let log = server.log_text();
     assert!(log.contains("status=bounced (554 5.3.0"), "{log}");
     assert!(log.contains("status=bounced (556 5.1.10"), "{log}");
-    assert_eq!(log.matches("bounce queued").count(), 2);
+    assert!(log.contains("status=bounced (550 5.4.4 no mail host of nohost.test has an address (gone.nohost.test: no address"), "{log}");
+    assert_eq!(log.matches("bounce queued").count(), 3);
 }
 
 #[test]

@@ -293,6 +293,11 @@ pub async fn attempt(
         .tls
         .level(&crate::smtp::address::domain_key(recipient_domain(tx)));
     let mut last = String::from("no address for any MX host");
+    // Every host named looked up and found without an address (NXDOMAIN or no
+    // A/AAAA), none failing temporarily: RFC 5321 §5.1, "If MX records are present,
+    // but none of them are usable, or the implicit MX is unusable, this situation
+    // MUST be reported as an error".
+    let mut none_usable = matches!(dest, Destination::Mx(_));
     for host in &hosts {
         let addrs = match host.parse::<IpAddr>() {
             Ok(ip) => vec![ip],
@@ -300,11 +305,17 @@ pub async fn attempt(
                 Ok(a) => a,
                 Err(e) => {
                     all_tls = false;
+                    none_usable = false;
                     last = format!("{host}: {e}");
                     continue;
                 }
             },
         };
+        if addrs.is_empty() {
+            last = format!("{host}: no address (A or AAAA)");
+            continue;
+        }
+        none_usable = false;
         for ip in addrs {
             if deadlines.passed() {
                 last = format!(
@@ -367,6 +378,18 @@ pub async fn attempt(
                 }
             }
         }
+    }
+    if none_usable {
+        let r = local(
+            550,
+            (5, 4, 4),
+            format!("no mail host of {nexthop} has an address ({last})"),
+        );
+        return Outcome {
+            results: all(tx, RcptResult::Failed(r)),
+            relay: None,
+            tls: None,
+        };
     }
     let status = status.filter(|_| all_tls).unwrap_or((4, 4, 1));
     let r = local(451, status, format!("no MX host took the message ({last})"));
