@@ -45,21 +45,27 @@ fn mx_rules_against_a_real_server() {
     let r = Resolver::new(vec![server.addr], ANSWERED, 2);
     run(async {
         assert_eq!(
-            r.mx_route("example.test").await.unwrap(),
+            r.mx_route("example.test", "me.test").await.unwrap(),
             Route::Hosts(vec!["mx1.example.test".into(), "mx2.example.test".into()])
         );
         assert_eq!(
             r.addresses("mx1.example.test").await.unwrap(),
             vec!["127.0.0.2".parse::<std::net::IpAddr>().unwrap()]
         );
-        assert_eq!(r.mx_route("implicit.test").await.unwrap(), Route::Implicit);
-        assert_eq!(r.mx_route("nullmx.test").await.unwrap(), Route::NullMx);
         assert_eq!(
-            r.mx_route("nowhere.test").await.unwrap(),
+            r.mx_route("implicit.test", "me.test").await.unwrap(),
+            Route::Implicit
+        );
+        assert_eq!(
+            r.mx_route("nullmx.test", "me.test").await.unwrap(),
+            Route::NullMx
+        );
+        assert_eq!(
+            r.mx_route("nowhere.test", "me.test").await.unwrap(),
             Route::NoSuchDomain
         );
         assert!(matches!(
-            r.mx_route("broken.test").await,
+            r.mx_route("broken.test", "me.test").await,
             Err(DnsError::ServerFailure(_))
         ));
         assert!(r.addresses("nowhere.test").await.unwrap().is_empty());
@@ -94,7 +100,7 @@ fn a_silent_server_times_out_and_the_next_one_answers() {
     run(async {
         let t = std::time::Instant::now();
         assert!(matches!(
-            r.mx_route("example.test").await.unwrap(),
+            r.mx_route("example.test", "me.test").await.unwrap(),
             Route::Hosts(_)
         ));
         assert!(
@@ -109,7 +115,7 @@ fn a_silent_server_times_out_and_the_next_one_answers() {
     let only_dead = Resolver::new(vec![dead.addr], Duration::from_millis(100), 2);
     run(async {
         assert_eq!(
-            only_dead.mx_route("example.test").await,
+            only_dead.mx_route("example.test", "me.test").await,
             Err(DnsError::Timeout)
         );
     });
@@ -127,14 +133,14 @@ fn a_truncated_answer_is_asked_again_over_tcp() {
     let server = DnsServer::start(z);
     let r = Resolver::new(vec![server.addr], ANSWERED, 1);
     run(async {
-        let Route::Hosts(hosts) = r.mx_route("big.test").await.unwrap() else {
+        let Route::Hosts(hosts) = r.mx_route("big.test", "me.test").await.unwrap() else {
             panic!("hosts expected");
         };
         assert_eq!(hosts.len(), 40);
         assert_eq!(hosts[0], "mx0.big.test");
         assert_eq!(hosts[39], "mx39.big.test");
         // Names that fit in UDP never touch TCP.
-        r.mx_route("example.test").await.unwrap();
+        r.mx_route("example.test", "me.test").await.unwrap();
     });
     assert_eq!(server.tcp_queries.load(Ordering::SeqCst), 1);
     assert_eq!(server.queries.load(Ordering::SeqCst), 3, "UDP, TCP, UDP");

@@ -501,3 +501,35 @@ fn a_route_back_to_ourselves_bounces_with_5_4_6_instead_of_looping() {
     );
     assert!(twin.queue().is_empty(), "{}", twin.log_text());
 }
+
+/// A backup MX (this host, by its name, at preference 20) sends only to the better
+/// ones (RFC 5321 §5.1): while the primary is down the mail waits, it never goes to
+/// the host the backup's own name resolves to.
+#[test]
+fn a_backup_mx_waits_for_the_primary_and_never_sends_to_itself() {
+    let dns = DnsServer::start(
+        zone()
+            .mx("backup.test", 10, "down.dst.test")
+            .mx("backup.test", 20, "mx.ringmail.test")
+            .a("mx.ringmail.test", "127.0.0.2"),
+    );
+    let mut mx = mx_port();
+    // Where this host's name points: nothing may arrive here.
+    let itself = mx_sink(2, &mut mx, Faults::default());
+    let server = relay(&dns, mx, &[]);
+    let id = send(
+        &server,
+        "a@src.test",
+        "x@backup.test",
+        "Subject: hi\r\n\r\nbody\r\n",
+    );
+    wait_until("the attempt", 30, || {
+        server.log_text().contains("status=deferred")
+    });
+    let q = server.queue();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0]["id"], id.as_str());
+    assert_eq!(q[0]["rcpt"][0]["status"], "deferred");
+    assert_eq!(itself.accepted(), 0);
+    assert!(!server.log_text().contains("loops back"));
+}

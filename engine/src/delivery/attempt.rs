@@ -241,8 +241,21 @@ pub async fn attempt(
     let (hosts, port) = match dest {
         Destination::Route(host, port) => (vec![host.clone()], *port),
         Destination::Literal(ip) => (vec![ip.to_string()], cfg.mx_port),
-        Destination::Mx(domain) => match resolver.mx_route(domain).await {
+        Destination::Mx(domain) => match resolver.mx_route(domain, &cfg.helo).await {
             Ok(Route::Hosts(h)) => (h, cfg.mx_port),
+            Ok(Route::BestMxIsSelf) => {
+                // Postfix's wording and status: every host would lead back here.
+                let r = local(
+                    554,
+                    (5, 4, 6),
+                    format!("mail for {domain} loops back to myself (this host is its best MX)"),
+                );
+                return Outcome {
+                    results: all(tx, RcptResult::Failed(r)),
+                    relay: None,
+                    tls: None,
+                };
+            }
             Ok(Route::Implicit) => (vec![domain.clone()], cfg.mx_port),
             Ok(Route::NullMx) => {
                 let r = local(

@@ -206,6 +206,27 @@ pub enum Route {
     Implicit,
     /// The domain does not exist (bounce).
     NoSuchDomain,
+    /// This host is the domain's best MX (see [`without_self`]): sending on would
+    /// lead back here.
+    BestMxIsSelf,
+}
+
+/// RFC 5321 §5.1: "If it determines that it should relay the message ... the SMTP
+/// client MUST ... discard any MX records with preference equal or greater than its
+/// own" when it finds itself (`me`, its host name) among them: a backup MX sends to
+/// the better ones only. Among none better, `BestMxIsSelf`.
+pub fn without_self(answer: &Answer, me: &str) -> Option<Answer> {
+    let Answer::Mx(mx) = answer else {
+        return None;
+    };
+    let same = |h: &str| {
+        h.trim_end_matches('.')
+            .eq_ignore_ascii_case(me.trim_end_matches('.'))
+    };
+    let own = mx.iter().filter(|(_, h)| same(h)).map(|(p, _)| *p).min()?;
+    Some(Answer::Mx(
+        mx.iter().filter(|(p, _)| *p < own).cloned().collect(),
+    ))
 }
 
 /// Applies the MX rules to an MX answer. `rand` orders equal preferences: RFC 5321
@@ -219,7 +240,11 @@ pub fn route(answer: &Answer, rand: impl FnMut() -> u64) -> Route {
             if mx.len() == 1 && (mx[0].1.is_empty() || mx[0].1 == ".") {
                 return Route::NullMx;
             }
-            Route::Hosts(shuffle_equal_preferences(mx, rand))
+            match shuffle_equal_preferences(mx, rand) {
+                // Only after `without_self` left nothing (an MX answer has records).
+                hosts if hosts.is_empty() => Route::BestMxIsSelf,
+                hosts => Route::Hosts(hosts),
+            }
         }
     }
 }
@@ -314,6 +339,27 @@ mod tests {
             ttl,
             RData::MX(MX::new(pref, Name::from_ascii(host).unwrap())),
         )
+    }
+
+    #[test]
+    fn a_backup_mx_sends_to_the_better_ones_only() {
+        let mx =
+            |v: &[(u16, &str)]| Answer::Mx(v.iter().map(|(p, h)| (*p, h.to_string())).collect());
+        let answer = mx(&[
+            (30, "c.test"),
+            (10, "a.test"),
+            (20, "Me.Test."),
+            (20, "b.test"),
+        ]);
+        // Ours at 20: 20 and worse go, whatever the case or the final dot.
+        let better = without_self(&answer, "me.test").unwrap();
+        assert_eq!(route(&better, || 0), Route::Hosts(vec!["a.test".into()]));
+        // The best MX: nothing better to send to.
+        let best = without_self(&mx(&[(5, "me.test"), (10, "a.test")]), "me.test").unwrap();
+        assert_eq!(route(&best, || 0), Route::BestMxIsSelf);
+        // Not among them, or no MX answer: nothing to leave out.
+        assert!(without_self(&answer, "other.test").is_none());
+        assert!(without_self(&Answer::NoData, "me.test").is_none());
     }
 
     #[test]
