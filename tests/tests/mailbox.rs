@@ -533,3 +533,47 @@ s.quit()
 fn port_of(server: &Server) -> u16 {
     server.addr.port()
 }
+
+/// NOTIFY=SUCCESS (RFC 3461 §5.2.2): once the message is in the mailbox the sender
+/// gets a "delivered" report, headers only; without it, nothing.
+#[test]
+fn a_delivery_asked_to_be_reported_is_reported_to_the_sender() {
+    let (tmp, data) = data_with(&["alice@localhost", "bob@localhost"]);
+    let server = Server::start_in(Some(tmp), data.clone(), &[]);
+    let out = python(
+        r#"
+import smtplib, sys
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]))
+body = b'Subject: report me\r\n\r\nsecret body\r\n'
+print(s.sendmail('bob@localhost', ['alice@localhost'], body, rcpt_options=['NOTIFY=SUCCESS']))
+print(s.sendmail('bob@localhost', ['alice@localhost'], body))
+s.quit()
+"#,
+        server.addr.port(),
+    );
+    assert_eq!(out.trim(), "{}\n{}", "{out}");
+    wait_for(&data, "alice@localhost", 2);
+    let reports = wait_for(&data, "bob@localhost", 1);
+    let report = String::from_utf8(mailbox_show(&data, "bob@localhost", 1)).unwrap();
+    for field in [
+        "Return-Path: <>",
+        "Subject: Successful Mail Delivery Report",
+        "Final-Recipient: rfc822; alice@localhost",
+        "Action: delivered",
+        "Status: 2.0.0",
+        "Content-Type: text/rfc822-headers",
+    ] {
+        assert!(
+            report.contains(&format!("{field}\r\n")),
+            "{field}:\n{report}"
+        );
+    }
+    assert!(!report.contains("secret body"), "{report}");
+    assert!(!report.contains("Remote-MTA"), "{report}");
+    // The second message asked for nothing: still one report.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        mailbox_list(&data, "bob@localhost", None).len(),
+        reports.len()
+    );
+}

@@ -210,6 +210,9 @@ pub struct Outcome {
     pub relay: Option<String>,
     /// The TLS version and cipher suite of that session; None: plaintext.
     pub tls: Option<String>,
+    /// That host offered DSN and got the recipients' DSN parameters: success is
+    /// reported from there on (else a NOTIFY=SUCCESS gets a "relayed" report here).
+    pub peer_dsn: bool,
 }
 
 fn all(tx: &Transaction, r: RcptResult) -> Vec<RcptResult> {
@@ -254,6 +257,7 @@ pub async fn attempt(
                     results: all(tx, RcptResult::Failed(r)),
                     relay: None,
                     tls: None,
+                    peer_dsn: false,
                 };
             }
             Ok(Route::Implicit) => (vec![domain.clone()], cfg.mx_port),
@@ -267,6 +271,7 @@ pub async fn attempt(
                     results: all(tx, RcptResult::Failed(r)),
                     relay: None,
                     tls: None,
+                    peer_dsn: false,
                 };
             }
             Ok(Route::NoSuchDomain) => {
@@ -275,6 +280,7 @@ pub async fn attempt(
                     results: all(tx, RcptResult::Failed(r)),
                     relay: None,
                     tls: None,
+                    peer_dsn: false,
                 };
             }
             Err(e) => {
@@ -287,6 +293,7 @@ pub async fn attempt(
                     results: all(tx, RcptResult::Deferred(r)),
                     relay: None,
                     tls: None,
+                    peer_dsn: false,
                 };
             }
         },
@@ -345,9 +352,20 @@ pub async fn attempt(
                 may_reuse: true,
             };
             let mut tls = None;
+            let mut peer_dsn = false;
             let res = loop {
                 let res = session(
-                    ring, pool, cfg, &deadlines, &way, tx, ascii, message, &nexthop, &mut tls,
+                    ring,
+                    pool,
+                    cfg,
+                    &deadlines,
+                    &way,
+                    tx,
+                    ascii,
+                    message,
+                    &nexthop,
+                    &mut tls,
+                    &mut peer_dsn,
                 )
                 .await;
                 match res {
@@ -380,6 +398,7 @@ pub async fn attempt(
                         },
                         relay: Some(format!("{host}[{ip}]:{port}")),
                         tls,
+                        peer_dsn,
                     }
                 }
                 Err(f) => {
@@ -402,6 +421,7 @@ pub async fn attempt(
             results: all(tx, RcptResult::Failed(r)),
             relay: None,
             tls: None,
+            peer_dsn: false,
         };
     }
     let status = status.filter(|_| all_tls).unwrap_or((4, 4, 1));
@@ -410,6 +430,7 @@ pub async fn attempt(
         results: all(tx, RcptResult::Deferred(r)),
         relay: None,
         tls: None,
+        peer_dsn: false,
     }
 }
 
@@ -565,6 +586,7 @@ async fn session(
     message: &MessageText,
     nexthop: &str,
     tls: &mut Option<String>,
+    peer_dsn: &mut bool,
 ) -> Result<Vec<RcptResult>, Failure> {
     if let Some(a) = ascii {
         a.used.set(false);
@@ -624,6 +646,7 @@ async fn session(
     let mut started = false;
     if reused {
         started = true;
+        *peer_dsn = c.passes_dsn();
         if let Some(Event::Done(r)) = c.start(for_server(&c, tx, ascii)) {
             // Refused before any command: the connection is as good as before.
             pool.put(
@@ -705,6 +728,7 @@ async fn session(
             match ev {
                 Event::Ready if !started => {
                     started = true;
+                    *peer_dsn = c.passes_dsn();
                     if let Some(Event::Done(r)) = c.start(for_server(&c, tx, ascii)) {
                         results = Some(r);
                         finished = true;

@@ -166,7 +166,10 @@ impl Delivery {
                 let loaded = spool.read_message(id).await.map_err(|e| e.to_string())?;
                 let failures = picked
                     .iter()
-                    .map(|&i| (loaded.env.recipients[i as usize].clone(), returned(), None))
+                    .map(|&i| {
+                        let r = loaded.env.recipients[i as usize].clone();
+                        (r, returned(), None, super::dsn::Action::Failed)
+                    })
                     .collect();
                 self.bounce(&spool, &loaded.env, &loaded.message.to_vec(), failures)
                     .await

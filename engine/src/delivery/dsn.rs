@@ -10,6 +10,11 @@ pub enum Action {
     Failed,
     /// Still trying (a delay warning).
     Delayed,
+    /// Put into a mailbox here (RFC 3464 §2.3.3).
+    Delivered,
+    /// Passed to a next hop that does not take DSN requests, so no more report
+    /// will come from there (RFC 3461 §5.2.3).
+    Relayed,
 }
 
 impl Action {
@@ -17,6 +22,8 @@ impl Action {
         match self {
             Action::Failed => "failed",
             Action::Delayed => "delayed",
+            Action::Delivered => "delivered",
+            Action::Relayed => "relayed",
         }
     }
 }
@@ -58,6 +65,8 @@ pub fn wanted(notify_bits: u8, action: Action) -> bool {
     match action {
         Action::Failed => notify_bits == 0 || notify_bits & notify::FAILURE != 0,
         Action::Delayed => notify_bits & notify::DELAY != 0,
+        // Only on request (RFC 3461 §4.1).
+        Action::Delivered | Action::Relayed => notify_bits & notify::SUCCESS != 0,
     }
 }
 
@@ -80,6 +89,7 @@ pub fn build(
         return None;
     }
     let failed = reports.iter().any(|r| r.action == Action::Failed);
+    let delayed = reports.iter().any(|r| r.action == Action::Delayed);
     let boundary = format!("{}/{}", original.id, reporting_mta);
     let mut m = String::new();
     m.push_str(&format!(
@@ -88,8 +98,10 @@ pub fn build(
     m.push_str(&format!("To: <{}>\r\n", original.from));
     m.push_str(if failed {
         "Subject: Undelivered Mail Returned to Sender\r\n"
-    } else {
+    } else if delayed {
         "Subject: Delayed Mail (still being retried)\r\n"
+    } else {
+        "Subject: Successful Mail Delivery Report\r\n"
     });
     m.push_str(&format!("Date: {date}\r\n"));
     m.push_str(&format!(
@@ -109,8 +121,10 @@ pub fn build(
     ));
     if failed {
         m.push_str("I'm sorry to have to inform you that your message could not\r\nbe delivered to one or more recipients. It's attached below.\r\n\r\n");
-    } else {
+    } else if delayed {
         m.push_str("Your message could not be delivered yet to one or more recipients.\r\nThe mail system will keep trying; you do not need to send it again.\r\n\r\n");
+    } else {
+        m.push_str("Your message was successfully delivered to the destination(s)\r\nlisted below. If it was delivered to a mailbox you will receive no\r\nfurther notifications; if it was relayed, you may still receive\r\nnotifications of mail delivery errors from other systems.\r\n\r\n");
     }
     for r in &reports {
         m.push_str(&fold(
@@ -152,10 +166,12 @@ pub fn build(
     }
     m.push_str("\r\n");
 
-    // 3. The original: headers only unless RET=FULL (RFC 3461 §4.3).
+    // 3. The original: headers only unless RET=FULL (RFC 3461 §4.3), and only the
+    // headers when nothing failed: "If a DSN contains no indications of delivery
+    // failure, only the headers of the message SHOULD be returned."
     let mut out = m.into_bytes();
     match original.ret {
-        Ret::Full => {
+        Ret::Full if failed => {
             out.extend_from_slice(
                 format!("--{boundary}\r\nContent-Type: message/rfc822\r\n\r\n").as_bytes(),
             );
@@ -164,7 +180,7 @@ pub fn build(
                 out.extend_from_slice(b"\r\n");
             }
         }
-        Ret::Hdrs | Ret::Unspecified => {
+        Ret::Full | Ret::Hdrs | Ret::Unspecified => {
             out.extend_from_slice(
                 format!("--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n").as_bytes(),
             );
@@ -363,6 +379,52 @@ mod tests {
             t.contains("Final-Recipient: rfc822; c@d")
                 && !t.contains("Final-Recipient: rfc822; b@d")
         );
+    }
+
+    /// NOTIFY=SUCCESS gets a report when the mail is in a mailbox here or went to a
+    /// next hop that takes no DSN requests: headers only, even under RET=FULL, as
+    /// nothing failed (RFC 3461 §4.3); nobody else gets one.
+    #[test]
+    fn success_is_reported_only_on_request_and_with_headers_only() {
+        use ringmail_store::message::notify::*;
+        let success = |rcpt: &str, bits: u8, action: Action| Report {
+            action,
+            status: (2, 0, 0),
+            diagnostic: "250 2.0.0 delivered to mailbox".into(),
+            remote_mta: None,
+            ..failure(rcpt, bits)
+        };
+        assert!(wanted(SUCCESS, Action::Delivered) && wanted(SUCCESS | FAILURE, Action::Relayed));
+        assert!(!wanted(0, Action::Delivered) && !wanted(FAILURE, Action::Relayed));
+        assert!(build(
+            "h",
+            &original(Ret::Full),
+            &[success("b@d", 0, Action::Delivered)],
+            "D"
+        )
+        .is_none());
+        let t = String::from_utf8(
+            build(
+                "mx.ringmail.test",
+                &original(Ret::Full),
+                &[
+                    success("b@d", SUCCESS, Action::Delivered),
+                    success("c@e", SUCCESS | FAILURE, Action::Relayed),
+                ],
+                "D",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            t.contains("Subject: Successful Mail Delivery Report\r\n"),
+            "{t}"
+        );
+        for field in ["Action: delivered", "Action: relayed", "Status: 2.0.0"] {
+            assert!(t.contains(&format!("{field}\r\n")), "{field} missing:\n{t}");
+        }
+        assert!(t.contains("Content-Type: text/rfc822-headers\r\n"));
+        assert!(!t.contains("secret body"));
     }
 
     /// A multi-line reply of 5000 characters, as a server may send it (the client

@@ -178,6 +178,7 @@ impl Local {
             results,
             relay: Some(RELAY.into()),
             tls: None,
+            peer_dsn: false,
         }
     }
 }

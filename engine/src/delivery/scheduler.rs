@@ -549,6 +549,7 @@ impl Delivery {
                     .collect(),
                 relay: None,
                 tls: None,
+                peer_dsn: false,
             },
         };
         let now = now_ms();
@@ -594,8 +595,24 @@ impl Delivery {
                 }
             };
             tracing::info!(id = %idt, to = %format!("<{}>", to.address), relay = %relay, tls = %outcome.tls.as_deref().unwrap_or("none"), delay = delay_s, attempts, status = %format!("{} ({})", fate.as_str(), reply.to_line()), "delivery");
-            if status == RcptStatus::Failed {
-                failures.push((to.clone(), reply.clone(), outcome.relay.clone()));
+            // What the sender is told: failures, and on request (NOTIFY=SUCCESS)
+            // a delivery into a mailbox here, or a relay to a next hop that takes
+            // no DSN requests (RFC 3461 §5.2.2, §5.2.3: none will come from there).
+            let action = match status {
+                RcptStatus::Failed => Some(dsn::Action::Failed),
+                RcptStatus::Delivered
+                    if to.notify & ringmail_store::message::notify::SUCCESS != 0 =>
+                {
+                    match (domain == LOCAL_KEY, outcome.peer_dsn) {
+                        (true, _) => Some(dsn::Action::Delivered),
+                        (false, false) => Some(dsn::Action::Relayed),
+                        (false, true) => None,
+                    }
+                }
+                _ => None,
+            };
+            if let Some(action) = action {
+                failures.push((to.clone(), reply.clone(), outcome.relay.clone(), action));
             }
             counted.push((fate, attempts == 1));
             updates.push(RcptUpdate {
@@ -667,23 +684,28 @@ impl Delivery {
         }
     }
 
-    /// The bounce for `failures` to the sender, if one is wanted (never for the
-    /// null sender, nor when NOTIFY says no).
+    /// The report (RFC 3464) for `failures` (and the successes NOTIFY=SUCCESS asked
+    /// for) to the sender, if one is wanted (never for the null sender, nor when
+    /// NOTIFY says no).
     pub(super) async fn bounce(
         &self,
         spool: &Rc<Spool>,
         env: &Envelope,
         message: &[u8],
-        failures: Vec<(Recipient, Reply, Option<String>)>,
+        failures: Vec<(Recipient, Reply, Option<String>, dsn::Action)>,
     ) -> Result<Option<Bounce>, LogError> {
         let reports: Vec<dsn::Report> = failures
             .into_iter()
-            .map(|(r, reply, relay)| dsn::Report {
+            .map(|(r, reply, relay, action)| dsn::Report {
                 rcpt: r.address,
                 orcpt: r.orcpt,
                 notify: r.notify,
-                action: dsn::Action::Failed,
-                status: reply.enhanced.unwrap_or((5, 0, 0)),
+                action,
+                status: reply.enhanced.unwrap_or(match action {
+                    dsn::Action::Failed => (5, 0, 0),
+                    dsn::Action::Delayed => (4, 0, 0),
+                    dsn::Action::Delivered | dsn::Action::Relayed => (2, 0, 0),
+                }),
                 diagnostic: reply.to_line(),
                 // RFC 3464 §2.3.5: the MTA that gave the diagnostic; none for a
                 // mailbox here.

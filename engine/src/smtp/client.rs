@@ -319,6 +319,11 @@ impl Client {
         self.loops
     }
 
+    /// The server offered DSN (RFC 3461): the recipients' NOTIFY and ORCPT go on.
+    pub fn passes_dsn(&self) -> bool {
+        self.ext.dsn
+    }
+
     /// Ends the session when the reply's first line names our own host.
     fn greeted_by_myself(&mut self, lines: &[String], events: &mut Vec<Event>) -> bool {
         let name = lines
