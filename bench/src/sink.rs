@@ -40,6 +40,8 @@ pub struct Counters {
     /// can be checked against what they sent).
     pub crc_xor: AtomicU64,
     pub connections: AtomicU64,
+    /// Sessions the client ended (QUIT; or too many errors).
+    pub quits: AtomicU64,
     /// With verification on: messages whose checksum header matched / did not / was missing.
     pub verified: AtomicU64,
     pub corrupt: AtomicU64,
@@ -57,6 +59,7 @@ impl Counters {
             "bytes": g(&self.bytes),
             "crc32c_xor": format!("{:08x}", g(&self.crc_xor)),
             "connections": g(&self.connections),
+            "quits": g(&self.quits),
             "verified": g(&self.verified),
             "corrupt": g(&self.corrupt),
             "unverifiable": g(&self.unverifiable),
@@ -171,7 +174,12 @@ pub fn serve(
                         match c.session.process() {
                             Step::NeedInput => break,
                             // STARTTLS and AUTH are not offered.
-                            Step::Close | Step::StartTls | Step::Authenticate { .. } => {
+                            Step::Close => {
+                                counters.quits.fetch_add(1, Ordering::Relaxed);
+                                c.close_after_send = true;
+                                break;
+                            }
+                            Step::StartTls | Step::Authenticate { .. } => {
                                 c.close_after_send = true;
                                 break;
                             }

@@ -533,3 +533,28 @@ fn a_backup_mx_waits_for_the_primary_and_never_sends_to_itself() {
     assert_eq!(itself.accepted(), 0);
     assert!(!server.log_text().contains("loops back"));
 }
+
+/// A pooled connection left idle is closed after a QUIT (RFC 5321 §4.1.1.10), not
+/// dropped (the pool keeps one 5 s; the upkeep looks every 2 s).
+#[test]
+fn an_idle_pooled_connection_is_closed_with_quit() {
+    let dns = DnsServer::start(zone());
+    let mut mx = mx_port();
+    let up = mx_sink(2, &mut mx, Faults::default());
+    let server = relay(&dns, mx, &[]);
+    send(
+        &server,
+        "a@src.test",
+        "x@implicit.test",
+        "Subject: hi\r\n\r\nbody\r\n",
+    );
+    wait_until("the delivery", 30, || up.accepted() == 1);
+    assert_eq!(
+        up.counters.quits.load(Ordering::SeqCst),
+        0,
+        "kept for reuse"
+    );
+    wait_until("the QUIT of the idle connection", 30, || {
+        up.counters.quits.load(Ordering::SeqCst) == 1
+    });
+}

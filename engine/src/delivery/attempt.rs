@@ -154,6 +154,25 @@ pub struct Pool {
 
 type PoolKey = (SocketAddr, TlsLevel, String);
 
+/// How long a retired connection's QUIT may take to go out.
+const QUIT_SEND: Duration = Duration::from_secs(5);
+
+/// Closes an idle connection in the background, after a QUIT (RFC 5321 §4.1.1.10:
+/// the client "MUST NOT intentionally close the transmission channel until it sends
+/// a QUIT command"); its answer is not waited for.
+fn retire(mut i: Idle) {
+    glommio::spawn_local(async move {
+        i.client.quit();
+        let quit = i.client.output().to_vec();
+        if !quit.is_empty() {
+            let _ = i.stream.send_all(&quit, QUIT_SEND).await;
+        }
+        i.stream.close().await;
+        drop(i.fd);
+    })
+    .detach();
+}
+
 struct Idle {
     fd: std::os::fd::OwnedFd,
     /// The socket, under TLS if it was negotiated.
@@ -179,6 +198,7 @@ impl Pool {
             if i.since.elapsed() < self.idle_timeout {
                 return Some(i);
             }
+            retire(i);
         }
         None
     }
@@ -187,14 +207,19 @@ impl Pool {
         self.idle.borrow_mut().entry(addr).or_default().push(i);
     }
 
-    /// Closes connections idle past the timeout (their servers see the connection
-    /// close; a QUIT would cost a round trip for nothing).
+    /// Closes connections idle past the timeout, each after a QUIT.
     pub fn expire(&self) {
         let timeout = self.idle_timeout;
+        let mut old = Vec::new();
         self.idle.borrow_mut().retain(|_, list| {
-            list.retain(|i| i.since.elapsed() < timeout);
+            let (keep, gone): (Vec<Idle>, Vec<Idle>) = std::mem::take(list)
+                .into_iter()
+                .partition(|i| i.since.elapsed() < timeout);
+            *list = keep;
+            old.extend(gone);
             !list.is_empty()
         });
+        old.into_iter().for_each(retire);
     }
 
     pub fn idle_connections(&self) -> usize {
