@@ -240,6 +240,18 @@ pub struct Outcome {
     pub peer_dsn: bool,
 }
 
+impl Outcome {
+    /// The same result for every recipient, no host having answered.
+    fn everyone(tx: &Transaction, r: RcptResult) -> Outcome {
+        Outcome {
+            results: all(tx, r),
+            relay: None,
+            tls: None,
+            peer_dsn: false,
+        }
+    }
+}
+
 fn all(tx: &Transaction, r: RcptResult) -> Vec<RcptResult> {
     tx.rcpts.iter().map(|_| r.clone()).collect()
 }
@@ -278,12 +290,7 @@ pub async fn attempt(
                     (5, 4, 6),
                     format!("mail for {domain} loops back to myself (this host is its best MX)"),
                 );
-                return Outcome {
-                    results: all(tx, RcptResult::Failed(r)),
-                    relay: None,
-                    tls: None,
-                    peer_dsn: false,
-                };
+                return Outcome::everyone(tx, RcptResult::Failed(r));
             }
             Ok(Route::Implicit) => (vec![domain.clone()], cfg.mx_port),
             Ok(Route::NullMx) => {
@@ -292,21 +299,11 @@ pub async fn attempt(
                     (5, 1, 10),
                     format!("{domain} does not accept mail (null MX)"),
                 );
-                return Outcome {
-                    results: all(tx, RcptResult::Failed(r)),
-                    relay: None,
-                    tls: None,
-                    peer_dsn: false,
-                };
+                return Outcome::everyone(tx, RcptResult::Failed(r));
             }
             Ok(Route::NoSuchDomain) => {
                 let r = local(550, (5, 1, 2), format!("{domain} does not exist"));
-                return Outcome {
-                    results: all(tx, RcptResult::Failed(r)),
-                    relay: None,
-                    tls: None,
-                    peer_dsn: false,
-                };
+                return Outcome::everyone(tx, RcptResult::Failed(r));
             }
             Err(e) => {
                 let r = local(
@@ -314,12 +311,7 @@ pub async fn attempt(
                     (4, 4, 3),
                     format!("MX lookup for {domain} failed: {e}"),
                 );
-                return Outcome {
-                    results: all(tx, RcptResult::Deferred(r)),
-                    relay: None,
-                    tls: None,
-                    peer_dsn: false,
-                };
+                return Outcome::everyone(tx, RcptResult::Deferred(r));
             }
         },
     };
@@ -442,21 +434,11 @@ pub async fn attempt(
             (5, 4, 4),
             format!("no mail host of {nexthop} has an address ({last})"),
         );
-        return Outcome {
-            results: all(tx, RcptResult::Failed(r)),
-            relay: None,
-            tls: None,
-            peer_dsn: false,
-        };
+        return Outcome::everyone(tx, RcptResult::Failed(r));
     }
     let status = status.filter(|_| all_tls).unwrap_or((4, 4, 1));
     let r = local(451, status, format!("no MX host took the message ({last})"));
-    Outcome {
-        results: all(tx, RcptResult::Deferred(r)),
-        relay: None,
-        tls: None,
-        peer_dsn: false,
-    }
+    Outcome::everyone(tx, RcptResult::Deferred(r))
 }
 
 /// The domain the transaction's recipients share (an attempt is per domain), whose
