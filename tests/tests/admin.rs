@@ -485,3 +485,31 @@ fn a_connection_over_the_limit_is_refused_counted_and_logged() {
     );
     drop(first);
 }
+
+/// A connection that sends nothing, or not a whole request, within 10 s is answered
+/// 408 and closed: silent or trickling clients cannot hold the 64 admin slots.
+#[test]
+fn a_silent_admin_connection_is_closed_with_408() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[]);
+    let started = std::time::Instant::now();
+    let mut silent = std::net::TcpStream::connect(server.admin).unwrap();
+    let mut trickling = std::net::TcpStream::connect(server.admin).unwrap();
+    trickling.write_all(b"GET /metr").unwrap();
+    for s in [&mut silent, &mut trickling] {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    let took = started.elapsed();
+    assert!(took >= std::time::Duration::from_secs(9), "{took:?}");
+    // The listener still serves.
+    let mut ok = std::net::TcpStream::connect(server.admin).unwrap();
+    ok.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    ok.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -55,11 +55,17 @@ pub enum Read {
 }
 
 /// Reads one request from `stream`; `buf` carries bytes already received past the
-/// last request (pipelining).
-pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, idle: Duration) -> Read {
+/// last request (pipelining). `first`: the connection's first request, which must be
+/// whole within `REQUEST_TIMEOUT` of the connection (a silent one holds no slot).
+pub async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    idle: Duration,
+    first: bool,
+) -> Read {
     let mut chunk = [0u8; 4096];
     // When the request's first byte was there (pipelined bytes count from now).
-    let mut began = (!buf.is_empty()).then(std::time::Instant::now);
+    let mut began = (first || !buf.is_empty()).then(std::time::Instant::now);
     loop {
         let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
         let mut req = httparse::Request::new(&mut headers);

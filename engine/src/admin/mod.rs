@@ -118,11 +118,13 @@ impl Admin {
 
     async fn connection(&self, mut stream: glommio::net::TcpStream) {
         let mut buf = Vec::new();
+        let mut first = true;
         loop {
             let read = self
                 .stop
-                .or_stopped(http::read_request(&mut stream, &mut buf, IDLE))
+                .or_stopped(http::read_request(&mut stream, &mut buf, IDLE, first))
                 .await;
+            first = false;
             let req = match read {
                 None | Some(Read::Closed) => return,
                 Some(Read::Bad(status, why)) => {
@@ -134,7 +136,9 @@ impl Admin {
                 Some(Read::Request(r)) => r,
             };
             let answer = self.answer(&req).await;
-            if !answer.send(&mut stream, req.close, req.head_only).await || req.close {
+            // Without the token a client keeps no connection open (nor a slot).
+            let close = req.close || answer.status == 401;
+            if !answer.send(&mut stream, close, req.head_only).await || close {
                 return;
             }
         }
