@@ -61,18 +61,7 @@ run() { # NAME SIZE DOMAIN [serve flags]
     # replays the data directory: 0.2-0.4 s of CPU and reads per call at 100 KiB,
     # which slowed what it measured.)
     rm -f "$work/go"; mkfifo "$work/go"
-    python3 - "$work/go" "$work/data/admin.addr" > "$work/t2" <<'PY' &
-import json, sys, time, urllib.request
-open(sys.argv[1]).read()
-url = f"http://{open(sys.argv[2]).read().strip()}/api/v1/queue/summary"
-deadline = time.time() + 600
-while time.time() < deadline:
-    with urllib.request.urlopen(url) as r:
-        if json.load(r)["total"]["messages"] == 0:
-            break
-    time.sleep(0.01)
-print(f"{time.time():.6f}")
-PY
+    python3 bench/lib/queue_drained.py "$work/go" "$work/data/admin.addr" > "$work/t2" &
     poller=$!
   fi
   t0=$(now)

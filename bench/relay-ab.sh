@@ -31,18 +31,7 @@ run() { # BIN_DIR NAME
   local server=$!; pids+=($server)
   wait_port "$port"; wait_port "$sp"
   mkfifo "$d/go"
-  python3 - "$d/go" "$d/data/admin.addr" > "$d/t2" <<'PY' &
-import json, sys, time, urllib.request
-open(sys.argv[1]).read()
-url = f"http://{open(sys.argv[2]).read().strip()}/api/v1/queue/summary"
-deadline = time.time() + 600
-while time.time() < deadline:
-    with urllib.request.urlopen(url) as r:
-        if json.load(r)["total"]["messages"] == 0:
-            break
-    time.sleep(0.01)
-print(f"{time.time():.6f}")
-PY
+  python3 bench/lib/queue_drained.py "$d/go" "$d/data/admin.addr" > "$d/t2" &
   local poller=$! t0 t1
   t0=$(now)
   $LOAD smtp --target "127.0.0.1:$port" --sessions 32 --messages "$N" --size "$SIZE" \
