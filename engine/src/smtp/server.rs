@@ -272,6 +272,57 @@ struct DataLine {
     cr: bool,
 }
 
+/// What [`DataLine::take`] took.
+struct Taken {
+    /// Octets of text consumed.
+    n: usize,
+    /// They hold a CR or LF alone.
+    bare: bool,
+    /// The line is over `max` octets.
+    long: bool,
+}
+
+impl DataLine {
+    /// Takes message text from the start of `text` (not empty): the LF of a pending
+    /// CR, or the text through its next CR or LF (all of it when there is none). A
+    /// CR not followed by its LF is taken as nothing and reported bare. The one line
+    /// state machine of DATA and BDAT: lines continue across calls, and a CRLF ends
+    /// the line after its length was checked against `max`.
+    fn take(&mut self, text: &[u8], max: usize) -> Taken {
+        if self.cr {
+            self.cr = false;
+            if text[0] != b'\n' {
+                return Taken {
+                    n: 0,
+                    bare: true,
+                    long: false,
+                };
+            }
+            self.len += 1;
+            let long = self.len > max;
+            self.len = 0;
+            self.started = false;
+            return Taken {
+                n: 1,
+                bare: false,
+                long,
+            };
+        }
+        let (n, stop) = match memchr::memchr2(b'\r', b'\n', text) {
+            None => (text.len(), None),
+            Some(i) => (i + 1, Some(text[i])),
+        };
+        self.len += n;
+        self.started = true;
+        self.cr = stop == Some(b'\r');
+        Taken {
+            n,
+            bare: stop == Some(b'\n'),
+            long: self.len > max,
+        }
+    }
+}
+
 pub struct Session {
     cfg: std::rc::Rc<Config>,
     relay_allowed: bool,
@@ -1407,24 +1458,13 @@ impl Session {
     /// it: the SMTP smuggling defence). Input split anywhere gives the same result:
     /// content is consumed as it arrives; only an undecidable line start waits.
     fn data(&mut self) -> Option<Step> {
+        let max = self.cfg.limits.data_line_bytes_max;
         loop {
             let pending = &self.input[self.start..self.end];
             let Some(&first) = pending.first() else {
                 return Some(Step::NeedInput);
             };
-            if self.line.cr {
-                self.line.cr = false;
-                if first == b'\n' {
-                    self.line.len += 1;
-                    self.count_data(1);
-                    self.start += 1;
-                    self.line.len = 0;
-                    self.line.started = false;
-                    continue;
-                }
-                self.refuse(Refusal::BareNewline);
-            }
-            let pending = &self.input[self.start..self.end];
+            // (A line with a CR pending has started: no dot check then.)
             if !self.line.started && first == b'.' {
                 match (pending.get(1), pending.get(2)) {
                     (None, _) | (Some(b'\r'), None) => return Some(Step::NeedInput),
@@ -1443,28 +1483,21 @@ impl Session {
                     }
                 }
             }
-            let (n, stop) = match memchr::memchr2(b'\r', b'\n', pending) {
-                None => (pending.len(), None),
-                Some(i) => (i + 1, Some(pending[i])),
-            };
-            self.start += n;
-            self.line.len += n;
-            self.line.started = true;
-            self.count_data(n);
-            match stop {
-                Some(b'\r') => self.line.cr = true,
-                Some(_) => self.refuse(Refusal::BareNewline),
-                None => {}
+            let t = self.line.take(pending, max);
+            self.start += t.n;
+            if t.long {
+                self.refuse(Refusal::LineTooLong);
             }
+            if t.bare {
+                self.refuse(Refusal::BareNewline);
+            }
+            self.count_data(t.n);
         }
     }
 
-    /// Counts `n` octets of text against the size and line limits. The text stays
-    /// where it was received: the body refers to it (`live_from`), dots and all.
+    /// Counts `n` octets of text against the size limit. The text stays where it was
+    /// received: the body refers to it (`live_from`), dots and all.
     fn count_data(&mut self, n: usize) {
-        if self.line.len > self.cfg.limits.data_line_bytes_max {
-            self.refuse(Refusal::LineTooLong);
-        }
         let mail = self.mail.as_mut().unwrap();
         mail.size = mail.size.saturating_add(n);
         if mail.size > self.cfg.limits.message_bytes_max {
@@ -1472,7 +1505,6 @@ impl Session {
         }
     }
 
-    /// Marks the message refused; it is still read to its end, then answered.
     /// BDAT's text (without BINARYMIME, which is not offered, a chunk is text as
     /// DATA's is) gets DATA's checks: a CR or LF alone, or a line over the limit,
     /// refuses the message (a bare CR or LF relayed on by DATA to a next hop that
@@ -1482,39 +1514,19 @@ impl Session {
         let max = self.cfg.limits.data_line_bytes_max;
         let mut i = from;
         while i < to {
-            let rest = &self.input[i..to];
-            if self.line.cr {
-                self.line.cr = false;
-                if rest[0] != b'\n' {
-                    return Some(Refusal::BareNewline);
-                }
-                self.line.len += 1;
-                if self.line.len > max {
-                    return Some(Refusal::LineTooLong);
-                }
-                self.line.len = 0;
-                i += 1;
-                continue;
+            let t = self.line.take(&self.input[i..to], max);
+            if t.bare {
+                return Some(Refusal::BareNewline);
             }
-            match memchr::memchr2(b'\r', b'\n', rest) {
-                None => {
-                    self.line.len += rest.len();
-                    i = to;
-                }
-                Some(k) if rest[k] == b'\n' => return Some(Refusal::BareNewline),
-                Some(k) => {
-                    self.line.len += k + 1;
-                    self.line.cr = true;
-                    i += k + 1;
-                }
-            }
-            if self.line.len > max {
+            if t.long {
                 return Some(Refusal::LineTooLong);
             }
+            i += t.n;
         }
         None
     }
 
+    /// Marks the message refused; it is still read to its end, then answered.
     fn refuse(&mut self, why: Refusal) {
         let mail = self.mail.as_mut().unwrap();
         if mail.refusal < Some(why) {
