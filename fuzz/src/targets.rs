@@ -270,7 +270,8 @@ pub fn dns_answer(data: &[u8]) {
         if let Ok((answer, _ttl)) = ringmail::dns::parse(id, "example.test", rtype, data) {
             // A fixed "random" source keeps a run reproducible from its input.
             let mut n = u64::from(id);
-            let _ = ringmail::dns::route(&answer, || {
+            // As this host, a name an answer may list (the backup-MX rule runs too).
+            let _ = ringmail::dns::route(&answer, "mx.example.test", || {
                 n = n.wrapping_mul(6364136223846793005).wrapping_add(1);
                 n
             });

@@ -206,33 +206,30 @@ pub enum Route {
     Implicit,
     /// The domain does not exist (bounce).
     NoSuchDomain,
-    /// This host is the domain's best MX (see [`without_self`]): sending on would
-    /// lead back here.
+    /// This host is the domain's best MX (see [`route`]): sending on would lead
+    /// back here.
     BestMxIsSelf,
 }
 
-/// RFC 5321 §5.1: "If it determines that it should relay the message ... the SMTP
-/// client MUST ... discard any MX records with preference equal or greater than its
-/// own" when it finds itself (`me`, its host name) among them: a backup MX sends to
-/// the better ones only. Among none better, `BestMxIsSelf`.
-pub fn without_self(answer: &Answer, me: &str) -> Option<Answer> {
-    let Answer::Mx(mx) = answer else {
-        return None;
-    };
-    let same = |h: &str| {
-        h.trim_end_matches('.')
-            .eq_ignore_ascii_case(me.trim_end_matches('.'))
-    };
-    let own = mx.iter().filter(|(_, h)| same(h)).map(|(p, _)| *p).min()?;
-    Some(Answer::Mx(
-        mx.iter().filter(|(p, _)| *p < own).cloned().collect(),
-    ))
+/// The preference of this host's own MX record (`me`, its host name), if it is
+/// among them.
+fn own_preference(mx: &[(u16, String)], me: &str) -> Option<u16> {
+    let me = me.trim_end_matches('.');
+    mx.iter()
+        .filter(|(_, h)| h.trim_end_matches('.').eq_ignore_ascii_case(me))
+        .map(|(p, _)| *p)
+        .min()
 }
 
 /// Applies the MX rules to an MX answer. `rand` orders equal preferences: RFC 5321
 /// §5.1 asks for a random order among them, so that equal hosts share the load
 /// (answer order would send every message to whichever host the server lists first).
-pub fn route(answer: &Answer, rand: impl FnMut() -> u64) -> Route {
+///
+/// RFC 5321 §5.1: "If it determines that it should relay the message ... the SMTP
+/// client MUST ... discard any MX records with preference equal or greater than its
+/// own" when it finds itself (`me`, its host name) among them: a backup MX sends to
+/// the better ones only, and with none better it is the best MX (`BestMxIsSelf`).
+pub fn route(answer: &Answer, me: &str, rand: impl FnMut() -> u64) -> Route {
     match answer {
         Answer::NxDomain => Route::NoSuchDomain,
         Answer::NoData | Answer::Addrs(_) => Route::Implicit,
@@ -240,10 +237,16 @@ pub fn route(answer: &Answer, rand: impl FnMut() -> u64) -> Route {
             if mx.len() == 1 && (mx[0].1.is_empty() || mx[0].1 == ".") {
                 return Route::NullMx;
             }
-            match shuffle_equal_preferences(mx, rand) {
-                // Only after `without_self` left nothing (an MX answer has records).
-                hosts if hosts.is_empty() => Route::BestMxIsSelf,
-                hosts => Route::Hosts(hosts),
+            match own_preference(mx, me) {
+                Some(own) => {
+                    let better: Vec<(u16, String)> =
+                        mx.iter().filter(|(p, _)| *p < own).cloned().collect();
+                    if better.is_empty() {
+                        return Route::BestMxIsSelf;
+                    }
+                    Route::Hosts(shuffle_equal_preferences(&better, rand))
+                }
+                None => Route::Hosts(shuffle_equal_preferences(mx, rand)),
             }
         }
     }
@@ -352,14 +355,19 @@ mod tests {
             (20, "b.test"),
         ]);
         // Ours at 20: 20 and worse go, whatever the case or the final dot.
-        let better = without_self(&answer, "me.test").unwrap();
-        assert_eq!(route(&better, || 0), Route::Hosts(vec!["a.test".into()]));
+        assert_eq!(
+            route(&answer, "me.test", || 0),
+            Route::Hosts(vec!["a.test".into()])
+        );
         // The best MX: nothing better to send to.
-        let best = without_self(&mx(&[(5, "me.test"), (10, "a.test")]), "me.test").unwrap();
-        assert_eq!(route(&best, || 0), Route::BestMxIsSelf);
+        let best = mx(&[(5, "me.test"), (10, "a.test")]);
+        assert_eq!(route(&best, "me.test", || 0), Route::BestMxIsSelf);
         // Not among them, or no MX answer: nothing to leave out.
-        assert!(without_self(&answer, "other.test").is_none());
-        assert!(without_self(&Answer::NoData, "me.test").is_none());
+        let Route::Hosts(all) = route(&answer, "other.test", || 0) else {
+            panic!("hosts wanted")
+        };
+        assert_eq!(all.len(), 4);
+        assert_eq!(route(&Answer::NoData, "me.test", || 0), Route::Implicit);
     }
 
     #[test]
@@ -387,7 +395,7 @@ mod tests {
         );
         assert_eq!(ttl, 60);
         assert_eq!(
-            route(&a, || 0),
+            route(&a, "me.test", || 0),
             Route::Hosts(vec!["a.example.test".into(), "b.example.test".into()])
         );
         let a_rec = Record::from_rdata(
@@ -418,7 +426,11 @@ mod tests {
             vec![rec("n.test.", 60, RData::MX(MX::new(0, Name::root())))],
         );
         assert_eq!(
-            route(&parse(1, "n.test", RecordType::MX, &r).unwrap().0, || 0),
+            route(
+                &parse(1, "n.test", RecordType::MX, &r).unwrap().0,
+                "me.test",
+                || 0
+            ),
             Route::NullMx
         );
         let r = response(
@@ -429,7 +441,11 @@ mod tests {
             vec![],
         );
         assert_eq!(
-            route(&parse(2, "gone.test", RecordType::MX, &r).unwrap().0, || 0),
+            route(
+                &parse(2, "gone.test", RecordType::MX, &r).unwrap().0,
+                "me.test",
+                || 0
+            ),
             Route::NoSuchDomain
         );
         let r = response(
@@ -440,7 +456,11 @@ mod tests {
             vec![],
         );
         assert_eq!(
-            route(&parse(3, "plain.test", RecordType::MX, &r).unwrap().0, || 0),
+            route(
+                &parse(3, "plain.test", RecordType::MX, &r).unwrap().0,
+                "me.test",
+                || 0
+            ),
             Route::Implicit
         );
         let r = response(4, "x.test", RecordType::MX, ResponseCode::ServFail, vec![]);
@@ -481,7 +501,7 @@ mod tests {
                     .wrapping_add(1442695040888963407);
                 seed >> 33
             };
-            let Route::Hosts(order) = route(&Answer::Mx(mx.clone()), rand) else {
+            let Route::Hosts(order) = route(&Answer::Mx(mx.clone()), "me.test", rand) else {
                 panic!("hosts")
             };
             assert_eq!(&order[2..], ["c", "d"]);

@@ -247,13 +247,10 @@ impl Resolver {
 
     /// Where `domain`'s mail goes (MX rules applied; equal preferences in a fresh
     /// random order on every call, cached answer or not). `me`: this host's name,
-    /// whose MX record and the worse ones are left out (`dns::without_self`).
+    /// whose MX record and the worse ones are left out (`dns::route`).
     pub async fn mx_route(&self, domain: &str, me: &str) -> Result<Route, DnsError> {
         let answer = self.lookup(domain, RecordType::MX).await?;
-        match super::without_self(&answer, me) {
-            Some(better) => Ok(route(&better, random_u64)),
-            None => Ok(route(&answer, random_u64)),
-        }
+        Ok(route(&answer, me, random_u64))
     }
 
     /// The addresses of a host: IPv4 first, then IPv6. NXDOMAIN or no address at all
