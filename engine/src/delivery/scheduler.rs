@@ -555,7 +555,7 @@ impl Delivery {
         let now = now_ms();
         let relay = outcome.relay.clone().unwrap_or_else(|| "none".into());
         let delay_s = now.saturating_sub(env.received_at_ms) as f64 / 1000.0;
-        let mut failures = Vec::new();
+        let mut reported = Vec::new();
         let mut updates = Vec::with_capacity(rcpts.len());
         // Counted once the outcomes are on record: (fate, first attempt).
         let mut counted: Vec<(Fate, bool)> = Vec::with_capacity(rcpts.len());
@@ -612,7 +612,7 @@ impl Delivery {
                 _ => None,
             };
             if let Some(action) = action {
-                failures.push((to.clone(), reply.clone(), outcome.relay.clone(), action));
+                reported.push((to.clone(), reply.clone(), outcome.relay.clone(), action));
             }
             counted.push((fate, attempts == 1));
             updates.push(RcptUpdate {
@@ -624,10 +624,10 @@ impl Delivery {
                 reply: reply.to_line(),
             });
         }
-        let bounce = if failures.is_empty() {
+        let bounce = if reported.is_empty() {
             None
         } else {
-            match self.bounce(spool, &env, &message.to_vec(), failures).await {
+            match self.bounce(spool, &env, &message.to_vec(), reported).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(id = %idt, error = %e, "cannot take an id for the bounce; trying again in a minute");
@@ -637,7 +637,7 @@ impl Delivery {
             }
         };
         let bounce_id = bounce.as_ref().map(|b| format_id(b.env.id));
-        // One batch for the whole attempt: the bounce (carrying the failures it
+        // One batch for the whole attempt: the report (carrying the outcomes it
         // reports) first, then every recipient's outcome.
         match spool.record_outcomes(updates, bounce).await {
             Ok(()) => {
@@ -684,17 +684,17 @@ impl Delivery {
         }
     }
 
-    /// The report (RFC 3464) for `failures` (and the successes NOTIFY=SUCCESS asked
-    /// for) to the sender, if one is wanted (never for the null sender, nor when
+    /// The report (RFC 3464) of `outcomes` (failures, and the successes NOTIFY=SUCCESS
+    /// asked for) to the sender, if one is wanted (never for the null sender, nor when
     /// NOTIFY says no).
     pub(super) async fn bounce(
         &self,
         spool: &Rc<Spool>,
         env: &Envelope,
         message: &[u8],
-        failures: Vec<(Recipient, Reply, Option<String>, dsn::Action)>,
+        outcomes: Vec<(Recipient, Reply, Option<String>, dsn::Action)>,
     ) -> Result<Option<Bounce>, LogError> {
-        let reports: Vec<dsn::Report> = failures
+        let reports: Vec<dsn::Report> = outcomes
             .into_iter()
             .map(|(r, reply, relay, action)| dsn::Report {
                 rcpt: r.address,
