@@ -23,9 +23,9 @@ pub const LISTENERS: [&str; 6] = [
     "--admin",
 ];
 
-/// `serve` arguments putting every listener on a free loopback port.
-pub fn port_zero_listeners() -> Vec<&'static str> {
-    LISTENERS
+/// `serve` arguments putting each of these listeners on a free loopback port.
+pub fn port_zero(flags: impl IntoIterator<Item = &'static str>) -> Vec<&'static str> {
+    flags
         .into_iter()
         .flat_map(|flag| [flag, "127.0.0.1:0"])
         .collect()
@@ -168,12 +168,11 @@ impl Server {
             .arg("--data")
             .arg(&self.data)
             // Port 0 for every listener the test does not place itself.
-            .args(
+            .args(port_zero(
                 LISTENERS
                     .into_iter()
-                    .filter(|flag| !self.args.iter().any(|a| a == flag))
-                    .flat_map(|flag| [flag, "127.0.0.1:0"]),
-            )
+                    .filter(|flag| !self.args.iter().any(|a| a == flag)),
+            ))
             // Unless the test names the server itself (two servers talking).
             .args(if self.args.iter().any(|a| a == "--hostname") {
                 &[][..]

@@ -67,7 +67,7 @@ fn systemd_hears_ready_and_stopping() {
         .arg("--data")
         .arg(tmp.path().join("data"))
         .args(["--dns", "127.0.0.1:9"])
-        .args(ringmail_tests::port_zero_listeners())
+        .args(ringmail_tests::port_zero(ringmail_tests::LISTENERS))
         .env("NOTIFY_SOCKET", &path)
         .stderr(std::process::Stdio::null())
         .spawn()

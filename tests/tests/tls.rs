@@ -289,7 +289,7 @@ fn certificate_settings_that_cannot_work_stop_the_server_with_a_clear_error() {
             .arg("serve")
             .arg("--data")
             .arg(&data)
-            .args(ringmail_tests::port_zero_listeners())
+            .args(ringmail_tests::port_zero(ringmail_tests::LISTENERS))
             .args(["--dns", "127.0.0.1:9"])
             .args(extra)
             .output()
