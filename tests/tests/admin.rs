@@ -37,6 +37,19 @@ fn api(server: &Server, method: &str, path: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Sends `request` on a connection of its own and reads until the server closes it
+/// (bounded): the whole answer, as text.
+fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// Every sample of a scrape, `name{label="v",…}` (labels sorted) to its value.
 fn scrape(server: &Server) -> HashMap<String, f64> {
     let (code, text) = curl("GET", &format!("http://{}/metrics", server.admin), None);
@@ -311,12 +324,10 @@ fn hold_release_delete_and_bounce_through_the_api_and_the_cli() {
     ]));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
     // Two Content-Length fields: refused, not guessed.
-    use std::io::{Read, Write};
-    let mut raw = std::net::TcpStream::connect(server.admin).unwrap();
-    raw.write_all(b"POST /api/v1/queue/flush HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    raw.read_to_string(&mut answer).unwrap();
+    let answer = exchange(
+        server.admin,
+        b"POST /api/v1/queue/flush HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n",
+    );
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
 
@@ -384,16 +395,11 @@ fn head_allow_and_host_follow_http() {
     let (h, _) = head(&mut r);
     assert!(h.starts_with("HTTP/1.1 400"), "{h}");
     // `Connection` is a list: `keep-alive, close` closes.
-    let mut raw = std::net::TcpStream::connect(server.admin).unwrap();
-    raw.write_all(
+    let answer = exchange(
+        server.admin,
         b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive, close\r\n\r\n",
-    )
-    .unwrap();
-    let mut answer = Vec::new();
-    raw.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    raw.read_to_end(&mut answer).unwrap();
-    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 #[test]
@@ -506,10 +512,9 @@ fn a_silent_admin_connection_is_closed_with_408() {
     let took = started.elapsed();
     assert!(took >= std::time::Duration::from_secs(9), "{took:?}");
     // The listener still serves.
-    let mut ok = std::net::TcpStream::connect(server.admin).unwrap();
-    ok.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    ok.read_to_string(&mut answer).unwrap();
+    let answer = exchange(
+        server.admin,
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
